@@ -1,0 +1,25 @@
+//! `iommu_core`: the IOASID daemon's library.
+//!
+//! It owns I/O address spaces (IOASes) over shared memory the way Linux
+//! iommufd owns them behind `/dev/iommu`: memory objects registered from
+//! fds, IOASes with iommufd's map/unmap/copy rules, nested IOASes, a global
+//! pPASID space, fault queues and dirty tracking. Page tables live in a
+//! shared table pool in a documented radix format so that device servers can
+//! walk them without asking the core.
+//!
+//! Code map: [`model`] is the object model, [`pagetable`] the table format,
+//! pool and reference walker, [`wire`] the protocol, [`server`] the mio event
+//! loop, [`client`] the blocking client, [`script`] the `ioasidctl` command
+//! language.
+
+#![deny(missing_docs)]
+
+pub mod errno;
+pub mod failpoint;
+pub mod memfd;
+pub mod model;
+pub mod pagetable;
+pub mod sysaddr;
+pub mod types;
+
+pub use errno::Errno;

@@ -1,0 +1,1055 @@
+//! The core's object model: sessions, memory objects, IOASes, nested IOASes,
+//! pPASIDs, fault queues and dirty state, with iommufd's rules.
+//!
+//! Everything here is single-threaded and synchronous: the event loop calls
+//! one method per request. Every method either completes or leaves the state
+//! as it was (composite operations roll back), which the fail-nth sweep
+//! checks by failing each internal step in turn.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::sync::Arc;
+
+use crate::errno::Errno;
+use crate::failpoint::FailNth;
+use crate::memfd;
+use crate::pagetable::{self, TablePool, MAX_IOVA, PAGE_SIZE};
+use crate::sysaddr::SysAddrSpace;
+use crate::types::*;
+
+/// A refused or failed operation: an errno and a sentence.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{errno}: {message}")]
+pub struct Error {
+    /// The errno.
+    pub errno: Errno,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+/// Result of a model operation.
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn err<T>(errno: Errno, message: impl Into<String>) -> Result<T> {
+    Err(Error { errno, message: message.into() })
+}
+
+impl From<pagetable::Error> for Error {
+    fn from(e: pagetable::Error) -> Error {
+        let errno = match e {
+            pagetable::Error::Overlap(_) => Errno::EEXIST,
+            _ => Errno::ENOMEM,
+        };
+        Error { errno, message: e.to_string() }
+    }
+}
+
+/// Size of the global fault log.
+const FAULT_LOG: usize = 256;
+
+#[derive(Debug)]
+struct MemObj {
+    file: File,
+    size: u64,
+    sealed: bool,
+    sys_base: u64,
+    sys_len: u64,
+    refs: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Area {
+    last: u64,
+    mem: u32,
+    offset: u64,
+    perm: Perm,
+}
+
+#[derive(Debug)]
+struct Ioas {
+    root: u64,
+    areas: BTreeMap<u64, Area>,
+    allowed: Vec<IovaRange>,
+    reserved: Vec<IovaRange>,
+    dirty: bool,
+    children: u32,
+    hint: u64,
+    stats: IoasStats,
+}
+
+#[derive(Debug)]
+struct Nested {
+    parent: u32,
+    s1_root: u64,
+    invalidations: u64,
+}
+
+#[derive(Debug)]
+enum Object {
+    Memory(MemObj),
+    Ioas(Ioas),
+    Nested(Nested),
+}
+
+impl Object {
+    fn kind(&self) -> &'static str {
+        match self {
+            Object::Memory(_) => "memory object",
+            Object::Ioas(_) => "IOAS",
+            Object::Nested(_) => "nested IOAS",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Session {
+    pid: i32,
+    uid: u32,
+    next_id: u32,
+    objects: BTreeMap<u32, Object>,
+    ppasids: Vec<u32>,
+    faults: VecDeque<FaultRecord>,
+    faults_lost: u64,
+    pending: HashMap<u64, FaultRecord>,
+}
+
+/// The global 20-bit pPASID space (0 is "no PASID").
+#[derive(Debug)]
+struct PasidSpace {
+    words: Vec<u64>,
+    used: u32,
+}
+
+impl PasidSpace {
+    fn new() -> PasidSpace {
+        let mut words = vec![0u64; (PASID_LIMIT / 64) as usize];
+        words[0] = 1; // PASID 0 is the RID.
+        PasidSpace { words, used: 0 }
+    }
+
+    fn alloc(&mut self) -> Option<u32> {
+        let (w, word) = self.words.iter_mut().enumerate().find(|(_, w)| **w != u64::MAX)?;
+        let bit = word.trailing_ones();
+        *word |= 1 << bit;
+        self.used += 1;
+        Some(w as u32 * 64 + bit)
+    }
+
+    fn free(&mut self, pasid: u32) {
+        let (w, b) = ((pasid / 64) as usize, pasid % 64);
+        if pasid != 0 && w < self.words.len() && self.words[w] & (1 << b) != 0 {
+            self.words[w] &= !(1 << b);
+            self.used -= 1;
+        }
+    }
+}
+
+/// The state of the core.
+#[derive(Debug)]
+pub struct Core {
+    limits: Limits,
+    pool: TablePool,
+    sys: SysAddrSpace,
+    /// System base -> (session, memory object id), to name a translation.
+    sys_owner: BTreeMap<u64, (u64, u32)>,
+    sessions: BTreeMap<u64, Session>,
+    next_session: u64,
+    pasids: PasidSpace,
+    pasid_owner: BTreeMap<u32, u64>,
+    next_cookie: u64,
+    fault_log: VecDeque<FaultLogEntry>,
+    fault_seq: u64,
+    stats: CoreStats,
+    fail: Arc<FailNth>,
+}
+
+fn range_last(start: u64, length: u64) -> Result<u64> {
+    if length == 0 {
+        return err(Errno::EINVAL, "length is zero");
+    }
+    start
+        .checked_add(length - 1)
+        .ok_or_else(|| Error { errno: Errno::EOVERFLOW, message: format!("{start:#x} + {length:#x} overflows") })
+}
+
+fn check_aligned(what: &str, v: u64) -> Result<()> {
+    if v % PAGE_SIZE != 0 {
+        return err(Errno::EINVAL, format!("{what} {v:#x} is not 4 KiB aligned"));
+    }
+    Ok(())
+}
+
+fn intersects(a: IovaRange, start: u64, last: u64) -> bool {
+    a.start <= last && start <= a.last
+}
+
+impl Ioas {
+    /// True if `[start, last]` hits a reserved region or lies past the aperture.
+    fn hits_reserved(&self, start: u64, last: u64) -> bool {
+        last > MAX_IOVA || self.reserved.iter().any(|r| intersects(*r, start, last))
+    }
+
+    /// The area with the greatest start <= `last` that reaches `start`.
+    fn overlapping(&self, start: u64, last: u64) -> Option<(u64, Area)> {
+        let (&s, &a) = self.areas.range(..=last).next_back()?;
+        (a.last >= start).then_some((s, a))
+    }
+
+    fn iova_ranges(&self) -> Vec<IovaRange> {
+        let mut res: Vec<IovaRange> = self.reserved.clone();
+        res.sort();
+        let mut out = Vec::new();
+        let mut cur = 0u64;
+        let mut open = true;
+        for r in res {
+            if open && r.start > cur {
+                out.push(IovaRange { start: cur, last: r.start - 1 });
+            }
+            if r.last >= MAX_IOVA {
+                open = false;
+                break;
+            }
+            cur = cur.max(r.last + 1);
+        }
+        if open && cur <= MAX_IOVA {
+            out.push(IovaRange { start: cur, last: MAX_IOVA });
+        }
+        out
+    }
+
+    /// First-fit search for `length` bytes aligned to `align`, starting at
+    /// `from`; never returns IOVA 0.
+    fn find_hole(&self, length: u64, align: u64, from: u64) -> Option<u64> {
+        let whole = [IovaRange { start: PAGE_SIZE, last: MAX_IOVA }];
+        let ranges: &[IovaRange] = if self.allowed.is_empty() { &whole } else { &self.allowed };
+        for r in ranges {
+            let lo = r.start.max(PAGE_SIZE).max(from);
+            let mut cand = lo.checked_next_multiple_of(align)?;
+            loop {
+                let Some(last) = cand.checked_add(length - 1) else { break };
+                if last > r.last || last > MAX_IOVA {
+                    break;
+                }
+                if let Some(res) = self.reserved.iter().find(|x| intersects(**x, cand, last)) {
+                    cand = match res.last.checked_add(1).and_then(|v| v.checked_next_multiple_of(align)) {
+                        Some(c) => c,
+                        None => break,
+                    };
+                    continue;
+                }
+                if let Some((_, a)) = self.overlapping(cand, last) {
+                    cand = match a.last.checked_add(1).and_then(|v| v.checked_next_multiple_of(align)) {
+                        Some(c) => c,
+                        None => break,
+                    };
+                    continue;
+                }
+                return Some(cand);
+            }
+        }
+        None
+    }
+
+    fn auto_iova(&self, length: u64, sys_addr: u64) -> Option<u64> {
+        let mut align = length.checked_next_power_of_two().unwrap_or(1 << 63);
+        if sys_addr != 0 {
+            align = align.min(1 << sys_addr.trailing_zeros());
+        }
+        let align = align.clamp(PAGE_SIZE, 1 << 30);
+        self.find_hole(length, align, self.hint).or_else(|| self.find_hole(length, align, 0))
+    }
+}
+
+impl Core {
+    /// Creates a core with `limits`.
+    pub fn new(limits: Limits) -> Result<Core> {
+        let fail = Arc::new(FailNth::default());
+        let pool = TablePool::new(limits.table_pool_bytes, fail.clone())
+            .map_err(|e| Error { errno: Errno::ENOMEM, message: e.to_string() })?;
+        Ok(Core {
+            limits,
+            pool,
+            sys: SysAddrSpace::default(),
+            sys_owner: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            next_session: 1,
+            pasids: PasidSpace::new(),
+            pasid_owner: BTreeMap::new(),
+            next_cookie: 1,
+            fault_log: VecDeque::new(),
+            fault_seq: 0,
+            stats: CoreStats::default(),
+            fail,
+        })
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The fault injector of this core (fail-nth sweeps).
+    pub fn fail_injector(&self) -> Arc<FailNth> {
+        self.fail.clone()
+    }
+
+    /// The table pool (the reference walker reads it).
+    pub fn pool(&self) -> &TablePool {
+        &self.pool
+    }
+
+    /// Counts a served request (and whether it failed).
+    pub fn count_request(&mut self, failed: bool) {
+        self.stats.requests += 1;
+        if failed {
+            self.stats.errors += 1;
+        }
+    }
+
+    fn step(&self) -> Result<()> {
+        if self.fail.step() {
+            return err(Errno::ENOMEM, "injected allocation failure");
+        }
+        Ok(())
+    }
+
+    fn session(&mut self, sid: u64) -> Result<&mut Session> {
+        self.sessions.get_mut(&sid).ok_or_else(|| Error { errno: Errno::ENOENT, message: format!("no session {sid}") })
+    }
+
+    fn object(&mut self, sid: u64, id: u32) -> Result<&mut Object> {
+        let s = self.session(sid)?;
+        s.objects.get_mut(&id).ok_or_else(|| Error { errno: Errno::ENOENT, message: format!("no object {id}") })
+    }
+
+    fn ioas(&mut self, sid: u64, id: u32) -> Result<&mut Ioas> {
+        match self.object(sid, id)? {
+            Object::Ioas(i) => Ok(i),
+            o => err(Errno::ENOENT, format!("object {id} is a {}, not an IOAS", o.kind())),
+        }
+    }
+
+    fn new_id(&mut self, sid: u64) -> Result<u32> {
+        let cap = self.limits.max_objects_per_session;
+        self.step()?;
+        let s = self.session(sid)?;
+        if s.objects.len() as u64 >= u64::from(cap) {
+            return err(Errno::ENOSPC, format!("the session holds {cap} objects, the configured limit"));
+        }
+        if s.next_id == u32::MAX {
+            return err(Errno::ENOSPC, "object ids are exhausted");
+        }
+        s.next_id += 1;
+        Ok(s.next_id - 1)
+    }
+
+    /// Opens a session for a peer.
+    pub fn open_session(&mut self, pid: i32, uid: u32) -> Result<u64> {
+        if self.sessions.len() as u64 >= u64::from(self.limits.max_sessions) {
+            return err(Errno::ENOSPC, format!("{} sessions are open, the configured limit", self.limits.max_sessions));
+        }
+        let sid = self.next_session;
+        self.next_session += 1;
+        self.stats.sessions_opened += 1;
+        self.sessions.insert(
+            sid,
+            Session {
+                pid,
+                uid,
+                next_id: 1,
+                objects: BTreeMap::new(),
+                ppasids: Vec::new(),
+                faults: VecDeque::new(),
+                faults_lost: 0,
+                pending: HashMap::new(),
+            },
+        );
+        Ok(sid)
+    }
+
+    /// Closes a session, destroying everything it owns, leaf first.
+    pub fn close_session(&mut self, sid: u64) {
+        let Some(s) = self.sessions.get(&sid) else { return };
+        let nested: Vec<u32> =
+            s.objects.iter().filter(|(_, o)| matches!(o, Object::Nested(_))).map(|(id, _)| *id).collect();
+        let ioas: Vec<u32> = s.objects.iter().filter(|(_, o)| matches!(o, Object::Ioas(_))).map(|(id, _)| *id).collect();
+        let mem: Vec<u32> =
+            s.objects.iter().filter(|(_, o)| matches!(o, Object::Memory(_))).map(|(id, _)| *id).collect();
+        for id in nested.into_iter().chain(ioas).chain(mem) {
+            if let Err(e) = self.destroy(sid, id) {
+                tracing::error!(session = sid, id, error = %e, "teardown could not destroy an object");
+            }
+        }
+        if let Some(s) = self.sessions.remove(&sid) {
+            for p in s.ppasids {
+                self.pasids.free(p);
+                self.pasid_owner.remove(&p);
+            }
+        }
+    }
+
+    /// Objects a session owns.
+    pub fn object_count(&self, sid: u64) -> Option<usize> {
+        self.sessions.get(&sid).map(|s| s.objects.len())
+    }
+
+    /// Registers a memory object from `fd`.
+    pub fn register_memory(&mut self, sid: u64, fd: OwnedFd) -> Result<MemInfo> {
+        let file = File::from(fd);
+        let meta = match file.metadata() {
+            Ok(m) => m,
+            Err(e) => return err(Errno::EBADF, format!("cannot stat the file: {e}")),
+        };
+        let ft = meta.file_type();
+        if !ft.is_file() || ft.is_socket() {
+            return err(Errno::EINVAL, "a memory object must be a regular file (memfd, tmpfs or hugetlbfs)");
+        }
+        let size = meta.len();
+        if size == 0 {
+            return err(Errno::EINVAL, "the file is empty");
+        }
+        if size % PAGE_SIZE != 0 {
+            return err(Errno::EINVAL, format!("size {size:#x} is not a multiple of 4 KiB"));
+        }
+        if size > pagetable::MAX_ADDRESS / 2 {
+            return err(Errno::E2BIG, format!("size {size:#x} does not fit the system address space"));
+        }
+        self.session(sid)?;
+        let id = self.new_id(sid)?;
+        self.step()?;
+        let (sys_base, sys_len) = self
+            .sys
+            .alloc(size)
+            .ok_or_else(|| Error { errno: Errno::ENOSPC, message: "the system address space is full".into() })?;
+        // Sealing is the last step: it cannot be undone, so nothing may fail after it.
+        let sealed = memfd::seal_shrink(file.as_fd());
+        let seals = memfd::seal_names(memfd::seals(file.as_fd()));
+        self.sys_owner.insert(sys_base, (sid, id));
+        let s = self.session(sid)?;
+        s.objects.insert(id, Object::Memory(MemObj { file, size, sealed, sys_base, sys_len, refs: 0 }));
+        if !sealed {
+            tracing::warn!(session = sid, id, "memory object cannot be sealed; devices must access it without mmap");
+        }
+        Ok(MemInfo { id, size, sealed, seals, system_address: sys_base, mappings: 0 })
+    }
+
+    /// The file of a memory object (device servers get a duplicate).
+    pub fn memory_file(&mut self, sid: u64, id: u32) -> Result<&File> {
+        match self.object(sid, id)? {
+            Object::Memory(m) => Ok(&m.file),
+            o => err(Errno::ENOENT, format!("object {id} is a {}, not a memory object", o.kind())),
+        }
+    }
+
+    /// Allocates an empty paging IOAS.
+    pub fn ioas_alloc(&mut self, sid: u64) -> Result<u32> {
+        let id = self.new_id(sid)?;
+        let root = self.pool.alloc_table()?;
+        let s = self.session(sid)?;
+        s.objects.insert(
+            id,
+            Object::Ioas(Ioas {
+                root,
+                areas: BTreeMap::new(),
+                allowed: Vec::new(),
+                reserved: Vec::new(),
+                dirty: false,
+                children: 0,
+                hint: 0,
+                stats: IoasStats::default(),
+            }),
+        );
+        Ok(id)
+    }
+
+    /// Allocates a nested IOAS on `parent` whose stage-1 root is the parent
+    /// IOVA `s1_root`.
+    pub fn nested_alloc(&mut self, sid: u64, parent: u32, s1_root: u64) -> Result<u32> {
+        match self.object(sid, parent)? {
+            Object::Ioas(_) => {}
+            Object::Nested(_) => return err(Errno::EINVAL, "cannot nest on a nested IOAS"),
+            o => return err(Errno::ENOENT, format!("object {parent} is a {}, not an IOAS", o.kind())),
+        }
+        check_aligned("stage-1 root", s1_root)?;
+        if s1_root > MAX_IOVA {
+            return err(Errno::EINVAL, format!("stage-1 root {s1_root:#x} is beyond the 48-bit IOVA space"));
+        }
+        let id = self.new_id(sid)?;
+        self.ioas(sid, parent)?.children += 1;
+        let s = self.session(sid)?;
+        s.objects.insert(id, Object::Nested(Nested { parent, s1_root, invalidations: 0 }));
+        Ok(id)
+    }
+
+    /// Asks for stage-1 caches of a nested IOAS to be invalidated.
+    pub fn invalidate(&mut self, sid: u64, nested: u32, scope: InvalidateScope) -> Result<()> {
+        let n = match self.object(sid, nested)? {
+            Object::Nested(n) => n,
+            Object::Ioas(_) => return err(Errno::EINVAL, format!("object {nested} is a paging IOAS, not nested")),
+            o => return err(Errno::ENOENT, format!("object {nested} is a {}, not a nested IOAS", o.kind())),
+        };
+        if let InvalidateScope::Range { iova, length } = scope {
+            check_aligned("IOVA", iova)?;
+            let last = range_last(iova, length)?;
+            if last > MAX_IOVA {
+                return err(Errno::EINVAL, "range is beyond the 48-bit IOVA space");
+            }
+        }
+        n.invalidations += 1;
+        Ok(())
+    }
+
+    /// Destroys an object; EBUSY while it is referenced.
+    pub fn destroy(&mut self, sid: u64, id: u32) -> Result<()> {
+        if id == 0 {
+            return err(Errno::ENOENT, "object id 0 never exists");
+        }
+        match self.object(sid, id)? {
+            Object::Memory(m) if m.refs > 0 => {
+                return err(Errno::EBUSY, format!("memory object {id} is used by {} mappings", m.refs))
+            }
+            Object::Ioas(i) if i.children > 0 => {
+                return err(Errno::EBUSY, format!("IOAS {id} is the parent of {} nested IOASes", i.children))
+            }
+            _ => {}
+        }
+        let Some(obj) = self.session(sid)?.objects.remove(&id) else {
+            return err(Errno::ENOENT, format!("no object {id}"));
+        };
+        match obj {
+            Object::Memory(m) => {
+                self.sys.free(m.sys_base, m.sys_len);
+                self.sys_owner.remove(&m.sys_base);
+            }
+            Object::Ioas(mut i) => {
+                let areas = std::mem::take(&mut i.areas);
+                let mut garbage = Vec::new();
+                for (iova, a) in &areas {
+                    self.pool.unmap_range(i.root, *iova, a.last - iova + 1, &mut garbage);
+                    self.mem_unref(sid, a.mem);
+                }
+                garbage.push(i.root);
+                for t in garbage {
+                    self.pool.free_table(t);
+                }
+            }
+            Object::Nested(n) => {
+                if let Ok(p) = self.ioas(sid, n.parent) {
+                    p.children -= 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn mem_unref(&mut self, sid: u64, mem: u32) {
+        if let Ok(Object::Memory(m)) = self.object(sid, mem) {
+            m.refs -= 1;
+        }
+    }
+
+    fn mem_info(&mut self, sid: u64, mem: u32) -> Result<(u64, u64)> {
+        match self.object(sid, mem)? {
+            Object::Memory(m) => Ok((m.size, m.sys_base)),
+            o => err(Errno::ENOENT, format!("object {mem} is a {}, not a memory object", o.kind())),
+        }
+    }
+
+    /// Checks a fixed destination `[iova, last]` in `ioas`.
+    fn check_fixed(ioas: &Ioas, iova: u64, last: u64) -> Result<()> {
+        check_aligned("IOVA", iova)?;
+        if ioas.hits_reserved(iova, last) {
+            return err(Errno::EINVAL, format!("[{iova:#x}, {last:#x}] touches a reserved range"));
+        }
+        if let Some((s, a)) = ioas.overlapping(iova, last) {
+            return err(Errno::EEXIST, format!("[{iova:#x}, {last:#x}] overlaps the mapping at [{s:#x}, {:#x}]", a.last));
+        }
+        Ok(())
+    }
+
+    /// Maps part of a memory object into an IOAS; returns the IOVA.
+    pub fn map(&mut self, sid: u64, a: MapArgs) -> Result<u64> {
+        if a.perm.is_empty() {
+            return err(Errno::EINVAL, "a mapping needs read or write permission");
+        }
+        range_last(a.offset, a.length)?;
+        check_aligned("length", a.length)?;
+        check_aligned("offset", a.offset)?;
+        let (size, base) = self.mem_info(sid, a.mem)?;
+        if a.offset + a.length > size {
+            return err(Errno::EINVAL, format!("[{:#x}, +{:#x}) is beyond the memory object's {size:#x} bytes", a.offset, a.length));
+        }
+        let cap = self.limits.max_mappings_per_ioas;
+        let ioas = self.ioas(sid, a.ioas)?;
+        let iova = match a.iova {
+            Some(iova) => {
+                let last = range_last(iova, a.length)?;
+                Self::check_fixed(ioas, iova, last)?;
+                iova
+            }
+            None => ioas.auto_iova(a.length, base + a.offset).ok_or_else(|| Error {
+                errno: Errno::ENOSPC,
+                message: format!("no free IOVA hole of {:#x} bytes", a.length),
+            })?,
+        };
+        if ioas.areas.len() as u64 >= u64::from(cap) {
+            return err(Errno::ENOSPC, format!("the IOAS holds {cap} mappings, the configured limit"));
+        }
+        self.insert_area(sid, a.ioas, iova, Area { last: iova + a.length - 1, mem: a.mem, offset: a.offset, perm: a.perm })?;
+        Ok(iova)
+    }
+
+    /// Writes one area into the tables and the IOAS; all or nothing.
+    fn insert_area(&mut self, sid: u64, ioas_id: u32, iova: u64, area: Area) -> Result<()> {
+        self.step()?;
+        let (_, base) = self.mem_info(sid, area.mem)?;
+        let root = self.ioas(sid, ioas_id)?.root;
+        let len = area.last - iova + 1;
+        self.pool.map_range(root, iova, base + area.offset, len, area.perm)?;
+        if let Ok(Object::Memory(m)) = self.object(sid, area.mem) {
+            m.refs += 1;
+        }
+        let ioas = self.ioas(sid, ioas_id)?;
+        ioas.areas.insert(iova, area);
+        ioas.hint = area.last.saturating_add(1);
+        ioas.stats.maps += 1;
+        ioas.stats.mapped_bytes += len;
+        Ok(())
+    }
+
+    fn remove_areas(&mut self, sid: u64, ioas_id: u32, starts: &[u64]) -> Result<u64> {
+        let mut garbage = Vec::new();
+        let mut total = 0;
+        let mut mems = Vec::new();
+        let ioas = self.ioas(sid, ioas_id)?;
+        let root = ioas.root;
+        let mut removed = Vec::new();
+        for s in starts {
+            if let Some(a) = ioas.areas.remove(s) {
+                removed.push((*s, a));
+            }
+        }
+        for (s, a) in removed {
+            let len = a.last - s + 1;
+            self.pool.unmap_range(root, s, len, &mut garbage);
+            total += len;
+            mems.push(a.mem);
+        }
+        let ioas = self.ioas(sid, ioas_id)?;
+        ioas.stats.unmaps += mems.len() as u64;
+        ioas.stats.mapped_bytes -= total;
+        for m in mems {
+            self.mem_unref(sid, m);
+        }
+        for t in garbage {
+            self.pool.free_table(t);
+        }
+        Ok(total)
+    }
+
+    /// Unmaps whole mappings inside `[iova, iova+length)`; `(0, u64::MAX)`
+    /// unmaps everything. Returns the bytes unmapped.
+    pub fn unmap(&mut self, sid: u64, ioas_id: u32, iova: u64, length: u64) -> Result<u64> {
+        let ioas = self.ioas(sid, ioas_id)?;
+        let starts: Vec<u64> = if iova == 0 && length == u64::MAX {
+            ioas.areas.keys().copied().collect()
+        } else {
+            let last = range_last(iova, length)?;
+            let mut v = Vec::new();
+            if let Some((&s, a)) = ioas.areas.range(..iova).next_back() {
+                if a.last >= iova {
+                    return err(Errno::ENOENT, format!("the mapping at [{s:#x}, {:#x}] is only partly covered", a.last));
+                }
+            }
+            for (&s, a) in ioas.areas.range(iova..=last) {
+                if a.last > last {
+                    return err(Errno::ENOENT, format!("the mapping at [{s:#x}, {:#x}] is only partly covered", a.last));
+                }
+                v.push(s);
+            }
+            if v.is_empty() {
+                return err(Errno::ENOENT, format!("nothing is mapped in [{iova:#x}, {last:#x}]"));
+            }
+            v
+        };
+        self.remove_areas(sid, ioas_id, &starts)
+    }
+
+    /// Maps into `dst` the memory that `[src_iova, +length)` of `src` maps;
+    /// returns the destination IOVA.
+    pub fn copy(&mut self, sid: u64, a: CopyArgs) -> Result<u64> {
+        if a.perm.is_empty() {
+            return err(Errno::EINVAL, "a mapping needs read or write permission");
+        }
+        let src_last = range_last(a.src_iova, a.length)?;
+        check_aligned("source IOVA", a.src_iova)?;
+        check_aligned("length", a.length)?;
+        // Collect the source pieces: contiguous areas covering the range.
+        let src = self.ioas(sid, a.src)?;
+        let mut pieces: Vec<(u64, Area)> = Vec::new();
+        let mut cur = a.src_iova;
+        while cur <= src_last {
+            let Some((s, area)) = src.overlapping(cur, cur) else {
+                return err(Errno::ENOENT, format!("source IOVA {cur:#x} is not mapped"));
+            };
+            if !area.perm.allows(a.perm) {
+                return err(Errno::EPERM, format!("the source mapping at {s:#x} is {}, not {}", area.perm, a.perm));
+            }
+            let piece_last = area.last.min(src_last);
+            pieces.push((
+                cur - a.src_iova,
+                Area { last: piece_last - cur, mem: area.mem, offset: area.offset + (cur - s), perm: a.perm },
+            ));
+            if piece_last == u64::MAX {
+                break;
+            }
+            cur = piece_last + 1;
+        }
+        let first_sys = {
+            let (_, base) = self.mem_info(sid, pieces[0].1.mem)?;
+            base + pieces[0].1.offset
+        };
+        let cap = self.limits.max_mappings_per_ioas;
+        let dst = self.ioas(sid, a.dst)?;
+        let dst_iova = match a.dst_iova {
+            Some(iova) => {
+                let last = range_last(iova, a.length)?;
+                Self::check_fixed(dst, iova, last)?;
+                iova
+            }
+            None => dst.auto_iova(a.length, first_sys).ok_or_else(|| Error {
+                errno: Errno::ENOSPC,
+                message: format!("no free IOVA hole of {:#x} bytes", a.length),
+            })?,
+        };
+        if dst.areas.len() as u64 + pieces.len() as u64 > u64::from(cap) {
+            return err(Errno::ENOSPC, format!("the IOAS would hold more than {cap} mappings, the configured limit"));
+        }
+        let mut done: Vec<u64> = Vec::new();
+        for (rel, mut area) in pieces {
+            let iova = dst_iova + rel;
+            area.last += iova;
+            if let Err(e) = self.insert_area(sid, a.dst, iova, area) {
+                self.remove_areas(sid, a.dst, &done)?;
+                let d = self.ioas(sid, a.dst)?;
+                d.stats.maps -= done.len() as u64;
+                d.stats.unmaps -= done.len() as u64;
+                return Err(e);
+            }
+            done.push(iova);
+        }
+        Ok(dst_iova)
+    }
+
+    /// Usable IOVA ranges of an IOAS.
+    pub fn iova_ranges(&mut self, sid: u64, ioas: u32) -> Result<IovaRanges> {
+        let i = self.ioas(sid, ioas)?;
+        Ok(IovaRanges { alignment: PAGE_SIZE, ranges: i.iova_ranges() })
+    }
+
+    fn check_range_list(ranges: &[IovaRange], cap: u32) -> Result<()> {
+        if ranges.len() as u64 > u64::from(cap) {
+            return err(Errno::E2BIG, format!("{} ranges given, at most {cap} allowed", ranges.len()));
+        }
+        for r in ranges {
+            if r.start >= r.last {
+                return err(Errno::EINVAL, format!("range [{:#x}, {:#x}] is empty or reversed", r.start, r.last));
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the allowed ranges for automatic IOVA (empty = all).
+    pub fn allow_iovas(&mut self, sid: u64, ioas: u32, ranges: Vec<IovaRange>) -> Result<()> {
+        let cap = self.limits.max_ranges_per_ioas;
+        Self::check_range_list(&ranges, cap)?;
+        let mut sorted = ranges;
+        sorted.sort();
+        for w in sorted.windows(2) {
+            if w[1].start <= w[0].last {
+                return err(Errno::EINVAL, "allowed ranges overlap each other");
+            }
+        }
+        let i = self.ioas(sid, ioas)?;
+        for r in &sorted {
+            if i.reserved.iter().any(|x| intersects(*x, r.start, r.last)) {
+                return err(Errno::EADDRINUSE, format!("[{:#x}, {:#x}] hits a reserved range", r.start, r.last));
+            }
+        }
+        i.allowed = sorted;
+        Ok(())
+    }
+
+    /// Reserves `[start, last]` of an IOAS, as a platform's reserved region
+    /// (an MSI window, say) does.
+    pub fn add_reserved(&mut self, sid: u64, ioas: u32, start: u64, last: u64) -> Result<()> {
+        let cap = self.limits.max_ranges_per_ioas;
+        Self::check_range_list(&[IovaRange { start, last }], cap)?;
+        let i = self.ioas(sid, ioas)?;
+        if i.reserved.len() as u64 >= u64::from(cap) {
+            return err(Errno::ENOSPC, format!("the IOAS holds {cap} reserved ranges, the configured limit"));
+        }
+        if i.allowed.iter().any(|x| intersects(*x, start, last)) {
+            return err(Errno::EADDRINUSE, format!("[{start:#x}, {last:#x}] hits an allowed range"));
+        }
+        if let Some((s, a)) = i.overlapping(start, last) {
+            return err(Errno::EADDRINUSE, format!("[{start:#x}, {last:#x}] hits the mapping at [{s:#x}, {:#x}]", a.last));
+        }
+        i.reserved.push(IovaRange { start, last });
+        Ok(())
+    }
+
+    /// Allocates a pPASID from the global space for the session.
+    pub fn ppasid_alloc(&mut self, sid: u64) -> Result<u32> {
+        let cap = self.limits.max_ppasids_per_session;
+        if self.session(sid)?.ppasids.len() as u64 >= u64::from(cap) {
+            return err(Errno::ENOSPC, format!("the session holds {cap} pPASIDs, the configured limit"));
+        }
+        self.step()?;
+        let p = self
+            .pasids
+            .alloc()
+            .ok_or_else(|| Error { errno: Errno::ENOSPC, message: "the 20-bit pPASID space is exhausted".into() })?;
+        self.pasid_owner.insert(p, sid);
+        self.session(sid)?.ppasids.push(p);
+        Ok(p)
+    }
+
+    /// Frees a pPASID the session holds.
+    pub fn ppasid_free(&mut self, sid: u64, pasid: u32) -> Result<()> {
+        if pasid == 0 || pasid >= PASID_LIMIT {
+            return err(Errno::EINVAL, format!("{pasid:#x} is not a pPASID (1..{PASID_LIMIT:#x})"));
+        }
+        let s = self.session(sid)?;
+        let Some(pos) = s.ppasids.iter().position(|p| *p == pasid) else {
+            return err(Errno::ENOENT, format!("pPASID {pasid:#x} is not held by this session"));
+        };
+        s.ppasids.swap_remove(pos);
+        self.pasids.free(pasid);
+        self.pasid_owner.remove(&pasid);
+        Ok(())
+    }
+
+    /// pPASIDs in use in the whole core.
+    pub fn ppasids_in_use(&self) -> u32 {
+        self.pasids.used
+    }
+
+    /// Turns dirty tracking of an IOAS on or off; turning it on clears the
+    /// dirty state.
+    pub fn set_dirty_tracking(&mut self, sid: u64, ioas: u32, enable: bool) -> Result<()> {
+        let i = self.ioas(sid, ioas)?;
+        let root = i.root;
+        let was = i.dirty;
+        i.dirty = enable;
+        if enable && !was {
+            self.pool.clear_dirty(root);
+        }
+        Ok(())
+    }
+
+    /// Reads (and unless `no_clear`, clears) the dirty bitmap of a range.
+    pub fn dirty_bitmap(
+        &mut self,
+        sid: u64,
+        ioas: u32,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        no_clear: bool,
+    ) -> Result<Vec<u64>> {
+        let max_bytes = u64::from(self.limits.max_message_bytes) / 2;
+        let i = self.ioas(sid, ioas)?;
+        if !i.dirty {
+            return err(Errno::EINVAL, format!("dirty tracking is off on IOAS {ioas}"));
+        }
+        if page_size == 0 || !page_size.is_power_of_two() {
+            return err(Errno::EINVAL, format!("page size {page_size:#x} is not a power of two"));
+        }
+        let last = range_last(iova, length)?;
+        let align = page_size.max(PAGE_SIZE);
+        if iova % align != 0 || length % align != 0 {
+            return err(Errno::EINVAL, format!("[{iova:#x}, +{length:#x}) is not aligned to {align:#x}"));
+        }
+        if last > MAX_IOVA {
+            return err(Errno::EINVAL, "range is beyond the 48-bit IOVA space");
+        }
+        if (length / page_size).div_ceil(8) > max_bytes {
+            return err(Errno::E2BIG, format!("the bitmap would exceed {max_bytes} bytes"));
+        }
+        let root = i.root;
+        Ok(self.pool.read_dirty(root, iova, length, page_size, no_clear))
+    }
+
+    /// Records a fault for a session (issued by the device side). A
+    /// recoverable page request gets a cookie to answer with. Returns the
+    /// cookie (0 if not recoverable).
+    pub fn report_fault(&mut self, sid: u64, mut rec: FaultRecord, recoverable: bool) -> Result<u64> {
+        let depth = self.limits.fault_queue_depth as usize;
+        let cookie = if recoverable {
+            self.next_cookie += 1;
+            self.next_cookie - 1
+        } else {
+            0
+        };
+        rec.cookie = cookie;
+        self.fault_seq += 1;
+        self.stats.faults += 1;
+        if self.fault_log.len() == FAULT_LOG {
+            self.fault_log.pop_front();
+        }
+        self.fault_log.push_back(FaultLogEntry { seq: self.fault_seq, session: sid, record: rec.clone() });
+        let s = self.session(sid)?;
+        if s.faults.len() >= depth {
+            s.faults_lost += 1;
+            return err(Errno::ENOSPC, "the session's fault queue is full");
+        }
+        if recoverable {
+            s.pending.insert(cookie, rec.clone());
+        }
+        s.faults.push_back(rec);
+        Ok(cookie)
+    }
+
+    /// Takes up to `max` fault records from the session's queue.
+    pub fn read_faults(&mut self, sid: u64, max: u32) -> Result<Vec<FaultRecord>> {
+        let s = self.session(sid)?;
+        let n = (max as usize).min(s.faults.len());
+        Ok(s.faults.drain(..n).collect())
+    }
+
+    /// Answers a page request; returns the request answered.
+    pub fn respond_fault(&mut self, sid: u64, cookie: u64, code: u32) -> Result<FaultRecord> {
+        if code != page_response::SUCCESS && code != page_response::INVALID {
+            return err(Errno::EINVAL, format!("response code {code} is neither SUCCESS (0) nor INVALID (1)"));
+        }
+        let s = self.session(sid)?;
+        s.pending
+            .remove(&cookie)
+            .ok_or_else(|| Error { errno: Errno::EINVAL, message: format!("no page request with cookie {cookie}") })
+    }
+
+    /// Translates one IOVA of a paging IOAS by walking its tables.
+    pub fn translate(&mut self, sid: u64, ioas: u32, iova: u64) -> Result<Translation> {
+        let root = self.ioas(sid, ioas)?.root;
+        let leaf = pagetable::walk(&self.pool, root, iova)
+            .map_err(|e| Error { errno: Errno::ENOENT, message: format!("IOVA {iova:#x}: {e}") })?;
+        let (&base, &(owner, mem)) = self
+            .sys_owner
+            .range(..=leaf.address)
+            .next_back()
+            .ok_or_else(|| Error { errno: Errno::ENOENT, message: "translation names no memory object".into() })?;
+        debug_assert_eq!(owner, sid);
+        Ok(Translation {
+            system_address: leaf.address,
+            mem,
+            offset: leaf.address - base,
+            perm: leaf.perm,
+            page_size: leaf.page_size,
+        })
+    }
+
+    /// Pool offset of an IOAS's root table.
+    pub fn ioas_root(&mut self, sid: u64, ioas: u32) -> Result<u64> {
+        Ok(self.ioas(sid, ioas)?.root)
+    }
+
+    fn session_info(&self, sid: u64, s: &Session) -> SessionInfo {
+        let mut memory = Vec::new();
+        let mut ioas = Vec::new();
+        for (&id, o) in &s.objects {
+            match o {
+                Object::Memory(m) => memory.push(MemInfo {
+                    id,
+                    size: m.size,
+                    sealed: m.sealed,
+                    seals: memfd::seal_names(memfd::seals(m.file.as_fd())),
+                    system_address: m.sys_base,
+                    mappings: m.refs,
+                }),
+                Object::Ioas(i) => ioas.push(IoasInfo {
+                    id,
+                    kind: IoasKind::Paging,
+                    mappings: i
+                        .areas
+                        .iter()
+                        .map(|(&iova, a)| MappingInfo {
+                            iova,
+                            length: a.last - iova + 1,
+                            mem: a.mem,
+                            offset: a.offset,
+                            perm: a.perm,
+                        })
+                        .collect(),
+                    iova_ranges: i.iova_ranges(),
+                    allowed: i.allowed.clone(),
+                    reserved: i.reserved.clone(),
+                    dirty_tracking: i.dirty,
+                    root: i.root,
+                    tables: self.pool.count_tables(i.root),
+                    children: i.children,
+                    stats: i.stats,
+                }),
+                Object::Nested(n) => ioas.push(IoasInfo {
+                    id,
+                    kind: IoasKind::Nested { parent: n.parent, s1_root: n.s1_root },
+                    mappings: Vec::new(),
+                    iova_ranges: Vec::new(),
+                    allowed: Vec::new(),
+                    reserved: Vec::new(),
+                    dirty_tracking: false,
+                    root: 0,
+                    tables: 0,
+                    children: 0,
+                    stats: IoasStats { invalidations: n.invalidations, ..IoasStats::default() },
+                }),
+            }
+        }
+        SessionInfo {
+            id: sid,
+            pid: s.pid,
+            uid: s.uid,
+            objects: s.objects.len() as u32,
+            memory,
+            ioas,
+            ppasids: s.ppasids.clone(),
+            faults_queued: s.faults.len() as u32,
+            faults_lost: s.faults_lost,
+        }
+    }
+
+    /// A snapshot of everything, or of one session only.
+    pub fn snapshot(&self, only: Option<u64>) -> Snapshot {
+        let sessions =
+            self.sessions.iter().filter(|(id, _)| only.is_none_or(|o| o == **id)).map(|(id, s)| self.session_info(*id, s)).collect();
+        Snapshot {
+            sessions,
+            ppasids: self
+                .pasid_owner
+                .iter()
+                .filter(|(_, s)| only.is_none_or(|o| o == **s))
+                .map(|(p, s)| (*p, *s))
+                .collect(),
+            pool: PoolInfo {
+                bytes: self.pool.size(),
+                tables_in_use: self.pool.tables_in_use(),
+                capacity: self.pool.capacity(),
+            },
+            faults: self
+                .fault_log
+                .iter()
+                .filter(|f| only.is_none_or(|o| o == f.session))
+                .cloned()
+                .collect(),
+            stats: self.stats,
+            limits: self.limits,
+        }
+    }
+
+    /// Sessions open now.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+}

@@ -1,0 +1,639 @@
+//! I/O page tables in the shared table pool, and the reference walker.
+//!
+//! The format is documented in `docs/page-table-format.md`. In short: 4 KiB
+//! tables of 512 little-endian u64 entries, 4 levels over a 48-bit IOVA,
+//! leaves at level 1 (4 KiB), level 2 (2 MiB) and level 3 (1 GiB). Entry bits:
+//!
+//! | bits  | meaning                                                      |
+//! |-------|--------------------------------------------------------------|
+//! | 0     | present                                                      |
+//! | 1     | read allowed (leaves)                                        |
+//! | 2     | write allowed (leaves)                                       |
+//! | 7     | leaf (set on every leaf, at any level)                       |
+//! | 12-51 | address: a system address (leaf) or a pool offset (table)    |
+//! | other | reserved, zero; a walker treats a set reserved bit as a fault|
+//!
+//! Tables live in a memfd (the *table pool*) that device servers map
+//! read-only. A companion *dirty pool* holds one bit per table entry; device
+//! servers set it when they write through a leaf of an IOAS with dirty
+//! tracking on, and the core reads and clears it.
+//!
+//! Shared memory is touched only through `AtomicU64`: the core publishes
+//! entries with release stores and the walker reads them with acquire loads.
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::failpoint::FailNth;
+use crate::memfd;
+
+/// Size of a page and of one table.
+pub const PAGE_SIZE: u64 = 4096;
+/// Entries per table.
+pub const ENTRIES: usize = 512;
+/// Number of levels; level 4 is the root, level 1 holds 4 KiB leaves.
+pub const LEVELS: u32 = 4;
+/// Width of the IOVA the tables translate.
+pub const IOVA_BITS: u32 = 48;
+/// Highest IOVA the tables can translate.
+pub const MAX_IOVA: u64 = (1 << IOVA_BITS) - 1;
+/// Entry bit: present.
+pub const PTE_PRESENT: u64 = 1 << 0;
+/// Entry bit: read allowed.
+pub const PTE_READ: u64 = 1 << 1;
+/// Entry bit: write allowed.
+pub const PTE_WRITE: u64 = 1 << 2;
+/// Entry bit: this entry is a leaf.
+pub const PTE_LEAF: u64 = 1 << 7;
+/// Address field (bits 12..=51).
+pub const PTE_ADDR_MASK: u64 = 0x000F_FFFF_FFFF_F000;
+/// Bits that must be zero.
+pub const PTE_RESERVED_MASK: u64 = !(PTE_ADDR_MASK | PTE_PRESENT | PTE_READ | PTE_WRITE | PTE_LEAF);
+/// Largest system address an entry can hold.
+pub const MAX_ADDRESS: u64 = PTE_ADDR_MASK | (PAGE_SIZE - 1);
+/// Leaf sizes, smallest first.
+pub const LEAF_SIZES: [u64; 3] = [1 << 12, 1 << 21, 1 << 30];
+/// Bytes of dirty bitmap per table (one bit per entry).
+pub const DIRTY_BYTES_PER_TABLE: u64 = (ENTRIES / 8) as u64;
+
+/// Errors of the page-table code.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// The table pool has no free table left.
+    #[error("the table pool is full ({0} tables in use)")]
+    PoolFull(u32),
+    /// An injected allocation failure (fail-nth sweep).
+    #[error("injected allocation failure")]
+    Injected,
+    /// Creating or mapping the pool failed.
+    #[error("cannot create the table pool: {0}")]
+    Create(String),
+    /// The range overlaps an entry that is already present.
+    #[error("IOVA {0:#x} is already mapped in the page table")]
+    Overlap(u64),
+}
+
+/// Access permission of a mapping or a DMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+pub struct Perm {
+    /// Device may read.
+    pub read: bool,
+    /// Device may write.
+    pub write: bool,
+}
+
+impl Perm {
+    /// Read only.
+    pub const R: Perm = Perm { read: true, write: false };
+    /// Write only.
+    pub const W: Perm = Perm { read: false, write: true };
+    /// Read and write.
+    pub const RW: Perm = Perm { read: true, write: true };
+
+    /// True if every right in `other` is also in `self`.
+    pub fn allows(self, other: Perm) -> bool {
+        (self.read || !other.read) && (self.write || !other.write)
+    }
+
+    /// True if neither right is set.
+    pub fn is_empty(self) -> bool {
+        !self.read && !self.write
+    }
+
+    fn bits(self) -> u64 {
+        (if self.read { PTE_READ } else { 0 }) | (if self.write { PTE_WRITE } else { 0 })
+    }
+
+    fn from_bits(e: u64) -> Perm {
+        Perm { read: e & PTE_READ != 0, write: e & PTE_WRITE != 0 }
+    }
+}
+
+impl std::fmt::Display for Perm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match (self.read, self.write) {
+            (true, true) => "rw",
+            (true, false) => "r",
+            (false, true) => "w",
+            (false, false) => "-",
+        })
+    }
+}
+
+/// Shift of the IOVA bits indexing a table at `level`.
+pub const fn level_shift(level: u32) -> u32 {
+    12 + 9 * (level - 1)
+}
+
+/// Read access to tables, as a walker sees them.
+pub trait TableMemory {
+    /// Loads entry `index` of the table at pool offset `table` with acquire
+    /// ordering, or `None` if the table lies outside the pool.
+    fn load(&self, table: u64, index: usize) -> Option<u64>;
+}
+
+/// Where a walk ended successfully.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leaf {
+    /// Translated address of the IOVA asked for.
+    pub address: u64,
+    /// Rights of the leaf.
+    pub perm: Perm,
+    /// Size of the leaf (4 KiB, 2 MiB or 1 GiB).
+    pub page_size: u64,
+    /// Pool offset of the table holding the leaf.
+    pub table: u64,
+    /// Index of the leaf in that table.
+    pub index: usize,
+}
+
+/// Why a walk failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WalkError {
+    /// The IOVA is beyond the 48-bit space.
+    #[error("IOVA {0:#x} is beyond the 48-bit space")]
+    OutOfRange(u64),
+    /// No present entry at this level.
+    #[error("not present at level {0}")]
+    NotPresent(u32),
+    /// An entry with reserved bits or a leaf where none may be.
+    #[error("malformed entry {1:#x} at level {0}")]
+    Malformed(u32, u64),
+    /// A table address outside the pool.
+    #[error("table address {1:#x} outside the pool at level {0}")]
+    BadTable(u32, u64),
+}
+
+/// Walks the tables rooted at `root` for `iova`.
+///
+/// Every entry is validated: reserved bits, leaves only at levels 1-3, large
+/// leaves aligned, tables inside the pool. A walk reads at most 4 entries.
+pub fn walk(mem: &impl TableMemory, root: u64, iova: u64) -> Result<Leaf, WalkError> {
+    if iova > MAX_IOVA {
+        return Err(WalkError::OutOfRange(iova));
+    }
+    let mut table = root;
+    for level in (1..=LEVELS).rev() {
+        let shift = level_shift(level);
+        let index = ((iova >> shift) & (ENTRIES as u64 - 1)) as usize;
+        let e = mem.load(table, index).ok_or(WalkError::BadTable(level, table))?;
+        if e & PTE_PRESENT == 0 {
+            return Err(WalkError::NotPresent(level));
+        }
+        if e & PTE_RESERVED_MASK != 0 {
+            return Err(WalkError::Malformed(level, e));
+        }
+        let addr = e & PTE_ADDR_MASK;
+        let is_leaf = e & PTE_LEAF != 0;
+        if is_leaf {
+            let size = 1u64 << shift;
+            if level == LEVELS || addr & (size - 1) != 0 {
+                return Err(WalkError::Malformed(level, e));
+            }
+            return Ok(Leaf {
+                address: addr + (iova & (size - 1)),
+                perm: Perm::from_bits(e),
+                page_size: size,
+                table,
+                index,
+            });
+        }
+        if level == 1 {
+            return Err(WalkError::Malformed(level, e));
+        }
+        table = addr;
+    }
+    // The loop returns at level 1 at the latest.
+    Err(WalkError::Malformed(1, 0))
+}
+
+/// An atomic view of a mapped region of u64 words.
+#[derive(Debug)]
+struct Words {
+    map: memmap2::MmapRaw,
+}
+
+impl Words {
+    fn map(file: &File, len: u64) -> Result<Words, Error> {
+        let len = usize::try_from(len).map_err(|_| Error::Create("size too large".into()))?;
+        let map = memmap2::MmapOptions::new()
+            .len(len)
+            .map_raw(file)
+            .map_err(|e| Error::Create(e.to_string()))?;
+        Ok(Words { map })
+    }
+
+    fn word(&self, byte_offset: u64) -> Option<&AtomicU64> {
+        let off = usize::try_from(byte_offset).ok()?;
+        if off % 8 != 0 || off.checked_add(8)? > self.map.len() {
+            return None;
+        }
+        // SAFETY: the offset is 8-byte aligned and inside the mapping (checked
+        // above); the mapping is page aligned, lives as long as `self`, and
+        // every access to it anywhere goes through atomics.
+        Some(unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(off).cast::<u64>()) })
+    }
+}
+
+/// The table pool: a memfd of page tables shared read-only with device
+/// servers, and the dirty pool beside it.
+#[derive(Debug)]
+pub struct TablePool {
+    file: File,
+    tables: Words,
+    dirty_file: File,
+    dirty: Words,
+    pages: u32,
+    next_fresh: u32,
+    free: Vec<u32>,
+    used: Vec<u16>,
+    in_use: u32,
+    fail: Arc<FailNth>,
+}
+
+impl TablePool {
+    /// Creates a pool of `bytes` (rounded down to whole tables, at least 2).
+    pub fn new(bytes: u64, fail: Arc<FailNth>) -> Result<TablePool, Error> {
+        let pages = u32::try_from((bytes / PAGE_SIZE).max(2)).map_err(|_| Error::Create("pool too large".into()))?;
+        let size = u64::from(pages) * PAGE_SIZE;
+        let file = memfd::create_sealed("ioasid-table-pool", size).map_err(|e| Error::Create(e.to_string()))?;
+        let tables = Words::map(&file, size)?;
+        let dsize = (u64::from(pages) * DIRTY_BYTES_PER_TABLE).next_multiple_of(PAGE_SIZE);
+        let dirty_file = memfd::create_sealed("ioasid-dirty-pool", dsize).map_err(|e| Error::Create(e.to_string()))?;
+        let dirty = Words::map(&dirty_file, dsize)?;
+        Ok(TablePool {
+            file,
+            tables,
+            dirty_file,
+            dirty,
+            pages,
+            // Page 0 is never handed out: a zero address means "none".
+            next_fresh: 1,
+            free: Vec::new(),
+            used: vec![0; pages as usize],
+            in_use: 0,
+            fail,
+        })
+    }
+
+    /// The pool memfd (device servers map it read-only).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// The dirty-pool memfd (device servers map it read-write).
+    pub fn dirty_fd(&self) -> BorrowedFd<'_> {
+        self.dirty_file.as_fd()
+    }
+
+    /// Size of the pool in bytes.
+    pub fn size(&self) -> u64 {
+        u64::from(self.pages) * PAGE_SIZE
+    }
+
+    /// Tables currently allocated.
+    pub fn tables_in_use(&self) -> u32 {
+        self.in_use
+    }
+
+    /// Tables the pool can hold (page 0 is reserved).
+    pub fn capacity(&self) -> u32 {
+        self.pages - 1
+    }
+
+    fn entry(&self, table: u64, index: usize) -> Option<&AtomicU64> {
+        if table == 0 || table % PAGE_SIZE != 0 || index >= ENTRIES {
+            return None;
+        }
+        self.tables.word(table.checked_add(index as u64 * 8)?)
+    }
+
+    fn store(&self, table: u64, index: usize, value: u64) {
+        if let Some(w) = self.entry(table, index) {
+            w.store(value, Ordering::Release);
+        }
+    }
+
+    fn page_index(table: u64) -> usize {
+        (table / PAGE_SIZE) as usize
+    }
+
+    /// Allocates a zeroed table and returns its pool offset.
+    pub fn alloc_table(&mut self) -> Result<u64, Error> {
+        if self.fail.step() {
+            return Err(Error::Injected);
+        }
+        let page = if let Some(p) = self.free.pop() {
+            p
+        } else if self.next_fresh < self.pages {
+            self.next_fresh += 1;
+            self.next_fresh - 1
+        } else {
+            return Err(Error::PoolFull(self.in_use));
+        };
+        let table = u64::from(page) * PAGE_SIZE;
+        for i in 0..ENTRIES {
+            self.store(table, i, 0);
+        }
+        self.clear_dirty_of_table(table);
+        self.used[page as usize] = 0;
+        self.in_use += 1;
+        Ok(table)
+    }
+
+    /// Returns a table to the pool. The caller guarantees no walker can
+    /// still reach it (the invalidation handshake).
+    pub fn free_table(&mut self, table: u64) {
+        let page = Self::page_index(table);
+        if page == 0 || page >= self.pages as usize {
+            return;
+        }
+        self.used[page] = 0;
+        self.free.push(page as u32);
+        self.in_use -= 1;
+    }
+
+    fn clear_dirty_of_table(&self, table: u64) {
+        let base = (table / PAGE_SIZE) * DIRTY_BYTES_PER_TABLE;
+        for w in 0..(DIRTY_BYTES_PER_TABLE / 8) {
+            if let Some(word) = self.dirty.word(base + w * 8) {
+                word.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn dirty_word(&self, table: u64, index: usize) -> Option<(&AtomicU64, u64)> {
+        let bit = (table / PAGE_SIZE) * (ENTRIES as u64) + index as u64;
+        Some((self.dirty.word((bit / 64) * 8)?, 1u64 << (bit % 64)))
+    }
+
+    /// Marks the leaf at `(table, index)` dirty, as a device writing through
+    /// it does.
+    pub fn mark_dirty(&self, table: u64, index: usize) {
+        if let Some((w, mask)) = self.dirty_word(table, index) {
+            w.fetch_or(mask, Ordering::Relaxed);
+        }
+    }
+
+    /// Maps `[iova, iova+len)` onto `[addr, addr+len)` with `perm`, using the
+    /// largest leaves alignment allows. All or nothing: on failure the range
+    /// is left unmapped and no table leaks.
+    pub fn map_range(&mut self, root: u64, iova: u64, addr: u64, len: u64, perm: Perm) -> Result<(), Error> {
+        debug_assert!(iova % PAGE_SIZE == 0 && addr % PAGE_SIZE == 0 && len % PAGE_SIZE == 0);
+        let res = self.map_level(root, LEVELS, iova, addr, len, perm);
+        if res.is_err() {
+            let mut garbage = Vec::new();
+            self.unmap_range(root, iova, len, &mut garbage);
+            for t in garbage {
+                self.free_table(t);
+            }
+        }
+        res
+    }
+
+    fn map_level(&mut self, table: u64, level: u32, iova: u64, addr: u64, len: u64, perm: Perm) -> Result<(), Error> {
+        let shift = level_shift(level);
+        let size = 1u64 << shift;
+        let end = iova + len;
+        let mut cur = iova;
+        while cur < end {
+            let index = ((cur >> shift) & (ENTRIES as u64 - 1)) as usize;
+            let slot_base = cur & !(size - 1);
+            let chunk_end = end.min(slot_base + size);
+            let a = addr + (cur - iova);
+            let e = self.entry(table, index).map_or(0, |w| w.load(Ordering::Relaxed));
+            let whole = cur == slot_base && chunk_end - cur == size && a & (size - 1) == 0;
+            if e & PTE_PRESENT == 0 && whole && level <= 3 {
+                self.store(table, index, a | perm.bits() | PTE_LEAF | PTE_PRESENT);
+                self.used[Self::page_index(table)] += 1;
+            } else if e & PTE_PRESENT != 0 && (e & PTE_LEAF != 0 || level == 1) {
+                return Err(Error::Overlap(cur));
+            } else {
+                let child = if e & PTE_PRESENT != 0 {
+                    e & PTE_ADDR_MASK
+                } else {
+                    let t = self.alloc_table()?;
+                    self.store(table, index, t | PTE_PRESENT);
+                    self.used[Self::page_index(table)] += 1;
+                    t
+                };
+                self.map_level(child, level - 1, cur, a, chunk_end - cur, perm)?;
+            }
+            cur = chunk_end;
+        }
+        Ok(())
+    }
+
+    /// Clears every leaf in `[iova, iova+len)`; tables left empty are
+    /// unlinked and pushed on `garbage` for the caller to free once no walker
+    /// can reach them. The root is never unlinked.
+    pub fn unmap_range(&mut self, root: u64, iova: u64, len: u64, garbage: &mut Vec<u64>) {
+        if len == 0 {
+            return;
+        }
+        self.unmap_level(root, LEVELS, iova, iova.saturating_add(len).min(MAX_IOVA + 1), garbage);
+    }
+
+    fn unmap_level(&mut self, table: u64, level: u32, iova: u64, end: u64, garbage: &mut Vec<u64>) {
+        let shift = level_shift(level);
+        let size = 1u64 << shift;
+        let mut cur = iova;
+        while cur < end {
+            let index = ((cur >> shift) & (ENTRIES as u64 - 1)) as usize;
+            let slot_base = cur & !(size - 1);
+            let chunk_end = end.min(slot_base + size);
+            let e = self.entry(table, index).map_or(0, |w| w.load(Ordering::Relaxed));
+            if e & PTE_PRESENT != 0 {
+                if e & PTE_LEAF != 0 || level == 1 {
+                    self.store(table, index, 0);
+                    self.used[Self::page_index(table)] -= 1;
+                } else {
+                    let child = e & PTE_ADDR_MASK;
+                    self.unmap_level(child, level - 1, cur, chunk_end, garbage);
+                    if self.used[Self::page_index(child)] == 0 {
+                        self.store(table, index, 0);
+                        self.used[Self::page_index(table)] -= 1;
+                        garbage.push(child);
+                    }
+                }
+            }
+            cur = chunk_end;
+        }
+    }
+
+    /// Reads the dirty state of `[iova, iova+len)` at `page_size`
+    /// granularity into a bitmap (bit k = page `iova + k*page_size`), and
+    /// clears the dirty bits of leaves wholly inside the range unless
+    /// `no_clear`. Leaves that only partly overlap keep their bit, so a dirty
+    /// page is never lost.
+    pub fn read_dirty(&self, root: u64, iova: u64, len: u64, page_size: u64, no_clear: bool) -> Vec<u64> {
+        let pages = len / page_size;
+        let mut bitmap = vec![0u64; pages.div_ceil(64) as usize];
+        let end = iova + len;
+        self.dirty_level(root, LEVELS, iova, end, &mut |leaf_start, leaf_end, table, index| {
+            let Some((w, mask)) = self.dirty_word(table, index) else { return };
+            if w.load(Ordering::Relaxed) & mask == 0 {
+                return;
+            }
+            let lo = leaf_start.max(iova);
+            let hi = leaf_end.min(end);
+            let first = (lo - iova) / page_size;
+            let last = (hi - 1 - iova) / page_size;
+            for k in first..=last {
+                bitmap[(k / 64) as usize] |= 1 << (k % 64);
+            }
+            if !no_clear && leaf_start >= iova && leaf_end <= end {
+                w.fetch_and(!mask, Ordering::Relaxed);
+            }
+        });
+        bitmap
+    }
+
+    /// Clears the dirty bit of every leaf under `root`.
+    pub fn clear_dirty(&self, root: u64) {
+        self.dirty_level(root, LEVELS, 0, MAX_IOVA + 1, &mut |_, _, table, index| {
+            if let Some((w, mask)) = self.dirty_word(table, index) {
+                w.fetch_and(!mask, Ordering::Relaxed);
+            }
+        });
+    }
+
+    fn dirty_level(&self, table: u64, level: u32, iova: u64, end: u64, f: &mut dyn FnMut(u64, u64, u64, usize)) {
+        let shift = level_shift(level);
+        let size = 1u64 << shift;
+        let mut cur = iova;
+        while cur < end {
+            let index = ((cur >> shift) & (ENTRIES as u64 - 1)) as usize;
+            let slot_base = cur & !(size - 1);
+            let chunk_end = end.min(slot_base + size);
+            let e = self.entry(table, index).map_or(0, |w| w.load(Ordering::Relaxed));
+            if e & PTE_PRESENT != 0 {
+                if e & PTE_LEAF != 0 || level == 1 {
+                    f(slot_base, slot_base + size, table, index);
+                } else {
+                    self.dirty_level(e & PTE_ADDR_MASK, level - 1, cur, chunk_end, f);
+                }
+            }
+            cur = chunk_end;
+        }
+    }
+
+    /// Counts the tables reachable from `root` (root included).
+    pub fn count_tables(&self, root: u64) -> u32 {
+        self.count_level(root, LEVELS)
+    }
+
+    fn count_level(&self, table: u64, level: u32) -> u32 {
+        let mut n = 1;
+        if level == 1 {
+            return n;
+        }
+        for i in 0..ENTRIES {
+            let e = self.entry(table, i).map_or(0, |w| w.load(Ordering::Relaxed));
+            if e & PTE_PRESENT != 0 && e & PTE_LEAF == 0 {
+                n += self.count_level(e & PTE_ADDR_MASK, level - 1);
+            }
+        }
+        n
+    }
+}
+
+impl TableMemory for TablePool {
+    fn load(&self, table: u64, index: usize) -> Option<u64> {
+        self.entry(table, index).map(|w| w.load(Ordering::Acquire))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(tables: u64) -> TablePool {
+        TablePool::new(tables * PAGE_SIZE, Arc::new(FailNth::default())).unwrap()
+    }
+
+    #[test]
+    fn maps_with_largest_leaves_and_walks_back() {
+        let mut p = pool(64);
+        let root = p.alloc_table().unwrap();
+        let gib = 1u64 << 30;
+        // 1 GiB + 2 MiB + 4 KiB, all aligned: one leaf of each size.
+        let len = gib + (2 << 20) + 4096;
+        p.map_range(root, gib, 4 * gib, len, Perm::RW).unwrap();
+        let l = walk(&p, root, gib + 5).unwrap();
+        assert_eq!((l.address, l.page_size), (4 * gib + 5, gib));
+        let l = walk(&p, root, 2 * gib + 0x1234).unwrap();
+        assert_eq!((l.address, l.page_size), (5 * gib + 0x1234, 2 << 20));
+        let l = walk(&p, root, 2 * gib + (2 << 20) + 7).unwrap();
+        assert_eq!((l.address, l.page_size, l.perm), (5 * gib + (2 << 20) + 7, 4096, Perm::RW));
+        assert_eq!(walk(&p, root, 2 * gib + (2 << 20) + 4096), Err(WalkError::NotPresent(1)));
+        assert_eq!(walk(&p, root, 0), Err(WalkError::NotPresent(3)));
+        // root + L3 + L2 + L1
+        assert_eq!(p.count_tables(root), 4);
+        let mut g = Vec::new();
+        p.unmap_range(root, gib, len, &mut g);
+        assert_eq!(g.len(), 3);
+        for t in g {
+            p.free_table(t);
+        }
+        assert_eq!(p.tables_in_use(), 1);
+        assert!(walk(&p, root, gib).is_err());
+    }
+
+    #[test]
+    fn misaligned_address_falls_back_to_small_leaves() {
+        let mut p = pool(64);
+        let root = p.alloc_table().unwrap();
+        p.map_range(root, 2 << 20, (2 << 20) + 4096, 2 << 20, Perm::R).unwrap();
+        let l = walk(&p, root, (2 << 20) + 4096 * 3).unwrap();
+        assert_eq!((l.page_size, l.perm), (4096, Perm::R));
+        assert_eq!(l.address, (2 << 20) + 4096 * 4);
+    }
+
+    #[test]
+    fn pool_exhaustion_rolls_back() {
+        let mut p = pool(4);
+        let root = p.alloc_table().unwrap();
+        // Needs L3, L2, L1 tables = 3 more, but only 2 remain.
+        assert_eq!(p.map_range(root, 0x1000, 0x1000, 0x1000, Perm::RW), Err(Error::PoolFull(3)));
+        assert_eq!(p.tables_in_use(), 1);
+        assert_eq!(walk(&p, root, 0x1000), Err(WalkError::NotPresent(4)));
+    }
+
+    #[test]
+    fn walker_rejects_hostile_entries() {
+        struct Fake(Vec<u64>);
+        impl TableMemory for Fake {
+            fn load(&self, table: u64, index: usize) -> Option<u64> {
+                if table == 0x1000 { self.0.get(index).copied() } else { None }
+            }
+        }
+        let mut t = vec![0u64; ENTRIES];
+        t[0] = 0x1000 | PTE_PRESENT | (1 << 60);
+        assert!(matches!(walk(&Fake(t.clone()), 0x1000, 0), Err(WalkError::Malformed(4, _))));
+        t[0] = 0x1000 | PTE_PRESENT | PTE_LEAF;
+        assert!(matches!(walk(&Fake(t.clone()), 0x1000, 0), Err(WalkError::Malformed(4, _))));
+        t[0] = 0x5000 | PTE_PRESENT;
+        assert_eq!(walk(&Fake(t.clone()), 0x1000, 0), Err(WalkError::BadTable(3, 0x5000)));
+        // A table that points at itself is cut off after 4 levels.
+        t[0] = 0x1000 | PTE_PRESENT;
+        assert!(matches!(walk(&Fake(t), 0x1000, 0), Err(WalkError::Malformed(1, _))));
+        assert_eq!(walk(&Fake(vec![]), 0x1000, 1 << 48), Err(WalkError::OutOfRange(1 << 48)));
+    }
+
+    #[test]
+    fn dirty_bits_report_and_clear() {
+        let mut p = pool(64);
+        let root = p.alloc_table().unwrap();
+        p.map_range(root, 0x10_0000, 0x4000_0000, 0x4000, Perm::RW).unwrap();
+        let l = walk(&p, root, 0x10_2000).unwrap();
+        p.mark_dirty(l.table, l.index);
+        let bm = p.read_dirty(root, 0x10_0000, 0x4000, 4096, true);
+        assert_eq!(bm, vec![0b0100]);
+        let bm = p.read_dirty(root, 0x10_0000, 0x4000, 4096, false);
+        assert_eq!(bm, vec![0b0100]);
+        assert_eq!(p.read_dirty(root, 0x10_0000, 0x4000, 4096, false), vec![0]);
+    }
+}
