@@ -97,6 +97,11 @@ impl Errno {
         Errno::EOVERFLOW,
     ];
 
+    /// The member whose Linux errno number is `code`.
+    pub fn from_code(code: i32) -> Option<Errno> {
+        Errno::ALL.into_iter().find(|e| e.code() == code)
+    }
+
     /// Parses a symbolic name such as `"EBUSY"`.
     pub fn from_name(name: &str) -> Option<Errno> {
         Errno::ALL.into_iter().find(|e| e.name() == name)

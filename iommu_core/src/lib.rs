@@ -14,12 +14,15 @@
 
 #![deny(missing_docs)]
 
+pub mod client;
 pub mod errno;
 pub mod failpoint;
 pub mod memfd;
 pub mod model;
 pub mod pagetable;
+pub mod server;
 pub mod sysaddr;
 pub mod types;
+pub mod wire;
 
 pub use errno::Errno;

@@ -1,0 +1,77 @@
+//! `iommu-core`: the IOASID daemon.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use iommu_core::server::{default_socket_path, Server};
+use iommu_core::types::Limits;
+
+/// The IOASID daemon: owns I/O address spaces, page tables, pPASIDs, faults
+/// and dirty state, and serves sessions, device channels and observers on a
+/// Unix socket (mode 0600). Stops cleanly on SIGTERM or SIGINT, removing its
+/// socket. Logging goes to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to
+/// change its level.
+#[derive(Parser, Debug)]
+#[command(name = "iommu-core", version)]
+struct Args {
+    /// Socket to listen on [default: $XDG_RUNTIME_DIR/ioasid/core.sock, else /run/ioasid/core.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Limit: sessions open at once.
+    #[arg(long, default_value_t = Limits::default().max_sessions)]
+    max_sessions: u32,
+    /// Limit: objects (memory objects, IOASes, nested IOASes) per session.
+    #[arg(long, default_value_t = Limits::default().max_objects_per_session)]
+    max_objects_per_session: u32,
+    /// Limit: mappings per IOAS.
+    #[arg(long, default_value_t = Limits::default().max_mappings_per_ioas)]
+    max_mappings_per_ioas: u32,
+    /// Limit: allowed or reserved ranges per IOAS.
+    #[arg(long, default_value_t = Limits::default().max_ranges_per_ioas)]
+    max_ranges_per_ioas: u32,
+    /// Limit: pPASIDs per session.
+    #[arg(long, default_value_t = Limits::default().max_ppasids_per_session)]
+    max_ppasids_per_session: u32,
+    /// Limit: largest message a peer may send, in bytes.
+    #[arg(long, default_value_t = Limits::default().max_message_bytes)]
+    max_message_bytes: u32,
+    /// Limit: fds per message (at most 253).
+    #[arg(long, default_value_t = Limits::default().max_fds_per_message, value_parser = clap::value_parser!(u32).range(1..=253))]
+    max_fds_per_message: u32,
+    /// Limit: records in a session's fault queue.
+    #[arg(long, default_value_t = Limits::default().fault_queue_depth)]
+    fault_queue_depth: u32,
+    /// Size of the shared page-table pool in bytes (memory is used only as
+    /// tables are allocated).
+    #[arg(long, default_value_t = Limits::default().table_pool_bytes)]
+    table_pool_bytes: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    let limits = Limits {
+        max_sessions: a.max_sessions,
+        max_objects_per_session: a.max_objects_per_session,
+        max_mappings_per_ioas: a.max_mappings_per_ioas,
+        max_ranges_per_ioas: a.max_ranges_per_ioas,
+        max_ppasids_per_session: a.max_ppasids_per_session,
+        max_message_bytes: a.max_message_bytes,
+        max_fds_per_message: a.max_fds_per_message,
+        fault_queue_depth: a.fault_queue_depth,
+        table_pool_bytes: a.table_pool_bytes,
+    };
+    let path = a.socket.unwrap_or_else(default_socket_path);
+    let mut server = Server::bind(&path, limits).with_context(|| format!("cannot start the core on {}", path.display()))?;
+    server.handle_signals()?;
+    tracing::info!(socket = %path.display(), "iommu-core listening");
+    server.run()?;
+    tracing::info!("iommu-core stopped");
+    Ok(())
+}

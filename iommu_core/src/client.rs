@@ -1,0 +1,277 @@
+//! A blocking client of the core, for sessions and observers.
+//!
+//! ```no_run
+//! use iommu_core::client::Client;
+//! use iommu_core::types::{MapArgs, Perm};
+//! let mut s = Client::session("/run/ioasid/core.sock").unwrap();
+//! let mem = iommu_core::memfd::create("guest-ram", 1 << 20).unwrap();
+//! let m = s.register_memory(&mem).unwrap();
+//! let ioas = s.ioas_alloc().unwrap();
+//! let iova = s.map(MapArgs { ioas, mem: m.id, offset: 0, length: 1 << 20, iova: None, perm: Perm::RW }).unwrap();
+//! s.unmap(ioas, iova, 1 << 20).unwrap();
+//! ```
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use crate::errno::Errno;
+use crate::types::*;
+use crate::wire::{self, Envelope, FrameReader, Reply, Request, Role};
+
+/// Largest reply the client accepts (a status of a very large core).
+pub const MAX_REPLY_BYTES: usize = 1 << 30;
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Connecting or talking to the socket failed.
+    #[error("cannot talk to the core at {path}: {source}")]
+    Io {
+        /// Socket path.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A frame could not be built or read.
+    #[error("protocol error: {0}")]
+    Wire(#[from] wire::Error),
+    /// The core closed the connection.
+    #[error("the core closed the connection")]
+    Closed,
+    /// The core refused the request.
+    #[error("{}: {message}", errno.map_or_else(|| format!("errno {code}"), |e| e.name().to_string()))]
+    Core {
+        /// The errno, if it is in the vocabulary.
+        errno: Option<Errno>,
+        /// The raw errno number.
+        code: i32,
+        /// The core's sentence.
+        message: String,
+    },
+    /// The reply did not match the request.
+    #[error("unexpected reply: {0}")]
+    Unexpected(String),
+}
+
+impl Error {
+    /// The errno of a refused request.
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            Error::Core { errno, .. } => *errno,
+            _ => None,
+        }
+    }
+}
+
+/// Result of a client call.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A connection to the core.
+pub struct Client {
+    stream: UnixStream,
+    reader: FrameReader,
+    seq: u64,
+    session: u64,
+    limits: Limits,
+    path: String,
+}
+
+macro_rules! expect {
+    ($reply:expr, $pat:pat => $val:expr) => {
+        match $reply {
+            $pat => Ok($val),
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
+    };
+}
+
+impl Client {
+    /// Connects and says hello as `role`.
+    pub fn connect(path: impl AsRef<Path>, role: Role) -> Result<Client> {
+        let path_s = path.as_ref().display().to_string();
+        let stream = UnixStream::connect(path.as_ref()).map_err(|source| Error::Io { path: path_s.clone(), source })?;
+        let mut c = Client {
+            stream,
+            reader: FrameReader::new(MAX_REPLY_BYTES, 16),
+            seq: 0,
+            session: 0,
+            limits: Limits::default(),
+            path: path_s,
+        };
+        let hello = Request::Hello { magic: wire::MAGIC, major: wire::VERSION_MAJOR, minor: wire::VERSION_MINOR, role };
+        let (session, limits) = expect!(c.call(&hello, &[])?, Reply::Hello { session, limits, .. } => (session, limits))?;
+        c.session = session;
+        c.limits = limits;
+        Ok(c)
+    }
+
+    /// Opens a session.
+    pub fn session(path: impl AsRef<Path>) -> Result<Client> {
+        Client::connect(path, Role::Session)
+    }
+
+    /// Connects as a read-only observer.
+    pub fn observer(path: impl AsRef<Path>) -> Result<Client> {
+        Client::connect(path, Role::Observer)
+    }
+
+    /// The session id (0 for an observer).
+    pub fn session_id(&self) -> u64 {
+        self.session
+    }
+
+    /// The limits the core announced.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn io(&self, source: std::io::Error) -> Error {
+        Error::Io { path: self.path.clone(), source }
+    }
+
+    /// Sends raw bytes (tests use it to send hostile frames).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        self.stream.write_all(bytes).map_err(|e| self.io(e))
+    }
+
+    /// Sends one request and waits for its reply. A [`Reply::Error`] becomes
+    /// [`Error::Core`].
+    pub fn call(&mut self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<Reply> {
+        self.seq += 1;
+        let seq = self.seq;
+        let bytes = wire::encode(seq, req, fds.len())?;
+        let mut sent = wire::send_with_fds(self.stream.as_fd(), &bytes, fds).map_err(|e| self.io(e))?;
+        if sent < bytes.len() {
+            use std::io::Write;
+            self.stream.write_all(&bytes[sent..]).map_err(|e| self.io(e))?;
+            sent = bytes.len();
+        }
+        debug_assert_eq!(sent, bytes.len());
+        let env = self.read_reply()?;
+        if env.seq != seq && env.seq != 0 {
+            return Err(Error::Unexpected(format!("reply to request {} while waiting for {seq}", env.seq)));
+        }
+        match env.body {
+            Reply::Error { errno, message } => Err(Error::Core { errno: Errno::from_code(errno), code: errno, message }),
+            r => Ok(r),
+        }
+    }
+
+    /// Reads the next reply frame.
+    pub fn read_reply(&mut self) -> Result<Envelope<Reply>> {
+        loop {
+            if let Some(frame) = self.reader.next_frame()? {
+                return Ok(wire::decode(&frame.payload)?);
+            }
+            let mut buf = vec![0u8; 256 * 1024];
+            let (n, fds) = match wire::recv_with_fds(self.stream.as_fd(), &mut buf, 16) {
+                Ok(x) => x,
+                Err(wire::Error::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(wire::Error::Io(e)) => return Err(self.io(e)),
+                Err(e) => return Err(e.into()),
+            };
+            if n == 0 {
+                return Err(Error::Closed);
+            }
+            self.reader.push(&buf[..n], fds);
+        }
+    }
+
+    /// Registers a file (memfd, tmpfs or hugetlbfs) as a memory object.
+    pub fn register_memory(&mut self, fd: impl AsFd) -> Result<MemInfo> {
+        expect!(self.call(&Request::RegisterMemory, &[fd.as_fd()])?, Reply::Memory(m) => m)
+    }
+
+    /// Allocates a paging IOAS.
+    pub fn ioas_alloc(&mut self) -> Result<u32> {
+        expect!(self.call(&Request::IoasAlloc, &[])?, Reply::Id(id) => id)
+    }
+
+    /// Allocates a nested IOAS on `parent` with stage-1 root `s1_root`.
+    pub fn nested_alloc(&mut self, parent: u32, s1_root: u64) -> Result<u32> {
+        expect!(self.call(&Request::NestedAlloc { parent, s1_root }, &[])?, Reply::Id(id) => id)
+    }
+
+    /// Destroys an object.
+    pub fn destroy(&mut self, id: u32) -> Result<()> {
+        expect!(self.call(&Request::Destroy { id }, &[])?, Reply::Ok => ())
+    }
+
+    /// Maps; returns the IOVA.
+    pub fn map(&mut self, args: MapArgs) -> Result<u64> {
+        expect!(self.call(&Request::Map(args), &[])?, Reply::Iova(v) => v)
+    }
+
+    /// Unmaps; returns bytes unmapped.
+    pub fn unmap(&mut self, ioas: u32, iova: u64, length: u64) -> Result<u64> {
+        expect!(self.call(&Request::Unmap { ioas, iova, length }, &[])?, Reply::Bytes(v) => v)
+    }
+
+    /// Copies mappings; returns the destination IOVA.
+    pub fn copy(&mut self, args: CopyArgs) -> Result<u64> {
+        expect!(self.call(&Request::Copy(args), &[])?, Reply::Iova(v) => v)
+    }
+
+    /// Usable IOVA ranges.
+    pub fn iova_ranges(&mut self, ioas: u32) -> Result<IovaRanges> {
+        expect!(self.call(&Request::IovaRanges { ioas }, &[])?, Reply::Ranges(r) => r)
+    }
+
+    /// Replaces the allowed ranges.
+    pub fn allow_iovas(&mut self, ioas: u32, ranges: Vec<IovaRange>) -> Result<()> {
+        expect!(self.call(&Request::AllowIovas { ioas, ranges }, &[])?, Reply::Ok => ())
+    }
+
+    /// Adds a reserved range.
+    pub fn add_reserved(&mut self, ioas: u32, start: u64, last: u64) -> Result<()> {
+        expect!(self.call(&Request::AddReserved { ioas, start, last }, &[])?, Reply::Ok => ())
+    }
+
+    /// Invalidates stage-1 caches of a nested IOAS.
+    pub fn invalidate(&mut self, nested: u32, scope: InvalidateScope) -> Result<()> {
+        expect!(self.call(&Request::Invalidate { nested, scope }, &[])?, Reply::Ok => ())
+    }
+
+    /// Allocates a global pPASID.
+    pub fn ppasid_alloc(&mut self) -> Result<u32> {
+        expect!(self.call(&Request::PpasidAlloc, &[])?, Reply::Pasid(p) => p)
+    }
+
+    /// Frees a pPASID.
+    pub fn ppasid_free(&mut self, pasid: u32) -> Result<()> {
+        expect!(self.call(&Request::PpasidFree { pasid }, &[])?, Reply::Ok => ())
+    }
+
+    /// Turns dirty tracking on or off.
+    pub fn set_dirty_tracking(&mut self, ioas: u32, enable: bool) -> Result<()> {
+        expect!(self.call(&Request::SetDirtyTracking { ioas, enable }, &[])?, Reply::Ok => ())
+    }
+
+    /// Reads the dirty bitmap of a range.
+    pub fn dirty_bitmap(&mut self, ioas: u32, iova: u64, length: u64, page_size: u64, no_clear: bool) -> Result<Vec<u64>> {
+        let req = Request::DirtyBitmap { ioas, iova, length, page_size, no_clear };
+        expect!(self.call(&req, &[])?, Reply::Bitmap(b) => b)
+    }
+
+    /// Takes up to `max` fault records.
+    pub fn read_faults(&mut self, max: u32) -> Result<Vec<FaultRecord>> {
+        expect!(self.call(&Request::ReadFaults { max }, &[])?, Reply::Faults(f) => f)
+    }
+
+    /// Answers a page request.
+    pub fn respond_fault(&mut self, cookie: u64, code: u32) -> Result<FaultRecord> {
+        expect!(self.call(&Request::RespondFault { cookie, code }, &[])?, Reply::Fault(f) => f)
+    }
+
+    /// Translates one IOVA through a paging IOAS.
+    pub fn translate(&mut self, ioas: u32, iova: u64) -> Result<Translation> {
+        expect!(self.call(&Request::Translate { ioas, iova }, &[])?, Reply::Translation(t) => t)
+    }
+
+    /// A snapshot of what this connection may see.
+    pub fn status(&mut self) -> Result<Snapshot> {
+        expect!(self.call(&Request::Status, &[])?, Reply::Status(s) => *s)
+    }
+}

@@ -1,0 +1,455 @@
+//! The core's wire protocol.
+//!
+//! A connection is a Unix stream socket. Every message is a frame:
+//!
+//! | bytes | field                                              |
+//! |-------|----------------------------------------------------|
+//! | 0-3   | payload length, u32 little endian                  |
+//! | 4-5   | number of fds attached, u16 little endian          |
+//! | 6-7   | reserved, zero                                     |
+//! | 8-    | payload: an [`Envelope`] encoded with `postcard`   |
+//!
+//! The fds of a frame travel as SCM_RIGHTS ancillary data on the
+//! `sendmsg` that carries the frame's first byte. The first request on a
+//! connection is [`Request::Hello`]; every request gets exactly one reply
+//! with the same `seq`. Errors carry an errno from [`Errno`] and a sentence.
+
+use std::collections::VecDeque;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::errno::Errno;
+use crate::types::*;
+
+/// Magic at the start of a hello.
+pub const MAGIC: [u8; 4] = *b"IOAS";
+/// Protocol major version: a peer with another major is refused.
+pub const VERSION_MAJOR: u16 = 1;
+/// Protocol minor version: additions only.
+pub const VERSION_MINOR: u16 = 0;
+/// Size of a frame header.
+pub const HEADER_LEN: usize = 8;
+/// Hard ceiling on fds per frame, whatever the configuration says.
+pub const MAX_FDS_CEILING: usize = 253;
+
+/// Errors of framing and encoding.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The frame is larger than the receiver accepts.
+    #[error("frame of {0} bytes exceeds the limit of {1} bytes")]
+    TooBig(usize, usize),
+    /// The frame announces more fds than allowed.
+    #[error("frame carries {0} fds, at most {1} allowed")]
+    TooManyFds(usize, usize),
+    /// Reserved header bits are set.
+    #[error("reserved bytes of the frame header are not zero")]
+    Reserved,
+    /// The frame announced fds that did not arrive, or fds came unannounced.
+    #[error("frame announced {0} fds but {1} arrived with it")]
+    FdMismatch(usize, usize),
+    /// The payload could not be decoded.
+    #[error("cannot decode the message: {0}")]
+    Decode(postcard::Error),
+    /// The payload could not be encoded.
+    #[error("cannot encode the message: {0}")]
+    Encode(postcard::Error),
+    /// Ancillary data was cut (too many fds sent at once).
+    #[error("ancillary data was truncated: the peer sent more fds than allowed")]
+    Truncated,
+    /// A system call failed.
+    #[error("socket error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// The errno a peer is told for this error.
+    pub fn errno(&self) -> Errno {
+        match self {
+            Error::TooBig(..) => Errno::E2BIG,
+            Error::TooManyFds(..) | Error::Truncated => Errno::E2BIG,
+            _ => Errno::EPROTO,
+        }
+    }
+}
+
+/// What a connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// A session: the analog of an open `/dev/iommu`.
+    Session,
+    /// A read-only observer (the file system, `ioasidctl status`).
+    Observer,
+    /// A device channel: made only by the core and handed to a session.
+    DeviceChannel,
+}
+
+/// A message with its sequence number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    /// Sequence number chosen by the requester, echoed in the reply.
+    pub seq: u64,
+    /// The message.
+    pub body: T,
+}
+
+/// A request to the core.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// First message of every connection.
+    Hello {
+        /// [`MAGIC`].
+        magic: [u8; 4],
+        /// Protocol major version.
+        major: u16,
+        /// Protocol minor version.
+        minor: u16,
+        /// What the connection is.
+        role: Role,
+    },
+    /// Register the attached fd as a memory object.
+    RegisterMemory,
+    /// Allocate a paging IOAS.
+    IoasAlloc,
+    /// Allocate a nested IOAS.
+    NestedAlloc {
+        /// Parent IOAS.
+        parent: u32,
+        /// Stage-1 root (parent IOVA).
+        s1_root: u64,
+    },
+    /// Destroy an object.
+    Destroy {
+        /// Object id.
+        id: u32,
+    },
+    /// Map memory into an IOAS.
+    Map(MapArgs),
+    /// Unmap whole mappings.
+    Unmap {
+        /// IOAS.
+        ioas: u32,
+        /// First IOVA.
+        iova: u64,
+        /// Length (`(0, u64::MAX)` = everything).
+        length: u64,
+    },
+    /// Copy mappings to another IOAS.
+    Copy(CopyArgs),
+    /// Query usable IOVA ranges.
+    IovaRanges {
+        /// IOAS.
+        ioas: u32,
+    },
+    /// Replace the allowed ranges.
+    AllowIovas {
+        /// IOAS.
+        ioas: u32,
+        /// Ranges (empty = whole aperture).
+        ranges: Vec<IovaRange>,
+    },
+    /// Add a reserved range.
+    AddReserved {
+        /// IOAS.
+        ioas: u32,
+        /// First IOVA.
+        start: u64,
+        /// Last IOVA (inclusive).
+        last: u64,
+    },
+    /// Invalidate stage-1 caches of a nested IOAS.
+    Invalidate {
+        /// Nested IOAS.
+        nested: u32,
+        /// What to invalidate.
+        scope: InvalidateScope,
+    },
+    /// Allocate a global pPASID.
+    PpasidAlloc,
+    /// Free a pPASID.
+    PpasidFree {
+        /// The pPASID.
+        pasid: u32,
+    },
+    /// Turn dirty tracking on or off.
+    SetDirtyTracking {
+        /// IOAS.
+        ioas: u32,
+        /// On or off.
+        enable: bool,
+    },
+    /// Read the dirty bitmap of a range.
+    DirtyBitmap {
+        /// IOAS.
+        ioas: u32,
+        /// First IOVA.
+        iova: u64,
+        /// Length.
+        length: u64,
+        /// Granularity of the bitmap.
+        page_size: u64,
+        /// Leave the dirty bits set.
+        no_clear: bool,
+    },
+    /// Take fault records from the session's queue.
+    ReadFaults {
+        /// At most this many.
+        max: u32,
+    },
+    /// Answer a page request.
+    RespondFault {
+        /// Cookie of the request.
+        cookie: u64,
+        /// `page_response::SUCCESS` or `INVALID`.
+        code: u32,
+    },
+    /// Translate one IOVA through a paging IOAS.
+    Translate {
+        /// IOAS.
+        ioas: u32,
+        /// IOVA.
+        iova: u64,
+    },
+    /// Everything visible to this connection.
+    Status,
+}
+
+impl Request {
+    /// The number of fds this request must carry.
+    pub fn fds_expected(&self) -> usize {
+        usize::from(matches!(self, Request::RegisterMemory))
+    }
+
+    /// True for requests an observer may send.
+    pub fn read_only(&self) -> bool {
+        matches!(self, Request::Hello { .. } | Request::Status)
+    }
+}
+
+/// A reply from the core.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Answer to a hello.
+    Hello {
+        /// Server's major version.
+        major: u16,
+        /// Server's minor version.
+        minor: u16,
+        /// Session id (0 for observers).
+        session: u64,
+        /// Limits in force.
+        limits: Limits,
+    },
+    /// Done, nothing to return.
+    Ok,
+    /// A new object id.
+    Id(u32),
+    /// A registered memory object.
+    Memory(MemInfo),
+    /// An IOVA.
+    Iova(u64),
+    /// A byte count.
+    Bytes(u64),
+    /// IOVA ranges.
+    Ranges(IovaRanges),
+    /// A pPASID.
+    Pasid(u32),
+    /// A dirty bitmap.
+    Bitmap(Vec<u64>),
+    /// Fault records.
+    Faults(Vec<FaultRecord>),
+    /// The page request that was answered.
+    Fault(FaultRecord),
+    /// A translation.
+    Translation(Translation),
+    /// A snapshot.
+    Status(Box<Snapshot>),
+    /// The request failed.
+    Error {
+        /// Linux errno number.
+        errno: i32,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl Reply {
+    /// An error reply.
+    pub fn error(errno: Errno, message: impl Into<String>) -> Reply {
+        Reply::Error { errno: errno.code(), message: message.into() }
+    }
+}
+
+/// Encodes a frame: header and payload.
+pub fn encode<T: Serialize>(seq: u64, body: &T, nfds: usize) -> Result<Vec<u8>, Error> {
+    let mut buf = vec![0u8; HEADER_LEN];
+    let env = Envelope { seq, body };
+    buf = postcard::to_extend(&env, buf).map_err(Error::Encode)?;
+    let len = u32::try_from(buf.len() - HEADER_LEN).map_err(|_| Error::TooBig(buf.len(), u32::MAX as usize))?;
+    let nfds = u16::try_from(nfds).map_err(|_| Error::TooManyFds(nfds, MAX_FDS_CEILING))?;
+    buf[0..4].copy_from_slice(&len.to_le_bytes());
+    buf[4..6].copy_from_slice(&nfds.to_le_bytes());
+    Ok(buf)
+}
+
+/// Decodes a payload.
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<Envelope<T>, Error> {
+    postcard::from_bytes(payload).map_err(Error::Decode)
+}
+
+/// A decoded frame: payload bytes and attached fds.
+#[derive(Debug)]
+pub struct Frame {
+    /// Payload (an encoded [`Envelope`]).
+    pub payload: Vec<u8>,
+    /// Attached fds.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Reassembles frames from a byte stream with fds attached.
+#[derive(Debug)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+    max_payload: usize,
+    max_fds: usize,
+}
+
+impl FrameReader {
+    /// A reader accepting payloads up to `max_payload` bytes and `max_fds` fds.
+    pub fn new(max_payload: usize, max_fds: usize) -> FrameReader {
+        FrameReader { buf: Vec::new(), fds: VecDeque::new(), max_payload, max_fds: max_fds.min(MAX_FDS_CEILING) }
+    }
+
+    /// Bytes buffered and not yet consumed.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Most bytes worth buffering before a frame must be complete.
+    pub fn max_buffer(&self) -> usize {
+        self.max_payload + HEADER_LEN
+    }
+
+    /// Most fds one read may bring.
+    pub fn max_fds(&self) -> usize {
+        self.max_fds
+    }
+
+    /// Adds received bytes and fds.
+    pub fn push(&mut self, bytes: &[u8], fds: Vec<OwnedFd>) {
+        self.buf.extend_from_slice(bytes);
+        self.fds.extend(fds);
+    }
+
+    /// Takes the next complete frame, if any. An error means the stream can
+    /// no longer be trusted and the connection should be closed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, Error> {
+        if self.buf.len() < HEADER_LEN {
+            if self.buf.is_empty() && !self.fds.is_empty() {
+                return Err(Error::FdMismatch(0, self.fds.len()));
+            }
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        let nfds = u16::from_le_bytes([self.buf[4], self.buf[5]]) as usize;
+        if self.buf[6] != 0 || self.buf[7] != 0 {
+            return Err(Error::Reserved);
+        }
+        if len > self.max_payload {
+            return Err(Error::TooBig(len, self.max_payload));
+        }
+        if nfds > self.max_fds {
+            return Err(Error::TooManyFds(nfds, self.max_fds));
+        }
+        // The fds come with the first byte of the frame, so they are here now.
+        if self.fds.len() < nfds {
+            return Err(Error::FdMismatch(nfds, self.fds.len()));
+        }
+        if self.buf.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let payload = self.buf[HEADER_LEN..HEADER_LEN + len].to_vec();
+        self.buf.drain(..HEADER_LEN + len);
+        let fds: Vec<OwnedFd> = self.fds.drain(..nfds).collect();
+        if self.buf.is_empty() && !self.fds.is_empty() {
+            return Err(Error::FdMismatch(nfds, nfds + self.fds.len()));
+        }
+        Ok(Some(Frame { payload, fds }))
+    }
+}
+
+/// Sends `bytes` with `fds` attached in one `sendmsg`; returns bytes sent.
+pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<usize> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let iov = [IoSlice::new(bytes)];
+    let cmsgs = [ControlMessage::ScmRights(&raw)];
+    let cm: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsgs };
+    sendmsg::<()>(sock.as_raw_fd(), &iov, cm, MsgFlags::MSG_NOSIGNAL, None).map_err(std::io::Error::from)
+}
+
+/// Receives bytes and up to `max_fds` fds. Returns `(0, [])` at end of
+/// stream. Fds beyond `max_fds` are closed and reported as an error.
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], max_fds: usize) -> Result<(usize, Vec<OwnedFd>), Error> {
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_CEILING]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+        .map_err(|e| Error::Io(e.into()))?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().map_err(|e| Error::Io(e.into()))? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for fd in raw {
+                // SAFETY: the kernel just installed `fd` in our table for this
+                // message; nothing else owns it.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    let n = msg.bytes;
+    if truncated || fds.len() > max_fds {
+        return Err(Error::Truncated);
+    }
+    Ok((n, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_in_pieces() {
+        let a = encode(7, &Request::Unmap { ioas: 3, iova: 0x1000, length: 0x2000 }, 0).unwrap();
+        let b = encode(8, &Request::Status, 0).unwrap();
+        let all: Vec<u8> = a.iter().chain(b.iter()).copied().collect();
+        let mut r = FrameReader::new(1024, 4);
+        for chunk in all.chunks(3) {
+            r.push(chunk, Vec::new());
+        }
+        let f = r.next_frame().unwrap().unwrap();
+        let e: Envelope<Request> = decode(&f.payload).unwrap();
+        assert_eq!((e.seq, e.body), (7, Request::Unmap { ioas: 3, iova: 0x1000, length: 0x2000 }));
+        let f = r.next_frame().unwrap().unwrap();
+        assert_eq!(decode::<Request>(&f.payload).unwrap().body, Request::Status);
+        assert!(r.next_frame().unwrap().is_none());
+    }
+
+    #[test]
+    fn hostile_headers_are_refused() {
+        let mut r = FrameReader::new(16, 2);
+        r.push(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0], Vec::new());
+        assert!(matches!(r.next_frame(), Err(Error::TooBig(..))));
+        let mut r = FrameReader::new(16, 2);
+        r.push(&[1, 0, 0, 0, 9, 0, 0, 0, 0], Vec::new());
+        assert!(matches!(r.next_frame(), Err(Error::TooManyFds(9, 2))));
+        let mut r = FrameReader::new(16, 2);
+        r.push(&[1, 0, 0, 0, 1, 0, 0, 0, 0], Vec::new());
+        assert!(matches!(r.next_frame(), Err(Error::FdMismatch(1, 0))));
+        let mut r = FrameReader::new(16, 2);
+        r.push(&[1, 0, 0, 0, 0, 0, 1, 0, 0], Vec::new());
+        assert!(matches!(r.next_frame(), Err(Error::Reserved)));
+        assert!(decode::<Request>(&[0xff, 0xff, 0xff]).is_err());
+    }
+}
