@@ -20,6 +20,7 @@ pub mod failpoint;
 pub mod memfd;
 pub mod model;
 pub mod pagetable;
+pub mod script;
 pub mod server;
 pub mod sysaddr;
 pub mod types;

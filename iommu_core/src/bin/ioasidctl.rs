@@ -1,0 +1,96 @@
+//! `ioasidctl`: inspect a running core and drive a session from a script.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use iommu_core::client::Client;
+use iommu_core::script::{self, Runner};
+use iommu_core::server::default_socket_path;
+
+/// Inspect a running iommu-core and drive sessions from scripts.
+#[derive(Parser, Debug)]
+#[command(name = "ioasidctl", version)]
+struct Args {
+    /// The core's socket [default: $XDG_RUNTIME_DIR/ioasid/core.sock, else /run/ioasid/core.sock].
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Show sessions, IOASes with their mappings, memory objects, pPASIDs and faults.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a script (FILE, or - for stdin) as one session; the session and
+    /// everything it made end when the script does. Commands: mem, ioas,
+    /// nested, map, unmap, unmap-all, copy, destroy, ranges, allow, reserve,
+    /// invalidate, pasid, pasid-free, dirty, dirty-read, translate, faults,
+    /// status, and `expect ERRNO COMMAND` (see docs/ioasidctl.md).
+    Run {
+        /// Script file, or - for standard input.
+        file: String,
+        /// Run every line even after a failure.
+        #[arg(long)]
+        keep_going: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ioasidctl: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let socket = a.socket.unwrap_or_else(default_socket_path);
+    let hint = || {
+        format!(
+            "cannot reach the core at {}; start one with `iommu-core --socket {}`",
+            socket.display(),
+            socket.display()
+        )
+    };
+    match a.cmd {
+        Cmd::Status { json } => {
+            let mut c = Client::observer(&socket).with_context(hint)?;
+            let s = c.status()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", script::render_status(&s));
+            }
+        }
+        Cmd::Run { file, keep_going } => {
+            let text = if file == "-" {
+                let mut t = String::new();
+                std::io::stdin().read_to_string(&mut t).context("cannot read the script from stdin")?;
+                t
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("cannot read the script {file}"))?
+            };
+            let lines = script::parse(&text)?;
+            let mut c = Client::session(&socket).with_context(hint)?;
+            println!("session {}", c.session_id());
+            let errors = Runner::new(&mut c).run(&lines, keep_going, &mut std::io::stdout());
+            for e in &errors {
+                eprintln!("ioasidctl: {e}");
+            }
+            if !errors.is_empty() {
+                bail!("{} command(s) failed", errors.len());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,523 @@
+//! The `ioasidctl` command language and the status report.
+//!
+//! A script drives one session, one command per line (`#` starts a
+//! comment). Objects created by a command are bound to the name given to
+//! it and referred to by that name later (or by numeric id). Numbers take
+//! `0x` hex and `K`/`M`/`G` suffixes (powers of 1024).
+//!
+//! | command | effect |
+//! |---------|--------|
+//! | `mem NAME SIZE` | create a memfd of SIZE bytes and register it |
+//! | `ioas NAME` | allocate a paging IOAS |
+//! | `nested NAME PARENT S1ROOT` | allocate a nested IOAS |
+//! | `map IOAS MEM OFFSET LENGTH [iova=X] [perm=r\|w\|rw]` | map (automatic IOVA unless `iova=`) |
+//! | `unmap IOAS IOVA LENGTH` | unmap whole mappings in the range |
+//! | `unmap-all IOAS` | unmap everything |
+//! | `copy DST SRC SRC_IOVA LENGTH [iova=X] [perm=..]` | copy mappings to another IOAS |
+//! | `destroy NAME` | destroy an object |
+//! | `ranges IOAS` | print usable IOVA ranges |
+//! | `allow IOAS START-LAST...` | set the allowed ranges (none = all) |
+//! | `reserve IOAS START LAST` | add a reserved range |
+//! | `invalidate NESTED all` / `invalidate NESTED IOVA LENGTH` | stage-1 invalidate |
+//! | `pasid NAME` / `pasid-free NAME` | allocate / free a global pPASID |
+//! | `dirty IOAS on\|off` | dirty tracking |
+//! | `dirty-read IOAS IOVA LENGTH [page=SIZE] [no-clear]` | print the dirty pages |
+//! | `translate IOAS IOVA` | walk the page table for one IOVA |
+//! | `faults [MAX]` | take fault records |
+//! | `status` | print this session's objects |
+//! | `expect ERRNO COMMAND...` | run COMMAND, which must fail with ERRNO |
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use crate::client::{self, Client};
+use crate::errno::Errno;
+use crate::types::*;
+
+/// Errors of parsing or running a script.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A line could not be parsed.
+    #[error("line {line}: {message}")]
+    Parse {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// The core refused a command, or the connection failed.
+    #[error("line {line}: {command}: {source}")]
+    Command {
+        /// 1-based line number.
+        line: usize,
+        /// The command text.
+        command: String,
+        /// The failure.
+        source: client::Error,
+    },
+    /// An `expect` line did not fail as expected.
+    #[error("line {line}: {command}: expected {expected}, got {got}")]
+    Expectation {
+        /// 1-based line number.
+        line: usize,
+        /// The command text.
+        command: String,
+        /// The errno expected.
+        expected: Errno,
+        /// What happened instead.
+        got: String,
+    },
+}
+
+/// One parsed command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    /// 1-based line number.
+    pub line: usize,
+    /// The errno an `expect` prefix demands.
+    pub expect: Option<Errno>,
+    /// The words of the command.
+    pub words: Vec<String>,
+}
+
+/// Parses a number: decimal, `0x` hex, optional `K`, `M`, `G` suffix.
+pub fn parse_number(s: &str) -> Option<u64> {
+    let (body, mult) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 1u64 << 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let v = if let Some(h) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
+        u64::from_str_radix(h, 16).ok()?
+    } else {
+        body.parse::<u64>().ok()?
+    };
+    v.checked_mul(mult)
+}
+
+/// Splits a script into commands.
+pub fn parse(text: &str) -> Result<Vec<Line>, Error> {
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let code = raw.split('#').next().unwrap_or("");
+        let mut words: Vec<String> = code.split_whitespace().map(str::to_string).collect();
+        if words.is_empty() {
+            continue;
+        }
+        let mut expect = None;
+        if words[0] == "expect" {
+            let name = words.get(1).ok_or_else(|| Error::Parse { line, message: "expect needs an errno".into() })?;
+            expect = Some(
+                Errno::from_name(name)
+                    .ok_or_else(|| Error::Parse { line, message: format!("unknown errno {name:?}") })?,
+            );
+            words.drain(..2);
+            if words.is_empty() {
+                return Err(Error::Parse { line, message: "expect needs a command".into() });
+            }
+        }
+        out.push(Line { line, expect, words });
+    }
+    Ok(out)
+}
+
+/// Runs parsed scripts against one session.
+pub struct Runner<'a> {
+    client: &'a mut Client,
+    names: HashMap<String, u32>,
+    mems: Vec<std::fs::File>,
+}
+
+fn need<'w>(words: &'w [String], n: usize, usage: &str) -> Result<&'w [String], String> {
+    if words.len() < n {
+        return Err(format!("usage: {usage}"));
+    }
+    Ok(words)
+}
+
+fn num(s: &str) -> Result<u64, String> {
+    parse_number(s).ok_or_else(|| format!("{s:?} is not a number"))
+}
+
+fn perm_of(s: &str) -> Result<Perm, String> {
+    match s {
+        "r" => Ok(Perm::R),
+        "w" => Ok(Perm::W),
+        "rw" => Ok(Perm::RW),
+        _ => Err(format!("permission {s:?} is not r, w or rw")),
+    }
+}
+
+/// Options `key=value` after the positional words.
+fn options(words: &[String]) -> Result<HashMap<String, String>, String> {
+    let mut m = HashMap::new();
+    for w in words {
+        match w.split_once('=') {
+            Some((k, v)) => {
+                m.insert(k.to_string(), v.to_string());
+            }
+            None => {
+                m.insert(w.clone(), String::new());
+            }
+        }
+    }
+    Ok(m)
+}
+
+enum Outcome {
+    Print(String),
+    Refused(client::Error),
+}
+
+impl<'a> Runner<'a> {
+    /// A runner over an open session.
+    pub fn new(client: &'a mut Client) -> Runner<'a> {
+        Runner { client, names: HashMap::new(), mems: Vec::new() }
+    }
+
+    fn id(&self, s: &str) -> Result<u32, String> {
+        if let Some(id) = self.names.get(s) {
+            return Ok(*id);
+        }
+        let v = num(s).map_err(|_| format!("{s:?} is neither a name bound earlier nor an id"))?;
+        u32::try_from(v).map_err(|_| format!("{s} is not a 32-bit id"))
+    }
+
+    /// Runs every line, writing one result line per command to `out`.
+    /// Stops at the first failure unless `keep_going`; returns the errors.
+    pub fn run(&mut self, lines: &[Line], keep_going: bool, out: &mut dyn std::io::Write) -> Vec<Error> {
+        let mut errors = Vec::new();
+        for l in lines {
+            let command = l.words.join(" ");
+            let res = match self.exec(&l.words) {
+                Err(message) => Err(Error::Parse { line: l.line, message: format!("{command}: {message}") }),
+                Ok(Outcome::Print(text)) => match l.expect {
+                    None => Ok(text),
+                    Some(e) => Err(Error::Expectation { line: l.line, command: command.clone(), expected: e, got: "success".into() }),
+                },
+                Ok(Outcome::Refused(err)) => match (l.expect, err.errno()) {
+                    (Some(want), Some(got)) if want == got => Ok(format!("failed as expected: {err}")),
+                    (Some(want), _) => Err(Error::Expectation { line: l.line, command: command.clone(), expected: want, got: err.to_string() }),
+                    (None, _) => Err(Error::Command { line: l.line, command: command.clone(), source: err }),
+                },
+            };
+            match res {
+                Ok(text) => {
+                    let _ = writeln!(out, "line {}: {command}: {text}", l.line);
+                }
+                Err(e) => {
+                    errors.push(e);
+                    if !keep_going {
+                        break;
+                    }
+                }
+            }
+        }
+        errors
+    }
+
+    fn exec(&mut self, w: &[String]) -> Result<Outcome, String> {
+        let c = &mut *self.client;
+        macro_rules! call {
+            ($e:expr, |$v:ident| $fmt:expr) => {
+                match $e {
+                    Ok($v) => Ok(Outcome::Print($fmt)),
+                    Err(err) => Ok(Outcome::Refused(err)),
+                }
+            };
+        }
+        match w[0].as_str() {
+            "mem" => {
+                let w = need(w, 3, "mem NAME SIZE")?;
+                let size = num(&w[2])?;
+                let file = crate::memfd::create(&w[1], size).map_err(|e| e.to_string())?;
+                let r = c.register_memory(&file);
+                if let Ok(m) = &r {
+                    self.names.insert(w[1].clone(), m.id);
+                    self.mems.push(file);
+                }
+                call!(r, |m| format!("memory object {} ({:#x} bytes, seals {}, system address {:#x})", m.id, m.size, m.seals, m.system_address))
+            }
+            "ioas" => {
+                let w = need(w, 2, "ioas NAME")?;
+                let r = c.ioas_alloc();
+                if let Ok(id) = r {
+                    self.names.insert(w[1].clone(), id);
+                }
+                call!(r, |id| format!("IOAS {id}"))
+            }
+            "nested" => {
+                let w = need(w, 4, "nested NAME PARENT S1ROOT")?;
+                let (parent, root) = (self.id(&w[2])?, num(&w[3])?);
+                let r = self.client.nested_alloc(parent, root);
+                if let Ok(id) = r {
+                    self.names.insert(w[1].clone(), id);
+                }
+                call!(r, |id| format!("nested IOAS {id} on {parent}, stage-1 root {root:#x}"))
+            }
+            "map" => {
+                let w = need(w, 5, "map IOAS MEM OFFSET LENGTH [iova=X] [perm=rw]")?;
+                let o = options(&w[5..])?;
+                let args = MapArgs {
+                    ioas: self.id(&w[1])?,
+                    mem: self.id(&w[2])?,
+                    offset: num(&w[3])?,
+                    length: num(&w[4])?,
+                    iova: o.get("iova").map(|v| num(v)).transpose()?,
+                    perm: o.get("perm").map_or(Ok(Perm::RW), |p| perm_of(p))?,
+                };
+                call!(self.client.map(args), |iova| format!("mapped at IOVA {iova:#x}"))
+            }
+            "unmap" => {
+                let w = need(w, 4, "unmap IOAS IOVA LENGTH")?;
+                let (ioas, iova, len) = (self.id(&w[1])?, num(&w[2])?, num(&w[3])?);
+                call!(self.client.unmap(ioas, iova, len), |b| format!("unmapped {b:#x} bytes"))
+            }
+            "unmap-all" => {
+                let w = need(w, 2, "unmap-all IOAS")?;
+                let ioas = self.id(&w[1])?;
+                call!(self.client.unmap(ioas, 0, u64::MAX), |b| format!("unmapped {b:#x} bytes"))
+            }
+            "copy" => {
+                let w = need(w, 5, "copy DST SRC SRC_IOVA LENGTH [iova=X] [perm=rw]")?;
+                let o = options(&w[5..])?;
+                let args = CopyArgs {
+                    dst: self.id(&w[1])?,
+                    src: self.id(&w[2])?,
+                    src_iova: num(&w[3])?,
+                    length: num(&w[4])?,
+                    dst_iova: o.get("iova").map(|v| num(v)).transpose()?,
+                    perm: o.get("perm").map_or(Ok(Perm::RW), |p| perm_of(p))?,
+                };
+                call!(self.client.copy(args), |iova| format!("copied to IOVA {iova:#x}"))
+            }
+            "destroy" => {
+                let w = need(w, 2, "destroy NAME")?;
+                let id = self.id(&w[1])?;
+                let r = self.client.destroy(id);
+                if r.is_ok() {
+                    self.names.retain(|_, v| *v != id);
+                }
+                call!(r, |_v| format!("destroyed {id}"))
+            }
+            "ranges" => {
+                let w = need(w, 2, "ranges IOAS")?;
+                let ioas = self.id(&w[1])?;
+                call!(self.client.iova_ranges(ioas), |r| {
+                    let list: Vec<String> = r.ranges.iter().map(|x| format!("{:#x}-{:#x}", x.start, x.last)).collect();
+                    format!("alignment {:#x}, ranges {}", r.alignment, list.join(" "))
+                })
+            }
+            "allow" => {
+                let w = need(w, 2, "allow IOAS [START-LAST]...")?;
+                let ioas = self.id(&w[1])?;
+                let mut ranges = Vec::new();
+                for r in &w[2..] {
+                    let (a, b) = r.split_once('-').ok_or_else(|| format!("{r:?} is not START-LAST"))?;
+                    ranges.push(IovaRange { start: num(a)?, last: num(b)? });
+                }
+                let n = ranges.len();
+                call!(self.client.allow_iovas(ioas, ranges), |_v| format!("{n} allowed ranges"))
+            }
+            "reserve" => {
+                let w = need(w, 4, "reserve IOAS START LAST")?;
+                let (ioas, s, l) = (self.id(&w[1])?, num(&w[2])?, num(&w[3])?);
+                call!(self.client.add_reserved(ioas, s, l), |_v| format!("reserved {s:#x}-{l:#x}"))
+            }
+            "invalidate" => {
+                let w = need(w, 3, "invalidate NESTED all | invalidate NESTED IOVA LENGTH")?;
+                let n = self.id(&w[1])?;
+                let scope = if w[2] == "all" {
+                    InvalidateScope::All
+                } else {
+                    let w = need(w, 4, "invalidate NESTED IOVA LENGTH")?;
+                    InvalidateScope::Range { iova: num(&w[2])?, length: num(&w[3])? }
+                };
+                call!(self.client.invalidate(n, scope), |_v| "invalidated".to_string())
+            }
+            "pasid" => {
+                let w = need(w, 2, "pasid NAME")?;
+                let r = self.client.ppasid_alloc();
+                if let Ok(p) = r {
+                    self.names.insert(w[1].clone(), p);
+                }
+                call!(r, |p| format!("pPASID {p:#x}"))
+            }
+            "pasid-free" => {
+                let w = need(w, 2, "pasid-free NAME")?;
+                let p = self.id(&w[1])?;
+                call!(self.client.ppasid_free(p), |_v| format!("freed pPASID {p:#x}"))
+            }
+            "dirty" => {
+                let w = need(w, 3, "dirty IOAS on|off")?;
+                let ioas = self.id(&w[1])?;
+                let on = match w[2].as_str() {
+                    "on" => true,
+                    "off" => false,
+                    x => return Err(format!("{x:?} is not on or off")),
+                };
+                call!(self.client.set_dirty_tracking(ioas, on), |_v| format!("dirty tracking {}", w[2]))
+            }
+            "dirty-read" => {
+                let w = need(w, 4, "dirty-read IOAS IOVA LENGTH [page=SIZE] [no-clear]")?;
+                let o = options(&w[4..])?;
+                let (ioas, iova, len) = (self.id(&w[1])?, num(&w[2])?, num(&w[3])?);
+                let page = o.get("page").map_or(Ok(4096), |v| num(v))?;
+                call!(self.client.dirty_bitmap(ioas, iova, len, page, o.contains_key("no-clear")), |bm| {
+                    let mut pages = Vec::new();
+                    for (i, word) in bm.iter().enumerate() {
+                        for b in 0..64 {
+                            if word & (1 << b) != 0 {
+                                pages.push(format!("{:#x}", iova + (i as u64 * 64 + b) * page));
+                            }
+                        }
+                    }
+                    format!("{} dirty pages: {}", pages.len(), pages.join(" "))
+                })
+            }
+            "translate" => {
+                let w = need(w, 3, "translate IOAS IOVA")?;
+                let (ioas, iova) = (self.id(&w[1])?, num(&w[2])?);
+                call!(self.client.translate(ioas, iova), |t| format!(
+                    "system address {:#x} (memory object {} offset {:#x}), {}, {} page",
+                    t.system_address,
+                    t.mem,
+                    t.offset,
+                    t.perm,
+                    human(t.page_size)
+                ))
+            }
+            "faults" => {
+                let max = match w.get(1) {
+                    Some(v) => u32::try_from(num(v)?).map_err(|_| "MAX is too large".to_string())?,
+                    None => 64,
+                };
+                call!(self.client.read_faults(max), |f| format!("{} fault records {f:?}", f.len()))
+            }
+            "status" => call!(self.client.status(), |s| format!("\n{}", render_status(&s))),
+            other => Err(format!("unknown command {other:?}")),
+        }
+    }
+}
+
+/// Formats a byte count for people: `4 KiB`, `2 MiB`, `1.5 GiB`, `12345 B`.
+pub fn human(n: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (m, u) in UNITS {
+        if n >= m {
+            return if n % m == 0 { format!("{} {u}", n / m) } else { format!("{:.1} {u}", n as f64 / m as f64) };
+        }
+    }
+    format!("{n} B")
+}
+
+/// Renders a snapshot as a readable report.
+pub fn render_status(s: &Snapshot) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "core: {} sessions, {} pPASIDs in use, table pool {}/{} tables ({}), {} requests ({} errors), {} faults",
+        s.sessions.len(),
+        s.ppasids.len(),
+        s.pool.tables_in_use,
+        s.pool.capacity,
+        human(s.pool.bytes),
+        s.stats.requests,
+        s.stats.errors,
+        s.stats.faults
+    );
+    for ses in &s.sessions {
+        let _ = writeln!(o, "\nsession {}  pid {}  uid {}  objects {}", ses.id, ses.pid, ses.uid, ses.objects);
+        if !ses.memory.is_empty() {
+            let _ = writeln!(o, "  {:<6} {:>10} {:<12} {:>18} {:>8}", "MEMORY", "SIZE", "SEALS", "SYSTEM ADDRESS", "MAPPINGS");
+            for m in &ses.memory {
+                let _ = writeln!(o, "  {:<6} {:>10} {:<12} {:>#18x} {:>8}", m.id, human(m.size), m.seals, m.system_address, m.mappings);
+            }
+        }
+        for i in &ses.ioas {
+            match i.kind {
+                IoasKind::Paging => {
+                    let _ = writeln!(
+                        o,
+                        "  IOAS {}: paging, {} mappings ({}), {} tables, dirty tracking {}, {} nested",
+                        i.id,
+                        i.mappings.len(),
+                        human(i.stats.mapped_bytes),
+                        i.tables,
+                        if i.dirty_tracking { "on" } else { "off" },
+                        i.children
+                    );
+                    if !i.mappings.is_empty() {
+                        let _ = writeln!(o, "    {:<37} {:>10} {:>6} {:>12} {:>4}", "IOVA", "LENGTH", "MEM", "OFFSET", "PERM");
+                    }
+                    for m in &i.mappings {
+                        let range = format!("{:#x}-{:#x}", m.iova, m.iova + m.length - 1);
+                        let _ = writeln!(o, "    {:<37} {:>10} {:>6} {:>#12x} {:>4}", range, human(m.length), m.mem, m.offset, m.perm);
+                    }
+                    for r in &i.reserved {
+                        let _ = writeln!(o, "    reserved {:#x}-{:#x}", r.start, r.last);
+                    }
+                    for r in &i.allowed {
+                        let _ = writeln!(o, "    allowed {:#x}-{:#x}", r.start, r.last);
+                    }
+                }
+                IoasKind::Nested { parent, s1_root } => {
+                    let _ = writeln!(
+                        o,
+                        "  IOAS {}: nested on {parent}, stage-1 root {s1_root:#x}, {} invalidations",
+                        i.id, i.stats.invalidations
+                    );
+                }
+            }
+        }
+        if !ses.ppasids.is_empty() {
+            let list: Vec<String> = ses.ppasids.iter().map(|p| format!("{p:#x}")).collect();
+            let _ = writeln!(o, "  pPASIDs: {}", list.join(" "));
+        }
+        if ses.faults_queued > 0 || ses.faults_lost > 0 {
+            let _ = writeln!(o, "  faults: {} queued, {} lost", ses.faults_queued, ses.faults_lost);
+        }
+    }
+    if !s.faults.is_empty() {
+        let _ = writeln!(o, "\nrecent faults:");
+        for f in &s.faults {
+            let r = &f.record;
+            let _ = writeln!(
+                o,
+                "  #{} session {} dev {} pasid {:#x} iova {:#x} {} {:?}",
+                f.seq, f.session, r.dev_id, r.pasid, r.iova, r.access, r.reason
+            );
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_and_lines() {
+        assert_eq!(parse_number("4K"), Some(4096));
+        assert_eq!(parse_number("0x10M"), Some(16 << 20));
+        assert_eq!(parse_number("1G"), Some(1 << 30));
+        assert_eq!(parse_number("12"), Some(12));
+        assert_eq!(parse_number("0xffffffffffffffffK"), None);
+        assert_eq!(parse_number("x"), None);
+        let l = parse("# c\n\nmem ram 2M # ram\nexpect EBUSY destroy ram\n").unwrap();
+        assert_eq!(l.len(), 2);
+        assert_eq!((l[0].line, l[0].words.join(" ")), (3, "mem ram 2M".into()));
+        assert_eq!((l[1].expect, l[1].words.len()), (Some(Errno::EBUSY), 2));
+        assert!(matches!(parse("expect EWHAT x"), Err(Error::Parse { line: 1, .. })));
+        assert!(matches!(parse("\nexpect EBUSY"), Err(Error::Parse { line: 2, .. })));
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(4096), "4 KiB");
+        assert_eq!(human(3 << 19), "1.5 MiB");
+        assert_eq!(human(12), "12 B");
+    }
+}
