@@ -26,12 +26,12 @@ pub const MAX_REPLY_BYTES: usize = 1 << 30;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Connecting or talking to the socket failed.
-    #[error("cannot talk to the core at {path}: {source}")]
+    #[error("cannot talk to the core at {path}: {error}")]
     Io {
         /// Socket path.
         path: String,
         /// The error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A frame could not be built or read.
     #[error("protocol error: {0}")]
@@ -90,7 +90,7 @@ impl Client {
     /// Connects and says hello as `role`.
     pub fn connect(path: impl AsRef<Path>, role: Role) -> Result<Client> {
         let path_s = path.as_ref().display().to_string();
-        let stream = UnixStream::connect(path.as_ref()).map_err(|source| Error::Io { path: path_s.clone(), source })?;
+        let stream = UnixStream::connect(path.as_ref()).map_err(|error| Error::Io { path: path_s.clone(), error })?;
         let mut c = Client {
             stream,
             reader: FrameReader::new(MAX_REPLY_BYTES, 16),
@@ -100,7 +100,8 @@ impl Client {
             path: path_s,
         };
         let hello = Request::Hello { magic: wire::MAGIC, major: wire::VERSION_MAJOR, minor: wire::VERSION_MINOR, role };
-        let (session, limits) = expect!(c.call(&hello, &[])?, Reply::Hello { session, limits, .. } => (session, limits))?;
+        let (session, limits) =
+            expect!(c.call(&hello, &[])?, Reply::Hello { session, limits, .. } => (session, limits))?;
         c.session = session;
         c.limits = limits;
         Ok(c)
@@ -126,8 +127,8 @@ impl Client {
         &self.limits
     }
 
-    fn io(&self, source: std::io::Error) -> Error {
-        Error::Io { path: self.path.clone(), source }
+    fn io(&self, error: std::io::Error) -> Error {
+        Error::Io { path: self.path.clone(), error }
     }
 
     /// Sends raw bytes (tests use it to send hostile frames).
@@ -154,7 +155,9 @@ impl Client {
             return Err(Error::Unexpected(format!("reply to request {} while waiting for {seq}", env.seq)));
         }
         match env.body {
-            Reply::Error { errno, message } => Err(Error::Core { errno: Errno::from_code(errno), code: errno, message }),
+            Reply::Error { errno, message } => {
+                Err(Error::Core { errno: Errno::from_code(errno), code: errno, message })
+            }
             r => Ok(r),
         }
     }
@@ -250,7 +253,14 @@ impl Client {
     }
 
     /// Reads the dirty bitmap of a range.
-    pub fn dirty_bitmap(&mut self, ioas: u32, iova: u64, length: u64, page_size: u64, no_clear: bool) -> Result<Vec<u64>> {
+    pub fn dirty_bitmap(
+        &mut self,
+        ioas: u32,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        no_clear: bool,
+    ) -> Result<Vec<u64>> {
         let req = Request::DirtyBitmap { ioas, iova, length, page_size, no_clear };
         expect!(self.call(&req, &[])?, Reply::Bitmap(b) => b)
     }

@@ -10,17 +10,17 @@ use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A system call failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {errno}")]
     Sys {
         /// What was being done.
         what: &'static str,
         /// The errno.
-        source: nix::Error,
+        errno: nix::Error,
     },
 }
 
 fn sys(what: &'static str) -> impl FnOnce(nix::Error) -> Error {
-    move |source| Error::Sys { what, source }
+    move |errno| Error::Sys { what, errno }
 }
 
 /// Creates a memfd of `size` bytes that allows sealing.
@@ -31,7 +31,7 @@ pub fn create(name: &str, size: u64) -> Result<File, Error> {
     let file = File::from(fd);
     file.set_len(size).map_err(|e| Error::Sys {
         what: "ftruncate",
-        source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        errno: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
     })?;
     Ok(file)
 }
@@ -39,8 +39,11 @@ pub fn create(name: &str, size: u64) -> Result<File, Error> {
 /// Creates a memfd of `size` bytes sealed against shrinking and growing.
 pub fn create_sealed(name: &str, size: u64) -> Result<File, Error> {
     let file = create(name, size)?;
-    fcntl(file.as_raw_fd(), FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL))
-        .map_err(sys("F_ADD_SEALS"))?;
+    fcntl(
+        file.as_raw_fd(),
+        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL),
+    )
+    .map_err(sys("F_ADD_SEALS"))?;
     Ok(file)
 }
 

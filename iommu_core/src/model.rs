@@ -175,7 +175,7 @@ fn range_last(start: u64, length: u64) -> Result<u64> {
 }
 
 fn check_aligned(what: &str, v: u64) -> Result<()> {
-    if v % PAGE_SIZE != 0 {
+    if !v.is_multiple_of(PAGE_SIZE) {
         return err(Errno::EINVAL, format!("{what} {v:#x} is not 4 KiB aligned"));
     }
     Ok(())
@@ -204,6 +204,9 @@ impl Ioas {
         let mut cur = 0u64;
         let mut open = true;
         for r in res {
+            if r.start > MAX_IOVA {
+                break;
+            }
             if open && r.start > cur {
                 out.push(IovaRange { start: cur, last: r.start - 1 });
             }
@@ -227,8 +230,7 @@ impl Ioas {
         for r in ranges {
             let lo = r.start.max(PAGE_SIZE).max(from);
             let mut cand = lo.checked_next_multiple_of(align)?;
-            loop {
-                let Some(last) = cand.checked_add(length - 1) else { break };
+            while let Some(last) = cand.checked_add(length - 1) {
                 if last > r.last || last > MAX_IOVA {
                     break;
                 }
@@ -341,8 +343,18 @@ impl Core {
         if s.next_id == u32::MAX {
             return err(Errno::ENOSPC, "object ids are exhausted");
         }
-        s.next_id += 1;
-        Ok(s.next_id - 1)
+        // The id is taken only when the object is inserted, so a failed
+        // allocation does not use one up.
+        Ok(s.next_id)
+    }
+
+    /// Inserts a new object under the id [`new_id`](Self::new_id) gave.
+    fn insert_object(&mut self, sid: u64, id: u32, obj: Object) -> Result<()> {
+        let s = self.session(sid)?;
+        debug_assert_eq!(s.next_id, id);
+        s.next_id = id + 1;
+        s.objects.insert(id, obj);
+        Ok(())
     }
 
     /// Opens a session for a peer.
@@ -374,7 +386,8 @@ impl Core {
         let Some(s) = self.sessions.get(&sid) else { return };
         let nested: Vec<u32> =
             s.objects.iter().filter(|(_, o)| matches!(o, Object::Nested(_))).map(|(id, _)| *id).collect();
-        let ioas: Vec<u32> = s.objects.iter().filter(|(_, o)| matches!(o, Object::Ioas(_))).map(|(id, _)| *id).collect();
+        let ioas: Vec<u32> =
+            s.objects.iter().filter(|(_, o)| matches!(o, Object::Ioas(_))).map(|(id, _)| *id).collect();
         let mem: Vec<u32> =
             s.objects.iter().filter(|(_, o)| matches!(o, Object::Memory(_))).map(|(id, _)| *id).collect();
         for id in nested.into_iter().chain(ioas).chain(mem) {
@@ -410,7 +423,7 @@ impl Core {
         if size == 0 {
             return err(Errno::EINVAL, "the file is empty");
         }
-        if size % PAGE_SIZE != 0 {
+        if !size.is_multiple_of(PAGE_SIZE) {
             return err(Errno::EINVAL, format!("size {size:#x} is not a multiple of 4 KiB"));
         }
         if size > pagetable::MAX_ADDRESS / 2 {
@@ -427,8 +440,7 @@ impl Core {
         let sealed = memfd::seal_shrink(file.as_fd());
         let seals = memfd::seal_names(memfd::seals(file.as_fd()));
         self.sys_owner.insert(sys_base, (sid, id));
-        let s = self.session(sid)?;
-        s.objects.insert(id, Object::Memory(MemObj { file, size, sealed, sys_base, sys_len, refs: 0 }));
+        self.insert_object(sid, id, Object::Memory(MemObj { file, size, sealed, sys_base, sys_len, refs: 0 }))?;
         if !sealed {
             tracing::warn!(session = sid, id, "memory object cannot be sealed; devices must access it without mmap");
         }
@@ -447,8 +459,8 @@ impl Core {
     pub fn ioas_alloc(&mut self, sid: u64) -> Result<u32> {
         let id = self.new_id(sid)?;
         let root = self.pool.alloc_table()?;
-        let s = self.session(sid)?;
-        s.objects.insert(
+        self.insert_object(
+            sid,
             id,
             Object::Ioas(Ioas {
                 root,
@@ -460,7 +472,7 @@ impl Core {
                 hint: 0,
                 stats: IoasStats::default(),
             }),
-        );
+        )?;
         Ok(id)
     }
 
@@ -478,8 +490,7 @@ impl Core {
         }
         let id = self.new_id(sid)?;
         self.ioas(sid, parent)?.children += 1;
-        let s = self.session(sid)?;
-        s.objects.insert(id, Object::Nested(Nested { parent, s1_root, invalidations: 0 }));
+        self.insert_object(sid, id, Object::Nested(Nested { parent, s1_root, invalidations: 0 }))?;
         Ok(id)
     }
 
@@ -492,6 +503,7 @@ impl Core {
         };
         if let InvalidateScope::Range { iova, length } = scope {
             check_aligned("IOVA", iova)?;
+            check_aligned("length", length)?;
             let last = range_last(iova, length)?;
             if last > MAX_IOVA {
                 return err(Errno::EINVAL, "range is beyond the 48-bit IOVA space");
@@ -564,7 +576,10 @@ impl Core {
             return err(Errno::EINVAL, format!("[{iova:#x}, {last:#x}] touches a reserved range"));
         }
         if let Some((s, a)) = ioas.overlapping(iova, last) {
-            return err(Errno::EEXIST, format!("[{iova:#x}, {last:#x}] overlaps the mapping at [{s:#x}, {:#x}]", a.last));
+            return err(
+                Errno::EEXIST,
+                format!("[{iova:#x}, {last:#x}] overlaps the mapping at [{s:#x}, {:#x}]", a.last),
+            );
         }
         Ok(())
     }
@@ -579,7 +594,10 @@ impl Core {
         check_aligned("offset", a.offset)?;
         let (size, base) = self.mem_info(sid, a.mem)?;
         if a.offset + a.length > size {
-            return err(Errno::EINVAL, format!("[{:#x}, +{:#x}) is beyond the memory object's {size:#x} bytes", a.offset, a.length));
+            return err(
+                Errno::EINVAL,
+                format!("[{:#x}, +{:#x}) is beyond the memory object's {size:#x} bytes", a.offset, a.length),
+            );
         }
         let cap = self.limits.max_mappings_per_ioas;
         let ioas = self.ioas(sid, a.ioas)?;
@@ -597,7 +615,12 @@ impl Core {
         if ioas.areas.len() as u64 >= u64::from(cap) {
             return err(Errno::ENOSPC, format!("the IOAS holds {cap} mappings, the configured limit"));
         }
-        self.insert_area(sid, a.ioas, iova, Area { last: iova + a.length - 1, mem: a.mem, offset: a.offset, perm: a.perm })?;
+        self.insert_area(
+            sid,
+            a.ioas,
+            iova,
+            Area { last: iova + a.length - 1, mem: a.mem, offset: a.offset, perm: a.perm },
+        )?;
         Ok(iova)
     }
 
@@ -660,12 +683,18 @@ impl Core {
             let mut v = Vec::new();
             if let Some((&s, a)) = ioas.areas.range(..iova).next_back() {
                 if a.last >= iova {
-                    return err(Errno::ENOENT, format!("the mapping at [{s:#x}, {:#x}] is only partly covered", a.last));
+                    return err(
+                        Errno::ENOENT,
+                        format!("the mapping at [{s:#x}, {:#x}] is only partly covered", a.last),
+                    );
                 }
             }
             for (&s, a) in ioas.areas.range(iova..=last) {
                 if a.last > last {
-                    return err(Errno::ENOENT, format!("the mapping at [{s:#x}, {:#x}] is only partly covered", a.last));
+                    return err(
+                        Errno::ENOENT,
+                        format!("the mapping at [{s:#x}, {:#x}] is only partly covered", a.last),
+                    );
                 }
                 v.push(s);
             }
@@ -727,6 +756,7 @@ impl Core {
         if dst.areas.len() as u64 + pieces.len() as u64 > u64::from(cap) {
             return err(Errno::ENOSPC, format!("the IOAS would hold more than {cap} mappings, the configured limit"));
         }
+        let hint = dst.hint;
         let mut done: Vec<u64> = Vec::new();
         for (rel, mut area) in pieces {
             let iova = dst_iova + rel;
@@ -736,6 +766,7 @@ impl Core {
                 let d = self.ioas(sid, a.dst)?;
                 d.stats.maps -= done.len() as u64;
                 d.stats.unmaps -= done.len() as u64;
+                d.hint = hint;
                 return Err(e);
             }
             done.push(iova);
@@ -795,7 +826,10 @@ impl Core {
             return err(Errno::EADDRINUSE, format!("[{start:#x}, {last:#x}] hits an allowed range"));
         }
         if let Some((s, a)) = i.overlapping(start, last) {
-            return err(Errno::EADDRINUSE, format!("[{start:#x}, {last:#x}] hits the mapping at [{s:#x}, {:#x}]", a.last));
+            return err(
+                Errno::EADDRINUSE,
+                format!("[{start:#x}, {last:#x}] hits the mapping at [{s:#x}, {:#x}]", a.last),
+            );
         }
         i.reserved.push(IovaRange { start, last });
         Ok(())
@@ -870,7 +904,7 @@ impl Core {
         }
         let last = range_last(iova, length)?;
         let align = page_size.max(PAGE_SIZE);
-        if iova % align != 0 || length % align != 0 {
+        if !iova.is_multiple_of(align) || !length.is_multiple_of(align) {
             return err(Errno::EINVAL, format!("[{iova:#x}, +{length:#x}) is not aligned to {align:#x}"));
         }
         if last > MAX_IOVA {
@@ -1022,8 +1056,12 @@ impl Core {
 
     /// A snapshot of everything, or of one session only.
     pub fn snapshot(&self, only: Option<u64>) -> Snapshot {
-        let sessions =
-            self.sessions.iter().filter(|(id, _)| only.is_none_or(|o| o == **id)).map(|(id, s)| self.session_info(*id, s)).collect();
+        let sessions = self
+            .sessions
+            .iter()
+            .filter(|(id, _)| only.is_none_or(|o| o == **id))
+            .map(|(id, s)| self.session_info(*id, s))
+            .collect();
         Snapshot {
             sessions,
             ppasids: self
@@ -1037,12 +1075,7 @@ impl Core {
                 tables_in_use: self.pool.tables_in_use(),
                 capacity: self.pool.capacity(),
             },
-            faults: self
-                .fault_log
-                .iter()
-                .filter(|f| only.is_none_or(|o| o == f.session))
-                .cloned()
-                .collect(),
+            faults: self.fault_log.iter().filter(|f| only.is_none_or(|o| o == f.session)).cloned().collect(),
             stats: self.stats,
             limits: self.limits,
         }

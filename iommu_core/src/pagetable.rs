@@ -218,10 +218,7 @@ struct Words {
 impl Words {
     fn map(file: &File, len: u64) -> Result<Words, Error> {
         let len = usize::try_from(len).map_err(|_| Error::Create("size too large".into()))?;
-        let map = memmap2::MmapOptions::new()
-            .len(len)
-            .map_raw(file)
-            .map_err(|e| Error::Create(e.to_string()))?;
+        let map = memmap2::MmapOptions::new().len(len).map_raw(file).map_err(|e| Error::Create(e.to_string()))?;
         Ok(Words { map })
     }
 
@@ -304,7 +301,7 @@ impl TablePool {
     }
 
     fn entry(&self, table: u64, index: usize) -> Option<&AtomicU64> {
-        if table == 0 || table % PAGE_SIZE != 0 || index >= ENTRIES {
+        if table == 0 || !table.is_multiple_of(PAGE_SIZE) || index >= ENTRIES {
             return None;
         }
         self.tables.word(table.checked_add(index as u64 * 8)?)
@@ -381,7 +378,9 @@ impl TablePool {
     /// largest leaves alignment allows. All or nothing: on failure the range
     /// is left unmapped and no table leaks.
     pub fn map_range(&mut self, root: u64, iova: u64, addr: u64, len: u64, perm: Perm) -> Result<(), Error> {
-        debug_assert!(iova % PAGE_SIZE == 0 && addr % PAGE_SIZE == 0 && len % PAGE_SIZE == 0);
+        debug_assert!(
+            iova.is_multiple_of(PAGE_SIZE) && addr.is_multiple_of(PAGE_SIZE) && len.is_multiple_of(PAGE_SIZE)
+        );
         let res = self.map_level(root, LEVELS, iova, addr, len, perm);
         if res.is_err() {
             let mut garbage = Vec::new();
@@ -607,7 +606,11 @@ mod tests {
         struct Fake(Vec<u64>);
         impl TableMemory for Fake {
             fn load(&self, table: u64, index: usize) -> Option<u64> {
-                if table == 0x1000 { self.0.get(index).copied() } else { None }
+                if table == 0x1000 {
+                    self.0.get(index).copied()
+                } else {
+                    None
+                }
             }
         }
         let mut t = vec![0u64; ENTRIES];

@@ -195,11 +195,21 @@ impl<'a> Runner<'a> {
                 Err(message) => Err(Error::Parse { line: l.line, message: format!("{command}: {message}") }),
                 Ok(Outcome::Print(text)) => match l.expect {
                     None => Ok(text),
-                    Some(e) => Err(Error::Expectation { line: l.line, command: command.clone(), expected: e, got: "success".into() }),
+                    Some(e) => Err(Error::Expectation {
+                        line: l.line,
+                        command: command.clone(),
+                        expected: e,
+                        got: "success".into(),
+                    }),
                 },
                 Ok(Outcome::Refused(err)) => match (l.expect, err.errno()) {
                     (Some(want), Some(got)) if want == got => Ok(format!("failed as expected: {err}")),
-                    (Some(want), _) => Err(Error::Expectation { line: l.line, command: command.clone(), expected: want, got: err.to_string() }),
+                    (Some(want), _) => Err(Error::Expectation {
+                        line: l.line,
+                        command: command.clone(),
+                        expected: want,
+                        got: err.to_string(),
+                    }),
                     (None, _) => Err(Error::Command { line: l.line, command: command.clone(), source: err }),
                 },
             };
@@ -238,7 +248,10 @@ impl<'a> Runner<'a> {
                     self.names.insert(w[1].clone(), m.id);
                     self.mems.push(file);
                 }
-                call!(r, |m| format!("memory object {} ({:#x} bytes, seals {}, system address {:#x})", m.id, m.size, m.seals, m.system_address))
+                call!(r, |m| format!(
+                    "memory object {} ({:#x} bytes, seals {}, system address {:#x})",
+                    m.id, m.size, m.seals, m.system_address
+                ))
             }
             "ioas" => {
                 let w = need(w, 2, "ioas NAME")?;
@@ -407,7 +420,11 @@ pub fn human(n: u64) -> String {
     const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
     for (m, u) in UNITS {
         if n >= m {
-            return if n % m == 0 { format!("{} {u}", n / m) } else { format!("{:.1} {u}", n as f64 / m as f64) };
+            return if n.is_multiple_of(m) {
+                format!("{} {u}", n / m)
+            } else {
+                format!("{:.1} {u}", n as f64 / m as f64)
+            };
         }
     }
     format!("{n} B")
@@ -431,9 +448,21 @@ pub fn render_status(s: &Snapshot) -> String {
     for ses in &s.sessions {
         let _ = writeln!(o, "\nsession {}  pid {}  uid {}  objects {}", ses.id, ses.pid, ses.uid, ses.objects);
         if !ses.memory.is_empty() {
-            let _ = writeln!(o, "  {:<6} {:>10} {:<12} {:>18} {:>8}", "MEMORY", "SIZE", "SEALS", "SYSTEM ADDRESS", "MAPPINGS");
+            let _ = writeln!(
+                o,
+                "  {:<6} {:>10} {:<12} {:>18} {:>8}",
+                "MEMORY", "SIZE", "SEALS", "SYSTEM ADDRESS", "MAPPINGS"
+            );
             for m in &ses.memory {
-                let _ = writeln!(o, "  {:<6} {:>10} {:<12} {:>#18x} {:>8}", m.id, human(m.size), m.seals, m.system_address, m.mappings);
+                let _ = writeln!(
+                    o,
+                    "  {:<6} {:>10} {:<12} {:>#18x} {:>8}",
+                    m.id,
+                    human(m.size),
+                    m.seals,
+                    m.system_address,
+                    m.mappings
+                );
             }
         }
         for i in &ses.ioas {
@@ -450,11 +479,23 @@ pub fn render_status(s: &Snapshot) -> String {
                         i.children
                     );
                     if !i.mappings.is_empty() {
-                        let _ = writeln!(o, "    {:<37} {:>10} {:>6} {:>12} {:>4}", "IOVA", "LENGTH", "MEM", "OFFSET", "PERM");
+                        let _ = writeln!(
+                            o,
+                            "    {:<37} {:>10} {:>6} {:>12} {:>4}",
+                            "IOVA", "LENGTH", "MEM", "OFFSET", "PERM"
+                        );
                     }
                     for m in &i.mappings {
                         let range = format!("{:#x}-{:#x}", m.iova, m.iova + m.length - 1);
-                        let _ = writeln!(o, "    {:<37} {:>10} {:>6} {:>#12x} {:>4}", range, human(m.length), m.mem, m.offset, m.perm);
+                        let _ = writeln!(
+                            o,
+                            "    {:<37} {:>10} {:>6} {:>#12x} {:>4}",
+                            range,
+                            human(m.length),
+                            m.mem,
+                            m.offset,
+                            m.perm
+                        );
                     }
                     for r in &i.reserved {
                         let _ = writeln!(o, "    reserved {:#x}-{:#x}", r.start, r.last);

@@ -43,14 +43,14 @@ pub enum Error {
     #[error("another iommu-core is already listening on {0}")]
     InUse(PathBuf),
     /// Setting up the socket or the poll failed.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {error}")]
     Setup {
         /// What was being done.
         what: &'static str,
         /// The path concerned.
         path: PathBuf,
         /// The error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The model could not be created.
     #[error("cannot create the core: {0}")]
@@ -118,7 +118,7 @@ impl Server {
     /// mode 0700) and creates the core with `limits`. A stale socket left by
     /// a dead core is replaced; a live one is an error.
     pub fn bind(path: &Path, limits: Limits) -> Result<Server, Error> {
-        let setup = |what, source| Error::Setup { what, path: path.to_path_buf(), source };
+        let setup = |what, error| Error::Setup { what, path: path.to_path_buf(), error };
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() && !dir.exists() {
                 std::fs::create_dir_all(dir).map_err(|e| setup("cannot create the directory of", e))?;
@@ -159,12 +159,15 @@ impl Server {
 
     /// Makes SIGTERM and SIGINT stop the loop cleanly.
     pub fn handle_signals(&mut self) -> Result<(), Error> {
-        let mut s = signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
-            .map_err(|e| Error::Setup { what: "cannot install signal handlers for", path: self.path.clone(), source: e })?;
-        self.poll
-            .registry()
-            .register(&mut s, SIGNALS, Interest::READABLE)
-            .map_err(|e| Error::Setup { what: "cannot register signals for", path: self.path.clone(), source: e })?;
+        let mut s =
+            signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]).map_err(
+                |e| Error::Setup { what: "cannot install signal handlers for", path: self.path.clone(), error: e },
+            )?;
+        self.poll.registry().register(&mut s, SIGNALS, Interest::READABLE).map_err(|e| Error::Setup {
+            what: "cannot register signals for",
+            path: self.path.clone(),
+            error: e,
+        })?;
         self.signals = Some(s);
         Ok(())
     }
@@ -499,7 +502,6 @@ fn flush(conn: &mut Conn) -> std::io::Result<()> {
     Ok(())
 }
 
-
 /// A server running on its own thread; dropping it stops the loop and
 /// removes the socket.
 pub struct Running {
@@ -544,6 +546,6 @@ pub fn spawn(path: &Path, limits: Limits) -> Result<Running, Error> {
     let thread = std::thread::Builder::new()
         .name("iommu-core".into())
         .spawn(move || server.run())
-        .map_err(|e| Error::Setup { what: "cannot start a thread for", path: path.to_path_buf(), source: e })?;
+        .map_err(|e| Error::Setup { what: "cannot start a thread for", path: path.to_path_buf(), error: e })?;
     Ok(Running { stop, thread: Some(thread), path: path.to_path_buf() })
 }

@@ -61,7 +61,8 @@ fn main() -> std::process::ExitCode {
 fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -79,7 +80,8 @@ fn run() -> anyhow::Result<()> {
         table_pool_bytes: a.table_pool_bytes,
     };
     let path = a.socket.unwrap_or_else(default_socket_path);
-    let mut server = Server::bind(&path, limits).with_context(|| format!("cannot start the core on {}", path.display()))?;
+    let mut server =
+        Server::bind(&path, limits).with_context(|| format!("cannot start the core on {}", path.display()))?;
     server.handle_signals()?;
     tracing::info!(socket = %path.display(), "iommu-core listening");
     server.run()?;
