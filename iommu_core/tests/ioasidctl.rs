@@ -1,0 +1,137 @@
+//! `ioasidctl` as people use it: a core in a thread, the real CLI binary.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use iommu_core::types::Limits;
+
+fn core(name: &str) -> (iommu_core::server::Running, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("ioasid-ctl-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("core.sock");
+    (iommu_core::server::spawn(&path, Limits::default()).unwrap(), path)
+}
+
+fn run_script(path: &std::path::Path, script: &str, extra: &[&str]) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ioasidctl"))
+        .arg("--socket")
+        .arg(path)
+        .arg("run")
+        .arg("-")
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+#[test]
+fn a_script_drives_a_session_and_prints_each_result() {
+    let (_srv, path) = core("script");
+    let script = "\
+# a guest with two address spaces
+mem ram 64M
+ioas a
+ioas b
+map a ram 0 2M iova=0x200000
+expect EEXIST map a ram 0 4K iova=0x200000
+copy b a 0x200000 2M perm=r
+translate b 0x201234
+nested n a 0x200000
+expect EBUSY destroy a
+invalidate n 0x1000 4K
+pasid p
+dirty a on
+reserve a 0xfee00000 0xfeefffff
+ranges a
+unmap a 0x200000 2M
+";
+    let (ok, out, err) = run_script(&path, script, &[]);
+    assert!(ok, "stdout:\n{out}\nstderr:\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("session "), "{out}");
+    assert!(out.contains("line 2: mem ram 64M: memory object 1 (0x4000000 bytes, seals shrink"), "{out}");
+    assert!(out.contains("line 5: map a ram 0 2M iova=0x200000: mapped at IOVA 0x200000"), "{out}");
+    assert!(out.contains("line 6: map a ram 0 4K iova=0x200000: failed as expected: EEXIST"), "{out}");
+    assert!(
+        out.contains(
+            "line 8: translate b 0x201234: system address 0x40001234 (memory object 1 offset 0x1234), r, 2 MiB page"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("line 12: pasid p: pPASID 0x1"), "{out}");
+    assert!(
+        out.contains("line 15: ranges a: alignment 0x1000, ranges 0x0-0xfedfffff 0xfef00000-0xffffffffffff"),
+        "{out}"
+    );
+    assert!(out.contains("line 16: unmap a 0x200000 2M: unmapped 0x200000 bytes"), "{out}");
+}
+
+#[test]
+fn a_failing_line_is_named_with_its_errno_and_stops_the_script() {
+    let (_srv, path) = core("fail");
+    let (ok, out, err) = run_script(&path, "ioas a\n\nunmap a 0x1000 4K\nioas b\n", &[]);
+    assert!(!ok);
+    assert!(err.contains("line 3: unmap a 0x1000 4K: ENOENT: nothing is mapped"), "{err}");
+    assert!(!out.contains("line 4"), "stopped at the failure: {out}");
+    // --keep-going runs the rest and still fails overall.
+    let (ok, out, err) =
+        run_script(&path, "ioas a\nunmap a 0x1000 4K\nexpect ENOENT ioas b\nioas c\n", &["--keep-going"]);
+    assert!(!ok);
+    assert!(out.contains("line 4: ioas c: IOAS"), "{out}");
+    assert!(err.contains("line 3: ioas b: expected ENOENT, got success"), "{err}");
+    assert!(err.contains("2 command(s) failed"), "{err}");
+    // Syntax errors name the line too.
+    let (ok, _, err) = run_script(&path, "ioas a\nmap a\n", &[]);
+    assert!(!ok);
+    assert!(err.contains("line 2: map a: usage: map IOAS MEM OFFSET LENGTH"), "{err}");
+}
+
+#[test]
+fn status_prints_a_table_and_json() {
+    let (_srv, path) = core("status");
+    let mut s = iommu_core::client::Client::session(&path).unwrap();
+    let mem = iommu_core::memfd::create("m", 1 << 21).unwrap();
+    let m = s.register_memory(&mem).unwrap();
+    let ioas = s.ioas_alloc().unwrap();
+    let args = iommu_core::types::MapArgs {
+        ioas,
+        mem: m.id,
+        offset: 0,
+        length: 1 << 21,
+        iova: Some(0x4000_0000),
+        perm: iommu_core::types::Perm::RW,
+    };
+    s.map(args).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ioasidctl")).arg("--socket").arg(&path).arg("status").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains(&format!("session {}", s.session_id())), "{text}");
+    assert!(text.contains("IOAS 2: paging, 1 mappings (2 MiB)"), "{text}");
+    assert!(text.contains("0x40000000-0x401fffff"), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_ioasidctl"))
+        .arg("--socket")
+        .arg(&path)
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["sessions"][0]["ioas"][0]["mappings"][0]["iova"], 0x4000_0000u64);
+    assert_eq!(v["sessions"][0]["memory"][0]["seals"], "shrink");
+}
+
+#[test]
+fn no_core_is_one_clear_sentence() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ioasidctl"))
+        .args(["--socket", "/nonexistent/ioasid.sock", "status"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.starts_with("ioasidctl: cannot reach the core at /nonexistent/ioasid.sock; start one with"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
