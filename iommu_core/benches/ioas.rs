@@ -57,7 +57,7 @@ fn over_socket(c: &mut Criterion) {
             })
         });
     }
-    g.bench_function("status_round_trip", |b| b.iter(|| black_box(s.iova_ranges(ioas).unwrap())));
+    g.bench_function("iova_ranges_round_trip", |b| b.iter(|| black_box(s.iova_ranges(ioas).unwrap())));
     g.finish();
     drop(s);
     drop(srv);
