@@ -1086,3 +1086,94 @@ impl Core {
         self.sessions.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn core_with(limits: Limits) -> (Core, u64) {
+        let mut c = Core::new(Limits { table_pool_bytes: 1 << 20, ..limits }).unwrap();
+        let sid = c.open_session(1, 0).unwrap();
+        (c, sid)
+    }
+
+    fn rec(iova: u64) -> FaultRecord {
+        FaultRecord {
+            dev_id: 3,
+            pasid: 5,
+            iova,
+            access: Perm::W,
+            reason: FaultReason::NotPresent,
+            group: 1,
+            last: true,
+            cookie: 0,
+        }
+    }
+
+    #[test]
+    fn fault_queue_records_answers_and_drops_when_full() {
+        let (mut c, sid) = core_with(Limits { fault_queue_depth: 2, ..Limits::default() });
+        let cookie = c.report_fault(sid, rec(0x1000), true).unwrap();
+        assert_ne!(cookie, 0);
+        assert_eq!(c.report_fault(sid, rec(0x2000), false).unwrap(), 0);
+        let e = c.report_fault(sid, rec(0x3000), false).unwrap_err();
+        assert_eq!(e.errno, Errno::ENOSPC);
+        let snap = c.snapshot(Some(sid));
+        assert_eq!((snap.sessions[0].faults_queued, snap.sessions[0].faults_lost), (2, 1));
+        assert_eq!(snap.faults.len(), 3, "the global log keeps every fault");
+        assert_eq!(snap.faults[2].record.iova, 0x3000);
+
+        let got = c.read_faults(sid, 1).unwrap();
+        assert_eq!((got.len(), got[0].iova, got[0].cookie), (1, 0x1000, cookie));
+        assert_eq!(c.read_faults(sid, 10).unwrap().len(), 1);
+        assert!(c.read_faults(sid, 10).unwrap().is_empty());
+
+        assert_eq!(c.respond_fault(sid, cookie, 7).unwrap_err().errno, Errno::EINVAL);
+        assert_eq!(c.respond_fault(sid, cookie, page_response::SUCCESS).unwrap().iova, 0x1000);
+        assert_eq!(c.respond_fault(sid, cookie, page_response::SUCCESS).unwrap_err().errno, Errno::EINVAL);
+        // Another session cannot answer it.
+        let other = c.open_session(2, 0).unwrap();
+        let cookie = c.report_fault(sid, rec(0x4000), true).unwrap();
+        assert_eq!(c.respond_fault(other, cookie, page_response::INVALID).unwrap_err().errno, Errno::EINVAL);
+        assert_eq!(c.respond_fault(sid, cookie, page_response::INVALID).unwrap().iova, 0x4000);
+    }
+
+    #[test]
+    fn an_unsealable_file_shrunk_under_a_mapping_hurts_nothing() {
+        let (mut c, sid) = core_with(Limits::default());
+        let path = std::env::temp_dir().join(format!("ioasid-shrink-{}", std::process::id()));
+        let f = File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        f.set_len(0x4000).unwrap();
+        let m = c.register_memory(sid, OwnedFd::from(f.try_clone().unwrap())).unwrap();
+        assert!(!m.sealed);
+        assert_eq!(m.seals, "unsupported");
+        let ioas = c.ioas_alloc(sid).unwrap();
+        let args = MapArgs { ioas, mem: m.id, offset: 0, length: 0x4000, iova: Some(0x10000), perm: Perm::RW };
+        c.map(sid, args).unwrap();
+        f.set_len(0).unwrap();
+        // The core never touches the file's pages; it keeps translating and serving.
+        assert_eq!(c.translate(sid, ioas, 0x13000).unwrap().offset, 0x3000);
+        assert_eq!(c.unmap(sid, ioas, 0, u64::MAX).unwrap(), 0x4000);
+        c.destroy(sid, m.id).unwrap();
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn closing_a_session_frees_everything_leaf_first() {
+        let (mut c, sid) = core_with(Limits::default());
+        let m = c.register_memory(sid, OwnedFd::from(memfd::create("m", 2 << 20).unwrap())).unwrap();
+        let a = c.ioas_alloc(sid).unwrap();
+        let b = c.ioas_alloc(sid).unwrap();
+        c.map(sid, MapArgs { ioas: a, mem: m.id, offset: 0, length: 2 << 20, iova: None, perm: Perm::RW }).unwrap();
+        c.copy(sid, CopyArgs { dst: b, src: a, src_iova: 2 << 20, length: 4096, dst_iova: None, perm: Perm::R })
+            .unwrap();
+        c.nested_alloc(sid, a, 0).unwrap();
+        c.ppasid_alloc(sid).unwrap();
+        assert!(c.pool().tables_in_use() > 2);
+        c.close_session(sid);
+        assert_eq!(c.pool().tables_in_use(), 0);
+        assert_eq!(c.ppasids_in_use(), 0);
+        assert_eq!(c.session_count(), 0);
+        assert_eq!(c.sys.fragments(), 1, "system address space fully returned");
+    }
+}
