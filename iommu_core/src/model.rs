@@ -6,7 +6,7 @@
 //! as it was (composite operations roll back), which the fail-nth sweep
 //! checks by failing each internal step in turn.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::errno::Errno;
 use crate::failpoint::FailNth;
 use crate::memfd;
-use crate::pagetable::{self, TablePool, MAX_IOVA, PAGE_SIZE};
+use crate::pagetable::{self, PasidEntry, TablePool, MAX_IOVA, PAGE_SIZE};
 use crate::sysaddr::SysAddrSpace;
 use crate::types::*;
 
@@ -74,9 +74,12 @@ struct Ioas {
     allowed: Vec<IovaRange>,
     reserved: Vec<IovaRange>,
     dirty: bool,
+    iopf: bool,
     children: u32,
     hint: u64,
     stats: IoasStats,
+    /// (device, pPASID) attached here.
+    attached: BTreeSet<(u32, u32)>,
 }
 
 #[derive(Debug)]
@@ -84,6 +87,40 @@ struct Nested {
     parent: u32,
     s1_root: u64,
     invalidations: u64,
+    attached: BTreeSet<(u32, u32)>,
+}
+
+#[derive(Debug)]
+struct Device {
+    channel: u64,
+    name: String,
+    pci_address: String,
+    caps: DeviceCaps,
+    root: u64,
+    /// PASID-table directory pages below the root.
+    pages: Vec<u64>,
+    /// pPASID (0 = RID) -> IOAS or nested IOAS.
+    attach: BTreeMap<u32, u32>,
+    ppasids: Vec<u32>,
+    fenced: bool,
+}
+
+/// Work the event loop must do after a model operation: invalidations to
+/// send to device channels, and table pages to free once every channel
+/// has answered (or been fenced).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// Channel -> what its devices must drop.
+    pub invalidations: BTreeMap<u64, Vec<InvalidateTarget>>,
+    /// Table pages no walker may reach once the invalidations are done.
+    pub garbage: Vec<u64>,
+}
+
+impl Effects {
+    /// True if nothing is to be done.
+    pub fn is_empty(&self) -> bool {
+        self.invalidations.is_empty() && self.garbage.is_empty()
+    }
 }
 
 #[derive(Debug)]
@@ -91,6 +128,7 @@ enum Object {
     Memory(MemObj),
     Ioas(Ioas),
     Nested(Nested),
+    Device(Device),
 }
 
 impl Object {
@@ -99,6 +137,7 @@ impl Object {
             Object::Memory(_) => "memory object",
             Object::Ioas(_) => "IOAS",
             Object::Nested(_) => "nested IOAS",
+            Object::Device(_) => "device",
         }
     }
 }
@@ -163,6 +202,10 @@ pub struct Core {
     fault_seq: u64,
     stats: CoreStats,
     fail: Arc<FailNth>,
+    /// Open device channels -> owning session.
+    channels: BTreeMap<u64, u64>,
+    next_channel: u64,
+    effects: Effects,
 }
 
 fn range_last(start: u64, length: u64) -> Result<u64> {
@@ -284,6 +327,9 @@ impl Core {
             fault_seq: 0,
             stats: CoreStats::default(),
             fail,
+            channels: BTreeMap::new(),
+            next_channel: 1,
+            effects: Effects::default(),
         })
     }
 
@@ -383,6 +429,9 @@ impl Core {
 
     /// Closes a session, destroying everything it owns, leaf first.
     pub fn close_session(&mut self, sid: u64) {
+        for chan in self.channels_of(sid) {
+            self.close_channel(chan);
+        }
         let Some(s) = self.sessions.get(&sid) else { return };
         let nested: Vec<u32> =
             s.objects.iter().filter(|(_, o)| matches!(o, Object::Nested(_))).map(|(id, _)| *id).collect();
@@ -468,9 +517,11 @@ impl Core {
                 allowed: Vec::new(),
                 reserved: Vec::new(),
                 dirty: false,
+                iopf: false,
                 children: 0,
                 hint: 0,
                 stats: IoasStats::default(),
+                attached: BTreeSet::new(),
             }),
         )?;
         Ok(id)
@@ -490,7 +541,7 @@ impl Core {
         }
         let id = self.new_id(sid)?;
         self.ioas(sid, parent)?.children += 1;
-        self.insert_object(sid, id, Object::Nested(Nested { parent, s1_root, invalidations: 0 }))?;
+        self.insert_object(sid, id, Object::Nested(Nested { parent, s1_root, invalidations: 0, attached: BTreeSet::new() }))?;
         Ok(id)
     }
 
@@ -510,6 +561,12 @@ impl Core {
             }
         }
         n.invalidations += 1;
+        let range = match scope {
+            InvalidateScope::All => None,
+            InvalidateScope::Range { iova, length } => Some(IovaRange { start: iova, last: iova + length - 1 }),
+        };
+        let targets: Vec<(u32, u32)> = n.attached.iter().copied().collect();
+        self.queue_invalidations(sid, targets, range);
         Ok(())
     }
 
@@ -524,6 +581,12 @@ impl Core {
             }
             Object::Ioas(i) if i.children > 0 => {
                 return err(Errno::EBUSY, format!("IOAS {id} is the parent of {} nested IOASes", i.children))
+            }
+            Object::Ioas(Ioas { attached, .. }) | Object::Nested(Nested { attached, .. }) if !attached.is_empty() => {
+                return err(Errno::EBUSY, format!("object {id} has {} device attachments", attached.len()))
+            }
+            Object::Device(_) => {
+                return err(Errno::EBUSY, format!("device {id} is bound by its device server; it goes when unbound"))
             }
             _ => {}
         }
@@ -543,15 +606,15 @@ impl Core {
                     self.mem_unref(sid, a.mem);
                 }
                 garbage.push(i.root);
-                for t in garbage {
-                    self.pool.free_table(t);
-                }
+                // Nothing is attached (checked above), so no walker reaches them.
+                self.release_tables(garbage);
             }
             Object::Nested(n) => {
                 if let Ok(p) = self.ioas(sid, n.parent) {
                     p.children -= 1;
                 }
             }
+            Object::Device(_) => {}
         }
         Ok(())
     }
@@ -654,6 +717,7 @@ impl Core {
                 removed.push((*s, a));
             }
         }
+        let lasts: Vec<u64> = removed.iter().map(|(_, a)| a.last).collect();
         for (s, a) in removed {
             let len = a.last - s + 1;
             self.pool.unmap_range(root, s, len, &mut garbage);
@@ -666,9 +730,11 @@ impl Core {
         for m in mems {
             self.mem_unref(sid, m);
         }
-        for t in garbage {
-            self.pool.free_table(t);
-        }
+        let range = match (starts.iter().min(), lasts.iter().max()) {
+            (Some(&start), Some(&last)) => Some(IovaRange { start, last }),
+            _ => None,
+        };
+        self.retire(sid, ioas_id, range, garbage);
         Ok(total)
     }
 
@@ -874,6 +940,16 @@ impl Core {
     /// Turns dirty tracking of an IOAS on or off; turning it on clears the
     /// dirty state.
     pub fn set_dirty_tracking(&mut self, sid: u64, ioas: u32, enable: bool) -> Result<()> {
+        let users = self.users_of(sid, ioas)?;
+        if enable {
+            for (dev, _) in &users {
+                if let Ok(Object::Device(d)) = self.object(sid, *dev) {
+                    if !d.caps.dirty_tracking {
+                        return err(Errno::EOPNOTSUPP, format!("device {dev} is attached and cannot track dirty pages"));
+                    }
+                }
+            }
+        }
         let i = self.ioas(sid, ioas)?;
         let root = i.root;
         let was = i.dirty;
@@ -881,6 +957,76 @@ impl Core {
         if enable && !was {
             self.pool.clear_dirty(root);
         }
+        if was != enable {
+            self.rewrite_entries(sid, &users)?;
+        }
+        Ok(())
+    }
+
+    /// Turns page-fault handling (page requests from PRI-capable devices
+    /// reach the session's fault queue and wait for an answer) on or off.
+    pub fn set_page_faults(&mut self, sid: u64, ioas: u32, enable: bool) -> Result<()> {
+        let users = self.users_of(sid, ioas)?;
+        let i = self.ioas(sid, ioas)?;
+        if i.iopf != enable {
+            i.iopf = enable;
+            self.rewrite_entries(sid, &users)?;
+        }
+        Ok(())
+    }
+
+    /// Every (device, pPASID) whose translation goes through the paging IOAS
+    /// `ioas`, directly or through a nested IOAS on it.
+    fn users_of(&mut self, sid: u64, ioas: u32) -> Result<Vec<(u32, u32)>> {
+        self.ioas(sid, ioas)?;
+        let s = self.session(sid)?;
+        let mut users = Vec::new();
+        for (&id, o) in &s.objects {
+            match o {
+                Object::Ioas(i) if id == ioas => users.extend(i.attached.iter().copied()),
+                Object::Nested(n) if n.parent == ioas => users.extend(n.attached.iter().copied()),
+                _ => {}
+            }
+        }
+        Ok(users)
+    }
+
+    /// The PASID entry a device gets for an attachment to `pt_id`.
+    fn entry_for(&mut self, sid: u64, caps: DeviceCaps, pt_id: u32) -> Result<PasidEntry> {
+        let (parent, s1_root, nested) = match self.object(sid, pt_id)? {
+            Object::Ioas(_) => (pt_id, 0, false),
+            Object::Nested(n) => (n.parent, n.s1_root, true),
+            o => return err(Errno::ENOENT, format!("object {pt_id} is a {}, not an IOAS", o.kind())),
+        };
+        let p = self.ioas(sid, parent)?;
+        let mut flags = 0;
+        if nested {
+            flags |= pagetable::PASID_NESTED;
+        }
+        if p.dirty {
+            flags |= pagetable::PASID_DIRTY;
+        }
+        if p.iopf && caps.pri {
+            flags |= pagetable::PASID_IOPF;
+        }
+        Ok(PasidEntry { flags, s2_root: p.root, s1_root })
+    }
+
+    /// Rewrites the PASID entries of `users` after an IOAS setting changed.
+    fn rewrite_entries(&mut self, sid: u64, users: &[(u32, u32)]) -> Result<()> {
+        for &(dev, pasid) in users {
+            let (root, caps, pt) = match self.object(sid, dev)? {
+                Object::Device(d) => (d.root, d.caps, d.attach.get(&pasid).copied()),
+                _ => continue,
+            };
+            let Some(pt) = pt else { continue };
+            let e = self.entry_for(sid, caps, pt)?;
+            let mut pages = Vec::new();
+            self.pool.pasid_set(root, pasid, e, &mut pages)?;
+            debug_assert!(pages.is_empty(), "an attached PASID already has its directory pages");
+        }
+        let targets = users.to_vec();
+        self.queue_invalidations(sid, targets, None);
         Ok(())
     }
 
@@ -965,6 +1111,325 @@ impl Core {
             .ok_or_else(|| Error { errno: Errno::EINVAL, message: format!("no page request with cookie {cookie}") })
     }
 
+    /// Records that translations of `targets` changed: their channels must
+    /// be told before the operation completes.
+    fn queue_invalidations(&mut self, sid: u64, targets: Vec<(u32, u32)>, range: Option<IovaRange>) {
+        for (dev, pasid) in targets {
+            let chan = match self.object(sid, dev) {
+                Ok(Object::Device(d)) if !d.fenced => d.channel,
+                _ => continue,
+            };
+            self.effects.invalidations.entry(chan).or_default().push(InvalidateTarget { dev_id: dev, pasid, range });
+        }
+    }
+
+    /// Frees unlinked table pages now if no device can hold them, else
+    /// defers them until the invalidations are answered.
+    fn retire(&mut self, sid: u64, ioas: u32, range: Option<IovaRange>, garbage: Vec<u64>) {
+        let mut direct = Vec::new();
+        let mut nested = Vec::new();
+        if let Some(s) = self.sessions.get(&sid) {
+            for (&id, o) in &s.objects {
+                match o {
+                    Object::Ioas(i) if id == ioas => direct.extend(i.attached.iter().copied()),
+                    Object::Nested(n) if n.parent == ioas => nested.extend(n.attached.iter().copied()),
+                    _ => {}
+                }
+            }
+        }
+        if direct.is_empty() && nested.is_empty() {
+            self.release_tables(garbage);
+            return;
+        }
+        self.queue_invalidations(sid, direct, range);
+        // A stage-2 change can hit any stage-1 IOVA of a nested IOAS.
+        self.queue_invalidations(sid, nested, None);
+        self.effects.garbage.extend(garbage);
+    }
+
+    /// Takes the effects of the operations since the last call.
+    pub fn take_effects(&mut self) -> Effects {
+        let mut e = std::mem::take(&mut self.effects);
+        if e.invalidations.is_empty() && !e.garbage.is_empty() {
+            // Every target was fenced or gone: nobody can hold the pages.
+            self.release_tables(std::mem::take(&mut e.garbage));
+        }
+        e
+    }
+
+    /// Returns table pages to the pool once no walker can reach them.
+    pub fn release_tables(&mut self, garbage: Vec<u64>) {
+        for t in garbage {
+            self.pool.free_table(t);
+        }
+    }
+
+    /// Opens a device channel for a session; returns its id.
+    pub fn open_channel(&mut self, sid: u64) -> Result<u64> {
+        self.session(sid)?;
+        self.step()?;
+        let c = self.next_channel;
+        self.next_channel += 1;
+        self.channels.insert(c, sid);
+        Ok(c)
+    }
+
+    /// The session a channel speaks for.
+    pub fn channel_session(&self, chan: u64) -> Option<u64> {
+        self.channels.get(&chan).copied()
+    }
+
+    /// Channels of a session.
+    pub fn channels_of(&self, sid: u64) -> Vec<u64> {
+        self.channels.iter().filter(|(_, s)| **s == sid).map(|(c, _)| *c).collect()
+    }
+
+    fn chan_session(&self, chan: u64) -> Result<u64> {
+        self.channels.get(&chan).copied().ok_or_else(|| Error { errno: Errno::ENOENT, message: "the channel is closed".into() })
+    }
+
+    fn device(&mut self, chan: u64, dev: u32) -> Result<(u64, &mut Device)> {
+        let sid = self.chan_session(chan)?;
+        match self.object(sid, dev)? {
+            Object::Device(d) if d.channel == chan => Ok((sid, d)),
+            _ => err(Errno::ENOENT, format!("no device {dev} on this channel")),
+        }
+    }
+
+    /// Binds a device through a channel.
+    pub fn bind_device(&mut self, chan: u64, a: BindArgs) -> Result<BoundDevice> {
+        let sid = self.chan_session(chan)?;
+        if a.caps.pasid_width > 20 {
+            return err(Errno::EINVAL, format!("PASID width {} is over 20 bits", a.caps.pasid_width));
+        }
+        if a.name.len() > 64 || a.pci_address.len() > 32 {
+            return err(Errno::EINVAL, "device name over 64 bytes or PCI address over 32 bytes");
+        }
+        let cap = self.limits.max_devices_per_session;
+        let n = self.session(sid)?.objects.values().filter(|o| matches!(o, Object::Device(_))).count();
+        if n as u64 >= u64::from(cap) {
+            return err(Errno::ENOSPC, format!("the session has {cap} devices bound, the configured limit"));
+        }
+        let id = self.new_id(sid)?;
+        let root = self.pool.alloc_table()?;
+        let d = Device {
+            channel: chan,
+            name: a.name,
+            pci_address: a.pci_address,
+            caps: a.caps,
+            root,
+            pages: Vec::new(),
+            attach: BTreeMap::new(),
+            ppasids: Vec::new(),
+            fenced: false,
+        };
+        if let Err(e) = self.insert_object(sid, id, Object::Device(d)) {
+            self.pool.free_table(root);
+            return Err(e);
+        }
+        Ok(BoundDevice { dev_id: id, pasid_root: root })
+    }
+
+    /// Attaches (or with `replace`, re-attaches) a device's RID (`pasid`
+    /// None) or a pPASID to an IOAS or nested IOAS, with iommufd's rules.
+    pub fn attach(&mut self, chan: u64, dev: u32, pasid: Option<u32>, pt_id: u32, replace: bool) -> Result<()> {
+        let (sid, d) = self.device(chan, dev)?;
+        let (caps, root) = (d.caps, d.root);
+        let key = match pasid {
+            None => 0,
+            Some(_) if caps.pasid_width == 0 => return err(Errno::EINVAL, format!("device {dev} has no PASID support")),
+            Some(p) if p == 0 || u64::from(p) >= 1u64 << caps.pasid_width => {
+                return err(Errno::EINVAL, format!("PASID {p:#x} is outside the device's {}-bit range", caps.pasid_width))
+            }
+            Some(p) => p,
+        };
+        let old = d.attach.get(&key).copied();
+        match (old, replace) {
+            (Some(_), false) => return err(Errno::EBUSY, format!("PASID {key:#x} of device {dev} is attached; use replace")),
+            (None, true) => return err(Errno::EINVAL, format!("PASID {key:#x} of device {dev} is not attached")),
+            _ => {}
+        }
+        if self.object(sid, pt_id)?.kind() != "IOAS" && self.object(sid, pt_id)?.kind() != "nested IOAS" {
+            return err(Errno::ENOENT, format!("object {pt_id} is not an IOAS"));
+        }
+        let e = self.entry_for(sid, caps, pt_id)?;
+        if e.flags & pagetable::PASID_DIRTY != 0 && !caps.dirty_tracking {
+            return err(Errno::EINVAL, format!("IOAS {pt_id} tracks dirty pages and device {dev} cannot"));
+        }
+        self.step()?;
+        let mut pages = Vec::new();
+        if let Err(e) = self.pool.pasid_set(root, key, e, &mut pages) {
+            self.release_tables(pages);
+            return Err(e.into());
+        }
+        if let Some(o) = old {
+            self.attached_set(sid, o).map(|s| s.remove(&(dev, key)));
+        }
+        self.attached_set(sid, pt_id).map(|s| s.insert((dev, key)));
+        let (_, d) = self.device(chan, dev)?;
+        d.attach.insert(key, pt_id);
+        d.pages.extend(pages);
+        if old.is_some() {
+            self.queue_invalidations(sid, vec![(dev, key)], None);
+        }
+        Ok(())
+    }
+
+    fn attached_set(&mut self, sid: u64, pt: u32) -> Option<&mut BTreeSet<(u32, u32)>> {
+        match self.object(sid, pt).ok()? {
+            Object::Ioas(i) => Some(&mut i.attached),
+            Object::Nested(n) => Some(&mut n.attached),
+            _ => None,
+        }
+    }
+
+    /// Detaches a RID or pPASID; detaching what is not attached is a no-op.
+    pub fn detach(&mut self, chan: u64, dev: u32, pasid: Option<u32>) -> Result<()> {
+        let (sid, d) = self.device(chan, dev)?;
+        let key = pasid.unwrap_or(0);
+        let root = d.root;
+        let Some(pt) = d.attach.remove(&key) else { return Ok(()) };
+        self.pool.pasid_clear(root, key);
+        self.attached_set(sid, pt).map(|s| s.remove(&(dev, key)));
+        self.queue_invalidations(sid, vec![(dev, key)], None);
+        Ok(())
+    }
+
+    /// Allocates a global pPASID for a device (freed when it is unbound).
+    pub fn device_ppasid_alloc(&mut self, chan: u64, dev: u32) -> Result<u32> {
+        let (sid, _) = self.device(chan, dev)?;
+        let p = self.ppasid_alloc(sid)?;
+        // The device owns it now, not the session.
+        if let Some(s) = self.sessions.get_mut(&sid) {
+            s.ppasids.retain(|x| *x != p);
+        }
+        let (_, d) = self.device(chan, dev)?;
+        d.ppasids.push(p);
+        Ok(p)
+    }
+
+    /// Frees a global pPASID of a device.
+    pub fn device_ppasid_free(&mut self, chan: u64, dev: u32, pasid: u32) -> Result<()> {
+        let (_, d) = self.device(chan, dev)?;
+        let Some(pos) = d.ppasids.iter().position(|p| *p == pasid) else {
+            return err(Errno::ENOENT, format!("pPASID {pasid:#x} is not held by device {dev}"));
+        };
+        d.ppasids.swap_remove(pos);
+        self.pasids.free(pasid);
+        self.pasid_owner.remove(&pasid);
+        Ok(())
+    }
+
+    /// Unbinds a device: detaches everything, frees its pPASIDs and its
+    /// PASID table (after the invalidation).
+    pub fn unbind_device(&mut self, chan: u64, dev: u32) -> Result<()> {
+        let (sid, d) = self.device(chan, dev)?;
+        let keys: Vec<u32> = d.attach.keys().copied().collect();
+        for k in keys {
+            self.detach(chan, dev, Some(k).filter(|k| *k != 0))?;
+        }
+        let Some(Object::Device(d)) = self.session(sid)?.objects.remove(&dev) else {
+            return err(Errno::ENOENT, format!("no device {dev}"));
+        };
+        for p in d.ppasids {
+            self.pasids.free(p);
+            self.pasid_owner.remove(&p);
+        }
+        let pages = self.pool.pasid_table_pages(d.root);
+        if self.effects.invalidations.contains_key(&chan) {
+            self.effects.garbage.extend(pages);
+        } else {
+            self.release_tables(pages);
+        }
+        Ok(())
+    }
+
+    /// A channel went away: unbind its devices. Its peer cannot answer
+    /// invalidations any more, so nothing waits on it.
+    pub fn close_channel(&mut self, chan: u64) {
+        let Some(sid) = self.channels.get(&chan).copied() else { return };
+        let devs: Vec<u32> = self
+            .sessions
+            .get(&sid)
+            .map(|s| {
+                s.objects
+                    .iter()
+                    .filter(|(_, o)| matches!(o, Object::Device(d) if d.channel == chan))
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for d in devs {
+            if let Err(e) = self.unbind_device(chan, d) {
+                tracing::error!(chan, dev = d, error = %e, "cannot unbind a device of a closed channel");
+            }
+        }
+        self.effects.invalidations.remove(&chan);
+        self.channels.remove(&chan);
+    }
+
+    /// Fences a channel that did not answer an invalidation: every PASID
+    /// entry of its devices is cleared and the event is logged.
+    pub fn fence_channel(&mut self, chan: u64) {
+        let Some(sid) = self.channels.get(&chan).copied() else { return };
+        let mut cleared = Vec::new();
+        if let Some(s) = self.sessions.get_mut(&sid) {
+            for (&id, o) in s.objects.iter_mut() {
+                if let Object::Device(d) = o {
+                    if d.channel == chan && !d.fenced {
+                        d.fenced = true;
+                        cleared.push((id, d.root, d.attach.keys().copied().collect::<Vec<u32>>()));
+                    }
+                }
+            }
+        }
+        for (dev, root, keys) in cleared {
+            for k in keys {
+                self.pool.pasid_clear(root, k);
+            }
+            tracing::warn!(chan, dev, "device server did not answer an invalidation in time; fenced");
+            let rec = FaultRecord {
+                dev_id: dev,
+                pasid: 0,
+                iova: 0,
+                access: Perm::default(),
+                reason: FaultReason::Fenced,
+                group: 0,
+                last: true,
+                cookie: 0,
+            };
+            let _ = self.report_fault(sid, rec, false);
+        }
+    }
+
+    /// A fault reported by a device; returns the cookie for a page request.
+    pub fn device_fault(&mut self, chan: u64, rec: FaultRecord, page_request: bool) -> Result<u64> {
+        let (sid, d) = self.device(chan, rec.dev_id)?;
+        let recoverable = page_request && d.caps.pri;
+        if page_request && !recoverable {
+            return err(Errno::EINVAL, format!("device {} did not declare PRI", rec.dev_id));
+        }
+        self.report_fault(sid, rec, recoverable)
+    }
+
+    /// A memory object of the channel's session that contains the system
+    /// address: (base, size, sealed, file).
+    pub fn memory_at(&mut self, chan: u64, system_address: u64) -> Result<(u64, u64, bool, &File)> {
+        let sid = self.chan_session(chan)?;
+        let (&base, &(owner, mem)) = self
+            .sys_owner
+            .range(..=system_address)
+            .next_back()
+            .ok_or_else(|| Error { errno: Errno::ENOENT, message: format!("no memory at {system_address:#x}") })?;
+        if owner != sid {
+            return err(Errno::ENOENT, format!("no memory of this session at {system_address:#x}"));
+        }
+        match self.object(sid, mem)? {
+            Object::Memory(m) if system_address < base + m.size => Ok((base, m.size, m.sealed, &m.file)),
+            _ => err(Errno::ENOENT, format!("no memory of this session at {system_address:#x}")),
+        }
+    }
+
     /// Translates one IOVA of a paging IOAS by walking its tables.
     pub fn translate(&mut self, sid: u64, ioas: u32, iova: u64) -> Result<Translation> {
         let root = self.ioas(sid, ioas)?.root;
@@ -993,6 +1458,7 @@ impl Core {
     fn session_info(&self, sid: u64, s: &Session) -> SessionInfo {
         let mut memory = Vec::new();
         let mut ioas = Vec::new();
+        let mut devices = Vec::new();
         for (&id, o) in &s.objects {
             match o {
                 Object::Memory(m) => memory.push(MemInfo {
@@ -1024,6 +1490,7 @@ impl Core {
                     root: i.root,
                     tables: self.pool.count_tables(i.root),
                     children: i.children,
+                    attached: i.attached.iter().copied().collect(),
                     stats: i.stats,
                 }),
                 Object::Nested(n) => ioas.push(IoasInfo {
@@ -1037,7 +1504,19 @@ impl Core {
                     root: 0,
                     tables: 0,
                     children: 0,
+                    attached: n.attached.iter().copied().collect(),
                     stats: IoasStats { invalidations: n.invalidations, ..IoasStats::default() },
+                }),
+                Object::Device(d) => devices.push(DeviceInfo {
+                    id,
+                    name: d.name.clone(),
+                    pci_address: d.pci_address.clone(),
+                    caps: d.caps,
+                    channel: d.channel,
+                    attachments: d.attach.iter().map(|(&pasid, &pt_id)| AttachmentInfo { pasid, pt_id }).collect(),
+                    ppasids: d.ppasids.clone(),
+                    fenced: d.fenced,
+                    pasid_root: d.root,
                 }),
             }
         }
@@ -1051,6 +1530,7 @@ impl Core {
             ppasids: s.ppasids.clone(),
             faults_queued: s.faults.len() as u32,
             faults_lost: s.faults_lost,
+            devices,
         }
     }
 

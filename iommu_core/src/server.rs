@@ -15,7 +15,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::net::{UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -69,16 +69,65 @@ pub fn default_socket_path() -> PathBuf {
     }
 }
 
+/// A reply (or notification) waiting to be written, with its fds.
+struct OutFrame {
+    bytes: Vec<u8>,
+    pos: usize,
+    fds: Vec<OwnedFd>,
+}
+
 struct Conn {
     stream: UnixStream,
     reader: FrameReader,
-    out: VecDeque<u8>,
+    out: VecDeque<OutFrame>,
+    out_bytes: usize,
     role: Option<Role>,
     session: u64,
+    /// Non-zero for a device channel made by the core.
+    channel: u64,
     pid: i32,
     uid: u32,
     /// Close once `out` is flushed.
     closing: bool,
+    /// A request of this connection waits for device servers; its later
+    /// requests wait in `stash` (except invalidation answers).
+    blocked: bool,
+    stash: VecDeque<(Envelope<Request>, Vec<OwnedFd>)>,
+}
+
+/// Most requests a blocked connection may queue before it is cut off.
+const STASH_LIMIT: usize = 256;
+
+impl Conn {
+    fn new(stream: UnixStream, limits: &Limits, pid: i32, uid: u32) -> Conn {
+        Conn {
+            stream,
+            reader: FrameReader::new(limits.max_message_bytes as usize, limits.max_fds_per_message as usize),
+            out: VecDeque::new(),
+            out_bytes: 0,
+            role: None,
+            session: 0,
+            channel: 0,
+            pid,
+            uid,
+            closing: false,
+            blocked: false,
+            stash: VecDeque::new(),
+        }
+    }
+}
+
+/// An operation whose reply waits until every device channel that could
+/// hold a stale translation has answered (or has been fenced).
+struct HeldOp {
+    conn: Option<Token>,
+    seq: u64,
+    reply: Reply,
+    fds: Vec<OwnedFd>,
+    garbage: Vec<u64>,
+    /// Channel -> invalidation id it must answer.
+    waiting: HashMap<u64, u64>,
+    deadline: Instant,
 }
 
 /// A handle that stops a running server from another thread.
@@ -111,6 +160,14 @@ pub struct Server {
     waker: Arc<Waker>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
     owner_uid: u32,
+    chan_tokens: HashMap<u64, Token>,
+    held: HashMap<u64, HeldOp>,
+    next_op: u64,
+    /// Invalidation id -> held operation.
+    inval_owner: HashMap<u64, u64>,
+    next_inval: u64,
+    /// Page-request cookie -> (channel connection, seq) to answer.
+    page_waiters: HashMap<u64, (Token, u64)>,
 }
 
 impl Server {
@@ -132,11 +189,10 @@ impl Server {
             }
             std::fs::remove_file(path).map_err(|e| setup("cannot remove the stale socket", e))?;
         }
-        let listener = UnixListener::bind(path).map_err(|e| setup("cannot bind", e))?;
+        let mut listener = UnixListener::bind(path).map_err(|e| setup("cannot bind", e))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| setup("cannot set the mode of", e))?;
         let poll = Poll::new().map_err(|e| setup("cannot create a poll for", e))?;
-        let mut listener = listener;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .map_err(|e| setup("cannot register", e))?;
@@ -154,20 +210,23 @@ impl Server {
             waker,
             signals: None,
             owner_uid: nix::unistd::geteuid().as_raw(),
+            chan_tokens: HashMap::new(),
+            held: HashMap::new(),
+            next_op: 1,
+            inval_owner: HashMap::new(),
+            next_inval: 1,
+            page_waiters: HashMap::new(),
         })
     }
 
     /// Makes SIGTERM and SIGINT stop the loop cleanly.
     pub fn handle_signals(&mut self) -> Result<(), Error> {
-        let mut s =
-            signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]).map_err(
-                |e| Error::Setup { what: "cannot install signal handlers for", path: self.path.clone(), error: e },
-            )?;
-        self.poll.registry().register(&mut s, SIGNALS, Interest::READABLE).map_err(|e| Error::Setup {
-            what: "cannot register signals for",
-            path: self.path.clone(),
-            error: e,
-        })?;
+        let mut s = signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
+            .map_err(|e| Error::Setup { what: "cannot install signal handlers for", path: self.path.clone(), error: e })?;
+        self.poll
+            .registry()
+            .register(&mut s, SIGNALS, Interest::READABLE)
+            .map_err(|e| Error::Setup { what: "cannot register signals for", path: self.path.clone(), error: e })?;
         self.signals = Some(s);
         Ok(())
     }
@@ -194,7 +253,11 @@ impl Server {
             if self.stop.load(Ordering::SeqCst) {
                 break Ok(());
             }
-            let timeout = if self.backlog.is_empty() { None } else { Some(Duration::ZERO) };
+            let timeout = if !self.backlog.is_empty() {
+                Some(Duration::ZERO)
+            } else {
+                self.held.values().map(|o| o.deadline).min().map(|d| d.saturating_duration_since(Instant::now()))
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
@@ -220,6 +283,7 @@ impl Server {
             for t in turn {
                 self.service(t);
             }
+            self.expire_held();
         };
         let tokens: Vec<Token> = self.conns.keys().copied().collect();
         for t in tokens {
@@ -233,7 +297,7 @@ impl Server {
 
     fn accept(&mut self) {
         loop {
-            let (mut stream, _) = match self.listener.accept() {
+            let (stream, _) = match self.listener.accept() {
                 Ok(s) => s,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -248,42 +312,130 @@ impl Server {
                     continue;
                 }
             };
-            let token = Token(self.next_token);
-            self.next_token += 1;
-            if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
-                tracing::warn!(error = %e, "cannot register a connection");
-                continue;
-            }
-            let lim = self.core.limits();
-            let mut conn = Conn {
-                stream,
-                reader: FrameReader::new(lim.max_message_bytes as usize, lim.max_fds_per_message as usize),
-                out: VecDeque::new(),
-                role: None,
-                session: 0,
-                pid,
-                uid,
-                closing: false,
-            };
+            let Some(token) = self.register(stream, pid, uid) else { continue };
             if uid != self.owner_uid && uid != 0 {
                 tracing::warn!(pid, uid, "refusing a peer of another user");
-                queue_reply(&mut conn, 0, &Reply::error(Errno::EPERM, "only the core's owner or root may connect"));
+                let conn = self.conns.get_mut(&token).expect("just registered");
+                queue(conn, 0, &Reply::error(Errno::EPERM, "only the core's owner or root may connect"), Vec::new());
                 conn.closing = true;
             }
             tracing::debug!(pid, uid, token = token.0, "connection");
-            self.conns.insert(token, conn);
             self.service(token);
         }
     }
 
+    fn register(&mut self, mut stream: UnixStream, pid: i32, uid: u32) -> Option<Token> {
+        let token = Token(self.next_token);
+        self.next_token += 1;
+        if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
+            tracing::warn!(error = %e, "cannot register a connection");
+            return None;
+        }
+        self.conns.insert(token, Conn::new(stream, self.core.limits(), pid, uid));
+        Some(token)
+    }
+
     fn drop_conn(&mut self, token: Token) {
-        if let Some(mut c) = self.conns.remove(&token) {
-            let _ = self.poll.registry().deregister(&mut c.stream);
-            if c.role == Some(Role::Session) {
-                tracing::info!(session = c.session, pid = c.pid, "session closed");
-                self.core.close_session(c.session);
+        let Some(mut c) = self.conns.remove(&token) else { return };
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        self.page_waiters.retain(|_, (t, _)| *t != token);
+        for op in self.held.values_mut() {
+            if op.conn == Some(token) {
+                op.conn = None;
             }
         }
+        if c.channel != 0 {
+            tracing::info!(channel = c.channel, session = c.session, "device channel closed");
+            self.chan_tokens.remove(&c.channel);
+            self.core.close_channel(c.channel);
+            self.channel_gone(c.channel);
+        } else if c.role == Some(Role::Session) {
+            tracing::info!(session = c.session, pid = c.pid, "session closed");
+            for chan in self.core.channels_of(c.session) {
+                if let Some(t) = self.chan_tokens.get(&chan).copied() {
+                    self.drop_conn(t);
+                }
+            }
+            self.core.close_session(c.session);
+        }
+        let effects = self.core.take_effects();
+        self.apply_effects(None, 0, Reply::Ok, Vec::new(), effects);
+    }
+
+    /// A channel that will never answer: operations stop waiting for it.
+    fn channel_gone(&mut self, chan: u64) {
+        let ops: Vec<u64> = self.held.iter().filter(|(_, o)| o.waiting.contains_key(&chan)).map(|(id, _)| *id).collect();
+        for id in ops {
+            if let Some(op) = self.held.get_mut(&id) {
+                if let Some(inval) = op.waiting.remove(&chan) {
+                    self.inval_owner.remove(&inval);
+                }
+                if op.waiting.is_empty() {
+                    self.complete(id);
+                }
+            }
+        }
+    }
+
+    /// Fences channels that missed their deadline and completes their ops.
+    fn expire_held(&mut self) {
+        let now = Instant::now();
+        let late: Vec<u64> = self.held.iter().filter(|(_, o)| o.deadline <= now).map(|(id, _)| *id).collect();
+        for id in late {
+            let chans: Vec<(u64, u64)> = self.held.get(&id).map(|o| o.waiting.iter().map(|(c, i)| (*c, *i)).collect()).unwrap_or_default();
+            for (chan, inval) in chans {
+                self.inval_owner.remove(&inval);
+                self.core.fence_channel(chan);
+            }
+            if let Some(op) = self.held.get_mut(&id) {
+                op.waiting.clear();
+            }
+            self.complete(id);
+        }
+    }
+
+    fn complete(&mut self, id: u64) {
+        let Some(op) = self.held.remove(&id) else { return };
+        self.core.release_tables(op.garbage);
+        if let Some(t) = op.conn {
+            if let Some(conn) = self.conns.get_mut(&t) {
+                queue(conn, op.seq, &op.reply, op.fds);
+                conn.blocked = false;
+                self.backlog.push_back(t);
+            }
+        }
+    }
+
+    /// Sends the reply now, or holds it until every channel has answered the
+    /// invalidations the operation caused.
+    fn apply_effects(&mut self, conn: Option<Token>, seq: u64, reply: Reply, fds: Vec<OwnedFd>, e: model::Effects) {
+        let mut waiting = HashMap::new();
+        for (chan, targets) in e.invalidations {
+            let Some(t) = self.chan_tokens.get(&chan).copied() else { continue };
+            let Some(c) = self.conns.get_mut(&t) else { continue };
+            let id = self.next_inval;
+            self.next_inval += 1;
+            queue(c, 0, &Reply::Invalidate { id, targets }, Vec::new());
+            self.backlog.push_back(t);
+            waiting.insert(chan, id);
+        }
+        if waiting.is_empty() {
+            self.core.release_tables(e.garbage);
+            if let Some(c) = conn.and_then(|t| self.conns.get_mut(&t)) {
+                queue(c, seq, &reply, fds);
+            }
+            return;
+        }
+        let op = self.next_op;
+        self.next_op += 1;
+        for id in waiting.values() {
+            self.inval_owner.insert(*id, op);
+        }
+        if let Some(c) = conn.and_then(|t| self.conns.get_mut(&t)) {
+            c.blocked = true;
+        }
+        let timeout = Duration::from_millis(u64::from(self.core.limits().invalidate_timeout_ms));
+        self.held.insert(op, HeldOp { conn, seq, reply, fds, garbage: e.garbage, waiting, deadline: Instant::now() + timeout });
     }
 
     /// Flushes, reads and serves one connection for one turn.
@@ -302,14 +454,21 @@ impl Server {
         let mut served = 0;
         let mut eof = false;
         loop {
-            let conn = self.conns.get_mut(&token).expect("connection present");
-            if conn.out.len() > OUT_HIGH_WATER || conn.closing {
+            let Some(conn) = self.conns.get_mut(&token) else { return };
+            if conn.out_bytes > OUT_HIGH_WATER || conn.closing {
                 break;
             }
             if served == FRAMES_PER_TURN {
                 // Fair share used: come back after the other connections.
                 self.backlog.push_back(token);
                 break;
+            }
+            if !conn.blocked {
+                if let Some((env, fds)) = conn.stash.pop_front() {
+                    served += 1;
+                    self.handle(token, env, fds);
+                    continue;
+                }
             }
             match conn.reader.next_frame() {
                 Ok(Some(frame)) => {
@@ -320,7 +479,7 @@ impl Server {
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(pid = conn.pid, error = %e, "protocol error; closing the connection");
-                    queue_reply(conn, 0, &Reply::error(e.errno(), e.to_string()));
+                    queue(conn, 0, &Reply::error(e.errno(), e.to_string()), Vec::new());
                     conn.closing = true;
                     break;
                 }
@@ -338,7 +497,7 @@ impl Server {
                 Err(wire::Error::Io(e)) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e @ wire::Error::Truncated) => {
                     tracing::warn!(pid = conn.pid, error = %e, "closing the connection");
-                    queue_reply(conn, 0, &Reply::error(e.errno(), e.to_string()));
+                    queue(conn, 0, &Reply::error(e.errno(), e.to_string()), Vec::new());
                     conn.closing = true;
                     break;
                 }
@@ -346,99 +505,127 @@ impl Server {
             }
         }
         let Some(conn) = self.conns.get_mut(&token) else { return };
-        if eof && conn.out.is_empty() || flush(conn).is_err() {
+        if eof && conn.out.is_empty() && !conn.blocked || flush(conn).is_err() {
             self.drop_conn(token);
             return;
         }
         if eof {
             conn.closing = true;
         }
-        if conn.closing && conn.out.is_empty() {
+        if conn.closing && conn.out.is_empty() && !conn.blocked {
             self.drop_conn(token);
         }
     }
 
     fn handle_frame(&mut self, token: Token, frame: wire::Frame) {
-        let conn = self.conns.get_mut(&token).expect("connection present");
-        let env: Envelope<Request> = match wire::decode(&frame.payload) {
-            Ok(e) => e,
+        let Some(conn) = self.conns.get_mut(&token) else { return };
+        match wire::decode::<Request>(&frame.payload) {
+            Ok(env) => self.handle(token, env, frame.fds),
             Err(e) => {
                 tracing::warn!(pid = conn.pid, error = %e, "undecodable request; closing the connection");
-                queue_reply(conn, 0, &Reply::error(Errno::EPROTO, e.to_string()));
+                queue(conn, 0, &Reply::error(Errno::EPROTO, e.to_string()), Vec::new());
                 conn.closing = true;
-                return;
             }
-        };
-        let seq = env.seq;
-        let reply = self.dispatch(token, env.body, frame.fds);
-        self.core.count_request(matches!(reply, Reply::Error { .. }));
-        if let Some(conn) = self.conns.get_mut(&token) {
-            queue_reply(conn, seq, &reply);
         }
     }
 
-    fn dispatch(&mut self, token: Token, req: Request, fds: Vec<OwnedFd>) -> Reply {
-        let conn = self.conns.get_mut(&token).expect("connection present");
+    fn handle(&mut self, token: Token, env: Envelope<Request>, fds: Vec<OwnedFd>) {
+        let Some(conn) = self.conns.get_mut(&token) else { return };
+        if conn.blocked && !matches!(env.body, Request::InvalidateDone { .. }) {
+            if conn.stash.len() >= STASH_LIMIT {
+                queue(conn, 0, &Reply::error(Errno::E2BIG, "too many requests queued behind a held one"), Vec::new());
+                conn.closing = true;
+            } else {
+                conn.stash.push_back((env, fds));
+            }
+            return;
+        }
+        let seq = env.seq;
+        let answer = self.dispatch(token, seq, env.body, fds);
+        let Some((reply, out_fds)) = answer else { return };
+        self.core.count_request(matches!(reply, Reply::Error { .. }));
+        let effects = self.core.take_effects();
+        self.apply_effects(Some(token), seq, reply, out_fds, effects);
+    }
+
+    /// Serves one request. `None`: no reply now (an invalidation answer, or
+    /// a page request answered later).
+    fn dispatch(&mut self, token: Token, seq: u64, req: Request, fds: Vec<OwnedFd>) -> Option<(Reply, Vec<OwnedFd>)> {
+        let conn = self.conns.get_mut(&token)?;
+        let plain = |r: Reply| Some((r, Vec::new()));
         if fds.len() != req.fds_expected() {
-            return Reply::error(
+            return plain(Reply::error(
                 Errno::EBADF,
                 format!("this request takes {} fds, {} were attached", req.fds_expected(), fds.len()),
-            );
+            ));
         }
         let Some(role) = conn.role else {
             let Request::Hello { magic, major, minor, role } = req else {
                 conn.closing = true;
-                return Reply::error(Errno::EPROTO, "the first message must be a hello");
+                return plain(Reply::error(Errno::EPROTO, "the first message must be a hello"));
             };
             if magic != wire::MAGIC {
                 conn.closing = true;
-                return Reply::error(Errno::EPROTO, "bad magic in hello");
+                return plain(Reply::error(Errno::EPROTO, "bad magic in hello"));
             }
             if major != wire::VERSION_MAJOR {
                 conn.closing = true;
-                return Reply::error(
+                return plain(Reply::error(
                     Errno::EOPNOTSUPP,
                     format!("protocol {major}.{minor} is not supported; this core speaks {}.x", wire::VERSION_MAJOR),
-                );
+                ));
             }
-            let (pid, uid) = (conn.pid, conn.uid);
-            let session = match role {
-                Role::Session => match self.core.open_session(pid, uid) {
+            let (pid, uid, is_channel) = (conn.pid, conn.uid, conn.channel != 0);
+            let session = match (role, is_channel) {
+                (Role::DeviceChannel, true) => conn.session,
+                (_, true) => {
+                    conn.closing = true;
+                    return plain(Reply::error(Errno::EPERM, "a device channel can only say hello as a device channel"));
+                }
+                (Role::Session, false) => match self.core.open_session(pid, uid) {
                     Ok(s) => s,
                     Err(e) => {
-                        let conn = self.conns.get_mut(&token).expect("connection present");
-                        conn.closing = true;
-                        return Reply::error(e.errno, e.message);
+                        if let Some(c) = self.conns.get_mut(&token) {
+                            c.closing = true;
+                        }
+                        return plain(Reply::error(e.errno, e.message));
                     }
                 },
-                Role::Observer => 0,
-                Role::DeviceChannel => {
+                (Role::Observer, false) => 0,
+                (Role::DeviceChannel, false) => {
                     conn.closing = true;
-                    return Reply::error(
+                    return plain(Reply::error(
                         Errno::EPERM,
                         "device channels are made by the core and handed to a session; they cannot be opened on the socket",
-                    );
+                    ));
                 }
             };
-            let conn = self.conns.get_mut(&token).expect("connection present");
+            let conn = self.conns.get_mut(&token)?;
             conn.role = Some(role);
             conn.session = session;
             tracing::info!(pid, uid, session, ?role, "hello");
-            return Reply::Hello {
+            return plain(Reply::Hello {
                 major: wire::VERSION_MAJOR,
                 minor: wire::VERSION_MINOR,
                 session,
                 limits: *self.core.limits(),
-            };
+            });
         };
         if matches!(req, Request::Hello { .. }) {
-            return Reply::error(Errno::EPROTO, "hello was already sent on this connection");
+            return plain(Reply::error(Errno::EPROTO, "hello was already sent on this connection"));
         }
         if role == Role::Observer && !req.read_only() {
-            return Reply::error(Errno::EPERM, "observers are read-only");
+            return plain(Reply::error(Errno::EPERM, "observers are read-only"));
+        }
+        if role == Role::Session && req.channel_only() {
+            return plain(Reply::error(Errno::EPERM, "this request is for device channels"));
+        }
+        if role == Role::DeviceChannel && !req.channel_only() && !req.read_only() {
+            return plain(Reply::error(Errno::EPERM, "this request is for sessions"));
         }
         let sid = conn.session;
-        let only = (role == Role::Session).then_some(sid);
+        let chan = conn.channel;
+        let only = (role != Role::Observer).then_some(sid);
         let mut fds = fds.into_iter();
         let core = &mut self.core;
         let res: model::Result<Reply> = match req {
@@ -460,39 +647,139 @@ impl Server {
             Request::PpasidAlloc => core.ppasid_alloc(sid).map(Reply::Pasid),
             Request::PpasidFree { pasid } => core.ppasid_free(sid, pasid).map(|_| Reply::Ok),
             Request::SetDirtyTracking { ioas, enable } => core.set_dirty_tracking(sid, ioas, enable).map(|_| Reply::Ok),
+            Request::SetPageFaults { ioas, enable } => core.set_page_faults(sid, ioas, enable).map(|_| Reply::Ok),
             Request::DirtyBitmap { ioas, iova, length, page_size, no_clear } => {
                 core.dirty_bitmap(sid, ioas, iova, length, page_size, no_clear).map(Reply::Bitmap)
             }
             Request::ReadFaults { max } => core.read_faults(sid, max).map(Reply::Faults),
-            Request::RespondFault { cookie, code } => core.respond_fault(sid, cookie, code).map(Reply::Fault),
+            Request::RespondFault { cookie, code } => {
+                let r = core.respond_fault(sid, cookie, code);
+                if r.is_ok() {
+                    if let Some((t, s)) = self.page_waiters.remove(&cookie) {
+                        if let Some(c) = self.conns.get_mut(&t) {
+                            queue(c, s, &Reply::PageResponse { code }, Vec::new());
+                            self.backlog.push_back(t);
+                        }
+                    }
+                }
+                r.map(Reply::Fault)
+            }
             Request::Translate { ioas, iova } => core.translate(sid, ioas, iova).map(Reply::Translation),
             Request::Status => Ok(Reply::Status(Box::new(core.snapshot(only)))),
+            Request::OpenDeviceChannel => return Some(self.open_channel(sid)),
+            Request::BindDevice(a) => core.bind_device(chan, a).map(Reply::Device),
+            Request::UnbindDevice { dev } => core.unbind_device(chan, dev).map(|_| Reply::Ok),
+            Request::Attach { dev, pasid, pt_id, replace } => core.attach(chan, dev, pasid, pt_id, replace).map(|_| Reply::Ok),
+            Request::Detach { dev, pasid } => core.detach(chan, dev, pasid).map(|_| Reply::Ok),
+            Request::DevicePasidAlloc { dev } => core.device_ppasid_alloc(chan, dev).map(Reply::Pasid),
+            Request::DevicePasidFree { dev, pasid } => core.device_ppasid_free(chan, dev, pasid).map(|_| Reply::Ok),
+            Request::GetPools => {
+                let pool = core.pool();
+                let fds = [pool.fd().try_clone_to_owned(), pool.dirty_fd().try_clone_to_owned()];
+                return Some(match fds {
+                    [Ok(a), Ok(b)] => (Reply::Pools { table_bytes: pool.size(), dirty_bytes: pool.dirty_size() }, vec![a, b]),
+                    _ => (Reply::error(Errno::ENOMEM, "cannot duplicate the pool fds"), Vec::new()),
+                });
+            }
+            Request::GetMemory { system_address } => {
+                return Some(match core.memory_at(chan, system_address) {
+                    Ok((base, size, sealed, file)) => match file.try_clone() {
+                        Ok(f) => (Reply::MemoryFd { base, size, sealed }, vec![OwnedFd::from(f)]),
+                        Err(e) => (Reply::error(Errno::ENOMEM, format!("cannot duplicate the fd: {e}")), Vec::new()),
+                    },
+                    Err(e) => (Reply::error(e.errno, e.message), Vec::new()),
+                })
+            }
+            Request::ReportFault(rec) => core.device_fault(chan, rec, false).map(|_| Reply::Ok),
+            Request::PageRequest(rec) => match core.device_fault(chan, rec, true) {
+                Ok(cookie) => {
+                    self.page_waiters.insert(cookie, (token, seq));
+                    return None;
+                }
+                Err(e) => Err(e),
+            },
+            Request::InvalidateDone { id } => {
+                if let Some(op) = self.inval_owner.remove(&id) {
+                    let done = self.held.get_mut(&op).map(|o| {
+                        o.waiting.retain(|c, i| !(*c == chan && *i == id));
+                        o.waiting.is_empty()
+                    });
+                    if done == Some(true) {
+                        self.complete(op);
+                    }
+                }
+                return None;
+            }
         };
-        res.unwrap_or_else(|e| Reply::error(e.errno, e.message))
+        plain(res.unwrap_or_else(|e| Reply::error(e.errno, e.message)))
+    }
+
+    /// Makes a device channel for session `sid`: a socketpair whose one end
+    /// the loop serves and whose other end goes back in the reply.
+    fn open_channel(&mut self, sid: u64) -> (Reply, Vec<OwnedFd>) {
+        let fail = |e: String| (Reply::error(Errno::ENOMEM, e), Vec::new());
+        let chan = match self.core.open_channel(sid) {
+            Ok(c) => c,
+            Err(e) => return (Reply::error(e.errno, e.message), Vec::new()),
+        };
+        let pair = std::os::unix::net::UnixStream::pair().and_then(|(a, b)| a.set_nonblocking(true).map(|_| (a, b)));
+        let (ours, theirs) = match pair {
+            Ok(p) => p,
+            Err(e) => {
+                self.core.close_channel(chan);
+                return fail(format!("cannot make a socketpair: {e}"));
+            }
+        };
+        let (pid, uid) = self.conns.values().find(|c| c.session == sid && c.channel == 0).map_or((0, 0), |c| (c.pid, c.uid));
+        let Some(token) = self.register(UnixStream::from_std(ours), pid, uid) else {
+            self.core.close_channel(chan);
+            return fail("cannot register the channel".into());
+        };
+        if let Some(c) = self.conns.get_mut(&token) {
+            c.channel = chan;
+            c.session = sid;
+        }
+        self.chan_tokens.insert(chan, token);
+        tracing::info!(session = sid, channel = chan, "device channel made");
+        (Reply::Channel { channel: chan }, vec![OwnedFd::from(theirs)])
     }
 }
 
-fn queue_reply(conn: &mut Conn, seq: u64, reply: &Reply) {
-    match wire::encode(seq, reply, 0) {
-        Ok(bytes) => conn.out.extend(bytes),
+fn queue(conn: &mut Conn, seq: u64, reply: &Reply, fds: Vec<OwnedFd>) {
+    let bytes = match wire::encode(seq, reply, fds.len()) {
+        Ok(b) => b,
         Err(e) => {
             tracing::error!(error = %e, "cannot encode a reply");
-            if let Ok(bytes) = wire::encode(seq, &Reply::error(Errno::E2BIG, e.to_string()), 0) {
-                conn.out.extend(bytes);
+            match wire::encode(seq, &Reply::error(Errno::E2BIG, e.to_string()), 0) {
+                Ok(b) => b,
+                Err(_) => return,
             }
         }
-    }
+    };
+    conn.out_bytes += bytes.len();
+    conn.out.push_back(OutFrame { bytes, pos: 0, fds });
 }
 
-/// Writes as much of the output as the socket takes.
+/// Writes as much of the output as the socket takes; a frame's fds go with
+/// its first byte.
 fn flush(conn: &mut Conn) -> std::io::Result<()> {
     use std::io::Write;
-    while !conn.out.is_empty() {
-        let (a, _) = conn.out.as_slices();
-        match conn.stream.write(a) {
+    while let Some(f) = conn.out.front_mut() {
+        let res = if f.pos == 0 && !f.fds.is_empty() {
+            let fds: Vec<_> = f.fds.iter().map(|fd| fd.as_fd()).collect();
+            wire::send_with_fds(conn.stream.as_fd(), &f.bytes, &fds)
+        } else {
+            conn.stream.write(&f.bytes[f.pos..])
+        };
+        match res {
             Ok(0) => return Err(ErrorKind::WriteZero.into()),
             Ok(n) => {
-                conn.out.drain(..n);
+                f.pos += n;
+                conn.out_bytes -= n;
+                f.fds.clear();
+                if f.pos == f.bytes.len() {
+                    conn.out.pop_front();
+                }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}

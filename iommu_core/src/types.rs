@@ -30,6 +30,11 @@ pub struct Limits {
     pub fault_queue_depth: u32,
     /// Size of the table pool in bytes.
     pub table_pool_bytes: u64,
+    /// Devices bound per session.
+    pub max_devices_per_session: u32,
+    /// Milliseconds a device server has to answer an invalidation before
+    /// it is fenced.
+    pub invalidate_timeout_ms: u32,
 }
 
 impl Default for Limits {
@@ -44,6 +49,8 @@ impl Default for Limits {
             max_fds_per_message: 16,
             fault_queue_depth: 4096,
             table_pool_bytes: 1 << 30,
+            max_devices_per_session: 256,
+            invalidate_timeout_ms: 2000,
         }
     }
 }
@@ -240,6 +247,8 @@ pub struct IoasInfo {
     pub tables: u32,
     /// Nested IOASes on this one.
     pub children: u32,
+    /// Device attachments to this IOAS: (device, pPASID).
+    pub attached: Vec<(u32, u32)>,
     /// Counters.
     pub stats: IoasStats,
 }
@@ -265,6 +274,8 @@ pub struct SessionInfo {
     pub faults_queued: u32,
     /// Fault records dropped because the queue was full.
     pub faults_lost: u64,
+    /// Devices bound through the session's channels.
+    pub devices: Vec<DeviceInfo>,
 }
 
 /// A fault in the global log.
@@ -332,4 +343,79 @@ pub struct Translation {
     pub perm: Perm,
     /// Leaf size.
     pub page_size: u64,
+}
+
+/// What a device can do, declared when it is bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DeviceCaps {
+    /// PASID width in bits (0 = no PASID support, at most 20).
+    pub pasid_width: u8,
+    /// The device can send page requests (PCIe PRI).
+    pub pri: bool,
+    /// The device can track dirty pages.
+    pub dirty_tracking: bool,
+}
+
+/// Arguments of a device bind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindArgs {
+    /// A name for people (e.g. `dma-engine`), at most 64 bytes.
+    pub name: String,
+    /// PCI address, e.g. `0000:00:04.0`, at most 32 bytes.
+    pub pci_address: String,
+    /// Capabilities.
+    pub caps: DeviceCaps,
+}
+
+/// A bound device as its server sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoundDevice {
+    /// Device id (an object id of the session).
+    pub dev_id: u32,
+    /// Pool offset of the device's PASID table root.
+    pub pasid_root: u64,
+}
+
+/// One attachment of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentInfo {
+    /// pPASID, or 0 for the RID (untagged DMA).
+    pub pasid: u32,
+    /// IOAS or nested IOAS id.
+    pub pt_id: u32,
+}
+
+/// A device as reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// Device id.
+    pub id: u32,
+    /// Name.
+    pub name: String,
+    /// PCI address.
+    pub pci_address: String,
+    /// Capabilities.
+    pub caps: DeviceCaps,
+    /// Channel it was bound through.
+    pub channel: u64,
+    /// Attachments by PASID.
+    pub attachments: Vec<AttachmentInfo>,
+    /// Global pPASIDs allocated for it.
+    pub ppasids: Vec<u32>,
+    /// Fenced after failing to answer an invalidation.
+    pub fenced: bool,
+    /// Pool offset of its PASID table root.
+    pub pasid_root: u64,
+}
+
+/// Which translations a device must drop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvalidateTarget {
+    /// Device.
+    pub dev_id: u32,
+    /// pPASID (0 = RID).
+    pub pasid: u32,
+    /// IOVA range `[start, last]` of that PASID's address space, or `None`
+    /// for everything.
+    pub range: Option<IovaRange>,
 }

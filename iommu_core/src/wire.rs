@@ -214,6 +214,69 @@ pub enum Request {
     },
     /// Everything visible to this connection.
     Status,
+    /// Session: turn page-fault handling of an IOAS on or off.
+    SetPageFaults {
+        /// IOAS.
+        ioas: u32,
+        /// On or off.
+        enable: bool,
+    },
+    /// Session: make a device channel; the reply carries its fd.
+    OpenDeviceChannel,
+    /// Channel: bind a device.
+    BindDevice(BindArgs),
+    /// Channel: unbind a device.
+    UnbindDevice {
+        /// Device.
+        dev: u32,
+    },
+    /// Channel: attach the RID (`pasid` None) or a pPASID to an IOAS or
+    /// nested IOAS; with `replace`, move an existing attachment.
+    Attach {
+        /// Device.
+        dev: u32,
+        /// pPASID, or None for the RID.
+        pasid: Option<u32>,
+        /// IOAS or nested IOAS.
+        pt_id: u32,
+        /// Replace an existing attachment.
+        replace: bool,
+    },
+    /// Channel: detach the RID or a pPASID (no-op if not attached).
+    Detach {
+        /// Device.
+        dev: u32,
+        /// pPASID, or None for the RID.
+        pasid: Option<u32>,
+    },
+    /// Channel: allocate a global pPASID for a device.
+    DevicePasidAlloc {
+        /// Device.
+        dev: u32,
+    },
+    /// Channel: free a device's global pPASID.
+    DevicePasidFree {
+        /// Device.
+        dev: u32,
+        /// The pPASID.
+        pasid: u32,
+    },
+    /// Channel: the table pool and dirty pool fds.
+    GetPools,
+    /// Channel: the fd of the memory object holding a system address.
+    GetMemory {
+        /// A system address.
+        system_address: u64,
+    },
+    /// Channel: an unrecoverable fault.
+    ReportFault(FaultRecord),
+    /// Channel: a page request; answered when the session responds.
+    PageRequest(FaultRecord),
+    /// Channel: the answer to a [`Reply::Invalidate`]; gets no reply.
+    InvalidateDone {
+        /// Id of the invalidation.
+        id: u64,
+    },
 }
 
 impl Request {
@@ -225,6 +288,24 @@ impl Request {
     /// True for requests an observer may send.
     pub fn read_only(&self) -> bool {
         matches!(self, Request::Hello { .. } | Request::Status)
+    }
+
+    /// True for requests only a device channel may send.
+    pub fn channel_only(&self) -> bool {
+        matches!(
+            self,
+            Request::BindDevice(_)
+                | Request::UnbindDevice { .. }
+                | Request::Attach { .. }
+                | Request::Detach { .. }
+                | Request::DevicePasidAlloc { .. }
+                | Request::DevicePasidFree { .. }
+                | Request::GetPools
+                | Request::GetMemory { .. }
+                | Request::ReportFault(_)
+                | Request::PageRequest(_)
+                | Request::InvalidateDone { .. }
+        )
     }
 }
 
@@ -266,6 +347,43 @@ pub enum Reply {
     Translation(Translation),
     /// A snapshot.
     Status(Box<Snapshot>),
+    /// A device channel; its fd is attached.
+    Channel {
+        /// Channel id.
+        channel: u64,
+    },
+    /// A bound device.
+    Device(BoundDevice),
+    /// The pools; fds attached: table pool (map read-only), dirty pool.
+    Pools {
+        /// Table pool size.
+        table_bytes: u64,
+        /// Dirty pool size.
+        dirty_bytes: u64,
+    },
+    /// A memory object; its fd is attached.
+    MemoryFd {
+        /// Its base in the system address space.
+        base: u64,
+        /// Its size.
+        size: u64,
+        /// Sealed against shrinking (safe to mmap).
+        sealed: bool,
+    },
+    /// The session's answer to a page request.
+    PageResponse {
+        /// `page_response::SUCCESS` or `INVALID`.
+        code: u32,
+    },
+    /// Core -> device server, `seq` 0: drop these translations, finish DMA
+    /// that started before this message, then send
+    /// [`Request::InvalidateDone`] with `id`.
+    Invalidate {
+        /// Id to answer with.
+        id: u64,
+        /// What to drop.
+        targets: Vec<InvalidateTarget>,
+    },
     /// The request failed.
     Error {
         /// Linux errno number.

@@ -46,6 +46,13 @@ struct Args {
     /// tables are allocated).
     #[arg(long, default_value_t = Limits::default().table_pool_bytes)]
     table_pool_bytes: u64,
+    /// Limit: devices bound per session.
+    #[arg(long, default_value_t = Limits::default().max_devices_per_session)]
+    max_devices_per_session: u32,
+    /// Milliseconds a device server has to answer an invalidation (drop its
+    /// IOTLB entries and finish DMA in flight) before it is fenced.
+    #[arg(long, default_value_t = Limits::default().invalidate_timeout_ms)]
+    invalidate_timeout_ms: u32,
 }
 
 fn main() -> std::process::ExitCode {
@@ -78,6 +85,8 @@ fn run() -> anyhow::Result<()> {
         max_fds_per_message: a.max_fds_per_message,
         fault_queue_depth: a.fault_queue_depth,
         table_pool_bytes: a.table_pool_bytes,
+        max_devices_per_session: a.max_devices_per_session,
+        invalidate_timeout_ms: a.invalidate_timeout_ms,
     };
     let path = a.socket.unwrap_or_else(default_socket_path);
     let mut server =
