@@ -11,7 +11,7 @@
 //! s.unmap(ioas, iova, 1 << 20).unwrap();
 //! ```
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
@@ -140,6 +140,11 @@ impl Client {
     /// Sends one request and waits for its reply. A [`Reply::Error`] becomes
     /// [`Error::Core`].
     pub fn call(&mut self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<Reply> {
+        self.call_fds(req, fds).map(|(r, _)| r)
+    }
+
+    /// Like [`call`](Self::call), also returning the fds the reply carries.
+    pub fn call_fds(&mut self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Reply, Vec<OwnedFd>)> {
         self.seq += 1;
         let seq = self.seq;
         let bytes = wire::encode(seq, req, fds.len())?;
@@ -150,7 +155,7 @@ impl Client {
             sent = bytes.len();
         }
         debug_assert_eq!(sent, bytes.len());
-        let env = self.read_reply()?;
+        let (env, fds) = self.read_reply()?;
         if env.seq != seq && env.seq != 0 {
             return Err(Error::Unexpected(format!("reply to request {} while waiting for {seq}", env.seq)));
         }
@@ -158,15 +163,15 @@ impl Client {
             Reply::Error { errno, message } => {
                 Err(Error::Core { errno: Errno::from_code(errno), code: errno, message })
             }
-            r => Ok(r),
+            r => Ok((r, fds)),
         }
     }
 
-    /// Reads the next reply frame.
-    pub fn read_reply(&mut self) -> Result<Envelope<Reply>> {
+    /// Reads the next reply frame and its fds.
+    pub fn read_reply(&mut self) -> Result<(Envelope<Reply>, Vec<OwnedFd>)> {
         loop {
             if let Some(frame) = self.reader.next_frame()? {
-                return Ok(wire::decode(&frame.payload)?);
+                return Ok((wire::decode(&frame.payload)?, frame.fds));
             }
             let mut buf = vec![0u8; 256 * 1024];
             let (n, fds) = match wire::recv_with_fds(self.stream.as_fd(), &mut buf, 16) {
@@ -278,6 +283,20 @@ impl Client {
     /// Translates one IOVA through a paging IOAS.
     pub fn translate(&mut self, ioas: u32, iova: u64) -> Result<Translation> {
         expect!(self.call(&Request::Translate { ioas, iova }, &[])?, Reply::Translation(t) => t)
+    }
+
+    /// Makes a device channel for this session; returns its id and the fd
+    /// to hand to a device server.
+    pub fn open_device_channel(&mut self) -> Result<(u64, OwnedFd)> {
+        let (r, mut fds) = self.call_fds(&Request::OpenDeviceChannel, &[])?;
+        let channel = expect!(r, Reply::Channel { channel } => channel)?;
+        let fd = fds.pop().ok_or_else(|| Error::Unexpected("the channel reply carried no fd".into()))?;
+        Ok((channel, fd))
+    }
+
+    /// Turns page-fault handling of an IOAS on or off.
+    pub fn set_page_faults(&mut self, ioas: u32, enable: bool) -> Result<()> {
+        expect!(self.call(&Request::SetPageFaults { ioas, enable }, &[])?, Reply::Ok => ())
     }
 
     /// A snapshot of what this connection may see.

@@ -15,6 +15,7 @@
 #![deny(missing_docs)]
 
 pub mod client;
+pub mod device;
 pub mod errno;
 pub mod failpoint;
 pub mod memfd;
@@ -23,6 +24,7 @@ pub mod pagetable;
 pub mod script;
 pub mod server;
 pub mod sysaddr;
+pub mod tu;
 pub mod types;
 pub mod wire;
 

@@ -114,12 +114,14 @@ pub struct Effects {
     pub invalidations: BTreeMap<u64, Vec<InvalidateTarget>>,
     /// Table pages no walker may reach once the invalidations are done.
     pub garbage: Vec<u64>,
+    /// Channel -> system bases of destroyed memory objects to unmap.
+    pub forget: BTreeMap<u64, Vec<u64>>,
 }
 
 impl Effects {
     /// True if nothing is to be done.
     pub fn is_empty(&self) -> bool {
-        self.invalidations.is_empty() && self.garbage.is_empty()
+        self.invalidations.is_empty() && self.garbage.is_empty() && self.forget.is_empty()
     }
 }
 
@@ -541,7 +543,11 @@ impl Core {
         }
         let id = self.new_id(sid)?;
         self.ioas(sid, parent)?.children += 1;
-        self.insert_object(sid, id, Object::Nested(Nested { parent, s1_root, invalidations: 0, attached: BTreeSet::new() }))?;
+        self.insert_object(
+            sid,
+            id,
+            Object::Nested(Nested { parent, s1_root, invalidations: 0, attached: BTreeSet::new() }),
+        )?;
         Ok(id)
     }
 
@@ -597,6 +603,10 @@ impl Core {
             Object::Memory(m) => {
                 self.sys.free(m.sys_base, m.sys_len);
                 self.sys_owner.remove(&m.sys_base);
+                // Device servers may have it mapped; its address will be reused.
+                for chan in self.channels_of(sid) {
+                    self.effects.forget.entry(chan).or_default().push(m.sys_base);
+                }
             }
             Object::Ioas(mut i) => {
                 let areas = std::mem::take(&mut i.areas);
@@ -656,7 +666,7 @@ impl Core {
         check_aligned("length", a.length)?;
         check_aligned("offset", a.offset)?;
         let (size, base) = self.mem_info(sid, a.mem)?;
-        if a.offset + a.length > size {
+        if a.offset.checked_add(a.length).is_none_or(|end| end > size) {
             return err(
                 Errno::EINVAL,
                 format!("[{:#x}, +{:#x}) is beyond the memory object's {size:#x} bytes", a.offset, a.length),
@@ -904,7 +914,10 @@ impl Core {
     /// Allocates a pPASID from the global space for the session.
     pub fn ppasid_alloc(&mut self, sid: u64) -> Result<u32> {
         let cap = self.limits.max_ppasids_per_session;
-        if self.session(sid)?.ppasids.len() as u64 >= u64::from(cap) {
+        let s = self.session(sid)?;
+        let held = s.ppasids.len()
+            + s.objects.values().map(|o| if let Object::Device(d) = o { d.ppasids.len() } else { 0 }).sum::<usize>();
+        if held as u64 >= u64::from(cap) {
             return err(Errno::ENOSPC, format!("the session holds {cap} pPASIDs, the configured limit"));
         }
         self.step()?;
@@ -945,7 +958,10 @@ impl Core {
             for (dev, _) in &users {
                 if let Ok(Object::Device(d)) = self.object(sid, *dev) {
                     if !d.caps.dirty_tracking {
-                        return err(Errno::EOPNOTSUPP, format!("device {dev} is attached and cannot track dirty pages"));
+                        return err(
+                            Errno::EOPNOTSUPP,
+                            format!("device {dev} is attached and cannot track dirty pages"),
+                        );
                     }
                 }
             }
@@ -1087,6 +1103,10 @@ impl Core {
             return err(Errno::ENOSPC, "the session's fault queue is full");
         }
         if recoverable {
+            if s.pending.len() >= depth {
+                s.faults_lost += 1;
+                return err(Errno::ENOSPC, "the session has too many page requests waiting for an answer");
+            }
             s.pending.insert(cookie, rec.clone());
         }
         s.faults.push_back(rec);
@@ -1150,7 +1170,7 @@ impl Core {
     /// Takes the effects of the operations since the last call.
     pub fn take_effects(&mut self) -> Effects {
         let mut e = std::mem::take(&mut self.effects);
-        if e.invalidations.is_empty() && !e.garbage.is_empty() {
+        if e.invalidations.is_empty() && e.forget.is_empty() && !e.garbage.is_empty() {
             // Every target was fenced or gone: nobody can hold the pages.
             self.release_tables(std::mem::take(&mut e.garbage));
         }
@@ -1167,6 +1187,10 @@ impl Core {
     /// Opens a device channel for a session; returns its id.
     pub fn open_channel(&mut self, sid: u64) -> Result<u64> {
         self.session(sid)?;
+        let cap = self.limits.max_channels_per_session;
+        if self.channels_of(sid).len() as u64 >= u64::from(cap) {
+            return err(Errno::ENOSPC, format!("the session has {cap} device channels, the configured limit"));
+        }
         self.step()?;
         let c = self.next_channel;
         self.next_channel += 1;
@@ -1185,7 +1209,10 @@ impl Core {
     }
 
     fn chan_session(&self, chan: u64) -> Result<u64> {
-        self.channels.get(&chan).copied().ok_or_else(|| Error { errno: Errno::ENOENT, message: "the channel is closed".into() })
+        self.channels
+            .get(&chan)
+            .copied()
+            .ok_or_else(|| Error { errno: Errno::ENOENT, message: "the channel is closed".into() })
     }
 
     fn device(&mut self, chan: u64, dev: u32) -> Result<(u64, &mut Device)> {
@@ -1237,15 +1264,22 @@ impl Core {
         let (caps, root) = (d.caps, d.root);
         let key = match pasid {
             None => 0,
-            Some(_) if caps.pasid_width == 0 => return err(Errno::EINVAL, format!("device {dev} has no PASID support")),
+            Some(_) if caps.pasid_width == 0 => {
+                return err(Errno::EINVAL, format!("device {dev} has no PASID support"))
+            }
             Some(p) if p == 0 || u64::from(p) >= 1u64 << caps.pasid_width => {
-                return err(Errno::EINVAL, format!("PASID {p:#x} is outside the device's {}-bit range", caps.pasid_width))
+                return err(
+                    Errno::EINVAL,
+                    format!("PASID {p:#x} is outside the device's {}-bit range", caps.pasid_width),
+                )
             }
             Some(p) => p,
         };
         let old = d.attach.get(&key).copied();
         match (old, replace) {
-            (Some(_), false) => return err(Errno::EBUSY, format!("PASID {key:#x} of device {dev} is attached; use replace")),
+            (Some(_), false) => {
+                return err(Errno::EBUSY, format!("PASID {key:#x} of device {dev} is attached; use replace"))
+            }
             (None, true) => return err(Errno::EINVAL, format!("PASID {key:#x} of device {dev} is not attached")),
             _ => {}
         }
@@ -1365,6 +1399,7 @@ impl Core {
             }
         }
         self.effects.invalidations.remove(&chan);
+        self.effects.forget.remove(&chan);
         self.channels.remove(&chan);
     }
 

@@ -322,6 +322,16 @@ impl TablePool {
         (table / PAGE_SIZE) as usize
     }
 
+    fn used_of(&self, table: u64) -> u16 {
+        self.used.get(Self::page_index(table)).copied().unwrap_or(0)
+    }
+
+    fn add_used(&mut self, table: u64, delta: i32) {
+        if let Some(u) = self.used.get_mut(Self::page_index(table)) {
+            *u = (i32::from(*u) + delta).clamp(0, ENTRIES as i32) as u16;
+        }
+    }
+
     /// Allocates a zeroed table and returns its pool offset.
     pub fn alloc_table(&mut self) -> Result<u64, Error> {
         if self.fail.step() {
@@ -354,7 +364,7 @@ impl TablePool {
         }
         self.used[page] = 0;
         self.free.push(page as u32);
-        self.in_use -= 1;
+        self.in_use = self.in_use.saturating_sub(1);
     }
 
     fn clear_dirty_of_table(&self, table: u64) {
@@ -411,7 +421,7 @@ impl TablePool {
             let whole = cur == slot_base && chunk_end - cur == size && a & (size - 1) == 0;
             if e & PTE_PRESENT == 0 && whole && level <= 3 {
                 self.store(table, index, a | perm.bits() | PTE_LEAF | PTE_PRESENT);
-                self.used[Self::page_index(table)] += 1;
+                self.add_used(table, 1);
             } else if e & PTE_PRESENT != 0 && (e & PTE_LEAF != 0 || level == 1) {
                 return Err(Error::Overlap(cur));
             } else {
@@ -420,7 +430,7 @@ impl TablePool {
                 } else {
                     let t = self.alloc_table()?;
                     self.store(table, index, t | PTE_PRESENT);
-                    self.used[Self::page_index(table)] += 1;
+                    self.add_used(table, 1);
                     t
                 };
                 self.map_level(child, level - 1, cur, a, chunk_end - cur, perm)?;
@@ -452,13 +462,13 @@ impl TablePool {
             if e & PTE_PRESENT != 0 {
                 if e & PTE_LEAF != 0 || level == 1 {
                     self.store(table, index, 0);
-                    self.used[Self::page_index(table)] -= 1;
+                    self.add_used(table, -1);
                 } else {
                     let child = e & PTE_ADDR_MASK;
                     self.unmap_level(child, level - 1, cur, chunk_end, garbage);
-                    if self.used[Self::page_index(child)] == 0 {
+                    if self.used_of(child) == 0 {
                         self.store(table, index, 0);
-                        self.used[Self::page_index(table)] -= 1;
+                        self.add_used(table, -1);
                         garbage.push(child);
                     }
                 }
@@ -601,17 +611,31 @@ impl TablePool {
     /// stale stage-1 root.
     pub fn pasid_set(&mut self, root: u64, pasid: u32, e: PasidEntry, pages: &mut Vec<u64>) -> Result<(), Error> {
         let mut table = root;
+        let mut linked: Vec<(u64, usize, u64)> = Vec::new();
         for index in [(pasid >> 17) as usize, ((pasid >> 8) & 511) as usize] {
             let d = self.entry(table, index).map_or(0, |w| w.load(Ordering::Relaxed));
             table = if d & PTE_PRESENT != 0 {
                 d & PTE_ADDR_MASK
             } else {
-                let t = self.alloc_table()?;
-                pages.push(t);
-                self.store(table, index, t | PTE_PRESENT);
-                t
+                match self.alloc_table() {
+                    Ok(t) => {
+                        self.store(table, index, t | PTE_PRESENT);
+                        linked.push((table, index, t));
+                        t
+                    }
+                    Err(err) => {
+                        // Unlink what this call linked before freeing it; the
+                        // new pages only ever held empty entries.
+                        for (parent, i, t) in linked.into_iter().rev() {
+                            self.store(parent, i, 0);
+                            self.free_table(t);
+                        }
+                        return Err(err);
+                    }
+                }
             };
         }
+        pages.extend(linked.into_iter().map(|(_, _, t)| t));
         let i = ((pasid & 255) * 2) as usize;
         self.store(table, i, 0);
         self.store(table, i + 1, e.s1_root);

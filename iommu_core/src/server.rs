@@ -8,7 +8,7 @@
 //! (it does not read them) is not served until they drain, so its memory use
 //! stays bounded.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::ErrorKind;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -23,7 +23,7 @@ use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
 use crate::errno::Errno;
 use crate::model::{self, Core};
-use crate::types::Limits;
+use crate::types::{InvalidateTarget, Limits};
 use crate::wire::{self, Envelope, FrameReader, Reply, Request, Role};
 
 /// Requests served per connection per turn of the loop.
@@ -95,8 +95,9 @@ struct Conn {
     stash: VecDeque<(Envelope<Request>, Vec<OwnedFd>)>,
 }
 
-/// Most requests a blocked connection may queue before it is cut off.
-const STASH_LIMIT: usize = 256;
+/// Most requests a blocked device channel may queue before it is cut off
+/// (a blocked session is simply not read until its operation completes).
+const STASH_LIMIT: usize = 32;
 
 impl Conn {
     fn new(stream: UnixStream, limits: &Limits, pid: i32, uid: u32) -> Conn {
@@ -221,12 +222,15 @@ impl Server {
 
     /// Makes SIGTERM and SIGINT stop the loop cleanly.
     pub fn handle_signals(&mut self) -> Result<(), Error> {
-        let mut s = signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
-            .map_err(|e| Error::Setup { what: "cannot install signal handlers for", path: self.path.clone(), error: e })?;
-        self.poll
-            .registry()
-            .register(&mut s, SIGNALS, Interest::READABLE)
-            .map_err(|e| Error::Setup { what: "cannot register signals for", path: self.path.clone(), error: e })?;
+        let mut s =
+            signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]).map_err(
+                |e| Error::Setup { what: "cannot install signal handlers for", path: self.path.clone(), error: e },
+            )?;
+        self.poll.registry().register(&mut s, SIGNALS, Interest::READABLE).map_err(|e| Error::Setup {
+            what: "cannot register signals for",
+            path: self.path.clone(),
+            error: e,
+        })?;
         self.signals = Some(s);
         Ok(())
     }
@@ -364,7 +368,8 @@ impl Server {
 
     /// A channel that will never answer: operations stop waiting for it.
     fn channel_gone(&mut self, chan: u64) {
-        let ops: Vec<u64> = self.held.iter().filter(|(_, o)| o.waiting.contains_key(&chan)).map(|(id, _)| *id).collect();
+        let ops: Vec<u64> =
+            self.held.iter().filter(|(_, o)| o.waiting.contains_key(&chan)).map(|(id, _)| *id).collect();
         for id in ops {
             if let Some(op) = self.held.get_mut(&id) {
                 if let Some(inval) = op.waiting.remove(&chan) {
@@ -382,7 +387,8 @@ impl Server {
         let now = Instant::now();
         let late: Vec<u64> = self.held.iter().filter(|(_, o)| o.deadline <= now).map(|(id, _)| *id).collect();
         for id in late {
-            let chans: Vec<(u64, u64)> = self.held.get(&id).map(|o| o.waiting.iter().map(|(c, i)| (*c, *i)).collect()).unwrap_or_default();
+            let chans: Vec<(u64, u64)> =
+                self.held.get(&id).map(|o| o.waiting.iter().map(|(c, i)| (*c, *i)).collect()).unwrap_or_default();
             for (chan, inval) in chans {
                 self.inval_owner.remove(&inval);
                 self.core.fence_channel(chan);
@@ -410,12 +416,19 @@ impl Server {
     /// invalidations the operation caused.
     fn apply_effects(&mut self, conn: Option<Token>, seq: u64, reply: Reply, fds: Vec<OwnedFd>, e: model::Effects) {
         let mut waiting = HashMap::new();
-        for (chan, targets) in e.invalidations {
+        let mut per_chan: BTreeMap<u64, (Vec<InvalidateTarget>, Vec<u64>)> = BTreeMap::new();
+        for (chan, t) in e.invalidations {
+            per_chan.entry(chan).or_default().0 = t;
+        }
+        for (chan, f) in e.forget {
+            per_chan.entry(chan).or_default().1 = f;
+        }
+        for (chan, (targets, forget)) in per_chan {
             let Some(t) = self.chan_tokens.get(&chan).copied() else { continue };
             let Some(c) = self.conns.get_mut(&t) else { continue };
             let id = self.next_inval;
             self.next_inval += 1;
-            queue(c, 0, &Reply::Invalidate { id, targets }, Vec::new());
+            queue(c, 0, &Reply::Invalidate { id, targets, forget }, Vec::new());
             self.backlog.push_back(t);
             waiting.insert(chan, id);
         }
@@ -435,7 +448,10 @@ impl Server {
             c.blocked = true;
         }
         let timeout = Duration::from_millis(u64::from(self.core.limits().invalidate_timeout_ms));
-        self.held.insert(op, HeldOp { conn, seq, reply, fds, garbage: e.garbage, waiting, deadline: Instant::now() + timeout });
+        self.held.insert(
+            op,
+            HeldOp { conn, seq, reply, fds, garbage: e.garbage, waiting, deadline: Instant::now() + timeout },
+        );
     }
 
     /// Flushes, reads and serves one connection for one turn.
@@ -453,6 +469,7 @@ impl Server {
         }
         let mut served = 0;
         let mut eof = false;
+        let mut yielded = false;
         loop {
             let Some(conn) = self.conns.get_mut(&token) else { return };
             if conn.out_bytes > OUT_HIGH_WATER || conn.closing {
@@ -461,6 +478,7 @@ impl Server {
             if served == FRAMES_PER_TURN {
                 // Fair share used: come back after the other connections.
                 self.backlog.push_back(token);
+                yielded = true;
                 break;
             }
             if !conn.blocked {
@@ -469,6 +487,10 @@ impl Server {
                     self.handle(token, env, fds);
                     continue;
                 }
+            } else if conn.channel == 0 {
+                // A session waits for its held operation; its next requests
+                // stay in the socket until then.
+                break;
             }
             match conn.reader.next_frame() {
                 Ok(Some(frame)) => {
@@ -505,8 +527,13 @@ impl Server {
             }
         }
         let Some(conn) = self.conns.get_mut(&token) else { return };
-        if eof && conn.out.is_empty() && !conn.blocked || flush(conn).is_err() {
+        if flush(conn).is_err() {
             self.drop_conn(token);
+            return;
+        }
+        if yielded || conn.blocked {
+            // Requests may still be waiting; the end of stream is seen again
+            // on the next turn.
             return;
         }
         if eof {
@@ -580,7 +607,10 @@ impl Server {
                 (Role::DeviceChannel, true) => conn.session,
                 (_, true) => {
                     conn.closing = true;
-                    return plain(Reply::error(Errno::EPERM, "a device channel can only say hello as a device channel"));
+                    return plain(Reply::error(
+                        Errno::EPERM,
+                        "a device channel can only say hello as a device channel",
+                    ));
                 }
                 (Role::Session, false) => match self.core.open_session(pid, uid) {
                     Ok(s) => s,
@@ -669,15 +699,20 @@ impl Server {
             Request::OpenDeviceChannel => return Some(self.open_channel(sid)),
             Request::BindDevice(a) => core.bind_device(chan, a).map(Reply::Device),
             Request::UnbindDevice { dev } => core.unbind_device(chan, dev).map(|_| Reply::Ok),
-            Request::Attach { dev, pasid, pt_id, replace } => core.attach(chan, dev, pasid, pt_id, replace).map(|_| Reply::Ok),
+            Request::Attach { dev, pasid, pt_id, replace } => {
+                core.attach(chan, dev, pasid, pt_id, replace).map(|_| Reply::Ok)
+            }
             Request::Detach { dev, pasid } => core.detach(chan, dev, pasid).map(|_| Reply::Ok),
             Request::DevicePasidAlloc { dev } => core.device_ppasid_alloc(chan, dev).map(Reply::Pasid),
             Request::DevicePasidFree { dev, pasid } => core.device_ppasid_free(chan, dev, pasid).map(|_| Reply::Ok),
             Request::GetPools => {
                 let pool = core.pool();
-                let fds = [pool.fd().try_clone_to_owned(), pool.dirty_fd().try_clone_to_owned()];
+                // A fresh read-only open of the pool: a peer cannot map it writable.
+                let fds = [reopen_read_only(pool.fd()), pool.dirty_fd().try_clone_to_owned()];
                 return Some(match fds {
-                    [Ok(a), Ok(b)] => (Reply::Pools { table_bytes: pool.size(), dirty_bytes: pool.dirty_size() }, vec![a, b]),
+                    [Ok(a), Ok(b)] => {
+                        (Reply::Pools { table_bytes: pool.size(), dirty_bytes: pool.dirty_size() }, vec![a, b])
+                    }
                     _ => (Reply::error(Errno::ENOMEM, "cannot duplicate the pool fds"), Vec::new()),
                 });
             }
@@ -699,9 +734,13 @@ impl Server {
                 Err(e) => Err(e),
             },
             Request::InvalidateDone { id } => {
-                if let Some(op) = self.inval_owner.remove(&id) {
+                // Only the channel the invalidation went to can answer it.
+                let op = self.inval_owner.get(&id).copied();
+                let mine = op.and_then(|op| self.held.get(&op)).is_some_and(|o| o.waiting.get(&chan) == Some(&id));
+                if let (Some(op), true) = (op, mine) {
+                    self.inval_owner.remove(&id);
                     let done = self.held.get_mut(&op).map(|o| {
-                        o.waiting.retain(|c, i| !(*c == chan && *i == id));
+                        o.waiting.remove(&chan);
                         o.waiting.is_empty()
                     });
                     if done == Some(true) {
@@ -730,7 +769,8 @@ impl Server {
                 return fail(format!("cannot make a socketpair: {e}"));
             }
         };
-        let (pid, uid) = self.conns.values().find(|c| c.session == sid && c.channel == 0).map_or((0, 0), |c| (c.pid, c.uid));
+        let (pid, uid) =
+            self.conns.values().find(|c| c.session == sid && c.channel == 0).map_or((0, 0), |c| (c.pid, c.uid));
         let Some(token) = self.register(UnixStream::from_std(ours), pid, uid) else {
             self.core.close_channel(chan);
             return fail("cannot register the channel".into());
@@ -743,6 +783,14 @@ impl Server {
         tracing::info!(session = sid, channel = chan, "device channel made");
         (Reply::Channel { channel: chan }, vec![OwnedFd::from(theirs)])
     }
+}
+
+/// Opens the file behind `fd` again, read-only, through `/proc/self/fd`:
+/// a new open file description whose holder cannot map it writable.
+fn reopen_read_only(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    Ok(OwnedFd::from(f))
 }
 
 fn queue(conn: &mut Conn, seq: u64, reply: &Reply, fds: Vec<OwnedFd>) {

@@ -32,6 +32,8 @@ pub struct Limits {
     pub table_pool_bytes: u64,
     /// Devices bound per session.
     pub max_devices_per_session: u32,
+    /// Device channels per session.
+    pub max_channels_per_session: u32,
     /// Milliseconds a device server has to answer an invalidation before
     /// it is fenced.
     pub invalidate_timeout_ms: u32,
@@ -50,6 +52,7 @@ impl Default for Limits {
             fault_queue_depth: 4096,
             table_pool_bytes: 1 << 30,
             max_devices_per_session: 256,
+            max_channels_per_session: 16,
             invalidate_timeout_ms: 2000,
         }
     }

@@ -383,6 +383,8 @@ pub enum Reply {
         id: u64,
         /// What to drop.
         targets: Vec<InvalidateTarget>,
+        /// System bases of memory objects that are gone: unmap them.
+        forget: Vec<u64>,
     },
     /// The request failed.
     Error {
@@ -465,6 +467,11 @@ impl FrameReader {
     /// Takes the next complete frame, if any. An error means the stream can
     /// no longer be trusted and the connection should be closed.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, Error> {
+        // Fds come with the first byte of their frame, so more than one
+        // frame's worth can only be waiting if the peer is cheating.
+        if self.fds.len() > self.max_fds {
+            return Err(Error::TooManyFds(self.fds.len(), self.max_fds));
+        }
         if self.buf.len() < HEADER_LEN {
             if self.buf.is_empty() && !self.fds.is_empty() {
                 return Err(Error::FdMismatch(0, self.fds.len()));

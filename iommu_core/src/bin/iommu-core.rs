@@ -46,6 +46,9 @@ struct Args {
     /// tables are allocated).
     #[arg(long, default_value_t = Limits::default().table_pool_bytes)]
     table_pool_bytes: u64,
+    /// Limit: device channels per session.
+    #[arg(long, default_value_t = Limits::default().max_channels_per_session)]
+    max_channels_per_session: u32,
     /// Limit: devices bound per session.
     #[arg(long, default_value_t = Limits::default().max_devices_per_session)]
     max_devices_per_session: u32,
@@ -86,8 +89,17 @@ fn run() -> anyhow::Result<()> {
         fault_queue_depth: a.fault_queue_depth,
         table_pool_bytes: a.table_pool_bytes,
         max_devices_per_session: a.max_devices_per_session,
+        max_channels_per_session: a.max_channels_per_session,
         invalidate_timeout_ms: a.invalidate_timeout_ms,
     };
+    // Peers of the same user must not reach our fds through /proc.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(error = %e, "cannot make the process non-dumpable");
+    }
+    // Every connection and channel is an fd: use the whole hard limit.
+    if let Ok((_, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
     let path = a.socket.unwrap_or_else(default_socket_path);
     let mut server =
         Server::bind(&path, limits).with_context(|| format!("cannot start the core on {}", path.display()))?;

@@ -1,0 +1,329 @@
+//! The device side of a device channel: a device server binds its devices,
+//! attaches them, fetches the pools and memory objects, reports faults and
+//! answers invalidations over the fd a session handed it.
+//!
+//! A reader thread owns the receiving half. Replies are matched to calls by
+//! `seq` (a page request may be answered after later calls). An
+//! invalidation is passed to the [`InvalidationHandler`], and answered
+//! when the handler returns. A call must never be made while holding
+//! something the handler waits for (the translation unit's DMA guard).
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam::channel::{bounded, Sender};
+
+use crate::errno::Errno;
+use crate::types::*;
+use crate::wire::{self, Envelope, FrameReader, Reply, Request, Role};
+
+/// Errors of the device channel.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Socket failure.
+    #[error("device channel: {0}")]
+    Io(#[from] std::io::Error),
+    /// Framing failure.
+    #[error("device channel protocol error: {0}")]
+    Wire(#[from] wire::Error),
+    /// The core closed the channel.
+    #[error("the core closed the device channel")]
+    Closed,
+    /// No answer in time.
+    #[error("no answer from the core within {0:?}")]
+    Timeout(Duration),
+    /// The core refused the request.
+    #[error("{}: {message}", errno.map_or_else(|| format!("errno {code}"), |e| e.name().to_string()))]
+    Core {
+        /// The errno, if in the vocabulary.
+        errno: Option<Errno>,
+        /// The raw errno.
+        code: i32,
+        /// The core's sentence.
+        message: String,
+    },
+    /// A reply of the wrong kind.
+    #[error("unexpected reply: {0}")]
+    Unexpected(String),
+}
+
+impl Error {
+    /// The errno of a refused request.
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            Error::Core { errno, .. } => *errno,
+            _ => None,
+        }
+    }
+}
+
+/// Result of a channel call.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Receives the core's invalidations.
+pub trait InvalidationHandler: Send + Sync {
+    /// Drops cached translations of `targets`, forgets the memory objects
+    /// at the bases in `forget`, and returns only once every DMA that
+    /// started before the call has finished.
+    fn invalidate(&self, targets: &[InvalidateTarget], forget: &[u64]);
+}
+
+type Waiter = Sender<(Reply, Vec<OwnedFd>)>;
+
+struct Inner {
+    stream: Mutex<UnixStream>,
+    pending: Mutex<HashMap<u64, Waiter>>,
+    seq: AtomicU64,
+    closed: AtomicBool,
+    handler: Mutex<Option<Arc<dyn InvalidationHandler>>>,
+    invalidations: AtomicU64,
+}
+
+impl Inner {
+    fn send(&self, seq: u64, req: &Request) -> Result<()> {
+        let bytes = wire::encode(seq, req, 0)?;
+        let s = self.stream.lock().map_err(|_| Error::Closed)?;
+        use std::io::Write;
+        (&*s).write_all(&bytes)?;
+        Ok(())
+    }
+}
+
+/// The device end of a device channel.
+pub struct Channel {
+    inner: Arc<Inner>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    session: u64,
+}
+
+macro_rules! expect {
+    ($reply:expr, $pat:pat => $val:expr) => {
+        match $reply {
+            $pat => Ok($val),
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
+    };
+}
+
+impl Channel {
+    /// Takes the fd a session got from `OpenDeviceChannel`, says hello and
+    /// starts the reader thread.
+    pub fn new(fd: OwnedFd) -> Result<Channel> {
+        let stream = UnixStream::from(fd);
+        let read_half = stream.try_clone()?;
+        let inner = Arc::new(Inner {
+            stream: Mutex::new(stream),
+            pending: Mutex::new(HashMap::new()),
+            seq: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+            handler: Mutex::new(None),
+            invalidations: AtomicU64::new(0),
+        });
+        let r = inner.clone();
+        let reader =
+            std::thread::Builder::new().name("ioasid-channel".into()).spawn(move || read_loop(&r, read_half))?;
+        let mut ch = Channel { inner, reader: Some(reader), session: 0 };
+        let hello = Request::Hello {
+            magic: wire::MAGIC,
+            major: wire::VERSION_MAJOR,
+            minor: wire::VERSION_MINOR,
+            role: Role::DeviceChannel,
+        };
+        ch.session = expect!(ch.call(&hello, None)?.0, Reply::Hello { session, .. } => session)?;
+        Ok(ch)
+    }
+
+    /// The session this channel speaks for.
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    /// Invalidations answered so far.
+    pub fn invalidations(&self) -> u64 {
+        self.inner.invalidations.load(Ordering::Relaxed)
+    }
+
+    /// Installs the handler of invalidations (the translation unit).
+    pub fn set_handler(&self, h: Arc<dyn InvalidationHandler>) {
+        if let Ok(mut g) = self.inner.handler.lock() {
+            *g = Some(h);
+        }
+    }
+
+    /// True once the core has closed the channel.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::SeqCst)
+    }
+
+    /// Sends a request and waits for its reply (at most `timeout`).
+    pub fn call(&self, req: &Request, timeout: Option<Duration>) -> Result<(Reply, Vec<OwnedFd>)> {
+        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = bounded(1);
+        self.inner.pending.lock().map_err(|_| Error::Closed)?.insert(seq, tx);
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        if let Err(e) = self.inner.send(seq, req) {
+            if let Ok(mut p) = self.inner.pending.lock() {
+                p.remove(&seq);
+            }
+            return Err(e);
+        }
+        let got = match timeout {
+            Some(t) => rx.recv_timeout(t).map_err(|e| if e.is_timeout() { Error::Timeout(t) } else { Error::Closed }),
+            None => rx.recv().map_err(|_| Error::Closed),
+        };
+        if got.is_err() {
+            if let Ok(mut p) = self.inner.pending.lock() {
+                p.remove(&seq);
+            }
+        }
+        let (reply, fds) = got?;
+        match reply {
+            Reply::Error { errno, message } => {
+                Err(Error::Core { errno: Errno::from_code(errno), code: errno, message })
+            }
+            r => Ok((r, fds)),
+        }
+    }
+
+    fn ok(&self, req: &Request) -> Result<()> {
+        expect!(self.call(req, None)?.0, Reply::Ok => ())
+    }
+
+    /// Binds a device; returns its id and PASID table root.
+    pub fn bind(&self, args: BindArgs) -> Result<BoundDevice> {
+        expect!(self.call(&Request::BindDevice(args), None)?.0, Reply::Device(d) => d)
+    }
+
+    /// Unbinds a device.
+    pub fn unbind(&self, dev: u32) -> Result<()> {
+        self.ok(&Request::UnbindDevice { dev })
+    }
+
+    /// Attaches the RID (`pasid` None) or a pPASID to an IOAS.
+    pub fn attach(&self, dev: u32, pasid: Option<u32>, pt_id: u32) -> Result<()> {
+        self.ok(&Request::Attach { dev, pasid, pt_id, replace: false })
+    }
+
+    /// Moves an attachment to another IOAS.
+    pub fn replace(&self, dev: u32, pasid: Option<u32>, pt_id: u32) -> Result<()> {
+        self.ok(&Request::Attach { dev, pasid, pt_id, replace: true })
+    }
+
+    /// Detaches the RID or a pPASID.
+    pub fn detach(&self, dev: u32, pasid: Option<u32>) -> Result<()> {
+        self.ok(&Request::Detach { dev, pasid })
+    }
+
+    /// Allocates a global pPASID for a device.
+    pub fn pasid_alloc(&self, dev: u32) -> Result<u32> {
+        expect!(self.call(&Request::DevicePasidAlloc { dev }, None)?.0, Reply::Pasid(p) => p)
+    }
+
+    /// Frees a device's global pPASID.
+    pub fn pasid_free(&self, dev: u32, pasid: u32) -> Result<()> {
+        self.ok(&Request::DevicePasidFree { dev, pasid })
+    }
+
+    /// The table pool and dirty pool: (pool fd, pool size, dirty fd, dirty size).
+    pub fn pools(&self) -> Result<(OwnedFd, u64, OwnedFd, u64)> {
+        let (r, mut fds) = self.call(&Request::GetPools, None)?;
+        let (tb, db) = expect!(r, Reply::Pools { table_bytes, dirty_bytes } => (table_bytes, dirty_bytes))?;
+        if fds.len() != 2 {
+            return Err(Error::Unexpected(format!("pools reply carried {} fds", fds.len())));
+        }
+        let dirty = fds.pop().ok_or(Error::Closed)?;
+        let pool = fds.pop().ok_or(Error::Closed)?;
+        Ok((pool, tb, dirty, db))
+    }
+
+    /// The memory object holding a system address: (fd, base, size, sealed).
+    pub fn memory(&self, system_address: u64) -> Result<(OwnedFd, u64, u64, bool)> {
+        let (r, mut fds) = self.call(&Request::GetMemory { system_address }, None)?;
+        let (base, size, sealed) = expect!(r, Reply::MemoryFd { base, size, sealed } => (base, size, sealed))?;
+        let fd = fds.pop().ok_or_else(|| Error::Unexpected("memory reply carried no fd".into()))?;
+        Ok((fd, base, size, sealed))
+    }
+
+    /// Reports an unrecoverable fault.
+    pub fn report_fault(&self, rec: FaultRecord) -> Result<()> {
+        self.ok(&Request::ReportFault(rec))
+    }
+
+    /// Sends a page request and waits for the session's answer.
+    pub fn page_request(&self, rec: FaultRecord, timeout: Duration) -> Result<u32> {
+        expect!(self.call(&Request::PageRequest(rec), Some(timeout))?.0, Reply::PageResponse { code } => code)
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        if let Ok(s) = self.inner.stream.lock() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+fn read_loop(inner: &Inner, stream: UnixStream) {
+    let mut reader = FrameReader::new(64 << 20, 16);
+    let mut buf = vec![0u8; 64 * 1024];
+    'outer: loop {
+        match wire::recv_with_fds(stream.as_fd(), &mut buf, 16) {
+            Ok((0, _)) => break,
+            Ok((n, fds)) => reader.push(&buf[..n], fds),
+            Err(wire::Error::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "device channel read failed");
+                break;
+            }
+        }
+        loop {
+            let frame = match reader.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "bad frame from the core");
+                    break 'outer;
+                }
+            };
+            let env: Envelope<Reply> = match wire::decode(&frame.payload) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "undecodable message from the core");
+                    break 'outer;
+                }
+            };
+            if let Reply::Invalidate { id, targets, forget } = env.body {
+                let h = inner.handler.lock().ok().and_then(|g| g.clone());
+                if let Some(h) = h {
+                    h.invalidate(&targets, &forget);
+                }
+                inner.invalidations.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = inner.send(0, &Request::InvalidateDone { id }) {
+                    tracing::warn!(error = %e, "cannot answer an invalidation");
+                    break 'outer;
+                }
+                continue;
+            }
+            let waiter = inner.pending.lock().ok().and_then(|mut p| p.remove(&env.seq));
+            match waiter {
+                Some(tx) => {
+                    let _ = tx.send((env.body, frame.fds));
+                }
+                None => tracing::debug!(seq = env.seq, "reply nobody waits for"),
+            }
+        }
+    }
+    inner.closed.store(true, Ordering::SeqCst);
+    if let Ok(mut p) = inner.pending.lock() {
+        p.clear();
+    }
+}

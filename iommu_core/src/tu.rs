@@ -1,0 +1,583 @@
+//! The translation unit: the IOMMU "hardware" a device server links.
+//!
+//! It maps the core's table pool read-only and the memory objects its
+//! devices reach, and translates `(device, pPASID, IOVA)` by walking the
+//! tables in shared memory, without asking the core. Results are cached in
+//! an IOTLB (4 KiB granules); a "not present" answer is never cached.
+//! Nested attachments are walked in two stages: the user's stage-1 table
+//! (whose addresses are parent IOVAs) and the parent's stage-2 table.
+//!
+//! **The invalidation handshake.** Every DMA runs under a read guard; an
+//! invalidation from the core takes the write guard, so it waits until
+//! every DMA that started before it has finished, drops the IOTLB entries,
+//! and only then is answered. The core frees table pages and completes an
+//! unmap only after that answer, so no DMA touches memory after the unmap
+//! has returned.
+//!
+//! A failed walk or permission check is a fault: reported to the core
+//! (rate-limited), or, when the PASID entry allows page requests and the
+//! device declared PRI, sent as a page request; on SUCCESS the access is
+//! retried, on INVALID or timeout it fails.
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use memmap2::{MmapOptions, MmapRaw};
+use vm_memory::VolatileSlice;
+
+use crate::device::{self, Channel, InvalidationHandler};
+use crate::pagetable::{
+    pasid_lookup, walk, TableMemory, WalkError, DIRTY_BYTES_PER_TABLE, ENTRIES, PAGE_SIZE, PASID_DIRTY, PASID_IOPF,
+    PASID_NESTED,
+};
+use crate::types::*;
+
+/// Errors of DMA through the translation unit.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The access faulted.
+    #[error("DMA fault at IOVA {iova:#x} (device {dev}, PASID {pasid:#x}): {reason:?}")]
+    Fault {
+        /// Device.
+        dev: u32,
+        /// pPASID.
+        pasid: u32,
+        /// Faulting IOVA.
+        iova: u64,
+        /// Why.
+        reason: FaultReason,
+    },
+    /// The device is not bound through this unit.
+    #[error("device {0} is not bound through this translation unit")]
+    NoDevice(u32),
+    /// Talking to the core failed.
+    #[error(transparent)]
+    Channel(#[from] device::Error),
+    /// Mapping shared memory failed.
+    #[error("cannot map shared memory: {0}")]
+    Map(std::io::Error),
+    /// Reading or writing a memory object that cannot be mapped failed.
+    #[error("memory object I/O failed: {0}")]
+    Io(std::io::Error),
+}
+
+/// Result of a DMA.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Settings of a translation unit.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// IOTLB capacity in 4 KiB entries (emptied when full).
+    pub iotlb_entries: usize,
+    /// How long a DMA waits for the answer to a page request.
+    pub page_request_timeout: Duration,
+    /// Fault reports sent to the core per second, at most.
+    pub fault_reports_per_sec: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { iotlb_entries: 1 << 16, page_request_timeout: Duration::from_secs(5), fault_reports_per_sec: 1000 }
+    }
+}
+
+/// Counters of a translation unit.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// IOTLB hits.
+    pub hits: AtomicU64,
+    /// IOTLB misses (walks).
+    pub misses: AtomicU64,
+    /// Faults.
+    pub faults: AtomicU64,
+    /// Fault reports dropped by the rate limit.
+    pub faults_suppressed: AtomicU64,
+    /// Page requests sent.
+    pub page_requests: AtomicU64,
+    /// Invalidations handled.
+    pub invalidations: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct DeviceState {
+    root: u64,
+    caps: DeviceCaps,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Iotlb {
+    sys_page: u64,
+    perm: Perm,
+    /// Stage-2 leaf to mark dirty on write.
+    dirty: Option<(u64, usize)>,
+}
+
+/// A memory object as a device sees it.
+struct MemObject {
+    base: u64,
+    size: u64,
+    file: File,
+    /// Mapped when sealed against shrinking; otherwise accessed with
+    /// pread/pwrite so a shrink can never raise SIGBUS.
+    map: Option<MmapRaw>,
+}
+
+impl MemObject {
+    fn slice(&self, off: u64, n: usize) -> Option<VolatileSlice<'_>> {
+        let map = self.map.as_ref()?;
+        let off = usize::try_from(off).ok()?;
+        if off.checked_add(n)? > map.len() {
+            return None;
+        }
+        // SAFETY: [off, off+n) lies inside the shared mapping (checked), the
+        // mapping lives as long as `self`, and the slice is only used for
+        // volatile copies.
+        Some(unsafe { VolatileSlice::new(map.as_mut_ptr().add(off), n) })
+    }
+
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        match self.slice(off, buf.len()) {
+            Some(s) => {
+                s.copy_to(buf);
+                Ok(())
+            }
+            None => self.file.read_exact_at(buf, off).map_err(Error::Io),
+        }
+    }
+
+    fn write(&self, off: u64, data: &[u8]) -> Result<()> {
+        match self.slice(off, data.len()) {
+            Some(s) => {
+                s.copy_from(data);
+                Ok(())
+            }
+            None => self.file.write_all_at(data, off).map_err(Error::Io),
+        }
+    }
+
+    fn load_u64(&self, off: u64) -> Option<u64> {
+        if !off.is_multiple_of(8) || off.checked_add(8)? > self.size {
+            return None;
+        }
+        match &self.map {
+            Some(m) => {
+                let o = usize::try_from(off).ok()?;
+                // SAFETY: 8-byte aligned and inside the read-write shared
+                // mapping (checked); shared memory is read only atomically.
+                let w = unsafe { AtomicU64::from_ptr(m.as_mut_ptr().add(o).cast::<u64>()) };
+                Some(w.load(Ordering::Acquire))
+            }
+            None => {
+                let mut b = [0u8; 8];
+                self.file.read_exact_at(&mut b, off).ok()?;
+                Some(u64::from_le_bytes(b))
+            }
+        }
+    }
+}
+
+/// The table pool, mapped read-only.
+struct Pool {
+    map: MmapRaw,
+}
+
+impl TableMemory for Pool {
+    fn load(&self, table: u64, index: usize) -> Option<u64> {
+        if table == 0 || !table.is_multiple_of(PAGE_SIZE) || index >= ENTRIES {
+            return None;
+        }
+        let off = usize::try_from(table.checked_add(index as u64 * 8)?).ok()?;
+        if off.checked_add(8)? > self.map.len() {
+            return None;
+        }
+        // SAFETY: in bounds and 8-byte aligned (checked); the pool is mapped
+        // read-only, so a volatile load followed by an acquire fence is the
+        // reader's half of the core's release stores.
+        let v = unsafe { std::ptr::read_volatile(self.map.as_ptr().add(off).cast::<u64>()) };
+        fence(Ordering::Acquire);
+        Some(v)
+    }
+}
+
+/// Stage-1 tables live in memory objects at parent IOVAs: each load goes
+/// through the stage-2 table first.
+struct Stage1<'a> {
+    tu: &'a TranslationUnit,
+    s2_root: u64,
+    /// A memory object the walk needs but has not mapped.
+    need: Cell<Option<u64>>,
+}
+
+impl TableMemory for Stage1<'_> {
+    fn load(&self, table: u64, index: usize) -> Option<u64> {
+        let addr = table.checked_add(index as u64 * 8)?;
+        let leaf = walk(&self.tu.pool, self.s2_root, addr).ok()?;
+        if !leaf.perm.read {
+            return None;
+        }
+        let mems = self.tu.mems.read().ok()?;
+        match find_mem(&mems, leaf.address) {
+            Some(m) => m.load_u64(leaf.address - m.base),
+            None => {
+                self.need.set(Some(leaf.address));
+                None
+            }
+        }
+    }
+}
+
+fn find_mem(mems: &BTreeMap<u64, Arc<MemObject>>, sys: u64) -> Option<&Arc<MemObject>> {
+    let (_, m) = mems.range(..=sys).next_back()?;
+    (sys < m.base + m.size).then_some(m)
+}
+
+#[derive(Clone, Copy)]
+struct Access {
+    dev: u32,
+    st: DeviceState,
+    pasid: u32,
+    iova: u64,
+    len: usize,
+    want: Perm,
+}
+
+enum Outcome {
+    Done,
+    NeedMemory(u64),
+    Fault(u64, FaultReason, bool),
+}
+
+/// The translation unit of a device server.
+pub struct TranslationUnit {
+    channel: Arc<Channel>,
+    pool: Pool,
+    dirty: MmapRaw,
+    mems: RwLock<BTreeMap<u64, Arc<MemObject>>>,
+    iotlb: Mutex<HashMap<(u32, u32, u64), Iotlb>>,
+    dma: RwLock<()>,
+    devices: RwLock<HashMap<u32, DeviceState>>,
+    config: Config,
+    stats: Stats,
+    rate: Mutex<(Instant, u64)>,
+}
+
+struct Handler(Weak<TranslationUnit>);
+
+impl InvalidationHandler for Handler {
+    fn invalidate(&self, targets: &[InvalidateTarget], forget: &[u64]) {
+        if let Some(tu) = self.0.upgrade() {
+            tu.invalidate(targets, forget);
+        }
+    }
+}
+
+fn map_fd(fd: &File, len: u64, read_only: bool) -> Result<MmapRaw> {
+    let len = usize::try_from(len).map_err(|_| Error::Map(std::io::Error::other("size too large")))?;
+    let o = MmapOptions::new().len(len).to_owned();
+    if read_only { o.map_raw_read_only(fd) } else { o.map_raw(fd) }.map_err(Error::Map)
+}
+
+impl TranslationUnit {
+    /// Fetches and maps the pools over `channel` and starts answering its
+    /// invalidations.
+    pub fn new(channel: Arc<Channel>, config: Config) -> Result<Arc<TranslationUnit>> {
+        let (pool_fd, pool_len, dirty_fd, dirty_len) = channel.pools()?;
+        let pool = Pool { map: map_fd(&File::from(pool_fd), pool_len, true)? };
+        let dirty = map_fd(&File::from(dirty_fd), dirty_len, false)?;
+        let tu = Arc::new(TranslationUnit {
+            channel: channel.clone(),
+            pool,
+            dirty,
+            mems: RwLock::new(BTreeMap::new()),
+            iotlb: Mutex::new(HashMap::new()),
+            dma: RwLock::new(()),
+            devices: RwLock::new(HashMap::new()),
+            config,
+            stats: Stats::default(),
+            rate: Mutex::new((Instant::now(), 0)),
+        });
+        channel.set_handler(Arc::new(Handler(Arc::downgrade(&tu))));
+        Ok(tu)
+    }
+
+    /// The channel to the core.
+    pub fn channel(&self) -> &Arc<Channel> {
+        &self.channel
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Binds a device through the channel and starts translating for it.
+    pub fn bind(&self, args: BindArgs) -> Result<BoundDevice> {
+        let caps = args.caps;
+        let b = self.channel.bind(args)?;
+        if let Ok(mut d) = self.devices.write() {
+            d.insert(b.dev_id, DeviceState { root: b.pasid_root, caps });
+        }
+        Ok(b)
+    }
+
+    /// Unbinds a device.
+    pub fn unbind(&self, dev: u32) -> Result<()> {
+        self.channel.unbind(dev)?;
+        if let Ok(mut d) = self.devices.write() {
+            d.remove(&dev);
+        }
+        Ok(())
+    }
+
+    fn invalidate(&self, targets: &[InvalidateTarget], forget: &[u64]) {
+        // Waits for every DMA in flight: they hold the read side.
+        let _all = self.dma.write();
+        if let Ok(mut t) = self.iotlb.lock() {
+            t.retain(|&(dev, pasid, page), _| {
+                !targets.iter().any(|x| {
+                    x.dev_id == dev
+                        && x.pasid == pasid
+                        && x.range.is_none_or(|r| page << 12 <= r.last && (page << 12) + PAGE_SIZE > r.start)
+                })
+            });
+        }
+        if !forget.is_empty() {
+            if let Ok(mut m) = self.mems.write() {
+                for b in forget {
+                    m.remove(b);
+                }
+            }
+        }
+        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn mark_dirty(&self, table: u64, index: usize) {
+        let bit = (table / PAGE_SIZE) * (ENTRIES as u64) + index as u64;
+        let off = (bit / 64) * 8;
+        let Ok(o) = usize::try_from(off) else { return };
+        if o + 8 > self.dirty.len() || table / PAGE_SIZE * DIRTY_BYTES_PER_TABLE >= self.dirty.len() as u64 {
+            return;
+        }
+        // SAFETY: 8-byte aligned and inside the read-write dirty-pool
+        // mapping (checked); the pool is only touched atomically.
+        let w = unsafe { AtomicU64::from_ptr(self.dirty.as_mut_ptr().add(o).cast::<u64>()) };
+        w.fetch_or(1 << (bit % 64), Ordering::Relaxed);
+    }
+
+    /// Walks the tables for one 4 KiB page.
+    fn walk_page(
+        &self,
+        st: &DeviceState,
+        pasid: u32,
+        iova: u64,
+    ) -> std::result::Result<Iotlb, (FaultReason, bool, Option<u64>)> {
+        let Some(e) = pasid_lookup(&self.pool, st.root, pasid) else { return Err((FaultReason::NoPasid, false, None)) };
+        let iopf = e.flags & PASID_IOPF != 0;
+        let reason = |w: WalkError| match w {
+            WalkError::NotPresent(_) | WalkError::OutOfRange(_) => FaultReason::NotPresent,
+            _ => FaultReason::Malformed,
+        };
+        let (gpa, s1_perm) = if e.flags & PASID_NESTED != 0 {
+            let s1 = Stage1 { tu: self, s2_root: e.s2_root, need: Cell::new(None) };
+            match walk(&s1, e.s1_root, iova) {
+                Ok(l) => (l.address, l.perm),
+                Err(w) => {
+                    let need = s1.need.get();
+                    let r = if matches!(w, WalkError::BadTable(..)) { FaultReason::NotPresent } else { reason(w) };
+                    return Err((r, iopf, need));
+                }
+            }
+        } else {
+            (iova, Perm::RW)
+        };
+        let leaf = walk(&self.pool, e.s2_root, gpa).map_err(|w| (reason(w), iopf, None))?;
+        let perm = Perm { read: leaf.perm.read && s1_perm.read, write: leaf.perm.write && s1_perm.write };
+        let dirty = (e.flags & PASID_DIRTY != 0).then_some((leaf.table, leaf.index));
+        Ok(Iotlb { sys_page: leaf.address & !(PAGE_SIZE - 1), perm, dirty })
+    }
+
+    fn lookup(
+        &self,
+        dev: u32,
+        st: &DeviceState,
+        pasid: u32,
+        page: u64,
+    ) -> std::result::Result<Iotlb, (FaultReason, bool, Option<u64>)> {
+        let key = (dev, pasid, page >> 12);
+        if let Some(e) = self.iotlb.lock().ok().and_then(|t| t.get(&key).copied()) {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(e);
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let e = self.walk_page(st, pasid, page)?;
+        if let Ok(mut t) = self.iotlb.lock() {
+            if t.len() >= self.config.iotlb_entries {
+                t.clear();
+            }
+            t.insert(key, e);
+        }
+        Ok(e)
+    }
+
+    fn try_access(
+        &self,
+        a: &Access,
+        op: &mut dyn FnMut(&MemObject, u64, usize, usize) -> Result<()>,
+    ) -> Result<Outcome> {
+        let Access { dev, st, pasid, iova, len, want } = *a;
+        let st = &st;
+        let mut done = 0usize;
+        while done < len {
+            let Some(cur) = iova.checked_add(done as u64) else {
+                return Ok(Outcome::Fault(iova, FaultReason::NotPresent, false));
+            };
+            let page = cur & !(PAGE_SIZE - 1);
+            let e = match self.lookup(dev, st, pasid, page) {
+                Ok(e) => e,
+                Err((_, _, Some(sys))) => return Ok(Outcome::NeedMemory(sys)),
+                Err((r, iopf, None)) => return Ok(Outcome::Fault(cur, r, iopf)),
+            };
+            if !e.perm.allows(want) {
+                return Ok(Outcome::Fault(cur, FaultReason::Permission, false));
+            }
+            let n = ((PAGE_SIZE - (cur - page)) as usize).min(len - done);
+            let sys = e.sys_page + (cur - page);
+            let mems = self.mems.read().map_err(|_| Error::Io(std::io::Error::other("poisoned")))?;
+            let Some(m) = find_mem(&mems, sys).cloned() else { return Ok(Outcome::NeedMemory(sys)) };
+            drop(mems);
+            op(&m, sys - m.base, done, n)?;
+            if want.write {
+                if let Some((t, i)) = e.dirty {
+                    self.mark_dirty(t, i);
+                }
+            }
+            done += n;
+        }
+        Ok(Outcome::Done)
+    }
+
+    fn map_memory(&self, sys: u64) -> Result<()> {
+        let (fd, base, size, sealed) = self.channel.memory(sys)?;
+        let file = File::from(fd);
+        let map = if sealed { Some(map_fd(&file, size, false)?) } else { None };
+        if let Ok(mut m) = self.mems.write() {
+            m.insert(base, Arc::new(MemObject { base, size, file, map }));
+        }
+        Ok(())
+    }
+
+    fn report(&self, rec: FaultRecord) {
+        self.stats.faults.fetch_add(1, Ordering::Relaxed);
+        let allowed = match self.rate.lock() {
+            Ok(mut r) => {
+                if r.0.elapsed() >= Duration::from_secs(1) {
+                    *r = (Instant::now(), 0);
+                }
+                r.1 += 1;
+                r.1 <= self.config.fault_reports_per_sec
+            }
+            Err(_) => false,
+        };
+        if !allowed {
+            self.stats.faults_suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let Err(e) = self.channel.report_fault(rec) {
+            tracing::warn!(error = %e, "cannot report a fault to the core");
+        }
+    }
+
+    fn access(
+        &self,
+        dev: u32,
+        pasid: u32,
+        iova: u64,
+        len: usize,
+        want: Perm,
+        op: &mut dyn FnMut(&MemObject, u64, usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        let st = self.devices.read().ok().and_then(|d| d.get(&dev).copied()).ok_or(Error::NoDevice(dev))?;
+        let mut page_requests = 0;
+        let mut fetches = 0;
+        loop {
+            let outcome = {
+                let _dma = self.dma.read().map_err(|_| Error::Io(std::io::Error::other("poisoned")))?;
+                self.try_access(&Access { dev, st, pasid, iova, len, want }, op)?
+            };
+            match outcome {
+                Outcome::Done => return Ok(()),
+                Outcome::NeedMemory(sys) if fetches < 64 => {
+                    fetches += 1;
+                    if self.map_memory(sys).is_err() {
+                        return self.fail(dev, pasid, sys, want, FaultReason::NotPresent);
+                    }
+                }
+                Outcome::NeedMemory(sys) => return self.fail(dev, pasid, sys, want, FaultReason::NotPresent),
+                Outcome::Fault(at, reason, iopf) => {
+                    if iopf && st.caps.pri && page_requests < 8 && reason != FaultReason::Malformed {
+                        page_requests += 1;
+                        self.stats.page_requests.fetch_add(1, Ordering::Relaxed);
+                        let rec = FaultRecord {
+                            dev_id: dev,
+                            pasid,
+                            iova: at & !(PAGE_SIZE - 1),
+                            access: want,
+                            reason,
+                            group: page_requests,
+                            last: true,
+                            cookie: 0,
+                        };
+                        match self.channel.page_request(rec, self.config.page_request_timeout) {
+                            Ok(page_response::SUCCESS) => continue,
+                            Ok(_) | Err(_) => {
+                                self.stats.faults.fetch_add(1, Ordering::Relaxed);
+                                return Err(Error::Fault { dev, pasid, iova: at, reason });
+                            }
+                        }
+                    }
+                    return self.fail(dev, pasid, at, want, reason);
+                }
+            }
+        }
+    }
+
+    fn fail(&self, dev: u32, pasid: u32, iova: u64, access: Perm, reason: FaultReason) -> Result<()> {
+        self.report(FaultRecord { dev_id: dev, pasid, iova, access, reason, group: 0, last: true, cookie: 0 });
+        Err(Error::Fault { dev, pasid, iova, reason })
+    }
+
+    /// DMA read: fills `buf` from `iova` of `(dev, pasid)` (pasid 0 = RID).
+    pub fn read(&self, dev: u32, pasid: u32, iova: u64, buf: &mut [u8]) -> Result<()> {
+        let len = buf.len();
+        self.access(dev, pasid, iova, len, Perm::R, &mut |m, off, at, n| m.read(off, &mut buf[at..at + n]))
+    }
+
+    /// DMA write: copies `data` to `iova` of `(dev, pasid)`.
+    pub fn write(&self, dev: u32, pasid: u32, iova: u64, data: &[u8]) -> Result<()> {
+        self.access(dev, pasid, iova, data.len(), Perm::W, &mut |m, off, at, n| m.write(off, &data[at..at + n]))
+    }
+
+    /// Translates `[iova, iova+len)` for `access` into system-address
+    /// segments `(system address, length)`, merging contiguous pages.
+    pub fn translate(&self, dev: u32, pasid: u32, iova: u64, len: usize, access: Perm) -> Result<Vec<(u64, usize)>> {
+        let mut segs: Vec<(u64, usize)> = Vec::new();
+        self.access(dev, pasid, iova, len, access, &mut |m, off, at, n| {
+            if at == 0 {
+                // A retried access starts over.
+                segs.clear();
+            }
+            let sys = m.base + off;
+            match segs.last_mut() {
+                Some((s, l)) if *s + *l as u64 == sys => *l += n,
+                _ => segs.push((sys, n)),
+            }
+            Ok(())
+        })?;
+        Ok(segs)
+    }
+}

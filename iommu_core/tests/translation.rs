@@ -1,0 +1,501 @@
+//! The translation unit against a real core over real sockets: device
+//! channels, RID and PASID DMA, nested two-stage walks with stage-1
+//! invalidation, page requests, dirty tracking, unbinding and fencing.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iommu_core::client::Client;
+use iommu_core::device::Channel;
+use iommu_core::pagetable::{PTE_LEAF, PTE_PRESENT, PTE_READ, PTE_WRITE};
+use iommu_core::server::Running;
+use iommu_core::tu::{self, TranslationUnit};
+use iommu_core::types::*;
+use iommu_core::Errno;
+
+struct Rig {
+    _srv: Running,
+    path: std::path::PathBuf,
+    s: Client,
+}
+
+fn rig(name: &str, limits: Limits) -> Rig {
+    let dir = std::env::temp_dir().join(format!("ioasid-tu-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("core.sock");
+    let srv = iommu_core::server::spawn(&path, Limits { table_pool_bytes: 64 << 20, ..limits }).unwrap();
+    let s = Client::session(&path).unwrap();
+    Rig { _srv: srv, path, s }
+}
+
+fn caps(pasid_width: u8, pri: bool, dirty: bool) -> DeviceCaps {
+    DeviceCaps { pasid_width, pri, dirty_tracking: dirty }
+}
+
+fn device(r: &mut Rig, c: DeviceCaps) -> (Arc<TranslationUnit>, u32) {
+    let (_, fd) = r.s.open_device_channel().unwrap();
+    let ch = Arc::new(Channel::new(fd).unwrap());
+    assert_eq!(ch.session(), r.s.session_id());
+    let tu = TranslationUnit::new(ch, tu::Config::default()).unwrap();
+    let b = tu.bind(BindArgs { name: "test-dev".into(), pci_address: "0000:00:04.0".into(), caps: c }).unwrap();
+    (tu, b.dev_id)
+}
+
+fn mem(r: &mut Rig, size: u64) -> (File, u32) {
+    let f = iommu_core::memfd::create("ram", size).unwrap();
+    let m = r.s.register_memory(&f).unwrap();
+    (f, m.id)
+}
+
+fn map(r: &mut Rig, ioas: u32, mem: u32, offset: u64, length: u64, iova: u64, perm: Perm) {
+    r.s.map(MapArgs { ioas, mem, offset, length, iova: Some(iova), perm }).unwrap();
+}
+
+fn fault_of(e: tu::Error) -> (u64, FaultReason) {
+    match e {
+        tu::Error::Fault { iova, reason, .. } => (iova, reason),
+        other => panic!("expected a fault, got {other}"),
+    }
+}
+
+#[test]
+fn rid_dma_reads_and_writes_the_mapped_memory_and_faults_elsewhere() {
+    let mut r = rig("rid", Limits::default());
+    let (f, m) = mem(&mut r, 4 << 20);
+    let ioas = r.s.ioas_alloc().unwrap();
+    map(&mut r, ioas, m, 0x1000, 0x3000, 0x10_0000, Perm::RW);
+    map(&mut r, ioas, m, 0x8000, 0x1000, 0x20_0000, Perm::R);
+    let (tu, dev) = device(&mut r, caps(0, false, false));
+    tu.channel().attach(dev, None, ioas).unwrap();
+
+    // A write spanning two pages lands at the right offsets.
+    let data: Vec<u8> = (0..6000u32).map(|i| (i % 251) as u8).collect();
+    tu.write(dev, 0, 0x10_0100, &data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    f.read_exact_at(&mut back, 0x1100).unwrap();
+    assert_eq!(back, data);
+    let mut via_dma = vec![0u8; data.len()];
+    tu.read(dev, 0, 0x10_0100, &mut via_dma).unwrap();
+    assert_eq!(via_dma, data);
+    assert_eq!(tu.translate(dev, 0, 0x10_0100, 6000, Perm::R).unwrap().len(), 1, "contiguous pages merge");
+
+    // Unmapped, read-only and PASID-tagged accesses fault.
+    assert_eq!(fault_of(tu.write(dev, 0, 0x30_0000, b"x").unwrap_err()), (0x30_0000, FaultReason::NotPresent));
+    assert_eq!(fault_of(tu.write(dev, 0, 0x20_0010, b"x").unwrap_err()), (0x20_0010, FaultReason::Permission));
+    let mut one = [0u8];
+    tu.read(dev, 0, 0x20_0010, &mut one).unwrap();
+    assert_eq!(fault_of(tu.read(dev, 7, 0x10_0000, &mut one).unwrap_err()).1, FaultReason::NoPasid);
+    // Faults reach the session's queue and the global log.
+    let faults = r.s.read_faults(16).unwrap();
+    assert_eq!(faults.len(), 3);
+    assert_eq!((faults[0].dev_id, faults[0].iova, faults[0].reason), (dev, 0x30_0000, FaultReason::NotPresent));
+    assert_eq!(faults[1].reason, FaultReason::Permission);
+    assert!(tu.stats().hits.load(std::sync::atomic::Ordering::Relaxed) > 0);
+
+    // The core's view of the device.
+    let st = r.s.status().unwrap();
+    let d = &st.sessions[0].devices[0];
+    assert_eq!((d.id, d.pci_address.as_str(), d.attachments.len()), (dev, "0000:00:04.0", 1));
+    assert_eq!(st.sessions[0].ioas[0].attached, vec![(dev, 0)]);
+    // An attached IOAS cannot be destroyed.
+    assert_eq!(r.s.destroy(ioas).unwrap_err().errno(), Some(Errno::EBUSY));
+    assert_eq!(r.s.destroy(dev).unwrap_err().errno(), Some(Errno::EBUSY));
+}
+
+#[test]
+fn iommufd_attach_rules_hold_on_the_device_channel() {
+    let mut r = rig("rules", Limits::default());
+    let a = r.s.ioas_alloc().unwrap();
+    let b = r.s.ioas_alloc().unwrap();
+    let (tu, dev) = device(&mut r, caps(20, false, false));
+    let (_, plain) = {
+        let b2 = tu.bind(BindArgs {
+            name: "no-pasid".into(),
+            pci_address: "0000:00:05.0".into(),
+            caps: caps(0, false, false),
+        });
+        (0, b2.unwrap().dev_id)
+    };
+    let ch = tu.channel();
+    ch.attach(dev, Some(5), a).unwrap();
+    assert_eq!(ch.attach(dev, Some(5), b).unwrap_err().errno(), Some(Errno::EBUSY), "attach of an attached PASID");
+    ch.replace(dev, Some(5), b).unwrap();
+    assert_eq!(ch.replace(dev, Some(6), b).unwrap_err().errno(), Some(Errno::EINVAL), "replace of an unattached PASID");
+    ch.detach(dev, Some(6)).unwrap();
+    assert_eq!(ch.attach(plain, Some(5), a).unwrap_err().errno(), Some(Errno::EINVAL), "PASID on a non-PASID device");
+    assert_eq!(ch.attach(dev, Some(1 << 20), a).unwrap_err().errno(), Some(Errno::EINVAL));
+    assert_eq!(ch.attach(dev, Some(0), a).unwrap_err().errno(), Some(Errno::EINVAL));
+    assert_eq!(ch.attach(dev, None, 999).unwrap_err().errno(), Some(Errno::ENOENT));
+    assert_eq!(ch.attach(999, None, a).unwrap_err().errno(), Some(Errno::ENOENT));
+    let p1 = ch.pasid_alloc(dev).unwrap();
+    let p2 = ch.pasid_alloc(dev).unwrap();
+    assert_ne!(p1, p2);
+    assert_eq!(r.s.ppasid_free(p1).unwrap_err().errno(), Some(Errno::ENOENT), "the device owns it, not the session");
+    let st = Client::observer(&r.path).unwrap().status().unwrap();
+    assert_eq!(st.ppasids.len(), 2);
+    // Unbinding frees everything of the device.
+    tu.unbind(dev).unwrap();
+    let st = Client::observer(&r.path).unwrap().status().unwrap();
+    assert!(st.ppasids.is_empty());
+    assert_eq!(st.sessions[0].devices.len(), 1);
+    r.s.destroy(b).unwrap();
+    // A session cannot speak for a channel.
+    let e = r.s.call(&iommu_core::wire::Request::GetPools, &[]).unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::EPERM));
+}
+
+#[test]
+fn two_pasids_in_two_address_spaces_never_cross() {
+    let mut r = rig("pasids", Limits::default());
+    let (fa, ma) = mem(&mut r, 1 << 20);
+    let (fb, mb) = mem(&mut r, 1 << 20);
+    let a = r.s.ioas_alloc().unwrap();
+    let b = r.s.ioas_alloc().unwrap();
+    map(&mut r, a, ma, 0, 1 << 20, 0x100_0000, Perm::RW);
+    map(&mut r, b, mb, 0, 1 << 20, 0x100_0000, Perm::RW);
+    let (tu, dev) = device(&mut r, caps(20, false, false));
+    tu.channel().attach(dev, Some(0x11), a).unwrap();
+    tu.channel().attach(dev, Some(0x22), b).unwrap();
+    tu.write(dev, 0x11, 0x100_0040, b"to-A").unwrap();
+    tu.write(dev, 0x22, 0x100_0040, b"to-B").unwrap();
+    let mut x = [0u8; 4];
+    fa.read_exact_at(&mut x, 0x40).unwrap();
+    assert_eq!(&x, b"to-A");
+    fb.read_exact_at(&mut x, 0x40).unwrap();
+    assert_eq!(&x, b"to-B");
+    // Replace moves PASID 0x11 to B; the IOTLB entry for A is dropped.
+    tu.channel().replace(dev, Some(0x11), b).unwrap();
+    tu.write(dev, 0x11, 0x100_0080, b"now").unwrap();
+    let mut y = [0u8; 3];
+    fb.read_exact_at(&mut y, 0x80).unwrap();
+    assert_eq!(&y, b"now");
+    fa.read_exact_at(&mut y, 0x80).unwrap();
+    assert_eq!(y, [0; 3]);
+    tu.channel().detach(dev, Some(0x11)).unwrap();
+    assert_eq!(fault_of(tu.write(dev, 0x11, 0x100_0000, b"z").unwrap_err()).1, FaultReason::NoPasid);
+}
+
+fn put(f: &File, off: u64, v: u64) {
+    f.write_all_at(&v.to_le_bytes(), off).unwrap();
+}
+
+#[test]
+fn nested_two_stage_translation_follows_the_users_stage1_table_and_its_invalidation() {
+    let mut r = rig("nested", Limits::default());
+    let (guest, m) = mem(&mut r, 16 << 20);
+    let parent = r.s.ioas_alloc().unwrap();
+    // Guest physical = parent IOVA: RAM at 0, stage-2 read-write.
+    map(&mut r, parent, m, 0, 16 << 20, 0, Perm::RW);
+    // A stage-1 table the guest builds in its RAM: root 0x1000, L3 0x2000,
+    // L2 0x3000, L1 0x4000, mapping stage-1 IOVA 0x4000_0000 -> GPA 0x10_0000
+    // (rw) and 0x4000_1000 -> GPA 0x20_0000 (read only); 0x4060_0000 is a
+    // 2 MiB leaf -> GPA 0x40_0000.
+    put(&guest, 0x1000, 0x2000 | PTE_PRESENT);
+    put(&guest, 0x2000 + 8, 0x3000 | PTE_PRESENT);
+    put(&guest, 0x3000, 0x4000 | PTE_PRESENT);
+    put(&guest, 0x4000, 0x10_0000 | PTE_PRESENT | PTE_READ | PTE_WRITE | PTE_LEAF);
+    put(&guest, 0x4000 + 8, 0x20_0000 | PTE_PRESENT | PTE_READ | PTE_LEAF);
+    put(&guest, 0x3000 + 3 * 8, 0x40_0000 | PTE_PRESENT | PTE_READ | PTE_WRITE | PTE_LEAF);
+    let nested = r.s.nested_alloc(parent, 0x1000).unwrap();
+    let (tu, dev) = device(&mut r, caps(20, false, false));
+    tu.channel().attach(dev, Some(5), nested).unwrap();
+    tu.channel().attach(dev, None, parent).unwrap();
+
+    tu.write(dev, 5, 0x4000_0010, b"s1").unwrap();
+    let mut b = [0u8; 2];
+    guest.read_exact_at(&mut b, 0x10_0010).unwrap();
+    assert_eq!(&b, b"s1");
+    tu.write(dev, 5, 0x4061_2345, b"big").unwrap();
+    let mut c = [0u8; 3];
+    guest.read_exact_at(&mut c, 0x41_2345).unwrap();
+    assert_eq!(&c, b"big");
+    assert_eq!(fault_of(tu.write(dev, 5, 0x4000_1000, b"w").unwrap_err()).1, FaultReason::Permission);
+    tu.read(dev, 5, 0x4000_1000, &mut b).unwrap();
+    assert_eq!(fault_of(tu.read(dev, 5, 0x4000_2000, &mut b).unwrap_err()).1, FaultReason::NotPresent);
+    // The RID sees guest physical addresses directly.
+    tu.read(dev, 0, 0x10_0010, &mut b).unwrap();
+    assert_eq!(&b, b"s1");
+
+    // The guest repoints 0x4000_0000 at GPA 0x30_0000. Until it
+    // invalidates, the device may keep using its cached translation, as
+    // hardware does; after the invalidation it must use the new one.
+    put(&guest, 0x4000, 0x30_0000 | PTE_PRESENT | PTE_READ | PTE_WRITE | PTE_LEAF);
+    tu.write(dev, 5, 0x4000_0020, b"old").unwrap();
+    guest.read_exact_at(&mut c, 0x10_0020).unwrap();
+    assert_eq!(&c, b"old", "IOTLB hit before the invalidation");
+    r.s.invalidate(nested, InvalidateScope::Range { iova: 0x4000_0000, length: 0x1000 }).unwrap();
+    tu.write(dev, 5, 0x4000_0020, b"new").unwrap();
+    guest.read_exact_at(&mut c, 0x30_0020).unwrap();
+    assert_eq!(&c, b"new");
+    // Clearing the guest's entry and invalidating everything makes it fault.
+    put(&guest, 0x4000, 0);
+    r.s.invalidate(nested, InvalidateScope::All).unwrap();
+    assert_eq!(fault_of(tu.write(dev, 5, 0x4000_0000, b"x").unwrap_err()).1, FaultReason::NotPresent);
+    // A stage-2 unmap under the stage-1 table faults the nested walk too.
+    r.s.unmap(parent, 0, 16 << 20).unwrap();
+    assert!(tu.read(dev, 5, 0x4061_0000, &mut b).is_err());
+}
+
+#[test]
+fn page_requests_are_served_by_the_session() {
+    let mut r = rig("pri", Limits::default());
+    let (f, m) = mem(&mut r, 1 << 20);
+    let ioas = r.s.ioas_alloc().unwrap();
+    r.s.set_page_faults(ioas, true).unwrap();
+    let (tu, dev) = device(&mut r, caps(0, true, false));
+    tu.channel().attach(dev, None, ioas).unwrap();
+    let t = tu.clone();
+    let dma = std::thread::spawn(move || t.write(dev, 0, 0x50_0010, b"on-demand"));
+    // The session serves the page request by mapping, then answers SUCCESS.
+    let t0 = Instant::now();
+    let fault = loop {
+        let f = r.s.read_faults(1).unwrap();
+        if let Some(x) = f.into_iter().next() {
+            break x;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no page request arrived");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(
+        (fault.dev_id, fault.iova, fault.access, fault.reason),
+        (dev, 0x50_0000, Perm::W, FaultReason::NotPresent)
+    );
+    assert_ne!(fault.cookie, 0);
+    map(&mut r, ioas, m, 0x3000, 0x1000, 0x50_0000, Perm::RW);
+    r.s.respond_fault(fault.cookie, page_response::SUCCESS).unwrap();
+    dma.join().unwrap().unwrap();
+    let mut b = [0u8; 9];
+    f.read_exact_at(&mut b, 0x3010).unwrap();
+    assert_eq!(&b, b"on-demand");
+
+    // INVALID fails the DMA.
+    let t = tu.clone();
+    let dma = std::thread::spawn(move || t.write(dev, 0, 0x60_0000, b"no"));
+    let t0 = Instant::now();
+    let fault = loop {
+        if let Some(x) = r.s.read_faults(1).unwrap().into_iter().next() {
+            break x;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no page request arrived");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    r.s.respond_fault(fault.cookie, page_response::INVALID).unwrap();
+    assert_eq!(fault_of(dma.join().unwrap().unwrap_err()).0, 0x60_0000);
+}
+
+#[test]
+fn dirty_bitmap_matches_exactly_the_pages_written() {
+    let mut r = rig("dirty", Limits::default());
+    let (_f, m) = mem(&mut r, 8 << 20);
+    let ioas = r.s.ioas_alloc().unwrap();
+    map(&mut r, ioas, m, 0, 64 << 10, 0x10_0000, Perm::RW); // 4 KiB leaves
+    map(&mut r, ioas, m, 2 << 20, 2 << 20, 0x40_0000, Perm::RW); // one 2 MiB leaf
+    let (tu, dev) = device(&mut r, caps(0, false, true));
+    tu.channel().attach(dev, None, ioas).unwrap();
+    r.s.set_dirty_tracking(ioas, true).unwrap();
+    for page in [0u64, 3, 4, 15] {
+        tu.write(dev, 0, 0x10_0000 + page * 4096 + 7, b"d").unwrap();
+    }
+    // Reads do not dirty.
+    let mut b = [0u8; 1];
+    tu.read(dev, 0, 0x10_0000 + 5 * 4096, &mut b).unwrap();
+    let bm = r.s.dirty_bitmap(ioas, 0x10_0000, 64 << 10, 4096, true).unwrap();
+    assert_eq!(bm, vec![(1 << 0) | (1 << 3) | (1 << 4) | (1 << 15)]);
+    // 16 KiB granularity: pages 0, 3 -> granules 0; 4 -> 1; 15 -> 3.
+    let bm = r.s.dirty_bitmap(ioas, 0x10_0000, 64 << 10, 16 << 10, true).unwrap();
+    assert_eq!(bm, vec![0b1011]);
+    // Read and clear, then nothing is dirty.
+    assert_eq!(r.s.dirty_bitmap(ioas, 0x10_0000, 64 << 10, 4096, false).unwrap()[0].count_ones(), 4);
+    assert_eq!(r.s.dirty_bitmap(ioas, 0x10_0000, 64 << 10, 4096, false).unwrap(), vec![0]);
+    // A write through the 2 MiB leaf dirties the whole leaf (hardware granularity).
+    tu.write(dev, 0, 0x40_1000, b"D").unwrap();
+    let bm = r.s.dirty_bitmap(ioas, 0x40_0000, 2 << 20, 2 << 20, false).unwrap();
+    assert_eq!(bm, vec![1]);
+    // Tracking cannot be enabled with a device that cannot track.
+    let (_, fd) = r.s.open_device_channel().unwrap();
+    let ch = Arc::new(Channel::new(fd).unwrap());
+    let b2 = ch
+        .bind(BindArgs { name: "x".into(), pci_address: "0000:00:06.0".into(), caps: caps(0, false, false) })
+        .unwrap();
+    assert_eq!(ch.attach(b2.dev_id, None, ioas).unwrap_err().errno(), Some(Errno::EINVAL));
+    r.s.set_dirty_tracking(ioas, false).unwrap();
+    ch.attach(b2.dev_id, None, ioas).unwrap();
+    assert_eq!(r.s.set_dirty_tracking(ioas, true).unwrap_err().errno(), Some(Errno::EOPNOTSUPP));
+}
+
+#[test]
+fn unmap_waits_for_dma_in_flight_and_no_write_lands_after_it() {
+    let mut r = rig("handshake", Limits::default());
+    let (f, m) = mem(&mut r, 1 << 20);
+    let ioas = r.s.ioas_alloc().unwrap();
+    let (tu, dev) = device(&mut r, caps(0, false, false));
+    tu.channel().attach(dev, None, ioas).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (t, st) = (tu.clone(), stop.clone());
+    let writer = std::thread::spawn(move || {
+        let mut n = 0u64;
+        let mut ok = 0u64;
+        while !st.load(std::sync::atomic::Ordering::Relaxed) {
+            n += 1;
+            let v = [0xAAu8; 4096];
+            if t.write(dev, 0, 0x10_0000, &v).is_ok() {
+                ok += 1;
+            }
+        }
+        (n, ok)
+    });
+    let sentinel = [0x55u8; 4096];
+    let mut buf = [0u8; 4096];
+    for i in 0..300u64 {
+        let off = (i % 16) * 4096;
+        map(&mut r, ioas, m, off, 4096, 0x10_0000, Perm::RW);
+        std::thread::sleep(Duration::from_micros(200));
+        r.s.unmap(ioas, 0x10_0000, 4096).unwrap();
+        // The memory is ours again: reuse it and check nobody writes it.
+        f.write_all_at(&sentinel, off).unwrap();
+        std::thread::sleep(Duration::from_micros(100));
+        f.read_exact_at(&mut buf, off).unwrap();
+        assert_eq!(buf, sentinel, "a DMA write landed after unmap returned (iteration {i})");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (n, ok) = writer.join().unwrap();
+    assert!(ok > 0 && ok < n, "the device both succeeded and faulted ({ok} of {n})");
+    for i in 0..16 {
+        f.read_exact_at(&mut buf, i * 4096).unwrap();
+        assert_eq!(buf, sentinel);
+    }
+}
+
+#[test]
+fn a_device_server_that_does_not_answer_is_fenced() {
+    struct Stuck;
+    impl iommu_core::device::InvalidationHandler for Stuck {
+        fn invalidate(&self, _: &[InvalidateTarget], _: &[u64]) {
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+    }
+    let mut r = rig("fence", Limits { invalidate_timeout_ms: 200, ..Limits::default() });
+    let (_f, m) = mem(&mut r, 1 << 20);
+    let ioas = r.s.ioas_alloc().unwrap();
+    map(&mut r, ioas, m, 0, 0x1000, 0x1000, Perm::RW);
+    let (_, fd) = r.s.open_device_channel().unwrap();
+    let ch = Arc::new(Channel::new(fd).unwrap());
+    let b = ch
+        .bind(BindArgs { name: "stuck".into(), pci_address: "0000:00:07.0".into(), caps: caps(0, false, false) })
+        .unwrap();
+    ch.attach(b.dev_id, None, ioas).unwrap();
+    ch.set_handler(Arc::new(Stuck));
+    let t0 = Instant::now();
+    assert_eq!(r.s.unmap(ioas, 0x1000, 0x1000).unwrap(), 0x1000);
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(150), "the unmap waited for the timeout ({waited:?})");
+    let st = r.s.status().unwrap();
+    assert!(st.sessions[0].devices[0].fenced);
+    assert!(st.faults.iter().any(|f| f.record.reason == FaultReason::Fenced && f.record.dev_id == b.dev_id));
+}
+
+#[test]
+fn closing_a_channel_unbinds_its_devices_and_others_keep_working() {
+    let mut r = rig("close", Limits::default());
+    let (f, m) = mem(&mut r, 1 << 20);
+    let ioas = r.s.ioas_alloc().unwrap();
+    map(&mut r, ioas, m, 0, 1 << 20, 0x10_0000, Perm::RW);
+    let (tu1, d1) = device(&mut r, caps(20, false, false));
+    let (tu2, d2) = device(&mut r, caps(20, false, false));
+    tu1.channel().attach(d1, None, ioas).unwrap();
+    tu1.channel().pasid_alloc(d1).unwrap();
+    tu2.channel().attach(d2, Some(9), ioas).unwrap();
+    drop(tu1);
+    let t0 = Instant::now();
+    loop {
+        let st = r.s.status().unwrap();
+        if st.sessions[0].devices.len() == 1 {
+            assert!(st.ppasids.is_empty());
+            assert_eq!(st.sessions[0].ioas[0].attached, vec![(d2, 9)]);
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "device of the closed channel still bound");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    tu2.write(d2, 9, 0x10_0000, b"still").unwrap();
+    let mut b = [0u8; 5];
+    f.read_exact_at(&mut b, 0).unwrap();
+    assert_eq!(&b, b"still");
+    // Session close: channels and devices go with it.
+    drop(r.s);
+    let t0 = Instant::now();
+    while !tu2.channel().is_closed() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "channel not closed with its session");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st = Client::observer(&r.path).unwrap().status().unwrap();
+    assert!(st.sessions.is_empty());
+    assert_eq!(st.pool.tables_in_use, 0);
+}
+
+#[test]
+fn the_table_pool_fd_a_channel_gets_cannot_be_mapped_writable() {
+    let mut r = rig("ro-pool", Limits::default());
+    let (_, fd) = r.s.open_device_channel().unwrap();
+    let ch = Channel::new(fd).unwrap();
+    let (pool, size, _dirty, _) = ch.pools().unwrap();
+    let f = File::from(pool);
+    assert!(memmap2::MmapOptions::new().len(size as usize).map_raw(&f).is_err(), "writable mapping refused");
+    assert!(memmap2::MmapOptions::new().len(size as usize).map_raw_read_only(&f).is_ok());
+    assert!(f.write_all_at(&[1], 0).is_err(), "write refused");
+}
+
+#[test]
+fn a_failed_attach_leaves_no_page_linked_and_others_unharmed() {
+    // A pool small enough to run dry: 8 tables.
+    let mut r = rig("attach-oom", Limits { table_pool_bytes: 9 * 4096, ..Limits::default() });
+    let (tu, dev) = device(&mut r, caps(20, false, false)); // PASID root: 1 table
+    let mut ioases = Vec::new();
+    while let Ok(i) = r.s.ioas_alloc() {
+        ioases.push(i);
+    }
+    r.s.destroy(ioases.pop().unwrap()).unwrap(); // exactly one table free
+    let a = ioases[0];
+    // Needs two directory pages: the first is linked, the second fails.
+    assert_eq!(tu.channel().attach(dev, Some(0x12345), a).unwrap_err().errno(), Some(Errno::ENOMEM));
+    let st = r.s.status().unwrap();
+    assert_eq!(st.pool.tables_in_use, st.pool.capacity - 1, "the page came back");
+    // The freed page is reused by another IOAS and the device cannot reach it.
+    let b = r.s.ioas_alloc().unwrap();
+    assert_eq!(fault_of(tu.write(dev, 0x12345, 0, b"x").unwrap_err()).1, FaultReason::NoPasid);
+    tu.unbind(dev).unwrap();
+    r.s.destroy(b).unwrap();
+    let st = r.s.status().unwrap();
+    assert_eq!(st.pool.tables_in_use as usize, ioases.len());
+}
+
+#[test]
+fn map_with_an_offset_that_wraps_is_refused() {
+    let mut r = rig("wrap", Limits::default());
+    let (_f, m) = mem(&mut r, 1 << 20);
+    let ioas = r.s.ioas_alloc().unwrap();
+    let args =
+        MapArgs { ioas, mem: m, offset: 0u64.wrapping_sub(0x1000), length: 0x1000, iova: Some(0x1000), perm: Perm::RW };
+    assert_eq!(r.s.map(args).unwrap_err().errno(), Some(Errno::EINVAL));
+}
+
+#[test]
+fn device_pasids_count_against_the_session_cap() {
+    let mut r = rig("pasid-cap", Limits { max_ppasids_per_session: 3, ..Limits::default() });
+    let (tu, dev) = device(&mut r, caps(20, false, false));
+    r.s.ppasid_alloc().unwrap();
+    tu.channel().pasid_alloc(dev).unwrap();
+    tu.channel().pasid_alloc(dev).unwrap();
+    assert_eq!(tu.channel().pasid_alloc(dev).unwrap_err().errno(), Some(Errno::ENOSPC));
+    assert_eq!(r.s.ppasid_alloc().unwrap_err().errno(), Some(Errno::ENOSPC));
+}
+
+#[test]
+fn channels_per_session_are_capped() {
+    let mut r = rig("chan-cap", Limits { max_channels_per_session: 2, ..Limits::default() });
+    let _a = r.s.open_device_channel().unwrap();
+    let _b = r.s.open_device_channel().unwrap();
+    assert_eq!(r.s.open_device_channel().unwrap_err().errno(), Some(Errno::ENOSPC));
+}
