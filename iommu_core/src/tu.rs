@@ -111,7 +111,12 @@ struct DeviceState {
 
 #[derive(Debug, Clone, Copy)]
 struct Iotlb {
-    sys_page: u64,
+    /// IOVA where the translated run starts (a leaf boundary).
+    iova_base: u64,
+    /// System address of `iova_base`.
+    sys_base: u64,
+    /// Bytes the run covers (the leaf size; 4 KiB for nested walks).
+    size: u64,
     perm: Perm,
     /// Stage-2 leaf to mark dirty on write.
     dirty: Option<(u64, usize)>,
@@ -338,11 +343,11 @@ impl TranslationUnit {
         // Waits for every DMA in flight: they hold the read side.
         let _all = self.dma.write();
         if let Ok(mut t) = self.iotlb.lock() {
-            t.retain(|&(dev, pasid, page), _| {
+            t.retain(|&(dev, pasid, _), e| {
                 !targets.iter().any(|x| {
                     x.dev_id == dev
                         && x.pasid == pasid
-                        && x.range.is_none_or(|r| page << 12 <= r.last && (page << 12) + PAGE_SIZE > r.start)
+                        && x.range.is_none_or(|r| e.iova_base <= r.last && e.iova_base + e.size > r.start)
                 })
             });
         }
@@ -398,7 +403,10 @@ impl TranslationUnit {
         let leaf = walk(&self.pool, e.s2_root, gpa).map_err(|w| (reason(w), iopf, None))?;
         let perm = Perm { read: leaf.perm.read && s1_perm.read, write: leaf.perm.write && s1_perm.write };
         let dirty = (e.flags & PASID_DIRTY != 0).then_some((leaf.table, leaf.index));
-        Ok(Iotlb { sys_page: leaf.address & !(PAGE_SIZE - 1), perm, dirty })
+        // A nested translation is only known to hold for its 4 KiB page.
+        let size = if e.flags & PASID_NESTED != 0 { PAGE_SIZE } else { leaf.page_size };
+        let iova_base = iova & !(size - 1);
+        Ok(Iotlb { iova_base, sys_base: leaf.address - (iova - iova_base), size, perm, dirty })
     }
 
     fn lookup(
@@ -432,6 +440,7 @@ impl TranslationUnit {
         let Access { dev, st, pasid, iova, len, want } = *a;
         let st = &st;
         let mut done = 0usize;
+        let mut mem: Option<Arc<MemObject>> = None;
         while done < len {
             let Some(cur) = iova.checked_add(done as u64) else {
                 return Ok(Outcome::Fault(iova, FaultReason::NotPresent, false));
@@ -445,17 +454,27 @@ impl TranslationUnit {
             if !e.perm.allows(want) {
                 return Ok(Outcome::Fault(cur, FaultReason::Permission, false));
             }
-            let n = ((PAGE_SIZE - (cur - page)) as usize).min(len - done);
-            let sys = e.sys_page + (cur - page);
-            let mems = self.mems.read().map_err(|_| Error::Io(std::io::Error::other("poisoned")))?;
-            let Some(m) = find_mem(&mems, sys).cloned() else { return Ok(Outcome::NeedMemory(sys)) };
-            drop(mems);
+            // One translation covers the rest of its leaf.
+            let n = usize::try_from(e.iova_base + e.size - cur).unwrap_or(usize::MAX).min(len - done);
+            let sys = e.sys_base + (cur - e.iova_base);
+            let m = match mem.take().filter(|m| sys >= m.base && sys + n as u64 <= m.base + m.size) {
+                Some(m) => m,
+                None => {
+                    let mems = self.mems.read().map_err(|_| Error::Io(std::io::Error::other("poisoned")))?;
+                    match find_mem(&mems, sys) {
+                        Some(m) if sys + n as u64 <= m.base + m.size => m.clone(),
+                        Some(_) => return Ok(Outcome::Fault(cur, FaultReason::Malformed, false)),
+                        None => return Ok(Outcome::NeedMemory(sys)),
+                    }
+                }
+            };
             op(&m, sys - m.base, done, n)?;
             if want.write {
                 if let Some((t, i)) = e.dirty {
                     self.mark_dirty(t, i);
                 }
             }
+            mem = Some(m);
             done += n;
         }
         Ok(Outcome::Done)
