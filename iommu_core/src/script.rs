@@ -513,6 +513,28 @@ pub fn render_status(s: &Snapshot) -> String {
                 }
             }
         }
+        for d in &ses.devices {
+            let att: Vec<String> = d
+                .attachments
+                .iter()
+                .map(
+                    |a| if a.pasid == 0 { format!("RID->{}", a.pt_id) } else { format!("{:#x}->{}", a.pasid, a.pt_id) },
+                )
+                .collect();
+            let _ = writeln!(
+                o,
+                "  device {} {} {}: channel {}, PASID width {}, PRI {}, dirty {}{}; attached {}",
+                d.id,
+                d.pci_address,
+                d.name,
+                d.channel,
+                d.caps.pasid_width,
+                if d.caps.pri { "yes" } else { "no" },
+                if d.caps.dirty_tracking { "yes" } else { "no" },
+                if d.fenced { ", FENCED" } else { "" },
+                if att.is_empty() { "nothing".to_string() } else { att.join(" ") }
+            );
+        }
         if !ses.ppasids.is_empty() {
             let list: Vec<String> = ses.ppasids.iter().map(|p| format!("{p:#x}")).collect();
             let _ = writeln!(o, "  pPASIDs: {}", list.join(" "));
