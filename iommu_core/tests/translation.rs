@@ -545,7 +545,7 @@ fn nested_translation_matches_a_two_stage_reference_model() {
         // Fresh stage-1 tables in guest memory [0x1000, 0x80000).
         guest.write_all_at(&vec![0u8; 0x7f000], 0x1000).unwrap();
         let mut next_table = 0x2000u64;
-        let mut table_for = |parent_table: u64, index: u64, next: &mut u64| -> u64 {
+        let table_for = |parent_table: u64, index: u64, next: &mut u64| -> u64 {
             let mut b = [0u8; 8];
             guest.read_exact_at(&mut b, parent_table + index * 8).unwrap();
             let e = u64::from_le_bytes(b);
