@@ -77,15 +77,6 @@ pub struct Client {
     path: String,
 }
 
-macro_rules! expect {
-    ($reply:expr, $pat:pat => $val:expr) => {
-        match $reply {
-            $pat => Ok($val),
-            other => Err(Error::Unexpected(format!("{other:?}"))),
-        }
-    };
-}
-
 impl Client {
     /// Connects and says hello as `role`.
     pub fn connect(path: impl AsRef<Path>, role: Role) -> Result<Client> {

@@ -100,15 +100,6 @@ pub struct Channel {
     session: u64,
 }
 
-macro_rules! expect {
-    ($reply:expr, $pat:pat => $val:expr) => {
-        match $reply {
-            $pat => Ok($val),
-            other => Err(Error::Unexpected(format!("{other:?}"))),
-        }
-    };
-}
-
 impl Channel {
     /// Takes the fd a session got from `OpenDeviceChannel`, says hello and
     /// starts the reader thread.

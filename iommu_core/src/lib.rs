@@ -14,6 +14,17 @@
 
 #![deny(missing_docs)]
 
+/// Takes the value out of a reply of the expected variant, or fails with the
+/// caller's `Error::Unexpected` (the client and the device channel share it).
+macro_rules! expect {
+    ($reply:expr, $pat:pat => $val:expr) => {
+        match $reply {
+            $pat => Ok($val),
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
+    };
+}
+
 pub mod client;
 pub mod device;
 pub mod errno;
