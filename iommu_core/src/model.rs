@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::errno::Errno;
 use crate::failpoint::FailNth;
 use crate::memfd;
-use crate::pagetable::{self, PasidEntry, TablePool, MAX_IOVA, PAGE_SIZE};
+use crate::pagetable::{self, DirtyPool, PasidEntry, TablePool, MAX_IOVA, PAGE_SIZE};
 use crate::sysaddr::SysAddrSpace;
 use crate::types::*;
 
@@ -154,6 +154,7 @@ struct Session {
     faults: VecDeque<FaultRecord>,
     faults_lost: u64,
     pending: HashMap<u64, FaultRecord>,
+    dirty: DirtyPool,
 }
 
 /// The global 20-bit pPASID space (0 is "no PASID").
@@ -410,6 +411,10 @@ impl Core {
         if self.sessions.len() as u64 >= u64::from(self.limits.max_sessions) {
             return err(Errno::ENOSPC, format!("{} sessions are open, the configured limit", self.limits.max_sessions));
         }
+        let dirty = DirtyPool::new(self.pool.pages()).map_err(|e| Error {
+            errno: Errno::ENOMEM,
+            message: format!("cannot make the session's dirty pool: {e}"),
+        })?;
         let sid = self.next_session;
         self.next_session += 1;
         self.stats.sessions_opened += 1;
@@ -424,6 +429,7 @@ impl Core {
                 faults: VecDeque::new(),
                 faults_lost: 0,
                 pending: HashMap::new(),
+                dirty,
             },
         );
         Ok(sid)
@@ -703,7 +709,8 @@ impl Core {
         let (_, base) = self.mem_info(sid, area.mem)?;
         let root = self.ioas(sid, ioas_id)?.root;
         let len = area.last - iova + 1;
-        self.pool.map_range(root, iova, base + area.offset, len, area.perm)?;
+        let dirty = self.sessions.get(&sid).map(|s| &s.dirty);
+        self.pool.map_range(root, iova, base + area.offset, len, area.perm, dirty)?;
         if let Ok(Object::Memory(m)) = self.object(sid, area.mem) {
             m.refs += 1;
         }
@@ -971,7 +978,9 @@ impl Core {
         let was = i.dirty;
         i.dirty = enable;
         if enable && !was {
-            self.pool.clear_dirty(root);
+            if let Some(s) = self.sessions.get(&sid) {
+                self.pool.clear_dirty(&s.dirty, root);
+            }
         }
         if was != enable {
             self.rewrite_entries(sid, &users)?;
@@ -1076,7 +1085,11 @@ impl Core {
             return err(Errno::E2BIG, format!("the bitmap would exceed {max_bytes} bytes"));
         }
         let root = i.root;
-        Ok(self.pool.read_dirty(root, iova, length, page_size, no_clear))
+        let s = self
+            .sessions
+            .get(&sid)
+            .ok_or_else(|| Error { errno: Errno::ENOENT, message: format!("no session {sid}") })?;
+        Ok(self.pool.read_dirty(&s.dirty, root, iova, length, page_size, no_clear))
     }
 
     /// Records a fault for a session (issued by the device side). A
@@ -1196,6 +1209,11 @@ impl Core {
         self.next_channel += 1;
         self.channels.insert(c, sid);
         Ok(c)
+    }
+
+    /// The dirty pool of the session a channel speaks for.
+    pub fn channel_dirty_pool(&self, chan: u64) -> Option<&DirtyPool> {
+        self.sessions.get(self.channels.get(&chan)?).map(|s| &s.dirty)
     }
 
     /// The session a channel speaks for.

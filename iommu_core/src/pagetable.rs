@@ -234,14 +234,62 @@ impl Words {
     }
 }
 
+/// One session's dirty bits: one bit per table entry of the pool, in a
+/// sparse memfd that the session's device servers map read-write. Each
+/// session has its own, so no device channel can touch another session's
+/// dirty state.
+#[derive(Debug)]
+pub struct DirtyPool {
+    file: File,
+    words: Words,
+    size: u64,
+}
+
+impl DirtyPool {
+    /// A dirty pool for a table pool of `pages` tables.
+    pub fn new(pages: u32) -> Result<DirtyPool, Error> {
+        let size = (u64::from(pages) * DIRTY_BYTES_PER_TABLE).next_multiple_of(PAGE_SIZE);
+        let file = memfd::create_sealed("ioasid-dirty", size).map_err(|e| Error::Create(e.to_string()))?;
+        let words = Words::map(&file, size)?;
+        Ok(DirtyPool { file, words, size })
+    }
+
+    /// The memfd (device servers map it read-write).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn word(&self, table: u64, index: usize) -> Option<(&AtomicU64, u64)> {
+        let bit = (table / PAGE_SIZE) * (ENTRIES as u64) + index as u64;
+        Some((self.words.word((bit / 64) * 8)?, 1u64 << (bit % 64)))
+    }
+
+    /// Marks the leaf at `(table, index)` dirty, as a device writing through
+    /// it does.
+    pub fn mark(&self, table: u64, index: usize) {
+        if let Some((w, mask)) = self.word(table, index) {
+            w.fetch_or(mask, Ordering::Relaxed);
+        }
+    }
+
+    fn clear(&self, table: u64, index: usize) {
+        if let Some((w, mask)) = self.word(table, index) {
+            w.fetch_and(!mask, Ordering::Relaxed);
+        }
+    }
+}
+
 /// The table pool: a memfd of page tables shared read-only with device
-/// servers, and the dirty pool beside it.
+/// servers.
 #[derive(Debug)]
 pub struct TablePool {
     file: File,
     tables: Words,
-    dirty_file: File,
-    dirty: Words,
     pages: u32,
     next_fresh: u32,
     free: Vec<u32>,
@@ -257,14 +305,9 @@ impl TablePool {
         let size = u64::from(pages) * PAGE_SIZE;
         let file = memfd::create_sealed("ioasid-table-pool", size).map_err(|e| Error::Create(e.to_string()))?;
         let tables = Words::map(&file, size)?;
-        let dsize = (u64::from(pages) * DIRTY_BYTES_PER_TABLE).next_multiple_of(PAGE_SIZE);
-        let dirty_file = memfd::create_sealed("ioasid-dirty-pool", dsize).map_err(|e| Error::Create(e.to_string()))?;
-        let dirty = Words::map(&dirty_file, dsize)?;
         Ok(TablePool {
             file,
             tables,
-            dirty_file,
-            dirty,
             pages,
             // Page 0 is never handed out: a zero address means "none".
             next_fresh: 1,
@@ -280,14 +323,9 @@ impl TablePool {
         self.file.as_fd()
     }
 
-    /// The dirty-pool memfd (device servers map it read-write).
-    pub fn dirty_fd(&self) -> BorrowedFd<'_> {
-        self.dirty_file.as_fd()
-    }
-
-    /// Size of the dirty pool in bytes.
-    pub fn dirty_size(&self) -> u64 {
-        (u64::from(self.pages) * DIRTY_BYTES_PER_TABLE).next_multiple_of(PAGE_SIZE)
+    /// Tables the pool has room for, page 0 included (sizes dirty pools).
+    pub fn pages(&self) -> u32 {
+        self.pages
     }
 
     /// Size of the pool in bytes.
@@ -349,7 +387,6 @@ impl TablePool {
         for i in 0..ENTRIES {
             self.store(table, i, 0);
         }
-        self.clear_dirty_of_table(table);
         self.used[page as usize] = 0;
         self.in_use += 1;
         Ok(table)
@@ -367,36 +404,24 @@ impl TablePool {
         self.in_use = self.in_use.saturating_sub(1);
     }
 
-    fn clear_dirty_of_table(&self, table: u64) {
-        let base = (table / PAGE_SIZE) * DIRTY_BYTES_PER_TABLE;
-        for w in 0..(DIRTY_BYTES_PER_TABLE / 8) {
-            if let Some(word) = self.dirty.word(base + w * 8) {
-                word.store(0, Ordering::Relaxed);
-            }
-        }
-    }
-
-    fn dirty_word(&self, table: u64, index: usize) -> Option<(&AtomicU64, u64)> {
-        let bit = (table / PAGE_SIZE) * (ENTRIES as u64) + index as u64;
-        Some((self.dirty.word((bit / 64) * 8)?, 1u64 << (bit % 64)))
-    }
-
-    /// Marks the leaf at `(table, index)` dirty, as a device writing through
-    /// it does.
-    pub fn mark_dirty(&self, table: u64, index: usize) {
-        if let Some((w, mask)) = self.dirty_word(table, index) {
-            w.fetch_or(mask, Ordering::Relaxed);
-        }
-    }
-
     /// Maps `[iova, iova+len)` onto `[addr, addr+len)` with `perm`, using the
     /// largest leaves alignment allows. All or nothing: on failure the range
     /// is left unmapped and no table leaks.
-    pub fn map_range(&mut self, root: u64, iova: u64, addr: u64, len: u64, perm: Perm) -> Result<(), Error> {
+    ///
+    /// Every new leaf starts clean in `dirty` (the owning session's pool).
+    pub fn map_range(
+        &mut self,
+        root: u64,
+        iova: u64,
+        addr: u64,
+        len: u64,
+        perm: Perm,
+        dirty: Option<&DirtyPool>,
+    ) -> Result<(), Error> {
         debug_assert!(
             iova.is_multiple_of(PAGE_SIZE) && addr.is_multiple_of(PAGE_SIZE) && len.is_multiple_of(PAGE_SIZE)
         );
-        let res = self.map_level(root, LEVELS, iova, addr, len, perm);
+        let res = self.map_level(root, LEVELS, iova, addr, len, perm, dirty);
         if res.is_err() {
             let mut garbage = Vec::new();
             self.unmap_range(root, iova, len, &mut garbage);
@@ -407,7 +432,17 @@ impl TablePool {
         res
     }
 
-    fn map_level(&mut self, table: u64, level: u32, iova: u64, addr: u64, len: u64, perm: Perm) -> Result<(), Error> {
+    #[allow(clippy::too_many_arguments)]
+    fn map_level(
+        &mut self,
+        table: u64,
+        level: u32,
+        iova: u64,
+        addr: u64,
+        len: u64,
+        perm: Perm,
+        dirty: Option<&DirtyPool>,
+    ) -> Result<(), Error> {
         let shift = level_shift(level);
         let size = 1u64 << shift;
         let end = iova + len;
@@ -420,6 +455,9 @@ impl TablePool {
             let e = self.entry(table, index).map_or(0, |w| w.load(Ordering::Relaxed));
             let whole = cur == slot_base && chunk_end - cur == size && a & (size - 1) == 0;
             if e & PTE_PRESENT == 0 && whole && level <= 3 {
+                if let Some(d) = dirty {
+                    d.clear(table, index);
+                }
                 self.store(table, index, a | perm.bits() | PTE_LEAF | PTE_PRESENT);
                 self.add_used(table, 1);
             } else if e & PTE_PRESENT != 0 && (e & PTE_LEAF != 0 || level == 1) {
@@ -433,7 +471,7 @@ impl TablePool {
                     self.add_used(table, 1);
                     t
                 };
-                self.map_level(child, level - 1, cur, a, chunk_end - cur, perm)?;
+                self.map_level(child, level - 1, cur, a, chunk_end - cur, perm, dirty)?;
             }
             cur = chunk_end;
         }
@@ -482,12 +520,20 @@ impl TablePool {
     /// clears the dirty bits of leaves wholly inside the range unless
     /// `no_clear`. Leaves that only partly overlap keep their bit, so a dirty
     /// page is never lost.
-    pub fn read_dirty(&self, root: u64, iova: u64, len: u64, page_size: u64, no_clear: bool) -> Vec<u64> {
+    pub fn read_dirty(
+        &self,
+        dirty: &DirtyPool,
+        root: u64,
+        iova: u64,
+        len: u64,
+        page_size: u64,
+        no_clear: bool,
+    ) -> Vec<u64> {
         let pages = len / page_size;
         let mut bitmap = vec![0u64; pages.div_ceil(64) as usize];
         let end = iova + len;
         self.dirty_level(root, LEVELS, iova, end, &mut |leaf_start, leaf_end, table, index| {
-            let Some((w, mask)) = self.dirty_word(table, index) else { return };
+            let Some((w, mask)) = dirty.word(table, index) else { return };
             if w.load(Ordering::Relaxed) & mask == 0 {
                 return;
             }
@@ -506,12 +552,8 @@ impl TablePool {
     }
 
     /// Clears the dirty bit of every leaf under `root`.
-    pub fn clear_dirty(&self, root: u64) {
-        self.dirty_level(root, LEVELS, 0, MAX_IOVA + 1, &mut |_, _, table, index| {
-            if let Some((w, mask)) = self.dirty_word(table, index) {
-                w.fetch_and(!mask, Ordering::Relaxed);
-            }
-        });
+    pub fn clear_dirty(&self, dirty: &DirtyPool, root: u64) {
+        self.dirty_level(root, LEVELS, 0, MAX_IOVA + 1, &mut |_, _, table, index| dirty.clear(table, index));
     }
 
     fn dirty_level(&self, table: u64, level: u32, iova: u64, end: u64, f: &mut dyn FnMut(u64, u64, u64, usize)) {
@@ -708,7 +750,7 @@ mod tests {
         let gib = 1u64 << 30;
         // 1 GiB + 2 MiB + 4 KiB, all aligned: one leaf of each size.
         let len = gib + (2 << 20) + 4096;
-        p.map_range(root, gib, 4 * gib, len, Perm::RW).unwrap();
+        p.map_range(root, gib, 4 * gib, len, Perm::RW, None).unwrap();
         let l = walk(&p, root, gib + 5).unwrap();
         assert_eq!((l.address, l.page_size), (4 * gib + 5, gib));
         let l = walk(&p, root, 2 * gib + 0x1234).unwrap();
@@ -733,7 +775,7 @@ mod tests {
     fn misaligned_address_falls_back_to_small_leaves() {
         let mut p = pool(64);
         let root = p.alloc_table().unwrap();
-        p.map_range(root, 2 << 20, (2 << 20) + 4096, 2 << 20, Perm::R).unwrap();
+        p.map_range(root, 2 << 20, (2 << 20) + 4096, 2 << 20, Perm::R, None).unwrap();
         let l = walk(&p, root, (2 << 20) + 4096 * 3).unwrap();
         assert_eq!((l.page_size, l.perm), (4096, Perm::R));
         assert_eq!(l.address, (2 << 20) + 4096 * 4);
@@ -744,7 +786,7 @@ mod tests {
         let mut p = pool(4);
         let root = p.alloc_table().unwrap();
         // Needs L3, L2, L1 tables = 3 more, but only 2 remain.
-        assert_eq!(p.map_range(root, 0x1000, 0x1000, 0x1000, Perm::RW), Err(Error::PoolFull(3)));
+        assert_eq!(p.map_range(root, 0x1000, 0x1000, 0x1000, Perm::RW, None), Err(Error::PoolFull(3)));
         assert_eq!(p.tables_in_use(), 1);
         assert_eq!(walk(&p, root, 0x1000), Err(WalkError::NotPresent(4)));
     }
@@ -799,13 +841,20 @@ mod tests {
     fn dirty_bits_report_and_clear() {
         let mut p = pool(64);
         let root = p.alloc_table().unwrap();
-        p.map_range(root, 0x10_0000, 0x4000_0000, 0x4000, Perm::RW).unwrap();
+        let d = DirtyPool::new(p.pages()).unwrap();
+        p.map_range(root, 0x10_0000, 0x4000_0000, 0x4000, Perm::RW, Some(&d)).unwrap();
         let l = walk(&p, root, 0x10_2000).unwrap();
-        p.mark_dirty(l.table, l.index);
-        let bm = p.read_dirty(root, 0x10_0000, 0x4000, 4096, true);
+        d.mark(l.table, l.index);
+        let bm = p.read_dirty(&d, root, 0x10_0000, 0x4000, 4096, true);
         assert_eq!(bm, vec![0b0100]);
-        let bm = p.read_dirty(root, 0x10_0000, 0x4000, 4096, false);
+        let bm = p.read_dirty(&d, root, 0x10_0000, 0x4000, 4096, false);
         assert_eq!(bm, vec![0b0100]);
-        assert_eq!(p.read_dirty(root, 0x10_0000, 0x4000, 4096, false), vec![0]);
+        assert_eq!(p.read_dirty(&d, root, 0x10_0000, 0x4000, 4096, false), vec![0]);
+        // A leaf mapped again starts clean.
+        d.mark(l.table, l.index);
+        let mut g = Vec::new();
+        p.unmap_range(root, 0x10_0000, 0x4000, &mut g);
+        p.map_range(root, 0x10_0000, 0x4000_0000, 0x4000, Perm::RW, Some(&d)).unwrap();
+        assert_eq!(p.read_dirty(&d, root, 0x10_0000, 0x4000, 4096, true), vec![0]);
     }
 }

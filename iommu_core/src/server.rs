@@ -707,11 +707,15 @@ impl Server {
             Request::DevicePasidFree { dev, pasid } => core.device_ppasid_free(chan, dev, pasid).map(|_| Reply::Ok),
             Request::GetPools => {
                 let pool = core.pool();
-                // A fresh read-only open of the pool: a peer cannot map it writable.
-                let fds = [reopen_read_only(pool.fd()), pool.dirty_fd().try_clone_to_owned()];
+                let Some(dirty) = core.channel_dirty_pool(chan) else {
+                    return plain(Reply::error(Errno::ENOENT, "the channel's session is gone"));
+                };
+                // A fresh read-only open of the pool: a peer cannot map it
+                // writable. The dirty pool is the session's own.
+                let fds = [reopen_read_only(pool.fd()), dirty.fd().try_clone_to_owned()];
                 return Some(match fds {
                     [Ok(a), Ok(b)] => {
-                        (Reply::Pools { table_bytes: pool.size(), dirty_bytes: pool.dirty_size() }, vec![a, b])
+                        (Reply::Pools { table_bytes: pool.size(), dirty_bytes: dirty.size() }, vec![a, b])
                     }
                     _ => (Reply::error(Errno::ENOMEM, "cannot duplicate the pool fds"), Vec::new()),
                 });

@@ -616,3 +616,24 @@ fn nested_translation_matches_a_two_stage_reference_model() {
     }
     assert!(checked > 1000, "{checked} probes");
 }
+
+#[test]
+fn a_channel_cannot_touch_another_sessions_dirty_bits() {
+    let mut a = rig("dirty-iso", Limits::default());
+    let (_f, m) = mem(&mut a, 1 << 20);
+    let ioas = a.s.ioas_alloc().unwrap();
+    map(&mut a, ioas, m, 0, 64 << 10, 0x10_0000, Perm::RW);
+    let (tu, dev) = device(&mut a, caps(0, false, true));
+    tu.channel().attach(dev, None, ioas).unwrap();
+    a.s.set_dirty_tracking(ioas, true).unwrap();
+    tu.write(dev, 0, 0x10_2000, b"a").unwrap();
+    // Another session's channel gets a dirty pool of its own: filling it
+    // with ones changes nothing for the first session.
+    let mut b = Client::session(&a.path).unwrap();
+    let (_, fd) = b.open_device_channel().unwrap();
+    let ch = Channel::new(fd).unwrap();
+    let (_pool, _, dirty, size) = ch.pools().unwrap();
+    let f = File::from(dirty);
+    f.write_all_at(&vec![0xffu8; size as usize], 0).unwrap();
+    assert_eq!(a.s.dirty_bitmap(ioas, 0x10_0000, 64 << 10, 4096, false).unwrap(), vec![1 << 2]);
+}
