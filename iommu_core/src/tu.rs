@@ -494,7 +494,8 @@ impl TranslationUnit {
         self.stats.faults.fetch_add(1, Ordering::Relaxed);
         let allowed = match self.rate.lock() {
             Ok(mut r) => {
-                if r.0.elapsed() >= Duration::from_secs(1) {
+                // A window starts with its first report.
+                if r.1 == 0 || r.0.elapsed() >= Duration::from_secs(1) {
                     *r = (Instant::now(), 0);
                 }
                 r.1 += 1;

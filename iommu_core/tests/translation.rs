@@ -637,3 +637,36 @@ fn a_channel_cannot_touch_another_sessions_dirty_bits() {
     f.write_all_at(&vec![0xffu8; size as usize], 0).unwrap();
     assert_eq!(a.s.dirty_bitmap(ioas, 0x10_0000, 64 << 10, 4096, false).unwrap(), vec![1 << 2]);
 }
+
+#[test]
+fn an_unanswered_page_request_times_out_and_fault_reports_are_rate_limited() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut r = rig("pri-timeout", Limits::default());
+    let ioas = r.s.ioas_alloc().unwrap();
+    r.s.set_page_faults(ioas, true).unwrap();
+    let (_, fd) = r.s.open_device_channel().unwrap();
+    let cfg = tu::Config {
+        page_request_timeout: Duration::from_millis(200),
+        fault_reports_per_sec: 2,
+        ..tu::Config::default()
+    };
+    let tu = TranslationUnit::new(Arc::new(Channel::new(fd).unwrap()), cfg).unwrap();
+    let pri = tu.bind(BindArgs { name: "pri".into(), pci_address: "0000:00:0a.0".into(), caps: caps(0, true, false) });
+    let pri = pri.unwrap().dev_id;
+    tu.channel().attach(pri, None, ioas).unwrap();
+    let t0 = Instant::now();
+    assert_eq!(fault_of(tu.write(pri, 0, 0x7000, b"x").unwrap_err()).0, 0x7000);
+    assert!(t0.elapsed() >= Duration::from_millis(200), "waited for the answer until the timeout");
+    assert_eq!(tu.stats().page_requests.load(Relaxed), 1);
+    // A device without PRI reports faults, at most 2 per second.
+    let plain =
+        tu.bind(BindArgs { name: "plain".into(), pci_address: "0000:00:0b.0".into(), caps: caps(0, false, false) });
+    let plain = plain.unwrap().dev_id;
+    tu.channel().attach(plain, None, ioas).unwrap();
+    r.s.read_faults(100).unwrap();
+    for i in 0..10u64 {
+        assert!(tu.write(plain, 0, 0x10_0000 + i * 4096, b"y").is_err());
+    }
+    assert_eq!(r.s.read_faults(100).unwrap().len(), 2);
+    assert_eq!(tu.stats().faults_suppressed.load(Relaxed), 8);
+}
