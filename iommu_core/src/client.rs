@@ -40,15 +40,8 @@ pub enum Error {
     #[error("the core closed the connection")]
     Closed,
     /// The core refused the request.
-    #[error("{}: {message}", errno.map_or_else(|| format!("errno {code}"), |e| e.name().to_string()))]
-    Core {
-        /// The errno, if it is in the vocabulary.
-        errno: Option<Errno>,
-        /// The raw errno number.
-        code: i32,
-        /// The core's sentence.
-        message: String,
-    },
+    #[error(transparent)]
+    Core(wire::Refusal),
     /// The reply did not match the request.
     #[error("unexpected reply: {0}")]
     Unexpected(String),
@@ -58,7 +51,7 @@ impl Error {
     /// The errno of a refused request.
     pub fn errno(&self) -> Option<Errno> {
         match self {
-            Error::Core { errno, .. } => *errno,
+            Error::Core(r) => r.errno,
             _ => None,
         }
     }
@@ -150,12 +143,7 @@ impl Client {
         if env.seq != seq && env.seq != 0 {
             return Err(Error::Unexpected(format!("reply to request {} while waiting for {seq}", env.seq)));
         }
-        match env.body {
-            Reply::Error { errno, message } => {
-                Err(Error::Core { errno: Errno::from_code(errno), code: errno, message })
-            }
-            r => Ok((r, fds)),
-        }
+        Ok((env.body.into_result().map_err(Error::Core)?, fds))
     }
 
     /// Reads the next reply frame and its fds.

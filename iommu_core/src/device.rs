@@ -37,15 +37,8 @@ pub enum Error {
     #[error("no answer from the core within {0:?}")]
     Timeout(Duration),
     /// The core refused the request.
-    #[error("{}: {message}", errno.map_or_else(|| format!("errno {code}"), |e| e.name().to_string()))]
-    Core {
-        /// The errno, if in the vocabulary.
-        errno: Option<Errno>,
-        /// The raw errno.
-        code: i32,
-        /// The core's sentence.
-        message: String,
-    },
+    #[error(transparent)]
+    Core(wire::Refusal),
     /// A reply of the wrong kind.
     #[error("unexpected reply: {0}")]
     Unexpected(String),
@@ -55,7 +48,7 @@ impl Error {
     /// The errno of a refused request.
     pub fn errno(&self) -> Option<Errno> {
         match self {
-            Error::Core { errno, .. } => *errno,
+            Error::Core(r) => r.errno,
             _ => None,
         }
     }
@@ -174,12 +167,7 @@ impl Channel {
             }
         }
         let (reply, fds) = got?;
-        match reply {
-            Reply::Error { errno, message } => {
-                Err(Error::Core { errno: Errno::from_code(errno), code: errno, message })
-            }
-            r => Ok((r, fds)),
-        }
+        Ok((reply.into_result().map_err(Error::Core)?, fds))
     }
 
     fn ok(&self, req: &Request) -> Result<()> {

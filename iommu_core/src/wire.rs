@@ -402,6 +402,28 @@ impl Reply {
     }
 }
 
+/// A request the core refused: its errno and its sentence.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", errno.map_or_else(|| format!("errno {code}"), |e| e.name().to_string()))]
+pub struct Refusal {
+    /// The errno, if it is in the vocabulary.
+    pub errno: Option<Errno>,
+    /// The raw errno number.
+    pub code: i32,
+    /// The core's sentence.
+    pub message: String,
+}
+
+impl Reply {
+    /// Splits an error reply off: `Err` for [`Reply::Error`], else the reply.
+    pub fn into_result(self) -> Result<Reply, Refusal> {
+        match self {
+            Reply::Error { errno, message } => Err(Refusal { errno: Errno::from_code(errno), code: errno, message }),
+            r => Ok(r),
+        }
+    }
+}
+
 /// Encodes a frame: header and payload.
 pub fn encode<T: Serialize>(seq: u64, body: &T, nfds: usize) -> Result<Vec<u8>, Error> {
     let mut buf = vec![0u8; HEADER_LEN];

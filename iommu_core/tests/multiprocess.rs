@@ -249,7 +249,10 @@ fn hostile_frames_get_errors_and_the_core_keeps_serving() {
     let cid = c.ioas_alloc().unwrap();
     let ranges: Vec<IovaRange> = (0..10_000).map(|i| IovaRange { start: i << 20, last: (i << 20) + 4095 }).collect();
     let e = c.allow_iovas(cid, ranges).unwrap_err();
-    assert!(matches!(e, iommu_core::client::Error::Core { errno: Some(Errno::E2BIG), .. }), "{e}");
+    assert!(
+        matches!(e, iommu_core::client::Error::Core(iommu_core::wire::Refusal { errno: Some(Errno::E2BIG), .. })),
+        "{e}"
+    );
     // Too many fds in one message (limit 16).
     let mut c = Client::session(&d.path).unwrap();
     let files: Vec<std::fs::File> = (0..20).map(|_| iommu_core::memfd::create("x", 4096).unwrap()).collect();
