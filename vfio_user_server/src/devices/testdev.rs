@@ -1,0 +1,402 @@
+//! `test-device`: a small PCIe function that exercises every part of the
+//! framework, used by the protocol tests and by people poking at a server.
+//!
+//! | BAR | kind | size | contents |
+//! |---|---|---|---|
+//! | 0 | mem32 | 4 KiB | registers (trapped), below |
+//! | 1 | mem32 | 64 KiB | RAM in a memfd; `[0, 16K)` and `[32K, 64K)` are mmap-able (sparse), the rest trapped |
+//! | 2 | mem32 | 4 KiB | MSI-X table (8 vectors) at 0, PBA at 0x800 |
+//! | 4 | I/O | 256 B | byte-wide scratch ports |
+//! | ROM | | 32 KiB | bytes `i & 0xff` |
+//!
+//! BAR 0 registers (little-endian):
+//!
+//! | offset | size | name | access |
+//! |---|---|---|---|
+//! | 0x00 | 4 | ID = 0x7e570001 | RO |
+//! | 0x08 | 8 | SCRATCH | RW |
+//! | 0x10 | 8 | DMA_SRC (IOVA) | RW |
+//! | 0x18 | 8 | DMA_DST (IOVA) | RW |
+//! | 0x20 | 4 | DMA_LEN (at most 1 MiB) | RW |
+//! | 0x24 | 4 | DMA_PASID: bit 31 = tagged, bits 19:0 = vPASID | RW |
+//! | 0x28 | 4 | DMA_CMD: write 1 to copy SRC to DST | WO |
+//! | 0x2c | 4 | DMA_STATUS: 0 idle, 1 busy, 2 done, 3 error | RO |
+//! | 0x30 | 4 | DMA_DONE: copies completed | RO |
+//! | 0x34 | 4 | DMA_ERRORS: copies failed | RO |
+//! | 0x38 | 4 | IRQ: write n to raise vector n (MSI-X, else MSI, else INTx) | WO |
+//! | 0x3c | 4 | INTX: write 1/0 to raise/lower INTx | WO |
+//! | 0x40 | 4 | DOORBELL: counts writes; offered as an ioeventfd | RW |
+//!
+//! A copy runs on the device's engine thread, so the write that starts it
+//! is answered at once; completion raises vector 0.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Condvar, Mutex};
+
+use crossbeam::channel::{unbounded, Sender};
+use iommu_core::types::{DeviceCaps, FaultReason};
+use serde::{Deserialize, Serialize};
+
+use crate::device::{Device, DeviceContext, DeviceDesc, Errno, IoFdDesc, MmapDesc, MsixDesc, RegionDesc};
+use crate::dma::Route;
+use crate::irq::IrqLayout;
+use crate::pci::{BarKind, PciConfig, PciIds};
+use crate::proto::SparseArea;
+
+/// Register offsets of BAR 0.
+pub mod regs {
+    /// Device id register.
+    pub const ID: u64 = 0x00;
+    /// Scratch register.
+    pub const SCRATCH: u64 = 0x08;
+    /// DMA source IOVA.
+    pub const DMA_SRC: u64 = 0x10;
+    /// DMA destination IOVA.
+    pub const DMA_DST: u64 = 0x18;
+    /// DMA length.
+    pub const DMA_LEN: u64 = 0x20;
+    /// DMA PASID tag.
+    pub const DMA_PASID: u64 = 0x24;
+    /// DMA command.
+    pub const DMA_CMD: u64 = 0x28;
+    /// DMA status.
+    pub const DMA_STATUS: u64 = 0x2c;
+    /// Completed copies.
+    pub const DMA_DONE: u64 = 0x30;
+    /// Failed copies.
+    pub const DMA_ERRORS: u64 = 0x34;
+    /// Raise an interrupt vector.
+    pub const IRQ: u64 = 0x38;
+    /// Drive INTx.
+    pub const INTX: u64 = 0x3c;
+    /// Doorbell counter.
+    pub const DOORBELL: u64 = 0x40;
+    /// Value of the ID register.
+    pub const ID_VALUE: u32 = 0x7e57_0001;
+    /// Status: idle.
+    pub const STATUS_IDLE: u32 = 0;
+    /// Status: busy.
+    pub const STATUS_BUSY: u32 = 1;
+    /// Status: done.
+    pub const STATUS_DONE: u32 = 2;
+    /// Status: error.
+    pub const STATUS_ERROR: u32 = 3;
+    /// DMA_PASID: tagged.
+    pub const PASID_VALID: u32 = 1 << 31;
+}
+
+/// Size of BAR 1.
+pub const BAR1_SIZE: u64 = 64 * 1024;
+/// Largest copy.
+pub const MAX_COPY: u32 = 1 << 20;
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Regs {
+    scratch: u64,
+    src: u64,
+    dst: u64,
+    len: u32,
+    pasid: u32,
+    status: u32,
+    done: u32,
+    errors: u32,
+    doorbell: u32,
+    io: Vec<u8>,
+}
+
+struct Shared {
+    regs: Mutex<Regs>,
+    running: Mutex<bool>,
+    resume: Condvar,
+}
+
+struct Copy {
+    src: u64,
+    dst: u64,
+    len: u32,
+    route: Route,
+}
+
+/// The test device.
+pub struct TestDevice {
+    shared: Arc<Shared>,
+    ram: Arc<File>,
+    engine: Option<Sender<Copy>>,
+    irqs: Option<Arc<crate::irq::Irqs>>,
+}
+
+impl TestDevice {
+    /// A test device with its BAR 1 memory in a new memfd.
+    pub fn new() -> std::io::Result<TestDevice> {
+        let ram = iommu_core::memfd::create("test-device-bar1", BAR1_SIZE).map_err(std::io::Error::other)?;
+        let regs = Regs { io: vec![0; 256], ..Regs::default() };
+        Ok(TestDevice {
+            shared: Arc::new(Shared { regs: Mutex::new(regs), running: Mutex::new(true), resume: Condvar::new() }),
+            ram: Arc::new(ram),
+            engine: None,
+            irqs: None,
+        })
+    }
+
+    fn engine(shared: Arc<Shared>, ctx: DeviceContext, rx: crossbeam::channel::Receiver<Copy>) {
+        while let Ok(c) = rx.recv() {
+            let Ok(mut run) = shared.running.lock() else { return };
+            while !*run {
+                run = match shared.resume.wait(run) {
+                    Ok(g) => g,
+                    Err(_) => return,
+                };
+            }
+            // The copy runs with `running` held, so a stop waits for it.
+            let mut buf = vec![0u8; c.len as usize];
+            let res = ctx.dma.read(c.route, c.src, &mut buf).and_then(|_| ctx.dma.write(c.route, c.dst, &buf));
+            if let Err(e) = &res {
+                tracing::debug!("test-device copy failed: {e}");
+                if let crate::dma::Error::NoPasid(_) = e {
+                    ctx.dma.report_fault(c.route, c.src, false, FaultReason::NotPresent);
+                }
+            }
+            if let Ok(mut r) = shared.regs.lock() {
+                match res {
+                    Ok(()) => {
+                        r.status = regs::STATUS_DONE;
+                        r.done = r.done.wrapping_add(1);
+                    }
+                    Err(_) => {
+                        r.status = regs::STATUS_ERROR;
+                        r.errors = r.errors.wrapping_add(1);
+                    }
+                }
+            }
+            drop(run);
+            ctx.irqs.notify(0);
+        }
+    }
+}
+
+fn rd(v: u64, off: u64, buf: &mut [u8]) {
+    let b = v.to_le_bytes();
+    for (i, x) in buf.iter_mut().enumerate() {
+        *x = b.get(off as usize + i).copied().unwrap_or(0);
+    }
+}
+
+fn wr(old: u64, off: u64, data: &[u8]) -> u64 {
+    let mut b = old.to_le_bytes();
+    for (i, x) in data.iter().enumerate() {
+        if let Some(d) = b.get_mut(off as usize + i) {
+            *d = *x;
+        }
+    }
+    u64::from_le_bytes(b)
+}
+
+impl Device for TestDevice {
+    fn describe(&self) -> DeviceDesc {
+        let ids = PciIds {
+            vendor: 0x1b36,
+            device: 0x7e57,
+            subsystem_vendor: 0x1b36,
+            subsystem: 0x0001,
+            class: 0xff_0000,
+            revision: 1,
+        };
+        let mut c = PciConfig::new(ids, true);
+        c.set_bar(0, BarKind::Mem32, 0x1000, false);
+        c.set_bar(1, BarKind::Mem32, BAR1_SIZE, false);
+        c.set_bar(2, BarKind::Mem32, 0x1000, false);
+        c.set_bar(4, BarKind::Io, 0x100, false);
+        c.set_rom(0x8000);
+        c.set_interrupt_pin(1);
+        c.add_pm();
+        c.add_msi(1);
+        c.add_msix(8, 2, 0, 2, 0x800);
+        c.add_pcie();
+        c.add_pasid(20);
+        c.add_ats();
+        c.add_pri(32);
+        let rw = |index, size| RegionDesc { index, size, read: true, write: true, mmap: None };
+        let mut bar1 = rw(1, BAR1_SIZE);
+        bar1.mmap = Some(MmapDesc {
+            file: self.ram.clone(),
+            file_offset: 0,
+            areas: vec![SparseArea { offset: 0, size: 0x4000 }, SparseArea { offset: 0x8000, size: 0x8000 }],
+        });
+        DeviceDesc {
+            name: "test-device",
+            config: c,
+            regions: vec![
+                rw(0, 0x1000),
+                bar1,
+                rw(2, 0x1000),
+                rw(4, 0x100),
+                RegionDesc { index: 6, size: 0x8000, read: true, write: false, mmap: None },
+            ],
+            irqs: IrqLayout { intx: true, msi: 1, msix: 8 },
+            msix: Some(MsixDesc { table_bar: 2, table_offset: 0, pba_bar: 2, pba_offset: 0x800, vectors: 8 }),
+            caps: DeviceCaps { pasid_width: 20, pri: true, dirty_tracking: true },
+            io_fds: vec![IoFdDesc { region: 0, offset: regs::DOORBELL, size: 4, datamatch: None }],
+        }
+    }
+
+    fn start(&mut self, ctx: DeviceContext) {
+        self.irqs = Some(ctx.irqs.clone());
+        let (tx, rx) = unbounded();
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new().name("test-device-engine".into()).spawn(move || {
+            TestDevice::engine(shared, ctx, rx);
+        });
+        match spawned {
+            Ok(_) => self.engine = Some(tx),
+            Err(e) => tracing::error!("test-device cannot start its engine: {e}"),
+        }
+    }
+
+    fn region_read(&mut self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        match index {
+            0 => {
+                let r = self.shared.regs.lock().map_err(|_| libc::EIO)?;
+                let (base, v) = match offset & !7 {
+                    0x00 => (0, u64::from(regs::ID_VALUE)),
+                    0x08 => (0x08, r.scratch),
+                    0x10 => (0x10, r.src),
+                    0x18 => (0x18, r.dst),
+                    0x20 => (0x20, u64::from(r.len) | (u64::from(r.pasid) << 32)),
+                    0x28 => (0x28, u64::from(r.status) << 32),
+                    0x30 => (0x30, u64::from(r.done) | (u64::from(r.errors) << 32)),
+                    0x40 => (0x40, u64::from(r.doorbell)),
+                    _ => (offset & !7, 0),
+                };
+                if (offset - base) as usize + buf.len() > 8 {
+                    return Err(libc::EINVAL);
+                }
+                rd(v, offset - base, buf);
+                Ok(())
+            }
+            1 => self.ram.read_exact_at(buf, offset).map_err(|_| libc::EIO),
+            4 => {
+                let r = self.shared.regs.lock().map_err(|_| libc::EIO)?;
+                let s = r.io.get(offset as usize..offset as usize + buf.len()).ok_or(libc::EINVAL)?;
+                buf.copy_from_slice(s);
+                Ok(())
+            }
+            6 => {
+                for (i, b) in buf.iter_mut().enumerate() {
+                    *b = (offset as usize + i) as u8;
+                }
+                Ok(())
+            }
+            _ => Err(libc::EINVAL),
+        }
+    }
+
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        match index {
+            0 => {
+                let base = offset & !7;
+                if (offset - base) as usize + data.len() > 8 {
+                    return Err(libc::EINVAL);
+                }
+                let off = offset - base;
+                let mut r = self.shared.regs.lock().map_err(|_| libc::EIO)?;
+                match base {
+                    0x08 => r.scratch = wr(r.scratch, off, data),
+                    0x10 => r.src = wr(r.src, off, data),
+                    0x18 => r.dst = wr(r.dst, off, data),
+                    0x20 => {
+                        let v = wr(u64::from(r.len) | (u64::from(r.pasid) << 32), off, data);
+                        r.len = v as u32;
+                        r.pasid = (v >> 32) as u32;
+                    }
+                    0x28 if off == 0 && data.first() == Some(&1) => {
+                        if r.len == 0 || r.len > MAX_COPY {
+                            r.status = regs::STATUS_ERROR;
+                            r.errors = r.errors.wrapping_add(1);
+                            return Ok(());
+                        }
+                        let route = if r.pasid & regs::PASID_VALID != 0 {
+                            Route::Vpasid(r.pasid & 0xf_ffff)
+                        } else {
+                            Route::Rid
+                        };
+                        r.status = regs::STATUS_BUSY;
+                        let job = Copy { src: r.src, dst: r.dst, len: r.len, route };
+                        drop(r);
+                        if let Some(e) = &self.engine {
+                            let _ = e.send(job);
+                        }
+                    }
+                    0x38 if off == 0 => {
+                        let v = wr(0, 0, data) as u32;
+                        drop(r);
+                        if let Some(irqs) = self.irqs() {
+                            irqs.notify(v);
+                        }
+                    }
+                    0x38 if off == 4 => {
+                        let level = data.first().copied().unwrap_or(0) != 0;
+                        drop(r);
+                        if let Some(irqs) = self.irqs() {
+                            irqs.set_intx(level);
+                        }
+                    }
+                    0x40 if off == 0 => r.doorbell = r.doorbell.wrapping_add(1),
+                    _ => {}
+                }
+                Ok(())
+            }
+            1 => self.ram.write_all_at(data, offset).map_err(|_| libc::EIO),
+            4 => {
+                let mut r = self.shared.regs.lock().map_err(|_| libc::EIO)?;
+                let s = r.io.get_mut(offset as usize..offset as usize + data.len()).ok_or(libc::EINVAL)?;
+                s.copy_from_slice(data);
+                Ok(())
+            }
+            _ => Err(libc::EINVAL),
+        }
+    }
+
+    fn reset(&mut self) {
+        if let Ok(mut r) = self.shared.regs.lock() {
+            *r = Regs { io: vec![0; 256], ..Regs::default() };
+        }
+    }
+
+    fn set_running(&mut self, running: bool) {
+        if let Ok(mut g) = self.shared.running.lock() {
+            *g = running;
+        }
+        self.shared.resume.notify_all();
+    }
+
+    fn save(&mut self) -> Result<Vec<u8>, Errno> {
+        let regs = self.shared.regs.lock().map_err(|_| libc::EIO)?.clone();
+        let mut ram = vec![0u8; BAR1_SIZE as usize];
+        self.ram.read_exact_at(&mut ram, 0).map_err(|_| libc::EIO)?;
+        postcard::to_allocvec(&(regs, ram)).map_err(|_| libc::ENOMEM)
+    }
+
+    fn load(&mut self, data: &[u8]) -> Result<(), Errno> {
+        let (regs, ram): (Regs, Vec<u8>) = postcard::from_bytes(data).map_err(|_| libc::EINVAL)?;
+        if ram.len() != BAR1_SIZE as usize || regs.io.len() != 256 || regs.len > MAX_COPY {
+            return Err(libc::EINVAL);
+        }
+        self.ram.write_all_at(&ram, 0).map_err(|_| libc::EIO)?;
+        *self.shared.regs.lock().map_err(|_| libc::EIO)? = regs;
+        Ok(())
+    }
+
+    fn status(&self) -> Vec<String> {
+        match self.shared.regs.lock() {
+            Ok(r) => vec![format!("copies done {} failed {} doorbell {}", r.done, r.errors, r.doorbell)],
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+impl TestDevice {
+    fn irqs(&self) -> Option<Arc<crate::irq::Irqs>> {
+        self.irqs.clone()
+    }
+}

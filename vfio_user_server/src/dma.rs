@@ -1,0 +1,570 @@
+//! DMA: the client's DMA_MAP table, its compat IOAS in the core, the
+//! binding made through the ioasid extension with its vPASID map, and the
+//! path a device's DMA takes.
+//!
+//! Every DMA goes through an IOAS of the core:
+//! - **compat**: the server has its own session and a compat IOAS; each
+//!   DMA_MAP with an fd becomes a memory object plus a fixed-IOVA map there,
+//!   and the device's RID is attached to it (iommufd's VFIO-compat idea).
+//! - **bound**: a session handed the server a device channel (extension
+//!   command); the device is bound in that session, the session's IOASes
+//!   are attached per RID or vPASID, and the server keeps
+//!   `vPASID -> pPASID`. The core only ever sees pPASIDs.
+//!
+//! DMA_MAP without an fd registers client memory that the device reaches
+//! with DMA_READ/DMA_WRITE messages (compat RID DMA only).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::sync::{Arc, Mutex, RwLock};
+
+use iommu_core::client::Client;
+use iommu_core::device::Channel;
+use iommu_core::tu::{self, TranslationUnit};
+use iommu_core::types::{BindArgs, DeviceCaps, FaultReason, FaultRecord, MapArgs, Perm};
+
+use crate::proto;
+
+/// Errors of DMA and of DMA mapping, each with the errno a client sees.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A bad request.
+    #[error("{0}")]
+    Invalid(String),
+    /// Overlaps an existing map.
+    #[error("DMA region {0:#x}+{1:#x} overlaps an existing one")]
+    Exists(u64, u64),
+    /// No such map.
+    #[error("no DMA region is mapped exactly at {0:#x}+{1:#x}")]
+    NotFound(u64, u64),
+    /// A limit was reached.
+    #[error("{0}")]
+    Limit(String),
+    /// The vPASID has no pPASID.
+    #[error("vPASID {0:#x} is not attached")]
+    NoPasid(u32),
+    /// The device is not bound through the extension.
+    #[error("the device is not bound to a session")]
+    NotBound,
+    /// Already bound.
+    #[error("the device is already bound to session {0}")]
+    AlreadyBound(u64),
+    /// The access faulted in the IOAS.
+    #[error(transparent)]
+    Fault(#[from] tu::Error),
+    /// The core refused or failed.
+    #[error("the core: {0}")]
+    Core(String, i32),
+    /// Client memory reached by messages failed.
+    #[error("client DMA {0}")]
+    Client(String, i32),
+}
+
+impl Error {
+    /// errno for the wire.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Invalid(_) => libc::EINVAL,
+            Error::Exists(..) => libc::EEXIST,
+            Error::NotFound(..) => libc::ENOENT,
+            Error::Limit(_) => libc::ENOSPC,
+            Error::NoPasid(_) => libc::ENOENT,
+            Error::NotBound => libc::ENODEV,
+            Error::AlreadyBound(_) => libc::EBUSY,
+            Error::Fault(_) => libc::EFAULT,
+            Error::Core(_, e) | Error::Client(_, e) => *e,
+        }
+    }
+}
+
+fn core_err(e: iommu_core::client::Error) -> Error {
+    let code = e.errno().map_or(libc::EIO, |x| x.code());
+    Error::Core(e.to_string(), code)
+}
+
+fn chan_err(e: iommu_core::device::Error) -> Error {
+    let code = e.errno().map_or(libc::EIO, |x| x.code());
+    Error::Core(e.to_string(), code)
+}
+
+fn tu_err(e: tu::Error) -> Error {
+    match e {
+        tu::Error::Channel(c) => chan_err(c),
+        other => Error::Fault(other),
+    }
+}
+
+/// Where a device's DMA is tagged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Untagged (requester ID).
+    Rid,
+    /// Tagged with a guest PASID.
+    Vpasid(u32),
+}
+
+/// Sends DMA_READ / DMA_WRITE to the connected client and waits for the
+/// reply (implemented by the connection).
+pub trait ClientDma: Send + Sync {
+    /// Reads client memory at `address`.
+    fn read(&self, address: u64, buf: &mut [u8]) -> Result<(), Error>;
+    /// Writes client memory at `address`.
+    fn write(&self, address: u64, data: &[u8]) -> Result<(), Error>;
+}
+
+/// How pPASIDs are chosen for vPASIDs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PasidPolicy {
+    /// From the core's global pPASID allocator (shared work queues).
+    #[default]
+    Global,
+    /// The device's own PASID space: pPASID = vPASID.
+    PerRid,
+}
+
+/// The server's own session and compat IOAS.
+pub struct Compat {
+    session: Mutex<Client>,
+    ioas: u32,
+    tu: Arc<TranslationUnit>,
+    dev: u32,
+}
+
+impl Compat {
+    /// Opens a session on the core at `core`, allocates the compat IOAS,
+    /// binds the device through a channel of that session and attaches its
+    /// RID to the compat IOAS.
+    pub fn open(core: &std::path::Path, bind: BindArgs) -> Result<Compat, Error> {
+        let mut session = Client::session(core).map_err(core_err)?;
+        let ioas = session.ioas_alloc().map_err(core_err)?;
+        let (_, fd) = session.open_device_channel().map_err(core_err)?;
+        let channel = Arc::new(Channel::new(fd).map_err(chan_err)?);
+        let tu = TranslationUnit::new(channel, tu::Config::default()).map_err(tu_err)?;
+        let dev = tu.bind(bind).map_err(tu_err)?.dev_id;
+        tu.channel().attach(dev, None, ioas).map_err(chan_err)?;
+        Ok(Compat { session: Mutex::new(session), ioas, tu, dev })
+    }
+
+    /// The compat IOAS id.
+    pub fn ioas(&self) -> u32 {
+        self.ioas
+    }
+
+    /// The server's session id.
+    pub fn session_id(&self) -> u64 {
+        self.session.lock().map(|s| s.session_id()).unwrap_or(0)
+    }
+
+    /// Device id in the server's session.
+    pub fn dev(&self) -> u32 {
+        self.dev
+    }
+
+    /// Runs `f` with the server's session.
+    pub fn with_session<T>(&self, f: impl FnOnce(&mut Client) -> T) -> Result<T, Error> {
+        let mut s = self.session.lock().map_err(|_| Error::Invalid("session lock poisoned".into()))?;
+        Ok(f(&mut s))
+    }
+}
+
+/// A binding made through the extension.
+pub struct Bound {
+    tu: Arc<TranslationUnit>,
+    dev: u32,
+    session: u64,
+    rid: Option<u32>,
+    /// vPASID -> (pPASID, pt_id).
+    pasids: BTreeMap<u32, (u32, u32)>,
+}
+
+enum MapKind {
+    Fd { key: (u64, u64) },
+    Msg,
+}
+
+struct ClientMap {
+    size: u64,
+    flags: u32,
+    kind: MapKind,
+}
+
+struct MemRef {
+    id: u32,
+    refs: u32,
+}
+
+/// Limits of the DMA table.
+pub const MAX_DMA_MAPS: usize = 65535;
+
+/// The DMA state of one device.
+pub struct Dma {
+    compat: Compat,
+    bound: RwLock<Option<Bound>>,
+    maps: Mutex<BTreeMap<u64, ClientMap>>,
+    mems: Mutex<HashMap<(u64, u64), MemRef>>,
+    client: RwLock<Option<Arc<dyn ClientDma>>>,
+    caps: DeviceCaps,
+    bind_args: BindArgs,
+    policy: PasidPolicy,
+}
+
+impl Dma {
+    /// Connects to the core and sets up the compat path.
+    pub fn new(core: &std::path::Path, bind: BindArgs, policy: PasidPolicy) -> Result<Arc<Dma>, Error> {
+        let caps = bind.caps;
+        let compat = Compat::open(core, bind.clone())?;
+        Ok(Arc::new(Dma {
+            compat,
+            bound: RwLock::new(None),
+            maps: Mutex::new(BTreeMap::new()),
+            mems: Mutex::new(HashMap::new()),
+            client: RwLock::new(None),
+            caps,
+            bind_args: bind,
+            policy,
+        }))
+    }
+
+    /// The compat path.
+    pub fn compat(&self) -> &Compat {
+        &self.compat
+    }
+
+    /// Sets (or clears) the connected client for message-based DMA.
+    pub fn set_client(&self, c: Option<Arc<dyn ClientDma>>) {
+        if let Ok(mut g) = self.client.write() {
+            *g = c;
+        }
+    }
+
+    /// Handles DMA_MAP. `fd` is the passed file, if any.
+    pub fn map(&self, m: &proto::DmaMap, fd: Option<OwnedFd>) -> Result<(), Error> {
+        if m.flags & !(proto::DMA_MAP_READ | proto::DMA_MAP_WRITE) != 0 {
+            return Err(Error::Invalid(format!("unknown DMA_MAP flags {:#x}", m.flags)));
+        }
+        if m.flags == 0 {
+            return Err(Error::Invalid("DMA_MAP grants neither read nor write".into()));
+        }
+        if m.size == 0 {
+            return Err(Error::Invalid("DMA_MAP of size 0".into()));
+        }
+        let last = m
+            .address
+            .checked_add(m.size - 1)
+            .ok_or_else(|| Error::Invalid(format!("DMA region {:#x}+{:#x} overflows", m.address, m.size)))?;
+        let mut maps = self.maps.lock().map_err(|_| Error::Invalid("map table poisoned".into()))?;
+        if maps.len() >= MAX_DMA_MAPS {
+            return Err(Error::Limit(format!("at most {MAX_DMA_MAPS} DMA regions")));
+        }
+        if let Some((&a, r)) = maps.range(..=last).next_back() {
+            if a + (r.size - 1) >= m.address {
+                return Err(Error::Exists(m.address, m.size));
+            }
+        }
+        let Some(fd) = fd else {
+            maps.insert(m.address, ClientMap { size: m.size, flags: m.flags, kind: MapKind::Msg });
+            return Ok(());
+        };
+        const PAGE: u64 = 4096;
+        if !m.address.is_multiple_of(PAGE) || !m.size.is_multiple_of(PAGE) || !m.offset.is_multiple_of(PAGE) {
+            return Err(Error::Invalid("a DMA region with an fd must be 4 KiB aligned".into()));
+        }
+        let file = File::from(fd);
+        let md = file.metadata().map_err(|e| Error::Invalid(format!("cannot stat the DMA fd: {e}")))?;
+        if m.offset.checked_add(m.size).is_none_or(|end| end > md.len()) {
+            return Err(Error::Invalid(format!(
+                "DMA region {:#x}+{:#x} at file offset {:#x} exceeds the file's {} bytes",
+                m.address,
+                m.size,
+                m.offset,
+                md.len()
+            )));
+        }
+        let key = (md.dev(), md.ino());
+        let mem = self.mem_get(key, &file)?;
+        let perm = Perm { read: m.flags & proto::DMA_MAP_READ != 0, write: m.flags & proto::DMA_MAP_WRITE != 0 };
+        let args =
+            MapArgs { ioas: self.compat.ioas, mem, offset: m.offset, length: m.size, iova: Some(m.address), perm };
+        if let Err(e) = self.compat.with_session(|s| s.map(args))?.map_err(core_err) {
+            self.mem_put(key);
+            return Err(e);
+        }
+        maps.insert(m.address, ClientMap { size: m.size, flags: m.flags, kind: MapKind::Fd { key } });
+        Ok(())
+    }
+
+    fn mem_get(&self, key: (u64, u64), file: &File) -> Result<u32, Error> {
+        let mut mems = self.mems.lock().map_err(|_| Error::Invalid("memory table poisoned".into()))?;
+        if let Some(r) = mems.get_mut(&key) {
+            r.refs += 1;
+            return Ok(r.id);
+        }
+        let info = self.compat.with_session(|s| s.register_memory(file.as_fd()))?.map_err(core_err)?;
+        mems.insert(key, MemRef { id: info.id, refs: 1 });
+        Ok(info.id)
+    }
+
+    fn mem_put(&self, key: (u64, u64)) {
+        let Ok(mut mems) = self.mems.lock() else { return };
+        let Some(r) = mems.get_mut(&key) else { return };
+        r.refs -= 1;
+        if r.refs == 0 {
+            let id = r.id;
+            mems.remove(&key);
+            if let Ok(Err(e)) = self.compat.with_session(|s| s.destroy(id)) {
+                tracing::warn!("could not free memory object {id} of the compat session: {e}");
+            }
+        }
+    }
+
+    /// Handles DMA_UNMAP: an exact match, or everything with `all`.
+    pub fn unmap(&self, address: u64, size: u64, all: bool) -> Result<(), Error> {
+        let mut maps = self.maps.lock().map_err(|_| Error::Invalid("map table poisoned".into()))?;
+        let victims: Vec<u64> = if all {
+            maps.keys().copied().collect()
+        } else {
+            match maps.get(&address) {
+                Some(r) if r.size == size => vec![address],
+                _ => return Err(Error::NotFound(address, size)),
+            }
+        };
+        for a in victims {
+            let Some(r) = maps.remove(&a) else { continue };
+            if let MapKind::Fd { key } = r.kind {
+                // The core completes the unmap only after the translation
+                // unit has dropped its IOTLB entries and in-flight DMA ended.
+                self.compat.with_session(|s| s.unmap(self.compat.ioas, a, r.size))?.map_err(core_err)?;
+                self.mem_put(key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of client DMA regions.
+    pub fn map_count(&self) -> usize {
+        self.maps.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    fn msg_region(&self, iova: u64, len: usize, write: bool) -> Option<bool> {
+        let maps = self.maps.lock().ok()?;
+        let (&a, r) = maps.range(..=iova).next_back()?;
+        if !matches!(r.kind, MapKind::Msg) {
+            return None;
+        }
+        let end = iova.checked_add(len as u64)?;
+        let ok = iova - a < r.size
+            && end - a <= r.size
+            && r.flags & if write { proto::DMA_MAP_WRITE } else { proto::DMA_MAP_READ } != 0;
+        Some(ok)
+    }
+
+    fn resolve(&self, route: Route) -> Result<(Arc<TranslationUnit>, u32, u32), Error> {
+        let b = self.bound.read().map_err(|_| Error::NotBound)?;
+        match (&*b, route) {
+            (Some(b), Route::Rid) => Ok((b.tu.clone(), b.dev, 0)),
+            (Some(b), Route::Vpasid(v)) => match b.pasids.get(&v) {
+                Some(&(p, _)) => Ok((b.tu.clone(), b.dev, p)),
+                None => Err(Error::NoPasid(v)),
+            },
+            (None, Route::Rid) => Ok((self.compat.tu.clone(), self.compat.dev, 0)),
+            (None, Route::Vpasid(v)) => Err(Error::NoPasid(v)),
+        }
+    }
+
+    fn bound_now(&self) -> bool {
+        self.bound.read().map(|b| b.is_some()).unwrap_or(false)
+    }
+
+    fn client_path(
+        &self,
+        route: Route,
+        iova: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<Option<Arc<dyn ClientDma>>, Error> {
+        if route != Route::Rid || self.bound_now() {
+            return Ok(None);
+        }
+        match self.msg_region(iova, len, write) {
+            None => Ok(None),
+            Some(false) => {
+                Err(Error::Client(format!("{iova:#x}+{len:#x} is outside a permitted region"), libc::EFAULT))
+            }
+            Some(true) => {
+                let c = self.client.read().ok().and_then(|c| c.clone());
+                c.map(Some).ok_or_else(|| Error::Client("without a connected client".into(), libc::ENOTCONN))
+            }
+        }
+    }
+
+    /// Device DMA read.
+    pub fn read(&self, route: Route, iova: u64, buf: &mut [u8]) -> Result<(), Error> {
+        if let Some(c) = self.client_path(route, iova, buf.len(), false)? {
+            return c.read(iova, buf);
+        }
+        let (tu, dev, pasid) = self.resolve(route)?;
+        tu.read(dev, pasid, iova, buf).map_err(tu_err)
+    }
+
+    /// Device DMA write.
+    pub fn write(&self, route: Route, iova: u64, data: &[u8]) -> Result<(), Error> {
+        if let Some(c) = self.client_path(route, iova, data.len(), true)? {
+            return c.write(iova, data);
+        }
+        let (tu, dev, pasid) = self.resolve(route)?;
+        tu.write(dev, pasid, iova, data).map_err(tu_err)
+    }
+
+    /// Reports an unrecoverable fault of `route` to the core (a vPASID
+    /// with no pPASID is reported on the RID, with the vPASID noted).
+    pub fn report_fault(&self, route: Route, iova: u64, write: bool, reason: FaultReason) {
+        let target = match route {
+            Route::Vpasid(_) if self.resolve(route).is_err() => Route::Rid,
+            r => r,
+        };
+        let Ok((tu, dev, pasid)) = self.resolve(target) else { return };
+        let access = if write { Perm::W } else { Perm::R };
+        let rec = FaultRecord { dev_id: dev, pasid, iova, access, reason, group: 0, last: true, cookie: 0 };
+        if let Err(e) = tu.channel().report_fault(rec) {
+            tracing::debug!("fault report not delivered: {e}");
+        }
+    }
+
+    /// The translation unit and device id DMA of `route` uses now.
+    pub fn translation_unit(&self, route: Route) -> Result<(Arc<TranslationUnit>, u32, u32), Error> {
+        self.resolve(route)
+    }
+
+    /// Extension: binds the device through a session's device channel.
+    pub fn bind(&self, fd: OwnedFd) -> Result<(u32, u64), Error> {
+        if let Some(b) = self.bound.read().map_err(|_| Error::NotBound)?.as_ref() {
+            return Err(Error::AlreadyBound(b.session));
+        }
+        let channel = Arc::new(Channel::new(fd).map_err(chan_err)?);
+        let session = channel.session();
+        let tu = TranslationUnit::new(channel, tu::Config::default()).map_err(tu_err)?;
+        let dev = tu.bind(self.bind_args.clone()).map_err(tu_err)?.dev_id;
+        let mut g = self.bound.write().map_err(|_| Error::NotBound)?;
+        *g = Some(Bound { tu, dev, session, rid: None, pasids: BTreeMap::new() });
+        Ok((dev, session))
+    }
+
+    /// Extension: drops the binding (the core frees the device, its
+    /// attachments and pPASIDs when the channel closes).
+    pub fn unbind(&self) -> Result<(), Error> {
+        let b = self.bound.write().map_err(|_| Error::NotBound)?.take().ok_or(Error::NotBound)?;
+        if let Err(e) = b.tu.unbind(b.dev) {
+            tracing::debug!("unbind of device {} in session {}: {e}", b.dev, b.session);
+        }
+        Ok(())
+    }
+
+    /// Extension: attaches (or replaces) the RID or a vPASID to `pt_id`.
+    /// Returns the pPASID (0 for the RID).
+    pub fn attach(&self, vpasid: Option<u32>, pt_id: u32, replace: bool) -> Result<u32, Error> {
+        let mut g = self.bound.write().map_err(|_| Error::NotBound)?;
+        let b = g.as_mut().ok_or(Error::NotBound)?;
+        let ch = b.tu.channel().clone();
+        let Some(v) = vpasid else {
+            if replace {
+                ch.replace(b.dev, None, pt_id).map_err(chan_err)?;
+            } else {
+                ch.attach(b.dev, None, pt_id).map_err(chan_err)?;
+            }
+            b.rid = Some(pt_id);
+            return Ok(0);
+        };
+        let width = self.caps.pasid_width;
+        if width == 0 {
+            return Err(Error::Invalid("the device has no PASID capability".into()));
+        }
+        if v == 0 || u64::from(v) >= 1u64 << width {
+            return Err(Error::Invalid(format!("vPASID {v:#x} is outside 1..2^{width}")));
+        }
+        match (b.pasids.get(&v).copied(), replace) {
+            (Some(_), false) => Err(Error::Core(format!("vPASID {v:#x} is already attached"), libc::EBUSY)),
+            (None, true) => Err(Error::Invalid(format!("vPASID {v:#x} is not attached; nothing to replace"))),
+            (Some((p, _)), true) => {
+                ch.replace(b.dev, Some(p), pt_id).map_err(chan_err)?;
+                b.pasids.insert(v, (p, pt_id));
+                Ok(p)
+            }
+            (None, false) => {
+                let p = match self.policy {
+                    PasidPolicy::Global => ch.pasid_alloc(b.dev).map_err(chan_err)?,
+                    PasidPolicy::PerRid => v,
+                };
+                if let Err(e) = ch.attach(b.dev, Some(p), pt_id) {
+                    if self.policy == PasidPolicy::Global {
+                        let _ = ch.pasid_free(b.dev, p);
+                    }
+                    return Err(chan_err(e));
+                }
+                b.pasids.insert(v, (p, pt_id));
+                Ok(p)
+            }
+        }
+    }
+
+    /// Extension: detaches the RID or a vPASID (a no-op if not attached).
+    pub fn detach(&self, vpasid: Option<u32>) -> Result<(), Error> {
+        let mut g = self.bound.write().map_err(|_| Error::NotBound)?;
+        let b = g.as_mut().ok_or(Error::NotBound)?;
+        let ch = b.tu.channel().clone();
+        match vpasid {
+            None => {
+                ch.detach(b.dev, None).map_err(chan_err)?;
+                b.rid = None;
+            }
+            Some(v) => {
+                if let Some((p, _)) = b.pasids.get(&v).copied() {
+                    ch.detach(b.dev, Some(p)).map_err(chan_err)?;
+                    if self.policy == PasidPolicy::Global {
+                        ch.pasid_free(b.dev, p).map_err(chan_err)?;
+                    }
+                    b.pasids.remove(&v);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The vPASID map: `(vpasid, ppasid, pt_id)`, plus the RID's IOAS.
+    pub fn pasid_map(&self) -> (Option<u32>, Vec<(u32, u32, u32)>) {
+        match self.bound.read().ok().as_deref() {
+            Some(Some(b)) => (b.rid, b.pasids.iter().map(|(&v, &(p, t))| (v, p, t)).collect()),
+            _ => (None, Vec::new()),
+        }
+    }
+
+    /// `(session, dev_id)` of the extension binding.
+    pub fn binding(&self) -> Option<(u64, u32)> {
+        self.bound.read().ok()?.as_ref().map(|b| (b.session, b.dev))
+    }
+
+    /// Client disconnect: every DMA region goes, the extension binding
+    /// (an fd of that client) is dropped.
+    pub fn disconnect(&self) {
+        if let Err(e) = self.unmap(0, 0, true) {
+            tracing::warn!("unmapping the departed client's DMA failed: {e}");
+        }
+        if self.bound_now() {
+            let _ = self.unbind();
+        }
+        self.set_client(None);
+    }
+
+    /// Dirty tracking of the compat IOAS.
+    pub fn set_dirty_tracking(&self, on: bool) -> Result<(), Error> {
+        self.compat.with_session(|s| s.set_dirty_tracking(self.compat.ioas, on))?.map_err(core_err)
+    }
+
+    /// Dirty bitmap of the compat IOAS (read and cleared).
+    pub fn dirty_bitmap(&self, iova: u64, length: u64, page_size: u64) -> Result<Vec<u64>, Error> {
+        self.compat
+            .with_session(|s| s.dirty_bitmap(self.compat.ioas, iova, length, page_size, false))?
+            .map_err(core_err)
+    }
+}

@@ -1,0 +1,637 @@
+//! Interrupts: the IRQ indexes of a PCI function (INTx, MSI, MSI-X, ERR,
+//! REQ), the eventfds a client assigns with SET_IRQS, mask and pending
+//! state, and the MSI-X table and PBA storage.
+//!
+//! A device raises an interrupt with [`Irqs::trigger`] (or
+//! [`Irqs::notify`], which picks MSI-X, then MSI, then INTx, whichever the
+//! client wired). A masked vector becomes pending and fires on unmask.
+//! INTx is automasked, as in VFIO: after firing it stays masked until the
+//! client unmasks it (NONE|UNMASK, or a signal on the UNMASK eventfd, which
+//! is how KVM's resample eventfd reports an EOI).
+//!
+//! MSI-X masking is done by the client (QEMU swaps eventfds), so the table
+//! in the BAR is plain storage and never gates delivery; the PBA shows
+//! vectors pending behind a SET_IRQS mask.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::proto::{self, irq_index};
+
+/// Errors of interrupt configuration, each mapped to the errno a client sees.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// Unknown index, bad flag combination, range or data size.
+    #[error("invalid SET_IRQS request: {0}")]
+    Invalid(&'static str),
+    /// An fd that is not an eventfd.
+    #[error("fd {0} is not an eventfd")]
+    NotEventfd(i32),
+    /// Creating the watcher failed.
+    #[error("cannot start the eventfd watcher: {0}")]
+    Watcher(String),
+}
+
+impl Error {
+    /// errno for the wire.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Invalid(_) | Error::NotEventfd(_) => libc::EINVAL,
+            Error::Watcher(_) => libc::ENOMEM,
+        }
+    }
+}
+
+/// Vectors per index of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IrqLayout {
+    /// INTx pin present.
+    pub intx: bool,
+    /// MSI vectors (0 = none).
+    pub msi: u32,
+    /// MSI-X vectors (0 = none).
+    pub msix: u32,
+}
+
+impl IrqLayout {
+    /// Vectors of `index`.
+    pub fn count(&self, index: u32) -> u32 {
+        match index {
+            irq_index::INTX => u32::from(self.intx),
+            irq_index::MSI => self.msi,
+            irq_index::MSIX => self.msix,
+            irq_index::ERR | irq_index::REQ => 1,
+            _ => 0,
+        }
+    }
+
+    /// GET_IRQ_INFO flags of `index`.
+    pub fn flags(&self, index: u32) -> u32 {
+        use proto::*;
+        match index {
+            irq_index::INTX => IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_AUTOMASKED,
+            irq_index::MSI => IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_NORESIZE,
+            irq_index::MSIX => IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_NORESIZE,
+            _ => IRQ_INFO_EVENTFD,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Vector {
+    trigger: Option<File>,
+    mask_fd: Option<Arc<File>>,
+    unmask_fd: Option<Arc<File>>,
+    masked: bool,
+    pending: bool,
+}
+
+struct State {
+    vectors: Vec<Vec<Vector>>,
+    intx_level: bool,
+    watcher: Option<Watcher>,
+}
+
+/// Interrupt state of one device, shared by the protocol worker and the
+/// device's threads.
+pub struct Irqs {
+    layout: IrqLayout,
+    state: Mutex<State>,
+    msix_table: Mutex<Vec<u8>>,
+    fired: AtomicU64,
+    self_ref: Mutex<std::sync::Weak<Irqs>>,
+}
+
+/// Which eventfd-driven action a watched fd performs.
+#[derive(Clone, Copy)]
+enum Action {
+    Mask,
+    Unmask,
+}
+
+struct Watcher {
+    control: Arc<File>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = (&*self.control).write_all(&1u64.to_ne_bytes());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Checks that `fd` is an eventfd (a pipe or socket could block a write).
+pub fn check_eventfd(fd: &OwnedFd) -> Result<(), Error> {
+    let raw = fd.as_raw_fd();
+    match std::fs::read_link(format!("/proc/self/fd/{raw}")) {
+        Ok(p) if p.to_string_lossy() == "anon_inode:[eventfd]" => Ok(()),
+        _ => Err(Error::NotEventfd(raw)),
+    }
+}
+
+fn signal(f: &File) {
+    // An eventfd write of 1 only fails if the counter would overflow,
+    // and then the interrupt is already pending for the reader.
+    let _ = (&*f).write(&1u64.to_ne_bytes());
+}
+
+/// Makes a new eventfd (for tests and IO fds).
+pub fn eventfd() -> std::io::Result<File> {
+    let fd = nix::sys::eventfd::EventFd::from_flags(
+        nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
+    )
+    .map_err(std::io::Error::from)?;
+    Ok(File::from(OwnedFd::from(fd)))
+}
+
+impl Irqs {
+    /// Interrupt state for `layout`, everything unassigned and unmasked.
+    pub fn new(layout: IrqLayout) -> Arc<Irqs> {
+        let vectors = (0..irq_index::NUM).map(|i| (0..layout.count(i)).map(|_| Vector::default()).collect()).collect();
+        let irqs = Arc::new(Irqs {
+            layout,
+            state: Mutex::new(State { vectors, intx_level: false, watcher: None }),
+            msix_table: Mutex::new(Self::msix_reset_table(layout.msix)),
+            fired: AtomicU64::new(0),
+            self_ref: Mutex::new(std::sync::Weak::new()),
+        });
+        if let Ok(mut w) = irqs.self_ref.lock() {
+            *w = Arc::downgrade(&irqs);
+        }
+        irqs
+    }
+
+    fn msix_reset_table(n: u32) -> Vec<u8> {
+        let mut t = vec![0u8; n as usize * 16];
+        for e in t.chunks_mut(16) {
+            // Vector control: masked at reset.
+            e[12] = 1;
+        }
+        t
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> IrqLayout {
+        self.layout
+    }
+
+    /// Interrupts delivered to eventfds so far.
+    pub fn fired(&self) -> u64 {
+        self.fired.load(Ordering::Relaxed)
+    }
+
+    /// Whether any eventfd is assigned for `index`.
+    pub fn wired(&self, index: u32) -> bool {
+        self.state
+            .lock()
+            .map(|s| s.vectors.get(index as usize).is_some_and(|v| v.iter().any(|x| x.trigger.is_some())))
+            .unwrap_or(false)
+    }
+
+    /// Raises vector `v` of `index` (an edge; for INTx see [`Irqs::set_intx`]).
+    pub fn trigger(&self, index: u32, v: u32) {
+        if let Ok(mut s) = self.state.lock() {
+            Self::fire(&mut s, index, v, &self.fired);
+        }
+    }
+
+    fn fire(s: &mut State, index: u32, v: u32, fired: &AtomicU64) {
+        let Some(vec) = s.vectors.get_mut(index as usize).and_then(|x| x.get_mut(v as usize)) else {
+            return;
+        };
+        if vec.masked {
+            vec.pending = true;
+            return;
+        }
+        vec.pending = false;
+        if let Some(f) = &vec.trigger {
+            signal(f);
+            fired.fetch_add(1, Ordering::Relaxed);
+        }
+        if index == irq_index::INTX {
+            // INTx is automasked until the client unmasks it.
+            vec.masked = true;
+            if let Some(m) = &vec.mask_fd {
+                signal(m);
+            }
+        }
+    }
+
+    /// Drives the INTx line level. Raising it fires once; the line stays
+    /// pending and fires again on unmask while still raised.
+    pub fn set_intx(&self, level: bool) {
+        if let Ok(mut s) = self.state.lock() {
+            let was = s.intx_level;
+            s.intx_level = level;
+            if level && !was {
+                Self::fire(&mut s, irq_index::INTX, 0, &self.fired);
+            } else if !level {
+                if let Some(v) = s.vectors[irq_index::INTX as usize].get_mut(0) {
+                    v.pending = false;
+                }
+            }
+        }
+    }
+
+    /// Signals vector `v` on whatever the client wired: MSI-X, MSI, else
+    /// INTx (as an edge that the device lowers again when acknowledged).
+    pub fn notify(&self, v: u32) {
+        if self.wired(irq_index::MSIX) {
+            self.trigger(irq_index::MSIX, v.min(self.layout.msix.saturating_sub(1)));
+        } else if self.wired(irq_index::MSI) {
+            self.trigger(irq_index::MSI, v.min(self.layout.msi.saturating_sub(1)));
+        } else if self.layout.intx {
+            if let Ok(mut s) = self.state.lock() {
+                s.intx_level = true;
+                Self::fire(&mut s, irq_index::INTX, 0, &self.fired);
+            }
+        }
+    }
+
+    fn set_masked(s: &mut State, index: u32, v: u32, masked: bool, fired: &AtomicU64) {
+        let level = s.intx_level;
+        let Some(vec) = s.vectors.get_mut(index as usize).and_then(|x| x.get_mut(v as usize)) else {
+            return;
+        };
+        let was = vec.masked;
+        vec.masked = masked;
+        if masked && !was {
+            if let Some(m) = &vec.mask_fd {
+                signal(m);
+            }
+        }
+        if !masked {
+            if let Some(m) = vec.unmask_fd.as_ref().filter(|_| was) {
+                // Unmask notifications for INTx come from the client; do
+                // not echo them back.
+                if index != irq_index::INTX {
+                    signal(m);
+                }
+            }
+            let refire = vec.pending || (index == irq_index::INTX && level);
+            if refire {
+                Self::fire(s, index, v, fired);
+            }
+        }
+    }
+
+    /// Whether vector `v` of `index` is masked / pending.
+    pub fn vector_state(&self, index: u32, v: u32) -> Option<(bool, bool)> {
+        let s = self.state.lock().ok()?;
+        s.vectors.get(index as usize)?.get(v as usize).map(|x| (x.masked, x.pending))
+    }
+
+    /// Applies a SET_IRQS request. `data` is what follows the fixed part.
+    pub fn set_irqs(&self, req: &proto::IrqSet, data: &[u8], fds: Vec<OwnedFd>) -> Result<(), Error> {
+        use proto::*;
+        let index = req.index;
+        if index >= irq_index::NUM {
+            return Err(Error::Invalid("unknown IRQ index"));
+        }
+        let n = self.layout.count(index);
+        let dt = req.flags & (IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL | IRQ_SET_DATA_EVENTFD);
+        let act = req.flags & (IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK | IRQ_SET_ACTION_TRIGGER);
+        if req.flags & !0x3f != 0 || dt.count_ones() != 1 || act.count_ones() != 1 {
+            return Err(Error::Invalid("flags must name exactly one DATA and one ACTION"));
+        }
+        let end = req.start.checked_add(req.count).ok_or(Error::Invalid("start + count overflows"))?;
+        let disable_all = dt == IRQ_SET_DATA_NONE && act == IRQ_SET_ACTION_TRIGGER && req.count == 0 && req.start == 0;
+        if !disable_all && (end > n || (req.count == 0 && dt != IRQ_SET_DATA_EVENTFD)) {
+            return Err(Error::Invalid("vector range outside the index"));
+        }
+        if dt != IRQ_SET_DATA_EVENTFD && !fds.is_empty() {
+            return Err(Error::Invalid("file descriptors sent without DATA_EVENTFD"));
+        }
+        let bools: Option<&[u8]> = if dt == IRQ_SET_DATA_BOOL {
+            let b = data.get(..req.count as usize).ok_or(Error::Invalid("fewer bools than count"))?;
+            Some(b)
+        } else {
+            None
+        };
+        if dt == IRQ_SET_DATA_EVENTFD {
+            if !fds.is_empty() && fds.len() != req.count as usize {
+                return Err(Error::Invalid("number of eventfds differs from count"));
+            }
+            for f in &fds {
+                check_eventfd(f)?;
+            }
+        }
+        let mut s = self.state.lock().map_err(|_| Error::Invalid("state poisoned"))?;
+        if disable_all {
+            for v in s.vectors[index as usize].iter_mut() {
+                *v = Vector::default();
+            }
+            if index == irq_index::INTX {
+                s.intx_level = false;
+            }
+            drop(s);
+            self.rewatch();
+            return Ok(());
+        }
+        let selected = |i: u32| bools.is_none_or(|b| b[i as usize] != 0);
+        match (dt, act) {
+            (IRQ_SET_DATA_EVENTFD, _) => {
+                let mut fds = fds.into_iter();
+                for (i, v) in (req.start..end).enumerate() {
+                    let f = fds.next().map(File::from);
+                    let vec = &mut s.vectors[index as usize][v as usize];
+                    match act {
+                        IRQ_SET_ACTION_TRIGGER => {
+                            vec.trigger = f;
+                            // A pending interrupt goes to the new eventfd.
+                            if vec.trigger.is_some() && vec.pending && !vec.masked {
+                                Self::fire(&mut s, index, v, &self.fired);
+                            }
+                        }
+                        IRQ_SET_ACTION_MASK => vec.mask_fd = f.map(Arc::new),
+                        _ => vec.unmask_fd = f.map(Arc::new),
+                    }
+                    let _ = i;
+                }
+                drop(s);
+                if act != IRQ_SET_ACTION_TRIGGER {
+                    self.rewatch();
+                }
+            }
+            (_, IRQ_SET_ACTION_TRIGGER) => {
+                for v in (req.start..end).filter(|&v| selected(v - req.start)) {
+                    Self::fire(&mut s, index, v, &self.fired);
+                }
+            }
+            (_, a) => {
+                for v in (req.start..end).filter(|&v| selected(v - req.start)) {
+                    Self::set_masked(&mut s, index, v, a == IRQ_SET_ACTION_MASK, &self.fired);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops every eventfd and all mask state (client disconnect).
+    pub fn clear(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            for v in s.vectors.iter_mut().flatten() {
+                *v = Vector::default();
+            }
+            s.intx_level = false;
+            s.watcher = None;
+        }
+    }
+
+    /// Device reset: mask state and pending bits go, eventfds stay (the
+    /// client disables them itself), the MSI-X table returns to masked.
+    pub fn reset(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            for v in s.vectors.iter_mut().flatten() {
+                v.masked = false;
+                v.pending = false;
+            }
+            s.intx_level = false;
+        }
+        if let Ok(mut t) = self.msix_table.lock() {
+            *t = Self::msix_reset_table(self.layout.msix);
+        }
+    }
+
+    /// Reads the MSI-X table (`pba` false) or PBA (`pba` true).
+    pub fn msix_read(&self, pba: bool, offset: u64, buf: &mut [u8]) -> bool {
+        if pba {
+            let mut bits = vec![0u8; (self.layout.msix as usize).div_ceil(64) * 8];
+            if let Ok(s) = self.state.lock() {
+                for (i, v) in s.vectors[irq_index::MSIX as usize].iter().enumerate() {
+                    if v.pending {
+                        bits[i / 8] |= 1 << (i % 8);
+                    }
+                }
+            }
+            return copy_out(&bits, offset, buf);
+        }
+        self.msix_table.lock().map(|t| copy_out(&t, offset, buf)).unwrap_or(false)
+    }
+
+    /// Writes the MSI-X table (the PBA is read-only).
+    pub fn msix_write(&self, pba: bool, offset: u64, data: &[u8]) -> bool {
+        if pba {
+            return true;
+        }
+        let Ok(mut t) = self.msix_table.lock() else { return false };
+        let Some(r) = usize::try_from(offset).ok().and_then(|o| Some(o..o.checked_add(data.len())?)) else {
+            return false;
+        };
+        match t.get_mut(r) {
+            Some(dst) => {
+                dst.copy_from_slice(data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The MSI-X table bytes (for migration).
+    pub fn msix_table(&self) -> Vec<u8> {
+        self.msix_table.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Restores the MSI-X table bytes.
+    pub fn set_msix_table(&self, bytes: &[u8]) -> bool {
+        match self.msix_table.lock() {
+            Ok(mut t) if t.len() == bytes.len() => {
+                t.copy_from_slice(bytes);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn rewatch(&self) {
+        let weak = self.self_ref.lock().map(|w| w.clone()).unwrap_or_default();
+        let Ok(mut s) = self.state.lock() else { return };
+        s.watcher = None;
+        let mut fds: Vec<(Arc<File>, u32, u32, Action)> = Vec::new();
+        for (i, vs) in s.vectors.iter().enumerate() {
+            for (v, x) in vs.iter().enumerate() {
+                if let Some(f) = &x.mask_fd {
+                    fds.push((f.clone(), i as u32, v as u32, Action::Mask));
+                }
+                if let Some(f) = &x.unmask_fd {
+                    fds.push((f.clone(), i as u32, v as u32, Action::Unmask));
+                }
+            }
+        }
+        if fds.is_empty() {
+            return;
+        }
+        match spawn_watcher(weak, fds) {
+            Ok(w) => s.watcher = Some(w),
+            Err(e) => tracing::warn!("interrupt mask/unmask eventfds will not be watched: {e}"),
+        }
+    }
+}
+
+fn copy_out(src: &[u8], offset: u64, buf: &mut [u8]) -> bool {
+    let Some(r) = usize::try_from(offset).ok().and_then(|o| Some(o..o.checked_add(buf.len())?)) else {
+        return false;
+    };
+    match src.get(r) {
+        Some(s) => {
+            buf.copy_from_slice(s);
+            true
+        }
+        None => false,
+    }
+}
+
+fn spawn_watcher(irqs: std::sync::Weak<Irqs>, fds: Vec<(Arc<File>, u32, u32, Action)>) -> Result<Watcher, Error> {
+    let control = Arc::new(eventfd().map_err(|e| Error::Watcher(e.to_string()))?);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (c, st) = (control.clone(), stop.clone());
+    let thread = std::thread::Builder::new()
+        .name("irq-watch".into())
+        .spawn(move || {
+            let mut buf = [0u8; 8];
+            while !st.load(Ordering::Acquire) {
+                let mut pfds: Vec<nix::poll::PollFd> =
+                    fds.iter().map(|f| nix::poll::PollFd::new(f.0.as_fd(), nix::poll::PollFlags::POLLIN)).collect();
+                pfds.push(nix::poll::PollFd::new(c.as_fd(), nix::poll::PollFlags::POLLIN));
+                if nix::poll::poll(&mut pfds, nix::poll::PollTimeout::NONE).is_err() {
+                    continue;
+                }
+                let ready: Vec<bool> = pfds.iter().map(|p| p.any().unwrap_or(false)).collect();
+                drop(pfds);
+                for (k, (f, index, v, a)) in fds.iter().enumerate() {
+                    if !ready[k] {
+                        continue;
+                    }
+                    // Drain the counter; an fd that cannot be read (not
+                    // really an eventfd any more) is left alone.
+                    if (&**f).read(&mut buf).is_err() {
+                        continue;
+                    }
+                    let Some(strong) = irqs.upgrade() else { return };
+                    if let Ok(mut s) = strong.state.lock() {
+                        Irqs::set_masked(&mut s, *index, *v, matches!(a, Action::Mask), &strong.fired);
+                    };
+                }
+                if ready[fds.len()] {
+                    let _ = (&*c).read(&mut buf);
+                }
+            }
+        })
+        .map_err(|e| Error::Watcher(e.to_string()))?;
+    Ok(Watcher { control, thread: Some(thread), stop })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::*;
+
+    fn count(f: &File) -> u64 {
+        let mut b = [0u8; 8];
+        match (&*f).read(&mut b) {
+            Ok(8) => u64::from_ne_bytes(b),
+            _ => 0,
+        }
+    }
+
+    fn set(index: u32, flags: u32, start: u32, count: u32) -> IrqSet {
+        IrqSet { argsz: 20, flags, index, start, count }
+    }
+
+    fn efd() -> (File, OwnedFd) {
+        let f = eventfd().unwrap();
+        let dup = f.try_clone().unwrap();
+        (f, OwnedFd::from(dup))
+    }
+
+    #[test]
+    fn eventfd_trigger_mask_and_pending() {
+        let irqs = Irqs::new(IrqLayout { intx: true, msi: 1, msix: 4 });
+        let (a, ao) = efd();
+        let (b, bo) = efd();
+        irqs.set_irqs(&set(2, IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, 1, 2), &[], vec![ao, bo]).unwrap();
+        irqs.trigger(2, 1);
+        irqs.trigger(2, 2);
+        irqs.trigger(2, 2);
+        assert_eq!((count(&a), count(&b)), (1, 2));
+        // Mask vector 1 with BOOL data; a trigger becomes pending, shows in the PBA.
+        irqs.set_irqs(&set(2, IRQ_SET_DATA_BOOL | IRQ_SET_ACTION_MASK, 1, 2), &[1, 0], vec![]).unwrap();
+        irqs.trigger(2, 1);
+        assert_eq!(count(&a), 0);
+        let mut pba = [0u8; 8];
+        assert!(irqs.msix_read(true, 0, &mut pba));
+        assert_eq!(pba[0], 0b10);
+        irqs.set_irqs(&set(2, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK, 1, 1), &[], vec![]).unwrap();
+        assert_eq!(count(&a), 1);
+        // Client-injected trigger.
+        irqs.set_irqs(&set(2, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 2, 1), &[], vec![]).unwrap();
+        assert_eq!(count(&b), 1);
+        // De-assign without fds, then disable the whole index.
+        irqs.set_irqs(&set(2, IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, 1, 1), &[], vec![]).unwrap();
+        irqs.trigger(2, 1);
+        assert_eq!(count(&a), 0);
+        irqs.set_irqs(&set(2, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0), &[], vec![]).unwrap();
+        assert!(!irqs.wired(2));
+    }
+
+    #[test]
+    fn intx_is_automasked_and_level_refires() {
+        let irqs = Irqs::new(IrqLayout { intx: true, msi: 0, msix: 0 });
+        let (a, ao) = efd();
+        irqs.set_irqs(&set(0, IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, 0, 1), &[], vec![ao]).unwrap();
+        irqs.set_intx(true);
+        assert_eq!(count(&a), 1);
+        assert_eq!(irqs.vector_state(0, 0), Some((true, false)));
+        irqs.set_irqs(&set(0, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK, 0, 1), &[], vec![]).unwrap();
+        assert_eq!(count(&a), 1, "still asserted: fires again on unmask");
+        irqs.set_intx(false);
+        irqs.set_irqs(&set(0, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK, 0, 1), &[], vec![]).unwrap();
+        assert_eq!(count(&a), 0);
+    }
+
+    #[test]
+    fn unmask_eventfd_is_watched() {
+        let irqs = Irqs::new(IrqLayout { intx: true, msi: 0, msix: 0 });
+        let (a, ao) = efd();
+        let (r, ro) = efd();
+        irqs.set_irqs(&set(0, IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, 0, 1), &[], vec![ao]).unwrap();
+        irqs.set_irqs(&set(0, IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_UNMASK, 0, 1), &[], vec![ro]).unwrap();
+        irqs.set_intx(true);
+        assert_eq!(count(&a), 1);
+        // The "EOI": a signal on the resample eventfd unmasks; the line
+        // is still up, so it fires again.
+        signal(&r);
+        let t0 = std::time::Instant::now();
+        let mut got = 0;
+        while got == 0 && t0.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            got = count(&a);
+        }
+        assert_eq!(got, 1);
+    }
+
+    #[test]
+    fn bad_requests_are_refused() {
+        let irqs = Irqs::new(IrqLayout { intx: true, msi: 1, msix: 2 });
+        let bad = |s: IrqSet, d: &[u8], f: Vec<OwnedFd>| irqs.set_irqs(&s, d, f).unwrap_err().errno();
+        assert_eq!(bad(set(9, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 1), &[], vec![]), libc::EINVAL);
+        assert_eq!(bad(set(2, IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL | IRQ_SET_ACTION_TRIGGER, 0, 1), &[], vec![]), 22);
+        assert_eq!(bad(set(2, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK, 0, 1), &[], vec![]), 22);
+        assert_eq!(bad(set(2, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 1, 2), &[], vec![]), 22);
+        assert_eq!(bad(set(2, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, u32::MAX, 2), &[], vec![]), 22);
+        assert_eq!(bad(set(2, IRQ_SET_DATA_BOOL | IRQ_SET_ACTION_TRIGGER, 0, 2), &[1], vec![]), 22);
+        let (_a, ao) = efd();
+        assert_eq!(bad(set(2, IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, 0, 2), &[], vec![ao]), 22);
+        // A pipe is not an eventfd.
+        let (rd, _wr) = nix::unistd::pipe().unwrap();
+        assert_eq!(bad(set(2, IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, 0, 1), &[], vec![rd]), 22);
+    }
+}

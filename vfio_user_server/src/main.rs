@@ -1,0 +1,79 @@
+//! `vfio-user-server`: serves one emulated PCI device on a vfio-user socket.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use vfio_user_server::devices;
+use vfio_user_server::dma::PasidPolicy;
+use vfio_user_server::server::{inherited_fd, Listen, Options, Server};
+
+fn device_help() -> String {
+    let mut s = String::from("Devices:\n");
+    for (name, what) in devices::DEVICES {
+        s.push_str(&format!("  {name:<14} {what}\n"));
+    }
+    s
+}
+
+/// Serves one emulated PCI device to a vfio-user client (QEMU's
+/// vfio-user-pci, or any other). Every DMA of the device is translated by
+/// an I/O address space of iommu-core: the client's DMA_MAPs go to a compat
+/// IOAS of the server's own session, or a session binds the device through
+/// the ioasid extension. Runs in the foreground; SIGTERM or SIGINT stops it
+/// and removes its socket. Set RUST_LOG (e.g. RUST_LOG=debug) for more log.
+#[derive(Parser, Debug)]
+#[command(name = "vfio-user-server", version, after_help = device_help())]
+struct Args {
+    /// The device to serve (see the list below).
+    device: String,
+    /// Listen on a Unix socket at PATH.
+    #[arg(long, value_name = "PATH", required_unless_present = "fd", conflicts_with = "fd")]
+    socket_path: Option<PathBuf>,
+    /// Use an inherited Unix socket: a listening one, or one connected client.
+    #[arg(long, value_name = "N")]
+    fd: Option<RawFd>,
+    /// The iommu-core socket [default: $XDG_RUNTIME_DIR/ioasid/core.sock, else /run/ioasid/core.sock].
+    #[arg(long, value_name = "PATH")]
+    core: Option<PathBuf>,
+    /// PCI address reported to the core for this device.
+    #[arg(long, default_value = "0000:00:04.0")]
+    pci_address: String,
+    /// How pPASIDs are chosen for vPASIDs: `global` (the core's allocator)
+    /// or `per-rid` (pPASID = vPASID in the device's own PASID space).
+    #[arg(long, default_value = "global", value_parser = ["global", "per-rid"])]
+    pasid_alloc: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let Some(device) = devices::make(&args.device) else {
+        bail!("there is no device called {:?}; run with --help for the list", args.device);
+    };
+    let device = device.with_context(|| format!("cannot create the {} device", args.device))?;
+    let listen = match (args.socket_path, args.fd) {
+        (Some(p), _) => Listen::Path(p),
+        (None, Some(fd)) => {
+            if fd < 3 || nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+                bail!("--fd {fd} is not an open file descriptor of this process");
+            }
+            // SAFETY: the fd was inherited for us to use and is checked to
+            // be open; nothing else in this process owns it.
+            Listen::Fd(unsafe { inherited_fd(fd) })
+        }
+        (None, None) => bail!("give --socket-path PATH or --fd N"),
+    };
+    let core = args.core.unwrap_or_else(iommu_core::server::default_socket_path);
+    let pasid_policy = if args.pasid_alloc == "per-rid" { PasidPolicy::PerRid } else { PasidPolicy::Global };
+    let opts = Options { listen, core, pci_address: args.pci_address, pasid_policy };
+    let mut server = Server::new(device, opts)?;
+    server.handle_signals()?;
+    tracing::info!("serving {}", args.device);
+    server.run()?;
+    Ok(())
+}

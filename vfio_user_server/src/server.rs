@@ -1,0 +1,447 @@
+//! The event loop of one device's vfio-user socket: accepts a client (one
+//! at a time, as the protocol has one client per socket), splits its stream
+//! into messages, hands commands to the device thread, hands the client's
+//! replies to server-to-client requests, watches ioeventfds and stops on
+//! SIGTERM/SIGINT, removing its socket.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crossbeam::channel::{bounded, Sender};
+use mio::net::{UnixListener, UnixStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use iommu_core::types::BindArgs;
+
+use crate::conn::{Fill, MsgReader, Port, Writer};
+use crate::device::Device;
+use crate::dma::{Dma, PasidPolicy};
+use crate::worker::{Job, Stats, Worker, MAX_PAYLOAD};
+
+/// Errors of setting up or running a server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The core could not be reached or refused the compat setup.
+    #[error(
+        "no iommu-core answers at {path} ({error}); start one with `iommu-core --socket {path}` or pass --core PATH"
+    )]
+    Core {
+        /// Core socket.
+        path: PathBuf,
+        /// What failed.
+        error: String,
+    },
+    /// Socket setup failed.
+    #[error("{what} {path}: {error}")]
+    Setup {
+        /// What was being done.
+        what: &'static str,
+        /// Socket path.
+        path: PathBuf,
+        /// The error.
+        error: std::io::Error,
+    },
+    /// Another server listens on the socket.
+    #[error("another server is already listening on {0}")]
+    InUse(PathBuf),
+    /// The fd given with `--fd` is not a Unix socket.
+    #[error("fd {0} is not a Unix stream socket")]
+    BadFd(RawFd),
+    /// The event loop failed.
+    #[error("event loop: {0}")]
+    Poll(std::io::Error),
+}
+
+/// Where clients come from.
+pub enum Listen {
+    /// Bind a socket at this path.
+    Path(PathBuf),
+    /// A socket fd handed to us: a listening socket, or one connected
+    /// client (the server then exits when it leaves).
+    Fd(OwnedFd),
+}
+
+/// Settings of a server.
+pub struct Options {
+    /// Where clients come from.
+    pub listen: Listen,
+    /// The core's socket.
+    pub core: PathBuf,
+    /// PCI address reported to the core.
+    pub pci_address: String,
+    /// How pPASIDs are chosen.
+    pub pasid_policy: PasidPolicy,
+}
+
+const LISTENER: Token = Token(0);
+const CONN: Token = Token(1);
+const SIGNALS: Token = Token(2);
+const WAKER: Token = Token(3);
+const IOFD_BASE: usize = 16;
+
+struct Conn {
+    stream: UnixStream,
+    reader: MsgReader,
+    port: Arc<Port>,
+}
+
+/// A handle that stops a running server from another thread.
+#[derive(Clone)]
+pub struct StopHandle {
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl StopHandle {
+    /// Asks the loop to stop.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+}
+
+/// A vfio-user server for one device.
+pub struct Server {
+    poll: Poll,
+    listener: Option<UnixListener>,
+    single: Option<UnixStream>,
+    path: Option<PathBuf>,
+    conn: Option<Conn>,
+    jobs: Sender<Job>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    io_fds: Vec<Arc<File>>,
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    signals: Option<signal_hook_mio::v1_0::Signals>,
+    dma: Arc<Dma>,
+    stats: Arc<Stats>,
+}
+
+fn bind_path(path: &Path) -> Result<UnixListener, Error> {
+    let setup = |what, error| Error::Setup { what, path: path.to_path_buf(), error };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::InUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(|e| setup("cannot remove the stale socket", e))?;
+    }
+    let l = UnixListener::bind(path).map_err(|e| setup("cannot bind", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| setup("cannot set the mode of", e))?;
+    Ok(l)
+}
+
+impl Server {
+    /// Connects the device to the core (compat session and IOAS), binds
+    /// the socket and starts the device thread.
+    pub fn new(device: Box<dyn Device>, opts: Options) -> Result<Server, Error> {
+        let desc = device.describe();
+        let bind = BindArgs { name: desc.name.to_string(), pci_address: opts.pci_address.clone(), caps: desc.caps };
+        drop(desc);
+        let dma = Dma::new(&opts.core, bind, opts.pasid_policy)
+            .map_err(|e| Error::Core { path: opts.core.clone(), error: e.to_string() })?;
+        let poll = Poll::new().map_err(Error::Poll)?;
+        let (listener, single, path) = match opts.listen {
+            Listen::Path(p) => {
+                let mut l = bind_path(&p)?;
+                poll.registry().register(&mut l, LISTENER, Interest::READABLE).map_err(Error::Poll)?;
+                (Some(l), None, Some(p))
+            }
+            Listen::Fd(fd) => {
+                let raw = fd.as_raw_fd();
+                let listening = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn)
+                    .map_err(|_| Error::BadFd(raw))?;
+                if listening {
+                    let std_l = std::os::unix::net::UnixListener::from(fd);
+                    std_l.set_nonblocking(true).map_err(Error::Poll)?;
+                    let mut l = UnixListener::from_std(std_l);
+                    poll.registry().register(&mut l, LISTENER, Interest::READABLE).map_err(Error::Poll)?;
+                    (Some(l), None, None)
+                } else {
+                    let s = std::os::unix::net::UnixStream::from(fd);
+                    s.set_nonblocking(true).map_err(Error::Poll)?;
+                    (None, Some(UnixStream::from_std(s)), None)
+                }
+            }
+        };
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(Error::Poll)?);
+        let worker = Worker::new(device, dma.clone()).map_err(Error::Poll)?;
+        let io_fds = worker.io_fds();
+        for (i, f) in io_fds.iter().enumerate() {
+            poll.registry()
+                .register(&mut SourceFd(&f.as_raw_fd()), Token(IOFD_BASE + i), Interest::READABLE)
+                .map_err(Error::Poll)?;
+        }
+        let stats = worker.stats();
+        let (tx, rx) = bounded(1024);
+        let handle = std::thread::Builder::new()
+            .name("vfio-user-device".into())
+            .spawn(move || worker.run(rx))
+            .map_err(Error::Poll)?;
+        Ok(Server {
+            poll,
+            listener,
+            single,
+            path,
+            conn: None,
+            jobs: tx,
+            worker: Some(handle),
+            io_fds,
+            stop: Arc::new(AtomicBool::new(false)),
+            waker,
+            signals: None,
+            dma,
+            stats,
+        })
+    }
+
+    /// Makes SIGTERM and SIGINT stop the loop cleanly.
+    pub fn handle_signals(&mut self) -> Result<(), Error> {
+        let mut s = signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
+            .map_err(Error::Poll)?;
+        self.poll.registry().register(&mut s, SIGNALS, Interest::READABLE).map_err(Error::Poll)?;
+        self.signals = Some(s);
+        Ok(())
+    }
+
+    /// A handle to stop the loop from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle { stop: self.stop.clone(), waker: self.waker.clone() }
+    }
+
+    /// The DMA state (compat session, binding, vPASID map).
+    pub fn dma(&self) -> Arc<Dma> {
+        self.dma.clone()
+    }
+
+    /// Counters of the device thread.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    fn connect(&mut self, stream: UnixStream) -> Result<(), Error> {
+        let fd: OwnedFd = stream.as_fd().try_clone_to_owned().map_err(Error::Poll)?;
+        let writer = Arc::new(Writer::new(fd));
+        let port = Port::new(writer.clone());
+        let mut stream = stream;
+        self.poll.registry().register(&mut stream, CONN, Interest::READABLE).map_err(Error::Poll)?;
+        let _ = self.jobs.send(Job::Connected(writer, port.clone()));
+        self.conn = Some(Conn { stream, reader: MsgReader::new(MAX_PAYLOAD), port });
+        tracing::info!("client connected");
+        Ok(())
+    }
+
+    fn disconnect(&mut self) {
+        if let Some(mut c) = self.conn.take() {
+            let _ = self.poll.registry().deregister(&mut c.stream);
+            c.port.close();
+            let _ = self.jobs.send(Job::Disconnected);
+            tracing::info!("client disconnected; its DMA regions and fds are released, the device keeps its state");
+        }
+    }
+
+    fn read_conn(&mut self) {
+        let Some(c) = self.conn.as_mut() else { return };
+        let mut end = false;
+        loop {
+            match c.reader.fill(c.stream.as_fd()) {
+                Ok(Fill::Data) => {}
+                Ok(Fill::WouldBlock) => break,
+                Ok(Fill::Eof) => {
+                    end = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::info!("client connection failed: {e}");
+                    end = true;
+                    break;
+                }
+            }
+            loop {
+                match c.reader.next_msg() {
+                    Ok(Some(m)) if m.hdr.is_reply() => {
+                        if !c.port.deliver(m) {
+                            tracing::debug!("a reply nobody waits for was dropped");
+                        }
+                    }
+                    Ok(Some(m)) => {
+                        if self.jobs.send(Job::Command(m)).is_err() {
+                            end = true;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!("closing the client connection: {e}");
+                        end = true;
+                        break;
+                    }
+                }
+            }
+            if end {
+                break;
+            }
+        }
+        if end {
+            self.disconnect();
+        }
+    }
+
+    /// Runs until stopped (or, for a single handed-over connection, until
+    /// the client leaves); removes the socket on the way out.
+    pub fn run(&mut self) -> Result<(), Error> {
+        if let Some(s) = self.single.take() {
+            self.connect(s)?;
+        }
+        let mut events = Events::with_capacity(64);
+        let res = loop {
+            if self.stop.load(Ordering::SeqCst) {
+                break Ok(());
+            }
+            if self.listener.is_none() && self.conn.is_none() {
+                break Ok(());
+            }
+            if let Err(e) = self.poll.poll(&mut events, None) {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                break Err(Error::Poll(e));
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    CONN => self.read_conn(),
+                    SIGNALS => {
+                        if let Some(s) = self.signals.as_mut() {
+                            for sig in s.pending() {
+                                tracing::info!("signal {sig}: stopping");
+                                self.stop.store(true, Ordering::SeqCst);
+                            }
+                        }
+                    }
+                    WAKER => {}
+                    Token(t) if t >= IOFD_BASE => {
+                        let i = t - IOFD_BASE;
+                        if let Some(f) = self.io_fds.get(i) {
+                            let mut b = [0u8; 8];
+                            while (&**f).read(&mut b).is_ok() {
+                                let _ = self.jobs.send(Job::IoFd(i));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        };
+        self.disconnect();
+        self.shutdown();
+        res
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let Some(l) = self.listener.as_ref() else { return };
+            match l.accept() {
+                Ok((s, _)) => {
+                    if self.conn.is_some() {
+                        // The current client may have just left: notice
+                        // that before turning the new one away.
+                        self.read_conn();
+                    }
+                    if self.conn.is_some() {
+                        tracing::warn!("refusing a second client: this socket serves one client at a time");
+                        drop(s);
+                        continue;
+                    }
+                    if let Err(e) = self.connect(s) {
+                        tracing::warn!("cannot take the client: {e}");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        let _ = self.jobs.send(Job::Stop);
+        if let Some(h) = self.worker.take() {
+            let _ = h.join();
+        }
+        if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A server running on its own thread (tests, examples).
+pub struct Running {
+    stop: StopHandle,
+    thread: Option<std::thread::JoinHandle<Result<(), Error>>>,
+    dma: Arc<Dma>,
+    stats: Arc<Stats>,
+}
+
+impl Running {
+    /// The DMA state.
+    pub fn dma(&self) -> &Arc<Dma> {
+        &self.dma
+    }
+
+    /// Counters of the device thread.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Stops the server and waits for it.
+    pub fn stop(mut self) -> Result<(), Error> {
+        self.stop.stop();
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sets a server up and runs it on a thread.
+pub fn spawn(device: Box<dyn Device>, opts: Options) -> Result<Running, Error> {
+    let mut server = Server::new(device, opts)?;
+    let stop = server.stop_handle();
+    let dma = server.dma();
+    let stats = server.stats();
+    let thread =
+        std::thread::Builder::new().name("vfio-user-loop".into()).spawn(move || server.run()).map_err(Error::Poll)?;
+    Ok(Running { stop, thread: Some(thread), dma, stats })
+}
+
+/// Takes ownership of an inherited fd number (`--fd`).
+///
+/// # Safety
+/// `fd` must be an open descriptor that nothing else in the process owns.
+pub unsafe fn inherited_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: guaranteed by the caller.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
