@@ -55,7 +55,7 @@ pub enum Error {
     #[error(transparent)]
     Fault(#[from] tu::Error),
     /// The core refused or failed.
-    #[error("the core: {0}")]
+    #[error("{0}")]
     Core(String, i32),
     /// Client memory reached by messages failed.
     #[error("client DMA {0}")]
