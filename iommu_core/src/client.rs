@@ -264,6 +264,13 @@ impl Client {
         expect!(self.call(&Request::Translate { ioas, iova }, &[])?, Reply::Translation(t) => t)
     }
 
+    /// The driver-private state (vPASID map) of device `dev` of session
+    /// `session`, asked of its device server now.
+    pub fn driver_state(&mut self, session: u64, dev: u32) -> Result<DriverState> {
+        let req = Request::DriverState { session, dev };
+        expect!(self.call(&req, &[])?, Reply::DriverState(s) => s)
+    }
+
     /// Makes a device channel for this session; returns its id and the fd
     /// to hand to a device server.
     pub fn open_device_channel(&mut self) -> Result<(u64, OwnedFd)> {

@@ -65,6 +65,13 @@ pub trait InvalidationHandler: Send + Sync {
     fn invalidate(&self, targets: &[InvalidateTarget], forget: &[u64]);
 }
 
+/// Answers the core's driver-state queries (observers reading a device's
+/// vPASID map). Must not block on anything held across a channel call.
+pub trait DriverStateProvider: Send + Sync {
+    /// The driver state of device `dev`.
+    fn driver_state(&self, dev: u32) -> DriverState;
+}
+
 type Waiter = Sender<(Reply, Vec<OwnedFd>)>;
 
 struct Inner {
@@ -73,6 +80,7 @@ struct Inner {
     seq: AtomicU64,
     closed: AtomicBool,
     handler: Mutex<Option<Arc<dyn InvalidationHandler>>>,
+    provider: Mutex<Option<Arc<dyn DriverStateProvider>>>,
     invalidations: AtomicU64,
 }
 
@@ -105,6 +113,7 @@ impl Channel {
             seq: AtomicU64::new(1),
             closed: AtomicBool::new(false),
             handler: Mutex::new(None),
+            provider: Mutex::new(None),
             invalidations: AtomicU64::new(0),
         });
         let r = inner.clone();
@@ -129,6 +138,13 @@ impl Channel {
     /// Invalidations answered so far.
     pub fn invalidations(&self) -> u64 {
         self.inner.invalidations.load(Ordering::Relaxed)
+    }
+
+    /// Installs the provider of driver state (the device server).
+    pub fn set_driver_state_provider(&self, p: Arc<dyn DriverStateProvider>) {
+        if let Ok(mut g) = self.inner.provider.lock() {
+            *g = Some(p);
+        }
     }
 
     /// Installs the handler of invalidations (the translation unit).
@@ -288,6 +304,18 @@ fn read_loop(inner: &Inner, stream: UnixStream) {
                 inner.invalidations.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = inner.send(0, &Request::InvalidateDone { id }) {
                     tracing::warn!(error = %e, "cannot answer an invalidation");
+                    break 'outer;
+                }
+                continue;
+            }
+            if let Reply::DriverQuery { id, dev } = env.body {
+                let p = inner.provider.lock().ok().and_then(|g| g.clone());
+                let state = match p {
+                    Some(p) => p.driver_state(dev),
+                    None => DriverState { server: "a device server without driver state".into(), ..Default::default() },
+                };
+                if let Err(e) = inner.send(0, &Request::DriverStateDone { id, state }) {
+                    tracing::warn!(error = %e, "cannot answer a driver-state query");
                     break 'outer;
                 }
                 continue;

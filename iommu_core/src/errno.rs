@@ -36,6 +36,8 @@ pub enum Errno {
     EADDRINUSE,
     /// Value too large (range arithmetic overflowed).
     EOVERFLOW,
+    /// A device server did not answer in time.
+    ETIMEDOUT,
 }
 
 impl Errno {
@@ -56,6 +58,7 @@ impl Errno {
             Errno::EOPNOTSUPP => libc::EOPNOTSUPP,
             Errno::EADDRINUSE => libc::EADDRINUSE,
             Errno::EOVERFLOW => libc::EOVERFLOW,
+            Errno::ETIMEDOUT => libc::ETIMEDOUT,
         }
     }
 
@@ -76,11 +79,12 @@ impl Errno {
             Errno::EOPNOTSUPP => "EOPNOTSUPP",
             Errno::EADDRINUSE => "EADDRINUSE",
             Errno::EOVERFLOW => "EOVERFLOW",
+            Errno::ETIMEDOUT => "ETIMEDOUT",
         }
     }
 
     /// Every member of the vocabulary.
-    pub const ALL: [Errno; 14] = [
+    pub const ALL: [Errno; 15] = [
         Errno::EPERM,
         Errno::ENOENT,
         Errno::EBADF,
@@ -95,6 +99,7 @@ impl Errno {
         Errno::EOPNOTSUPP,
         Errno::EADDRINUSE,
         Errno::EOVERFLOW,
+        Errno::ETIMEDOUT,
     ];
 
     /// The member whose Linux errno number is `code`.

@@ -1233,6 +1233,18 @@ impl Core {
             .ok_or_else(|| Error { errno: Errno::ENOENT, message: "the channel is closed".into() })
     }
 
+    /// The channel device `dev` of session `sid` was bound through.
+    pub fn device_channel(&self, sid: u64, dev: u32) -> Result<u64> {
+        let s = self
+            .sessions
+            .get(&sid)
+            .ok_or_else(|| Error { errno: Errno::ENOENT, message: format!("no session {sid}") })?;
+        match s.objects.get(&dev) {
+            Some(Object::Device(d)) => Ok(d.channel),
+            _ => err(Errno::ENOENT, format!("no device {dev} in session {sid}")),
+        }
+    }
+
     fn device(&mut self, chan: u64, dev: u32) -> Result<(u64, &mut Device)> {
         let sid = self.chan_session(chan)?;
         match self.object(sid, dev)? {

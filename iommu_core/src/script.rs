@@ -432,6 +432,12 @@ pub fn human(n: u64) -> String {
 
 /// Renders a snapshot as a readable report.
 pub fn render_status(s: &Snapshot) -> String {
+    render_status_with(s, &std::collections::BTreeMap::new())
+}
+
+/// Like [`render_status`], with the driver state (server, vPASID map) of
+/// the devices in `drivers`, keyed by `(session, device)`.
+pub fn render_status_with(s: &Snapshot, drivers: &std::collections::BTreeMap<(u64, u32), DriverState>) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -534,6 +540,12 @@ pub fn render_status(s: &Snapshot) -> String {
                 if d.fenced { ", FENCED" } else { "" },
                 if att.is_empty() { "nothing".to_string() } else { att.join(" ") }
             );
+            if let Some(st) = drivers.get(&(ses.id, d.id)) {
+                let _ = writeln!(o, "    served by {}", st.server);
+                for v in &st.vpasids {
+                    let _ = writeln!(o, "    vPASID {:#x} -> pPASID {:#x} -> IOAS {}", v.vpasid, v.ppasid, v.pt_id);
+                }
+            }
         }
         if !ses.ppasids.is_empty() {
             let list: Vec<String> = ses.ppasids.iter().map(|p| format!("{p:#x}")).collect();

@@ -131,6 +131,17 @@ struct HeldOp {
     deadline: Instant,
 }
 
+/// A driver-state query relayed to a device channel.
+struct DriverWaiter {
+    asker: Token,
+    seq: u64,
+    chan: u64,
+    deadline: Instant,
+}
+
+/// How long a device server has to answer a driver-state query.
+const DRIVER_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A handle that stops a running server from another thread.
 #[derive(Clone)]
 pub struct StopHandle {
@@ -169,6 +180,9 @@ pub struct Server {
     next_inval: u64,
     /// Page-request cookie -> (channel connection, seq) to answer.
     page_waiters: HashMap<u64, (Token, u64)>,
+    /// Driver-state queries waiting for a device server: id -> waiter.
+    driver_waiters: HashMap<u64, DriverWaiter>,
+    next_query: u64,
 }
 
 impl Server {
@@ -217,6 +231,8 @@ impl Server {
             inval_owner: HashMap::new(),
             next_inval: 1,
             page_waiters: HashMap::new(),
+            driver_waiters: HashMap::new(),
+            next_query: 1,
         })
     }
 
@@ -260,7 +276,9 @@ impl Server {
             let timeout = if !self.backlog.is_empty() {
                 Some(Duration::ZERO)
             } else {
-                self.held.values().map(|o| o.deadline).min().map(|d| d.saturating_duration_since(Instant::now()))
+                let held = self.held.values().map(|o| o.deadline);
+                let queries = self.driver_waiters.values().map(|w| w.deadline);
+                held.chain(queries).min().map(|d| d.saturating_duration_since(Instant::now()))
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == ErrorKind::Interrupted {
@@ -343,6 +361,7 @@ impl Server {
         let Some(mut c) = self.conns.remove(&token) else { return };
         let _ = self.poll.registry().deregister(&mut c.stream);
         self.page_waiters.retain(|_, (t, _)| *t != token);
+        self.driver_waiters.retain(|_, w| w.asker != token);
         for op in self.held.values_mut() {
             if op.conn == Some(token) {
                 op.conn = None;
@@ -368,6 +387,10 @@ impl Server {
 
     /// A channel that will never answer: operations stop waiting for it.
     fn channel_gone(&mut self, chan: u64) {
+        let gone: Vec<u64> = self.driver_waiters.iter().filter(|(_, w)| w.chan == chan).map(|(id, _)| *id).collect();
+        for id in gone {
+            self.answer_query(id, Reply::error(Errno::ENOENT, "the device server went away"));
+        }
         let ops: Vec<u64> =
             self.held.iter().filter(|(_, o)| o.waiting.contains_key(&chan)).map(|(id, _)| *id).collect();
         for id in ops {
@@ -382,9 +405,22 @@ impl Server {
         }
     }
 
+    fn answer_query(&mut self, id: u64, reply: Reply) {
+        if let Some(w) = self.driver_waiters.remove(&id) {
+            if let Some(c) = self.conns.get_mut(&w.asker) {
+                queue(c, w.seq, &reply, Vec::new());
+                self.backlog.push_back(w.asker);
+            }
+        }
+    }
+
     /// Fences channels that missed their deadline and completes their ops.
     fn expire_held(&mut self) {
         let now = Instant::now();
+        let late: Vec<u64> = self.driver_waiters.iter().filter(|(_, w)| w.deadline <= now).map(|(id, _)| *id).collect();
+        for id in late {
+            self.answer_query(id, Reply::error(Errno::ETIMEDOUT, "the device server did not answer in time"));
+        }
         let late: Vec<u64> = self.held.iter().filter(|(_, o)| o.deadline <= now).map(|(id, _)| *id).collect();
         for id in late {
             let chans: Vec<(u64, u64)> =
@@ -737,6 +773,39 @@ impl Server {
                 }
                 Err(e) => Err(e),
             },
+            Request::DriverState { session, dev } => {
+                if role != Role::Observer && session != sid {
+                    return plain(Reply::error(Errno::ENOENT, format!("no device {dev} in this session")));
+                }
+                let qchan = match core.device_channel(session, dev) {
+                    Ok(c) => c,
+                    Err(e) => return plain(Reply::error(e.errno, e.message)),
+                };
+                let Some(t) = self.chan_tokens.get(&qchan).copied() else {
+                    return plain(Reply::error(Errno::ENOENT, "the device's channel is closed"));
+                };
+                let id = self.next_query;
+                self.next_query += 1;
+                if let Some(c) = self.conns.get_mut(&t) {
+                    queue(c, 0, &Reply::DriverQuery { id, dev }, Vec::new());
+                    self.backlog.push_back(t);
+                }
+                let deadline = Instant::now() + DRIVER_QUERY_TIMEOUT;
+                self.driver_waiters.insert(id, DriverWaiter { asker: token, seq, chan: qchan, deadline });
+                return None;
+            }
+            Request::DriverStateDone { id, state } => {
+                // Only the channel the query went to can answer it.
+                if self.driver_waiters.get(&id).is_some_and(|w| w.chan == chan) {
+                    let reply = if state.within_limits() {
+                        Reply::DriverState(state)
+                    } else {
+                        Reply::error(Errno::E2BIG, "the device server's answer exceeds the limits")
+                    };
+                    self.answer_query(id, reply);
+                }
+                return None;
+            }
             Request::InvalidateDone { id } => {
                 // Only the channel the invalidation went to can answer it.
                 let op = self.inval_owner.get(&id).copied();

@@ -422,3 +422,43 @@ pub struct InvalidateTarget {
     /// for everything.
     pub range: Option<IovaRange>,
 }
+
+/// One vPASID of a device as its driver (the device server) keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VpasidEntry {
+    /// The guest's PASID.
+    pub vpasid: u32,
+    /// The pPASID the core routes.
+    pub ppasid: u32,
+    /// IOAS or nested IOAS it is attached to.
+    pub pt_id: u32,
+}
+
+/// Driver-private state of a bound device, answered live by its device
+/// server through the core (the core only relays it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriverState {
+    /// Who serves the device, e.g. `vfio-user-server pid 42 socket /run/x.sock`.
+    pub server: String,
+    /// The vPASID -> pPASID map.
+    pub vpasids: Vec<VpasidEntry>,
+    /// Further lines for people (device counters and the like).
+    pub lines: Vec<String>,
+}
+
+impl DriverState {
+    /// Most vPASID entries an answer may carry.
+    pub const MAX_VPASIDS: usize = 1 << 16;
+    /// Most lines an answer may carry.
+    pub const MAX_LINES: usize = 256;
+    /// Longest string in an answer.
+    pub const MAX_STR: usize = 512;
+
+    /// Whether the answer is within the caps above.
+    pub fn within_limits(&self) -> bool {
+        self.server.len() <= Self::MAX_STR
+            && self.vpasids.len() <= Self::MAX_VPASIDS
+            && self.lines.len() <= Self::MAX_LINES
+            && self.lines.iter().all(|l| l.len() <= Self::MAX_STR)
+    }
+}

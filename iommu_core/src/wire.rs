@@ -277,6 +277,21 @@ pub enum Request {
         /// Id of the invalidation.
         id: u64,
     },
+    /// Observer or session: the driver-private state of a device (its
+    /// vPASID map), asked of its device server at this moment.
+    DriverState {
+        /// Session the device is bound in.
+        session: u64,
+        /// Device id in that session.
+        dev: u32,
+    },
+    /// Channel: the answer to a [`Reply::DriverQuery`]; gets no reply.
+    DriverStateDone {
+        /// Id of the query.
+        id: u64,
+        /// The state.
+        state: DriverState,
+    },
 }
 
 impl Request {
@@ -287,7 +302,7 @@ impl Request {
 
     /// True for requests an observer may send.
     pub fn read_only(&self) -> bool {
-        matches!(self, Request::Hello { .. } | Request::Status)
+        matches!(self, Request::Hello { .. } | Request::Status | Request::DriverState { .. })
     }
 
     /// True for requests only a device channel may send.
@@ -305,6 +320,7 @@ impl Request {
                 | Request::ReportFault(_)
                 | Request::PageRequest(_)
                 | Request::InvalidateDone { .. }
+                | Request::DriverStateDone { .. }
         )
     }
 }
@@ -393,6 +409,16 @@ pub enum Reply {
         /// What went wrong.
         message: String,
     },
+    /// Core -> device server, `seq` 0: report the driver state of `dev`
+    /// with [`Request::DriverStateDone`] and `id`.
+    DriverQuery {
+        /// Id to answer with.
+        id: u64,
+        /// Device.
+        dev: u32,
+    },
+    /// A device's driver state, as its server answered.
+    DriverState(DriverState),
 }
 
 impl Reply {

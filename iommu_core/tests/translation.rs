@@ -670,3 +670,84 @@ fn an_unanswered_page_request_times_out_and_fault_reports_are_rate_limited() {
     assert_eq!(r.s.read_faults(100).unwrap().len(), 2);
     assert_eq!(tu.stats().faults_suppressed.load(Relaxed), 8);
 }
+
+/// Driver-state queries: relayed to the device's channel, answered by its
+/// provider; a server that never answers gets ETIMEDOUT; a closed channel
+/// gives ENOENT; nothing hangs.
+#[test]
+fn driver_state_is_relayed_and_bounded() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    struct Fixed;
+    impl iommu_core::device::DriverStateProvider for Fixed {
+        fn driver_state(&self, dev: u32) -> DriverState {
+            DriverState {
+                server: format!("fixed {dev}"),
+                vpasids: vec![VpasidEntry { vpasid: 7, ppasid: 0x21, pt_id: 3 }],
+                lines: vec![],
+            }
+        }
+    }
+    let mut r = rig("driver-state", Limits::default());
+    let (tu, dev) = device(&mut r, caps(20, false, false));
+    let sid = r.s.session_id();
+    let mut obs = Client::observer(&r.path).unwrap();
+    // Without a provider: an empty answer that says so.
+    let st = obs.driver_state(sid, dev).unwrap();
+    assert!(st.vpasids.is_empty() && st.server.contains("without driver state"));
+    tu.channel().set_driver_state_provider(Arc::new(Fixed));
+    let st = obs.driver_state(sid, dev).unwrap();
+    assert_eq!(st.server, format!("fixed {dev}"));
+    assert_eq!(st.vpasids, vec![VpasidEntry { vpasid: 7, ppasid: 0x21, pt_id: 3 }]);
+    // The session itself may ask; a device id that does not exist is ENOENT.
+    assert_eq!(r.s.driver_state(sid, dev).unwrap().vpasids.len(), 1);
+    assert_eq!(obs.driver_state(sid, dev + 100).unwrap_err().errno(), Some(Errno::ENOENT));
+
+    // A raw channel that binds a device and then never answers.
+    let (_, fd) = r.s.open_device_channel().unwrap();
+    let mut raw = UnixStream::from(fd);
+    let send = |s: &mut UnixStream, seq: u64, req: &iommu_core::wire::Request| {
+        s.write_all(&iommu_core::wire::encode(seq, req, 0).unwrap()).unwrap();
+    };
+    let mut reader = iommu_core::wire::FrameReader::new(1 << 20, 4);
+    let mut recv = |s: &mut UnixStream| -> iommu_core::wire::Reply {
+        loop {
+            if let Some(f) = reader.next_frame().unwrap() {
+                return iommu_core::wire::decode::<iommu_core::wire::Reply>(&f.payload).unwrap().body;
+            }
+            let mut b = [0u8; 4096];
+            let n = s.read(&mut b).unwrap();
+            assert!(n > 0);
+            reader.push(&b[..n], Vec::new());
+        }
+    };
+    let hello = iommu_core::wire::Request::Hello {
+        magic: iommu_core::wire::MAGIC,
+        major: iommu_core::wire::VERSION_MAJOR,
+        minor: iommu_core::wire::VERSION_MINOR,
+        role: iommu_core::wire::Role::DeviceChannel,
+    };
+    send(&mut raw, 1, &hello);
+    recv(&mut raw);
+    let bind = BindArgs { name: "mute".into(), pci_address: "0000:00:05.0".into(), caps: caps(0, false, false) };
+    send(&mut raw, 2, &iommu_core::wire::Request::BindDevice(bind));
+    let iommu_core::wire::Reply::Device(b) = recv(&mut raw) else { panic!("bind failed") };
+    let t0 = Instant::now();
+    assert_eq!(obs.driver_state(sid, b.dev_id).unwrap_err().errno(), Some(Errno::ETIMEDOUT));
+    assert!(t0.elapsed() >= Duration::from_secs(1));
+    // The query did arrive; an answer for someone else's id is ignored.
+    assert!(matches!(recv(&mut raw), iommu_core::wire::Reply::DriverQuery { .. }));
+    send(&mut raw, 0, &iommu_core::wire::Request::DriverStateDone { id: 9999, state: DriverState::default() });
+    // Closing the channel while a query waits ends it with ENOENT.
+    let path = r.path.clone();
+    let h = std::thread::spawn(move || {
+        let mut o = Client::observer(&path).unwrap();
+        o.driver_state(sid, b.dev_id).unwrap_err().errno()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    drop(raw);
+    assert_eq!(h.join().unwrap(), Some(Errno::ENOENT));
+    // The core still serves.
+    assert_eq!(obs.driver_state(sid, dev).unwrap().vpasids.len(), 1);
+}

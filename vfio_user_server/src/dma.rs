@@ -21,9 +21,9 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex, RwLock};
 
 use iommu_core::client::Client;
-use iommu_core::device::Channel;
+use iommu_core::device::{Channel, DriverStateProvider};
 use iommu_core::tu::{self, TranslationUnit};
-use iommu_core::types::{BindArgs, DeviceCaps, FaultReason, FaultRecord, MapArgs, Perm};
+use iommu_core::types::{BindArgs, DeviceCaps, DriverState, FaultReason, FaultRecord, MapArgs, Perm, VpasidEntry};
 
 use crate::proto;
 
@@ -124,6 +124,29 @@ pub enum PasidPolicy {
     PerRid,
 }
 
+/// What observers see of the driver state: kept apart from the binding so
+/// a query (answered on the channel's reader thread) never waits for a
+/// lock held across a channel call.
+#[derive(Default)]
+struct View {
+    server: String,
+    rid: Option<u32>,
+    vpasids: Vec<VpasidEntry>,
+}
+
+struct ViewProvider(Arc<Mutex<View>>);
+
+impl DriverStateProvider for ViewProvider {
+    fn driver_state(&self, _dev: u32) -> DriverState {
+        let Ok(v) = self.0.lock() else { return DriverState::default() };
+        let mut lines = Vec::new();
+        if let Some(r) = v.rid {
+            lines.push(format!("rid_ioas {r}"));
+        }
+        DriverState { server: v.server.clone(), vpasids: v.vpasids.clone(), lines }
+    }
+}
+
 /// The server's own session and compat IOAS.
 pub struct Compat {
     session: Mutex<Client>,
@@ -208,6 +231,7 @@ pub struct Dma {
     caps: DeviceCaps,
     bind_args: BindArgs,
     policy: PasidPolicy,
+    view: Arc<Mutex<View>>,
 }
 
 impl Dma {
@@ -215,6 +239,11 @@ impl Dma {
     pub fn new(core: &std::path::Path, bind: BindArgs, policy: PasidPolicy) -> Result<Arc<Dma>, Error> {
         let caps = bind.caps;
         let compat = Compat::open(core, bind.clone())?;
+        let view = Arc::new(Mutex::new(View {
+            server: format!("vfio-user-server pid {} device {}", std::process::id(), bind.name),
+            ..View::default()
+        }));
+        compat.tu.channel().set_driver_state_provider(Arc::new(ViewProvider(view.clone())));
         Ok(Arc::new(Dma {
             compat,
             bound: RwLock::new(None),
@@ -224,7 +253,26 @@ impl Dma {
             caps,
             bind_args: bind,
             policy,
+            view,
         }))
+    }
+
+    /// Sets the server line observers see (e.g. with the socket path).
+    pub fn set_description(&self, s: String) {
+        if let Ok(mut v) = self.view.lock() {
+            v.server = s;
+        }
+    }
+
+    fn publish(&self, b: Option<&Bound>) {
+        if let Ok(mut v) = self.view.lock() {
+            v.rid = b.and_then(|b| b.rid);
+            v.vpasids = b
+                .map(|b| {
+                    b.pasids.iter().map(|(&vpasid, &(ppasid, pt_id))| VpasidEntry { vpasid, ppasid, pt_id }).collect()
+                })
+                .unwrap_or_default();
+        }
     }
 
     /// The compat path.
@@ -443,11 +491,13 @@ impl Dma {
             return Err(Error::AlreadyBound(b.session));
         }
         let channel = Arc::new(Channel::new(fd).map_err(chan_err)?);
+        channel.set_driver_state_provider(Arc::new(ViewProvider(self.view.clone())));
         let session = channel.session();
         let tu = TranslationUnit::new(channel, tu::Config::default()).map_err(tu_err)?;
         let dev = tu.bind(self.bind_args.clone()).map_err(tu_err)?.dev_id;
         let mut g = self.bound.write().map_err(|_| Error::NotBound)?;
         *g = Some(Bound { tu, dev, session, rid: None, pasids: BTreeMap::new() });
+        self.publish(g.as_ref());
         Ok((dev, session))
     }
 
@@ -455,6 +505,7 @@ impl Dma {
     /// attachments and pPASIDs when the channel closes).
     pub fn unbind(&self) -> Result<(), Error> {
         let b = self.bound.write().map_err(|_| Error::NotBound)?.take().ok_or(Error::NotBound)?;
+        self.publish(None);
         if let Err(e) = b.tu.unbind(b.dev) {
             tracing::debug!("unbind of device {} in session {}: {e}", b.dev, b.session);
         }
@@ -464,6 +515,18 @@ impl Dma {
     /// Extension: attaches (or replaces) the RID or a vPASID to `pt_id`.
     /// Returns the pPASID (0 for the RID).
     pub fn attach(&self, vpasid: Option<u32>, pt_id: u32, replace: bool) -> Result<u32, Error> {
+        let r = self.attach_inner(vpasid, pt_id, replace);
+        self.republish();
+        r
+    }
+
+    fn republish(&self) {
+        if let Ok(g) = self.bound.read() {
+            self.publish(g.as_ref());
+        }
+    }
+
+    fn attach_inner(&self, vpasid: Option<u32>, pt_id: u32, replace: bool) -> Result<u32, Error> {
         let mut g = self.bound.write().map_err(|_| Error::NotBound)?;
         let b = g.as_mut().ok_or(Error::NotBound)?;
         let ch = b.tu.channel().clone();
@@ -510,6 +573,12 @@ impl Dma {
 
     /// Extension: detaches the RID or a vPASID (a no-op if not attached).
     pub fn detach(&self, vpasid: Option<u32>) -> Result<(), Error> {
+        let r = self.detach_inner(vpasid);
+        self.republish();
+        r
+    }
+
+    fn detach_inner(&self, vpasid: Option<u32>) -> Result<(), Error> {
         let mut g = self.bound.write().map_err(|_| Error::NotBound)?;
         let b = g.as_mut().ok_or(Error::NotBound)?;
         let ch = b.tu.channel().clone();

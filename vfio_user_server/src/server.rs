@@ -144,9 +144,19 @@ impl Server {
         let desc = device.describe();
         let bind = BindArgs { name: desc.name.to_string(), pci_address: opts.pci_address.clone(), caps: desc.caps };
         drop(desc);
-        let dma = Dma::new(&opts.core, bind, opts.pasid_policy)
+        let dma = Dma::new(&opts.core, bind.clone(), opts.pasid_policy)
             .map_err(|e| Error::Core { path: opts.core.clone(), error: e.to_string() })?;
         let poll = Poll::new().map_err(Error::Poll)?;
+        let at = match &opts.listen {
+            Listen::Path(p) => format!("socket {}", p.display()),
+            Listen::Fd(f) => format!("fd {}", f.as_raw_fd()),
+        };
+        dma.set_description(format!(
+            "vfio-user-server pid {} device {} {at} pci {}",
+            std::process::id(),
+            bind.name,
+            opts.pci_address
+        ));
         let (listener, single, path) = match opts.listen {
             Listen::Path(p) => {
                 let mut l = bind_path(&p)?;

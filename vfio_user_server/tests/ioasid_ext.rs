@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 
 use common::*;
 use iommu_core::pagetable::Perm;
-use iommu_core::types::MapArgs;
+use iommu_core::types::{MapArgs, VpasidEntry};
 use vfio_user_server::client::Client;
 use vfio_user_server::devices::testdev::regs;
 use vfio_user_server::dma::PasidPolicy;
@@ -104,6 +104,20 @@ fn two_vpasids_in_two_address_spaces() {
     assert_eq!(routed, BTreeSet::from([(0, sp.ioas_a), (p5, sp.ioas_a), (p9, sp.ioas_b)]));
     assert_eq!(dev.ppasids.iter().copied().collect::<BTreeSet<_>>(), BTreeSet::from([p5, p9]));
     assert_eq!(dev.pci_address, "0000:00:04.0");
+    // Observers read the vPASID map live from the server, through the core.
+    let mut obs = s.observer();
+    let st = obs.driver_state(sp.sess.session_id(), bound.dev_id).unwrap();
+    let want = |v: &[(u32, u32, u32)]| -> Vec<VpasidEntry> {
+        v.iter().map(|&(vpasid, ppasid, pt_id)| VpasidEntry { vpasid, ppasid, pt_id }).collect()
+    };
+    assert_eq!(st.vpasids, want(&[(5, p5, sp.ioas_a), (9, p9, sp.ioas_b)]));
+    assert!(st.server.contains("vfio-user-server") && st.server.contains("dev.sock"), "{}", st.server);
+    assert_eq!(st.lines, vec![format!("rid_ioas {}", sp.ioas_a)]);
+    // Another session cannot ask about this session's device.
+    let mut other = s.session();
+    let e = other.driver_state(sp.sess.session_id(), bound.dev_id).unwrap_err();
+    assert_eq!(e.errno().map(|e| e.code()), Some(libc::ENOENT));
+    assert_eq!(obs.driver_state(sp.sess.session_id(), 999).unwrap_err().errno().map(|e| e.code()), Some(2));
 
     // Attach twice is EBUSY; replace moves vPASID 5 to B with the same pPASID.
     assert_eq!(errno(c.ioasid_attach(Some(5), sp.ioas_b, false)), libc::EBUSY);
@@ -123,6 +137,8 @@ fn two_vpasids_in_two_address_spaces() {
     let snap = s.observer().status().unwrap();
     let sess = snap.sessions.iter().find(|x| x.id == sp.sess.session_id()).unwrap();
     assert!(!sess.devices[0].ppasids.contains(&p9));
+    let st = obs.driver_state(sp.sess.session_id(), bound.dev_id).unwrap();
+    assert_eq!(st.vpasids, want(&[(5, p5, sp.ioas_b)]), "the map is read live");
     // The IOAS is busy while attached, as in iommufd.
     assert_eq!(sp.sess.destroy(sp.ioas_b).unwrap_err().errno().map(|e| e.code()), Some(libc::EBUSY));
 

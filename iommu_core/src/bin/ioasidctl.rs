@@ -69,7 +69,17 @@ fn run() -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                print!("{}", script::render_status(&s));
+                // Driver state (vPASID maps) comes from each device server,
+                // through the core; a server that does not answer is skipped.
+                let mut drivers = std::collections::BTreeMap::new();
+                for ses in &s.sessions {
+                    for d in &ses.devices {
+                        if let Ok(st) = c.driver_state(ses.id, d.id) {
+                            drivers.insert((ses.id, d.id), st);
+                        }
+                    }
+                }
+                print!("{}", script::render_status_with(&s, &drivers));
             }
         }
         Cmd::Run { file, keep_going } => {
