@@ -1,34 +1,7 @@
 //! `test-device`: a small PCIe function that exercises every part of the
-//! framework, used by the protocol tests and by people poking at a server.
-//!
-//! | BAR | kind | size | contents |
-//! |---|---|---|---|
-//! | 0 | mem32 | 4 KiB | registers (trapped), below |
-//! | 1 | mem32 | 64 KiB | RAM in a memfd; `[0, 16K)` and `[32K, 64K)` are mmap-able (sparse), the rest trapped |
-//! | 2 | mem32 | 4 KiB | MSI-X table (8 vectors) at 0, PBA at 0x800 |
-//! | 4 | I/O | 256 B | byte-wide scratch ports |
-//! | ROM | | 32 KiB | bytes `i & 0xff` |
-//!
-//! BAR 0 registers (little-endian):
-//!
-//! | offset | size | name | access |
-//! |---|---|---|---|
-//! | 0x00 | 4 | ID = 0x7e570001 | RO |
-//! | 0x08 | 8 | SCRATCH | RW |
-//! | 0x10 | 8 | DMA_SRC (IOVA) | RW |
-//! | 0x18 | 8 | DMA_DST (IOVA) | RW |
-//! | 0x20 | 4 | DMA_LEN (at most 1 MiB) | RW |
-//! | 0x24 | 4 | DMA_PASID: bit 31 = tagged, bits 19:0 = vPASID | RW |
-//! | 0x28 | 4 | DMA_CMD: write 1 to copy SRC to DST | WO |
-//! | 0x2c | 4 | DMA_STATUS: 0 idle, 1 busy, 2 done, 3 error | RO |
-//! | 0x30 | 4 | DMA_DONE: copies completed | RO |
-//! | 0x34 | 4 | DMA_ERRORS: copies failed | RO |
-//! | 0x38 | 4 | IRQ: write n to raise vector n (MSI-X, else MSI, else INTx) | WO |
-//! | 0x3c | 4 | INTX: write 1/0 to raise/lower INTx | WO |
-//! | 0x40 | 4 | DOORBELL: counts writes; offered as an ioeventfd | RW |
-//!
-//! A copy runs on the device's engine thread, so the write that starts it
-//! is answered at once; completion raises vector 0.
+//! framework (BARs of every kind, sparse mmap, MSI-X, INTx, an ioeventfd
+//! doorbell, a DMA copy engine with vPASID tags, migration). Its register
+//! interface is in `docs/devices/test-device.md`.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
