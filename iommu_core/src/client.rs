@@ -264,6 +264,11 @@ impl Client {
         expect!(self.call(&Request::Translate { ioas, iova }, &[])?, Reply::Translation(t) => t)
     }
 
+    /// The pid of the core at the other end (from `SO_PEERCRED`).
+    pub fn core_pid(&self) -> Option<i32> {
+        nix::sys::socket::getsockopt(&self.stream, nix::sys::socket::sockopt::PeerCredentials).ok().map(|c| c.pid())
+    }
+
     /// The driver-private state (vPASID map) of device `dev` of session
     /// `session`, asked of its device server now.
     pub fn driver_state(&mut self, session: u64, dev: u32) -> Result<DriverState> {

@@ -126,7 +126,9 @@ impl Channel {
             minor: wire::VERSION_MINOR,
             role: Role::DeviceChannel,
         };
-        ch.session = expect!(ch.call(&hello, None)?.0, Reply::Hello { session, .. } => session)?;
+        // A real core answers at once; a peer that does not is not a core.
+        let hello_timeout = Some(Duration::from_secs(2));
+        ch.session = expect!(ch.call(&hello, hello_timeout)?.0, Reply::Hello { session, .. } => session)?;
         Ok(ch)
     }
 
@@ -262,7 +264,11 @@ impl Drop for Channel {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
         if let Some(r) = self.reader.take() {
-            let _ = r.join();
+            // The reader thread itself may drop the last reference (from an
+            // invalidation handler); it cannot join itself.
+            if r.thread().id() != std::thread::current().id() {
+                let _ = r.join();
+            }
         }
     }
 }

@@ -81,6 +81,29 @@ pub fn seal_names(s: Option<SealFlag>) -> String {
     }
 }
 
+/// File systems whose reads can block for as long as a peer likes (FUSE,
+/// network file systems): DMA must never wait on them.
+const BLOCKING_FS: &[i64] = &[
+    0x6573_5546,            // FUSE
+    0x6969,                 // NFS
+    0x517b,                 // SMB
+    0xff53_4d42_u32 as i64, // CIFS
+    0xfe53_4d42_u32 as i64, // SMB2
+    0x0102_1997,            // 9P
+    0x00c3_6400,            // Ceph
+    0x5346_414f,            // AFS
+];
+
+/// Whether `fd` lives on a file system whose I/O can block indefinitely.
+pub fn on_blocking_fs(fd: BorrowedFd<'_>) -> bool {
+    match nix::sys::statfs::fstatfs(fd) {
+        // The field is a C long: i64 here, i32 on 32-bit targets.
+        #[allow(clippy::unnecessary_cast)]
+        Ok(st) => BLOCKING_FS.contains(&(st.filesystem_type().0 as i64)),
+        Err(_) => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -476,6 +476,12 @@ impl Core {
         if !ft.is_file() || ft.is_socket() {
             return err(Errno::EINVAL, "a memory object must be a regular file (memfd, tmpfs or hugetlbfs)");
         }
+        if memfd::on_blocking_fs(file.as_fd()) {
+            return err(
+                Errno::EINVAL,
+                "a memory object cannot live on FUSE or a network file system (its I/O can block DMA)",
+            );
+        }
         let size = meta.len();
         if size == 0 {
             return err(Errno::EINVAL, "the file is empty");

@@ -120,6 +120,11 @@ impl MsgReader {
             }
         }
         self.truncated |= msg.flags.contains(MsgFlags::MSG_CTRUNC);
+        if self.fds.len() > MAX_MSG_FDS {
+            // Closed at once: a message cannot hoard descriptors.
+            self.fds.truncate(MAX_MSG_FDS);
+            self.truncated = true;
+        }
         let n = msg.bytes;
         if n == 0 {
             return Ok(Fill::Eof);
@@ -195,6 +200,9 @@ impl Writer {
         let _g = self.lock.lock().map_err(|_| Error::Io(std::io::Error::other("writer poisoned")))?;
         let mut off = 0;
         let mut first = true;
+        // One deadline for the whole message: a client reading a byte now
+        // and then cannot hold the sender forever.
+        let deadline = std::time::Instant::now() + self.timeout;
         while off < bytes.len() {
             let iov = [std::io::IoSlice::new(&bytes[off..])];
             let cmsgs = [ControlMessage::ScmRights(&raw)];
@@ -206,7 +214,8 @@ impl Writer {
                 }
                 Err(nix::errno::Errno::EAGAIN) => {
                     let mut p = [nix::poll::PollFd::new(self.sock.as_fd(), nix::poll::PollFlags::POLLOUT)];
-                    let ms = u16::try_from(self.timeout.as_millis()).unwrap_or(u16::MAX);
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
                     match nix::poll::poll(&mut p, nix::poll::PollTimeout::from(ms)) {
                         Ok(0) => {
                             self.kill();

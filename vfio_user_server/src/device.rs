@@ -135,8 +135,15 @@ pub trait Device: Send {
     /// A config space write changed something the device may act on.
     fn config_event(&mut self, _ev: ConfigEvent) {}
 
-    /// Device (or function-level) reset: back to power-on state.
+    /// Device (or function-level) reset: back to power-on state. Work in
+    /// flight is finished or dropped before this returns.
     fn reset(&mut self) {}
+
+    /// The client went away: drop work queued on its behalf (its DMA
+    /// addresses mean nothing to the next client) and stop sharing memory
+    /// with it (a region's mmap fd may be replaced; the worker asks
+    /// [`Device::describe`] again). Device state otherwise stays.
+    fn client_gone(&mut self) {}
 
     /// Migration: stop (`false`) or resume (`true`) all device activity.
     /// When this returns `false`, no DMA or interrupt may happen.

@@ -232,6 +232,9 @@ pub struct Dma {
     bind_args: BindArgs,
     policy: PasidPolicy,
     view: Arc<Mutex<View>>,
+    /// Held (read) by device DMA through client messages, for the whole
+    /// access; an unmap of such a region takes it (write).
+    msg_dma: RwLock<()>,
 }
 
 impl Dma {
@@ -254,6 +257,7 @@ impl Dma {
             bind_args: bind,
             policy,
             view,
+            msg_dma: RwLock::new(()),
         }))
     }
 
@@ -369,25 +373,55 @@ impl Dma {
 
     /// Handles DMA_UNMAP: an exact match, or everything with `all`.
     pub fn unmap(&self, address: u64, size: u64, all: bool) -> Result<(), Error> {
-        let mut maps = self.maps.lock().map_err(|_| Error::Invalid("map table poisoned".into()))?;
-        let victims: Vec<u64> = if all {
-            maps.keys().copied().collect()
-        } else {
+        let pick = |maps: &BTreeMap<u64, ClientMap>| -> Result<Vec<u64>, Error> {
+            if all {
+                return Ok(maps.keys().copied().collect());
+            }
             match maps.get(&address) {
-                Some(r) if r.size == size => vec![address],
-                _ => return Err(Error::NotFound(address, size)),
+                Some(r) if r.size == size => Ok(vec![address]),
+                _ => Err(Error::NotFound(address, size)),
             }
         };
+        let has_msg = {
+            let maps = self.maps.lock().map_err(|_| Error::Invalid("map table poisoned".into()))?;
+            pick(&maps)?.iter().any(|a| maps.get(a).is_some_and(|r| matches!(r.kind, MapKind::Msg)))
+        };
+        // Device DMA through client messages holds the read side for the
+        // whole access (and takes the map lock inside): wait for it first.
+        let _quiet = if has_msg { Some(self.msg_dma.write()) } else { None };
+        let mut maps = self.maps.lock().map_err(|_| Error::Invalid("map table poisoned".into()))?;
+        let victims = pick(&maps)?;
+        let mut first_err = None;
         for a in victims {
-            let Some(r) = maps.remove(&a) else { continue };
-            if let MapKind::Fd { key } = r.kind {
-                // The core completes the unmap only after the translation
-                // unit has dropped its IOTLB entries and in-flight DMA ended.
-                self.compat.with_session(|s| s.unmap(self.compat.ioas, a, r.size))?.map_err(core_err)?;
-                self.mem_put(key);
+            let Some(r) = maps.get(&a) else { continue };
+            let (rsize, kind) = (
+                r.size,
+                match r.kind {
+                    MapKind::Fd { key } => Some(key),
+                    MapKind::Msg => None,
+                },
+            );
+            let Some(key) = kind else {
+                maps.remove(&a);
+                continue;
+            };
+            // The core completes the unmap only after the translation unit
+            // has dropped its IOTLB entries and in-flight DMA ended.
+            match self.compat.with_session(|s| s.unmap(self.compat.ioas, a, rsize))?.map_err(core_err) {
+                Ok(_) => {
+                    maps.remove(&a);
+                    self.mem_put(key);
+                }
+                Err(e) => {
+                    tracing::warn!("unmap of {a:#x}+{rsize:#x} in the compat IOAS failed: {e}");
+                    first_err.get_or_insert(e);
+                }
             }
         }
-        Ok(())
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Number of client DMA regions.
@@ -449,18 +483,22 @@ impl Dma {
 
     /// Device DMA read.
     pub fn read(&self, route: Route, iova: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let guard = self.msg_dma.read();
         if let Some(c) = self.client_path(route, iova, buf.len(), false)? {
             return c.read(iova, buf);
         }
+        drop(guard);
         let (tu, dev, pasid) = self.resolve(route)?;
         tu.read(dev, pasid, iova, buf).map_err(tu_err)
     }
 
     /// Device DMA write.
     pub fn write(&self, route: Route, iova: u64, data: &[u8]) -> Result<(), Error> {
+        let guard = self.msg_dma.read();
         if let Some(c) = self.client_path(route, iova, data.len(), true)? {
             return c.write(iova, data);
         }
+        drop(guard);
         let (tu, dev, pasid) = self.resolve(route)?;
         tu.write(dev, pasid, iova, data).map_err(tu_err)
     }
@@ -490,7 +528,18 @@ impl Dma {
         if let Some(b) = self.bound.read().map_err(|_| Error::NotBound)?.as_ref() {
             return Err(Error::AlreadyBound(b.session));
         }
-        let channel = Arc::new(Channel::new(fd).map_err(chan_err)?);
+        // The fd comes from a client: it must be a socket made by our core
+        // (a silent or foreign peer would stall every channel call).
+        let core_pid = self.compat.with_session(|s| s.core_pid())?;
+        let peer = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::PeerCredentials).ok().map(|c| c.pid());
+        let stream = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SockType)
+            .is_ok_and(|t| t == nix::sys::socket::SockType::Stream);
+        if !stream || peer.is_none() || peer != core_pid {
+            return Err(Error::Invalid("the fd is not a device channel of this server's core".into()));
+        }
+        let channel = Arc::new(
+            Channel::new(fd).map_err(|e| Error::Invalid(format!("the fd is not a working device channel: {e}")))?,
+        );
         channel.set_driver_state_provider(Arc::new(ViewProvider(self.view.clone())));
         let session = channel.session();
         let tu = TranslationUnit::new(channel, tu::Config::default()).map_err(tu_err)?;

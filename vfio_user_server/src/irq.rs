@@ -128,13 +128,20 @@ impl Drop for Watcher {
     }
 }
 
-/// Checks that `fd` is an eventfd (a pipe or socket could block a write).
+/// Checks that `fd` is an eventfd (a pipe or socket could block a write)
+/// and makes it non-blocking, so that neither a signal nor a drain can
+/// block whatever the client does with the counter.
 pub fn check_eventfd(fd: &OwnedFd) -> Result<(), Error> {
     let raw = fd.as_raw_fd();
     match std::fs::read_link(format!("/proc/self/fd/{raw}")) {
-        Ok(p) if p.to_string_lossy() == "anon_inode:[eventfd]" => Ok(()),
-        _ => Err(Error::NotEventfd(raw)),
+        Ok(p) if p.to_string_lossy() == "anon_inode:[eventfd]" => {}
+        _ => return Err(Error::NotEventfd(raw)),
     }
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let fl = fcntl(raw, FcntlArg::F_GETFL).map_err(|_| Error::NotEventfd(raw))?;
+    fcntl(raw, FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK))
+        .map_err(|_| Error::NotEventfd(raw))?;
+    Ok(())
 }
 
 fn signal(f: &File) {
@@ -326,13 +333,15 @@ impl Irqs {
         }
         let mut s = self.state.lock().map_err(|_| Error::Invalid("state poisoned"))?;
         if disable_all {
+            let mut old = Vec::new();
             for v in s.vectors[index as usize].iter_mut() {
-                *v = Vector::default();
+                old.push(std::mem::take(v));
             }
             if index == irq_index::INTX {
                 s.intx_level = false;
             }
             drop(s);
+            drop(old);
             self.rewatch();
             return Ok(());
         }
@@ -377,13 +386,18 @@ impl Irqs {
 
     /// Drops every eventfd and all mask state (client disconnect).
     pub fn clear(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            for v in s.vectors.iter_mut().flatten() {
-                *v = Vector::default();
+        let watcher = match self.state.lock() {
+            Ok(mut s) => {
+                for v in s.vectors.iter_mut().flatten() {
+                    *v = Vector::default();
+                }
+                s.intx_level = false;
+                s.watcher.take()
             }
-            s.intx_level = false;
-            s.watcher = None;
-        }
+            Err(_) => None,
+        };
+        // Joining the watcher happens without the lock it may be waiting for.
+        drop(watcher);
     }
 
     /// Device reset: mask state and pending bits go, eventfds stay (the
@@ -453,8 +467,10 @@ impl Irqs {
 
     fn rewatch(&self) {
         let weak = self.self_ref.lock().map(|w| w.clone()).unwrap_or_default();
+        let old = self.state.lock().ok().and_then(|mut s| s.watcher.take());
+        // The old watcher may be waiting for the state lock: join it without.
+        drop(old);
         let Ok(mut s) = self.state.lock() else { return };
-        s.watcher = None;
         let mut fds: Vec<(Arc<File>, u32, u32, Action)> = Vec::new();
         for (i, vs) in s.vectors.iter().enumerate() {
             for (v, x) in vs.iter().enumerate() {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crossbeam::channel::{bounded, Sender};
+use crossbeam::channel::{unbounded, Sender};
 use mio::net::{UnixListener, UnixStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -22,7 +22,7 @@ use iommu_core::types::BindArgs;
 use crate::conn::{Fill, MsgReader, Port, Writer};
 use crate::device::Device;
 use crate::dma::{Dma, PasidPolicy};
-use crate::worker::{Job, Stats, Worker, MAX_PAYLOAD};
+use crate::worker::{Backlog, Job, Stats, Worker, MAX_PAYLOAD};
 
 /// Errors of setting up or running a server.
 #[derive(Debug, thiserror::Error)]
@@ -116,11 +116,13 @@ pub struct Server {
     jobs: Sender<Job>,
     worker: Option<std::thread::JoinHandle<()>>,
     io_fds: Vec<Arc<File>>,
+    io_descs: usize,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
     dma: Arc<Dma>,
     stats: Arc<Stats>,
+    backlog: Arc<Backlog>,
 }
 
 fn bind_path(path: &Path) -> Result<UnixListener, Error> {
@@ -182,17 +184,14 @@ impl Server {
         };
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(Error::Poll)?);
         let worker = Worker::new(device, dma.clone()).map_err(Error::Poll)?;
-        let io_fds = worker.io_fds();
-        for (i, f) in io_fds.iter().enumerate() {
-            poll.registry()
-                .register(&mut SourceFd(&f.as_raw_fd()), Token(IOFD_BASE + i), Interest::READABLE)
-                .map_err(Error::Poll)?;
-        }
+        let io_descs = worker.io_fd_descs().len();
         let stats = worker.stats();
-        let (tx, rx) = bounded(1024);
+        let (tx, rx) = unbounded();
+        let backlog = Backlog::new(waker.clone());
+        let b2 = backlog.clone();
         let handle = std::thread::Builder::new()
             .name("vfio-user-device".into())
-            .spawn(move || worker.run(rx))
+            .spawn(move || worker.run(rx, b2))
             .map_err(Error::Poll)?;
         Ok(Server {
             poll,
@@ -202,12 +201,14 @@ impl Server {
             conn: None,
             jobs: tx,
             worker: Some(handle),
-            io_fds,
+            io_fds: Vec::new(),
+            io_descs,
             stop: Arc::new(AtomicBool::new(false)),
             waker,
             signals: None,
             dma,
             stats,
+            backlog,
         })
     }
 
@@ -241,13 +242,27 @@ impl Server {
         let port = Port::new(writer.clone());
         let mut stream = stream;
         self.poll.registry().register(&mut stream, CONN, Interest::READABLE).map_err(Error::Poll)?;
-        let _ = self.jobs.send(Job::Connected(writer, port.clone()));
+        // Fresh ioeventfds per client: a departed client keeps its copies,
+        // which must not reach the next client's device.
+        self.io_fds.clear();
+        for i in 0..self.io_descs {
+            let f = Arc::new(crate::irq::eventfd().map_err(Error::Poll)?);
+            self.poll
+                .registry()
+                .register(&mut SourceFd(&f.as_raw_fd()), Token(IOFD_BASE + i), Interest::READABLE)
+                .map_err(Error::Poll)?;
+            self.io_fds.push(f);
+        }
+        let _ = self.jobs.send(Job::Connected(writer, port.clone(), self.io_fds.clone()));
         self.conn = Some(Conn { stream, reader: MsgReader::new(MAX_PAYLOAD), port });
         tracing::info!("client connected");
         Ok(())
     }
 
     fn disconnect(&mut self) {
+        for f in self.io_fds.drain(..) {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&f.as_raw_fd()));
+        }
         if let Some(mut c) = self.conn.take() {
             let _ = self.poll.registry().deregister(&mut c.stream);
             c.port.close();
@@ -260,6 +275,10 @@ impl Server {
         let Some(c) = self.conn.as_mut() else { return };
         let mut end = false;
         loop {
+            if self.backlog.over() {
+                // Resumed by the device thread through the waker.
+                break;
+            }
             match c.reader.fill(c.stream.as_fd()) {
                 Ok(Fill::Data) => {}
                 Ok(Fill::WouldBlock) => break,
@@ -281,6 +300,7 @@ impl Server {
                         }
                     }
                     Ok(Some(m)) => {
+                        self.backlog.add(m.payload.len());
                         if self.jobs.send(Job::Command(m)).is_err() {
                             end = true;
                         }
@@ -334,7 +354,7 @@ impl Server {
                             }
                         }
                     }
-                    WAKER => {}
+                    WAKER => self.read_conn(),
                     Token(t) if t >= IOFD_BASE => {
                         let i = t - IOFD_BASE;
                         if let Some(f) = self.io_fds.get(i) {

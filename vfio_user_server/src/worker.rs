@@ -31,10 +31,63 @@ pub const MAX_LOGGING_RANGES: u32 = 1024;
 /// Largest DMA logging report bitmap.
 pub const MAX_BITMAP_BYTES: u64 = 1 << 20;
 
+/// What is queued for the device thread; the event loop stops reading the
+/// client while it is over the limits, and the device thread wakes it.
+pub struct Backlog {
+    bytes: std::sync::atomic::AtomicUsize,
+    jobs: std::sync::atomic::AtomicUsize,
+    paused: std::sync::atomic::AtomicBool,
+    waker: Arc<mio::Waker>,
+}
+
+impl Backlog {
+    /// Most bytes of commands queued.
+    pub const MAX_BYTES: usize = 64 << 20;
+    /// Most commands queued.
+    pub const MAX_JOBS: usize = 4096;
+
+    /// A backlog that wakes the loop through `waker`.
+    pub fn new(waker: Arc<mio::Waker>) -> Arc<Backlog> {
+        Arc::new(Backlog { bytes: Default::default(), jobs: Default::default(), paused: Default::default(), waker })
+    }
+
+    /// A command of `n` payload bytes was queued.
+    pub fn add(&self, n: usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.bytes.fetch_add(n + 64, SeqCst);
+        self.jobs.fetch_add(1, SeqCst);
+    }
+
+    /// A command of `n` payload bytes was done.
+    pub fn done(&self, n: usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let b = self.bytes.fetch_sub(n + 64, SeqCst) - (n + 64);
+        let j = self.jobs.fetch_sub(1, SeqCst) - 1;
+        if b < Self::MAX_BYTES / 2 && j < Self::MAX_JOBS / 2 && self.paused.swap(false, SeqCst) {
+            let _ = self.waker.wake();
+        }
+    }
+
+    /// Whether the loop must stop reading; marks it paused if so.
+    pub fn over(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let over = self.bytes.load(SeqCst) >= Self::MAX_BYTES || self.jobs.load(SeqCst) >= Self::MAX_JOBS;
+        if over {
+            self.paused.store(true, SeqCst);
+            // The device thread may have drained everything meanwhile.
+            if self.bytes.load(SeqCst) < Self::MAX_BYTES / 2 && self.jobs.load(SeqCst) < Self::MAX_JOBS / 2 {
+                self.paused.store(false, SeqCst);
+                return false;
+            }
+        }
+        over
+    }
+}
+
 /// Work for the device thread.
 pub enum Job {
-    /// A client connected.
-    Connected(Arc<Writer>, Arc<Port>),
+    /// A client connected, with the ioeventfds made for it.
+    Connected(Arc<Writer>, Arc<Port>, Vec<Arc<File>>),
     /// A command from the client.
     Command(Msg),
     /// The client went away.
@@ -99,6 +152,7 @@ pub struct Worker {
     msix: Option<MsixDesc>,
     irqs: Arc<Irqs>,
     dma: Arc<Dma>,
+    io_descs: Vec<IoFdDesc>,
     io_fds: Vec<(IoFdDesc, Arc<File>)>,
     writer: Option<Arc<Writer>>,
     port: Option<Arc<Port>>,
@@ -134,10 +188,7 @@ impl Worker {
                 regions[i] = Some(r);
             }
         }
-        let mut io_fds = Vec::new();
-        for io in d.io_fds {
-            io_fds.push((io, Arc::new(crate::irq::eventfd()?)));
-        }
+        let io_descs = d.io_fds;
         device.start(DeviceContext { dma: dma.clone(), irqs: irqs.clone() });
         Ok(Worker {
             device,
@@ -147,7 +198,8 @@ impl Worker {
             msix: d.msix,
             irqs,
             dma,
-            io_fds,
+            io_descs,
+            io_fds: Vec::new(),
             writer: None,
             port: None,
             neg: Negotiated::default(),
@@ -160,9 +212,10 @@ impl Worker {
         })
     }
 
-    /// The eventfds offered as ioeventfds (the event loop watches them).
-    pub fn io_fds(&self) -> Vec<Arc<File>> {
-        self.io_fds.iter().map(|(_, f)| f.clone()).collect()
+    /// Registers the device offers as ioeventfds (the event loop makes
+    /// fresh eventfds for each client and watches them).
+    pub fn io_fd_descs(&self) -> Vec<IoFdDesc> {
+        self.io_descs.clone()
     }
 
     /// Counters.
@@ -171,17 +224,22 @@ impl Worker {
     }
 
     /// Runs jobs until [`Job::Stop`] or the sender goes away.
-    pub fn run(mut self, rx: crossbeam::channel::Receiver<Job>) {
+    pub fn run(mut self, rx: crossbeam::channel::Receiver<Job>, backlog: Arc<Backlog>) {
         while let Ok(job) = rx.recv() {
             match job {
-                Job::Connected(w, p) => {
+                Job::Connected(w, p, io) => {
                     self.stats.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.io_fds = self.io_descs.iter().copied().zip(io).collect();
                     self.writer = Some(w);
                     self.dma.set_client(Some(p.clone()));
                     self.port = Some(p);
                     self.neg = Negotiated::default();
                 }
-                Job::Command(m) => self.command(m),
+                Job::Command(m) => {
+                    let n = m.payload.len();
+                    self.command(m);
+                    backlog.done(n);
+                }
                 Job::Disconnected => self.disconnect(),
                 Job::IoFd(i) => self.io_fd(i),
                 Job::Stop => break,
@@ -196,8 +254,19 @@ impl Worker {
             p.close();
         }
         self.writer = None;
+        self.io_fds.clear();
+        // Queued device work addressed the departed client's memory.
+        self.device.client_gone();
         self.dma.disconnect();
         self.irqs.clear();
+        let d = self.device.describe();
+        for r in d.regions {
+            if let Some(slot) = self.regions.get_mut(r.index as usize) {
+                if r.index != region::CONFIG {
+                    *slot = Some(r);
+                }
+            }
+        }
         if self.logging {
             let _ = self.dma.set_dirty_tracking(false);
             self.logging = false;
@@ -205,8 +274,11 @@ impl Worker {
         // Unfinished migration data belongs to the departed client.
         self.mig_out.clear();
         self.mig_in.clear();
-        if matches!(self.mig_state, mig::STOP_COPY | mig::PRE_COPY | mig::RESUMING) {
-            self.mig_state = mig::STOP;
+        // A half-done migration ends; the device runs again for the next
+        // client (ERROR stays until a reset).
+        if self.mig_state != mig::RUNNING && self.mig_state != mig::ERROR {
+            self.mig_state = mig::RUNNING;
+            self.device.set_running(true);
         }
         self.neg = Negotiated::default();
     }
@@ -329,22 +401,42 @@ impl Worker {
         if client_xfer == 0 {
             return Err(libc::EINVAL);
         }
-        let mut caps = serde_json::json!({
-            "max_msg_fds": MAX_MSG_FDS,
-            "max_data_xfer_size": MAX_XFER,
-            "max_dma_maps": crate::dma::MAX_DMA_MAPS,
-            "pgsizes": 4096,
-            "write_multiple": true,
-        });
-        if client_caps.contains_key("migration") {
-            caps["migration"] = serde_json::json!({ "pgsize": 4096, "max_bitmap_size": MAX_BITMAP_BYTES * 8 * 4096 });
+        // Only keys the client proposed come back, each no larger than the
+        // client's value: the reply then never outgrows the request (QEMU
+        // receives it into a buffer the size of its own request).
+        let mut caps = serde_json::Map::new();
+        let mut cap_num = |k: &str, ours: u64| {
+            if let Some(theirs) = client_caps.get(k).and_then(|v| v.as_u64()) {
+                caps.insert(k.into(), ours.min(theirs).into());
+            }
+        };
+        cap_num("max_msg_fds", MAX_MSG_FDS as u64);
+        cap_num("max_data_xfer_size", MAX_XFER as u64);
+        cap_num("max_dma_maps", crate::dma::MAX_DMA_MAPS as u64);
+        if let Some(p) = client_caps.get("pgsizes").and_then(|v| v.as_u64()) {
+            caps.insert("pgsizes".into(), (p & 4096).into());
         }
-        if client_caps.contains_key("ioasid") {
-            caps["ioasid"] = serde_json::json!({ "version": 1, "first_command": cmd::EXT_BIND, "last_command": cmd::EXT_LIST_PASIDS });
+        if let Some(w) = client_caps.get("write_multiple").and_then(|v| v.as_bool()) {
+            caps.insert("write_multiple".into(), w.into());
+        }
+        if let Some(m) = client_caps.get("migration").and_then(|v| v.as_object()) {
+            let mut mo = serde_json::Map::new();
+            if let Some(p) = m.get("pgsize").and_then(|v| v.as_u64()) {
+                mo.insert("pgsize".into(), p.min(4096).into());
+            }
+            if let Some(b) = m.get("max_bitmap_size").and_then(|v| v.as_u64()) {
+                mo.insert("max_bitmap_size".into(), b.min(MAX_BITMAP_BYTES).into());
+            }
+            caps.insert("migration".into(), mo.into());
+        }
+        if let Some(x) = client_caps.get("ioasid").and_then(|v| v.as_object()) {
+            let v = x.get("version").and_then(|v| v.as_u64()).unwrap_or(1).clamp(1, 1);
+            caps.insert("ioasid".into(), serde_json::json!({ "version": v }));
             self.neg.ioasid = true;
         }
         if let Some(port) = &self.port {
-            port.set_max_xfer(usize::try_from(client_xfer.min(MAX_XFER as u64)).unwrap_or(MAX_XFER));
+            // Tiny transfer sizes would turn one DMA into millions of messages.
+            port.set_max_xfer(usize::try_from(client_xfer.clamp(4096, MAX_XFER as u64)).unwrap_or(MAX_XFER));
         }
         tracing::info!(
             "client speaks vfio-user {}.{} (max_msg_fds {client_fds}, max_data_xfer_size {client_xfer}); replying 0.{}",
@@ -433,7 +525,6 @@ impl Worker {
                 info.offset = m.file_offset;
                 fd = Some(m.file.clone());
                 if !m.areas.is_empty() {
-                    info.flags |= proto::REGION_CAPS;
                     let h = proto::CapHeader { id: proto::REGION_CAP_SPARSE_MMAP, version: 1, next: 0 };
                     caps.extend_from_slice(h.as_bytes());
                     caps.extend_from_slice(&(m.areas.len() as u32).to_ne_bytes());
@@ -451,6 +542,9 @@ impl Worker {
             return ok(info.as_bytes());
         }
         if !caps.is_empty() {
+            // CAPS only with the chain present (QEMU checks cap_offset when
+            // the flag is set).
+            info.flags |= proto::REGION_CAPS;
             info.cap_offset = 32;
         }
         let mut out = info.as_bytes().to_vec();

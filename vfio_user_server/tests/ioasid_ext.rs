@@ -190,6 +190,13 @@ fn extension_needs_negotiation_and_ends_with_the_client() {
     let (_, chan) = sess.open_device_channel().unwrap();
     assert_eq!(errno(c.ioasid_bind(chan.as_fd())), libc::EOPNOTSUPP);
     drop(c);
+    // An fd that is not a channel of this core is refused at once.
+    let mut c = s.client();
+    let (fake, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    assert_eq!(errno(c.ioasid_bind(fake.as_fd())), libc::EINVAL);
+    let m = memfd("x", 4096);
+    assert_eq!(errno(c.ioasid_bind(m.as_fd())), libc::EINVAL);
+    drop(c);
     // Bound by one client; when it disconnects the binding (its fd) goes.
     let mut c = s.client();
     let bound = c.ioasid_bind(chan.as_fd()).unwrap();

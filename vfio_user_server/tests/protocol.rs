@@ -63,6 +63,34 @@ fn version_negotiates_and_advertises_limits() {
 }
 
 #[test]
+fn version_reply_suits_qemu() {
+    // What QEMU 10.1 proposes, byte for byte in content.
+    let qemu = serde_json::json!({"capabilities": {
+        "max_msg_fds": 16, "max_data_xfer_size": 1048576, "pgsizes": 4096, "max_dma_maps": 65535,
+        "migration": {"pgsize": 4096, "max_bitmap_size": 268435456u64}, "write_multiple": true}});
+    let s = Stack::new("version-qemu");
+    let mut c = Client::from_stream(std::os::unix::net::UnixStream::connect(&s.sock).unwrap());
+    let mut p = proto::Version { major: 0, minor: 0 }.as_bytes().to_vec();
+    p.extend_from_slice(qemu.to_string().as_bytes());
+    p.push(0);
+    let r = c.call(cmd::VERSION, &p, &[]).unwrap();
+    // QEMU receives the reply into a buffer the size of its request.
+    assert!(r.payload.len() <= p.len(), "reply {} > request {}", r.payload.len(), p.len());
+    let v: proto::Version = proto::read(&r.payload).unwrap();
+    assert_eq!((v.major, v.minor), (0, 0));
+    let json: serde_json::Value = serde_json::from_slice(&r.payload[4..r.payload.len() - 1]).unwrap();
+    let caps = json["capabilities"].as_object().unwrap();
+    for k in caps.keys() {
+        assert!(qemu["capabilities"].get(k).is_some(), "{k} was not proposed");
+    }
+    assert!(caps["max_msg_fds"].as_u64().unwrap() <= 16);
+    assert!(caps["max_data_xfer_size"].as_u64().unwrap() <= 64 << 20);
+    assert!(caps["migration"]["max_bitmap_size"].as_u64().unwrap() <= 256 << 20);
+    assert_eq!(caps["pgsizes"], 4096);
+    assert_eq!(caps["write_multiple"], true);
+}
+
+#[test]
 fn dma_map_and_unmap_drive_the_compat_ioas() {
     let s = Stack::new("dma");
     let mut c = s.client();
@@ -164,6 +192,8 @@ fn device_info_and_region_info() {
     assert_eq!(r.payload.len(), 32, "never more than argsz");
     assert!(r.fds.is_empty());
     assert_eq!(fixed.argsz, 32 + 16 + 32);
+    assert_eq!(fixed.flags & proto::REGION_CAPS, 0, "CAPS only with the chain present");
+    assert_eq!(fixed.cap_offset, 0);
     let bar1 = c.region_info(1).unwrap();
     assert_ne!(bar1.info.flags & proto::REGION_MMAP, 0);
     assert_ne!(bar1.info.flags & proto::REGION_CAPS, 0);
@@ -279,6 +309,18 @@ fn irq_info_and_set_irqs() {
     assert_eq!(errno(c.set_irqs(irq_index::MSIX, trig, 7, 2, &[], &tb)), libc::EINVAL);
     assert_eq!(errno(c.set_irqs(9, trig, 0, 1, &[], &tb[..1])), libc::EINVAL);
     assert_eq!(errno(c.set_irqs(irq_index::MSIX, trig | proto::IRQ_SET_ACTION_MASK, 0, 1, &[], &tb[..1])), 22);
+    // A blocking eventfd whose counter is one below the maximum: a signal
+    // would block forever; the server made it non-blocking and goes on.
+    // SAFETY: eventfd(2) with valid flags returns a new fd or -1.
+    let raw = unsafe { libc::eventfd(0, 0) };
+    assert!(raw >= 0);
+    // SAFETY: `raw` is a fresh fd owned by nothing else.
+    let full = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    std::io::Write::write_all(&mut &full, &0xffff_ffff_ffff_fffeu64.to_ne_bytes()).unwrap();
+    c.set_irqs(irq_index::MSIX, trig, 5, 1, &[], &[full.as_fd()]).unwrap();
+    wr32(&mut c, 0, regs::IRQ, 5);
+    wr32(&mut c, 0, regs::IRQ, 5);
+    assert_eq!(rd32(&mut c, 0, regs::ID), regs::ID_VALUE);
     let (pr, _pw) = nix::unistd::pipe().unwrap();
     assert_eq!(errno(c.set_irqs(irq_index::MSIX, trig, 0, 1, &[], &[pr.as_fd()])), libc::EINVAL);
     let short = proto::IrqSet { argsz: 8, flags: trig, index: 2, start: 0, count: 0 };
@@ -576,4 +618,51 @@ fn reconnect_releases_dma_and_keeps_device_state() {
     c.dma_map(RW, 0, 0x1_0000, 0x10000, Some(mem.as_fd())).unwrap();
     assert_eq!(copy(&mut c, 0x1_0000, 0x1_1000, 8, None), regs::STATUS_DONE);
     assert_eq!(s.server().stats().connections.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+#[test]
+fn a_departed_client_leaves_no_work_or_access_behind() {
+    let s = Stack::new("departed");
+    let a_mem = memfd("a", 0x10000);
+    a_mem.write_all_at(b"A's secret", 0).unwrap();
+    let (old_bar1, old_bell) = {
+        let mut a = s.client();
+        a.dma_map(RW, 0, 0x10_0000, 0x10000, Some(a_mem.as_fd())).unwrap();
+        // Stop the device, queue a copy, leave.
+        assert_eq!(a.set_mig_state(mig::STOP).unwrap(), mig::STOP);
+        wr64(&mut a, 0, regs::DMA_SRC, 0x10_0000);
+        wr64(&mut a, 0, regs::DMA_DST, 0x10_8000);
+        wr32(&mut a, 0, regs::DMA_LEN, 10);
+        wr32(&mut a, 0, regs::DMA_CMD, 1);
+        assert_eq!(rd32(&mut a, 0, regs::DMA_STATUS), regs::STATUS_BUSY);
+        let bar1 = a.region_info(1).unwrap();
+        let (_, bell) = a.region_io_fds(0).unwrap();
+        (std::fs::File::from(bar1.fd.unwrap()), std::fs::File::from(bell.into_iter().next().unwrap()))
+    };
+    let t0 = std::time::Instant::now();
+    while s.server().dma().map_count() != 0 {
+        assert!(t0.elapsed().as_secs() < 5);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // B maps its own memory at the same IOVA; the device runs again.
+    let mut b = s.client();
+    let b_mem = memfd("b", 0x10000);
+    b_mem.write_all_at(b"B's data..", 0).unwrap();
+    b.dma_map(RW, 0, 0x10_0000, 0x10000, Some(b_mem.as_fd())).unwrap();
+    assert_eq!(b.mig_state().unwrap(), mig::RUNNING);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let mut got = [0u8; 10];
+    b_mem.read_exact_at(&mut got, 0x8000).unwrap();
+    assert_eq!(got, [0; 10], "A's queued copy ran against B's memory");
+    assert_ne!(rd32(&mut b, 0, regs::DMA_STATUS), regs::STATUS_BUSY);
+    // A's BAR 1 fd and doorbell eventfd no longer reach the device.
+    old_bar1.write_all_at(b"from A", 0x8000).unwrap();
+    assert_eq!(b.region_read(1, 0x8000, 6).unwrap(), [0; 6]);
+    std::io::Write::write_all(&mut &old_bell, &1u64.to_ne_bytes()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(rd32(&mut b, 0, regs::DOORBELL), 0);
+    // B's own copies work.
+    assert_eq!(copy(&mut b, 0x10_0000, 0x10_8000, 10, None), regs::STATUS_DONE);
+    b_mem.read_exact_at(&mut got, 0x8000).unwrap();
+    assert_eq!(&got, b"B's data..");
 }

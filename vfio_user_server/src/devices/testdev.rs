@@ -82,9 +82,27 @@ struct Shared {
     regs: Mutex<Regs>,
     running: Mutex<bool>,
     resume: Condvar,
+    /// Bumped by reset and by a client leaving: queued copies of an older
+    /// generation are dropped.
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    /// Drops queued copies and waits for the one in flight.
+    fn cancel(&self) {
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // A copy runs holding `running`: taking it waits for that copy.
+        drop(self.running.lock());
+        if let Ok(mut r) = self.regs.lock() {
+            if r.status == regs::STATUS_BUSY {
+                r.status = regs::STATUS_IDLE;
+            }
+        }
+    }
 }
 
 struct Copy {
+    generation: u64,
     src: u64,
     dst: u64,
     len: u32,
@@ -105,7 +123,12 @@ impl TestDevice {
         let ram = iommu_core::memfd::create("test-device-bar1", BAR1_SIZE).map_err(std::io::Error::other)?;
         let regs = Regs { io: vec![0; 256], ..Regs::default() };
         Ok(TestDevice {
-            shared: Arc::new(Shared { regs: Mutex::new(regs), running: Mutex::new(true), resume: Condvar::new() }),
+            shared: Arc::new(Shared {
+                regs: Mutex::new(regs),
+                running: Mutex::new(true),
+                resume: Condvar::new(),
+                generation: std::sync::atomic::AtomicU64::new(0),
+            }),
             ram: Arc::new(ram),
             engine: None,
             irqs: None,
@@ -120,6 +143,9 @@ impl TestDevice {
                     Ok(g) => g,
                     Err(_) => return,
                 };
+            }
+            if c.generation != shared.generation.load(std::sync::atomic::Ordering::SeqCst) {
+                continue;
             }
             // The copy runs with `running` held, so a stop waits for it.
             let mut buf = vec![0u8; c.len as usize];
@@ -142,8 +168,9 @@ impl TestDevice {
                     }
                 }
             }
-            drop(run);
+            // The interrupt is part of the copy: raised before a stop can return.
             ctx.irqs.notify(0);
+            drop(run);
         }
     }
 }
@@ -283,7 +310,8 @@ impl Device for TestDevice {
                         r.pasid = (v >> 32) as u32;
                     }
                     0x28 if off == 0 && data.first() == Some(&1) => {
-                        if r.len == 0 || r.len > MAX_COPY {
+                        // One copy at a time: a command while busy is an error.
+                        if r.len == 0 || r.len > MAX_COPY || r.status == regs::STATUS_BUSY {
                             r.status = regs::STATUS_ERROR;
                             r.errors = r.errors.wrapping_add(1);
                             return Ok(());
@@ -294,7 +322,8 @@ impl Device for TestDevice {
                             Route::Rid
                         };
                         r.status = regs::STATUS_BUSY;
-                        let job = Copy { src: r.src, dst: r.dst, len: r.len, route };
+                        let generation = self.shared.generation.load(std::sync::atomic::Ordering::SeqCst);
+                        let job = Copy { generation, src: r.src, dst: r.dst, len: r.len, route };
                         drop(r);
                         if let Some(e) = &self.engine {
                             let _ = e.send(job);
@@ -331,8 +360,26 @@ impl Device for TestDevice {
     }
 
     fn reset(&mut self) {
+        self.shared.cancel();
         if let Ok(mut r) = self.shared.regs.lock() {
             *r = Regs { io: vec![0; 256], ..Regs::default() };
+        }
+    }
+
+    fn client_gone(&mut self) {
+        self.shared.cancel();
+        // The departed client may still have BAR 1 mapped: the next one
+        // gets a new memfd with the same contents.
+        let fresh =
+            iommu_core::memfd::create("test-device-bar1", BAR1_SIZE).map_err(std::io::Error::other).and_then(|f| {
+                let mut buf = vec![0u8; BAR1_SIZE as usize];
+                self.ram.read_exact_at(&mut buf, 0)?;
+                f.write_all_at(&buf, 0)?;
+                Ok(f)
+            });
+        match fresh {
+            Ok(f) => self.ram = Arc::new(f),
+            Err(e) => tracing::warn!("test-device keeps sharing BAR 1 with the departed client: {e}"),
         }
     }
 
