@@ -219,3 +219,31 @@ fn extension_needs_negotiation_and_ends_with_the_client() {
     }
     sess.destroy(ioas).unwrap();
 }
+
+#[test]
+fn a_vpasid_attached_to_a_nested_ioas_walks_the_guest_stage1_table() {
+    use iommu_core::pagetable::{PTE_LEAF, PTE_PRESENT, PTE_READ, PTE_WRITE};
+    let s = Stack::new("ext-nested");
+    let mut sp = spaces(&s);
+    // A stage-1 table the guest keeps in A's memory (addresses are parent
+    // IOVAs): root at IOVA+0x10000, mapping stage-1 IOVA 0x4000_0000 to
+    // parent IOVA IOVA (A's first page), read-write.
+    let put = |off: u64, v: u64| sp.a.write_all_at(&v.to_le_bytes(), off).unwrap();
+    put(0x10000, (IOVA + 0x11000) | PTE_PRESENT);
+    put(0x11000 + 8, (IOVA + 0x12000) | PTE_PRESENT);
+    put(0x12000, (IOVA + 0x13000) | PTE_PRESENT);
+    put(0x13000, IOVA | PTE_PRESENT | PTE_READ | PTE_WRITE | PTE_LEAF);
+    let nested = sp.sess.nested_alloc(sp.ioas_a, IOVA + 0x10000).unwrap();
+    let (_, chan) = sp.sess.open_device_channel().unwrap();
+    let mut c = s.client();
+    c.ioasid_bind(chan.as_fd()).unwrap();
+    let p = c.ioasid_attach(Some(3), nested, false).unwrap();
+    assert_eq!(copy(&mut c, 0x4000_0000, 0x4000_0800, 6, Some(3)), regs::STATUS_DONE);
+    assert_eq!(&at(&sp.a, 0x800), b"from A");
+    // Outside the stage-1 table: a fault, nothing written.
+    assert_eq!(copy(&mut c, 0x4000_0000, 0x4000_1000, 6, Some(3)), regs::STATUS_ERROR);
+    let (_, map) = c.ioasid_list().unwrap();
+    assert_eq!(map, vec![ExtPasidEntry { vpasid: 3, ppasid: p, pt_id: nested, reserved: 0 }]);
+    // The parent is busy while a child exists.
+    assert_eq!(sp.sess.destroy(sp.ioas_a).unwrap_err().errno().map(|e| e.code()), Some(libc::EBUSY));
+}
