@@ -3,6 +3,8 @@
 
 #![deny(missing_docs)]
 
+pub mod engine;
+
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;

@@ -500,6 +500,11 @@ impl Dma {
         }
         drop(guard);
         let (tu, dev, pasid) = self.resolve(route)?;
+        // The whole range is checked first, so a write that would fault
+        // part-way writes nothing (the faulting page is reported).
+        if data.len() > 1 {
+            tu.translate(dev, pasid, iova, data.len(), Perm::W).map_err(tu_err)?;
+        }
         tu.write(dev, pasid, iova, data).map_err(tu_err)
     }
 
