@@ -1,9 +1,13 @@
-//! The stack's end-to-end pieces: the demo that the README's first command
-//! runs (also checked by `tests/demo.rs`), shared by examples and tests.
+//! The stack's end-to-end pieces, shared by examples and tests: the
+//! DMA-engine demo that the README's first command runs, the core demo,
+//! and a driver for the `dma-engine` device (`engine`).
 
 #![deny(missing_docs)]
 
 pub mod engine;
+mod engine_demo;
+
+pub use engine_demo::{run_engine_demo, EngineDemo, EngineDemoSummary};
 
 use std::io::Write;
 use std::path::Path;

@@ -281,6 +281,10 @@ fn read_loop(inner: &Inner, stream: UnixStream) {
             Ok((0, _)) => break,
             Ok((n, fds)) => reader.push(&buf[..n], fds),
             Err(wire::Error::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(wire::Error::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                tracing::debug!("the core closed the device channel");
+                break;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "device channel read failed");
                 break;

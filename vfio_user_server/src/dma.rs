@@ -134,11 +134,20 @@ struct View {
     vpasids: Vec<VpasidEntry>,
 }
 
-struct ViewProvider(Arc<Mutex<View>>);
+/// Answers for one channel: the compat one (the server's own session) or
+/// the one a session bound the device through.
+struct ViewProvider {
+    view: Arc<Mutex<View>>,
+    compat: bool,
+}
 
 impl DriverStateProvider for ViewProvider {
     fn driver_state(&self, _dev: u32) -> DriverState {
-        let Ok(v) = self.0.lock() else { return DriverState::default() };
+        let Ok(v) = self.view.lock() else { return DriverState::default() };
+        if self.compat {
+            let lines = vec!["compat binding: DMA_MAP/DMA_UNMAP of the vfio-user client".to_string()];
+            return DriverState { server: v.server.clone(), vpasids: Vec::new(), lines };
+        }
         let mut lines = Vec::new();
         if let Some(r) = v.rid {
             lines.push(format!("rid_ioas {r}"));
@@ -246,7 +255,7 @@ impl Dma {
             server: format!("vfio-user-server pid {} device {}", std::process::id(), bind.name),
             ..View::default()
         }));
-        compat.tu.channel().set_driver_state_provider(Arc::new(ViewProvider(view.clone())));
+        compat.tu.channel().set_driver_state_provider(Arc::new(ViewProvider { view: view.clone(), compat: true }));
         Ok(Arc::new(Dma {
             compat,
             bound: RwLock::new(None),
@@ -545,7 +554,7 @@ impl Dma {
         let channel = Arc::new(
             Channel::new(fd).map_err(|e| Error::Invalid(format!("the fd is not a working device channel: {e}")))?,
         );
-        channel.set_driver_state_provider(Arc::new(ViewProvider(self.view.clone())));
+        channel.set_driver_state_provider(Arc::new(ViewProvider { view: self.view.clone(), compat: false }));
         let session = channel.session();
         let tu = TranslationUnit::new(channel, tu::Config::default()).map_err(tu_err)?;
         let dev = tu.bind(self.bind_args.clone()).map_err(tu_err)?.dev_id;
