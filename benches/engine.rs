@@ -13,7 +13,7 @@ use iommu_core::pagetable::Perm;
 use iommu_core::types::MapArgs;
 use vfio_user_server::client::Client;
 use vfio_user_server::devices::dma_engine::{flag, op, status, Descriptor, DmaEngine};
-use vfio_user_server::server::{self, Listen, Options};
+use vfio_user_server::server::{self, Options};
 
 const KIOVA: u64 = 0x1000_0000;
 const DIOVA: u64 = 0x4000_0000;
@@ -27,12 +27,7 @@ fn main() {
     let core_sock = dir.join("core.sock");
     let dev_sock = dir.join("dev.sock");
     let core = iommu_core::server::spawn(&core_sock, iommu_core::types::Limits::default()).unwrap();
-    let opts = Options {
-        listen: Listen::Path(dev_sock.clone()),
-        core: core_sock.clone(),
-        pci_address: "0000:00:04.0".into(),
-        pasid_policy: Default::default(),
-    };
+    let opts = Options::new(&dev_sock, &core_sock);
     let srv = server::spawn(Box::new(DmaEngine::new().unwrap()), opts).unwrap();
 
     let mut s = iommu_core::client::Client::session(&core_sock).unwrap();

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use iommu_core::types::Limits;
-use vfio_user_server::server::{self, Listen, Options};
+use vfio_user_server::server::{self, Options};
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter("warn").init();
@@ -49,12 +49,7 @@ fn main() -> anyhow::Result<()> {
     let dev_sock = dir.join("dma-engine.sock");
     let core = iommu_core::server::spawn(&core_sock, Limits::default())?;
     println!("iommu-core listening on {}", core_sock.display());
-    let opts = Options {
-        listen: Listen::Path(dev_sock.clone()),
-        core: core_sock.clone(),
-        pci_address: "0000:00:04.0".into(),
-        pasid_policy: Default::default(),
-    };
+    let opts = Options::new(&dev_sock, &core_sock);
     let engine = vfio_user_server::devices::dma_engine::DmaEngine::new()?;
     let srv = server::spawn(Box::new(engine), opts)?;
     println!("vfio-user-server dma-engine listening on {}", dev_sock.display());

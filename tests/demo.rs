@@ -28,17 +28,12 @@ fn demo_runs_and_leaves_nothing_behind() {
 #[test]
 fn engine_demo_copies_in_two_address_spaces() {
     use vfio_user_server::devices::dma_engine::{status, DmaEngine};
-    use vfio_user_server::server::{self, Listen, Options};
+    use vfio_user_server::server::{self, Options};
     let dir = std::env::temp_dir().join(format!("ioasid-engine-demo-test-{}", std::process::id()));
     let core_sock = dir.join("core.sock");
     let dev_sock = dir.join("dma-engine.sock");
     let core = iommu_core::server::spawn(&core_sock, Limits::default()).unwrap();
-    let opts = Options {
-        listen: Listen::Path(dev_sock.clone()),
-        core: core_sock.clone(),
-        pci_address: "0000:00:04.0".into(),
-        pasid_policy: Default::default(),
-    };
+    let opts = Options::new(&dev_sock, &core_sock);
     let srv = server::spawn(Box::new(DmaEngine::new().unwrap()), opts).unwrap();
     let mut out = Vec::new();
     let demo = ioasid_stack::run_engine_demo(&core_sock, &dev_sock, 16, 8192, &mut out).unwrap();

@@ -280,18 +280,7 @@ fn eventfd() -> std::fs::File {
 }
 
 fn wait_count(f: &std::fs::File) -> u64 {
-    use std::io::Read;
-    let t0 = std::time::Instant::now();
-    loop {
-        let mut b = [0u8; 8];
-        if let Ok(8) = (&*f).read(&mut b) {
-            return u64::from_ne_bytes(b);
-        }
-        if t0.elapsed() > Duration::from_secs(5) {
-            return 0;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    vfio_user_server::irq::wait_eventfd(f, Duration::from_secs(5))
 }
 
 #[test]

@@ -150,6 +150,12 @@ pub struct StopHandle {
 }
 
 impl StopHandle {
+    /// A handle over a loop's stop flag and its waker (for other mio
+    /// loops of the stack).
+    pub fn new(stop: Arc<AtomicBool>, waker: Arc<Waker>) -> StopHandle {
+        StopHandle { stop, waker }
+    }
+
     /// Asks the loop to exit; it removes its socket on the way out.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use vfio_user_server::client::Client;
 use vfio_user_server::devices::testdev::{regs, TestDevice};
 use vfio_user_server::proto;
-use vfio_user_server::server::{self, Listen, Options};
+use vfio_user_server::server::{self, Options};
 
 fn best<F: FnMut(u64)>(n: u64, mut f: F) -> Duration {
     (0..3)
@@ -37,12 +37,7 @@ fn main() {
     let core_path = dir.join("core.sock");
     let core = iommu_core::server::spawn(&core_path, iommu_core::types::Limits::default()).unwrap();
     let sock = dir.join("dev.sock");
-    let opts = Options {
-        listen: Listen::Path(sock.clone()),
-        core: core_path.clone(),
-        pci_address: "0000:00:04.0".into(),
-        pasid_policy: Default::default(),
-    };
+    let opts = Options::new(&sock, &core_path);
     let srv = server::spawn(Box::new(TestDevice::new().unwrap()), opts).unwrap();
     let mut c = Client::connect(&sock).unwrap();
 

@@ -150,6 +150,21 @@ fn signal(f: &File) {
     let _ = (&*f).write(&1u64.to_ne_bytes());
 }
 
+/// Waits up to `timeout` for a (non-blocking) eventfd to be signalled and
+/// returns its counter, or 0 if nothing came (clients and tests).
+pub fn wait_eventfd(f: &File, timeout: std::time::Duration) -> u64 {
+    let mut p = [nix::poll::PollFd::new(f.as_fd(), nix::poll::PollFlags::POLLIN)];
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    if !matches!(nix::poll::poll(&mut p, nix::poll::PollTimeout::from(ms)), Ok(n) if n > 0) {
+        return 0;
+    }
+    let mut b = [0u8; 8];
+    match (&*f).read(&mut b) {
+        Ok(8) => u64::from_ne_bytes(b),
+        _ => 0,
+    }
+}
+
 /// Makes a new eventfd (for tests and IO fds).
 pub fn eventfd() -> std::io::Result<File> {
     let fd = nix::sys::eventfd::EventFd::from_flags(

@@ -59,6 +59,7 @@ pub enum Error {
 }
 
 /// Where clients come from.
+#[derive(Debug)]
 pub enum Listen {
     /// Bind a socket at this path.
     Path(PathBuf),
@@ -68,6 +69,7 @@ pub enum Listen {
 }
 
 /// Settings of a server.
+#[derive(Debug)]
 pub struct Options {
     /// Where clients come from.
     pub listen: Listen,
@@ -77,6 +79,19 @@ pub struct Options {
     pub pci_address: String,
     /// How pPASIDs are chosen.
     pub pasid_policy: PasidPolicy,
+}
+
+impl Options {
+    /// Listening on `socket`, with the core at `core`, PCI address
+    /// `0000:00:04.0` and pPASIDs from the global allocator.
+    pub fn new(socket: impl Into<PathBuf>, core: impl Into<PathBuf>) -> Options {
+        Options {
+            listen: Listen::Path(socket.into()),
+            core: core.into(),
+            pci_address: "0000:00:04.0".into(),
+            pasid_policy: PasidPolicy::default(),
+        }
+    }
 }
 
 const LISTENER: Token = Token(0);
@@ -91,20 +106,7 @@ struct Conn {
     port: Arc<Port>,
 }
 
-/// A handle that stops a running server from another thread.
-#[derive(Clone)]
-pub struct StopHandle {
-    stop: Arc<AtomicBool>,
-    waker: Arc<Waker>,
-}
-
-impl StopHandle {
-    /// Asks the loop to stop.
-    pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.waker.wake();
-    }
-}
+pub use iommu_core::server::StopHandle;
 
 /// A vfio-user server for one device.
 pub struct Server {
@@ -223,7 +225,7 @@ impl Server {
 
     /// A handle to stop the loop from another thread.
     pub fn stop_handle(&self) -> StopHandle {
-        StopHandle { stop: self.stop.clone(), waker: self.waker.clone() }
+        StopHandle::new(self.stop.clone(), self.waker.clone())
     }
 
     /// The DMA state (compat session, binding, vPASID map).

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use vfio_user_server::client::Client;
 use vfio_user_server::devices::testdev::{regs, TestDevice};
 use vfio_user_server::dma::PasidPolicy;
-use vfio_user_server::server::{self, Listen, Options};
+use vfio_user_server::server::{self, Options};
 
 pub struct Stack {
     pub dir: PathBuf,
@@ -54,12 +54,7 @@ impl Stack {
 
 pub fn start_server(core: &std::path::Path, sock: &std::path::Path, policy: PasidPolicy) -> server::Running {
     let dev = Box::new(TestDevice::new().unwrap());
-    let opts = Options {
-        listen: Listen::Path(sock.to_path_buf()),
-        core: core.to_path_buf(),
-        pci_address: "0000:00:04.0".into(),
-        pasid_policy: policy,
-    };
+    let opts = Options { pasid_policy: policy, ..Options::new(sock, core) };
     server::spawn(dev, opts).unwrap()
 }
 
@@ -118,18 +113,7 @@ pub fn eventfd() -> std::fs::File {
 
 /// Reads an eventfd's counter, waiting up to 5 s for it to become non-zero.
 pub fn wait_count(f: &std::fs::File) -> u64 {
-    use std::io::Read;
-    let t0 = Instant::now();
-    loop {
-        let mut b = [0u8; 8];
-        if let Ok(8) = (&*f).read(&mut b) {
-            return u64::from_ne_bytes(b);
-        }
-        if t0.elapsed() > Duration::from_secs(5) {
-            return 0;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    vfio_user_server::irq::wait_eventfd(f, Duration::from_secs(5))
 }
 
 /// Reads an eventfd's counter now (0 if nothing pending).
