@@ -169,3 +169,24 @@ pub trait Device: Send {
         Vec::new()
     }
 }
+
+/// Copies bytes `off..off+buf.len()` of the little-endian 64-bit register
+/// value `v` into `buf` (bytes past the register read as 0).
+pub fn reg_read(v: u64, off: u64, buf: &mut [u8]) {
+    let b = v.to_le_bytes();
+    for (i, x) in buf.iter_mut().enumerate() {
+        *x = usize::try_from(off).ok().and_then(|o| b.get(o + i)).copied().unwrap_or(0);
+    }
+}
+
+/// The 64-bit register value `old` with `data` written at byte `off`
+/// (bytes past the register are ignored).
+pub fn reg_merge(old: u64, off: u64, data: &[u8]) -> u64 {
+    let mut b = old.to_le_bytes();
+    for (i, x) in data.iter().enumerate() {
+        if let Some(d) = usize::try_from(off).ok().and_then(|o| b.get_mut(o + i)) {
+            *d = *x;
+        }
+    }
+    u64::from_le_bytes(b)
+}

@@ -19,7 +19,7 @@ use iommu_core::types::{DeviceCaps, FaultReason};
 use memmap2::MmapRaw;
 use serde::{Deserialize, Serialize};
 
-use crate::device::{Device, DeviceContext, DeviceDesc, Errno, MmapDesc, MsixDesc, RegionDesc};
+use crate::device::{reg_merge, reg_read, Device, DeviceContext, DeviceDesc, Errno, MmapDesc, MsixDesc, RegionDesc};
 use crate::dma::{self, Route};
 use crate::irq::IrqLayout;
 use crate::pci::{BarKind, PciConfig, PciIds};
@@ -555,23 +555,6 @@ impl Drop for DmaEngine {
     }
 }
 
-fn rd(v: u64, off: u64, buf: &mut [u8]) {
-    let b = v.to_le_bytes();
-    for (i, x) in buf.iter_mut().enumerate() {
-        *x = b.get(off as usize + i).copied().unwrap_or(0);
-    }
-}
-
-fn merge(old: u64, off: u64, data: &[u8]) -> u64 {
-    let mut b = old.to_le_bytes();
-    for (i, x) in data.iter().enumerate() {
-        if let Some(d) = b.get_mut(off as usize + i) {
-            *d = *x;
-        }
-    }
-    u64::from_le_bytes(b)
-}
-
 impl DmaEngine {
     fn cancel(&self) {
         self.shared.generation.fetch_add(1, Ordering::AcqRel);
@@ -680,7 +663,7 @@ impl Device for DmaEngine {
                     return Err(libc::EINVAL);
                 }
                 let r = self.shared.regs.lock().map_err(|_| libc::EIO)?;
-                rd(Self::reg_word(&r, base), offset - base, buf);
+                reg_read(Self::reg_word(&r, base), offset - base, buf);
                 Ok(())
             }
             2 => self.bar2.read_exact_at(buf, offset).map_err(|_| libc::EIO),
@@ -698,7 +681,7 @@ impl Device for DmaEngine {
                 }
                 let mut r = self.shared.regs.lock().map_err(|_| libc::EIO)?;
                 let old = Self::reg_word(&r, base);
-                let v = merge(old, off, data);
+                let v = reg_merge(old, off, data);
                 let mut doorbell = None;
                 match base {
                     0x010 => {

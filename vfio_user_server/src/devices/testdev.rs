@@ -11,7 +11,9 @@ use crossbeam::channel::{unbounded, Sender};
 use iommu_core::types::{DeviceCaps, FaultReason};
 use serde::{Deserialize, Serialize};
 
-use crate::device::{Device, DeviceContext, DeviceDesc, Errno, IoFdDesc, MmapDesc, MsixDesc, RegionDesc};
+use crate::device::{
+    reg_merge, reg_read, Device, DeviceContext, DeviceDesc, Errno, IoFdDesc, MmapDesc, MsixDesc, RegionDesc,
+};
 use crate::dma::Route;
 use crate::irq::IrqLayout;
 use crate::pci::{BarKind, PciConfig, PciIds};
@@ -175,23 +177,6 @@ impl TestDevice {
     }
 }
 
-fn rd(v: u64, off: u64, buf: &mut [u8]) {
-    let b = v.to_le_bytes();
-    for (i, x) in buf.iter_mut().enumerate() {
-        *x = b.get(off as usize + i).copied().unwrap_or(0);
-    }
-}
-
-fn wr(old: u64, off: u64, data: &[u8]) -> u64 {
-    let mut b = old.to_le_bytes();
-    for (i, x) in data.iter().enumerate() {
-        if let Some(d) = b.get_mut(off as usize + i) {
-            *d = *x;
-        }
-    }
-    u64::from_le_bytes(b)
-}
-
 impl Device for TestDevice {
     fn describe(&self) -> DeviceDesc {
         let ids = PciIds {
@@ -271,7 +256,7 @@ impl Device for TestDevice {
                 if (offset - base) as usize + buf.len() > 8 {
                     return Err(libc::EINVAL);
                 }
-                rd(v, offset - base, buf);
+                reg_read(v, offset - base, buf);
                 Ok(())
             }
             1 => self.ram.read_exact_at(buf, offset).map_err(|_| libc::EIO),
@@ -301,11 +286,11 @@ impl Device for TestDevice {
                 let off = offset - base;
                 let mut r = self.shared.regs.lock().map_err(|_| libc::EIO)?;
                 match base {
-                    0x08 => r.scratch = wr(r.scratch, off, data),
-                    0x10 => r.src = wr(r.src, off, data),
-                    0x18 => r.dst = wr(r.dst, off, data),
+                    0x08 => r.scratch = reg_merge(r.scratch, off, data),
+                    0x10 => r.src = reg_merge(r.src, off, data),
+                    0x18 => r.dst = reg_merge(r.dst, off, data),
                     0x20 => {
-                        let v = wr(u64::from(r.len) | (u64::from(r.pasid) << 32), off, data);
+                        let v = reg_merge(u64::from(r.len) | (u64::from(r.pasid) << 32), off, data);
                         r.len = v as u32;
                         r.pasid = (v >> 32) as u32;
                     }
@@ -330,7 +315,7 @@ impl Device for TestDevice {
                         }
                     }
                     0x38 if off == 0 => {
-                        let v = wr(0, 0, data) as u32;
+                        let v = reg_merge(0, 0, data) as u32;
                         drop(r);
                         if let Some(irqs) = self.irqs() {
                             irqs.notify(v);
