@@ -244,6 +244,8 @@ pub struct Dma {
     /// Held (read) by device DMA through client messages, for the whole
     /// access; an unmap of such a region takes it (write).
     msg_dma: RwLock<()>,
+    /// Client regions without an fd.
+    msg_regions: std::sync::atomic::AtomicUsize,
 }
 
 impl Dma {
@@ -267,6 +269,7 @@ impl Dma {
             policy,
             view,
             msg_dma: RwLock::new(()),
+            msg_regions: Default::default(),
         }))
     }
 
@@ -326,6 +329,7 @@ impl Dma {
         }
         let Some(fd) = fd else {
             maps.insert(m.address, ClientMap { size: m.size, flags: m.flags, kind: MapKind::Msg });
+            self.msg_regions.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             return Ok(());
         };
         const PAGE: u64 = 4096;
@@ -412,6 +416,7 @@ impl Dma {
             );
             let Some(key) = kind else {
                 maps.remove(&a);
+                self.msg_regions.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                 continue;
             };
             // The core completes the unmap only after the translation unit
@@ -475,7 +480,8 @@ impl Dma {
         len: usize,
         write: bool,
     ) -> Result<Option<Arc<dyn ClientDma>>, Error> {
-        if route != Route::Rid || self.bound_now() {
+        // Most clients give fds for all their memory: skip the lookup.
+        if route != Route::Rid || self.msg_regions.load(std::sync::atomic::Ordering::Acquire) == 0 || self.bound_now() {
             return Ok(None);
         }
         match self.msg_region(iova, len, write) {
@@ -518,7 +524,8 @@ impl Dma {
     }
 
     /// Reports an unrecoverable fault of `route` to the core (a vPASID
-    /// with no pPASID is reported on the RID, with the vPASID noted).
+    /// with no pPASID is reported on the RID: the core never learns
+    /// vPASIDs).
     pub fn report_fault(&self, route: Route, iova: u64, write: bool, reason: FaultReason) {
         let target = match route {
             Route::Vpasid(_) if self.resolve(route).is_err() => Route::Rid,
