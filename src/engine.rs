@@ -34,6 +34,9 @@ pub enum Error {
     /// A queue is full.
     #[error("queue {0} is full")]
     Full(usize),
+    /// The device refused the ring size.
+    #[error("ring size {0} is not a power of two from 2 to 4096")]
+    BadRing(u32),
 }
 
 /// Result of a driver call.
@@ -142,6 +145,9 @@ impl Engine {
         write32(&mut self.client, base + regs::Q_CTRL, 0)?;
         write64(&mut self.client, base + regs::Q_RING_BASE, ring_iova)?;
         write32(&mut self.client, base + regs::Q_RING_SIZE, size)?;
+        if read32(&mut self.client, base + regs::Q_RING_SIZE)? != size {
+            return Err(Error::BadRing(size));
+        }
         write32(&mut self.client, base + regs::Q_RING_PASID, ring_pasid.map_or(0, |p| p | regs::PASID_VALID))?;
         let ctrl = regs::Q_CTRL_ENABLE | if irq { regs::Q_CTRL_IRQ } else { 0 };
         write32(&mut self.client, base + regs::Q_CTRL, ctrl)?;

@@ -393,3 +393,88 @@ fn the_rust_vmm_client_drives_a_copy_through_the_compat_ioas() {
     c.region_read(0, q0 + regs::Q_HEAD, &mut b).unwrap();
     assert_eq!(u32::from_le_bytes(b), 1);
 }
+
+#[test]
+fn a_departed_client_cannot_ring_or_truncate_the_next_clients_doorbells() {
+    let mut st = Stack::new("bells");
+    let mut v = vm(&mut st, "eng");
+    // The doorbell page cannot be truncated under the server's mapping.
+    let r = v.eng.client.region_info(2).unwrap();
+    let bar2 = std::fs::File::from(r.fd.unwrap());
+    assert!(bar2.set_len(0).is_err(), "the doorbell memfd is sealed against shrinking");
+    let old = memmap2::MmapOptions::new().len(4096).map_raw(&bar2).unwrap();
+    let sock = st.dir.join("eng.sock");
+    drop(v.eng);
+    // The next client sets queue 0 up; the old mapping's stores are ignored.
+    let t0 = std::time::Instant::now();
+    let mut c = loop {
+        match Client::connect(&sock) {
+            Ok(c) => break c,
+            Err(_) if t0.elapsed() < Duration::from_secs(5) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let (_, chan) = v.sess.open_device_channel().unwrap();
+    c.ioasid_bind(chan.as_fd()).unwrap();
+    c.ioasid_attach(None, v.ioas_k, false).unwrap();
+    let mut eng = Engine::new(c).unwrap();
+    let mut q = eng.setup_queue(0, 64, KIOVA, 0, KIOVA + 0x10000, 0x10000, None, false).unwrap();
+    for _ in 0..4 {
+        eng.push(&v.kram, &mut q, copy(None, KIOVA + 0x8_0000, KIOVA + 0x9_0000, 8)).unwrap();
+    }
+    let head0 = eng.queue_reg(0, regs::Q_HEAD).unwrap();
+    // SAFETY: the old mapping is 4 KiB; slot 0 is aligned; the test owns it.
+    unsafe {
+        (*(old.as_mut_ptr() as *const std::sync::atomic::AtomicU32))
+            .store(head0 + 4, std::sync::atomic::Ordering::Release)
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(eng.queue_reg(0, regs::Q_HEAD).unwrap(), head0, "the old client's doorbell ran the new client's ring");
+    eng.ring(&q, Doorbell::Mmap).unwrap();
+    let t0 = std::time::Instant::now();
+    while eng.queue_reg(0, regs::Q_HEAD).unwrap() != head0 + 4 {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn disabling_a_busy_queue_neither_loses_nor_repeats_work_and_intx_clears() {
+    use vfio_user_server::proto::{self, irq_index};
+    let mut st = Stack::new("busy");
+    let mut v = vm(&mut st, "eng");
+    for _ in 0..16 {
+        v.eng.push(&v.kram, &mut v.q, copy(Some(5), DIOVA, DIOVA + 0x20_0000, 1 << 20)).unwrap();
+    }
+    v.eng.ring(&v.q, Doorbell::Mmap).unwrap();
+    let base = regs::QUEUE + regs::Q_CTRL;
+    ioasid_stack::engine::write32(&mut v.eng.client, base, 0).unwrap();
+    ioasid_stack::engine::write32(&mut v.eng.client, base, regs::Q_CTRL_ENABLE).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let head = v.eng.queue_reg(0, regs::Q_HEAD).unwrap();
+    let tail = v.eng.queue_reg(0, regs::Q_TAIL).unwrap();
+    assert_eq!(head, tail, "re-enabling starts the ring empty at the doorbell");
+    let done = v.eng.queue_reg(0, regs::Q_COMPLETED).unwrap();
+    assert!(done <= 16, "the queue ran away: {done} completions");
+    // A doorbell further ahead than the ring holds halts the queue.
+    ioasid_stack::engine::write32(&mut v.eng.client, regs::QUEUE + regs::Q_TAIL, head.wrapping_add(65)).unwrap();
+    let t0 = std::time::Instant::now();
+    while v.eng.queue_reg(0, regs::Q_STATUS).unwrap() & 2 == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "not halted");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // INTx without MSI-X: the status bit and the eventfd, cleared by W1C.
+    let intx = eventfd();
+    let trig = proto::IRQ_SET_DATA_EVENTFD | proto::IRQ_SET_ACTION_TRIGGER;
+    v.eng.client.set_irqs(irq_index::INTX, trig, 0, 1, &[], &[intx.as_fd()]).unwrap();
+    let mut q1 = v.eng.setup_queue(1, 16, KIOVA + 0x4000, 0x4000, KIOVA + 0x20000, 0x20000, None, true).unwrap();
+    let d = Descriptor { flags: flag::INTERRUPT, ..copy(None, KIOVA + 0x8_0000, KIOVA + 0x9_0000, 8) };
+    assert_eq!(v.eng.run(&v.kram, &mut q1, d, Doorbell::Mmap).unwrap().status, status::SUCCESS);
+    assert_eq!(wait_count(&intx), 1);
+    assert_eq!(ioasid_stack::engine::read32(&mut v.eng.client, regs::INTX_STATUS).unwrap(), 0b10);
+    // A write to the upper bytes clears nothing.
+    v.eng.client.region_write(0, regs::INTX_STATUS + 1, &[0xff]).unwrap();
+    assert_eq!(ioasid_stack::engine::read32(&mut v.eng.client, regs::INTX_STATUS).unwrap(), 0b10);
+    ioasid_stack::engine::write32(&mut v.eng.client, regs::INTX_STATUS, 0b10).unwrap();
+    assert_eq!(ioasid_stack::engine::read32(&mut v.eng.client, regs::INTX_STATUS).unwrap(), 0);
+}

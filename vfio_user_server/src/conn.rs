@@ -254,6 +254,7 @@ pub struct Port {
     /// The client's `max_data_xfer_size`.
     max_xfer: std::sync::atomic::AtomicUsize,
     timeout: Duration,
+    closed: AtomicBool,
 }
 
 impl Port {
@@ -265,6 +266,7 @@ impl Port {
             next_id: AtomicU16::new(0x8000),
             max_xfer: std::sync::atomic::AtomicUsize::new(1 << 20),
             timeout: Duration::from_secs(5),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -283,14 +285,20 @@ impl Port {
         }
     }
 
-    /// Fails every waiting request (the client went away).
+    /// Fails every waiting request and every later one (the client went
+    /// away), and shuts the socket so that nothing more is sent on it.
     pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.writer.kill();
         if let Ok(mut p) = self.pending.lock() {
             p.clear();
         }
     }
 
     fn request(&self, command: u16, parts: &[&[u8]]) -> Result<Msg, dma::Error> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(dma::Error::Client("after the client left".into(), libc::ENOTCONN));
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) | 0x8000;
         let (tx, rx) = bounded(1);
         if let Ok(mut p) = self.pending.lock() {

@@ -523,6 +523,17 @@ impl Dma {
         tu.write(dev, pasid, iova, data).map_err(tu_err)
     }
 
+    /// Checks that `[iova, iova+len)` can be written through `route`,
+    /// without writing (faults and page requests happen here).
+    pub fn check_write(&self, route: Route, iova: u64, len: usize) -> Result<(), Error> {
+        let _guard = self.msg_dma.read();
+        if self.client_path(route, iova, len, true)?.is_some() {
+            return Ok(());
+        }
+        let (tu, dev, pasid) = self.resolve(route)?;
+        tu.translate(dev, pasid, iova, len, Perm::W).map(|_| ()).map_err(tu_err)
+    }
+
     /// Reports an unrecoverable fault of `route` to the core (a vPASID
     /// with no pPASID is reported on the RID: the core never learns
     /// vPASIDs).

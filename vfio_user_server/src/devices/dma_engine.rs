@@ -237,6 +237,8 @@ struct QueueRegs {
     halted: bool,
     completed: u64,
     errors: u32,
+    /// Bumped at each enable/disable: work fetched before it is void.
+    epoch: u32,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -252,7 +254,8 @@ struct Shared {
     gate: RwLock<bool>,
     kick: Mutex<u64>,
     kicked: Condvar,
-    doorbells: MmapRaw,
+    /// The doorbell page (swapped for a fresh one when a client leaves).
+    doorbells: RwLock<MmapRaw>,
     stop: std::sync::atomic::AtomicBool,
     busy: [AtomicU32; QUEUES],
     generation: AtomicU64,
@@ -260,15 +263,18 @@ struct Shared {
 
 impl Shared {
     fn doorbell(&self, q: usize) -> u32 {
-        let p = self.doorbells.as_mut_ptr();
-        // SAFETY: the mapping is 4 KiB and lives as long as `self`; slot q
-        // (q < QUEUES) is 8-byte aligned inside it. The client may write it
-        // at any time through its own mapping, so it is read atomically.
+        let Ok(m) = self.doorbells.read() else { return 0 };
+        let p = m.as_mut_ptr();
+        // SAFETY: the mapping is 4 KiB of a memfd sealed against shrinking
+        // and lives while the read guard is held; slot q (q < QUEUES) is
+        // 8-byte aligned inside it. The client may write it at any time
+        // through its own mapping, so it is read atomically.
         unsafe { (*(p.add(q * 8) as *const AtomicU32)).load(Ordering::Acquire) }
     }
 
     fn set_doorbell(&self, q: usize, v: u32) {
-        let p = self.doorbells.as_mut_ptr();
+        let Ok(m) = self.doorbells.read() else { return };
+        let p = m.as_mut_ptr();
         // SAFETY: as in `doorbell`.
         unsafe { (*(p.add(q * 8) as *const AtomicU32)).store(v, Ordering::Release) }
     }
@@ -279,6 +285,20 @@ impl Shared {
         }
         self.kicked.notify_all();
     }
+}
+
+/// A doorbell page: a memfd sealed against shrinking and growing (a client
+/// that maps it cannot truncate it under our mapping), mapped; with the
+/// contents of `from` if given.
+fn doorbell_page(from: Option<&File>) -> std::io::Result<(File, MmapRaw)> {
+    let f = iommu_core::memfd::create_sealed("dma-engine-doorbells", 4096).map_err(std::io::Error::other)?;
+    if let Some(old) = from {
+        let mut b = [0u8; 4096];
+        old.read_exact_at(&mut b, 0)?;
+        f.write_all_at(&b, 0)?;
+    }
+    let m = memmap2::MmapOptions::new().len(4096).map_raw(&f)?;
+    Ok((f, m))
 }
 
 /// The DMA engine.
@@ -292,15 +312,14 @@ pub struct DmaEngine {
 impl DmaEngine {
     /// A DMA engine with its doorbell page in a new memfd.
     pub fn new() -> std::io::Result<DmaEngine> {
-        let bar2 = iommu_core::memfd::create("dma-engine-doorbells", 4096).map_err(std::io::Error::other)?;
-        let doorbells = memmap2::MmapOptions::new().len(4096).map_raw(&bar2)?;
+        let (bar2, doorbells) = doorbell_page(None)?;
         Ok(DmaEngine {
             shared: Arc::new(Shared {
                 regs: Mutex::new(Regs::default()),
                 gate: RwLock::new(true),
                 kick: Mutex::new(0),
                 kicked: Condvar::new(),
-                doorbells,
+                doorbells: RwLock::new(doorbells),
                 stop: Default::default(),
                 busy: Default::default(),
                 generation: AtomicU64::new(0),
@@ -354,6 +373,13 @@ impl DmaEngine {
             if !on || qr.head == tail || qr.ring_size == 0 {
                 return did;
             }
+            if tail.wrapping_sub(qr.head) > qr.ring_size {
+                // More submitted than the ring holds: a broken driver.
+                if let Ok(mut r) = shared.regs.lock() {
+                    r.queues[q].halted = true;
+                }
+                return did;
+            }
             did = true;
             shared.busy[q].store(1, Ordering::Release);
             let ring_route = if qr.ring_pasid & regs::PASID_VALID != 0 {
@@ -370,7 +396,7 @@ impl DmaEngine {
                     ctx.dma.report_fault(ring_route, at, false, FaultReason::NotPresent);
                 }
                 if let Ok(mut r) = shared.regs.lock() {
-                    if shared.generation.load(Ordering::Acquire) == gen {
+                    if shared.generation.load(Ordering::Acquire) == gen && r.queues[q].epoch == qr.epoch {
                         r.queues[q].halted = true;
                     }
                 }
@@ -378,38 +404,44 @@ impl DmaEngine {
                 return did;
             }
             let d = Descriptor::parse(&raw);
-            let c = run(ctx, &d);
-            if d.completion != 0 {
+            // A reset or a departed client voids the work: stop between chunks.
+            let void = || shared.generation.load(Ordering::Acquire) != gen;
+            let Some(c) = run(ctx, &d, &void) else {
+                shared.busy[q].store(0, Ordering::Release);
+                return did;
+            };
+            if let Some(rest) = d.completion.checked_add(1).filter(|_| d.completion != 0) {
                 // The record goes through the queue's address space; the
                 // status byte lands last.
                 let b = c.to_bytes();
                 let ok = ctx
                     .dma
-                    .write(ring_route, d.completion + 1, &b[1..])
+                    .write(ring_route, rest, &b[1..])
                     .and_then(|_| ctx.dma.write(ring_route, d.completion, &b[..1]));
                 if let Err(e) = ok {
                     tracing::debug!("dma-engine queue {q}: completion record at {:#x}: {e}", d.completion);
                 }
             }
             let irq = d.flags & flag::INTERRUPT != 0;
-            let mut raise = false;
             if let Ok(mut r) = shared.regs.lock() {
-                // A reset or a departed client made this work void.
-                if shared.generation.load(Ordering::Acquire) == gen {
+                // A reset, a departed client, or the queue being disabled or
+                // re-enabled meanwhile made this work void.
+                if shared.generation.load(Ordering::Acquire) == gen && r.queues[q].epoch == qr.epoch {
                     let qq = &mut r.queues[q];
                     qq.head = qq.head.wrapping_add(1);
-                    qq.completed += 1;
+                    qq.completed = qq.completed.wrapping_add(1);
                     if c.status != status::SUCCESS {
                         qq.errors = qq.errors.wrapping_add(1);
                     }
-                    raise = irq && qq.ctrl & regs::Q_CTRL_IRQ != 0;
-                    if raise {
-                        r.intx_status |= 1 << q;
+                    if irq && qq.ctrl & regs::Q_CTRL_IRQ != 0 {
+                        if !ctx.irqs.wired(crate::proto::irq_index::MSIX) {
+                            r.intx_status |= 1 << q;
+                        }
+                        // Raised under the register lock, so a concurrent
+                        // INTX_STATUS clear cannot be overtaken.
+                        ctx.irqs.notify(q as u32);
                     }
                 }
-            }
-            if raise {
-                ctx.irqs.notify(q as u32);
             }
             shared.busy[q].store(0, Ordering::Release);
             drop(gate);
@@ -417,39 +449,48 @@ impl DmaEngine {
     }
 }
 
-/// Executes one descriptor.
-fn run(ctx: &DeviceContext, d: &Descriptor) -> Completion {
+/// Executes one descriptor; `None` if `void` said the work was cancelled.
+fn run(ctx: &DeviceContext, d: &Descriptor, void: &dyn Fn() -> bool) -> Option<Completion> {
     let mut c = Completion::default();
     let route = match d.route() {
         Ok(r) => r,
         Err(s) => {
             c.status = s;
-            return c;
+            return Some(c);
         }
     };
     if d.len > MAX_XFER || (d.len == 0 && d.opcode != op::NOP) {
         c.status = status::INVALID;
-        return c;
+        return Some(c);
     }
-    let fail = |c: &mut Completion, e: dma::Error, at: u64, dst: bool| {
+    // `second`: the fault is on the destination buffer (written by COPY and
+    // FILL, read by COMPARE).
+    let fail = |c: &mut Completion, e: dma::Error, at: u64, second: bool, write: bool| {
         c.fault_addr = at;
         c.status = match e {
             dma::Error::NoPasid(_) => {
-                ctx.dma.report_fault(route, at, dst, FaultReason::NotPresent);
+                ctx.dma.report_fault(route, at, write, FaultReason::NotPresent);
                 status::NO_PASID
             }
             dma::Error::Fault(iommu_core::tu::Error::Fault { iova, .. }) => {
                 c.fault_addr = iova;
-                if dst {
+                if second {
                     status::FAULT_DST
                 } else {
                     status::FAULT_SRC
                 }
             }
-            _ if dst => status::FAULT_DST,
+            _ if second => status::FAULT_DST,
             _ => status::FAULT_SRC,
         };
     };
+    // A destination is checked whole before the first byte is written.
+    if matches!(d.opcode, op::COPY | op::FILL) {
+        if let Err(e) = ctx.dma.check_write(route, d.dst, d.len as usize) {
+            fail(&mut c, e, d.dst, true, true);
+            return Some(c);
+        }
+    }
     const CHUNK: usize = 256 * 1024;
     let len = d.len as usize;
     match d.opcode {
@@ -460,12 +501,15 @@ fn run(ctx: &DeviceContext, d: &Descriptor) -> Completion {
             while done < len {
                 let n = (len - done).min(CHUNK);
                 let (s, t) = (d.src.wrapping_add(done as u64), d.dst.wrapping_add(done as u64));
+                if void() {
+                    return None;
+                }
                 if let Err(e) = ctx.dma.read(route, s, &mut buf[..n]) {
-                    fail(&mut c, e, s, false);
+                    fail(&mut c, e, s, false, false);
                     break;
                 }
                 if let Err(e) = ctx.dma.write(route, t, &buf[..n]) {
-                    fail(&mut c, e, t, true);
+                    fail(&mut c, e, t, true, true);
                     break;
                 }
                 done += n;
@@ -483,8 +527,11 @@ fn run(ctx: &DeviceContext, d: &Descriptor) -> Completion {
                 let n = (len - done).min(CHUNK);
                 let t = d.dst.wrapping_add(done as u64);
                 // Chunks start at multiples of 8, so the pattern lines up.
+                if void() {
+                    return None;
+                }
                 if let Err(e) = ctx.dma.write(route, t, &buf[..n]) {
-                    fail(&mut c, e, t, true);
+                    fail(&mut c, e, t, true, true);
                     break;
                 }
                 done += n;
@@ -502,12 +549,15 @@ fn run(ctx: &DeviceContext, d: &Descriptor) -> Completion {
             while done < len {
                 let n = (len - done).min(CHUNK);
                 let (s, t) = (d.src.wrapping_add(done as u64), d.dst.wrapping_add(done as u64));
+                if void() {
+                    return None;
+                }
                 if let Err(e) = ctx.dma.read(route, s, &mut a[..n]) {
-                    fail(&mut c, e, s, false);
+                    fail(&mut c, e, s, false, false);
                     break;
                 }
                 if let Err(e) = ctx.dma.read(route, t, &mut b[..n]) {
-                    fail(&mut c, e, t, false);
+                    fail(&mut c, e, t, true, false);
                     break;
                 }
                 if let Some(i) = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y) {
@@ -527,8 +577,11 @@ fn run(ctx: &DeviceContext, d: &Descriptor) -> Completion {
             while done < len {
                 let n = (len - done).min(CHUNK);
                 let s = d.src.wrapping_add(done as u64);
+                if void() {
+                    return None;
+                }
                 if let Err(e) = ctx.dma.read(route, s, &mut buf[..n]) {
-                    fail(&mut c, e, s, false);
+                    fail(&mut c, e, s, false, false);
                     break;
                 }
                 crc = crc32c::crc32c_append(crc, &buf[..n]);
@@ -542,7 +595,7 @@ fn run(ctx: &DeviceContext, d: &Descriptor) -> Completion {
         }
         _ => c.status = status::INVALID,
     }
-    c
+    Some(c)
 }
 
 impl Drop for DmaEngine {
@@ -556,14 +609,16 @@ impl Drop for DmaEngine {
 }
 
 impl DmaEngine {
-    fn cancel(&self) {
-        self.shared.generation.fetch_add(1, Ordering::AcqRel);
-        // Wait for every descriptor in flight.
-        drop(self.shared.gate.write());
+    /// Voids queued and running work and waits for the descriptor in
+    /// flight to stop; the returned guard keeps the engines out while the
+    /// caller changes registers.
+    fn cancel(shared: &Shared) -> Option<std::sync::RwLockWriteGuard<'_, bool>> {
+        shared.generation.fetch_add(1, Ordering::AcqRel);
+        shared.gate.write().ok()
     }
 
     /// The 8-byte register word at `base` (8-aligned) of BAR 0.
-    fn reg_word(r: &Regs, base: u64) -> u64 {
+    fn reg_word(&self, r: &Regs, base: u64) -> u64 {
         match base {
             0x000 => u64::from(regs::ID_VALUE) | (1u64 << 32),
             0x008 => QUEUES as u64 | (u64::from(MAX_XFER) << 32),
@@ -577,7 +632,8 @@ impl DmaEngine {
                     0x10 => u64::from(q.ctrl) | (u64::from(q.head) << 32),
                     0x18 => {
                         let st = (q.ctrl & regs::Q_CTRL_ENABLE) | (u32::from(q.halted) << 1);
-                        u64::from(q.tail) | (u64::from(st) << 32)
+                        let qi = ((b - regs::QUEUE) / regs::QUEUE_STRIDE) as usize;
+                        u64::from(self.shared.doorbell(qi)) | (u64::from(st) << 32)
                     }
                     0x20 => q.completed,
                     0x28 => u64::from(q.errors),
@@ -663,7 +719,7 @@ impl Device for DmaEngine {
                     return Err(libc::EINVAL);
                 }
                 let r = self.shared.regs.lock().map_err(|_| libc::EIO)?;
-                reg_read(Self::reg_word(&r, base), offset - base, buf);
+                reg_read(self.reg_word(&r, base), offset - base, buf);
                 Ok(())
             }
             2 => self.bar2.read_exact_at(buf, offset).map_err(|_| libc::EIO),
@@ -680,7 +736,7 @@ impl Device for DmaEngine {
                     return Err(libc::EINVAL);
                 }
                 let mut r = self.shared.regs.lock().map_err(|_| libc::EIO)?;
-                let old = Self::reg_word(&r, base);
+                let old = self.reg_word(&r, base);
                 let v = reg_merge(old, off, data);
                 let mut doorbell = None;
                 match base {
@@ -688,15 +744,19 @@ impl Device for DmaEngine {
                         let en = v & 1 != 0;
                         if r.enabled && !en {
                             drop(r);
-                            // Disabling waits for descriptors in flight.
-                            self.cancel();
-                            r = self.shared.regs.lock().map_err(|_| libc::EIO)?;
+                            // Disabling lets the descriptor in flight finish
+                            // (and complete) and keeps the engines out.
+                            let _gate = self.shared.gate.write();
+                            let mut r2 = self.shared.regs.lock().map_err(|_| libc::EIO)?;
+                            r2.enabled = false;
+                            return Ok(());
                         }
                         r.enabled = en;
                     }
                     0x018 => {
-                        // Write 1 to clear; INTx drops when nothing is left.
-                        r.intx_status &= !(v as u32);
+                        // Write 1 to clear (only the bytes written count);
+                        // INTx drops when nothing is left.
+                        r.intx_status &= !(reg_merge(0, off, data) as u32);
                         if r.intx_status == 0 {
                             if let Some(i) = &self.irqs {
                                 i.set_intx(false);
@@ -724,6 +784,10 @@ impl Device for DmaEngine {
                                     q.tail = q.head;
                                     q.halted = false;
                                 }
+                                if (ctrl ^ q.ctrl) & regs::Q_CTRL_ENABLE != 0 {
+                                    // Work fetched before the edge is void.
+                                    q.epoch = q.epoch.wrapping_add(1);
+                                }
                                 q.ctrl = ctrl;
                             }
                             0x18 if off < 4 => doorbell = Some((qi, v as u32)),
@@ -749,7 +813,9 @@ impl Device for DmaEngine {
     }
 
     fn reset(&mut self) {
-        self.cancel();
+        // The engines stay out until the registers are zero.
+        let shared = self.shared.clone();
+        let _gate = Self::cancel(&shared);
         if let Ok(mut r) = self.shared.regs.lock() {
             *r = Regs::default();
         }
@@ -764,11 +830,24 @@ impl Device for DmaEngine {
     fn client_gone(&mut self) {
         // Descriptors address the departed client's memory: the queues stop
         // (a driver enables them again).
-        self.cancel();
+        let shared = self.shared.clone();
+        let _gate = Self::cancel(&shared);
         if let Ok(mut r) = self.shared.regs.lock() {
             for q in r.queues.iter_mut() {
                 q.ctrl &= !regs::Q_CTRL_ENABLE;
+                q.epoch = q.epoch.wrapping_add(1);
             }
+        }
+        // The departed client may keep BAR 2 mapped: the next one gets a
+        // new doorbell page with the same contents.
+        match doorbell_page(Some(&self.bar2)) {
+            Ok((f, m)) => {
+                if let Ok(mut d) = self.shared.doorbells.write() {
+                    *d = m;
+                    self.bar2 = Arc::new(f);
+                }
+            }
+            Err(e) => tracing::warn!("dma-engine keeps sharing its doorbell page with the departed client: {e}"),
         }
     }
 
@@ -787,14 +866,27 @@ impl Device for DmaEngine {
 
     fn load(&mut self, data: &[u8]) -> Result<(), Errno> {
         let (regs, bells): (Regs, Vec<u32>) = postcard::from_bytes(data).map_err(|_| libc::EINVAL)?;
-        let valid_ring = |q: &QueueRegs| q.ring_size == 0 || (q.ring_size.is_power_of_two() && q.ring_size <= MAX_RING);
+        let valid_ring = |q: &QueueRegs| {
+            q.ring_size == 0 || (q.ring_size.is_power_of_two() && (2..=MAX_RING).contains(&q.ring_size))
+        };
         if bells.len() != QUEUES || !regs.queues.iter().all(valid_ring) {
             return Err(libc::EINVAL);
         }
+        // Never more submitted than a ring holds.
+        if regs.queues.iter().zip(&bells).any(|(q, b)| q.ring_size != 0 && b.wrapping_sub(q.head) > q.ring_size) {
+            return Err(libc::EINVAL);
+        }
+        let _gate = self.shared.gate.write();
         for (q, b) in bells.iter().enumerate() {
             self.shared.set_doorbell(q, *b);
         }
+        let pending = regs.intx_status != 0;
         *self.shared.regs.lock().map_err(|_| libc::EIO)? = regs;
+        if pending {
+            if let Some(i) = &self.irqs {
+                i.set_intx(true);
+            }
+        }
         self.shared.wake();
         Ok(())
     }

@@ -122,7 +122,7 @@ pub struct TestDevice {
 impl TestDevice {
     /// A test device with its BAR 1 memory in a new memfd.
     pub fn new() -> std::io::Result<TestDevice> {
-        let ram = iommu_core::memfd::create("test-device-bar1", BAR1_SIZE).map_err(std::io::Error::other)?;
+        let ram = iommu_core::memfd::create_sealed("test-device-bar1", BAR1_SIZE).map_err(std::io::Error::other)?;
         let regs = Regs { io: vec![0; 256], ..Regs::default() };
         Ok(TestDevice {
             shared: Arc::new(Shared {
@@ -355,8 +355,9 @@ impl Device for TestDevice {
         self.shared.cancel();
         // The departed client may still have BAR 1 mapped: the next one
         // gets a new memfd with the same contents.
-        let fresh =
-            iommu_core::memfd::create("test-device-bar1", BAR1_SIZE).map_err(std::io::Error::other).and_then(|f| {
+        let fresh = iommu_core::memfd::create_sealed("test-device-bar1", BAR1_SIZE)
+            .map_err(std::io::Error::other)
+            .and_then(|f| {
                 let mut buf = vec![0u8; BAR1_SIZE as usize];
                 self.ram.read_exact_at(&mut buf, 0)?;
                 f.write_all_at(&buf, 0)?;
