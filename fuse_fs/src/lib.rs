@@ -4,7 +4,8 @@
 //!
 //! [`model`] builds the tree from an observer snapshot of the core and the
 //! driver state of each device (asked of its server through the core).
-//! The FUSE adapter over it comes next.
+//! [`fs`] is the thin FUSE adapter over it.
 #![deny(missing_docs)]
 
+pub mod fs;
 pub mod model;

@@ -1,0 +1,117 @@
+//! A real mount (CI runs as root with /dev/fuse): the tree follows a
+//! session that allocates, maps, attaches vPASIDs through a device server,
+//! unmaps and exits; symlinks resolve; writes are refused; a core that
+//! goes away gives errors, not hangs; unmounting leaves nothing behind.
+
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use iommu_core::pagetable::Perm;
+use iommu_core::types::{Limits, MapArgs};
+use vfio_user_server::client::Client;
+use vfio_user_server::devices::dma_engine::DmaEngine;
+use vfio_user_server::server::{self, Options};
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn mounted(p: &Path) -> bool {
+    std::fs::read_to_string("/proc/mounts").unwrap().lines().any(|l| l.split(' ').nth(1) == p.to_str())
+}
+
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_tree_follows_the_state_live() {
+    let dir = std::env::temp_dir().join(format!("ioasid-fs-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mnt: PathBuf = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let core_sock = dir.join("core.sock");
+    let core = iommu_core::server::spawn(&core_sock, Limits::default()).unwrap();
+    let dev_sock = dir.join("dev.sock");
+    let srv = server::spawn(Box::new(DmaEngine::new().unwrap()), Options::new(&dev_sock, &core_sock)).unwrap();
+    let (fs, _probe) = fuse_fs::fs::mount(&core_sock, &mnt).expect("mount (needs root and /dev/fuse)");
+    assert!(mounted(&mnt));
+
+    // The compat session of the server is there from the start.
+    let sessions = || std::fs::read_dir(mnt.join("sessions")).unwrap().count();
+    assert_eq!(sessions(), 1);
+    // A session appears with what it makes.
+    let mut s = iommu_core::client::Client::session(&core_sock).unwrap();
+    let sid = s.session_id();
+    let ram = iommu_core::memfd::create("ram", 4 << 20).unwrap();
+    let mem = s.register_memory(ram.as_fd()).unwrap().id;
+    let a = s.ioas_alloc().unwrap();
+    let b = s.ioas_alloc().unwrap();
+    s.map(MapArgs { ioas: a, mem, offset: 0, length: 2 << 20, iova: Some(0x4000_0000), perm: Perm::RW }).unwrap();
+    s.map(MapArgs { ioas: b, mem, offset: 2 << 20, length: 0x1000, iova: Some(0x1000), perm: Perm::R }).unwrap();
+    let ia = mnt.join(format!("ioas/{sid}.{a}"));
+    assert_eq!(read(&ia.join("kind")), "paging\n");
+    assert_eq!(
+        read(&ia.join("mappings")),
+        format!("0x40000000-0x401fffff 0x200000 memory {sid}.{mem} offset 0x0 rw\n")
+    );
+    assert_eq!(read(&mnt.join(format!("memory/{sid}.{mem}/mappings"))), "2\n");
+    assert_eq!(read(&mnt.join(format!("sessions/{sid}/pid"))), format!("{}\n", std::process::id()));
+    // A device bound through the extension, with two vPASIDs.
+    let (_, chan) = s.open_device_channel().unwrap();
+    let mut c = Client::connect(&dev_sock).unwrap();
+    let dev = c.ioasid_bind(chan.as_fd()).unwrap().dev_id;
+    c.ioasid_attach(None, a, false).unwrap();
+    let p5 = c.ioasid_attach(Some(5), a, false).unwrap();
+    let p9 = c.ioasid_attach(Some(9), b, false).unwrap();
+    let d = mnt.join(format!("devices/{sid}.{dev}"));
+    assert_eq!(read(&d.join("name")), "dma-engine\n");
+    assert_eq!(read(&d.join("pci_address")), "0000:00:04.0\n");
+    assert_eq!(read(&d.join("vpasid_map")), format!("0x5 {p5:#x} {sid}.{a}\n0x9 {p9:#x} {sid}.{b}\n"));
+    assert_eq!(read(&d.join(format!("pasid/{p9:#x}/vpasid"))), "0x9\n");
+    // Symlinks resolve, both ways.
+    let canon = |p: PathBuf| std::fs::canonicalize(p).unwrap();
+    assert_eq!(canon(d.join("ioas")), canon(ia.clone()));
+    assert_eq!(canon(d.join(format!("pasid/{p9:#x}/ioas"))), canon(mnt.join(format!("ioas/{sid}.{b}"))));
+    assert_eq!(canon(ia.join(format!("devices/{dev}"))), canon(d.clone()));
+    assert_eq!(canon(mnt.join(format!("pasids/{p5:#x}"))), canon(d.join(format!("pasid/{p5:#x}"))));
+    // ls and cat as people use them.
+    let ls = Command::new("ls").arg(&d).output().unwrap();
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("vpasid_map"));
+    let cat = Command::new("cat").arg(d.join("vpasid_map")).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), format!("0x5 {p5:#x} {sid}.{a}\n0x9 {p9:#x} {sid}.{b}\n"));
+    let grep = Command::new("grep").args(["-c", "."]).arg(mnt.join("limits")).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&grep.stdout), "12\n");
+    // The size stat reports is the size cat reads.
+    let len = std::fs::metadata(mnt.join("limits")).unwrap().len();
+    assert_eq!(len as usize, read(&mnt.join("limits")).len());
+    // Read-only.
+    assert_eq!(std::fs::write(mnt.join("stats"), "x").unwrap_err().raw_os_error(), Some(libc::EROFS));
+    assert_eq!(std::fs::create_dir(mnt.join("x")).unwrap_err().raw_os_error(), Some(libc::EROFS));
+    assert_eq!(std::fs::remove_file(mnt.join("stats")).unwrap_err().raw_os_error(), Some(libc::EROFS));
+    // A detach and an unmap show at once.
+    c.ioasid_detach(Some(9)).unwrap();
+    assert_eq!(read(&d.join("vpasid_map")), format!("0x5 {p5:#x} {sid}.{a}\n"));
+    assert!(!d.join(format!("pasid/{p9:#x}")).exists());
+    s.unmap(b, 0x1000, 0x1000).unwrap();
+    assert_eq!(read(&mnt.join(format!("ioas/{sid}.{b}/mappings"))), "");
+    // The session exits: its objects disappear from the tree.
+    drop(c);
+    drop(s);
+    eventually("the session's objects stay", || !ia.exists() && !d.exists() && sessions() == 1);
+    // The core goes away: reads fail at once, nothing hangs.
+    srv.stop().unwrap();
+    core.stop().unwrap();
+    let t0 = Instant::now();
+    assert!(std::fs::read_to_string(mnt.join("stats")).is_err());
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    fs.umount_and_join().unwrap();
+    assert!(!mounted(&mnt));
+    let _ = std::fs::remove_dir_all(&dir);
+}
