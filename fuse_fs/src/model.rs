@@ -281,10 +281,20 @@ pub fn build(s: &Snapshot, drivers: &BTreeMap<(u64, u32), Driver>) -> Node {
                         let _ = writeln!(m, "{} {} {sid}.{}", hex(e.vpasid.into()), hex(e.ppasid.into()), e.pt_id);
                     }
                     let mut srv = st.server.clone();
+                    let (mut iotlb, mut faults) = (String::new(), String::new());
                     for l in &st.lines {
-                        srv.push('\n');
-                        srv.push_str(l);
+                        // Counters of the server's translation unit.
+                        if let Some(c) = l.strip_prefix("iotlb_") {
+                            let _ = writeln!(iotlb, "{c}");
+                        } else if let Some(c) = l.strip_prefix("fault_") {
+                            let _ = writeln!(faults, "{c}");
+                        } else {
+                            srv.push('\n');
+                            srv.push_str(l);
+                        }
                     }
+                    root.file(&format!("{dp}/iotlb"), iotlb);
+                    root.file(&format!("{dp}/dma_faults"), faults);
                     (srv, m)
                 }
                 Some(Err(e)) => (format!("unavailable: {e}"), String::new()),
@@ -422,7 +432,12 @@ mod tests {
             Ok(DriverState {
                 server: "vfio-user-server pid 9".into(),
                 vpasids: vec![VpasidEntry { vpasid: 5, ppasid: 0x1f, pt_id: 3 }],
-                lines: vec!["rid_ioas 2".into()],
+                lines: vec![
+                    "rid_ioas 2".into(),
+                    "iotlb_hits 10".into(),
+                    "iotlb_misses 2".into(),
+                    "fault_faults 1".into(),
+                ],
             }),
         );
         let t = build(&snapshot(), &drivers);
@@ -443,6 +458,8 @@ mod tests {
         assert_eq!(file(&t, "devices/7.4/vpasid_map"), "0x5 0x1f 7.3\n");
         assert_eq!(file(&t, "devices/7.4/pasid/0x1f/vpasid"), "0x5\n");
         assert_eq!(file(&t, "devices/7.4/server"), "vfio-user-server pid 9\nrid_ioas 2\n");
+        assert_eq!(file(&t, "devices/7.4/iotlb"), "hits 10\nmisses 2\n");
+        assert_eq!(file(&t, "devices/7.4/dma_faults"), "faults 1\n");
         assert_eq!(file(&t, "faults"), "1 session 7 device 4 pasid 0x1f iova 0x5000 w NotPresent\n");
         assert!(file(&t, "stats").contains("ppasids_in_use 2\n"));
         assert!(file(&t, "limits").contains("max_sessions 1024\n"));

@@ -75,6 +75,8 @@ fn the_tree_follows_the_state_live() {
     assert_eq!(read(&d.join("pci_address")), "0000:00:04.0\n");
     assert_eq!(read(&d.join("vpasid_map")), format!("0x5 {p5:#x} {sid}.{a}\n0x9 {p9:#x} {sid}.{b}\n"));
     assert_eq!(read(&d.join(format!("pasid/{p9:#x}/vpasid"))), "0x9\n");
+    assert!(read(&d.join("iotlb")).starts_with("hits "), "IOTLB counters of the server");
+    assert!(read(&d.join("dma_faults")).starts_with("faults "));
     // Symlinks resolve, both ways.
     let canon = |p: PathBuf| std::fs::canonicalize(p).unwrap();
     assert_eq!(canon(d.join("ioas")), canon(ia.clone()));

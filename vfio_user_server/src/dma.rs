@@ -139,19 +139,44 @@ struct View {
 struct ViewProvider {
     view: Arc<Mutex<View>>,
     compat: bool,
+    /// The channel's translation unit, for its counters.
+    tu: std::sync::OnceLock<std::sync::Weak<TranslationUnit>>,
+}
+
+impl ViewProvider {
+    fn new(view: Arc<Mutex<View>>, compat: bool) -> Arc<ViewProvider> {
+        Arc::new(ViewProvider { view, compat, tu: std::sync::OnceLock::new() })
+    }
+
+    fn counters(&self) -> Vec<String> {
+        let Some(tu) = self.tu.get().and_then(|w| w.upgrade()) else { return Vec::new() };
+        let s = tu.stats();
+        let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        vec![
+            format!("iotlb_hits {}", g(&s.hits)),
+            format!("iotlb_misses {}", g(&s.misses)),
+            format!("iotlb_invalidations {}", g(&s.invalidations)),
+            format!("fault_faults {}", g(&s.faults)),
+            format!("fault_suppressed {}", g(&s.faults_suppressed)),
+            format!("fault_page_requests {}", g(&s.page_requests)),
+        ]
+    }
 }
 
 impl DriverStateProvider for ViewProvider {
     fn driver_state(&self, _dev: u32) -> DriverState {
+        let counters = self.counters();
         let Ok(v) = self.view.lock() else { return DriverState::default() };
         if self.compat {
-            let lines = vec!["compat binding: DMA_MAP/DMA_UNMAP of the vfio-user client".to_string()];
+            let mut lines = vec!["compat binding: DMA_MAP/DMA_UNMAP of the vfio-user client".to_string()];
+            lines.extend(counters);
             return DriverState { server: v.server.clone(), vpasids: Vec::new(), lines };
         }
         let mut lines = Vec::new();
         if let Some(r) = v.rid {
             lines.push(format!("rid_ioas {r}"));
         }
+        lines.extend(counters);
         DriverState { server: v.server.clone(), vpasids: v.vpasids.clone(), lines }
     }
 }
@@ -257,7 +282,9 @@ impl Dma {
             server: format!("vfio-user-server pid {} device {}", std::process::id(), bind.name),
             ..View::default()
         }));
-        compat.tu.channel().set_driver_state_provider(Arc::new(ViewProvider { view: view.clone(), compat: true }));
+        let provider = ViewProvider::new(view.clone(), true);
+        let _ = provider.tu.set(Arc::downgrade(&compat.tu));
+        compat.tu.channel().set_driver_state_provider(provider);
         Ok(Arc::new(Dma {
             compat,
             bound: RwLock::new(None),
@@ -572,9 +599,11 @@ impl Dma {
         let channel = Arc::new(
             Channel::new(fd).map_err(|e| Error::Invalid(format!("the fd is not a working device channel: {e}")))?,
         );
-        channel.set_driver_state_provider(Arc::new(ViewProvider { view: self.view.clone(), compat: false }));
+        let provider = ViewProvider::new(self.view.clone(), false);
+        channel.set_driver_state_provider(provider.clone());
         let session = channel.session();
         let tu = TranslationUnit::new(channel, tu::Config::default()).map_err(tu_err)?;
+        let _ = provider.tu.set(Arc::downgrade(&tu));
         let dev = tu.bind(self.bind_args.clone()).map_err(tu_err)?.dev_id;
         let mut g = self.bound.write().map_err(|_| Error::NotBound)?;
         *g = Some(Bound { tu, dev, session, rid: None, pasids: BTreeMap::new() });
