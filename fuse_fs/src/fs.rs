@@ -155,6 +155,28 @@ impl Fs {
         self.client.lock().map(|c| c.is_some()).unwrap_or(false)
     }
 
+    /// The bytes of the file at `path` now: the tree's contents, or for a
+    /// page-table dump, the core's answer at this moment.
+    fn contents(&self, path: &str, node: &Node) -> Result<Vec<u8>, Errno> {
+        let Node::File(text) = node else { return Err(Errno::EISDIR) };
+        let Some(obj) = path.strip_prefix("ioas/").and_then(|p| p.strip_suffix("/page_table")) else {
+            return Ok(text.clone().into_bytes());
+        };
+        let (sid, id) = obj.split_once('.').ok_or(Errno::ENOENT)?;
+        let (sid, id) = (sid.parse().map_err(|_| Errno::ENOENT)?, id.parse().map_err(|_| Errno::ENOENT)?);
+        let mut g = self.client.lock().map_err(|_| Errno::EIO)?;
+        let c = g.as_mut().ok_or(Errno::ENOTCONN)?;
+        let lines = c.page_table(sid, id).map_err(|e| match e.errno() {
+            Some(iommu_core::Errno::ENOENT) => Errno::ENOENT,
+            _ => Errno::EIO,
+        })?;
+        let mut out = lines.join("\n");
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        Ok(out.into_bytes())
+    }
+
     fn path_of(&self, ino: INodeNo) -> Result<String, Errno> {
         self.inodes.lock().map_err(|_| Errno::EIO)?.by_ino.get(&ino.0).cloned().ok_or(Errno::ENOENT)
     }
@@ -240,7 +262,11 @@ impl Filesystem for Fs {
         let res = (|| {
             let p = self.path_of(ino)?;
             let n = self.node(&p)?;
-            Ok(self.attr(ino.0, &n))
+            let mut a = self.attr(ino.0, &n);
+            if p.ends_with("/page_table") {
+                a.size = self.contents(&p, &n)?.len() as u64;
+            }
+            Ok(a)
         })();
         match res {
             Ok(a) => reply.attr(&TTL, &a),
@@ -271,7 +297,7 @@ impl Filesystem for Fs {
             // Contents are made now, from the present state.
             let t = self.fetch()?;
             match t.get(&p) {
-                Some(Node::File(s)) => self.new_fh(Handle::File(s.clone().into_bytes())),
+                Some(n @ Node::File(_)) => self.new_fh(Handle::File(self.contents(&p, n)?)),
                 Some(Node::Dir(_)) => Err(Errno::EISDIR),
                 Some(Node::Link(_)) => Err(Errno::ELOOP),
                 None => Err(Errno::ENOENT),

@@ -184,7 +184,11 @@ pub fn build(s: &Snapshot, drivers: &BTreeMap<(u64, u32), Driver>) -> Node {
             root.put(&ip, Node::dir());
             root.put(&format!("{ip}/devices"), Node::dir());
             match i.kind {
-                IoasKind::Paging => root.file(&format!("{ip}/kind"), "paging"),
+                IoasKind::Paging => {
+                    root.file(&format!("{ip}/kind"), "paging");
+                    // Made when opened, by the core (see `fs`).
+                    root.put(&format!("{ip}/page_table"), Node::File(String::new()));
+                }
                 IoasKind::Nested { parent, s1_root } => {
                     root.file(&format!("{ip}/kind"), "nested");
                     root.link(&format!("{ip}/parent"), format!("../{sid}.{parent}"));
@@ -451,6 +455,8 @@ mod tests {
         assert_eq!(file(&t, "ioas/7.2/dirty_tracking"), "1\n");
         assert!(file(&t, "ioas/7.2/stats").contains("mapped_bytes 2097152\n"));
         assert_eq!(file(&t, "ioas/7.3/kind"), "nested\n");
+        assert_eq!(file(&t, "ioas/7.2/page_table"), "");
+        assert!(t.get("ioas/7.3/page_table").is_none(), "a nested IOAS's stage-1 table is the user's");
         assert_eq!(link(&t, "ioas/7.3/parent"), "../7.2");
         assert_eq!(file(&t, "ioas/7.3/s1_root"), "0x10001000\n");
         assert_eq!(file(&t, "devices/7.4/pci_address"), "0000:00:04.0\n");

@@ -62,6 +62,12 @@ fn the_tree_follows_the_state_live() {
         format!("0x40000000-0x401fffff 0x200000 memory {sid}.{mem} offset 0x0 rw\n")
     );
     assert_eq!(read(&mnt.join(format!("memory/{sid}.{mem}/mappings"))), "2\n");
+    // The page table of A: 2 MiB of RAM at an aligned IOVA is one 2 MiB leaf.
+    let pt = read(&ia.join("page_table"));
+    let leaves: Vec<&str> = pt.lines().filter(|l| l.starts_with("L2 ")).collect();
+    assert_eq!(leaves.len(), 1, "{pt}");
+    assert!(leaves[0].contains("0x40000000-0x401fffff -> ") && leaves[0].ends_with(" rw 2M"), "{pt}");
+    assert_eq!(std::fs::metadata(ia.join("page_table")).unwrap().len() as usize, pt.len());
     assert_eq!(read(&mnt.join(format!("sessions/{sid}/pid"))), format!("{}\n", std::process::id()));
     // A device bound through the extension, with two vPASIDs.
     let (_, chan) = s.open_device_channel().unwrap();

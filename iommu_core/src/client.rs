@@ -264,6 +264,12 @@ impl Client {
         expect!(self.call(&Request::Translate { ioas, iova }, &[])?, Reply::Translation(t) => t)
     }
 
+    /// The page-table entries of IOAS `ioas` of session `session`, one
+    /// line each (at most 8192, then a line saying how many were left out).
+    pub fn page_table(&mut self, session: u64, ioas: u32) -> Result<Vec<String>> {
+        expect!(self.call(&Request::PageTable { session, ioas }, &[])?, Reply::Lines(l) => l)
+    }
+
     /// The pid of the core at the other end (from `SO_PEERCRED`).
     pub fn core_pid(&self) -> Option<i32> {
         nix::sys::socket::getsockopt(&self.stream, nix::sys::socket::sockopt::PeerCredentials).ok().map(|c| c.pid())

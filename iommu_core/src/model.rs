@@ -1499,6 +1499,14 @@ impl Core {
         }
     }
 
+    /// The page-table entries of a paging IOAS, one line each (see
+    /// [`TablePool::dump`]), at most `max` lines. Nested IOASes have none:
+    /// their stage-1 table belongs to the user.
+    pub fn page_table(&mut self, sid: u64, ioas: u32, max: usize) -> Result<Vec<String>> {
+        let root = self.ioas(sid, ioas)?.root;
+        Ok(self.pool.dump(root, max))
+    }
+
     /// Translates one IOVA of a paging IOAS by walking its tables.
     pub fn translate(&mut self, sid: u64, ioas: u32, iova: u64) -> Result<Translation> {
         let root = self.ioas(sid, ioas)?.root;

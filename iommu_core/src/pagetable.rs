@@ -576,6 +576,53 @@ impl TablePool {
         }
     }
 
+    /// The present entries under `root`, one line each, depth first, at
+    /// most `max` lines (a last line says how many were left out):
+    /// `L<level> <table>[<index>] <first>-<last> -> table <t>` for a table
+    /// and `... -> <system address> <perm> <size>` for a leaf.
+    pub fn dump(&self, root: u64, max: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut left = 0u64;
+        self.dump_level(root, LEVELS, 0, &mut out, max, &mut left);
+        if left > 0 {
+            out.push(format!("... {left} more entries left out"));
+        }
+        out
+    }
+
+    fn dump_level(&self, table: u64, level: u32, base: u64, out: &mut Vec<String>, max: usize, left: &mut u64) {
+        let shift = level_shift(level);
+        let size = 1u64 << shift;
+        for i in 0..ENTRIES {
+            let e = self.entry(table, i).map_or(0, |w| w.load(Ordering::Relaxed));
+            if e & PTE_PRESENT == 0 {
+                continue;
+            }
+            let first = base + (i as u64) * size;
+            let last = first + size - 1;
+            let leaf = e & PTE_LEAF != 0 || level == 1;
+            if out.len() >= max {
+                *left += 1;
+            } else if leaf {
+                let perm = Perm::from_bits(e);
+                let sz = match size {
+                    s if s >= 1 << 30 => format!("{}G", s >> 30),
+                    s if s >= 1 << 20 => format!("{}M", s >> 20),
+                    s => format!("{}K", s >> 10),
+                };
+                out.push(format!(
+                    "L{level} {table:#x}[{i}] {first:#x}-{last:#x} -> {:#x} {perm} {sz}",
+                    e & PTE_ADDR_MASK
+                ));
+            } else {
+                out.push(format!("L{level} {table:#x}[{i}] {first:#x}-{last:#x} -> table {:#x}", e & PTE_ADDR_MASK));
+            }
+            if !leaf {
+                self.dump_level(e & PTE_ADDR_MASK, level - 1, first, out, max, left);
+            }
+        }
+    }
+
     /// Counts the tables reachable from `root` (root included).
     pub fn count_tables(&self, root: u64) -> u32 {
         self.count_level(root, LEVELS)

@@ -139,6 +139,9 @@ struct DriverWaiter {
     deadline: Instant,
 }
 
+/// Most lines of a page-table dump (about 80 bytes each).
+const PAGE_TABLE_LINES: usize = 8192;
+
 /// How long a device server has to answer a driver-state query.
 const DRIVER_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -779,6 +782,12 @@ impl Server {
                 }
                 Err(e) => Err(e),
             },
+            Request::PageTable { session, ioas } => {
+                if role != Role::Observer && session != sid {
+                    return plain(Reply::error(Errno::ENOENT, format!("no IOAS {ioas} in this session")));
+                }
+                core.page_table(session, ioas, PAGE_TABLE_LINES).map(Reply::Lines)
+            }
             Request::DriverState { session, dev } => {
                 if role != Role::Observer && session != sid {
                     return plain(Reply::error(Errno::ENOENT, format!("no device {dev} in this session")));

@@ -285,6 +285,13 @@ pub enum Request {
         /// Device id in that session.
         dev: u32,
     },
+    /// Observer or session: the page-table entries of a paging IOAS.
+    PageTable {
+        /// Session owning the IOAS.
+        session: u64,
+        /// IOAS id.
+        ioas: u32,
+    },
     /// Channel: the answer to a [`Reply::DriverQuery`]; gets no reply.
     DriverStateDone {
         /// Id of the query.
@@ -302,7 +309,10 @@ impl Request {
 
     /// True for requests an observer may send.
     pub fn read_only(&self) -> bool {
-        matches!(self, Request::Hello { .. } | Request::Status | Request::DriverState { .. })
+        matches!(
+            self,
+            Request::Hello { .. } | Request::Status | Request::DriverState { .. } | Request::PageTable { .. }
+        )
     }
 
     /// True for requests only a device channel may send.
@@ -419,6 +429,8 @@ pub enum Reply {
     },
     /// A device's driver state, as its server answered.
     DriverState(DriverState),
+    /// Lines of text (a page-table dump).
+    Lines(Vec<String>),
 }
 
 impl Reply {

@@ -751,3 +751,33 @@ fn driver_state_is_relayed_and_bounded() {
     // The core still serves.
     assert_eq!(obs.driver_state(sid, dev).unwrap().vpasids.len(), 1);
 }
+
+/// Page-table dumps: what an observer sees of an IOAS's tables, capped;
+/// a session may ask only about its own IOASes.
+#[test]
+fn page_table_dumps_are_exact_and_bounded() {
+    let mut r = rig("pt-dump", Limits::default());
+    let (_f, m) = mem(&mut r, 64 << 20);
+    let a = r.s.ioas_alloc().unwrap();
+    map(&mut r, a, m, 0, 2 << 20, 0x4000_0000, Perm::RW);
+    map(&mut r, a, m, 2 << 20, 0x2000, 0x1000, Perm::R);
+    let sid = r.s.session_id();
+    let mut obs = Client::observer(&r.path).unwrap();
+    let lines = obs.page_table(sid, a).unwrap();
+    let leaves: Vec<&String> = lines.iter().filter(|l| !l.contains("-> table")).collect();
+    assert_eq!(leaves.len(), 3, "{lines:#?}");
+    assert!(leaves.iter().any(|l| l.starts_with("L2 ") && l.contains("0x40000000-0x401fffff") && l.ends_with("rw 2M")));
+    assert_eq!(leaves.iter().filter(|l| l.starts_with("L1 ") && l.ends_with("r 4K")).count(), 2);
+    // Another session may not look; an observer may; unknown ids are ENOENT.
+    let mut other = Client::session(&r.path).unwrap();
+    assert_eq!(other.page_table(sid, a).unwrap_err().errno(), Some(Errno::ENOENT));
+    assert_eq!(obs.page_table(sid, 999).unwrap_err().errno(), Some(Errno::ENOENT));
+    // 10,000 4 KiB leaves: the dump stops at 8192 lines and says so.
+    let b = r.s.ioas_alloc().unwrap();
+    for i in 0..10_000u64 {
+        map(&mut r, b, m, 0, 0x1000, 0x1000_0000 + i * 0x2000, Perm::RW);
+    }
+    let lines = obs.page_table(sid, b).unwrap();
+    assert_eq!(lines.len(), 8193);
+    assert!(lines[8192].starts_with("... ") && lines[8192].ends_with(" more entries left out"), "{}", lines[8192]);
+}
