@@ -1,8 +1,9 @@
 //! The FUSE adapter: a thin layer over [`crate::model`]. Every open takes
-//! a fresh tree from the core and serves the file from that snapshot
+//! the tree of the present state and serves the file from that snapshot
 //! (direct I/O, so the size a reader gets is the snapshot's); every
-//! opendir lists a fresh snapshot; lookups and attributes use a tree at
-//! most [`Fs::FRESH`] old. Attributes and entries have a zero TTL.
+//! opendir lists the present state. "Present" is cheap: the core keeps a
+//! state generation, and the tree is rebuilt only when it has moved.
+//! Attributes and entries have a zero TTL.
 //! Everything that would change something is refused with EROFS.
 
 use std::collections::{BTreeMap, HashMap};
@@ -10,7 +11,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
@@ -74,7 +75,8 @@ enum Handle {
 pub struct Fs {
     core: PathBuf,
     client: Mutex<Option<Client>>,
-    cached: Mutex<Option<(Instant, Arc<Node>)>>,
+    /// The last tree and the core's state generation it was built at.
+    cached: Mutex<Option<(u64, Arc<Node>)>>,
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
@@ -84,9 +86,6 @@ pub struct Fs {
 }
 
 impl Fs {
-    /// How old a tree lookups and attributes may use.
-    pub const FRESH: Duration = Duration::from_millis(50);
-
     /// A file system showing the core at `core` (connects at once).
     pub fn new(core: &Path) -> Result<Fs, Error> {
         let c = Client::observer(core).map_err(|e| Error::Core(core.to_path_buf(), e.to_string()))?;
@@ -103,9 +102,41 @@ impl Fs {
         })
     }
 
+    fn with_client<T>(&self, f: impl FnOnce(&mut Client) -> Result<T, iommu_core::client::Error>) -> Result<T, Errno> {
+        let mut g = self.client.lock().map_err(|_| Errno::EIO)?;
+        let c = g.as_mut().ok_or(Errno::ENOTCONN)?;
+        match f(c) {
+            Ok(v) => Ok(v),
+            Err(e) if e.errno().is_some() => Err(match e.errno() {
+                Some(iommu_core::Errno::ENOENT) => Errno::ENOENT,
+                Some(iommu_core::Errno::ETIMEDOUT) => Errno::ETIMEDOUT,
+                _ => Errno::EIO,
+            }),
+            Err(e) => {
+                tracing::warn!("the core at {} does not answer: {e}", self.core.display());
+                *g = None;
+                Err(Errno::ENOTCONN)
+            }
+        }
+    }
+
+    /// The tree of the present state: the last one if the core's state
+    /// generation has not moved since (one small request), else a new one.
+    pub fn current(&self) -> Result<Arc<Node>, Errno> {
+        let gen = self.with_client(|c| c.generation())?;
+        if let Ok(c) = self.cached.lock() {
+            if let Some((g, t)) = c.as_ref() {
+                if *g == gen {
+                    return Ok(t.clone());
+                }
+            }
+        }
+        self.fetch(gen)
+    }
+
     /// Asks the core for a new tree (and each device server for its
-    /// driver state, through the core).
-    pub fn fetch(&self) -> Result<Arc<Node>, Errno> {
+    /// driver state, through the core), recorded as of generation `gen`.
+    fn fetch(&self, gen: u64) -> Result<Arc<Node>, Errno> {
         let mut g = self.client.lock().map_err(|_| Errno::EIO)?;
         let c = g.as_mut().ok_or(Errno::ENOTCONN)?;
         let snap = match c.status() {
@@ -124,30 +155,14 @@ impl Fs {
         }
         let t = Arc::new(model::build(&snap, &drivers));
         if let Ok(mut cache) = self.cached.lock() {
-            *cache = Some((Instant::now(), t.clone()));
+            *cache = Some((gen, t.clone()));
         }
         Ok(t)
     }
 
-    fn tree(&self) -> Result<Arc<Node>, Errno> {
-        if let Ok(c) = self.cached.lock() {
-            if let Some((at, t)) = c.as_ref() {
-                if at.elapsed() < Self::FRESH {
-                    return Ok(t.clone());
-                }
-            }
-        }
-        self.fetch()
-    }
-
-    /// The node at `path`; a miss in a cached tree asks the core again, so
-    /// an object made a moment ago is found.
+    /// The node at `path` now.
     fn node(&self, path: &str) -> Result<Node, Errno> {
-        let t = self.tree()?;
-        if let Some(n) = t.get(path) {
-            return Ok(n.clone());
-        }
-        self.fetch()?.get(path).cloned().ok_or(Errno::ENOENT)
+        self.current()?.get(path).cloned().ok_or(Errno::ENOENT)
     }
 
     /// Whether the core still answers.
@@ -155,26 +170,37 @@ impl Fs {
         self.client.lock().map(|c| c.is_some()).unwrap_or(false)
     }
 
-    /// The bytes of the file at `path` now: the tree's contents, or for a
-    /// page-table dump, the core's answer at this moment.
+    /// The bytes of the file at `path` now. Most come from the tree of the
+    /// present generation; what changes without the core's state moving is
+    /// asked for at this moment: the page-table dump, the core's counters,
+    /// and what a device server says (its vPASID map and counters).
     fn contents(&self, path: &str, node: &Node) -> Result<Vec<u8>, Errno> {
         let Node::File(text) = node else { return Err(Errno::EISDIR) };
-        let Some(obj) = path.strip_prefix("ioas/").and_then(|p| p.strip_suffix("/page_table")) else {
-            return Ok(text.clone().into_bytes());
+        let obj = |p: &str| -> Result<(u64, u32), Errno> {
+            let (sid, id) = p.split_once('.').ok_or(Errno::ENOENT)?;
+            Ok((sid.parse().map_err(|_| Errno::ENOENT)?, id.parse().map_err(|_| Errno::ENOENT)?))
         };
-        let (sid, id) = obj.split_once('.').ok_or(Errno::ENOENT)?;
-        let (sid, id) = (sid.parse().map_err(|_| Errno::ENOENT)?, id.parse().map_err(|_| Errno::ENOENT)?);
-        let mut g = self.client.lock().map_err(|_| Errno::EIO)?;
-        let c = g.as_mut().ok_or(Errno::ENOTCONN)?;
-        let lines = c.page_table(sid, id).map_err(|e| match e.errno() {
-            Some(iommu_core::Errno::ENOENT) => Errno::ENOENT,
-            _ => Errno::EIO,
-        })?;
-        let mut out = lines.join("\n");
-        if !out.is_empty() {
-            out.push('\n');
+        if let Some(o) = path.strip_prefix("ioas/").and_then(|p| p.strip_suffix("/page_table")) {
+            let (sid, id) = obj(o)?;
+            let lines = self.with_client(|c| c.page_table(sid, id))?;
+            return Ok(model::file_text(lines.join("\n")).into_bytes());
         }
-        Ok(out.into_bytes())
+        if path == "stats" {
+            let gen = self.with_client(|c| c.generation())?;
+            if let Some(Node::File(t)) = self.fetch(gen)?.get("stats") {
+                return Ok(t.clone().into_bytes());
+            }
+        }
+        if let Some((o, name)) = path.strip_prefix("devices/").and_then(|p| p.split_once('/')) {
+            if matches!(name, "server" | "vpasid_map" | "iotlb" | "dma_faults") {
+                let (sid, dev) = obj(o)?;
+                let st = self.with_client(|c| Ok(c.driver_state(sid, dev).map_err(|e| e.to_string())))?;
+                let files = model::driver_files(sid, Some(&st));
+                let text = files.into_iter().find(|(n, _)| *n == name).map(|(_, t)| t).unwrap_or_default();
+                return Ok(model::file_text(text).into_bytes());
+            }
+        }
+        Ok(text.clone().into_bytes())
     }
 
     fn path_of(&self, ino: INodeNo) -> Result<String, Errno> {
@@ -263,7 +289,8 @@ impl Filesystem for Fs {
             let p = self.path_of(ino)?;
             let n = self.node(&p)?;
             let mut a = self.attr(ino.0, &n);
-            if p.ends_with("/page_table") {
+            if let Node::File(_) = n {
+                // The size of what an open would serve now.
                 a.size = self.contents(&p, &n)?.len() as u64;
             }
             Ok(a)
@@ -295,7 +322,7 @@ impl Filesystem for Fs {
         let res = (|| {
             let p = self.path_of(ino)?;
             // Contents are made now, from the present state.
-            let t = self.fetch()?;
+            let t = self.current()?;
             match t.get(&p) {
                 Some(n @ Node::File(_)) => self.new_fh(Handle::File(self.contents(&p, n)?)),
                 Some(Node::Dir(_)) => Err(Errno::EISDIR),
@@ -351,7 +378,7 @@ impl Filesystem for Fs {
         let res = (|| {
             let p = self.path_of(ino)?;
             // The listing is a snapshot taken now.
-            let t = self.fetch()?;
+            let t = self.current()?;
             let Some(Node::Dir(m)) = t.get(&p) else { return Err(Errno::ENOTDIR) };
             let parent = match p.rsplit_once('/') {
                 Some((a, _)) => self.ino_of(a),

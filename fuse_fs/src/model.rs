@@ -71,11 +71,7 @@ impl Node {
     }
 
     fn file(&mut self, path: &str, text: impl Into<String>) {
-        let mut t = text.into();
-        if !t.is_empty() && !t.ends_with('\n') {
-            t.push('\n');
-        }
-        self.put(path, Node::File(t));
+        self.put(path, Node::File(file_text(text.into())));
     }
 
     fn link(&mut self, path: &str, target: impl Into<String>) {
@@ -83,11 +79,50 @@ impl Node {
     }
 }
 
+/// File contents as the tree holds them: a non-empty text ends with a
+/// newline.
+pub fn file_text(mut t: String) -> String {
+    if !t.is_empty() && !t.ends_with('\n') {
+        t.push('\n');
+    }
+    t
+}
+
 /// What a device server said about a device, or why it said nothing.
 pub type Driver = Result<DriverState, String>;
 
 fn hex(v: u64) -> String {
     format!("{v:#x}")
+}
+
+/// The files of a device directory that come from its server's driver
+/// state: `server`, `vpasid_map`, and (when it answered) `iotlb` and
+/// `dma_faults`. Made again at each open of one of them.
+pub fn driver_files(sid: u64, drv: Option<&Driver>) -> Vec<(&'static str, String)> {
+    match drv {
+        Some(Ok(st)) => {
+            let mut m = String::new();
+            for e in &st.vpasids {
+                let _ = writeln!(m, "{} {} {sid}.{}", hex(e.vpasid.into()), hex(e.ppasid.into()), e.pt_id);
+            }
+            let mut srv = st.server.clone();
+            let (mut iotlb, mut faults) = (String::new(), String::new());
+            for l in &st.lines {
+                // Counters of the server's translation unit.
+                if let Some(c) = l.strip_prefix("iotlb_") {
+                    let _ = writeln!(iotlb, "{c}");
+                } else if let Some(c) = l.strip_prefix("fault_") {
+                    let _ = writeln!(faults, "{c}");
+                } else {
+                    srv.push('\n');
+                    srv.push_str(l);
+                }
+            }
+            vec![("server", srv), ("vpasid_map", m), ("iotlb", iotlb), ("dma_faults", faults)]
+        }
+        Some(Err(e)) => vec![("server", format!("unavailable: {e}")), ("vpasid_map", String::new())],
+        None => vec![("server", "not asked".to_string()), ("vpasid_map", String::new())],
+    }
 }
 
 /// Builds the tree.
@@ -278,34 +313,9 @@ pub fn build(s: &Snapshot, drivers: &BTreeMap<(u64, u32), Driver>) -> Node {
                     ppasid_dev.insert(a.pasid, (sid, d.id));
                 }
             }
-            let (server, map) = match drv {
-                Some(Ok(st)) => {
-                    let mut m = String::new();
-                    for e in &st.vpasids {
-                        let _ = writeln!(m, "{} {} {sid}.{}", hex(e.vpasid.into()), hex(e.ppasid.into()), e.pt_id);
-                    }
-                    let mut srv = st.server.clone();
-                    let (mut iotlb, mut faults) = (String::new(), String::new());
-                    for l in &st.lines {
-                        // Counters of the server's translation unit.
-                        if let Some(c) = l.strip_prefix("iotlb_") {
-                            let _ = writeln!(iotlb, "{c}");
-                        } else if let Some(c) = l.strip_prefix("fault_") {
-                            let _ = writeln!(faults, "{c}");
-                        } else {
-                            srv.push('\n');
-                            srv.push_str(l);
-                        }
-                    }
-                    root.file(&format!("{dp}/iotlb"), iotlb);
-                    root.file(&format!("{dp}/dma_faults"), faults);
-                    (srv, m)
-                }
-                Some(Err(e)) => (format!("unavailable: {e}"), String::new()),
-                None => ("not asked".to_string(), String::new()),
-            };
-            root.file(&format!("{dp}/server"), server);
-            root.file(&format!("{dp}/vpasid_map"), map);
+            for (name, text) in driver_files(sid, drv) {
+                root.file(&format!("{dp}/{name}"), text);
+            }
         }
     }
     for (p, owner) in &s.ppasids {

@@ -264,6 +264,12 @@ impl Client {
         expect!(self.call(&Request::Translate { ioas, iova }, &[])?, Reply::Translation(t) => t)
     }
 
+    /// The state generation: it changes whenever anything [`Client::status`]
+    /// shows may have changed.
+    pub fn generation(&mut self) -> Result<u64> {
+        expect!(self.call(&Request::Generation, &[])?, Reply::Generation(g) => g)
+    }
+
     /// The page-table entries of IOAS `ioas` of session `session`, one
     /// line each (at most 8192, then a line saying how many were left out).
     pub fn page_table(&mut self, session: u64, ioas: u32) -> Result<Vec<String>> {

@@ -192,6 +192,8 @@ pub struct Server {
     /// Driver-state queries waiting for a device server: id -> waiter.
     driver_waiters: HashMap<u64, DriverWaiter>,
     next_query: u64,
+    /// Bumped by everything that may change what a snapshot shows.
+    generation: u64,
 }
 
 impl Server {
@@ -242,6 +244,7 @@ impl Server {
             page_waiters: HashMap::new(),
             driver_waiters: HashMap::new(),
             next_query: 1,
+            generation: 1,
         })
     }
 
@@ -367,6 +370,7 @@ impl Server {
     }
 
     fn drop_conn(&mut self, token: Token) {
+        self.generation += 1;
         let Some(mut c) = self.conns.remove(&token) else { return };
         let _ = self.poll.registry().deregister(&mut c.stream);
         self.page_waiters.retain(|_, (t, _)| *t != token);
@@ -437,6 +441,7 @@ impl Server {
             for (chan, inval) in chans {
                 self.inval_owner.remove(&inval);
                 self.core.fence_channel(chan);
+                self.generation += 1;
             }
             if let Some(op) = self.held.get_mut(&id) {
                 op.waiting.clear();
@@ -613,6 +618,9 @@ impl Server {
             return;
         }
         let seq = env.seq;
+        if !env.body.read_only() || matches!(env.body, Request::Hello { .. }) {
+            self.generation += 1;
+        }
         let answer = self.dispatch(token, seq, env.body, fds);
         let Some((reply, out_fds)) = answer else { return };
         self.core.count_request(matches!(reply, Reply::Error { .. }));
@@ -782,6 +790,7 @@ impl Server {
                 }
                 Err(e) => Err(e),
             },
+            Request::Generation => Ok(Reply::Generation(self.generation)),
             Request::PageTable { session, ioas } => {
                 if role != Role::Observer && session != sid {
                     return plain(Reply::error(Errno::ENOENT, format!("no IOAS {ioas} in this session")));

@@ -285,6 +285,9 @@ pub enum Request {
         /// Device id in that session.
         dev: u32,
     },
+    /// A number that changes whenever anything a snapshot shows may have
+    /// changed (cheap: lets an observer reuse its last snapshot).
+    Generation,
     /// Observer or session: the page-table entries of a paging IOAS.
     PageTable {
         /// Session owning the IOAS.
@@ -311,7 +314,11 @@ impl Request {
     pub fn read_only(&self) -> bool {
         matches!(
             self,
-            Request::Hello { .. } | Request::Status | Request::DriverState { .. } | Request::PageTable { .. }
+            Request::Hello { .. }
+                | Request::Status
+                | Request::DriverState { .. }
+                | Request::PageTable { .. }
+                | Request::Generation
         )
     }
 
@@ -431,6 +438,8 @@ pub enum Reply {
     DriverState(DriverState),
     /// Lines of text (a page-table dump).
     Lines(Vec<String>),
+    /// The state generation.
+    Generation(u64),
 }
 
 impl Reply {

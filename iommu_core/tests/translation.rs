@@ -781,3 +781,24 @@ fn page_table_dumps_are_exact_and_bounded() {
     assert_eq!(lines.len(), 8193);
     assert!(lines[8192].starts_with("... ") && lines[8192].ends_with(" more entries left out"), "{}", lines[8192]);
 }
+
+/// The state generation moves with changes, not with reads.
+#[test]
+fn the_state_generation_moves_only_with_changes() {
+    let mut r = rig("generation", Limits::default());
+    let mut obs = Client::observer(&r.path).unwrap();
+    let g0 = obs.generation().unwrap();
+    obs.status().unwrap();
+    obs.page_table(r.s.session_id(), 999).unwrap_err();
+    assert_eq!(obs.generation().unwrap(), g0, "reads changed it");
+    let a = r.s.ioas_alloc().unwrap();
+    let g1 = obs.generation().unwrap();
+    assert!(g1 > g0);
+    // A refused change may still have changed counters: it moves too.
+    r.s.destroy(a).unwrap();
+    assert!(obs.generation().unwrap() > g1);
+    let g2 = obs.generation().unwrap();
+    drop(Client::session(&r.path).unwrap());
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(obs.generation().unwrap() > g2, "a session that came and went");
+}
