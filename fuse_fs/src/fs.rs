@@ -160,9 +160,16 @@ impl Fs {
         Ok(t)
     }
 
-    /// The node at `path` now.
-    fn node(&self, path: &str) -> Result<Node, Errno> {
-        self.current()?.get(path).cloned().ok_or(Errno::ENOENT)
+    /// Attributes of the node at `path` now. A file's size is that of
+    /// what an open would serve now.
+    fn attr_at(&self, ino: u64, path: &str) -> Result<FileAttr, Errno> {
+        let t = self.current()?;
+        let n = t.get(path).ok_or(Errno::ENOENT)?;
+        let mut a = self.attr(ino, n);
+        if let Node::File(_) = n {
+            a.size = self.contents(path, n)?.len() as u64;
+        }
+        Ok(a)
     }
 
     /// Whether the core still answers.
@@ -265,8 +272,7 @@ impl Filesystem for Fs {
             let p = self.path_of(parent)?;
             let name = name.to_str().ok_or(Errno::ENOENT)?;
             let path = join(&p, name);
-            let n = self.node(&path)?;
-            Ok(self.attr(self.ino_of(&path), &n))
+            self.attr_at(self.ino_of(&path), &path)
         })();
         match res {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
@@ -287,13 +293,7 @@ impl Filesystem for Fs {
         }
         let res = (|| {
             let p = self.path_of(ino)?;
-            let n = self.node(&p)?;
-            let mut a = self.attr(ino.0, &n);
-            if let Node::File(_) = n {
-                // The size of what an open would serve now.
-                a.size = self.contents(&p, &n)?.len() as u64;
-            }
-            Ok(a)
+            self.attr_at(ino.0, &p)
         })();
         match res {
             Ok(a) => reply.attr(&TTL, &a),
@@ -304,9 +304,10 @@ impl Filesystem for Fs {
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let res = (|| {
             let p = self.path_of(ino)?;
-            match self.node(&p)? {
-                Node::Link(t) => Ok(t),
-                _ => Err(Errno::EINVAL),
+            match self.current()?.get(&p) {
+                Some(Node::Link(t)) => Ok(t.clone()),
+                Some(_) => Err(Errno::EINVAL),
+                None => Err(Errno::ENOENT),
             }
         })();
         match res {
