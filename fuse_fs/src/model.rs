@@ -495,6 +495,35 @@ mod tests {
     }
 
     #[test]
+    fn the_tree_has_exactly_the_documented_paths() {
+        let mut drivers = BTreeMap::new();
+        let st = DriverState {
+            server: "s".into(),
+            vpasids: vec![VpasidEntry { vpasid: 5, ppasid: 0x1f, pt_id: 3 }],
+            lines: vec!["iotlb_hits 1".into(), "fault_faults 0".into()],
+        };
+        drivers.insert((7, 4), Ok(st));
+        let t = build(&snapshot(), &drivers);
+        let paths: Vec<String> = t.walk().into_iter().map(|(p, _)| p).collect();
+        let want = "devices devices/7.4 devices/7.4/caps devices/7.4/channel devices/7.4/dma_faults \
+            devices/7.4/fenced devices/7.4/ioas devices/7.4/iotlb devices/7.4/name devices/7.4/pasid \
+            devices/7.4/pasid/0x1f devices/7.4/pasid/0x1f/ioas devices/7.4/pasid/0x1f/vpasid \
+            devices/7.4/pasid_table devices/7.4/pasid_width devices/7.4/pci_address devices/7.4/ppasids \
+            devices/7.4/server devices/7.4/session devices/7.4/vpasid_map faults ioas ioas/7.2 \
+            ioas/7.2/devices ioas/7.2/devices/4 ioas/7.2/dirty_tracking ioas/7.2/iova_ranges ioas/7.2/kind \
+            ioas/7.2/mappings ioas/7.2/page_table ioas/7.2/root ioas/7.2/session ioas/7.2/stats ioas/7.3 \
+            ioas/7.3/devices ioas/7.3/devices/4:0x1f ioas/7.3/dirty_tracking ioas/7.3/iova_ranges \
+            ioas/7.3/kind ioas/7.3/mappings ioas/7.3/parent ioas/7.3/root ioas/7.3/s1_root ioas/7.3/session \
+            ioas/7.3/stats limits memory memory/7.1 memory/7.1/mappings memory/7.1/sealed memory/7.1/seals \
+            memory/7.1/session memory/7.1/size memory/7.1/system_address pasids pasids/0x1f pasids/0x20 pool \
+            sessions sessions/7 sessions/7/devices sessions/7/devices/4 sessions/7/faults_lost \
+            sessions/7/faults_queued sessions/7/ioas sessions/7/ioas/2 sessions/7/ioas/3 sessions/7/memory \
+            sessions/7/memory/1 sessions/7/objects sessions/7/pid sessions/7/ppasids sessions/7/uid stats";
+        let want: Vec<String> = want.split_whitespace().map(String::from).collect();
+        assert_eq!(paths, want);
+    }
+
+    #[test]
     fn a_server_that_did_not_answer_is_said_so() {
         let mut drivers = BTreeMap::new();
         drivers.insert((7, 4), Err("ETIMEDOUT: the device server did not answer in time".to_string()));

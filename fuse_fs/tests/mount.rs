@@ -123,3 +123,77 @@ fn the_tree_follows_the_state_live() {
     assert!(!mounted(&mnt));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Body of the session process of `a_killed_process_disappears_from_the_tree`.
+#[test]
+#[ignore = "helper process; not a test by itself"]
+fn session_process() {
+    use std::io::Write;
+    let Ok(path) = std::env::var("IOASID_FS_TEST_SOCKET") else { return };
+    let mut s = iommu_core::client::Client::session(&path).unwrap();
+    let ram = iommu_core::memfd::create("child", 1 << 20).unwrap();
+    let mem = s.register_memory(ram.as_fd()).unwrap().id;
+    let a = s.ioas_alloc().unwrap();
+    s.map(MapArgs { ioas: a, mem, offset: 0, length: 1 << 20, iova: Some(0x10_0000), perm: Perm::RW }).unwrap();
+    println!("READY {}", s.session_id());
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+#[test]
+fn a_killed_process_disappears_and_tools_read_files_whole() {
+    use std::io::{BufRead, BufReader};
+    let dir = std::env::temp_dir().join(format!("ioasid-fs-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let sock = dir.join("core.sock");
+    let core = iommu_core::server::spawn(&sock, Limits::default()).unwrap();
+    let (fs, _probe) = fuse_fs::fs::mount(&sock, &mnt).expect("mount (needs root and /dev/fuse)");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "session_process", "--nocapture", "--test-threads=1"])
+        .env("IOASID_FS_TEST_SOCKET", &sock)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    let mut sid = None;
+    while out.read_line(&mut line).unwrap() > 0 {
+        if let Some((_, rest)) = line.trim().split_once("READY ") {
+            sid = Some(rest.trim().parse::<u64>().unwrap());
+            break;
+        }
+        line.clear();
+    }
+    let sid = sid.expect("the child reported READY");
+    let ses = mnt.join(format!("sessions/{sid}"));
+    assert_eq!(read(&ses.join("pid")), format!("{}\n", child.id()));
+    let maps = mnt.join(format!("ioas/{sid}.2/mappings"));
+    assert_eq!(read(&maps), format!("0x100000-0x1fffff 0x100000 memory {sid}.1 offset 0x0 rw\n"));
+    // head, tail, less and wc read what cat reads.
+    let whole = read(&mnt.join("limits"));
+    let run = |cmd: &str, args: &[&str]| {
+        let o = Command::new(cmd).args(args).arg(mnt.join("limits")).output().unwrap();
+        assert!(o.status.success(), "{cmd}");
+        String::from_utf8(o.stdout).unwrap()
+    };
+    assert_eq!(run("head", &["-n", "1"]), whole.lines().next().unwrap().to_string() + "\n");
+    assert_eq!(run("tail", &["-n", "1"]), whole.lines().last().unwrap().to_string() + "\n");
+    assert_eq!(run("tail", &["-c", "10"]), whole[whole.len() - 10..]);
+    assert_eq!(run("wc", &["-c"]).split_whitespace().next().unwrap(), whole.len().to_string());
+    assert_eq!(run("less", &["-F"]), whole);
+    // chmod is refused too.
+    use std::os::unix::fs::PermissionsExt;
+    let e = std::fs::set_permissions(mnt.join("limits"), std::fs::Permissions::from_mode(0o666)).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    // kill -9: the session and everything it owned leave the tree.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    eventually("a killed session stays in the tree", || !ses.exists() && !maps.exists());
+    assert!(std::fs::read_dir(mnt.join("memory")).unwrap().next().is_none());
+    fs.umount_and_join().unwrap();
+    core.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
