@@ -24,7 +24,7 @@ pub fn bin(name: &str) -> PathBuf {
         {
             let release = bin_dir().ends_with("release");
             let mut c = Command::new(env!("CARGO"));
-            c.args(["build", "--locked", "--bins", "-p", "iommu_core", "-p", "vfio_user_server"]);
+            c.args(["build", "--locked", "--bins", "-p", "iommu_core", "-p", "vfio_user_server", "-p", "fuse_fs"]);
             if release {
                 c.arg("--release");
             }
