@@ -17,6 +17,15 @@ if [ "$(printf '%s\n%s\n' "$need_rust" "$have" | sort -V | head -1)" != "$need_r
   exit 1
 fi
 
-# The multi-process tests use memfd, SCM_RIGHTS and Unix sockets only: no
-# packages beyond the toolchain are needed yet.
+# The file-system tests mount with FUSE: they need root and /dev/fuse (as CI
+# has). Everything else uses memfd, SCM_RIGHTS and Unix sockets only.
 cargo test --workspace --locked
+
+# QEMU end to end: a Linux guest drives the dma-engine through QEMU's
+# vfio-user-pci. The script fetches QEMU, a kernel and busybox from Debian's
+# archive into /var/cache/ioasid-qemu (once) and needs root.
+if [ "$(id -u)" = 0 ]; then
+  scripts/qemu-e2e.sh
+else
+  echo "test.sh: scripts/qemu-e2e.sh needs root; not run." >&2
+fi

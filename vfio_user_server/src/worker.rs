@@ -174,6 +174,8 @@ pub struct Stats {
     pub errors: std::sync::atomic::AtomicU64,
     /// Clients served.
     pub connections: std::sync::atomic::AtomicU64,
+    /// Commands of the current client, by command number.
+    pub by_command: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
 }
 
 impl Worker {
@@ -250,6 +252,13 @@ impl Worker {
     }
 
     fn disconnect(&mut self) {
+        if let Ok(mut b) = self.stats.by_command.lock() {
+            if !b.is_empty() {
+                let list: Vec<String> = b.iter().map(|(c, n)| format!("{} {n}", cmd::name(*c))).collect();
+                tracing::info!("the client sent: {}", list.join(", "));
+            }
+            b.clear();
+        }
         if let Some(p) = self.port.take() {
             p.close();
         }
@@ -296,6 +305,9 @@ impl Worker {
         use std::sync::atomic::Ordering::Relaxed;
         self.stats.commands.fetch_add(1, Relaxed);
         let hdr = m.hdr;
+        if let Ok(mut b) = self.stats.by_command.lock() {
+            *b.entry(hdr.command).or_default() += 1;
+        }
         let res = match m.fail {
             Some(e) => Err(e),
             None => self.dispatch(&hdr, &m.payload, m.fds),
