@@ -76,6 +76,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# After QEMU leaves, the server must unmap its guest RAM (within 5 s).
+no_guest_ram_left() {
+    for _ in $(seq 50); do
+        target/release/ioasidctl --socket "$work/core.sock" status | grep -q "0x100000-" || return 0
+        sleep 0.1
+    done
+    fail "guest RAM is still mapped after QEMU left"
+}
+
 target/release/iommu-core --socket "$work/core.sock" 2>"$work/core.log" &
 pids+=($!)
 for _ in $(seq 100); do [ -S "$work/core.sock" ] && break; sleep 0.05; done
@@ -127,12 +136,7 @@ if grep -qiE "vfio-user.*(error|fail)|error:" "$work/qemu.out"; then
     fail "QEMU reported: $(grep -iE 'error|fail' "$work/qemu.out")"
 fi
 # QEMU's exit: the server released its DMA and keeps serving.
-for _ in $(seq 50); do
-    target/release/ioasidctl --socket "$work/core.sock" status | grep -q "0x100000-" || break
-    sleep 0.1
-done
-target/release/ioasidctl --socket "$work/core.sock" status | grep -q "0x100000-" \
-    && fail "guest RAM is still mapped after QEMU left"
+no_guest_ram_left
 kill -TERM "$server"
 wait "$server" || fail "vfio-user-server did not exit cleanly on SIGTERM"
 [ -e "$work/dev.sock" ] && fail "the server left its socket behind"
@@ -220,12 +224,7 @@ grep -aq "ENGINE-TEST PASS" "$work/guest2.log" || fail "the guest test failed: $
 kill -TERM "$fs"
 wait "$fs" || fail "ioasid-fs did not unmount cleanly"
 grep -q " $work/mnt " /proc/mounts && fail "ioasid-fs left its mount behind"
-for _ in $(seq 50); do
-    target/release/ioasidctl --socket "$work/core.sock" status | grep -q "0x100000-" || break
-    sleep 0.1
-done
-target/release/ioasidctl --socket "$work/core.sock" status | grep -q "0x100000-" \
-    && fail "guest RAM is still mapped after QEMU left"
+no_guest_ram_left
 kill -TERM "$server2"
 wait "$server2" || fail "the second vfio-user-server did not exit cleanly"
 [ -e "$work/dev2.sock" ] && fail "the server left its socket behind"

@@ -67,36 +67,35 @@ static uint32_t crc32c(uint32_t crc, const uint8_t *b, size_t n)
     return ~crc;
 }
 
+/* Reads a sysfs id file of a PCI device into buf (NUL-terminated). */
+static int read_id(const char *dev, const char *file, char *buf, size_t n)
+{
+    char path[512];
+    snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/%s", dev, file);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        return -1;
+    memset(buf, 0, n);
+    ssize_t r = read(fd, buf, n - 1);
+    close(fd);
+    return r > 0 ? 0 : -1;
+}
+
 static int find_device(char *out, size_t n)
 {
     DIR *d = opendir("/sys/bus/pci/devices");
     struct dirent *e;
+    char vendor[32], device[32];
     if (!d)
         return -1;
     while ((e = readdir(d))) {
-        char path[512], buf[32];
-        int fd;
-        snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/vendor", e->d_name);
-        fd = open(path, O_RDONLY);
-        if (fd < 0)
+        if (read_id(e->d_name, "vendor", vendor, sizeof vendor) || strncmp(vendor, "0x1b36", 6))
             continue;
-        memset(buf, 0, sizeof buf);
-        read(fd, buf, sizeof buf - 1);
-        close(fd);
-        if (strncmp(buf, "0x1b36", 6))
+        if (read_id(e->d_name, "device", device, sizeof device) || strncmp(device, "0xd3a0", 6))
             continue;
-        snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/device", e->d_name);
-        fd = open(path, O_RDONLY);
-        if (fd < 0)
-            continue;
-        memset(buf, 0, sizeof buf);
-        read(fd, buf, sizeof buf - 1);
-        close(fd);
-        if (!strncmp(buf, "0xd3a0", 6)) {
-            snprintf(out, n, "/sys/bus/pci/devices/%s", e->d_name);
-            closedir(d);
-            return 0;
-        }
+        snprintf(out, n, "/sys/bus/pci/devices/%s", e->d_name);
+        closedir(d);
+        return 0;
     }
     closedir(d);
     return -1;
