@@ -54,3 +54,50 @@ fn a_killed_core_gives_errors_then_the_mount_goes() {
     let st = fs.0.wait().unwrap();
     assert!(st.success(), "{st:?}");
 }
+
+/// A session hands the core a file of a FUSE mount whose server is
+/// stopped (SIGSTOP): the core must not ask that file system anything on
+/// its event loop (stat, statfs and even close wait for the FUSE server).
+/// It refuses the fd with EINVAL, closes it on another thread, and keeps
+/// serving other sessions meanwhile.
+#[test]
+fn a_file_of_a_stalled_fuse_mount_is_refused_without_stalling_the_core() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let st = Stack::new("fs-stall");
+    let mnt = st.dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let fs = Command::new(bin("ioasid-fs")).arg("--core").arg(&st.core_sock).arg(&mnt).stderr(Stdio::null()).spawn();
+    let fs = Proc(fs.unwrap());
+    let t0 = Instant::now();
+    while !mounted(&mnt) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "not mounted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let file = std::fs::File::open(mnt.join("stats")).unwrap();
+    kill(Pid::from_raw(fs.pid()), Signal::SIGSTOP).unwrap();
+
+    let mut hostile = st.session();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let core = st.core_sock.clone();
+    let fd = file.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let refused = hostile.register_memory(&fd).map(|m| m.id);
+        let mut other = iommu_core::client::Client::session(&core).unwrap();
+        let served = other.ioas_alloc().is_ok();
+        // Our copy goes back to be closed once the server runs again
+        // (closing it now would wait for the stopped server).
+        let _ = tx.send((refused.map_err(|e| e.errno()), served, fd));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(10));
+    kill(Pid::from_raw(fs.pid()), Signal::SIGCONT).unwrap();
+    let (refused, served, fd) = got.expect("the core stalled on a file of a stopped FUSE server");
+    drop(fd);
+    assert!(
+        matches!(refused, Err(Some(iommu_core::Errno::EINVAL))) || matches!(refused, Err(None)),
+        "the fd was not refused: {refused:?}"
+    );
+    assert!(served, "another session was not served");
+    drop(file);
+    assert!(fs.terminate(), "ioasid-fs exits cleanly");
+}

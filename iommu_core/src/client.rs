@@ -132,13 +132,22 @@ impl Client {
         self.seq += 1;
         let seq = self.seq;
         let bytes = wire::encode(seq, req, fds.len())?;
-        let mut sent = wire::send_with_fds(self.stream.as_fd(), &bytes, fds).map_err(|e| self.io(e))?;
-        if sent < bytes.len() {
+        let sent = wire::send_with_fds(self.stream.as_fd(), &bytes, fds).and_then(|n| {
             use std::io::Write;
-            self.stream.write_all(&bytes[sent..]).map_err(|e| self.io(e))?;
-            sent = bytes.len();
+            self.stream.write_all(&bytes[n..])
+        });
+        if let Err(e) = sent {
+            // The core may have said why before it hung up (a limit, a
+            // foreign user): that answer is the better error.
+            if matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) {
+                if let Ok((env, _)) = self.read_reply() {
+                    if let Err(refusal) = env.body.into_result() {
+                        return Err(Error::Core(refusal));
+                    }
+                }
+            }
+            return Err(self.io(e));
         }
-        debug_assert_eq!(sent, bytes.len());
         let (env, fds) = self.read_reply()?;
         if env.seq != seq && env.seq != 0 {
             return Err(Error::Unexpected(format!("reply to request {} while waiting for {seq}", env.seq)));

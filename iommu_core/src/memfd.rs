@@ -81,26 +81,66 @@ pub fn seal_names(s: Option<SealFlag>) -> String {
     }
 }
 
-/// File systems whose reads can block for as long as a peer likes (FUSE,
-/// network file systems): DMA must never wait on them.
-const BLOCKING_FS: &[i64] = &[
-    0x6573_5546,            // FUSE
-    0x6969,                 // NFS
-    0x517b,                 // SMB
-    0xff53_4d42_u32 as i64, // CIFS
-    0xfe53_4d42_u32 as i64, // SMB2
-    0x0102_1997,            // 9P
-    0x00c3_6400,            // Ceph
-    0x5346_414f,            // AFS
-];
+/// File systems whose operations (reads, but also stat, flush on close)
+/// can block for as long as a peer likes: FUSE and network file systems.
+/// DMA and the core's event loop must never wait on them.
+const BLOCKING_FS: &[&str] = &["fuse", "fuseblk", "nfs", "nfs4", "smb3", "smbfs", "cifs", "9p", "ceph", "afs"];
 
-/// Whether `fd` lives on a file system whose I/O can block indefinitely.
+/// The type of the file system `fd` lives on, read from procfs
+/// (`fdinfo`'s `mnt_id` and `mountinfo`) without asking the file system
+/// itself anything: `fstat` or `fstatfs` on a FUSE file waits for its
+/// server.
+pub fn fs_type(fd: BorrowedFd<'_>) -> Option<String> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+    let mnt = info.lines().find_map(|l| l.strip_prefix("mnt_id:")).map(str::trim)?.to_string();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut fields = l.split(' ');
+        if fields.next()? != mnt {
+            return None;
+        }
+        // After the optional fields, " - " then the file system type.
+        let (_, rest) = l.split_once(" - ")?;
+        rest.split(' ').next().map(str::to_string)
+    })
+}
+
+/// Whether `fd` lives on a file system whose operations can block
+/// indefinitely (or whose type cannot be told). Memory objects (memfd,
+/// tmpfs, hugetlbfs) answer without a procfs lookup.
 pub fn on_blocking_fs(fd: BorrowedFd<'_>) -> bool {
-    match nix::sys::statfs::fstatfs(fd) {
-        // The field is a C long: i64 here, i32 on 32-bit targets.
-        #[allow(clippy::unnecessary_cast)]
-        Ok(st) => BLOCKING_FS.contains(&(st.filesystem_type().0 as i64)),
-        Err(_) => true,
+    if seals(fd).is_some() {
+        return false;
+    }
+    match fs_type(fd) {
+        Some(t) => BLOCKING_FS.contains(&t.as_str()) || t.starts_with("fuse."),
+        // Sockets, pipes and anonymous inodes (eventfd, ...) are on no
+        // listed mount and never block; anything else unknown might.
+        None => !std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).is_ok_and(|l| {
+            let l = l.to_string_lossy();
+            l.starts_with("socket:") || l.starts_with("pipe:") || l.starts_with("anon_inode:")
+        }),
+    }
+}
+
+/// Closes fds on a thread of their own: closing a file of a FUSE or
+/// network file system can wait for its server as long as it likes, and
+/// must not stall the caller.
+pub fn close_elsewhere(fd: OwnedFd) {
+    static CLOSER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<OwnedFd>>> = std::sync::OnceLock::new();
+    let tx = CLOSER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<OwnedFd>();
+        std::thread::Builder::new().name("fd-closer".into()).spawn(move || rx.into_iter().for_each(drop)).ok()?;
+        Some(tx)
+    });
+    match tx {
+        Some(tx) => {
+            if let Err(e) = tx.send(fd) {
+                // The thread is gone: leak rather than block.
+                std::mem::forget(e.0);
+            }
+        }
+        None => std::mem::forget(fd),
     }
 }
 

@@ -40,6 +40,7 @@ impl From<pagetable::Error> for Error {
     fn from(e: pagetable::Error) -> Error {
         let errno = match e {
             pagetable::Error::Overlap(_) => Errno::EEXIST,
+            pagetable::Error::Quota(_) => Errno::ENOSPC,
             _ => Errno::ENOMEM,
         };
         Error { errno, message: e.to_string() }
@@ -460,6 +461,11 @@ impl Core {
         }
     }
 
+    /// Charges the page tables allocated next to session `sid`.
+    fn charge(&mut self, sid: u64) {
+        self.pool.charge_to(sid, self.limits.max_tables_per_session);
+    }
+
     /// Objects a session owns.
     pub fn object_count(&self, sid: u64) -> Option<usize> {
         self.sessions.get(&sid).map(|s| s.objects.len())
@@ -468,6 +474,14 @@ impl Core {
     /// Registers a memory object from `fd`.
     pub fn register_memory(&mut self, sid: u64, fd: OwnedFd) -> Result<MemInfo> {
         let file = File::from(fd);
+        // Before anything asks the file's file system (stat included).
+        if memfd::on_blocking_fs(file.as_fd()) {
+            memfd::close_elsewhere(file.into());
+            return err(
+                Errno::EINVAL,
+                "a memory object cannot live on FUSE or a network file system (its I/O can block DMA)",
+            );
+        }
         let meta = match file.metadata() {
             Ok(m) => m,
             Err(e) => return err(Errno::EBADF, format!("cannot stat the file: {e}")),
@@ -475,12 +489,6 @@ impl Core {
         let ft = meta.file_type();
         if !ft.is_file() || ft.is_socket() {
             return err(Errno::EINVAL, "a memory object must be a regular file (memfd, tmpfs or hugetlbfs)");
-        }
-        if memfd::on_blocking_fs(file.as_fd()) {
-            return err(
-                Errno::EINVAL,
-                "a memory object cannot live on FUSE or a network file system (its I/O can block DMA)",
-            );
         }
         let size = meta.len();
         if size == 0 {
@@ -492,7 +500,15 @@ impl Core {
         if size > pagetable::MAX_ADDRESS / 2 {
             return err(Errno::E2BIG, format!("size {size:#x} does not fit the system address space"));
         }
-        self.session(sid)?;
+        let held: u64 =
+            self.session(sid)?.objects.values().map(|o| if let Object::Memory(m) = o { m.size } else { 0 }).sum();
+        let cap = self.limits.max_memory_bytes_per_session;
+        if held.saturating_add(size) > cap {
+            return err(
+                Errno::ENOSPC,
+                format!("the session would hold more than {cap:#x} bytes of memory objects, the configured limit"),
+            );
+        }
         let id = self.new_id(sid)?;
         self.step()?;
         let (sys_base, sys_len) = self
@@ -521,6 +537,7 @@ impl Core {
     /// Allocates an empty paging IOAS.
     pub fn ioas_alloc(&mut self, sid: u64) -> Result<u32> {
         let id = self.new_id(sid)?;
+        self.charge(sid);
         let root = self.pool.alloc_table()?;
         self.insert_object(
             sid,
@@ -715,6 +732,7 @@ impl Core {
         let (_, base) = self.mem_info(sid, area.mem)?;
         let root = self.ioas(sid, ioas_id)?.root;
         let len = area.last - iova + 1;
+        self.charge(sid);
         let dirty = self.sessions.get(&sid).map(|s| &s.dirty);
         self.pool.map_range(root, iova, base + area.offset, len, area.perm, dirty)?;
         if let Ok(Object::Memory(m)) = self.object(sid, area.mem) {
@@ -1053,6 +1071,7 @@ impl Core {
             let Some(pt) = pt else { continue };
             let e = self.entry_for(sid, caps, pt)?;
             let mut pages = Vec::new();
+            self.charge(sid);
             self.pool.pasid_set(root, pasid, e, &mut pages)?;
             debug_assert!(pages.is_empty(), "an attached PASID already has its directory pages");
         }
@@ -1274,6 +1293,7 @@ impl Core {
             return err(Errno::ENOSPC, format!("the session has {cap} devices bound, the configured limit"));
         }
         let id = self.new_id(sid)?;
+        self.charge(sid);
         let root = self.pool.alloc_table()?;
         let d = Device {
             channel: chan,
@@ -1326,6 +1346,7 @@ impl Core {
         }
         self.step()?;
         let mut pages = Vec::new();
+        self.charge(sid);
         if let Err(e) = self.pool.pasid_set(root, key, e, &mut pages) {
             self.release_tables(pages);
             return Err(e.into());
@@ -1636,6 +1657,16 @@ impl Core {
             stats: self.stats,
             limits: self.limits,
         }
+    }
+
+    /// Mappings in the IOASes of every session (or only of `only`).
+    pub fn mapping_count(&self, only: Option<u64>) -> usize {
+        self.sessions
+            .iter()
+            .filter(|(id, _)| only.is_none_or(|o| o == **id))
+            .flat_map(|(_, s)| s.objects.values())
+            .map(|o| if let Object::Ioas(i) = o { i.areas.len() } else { 0 })
+            .sum()
     }
 
     /// Sessions open now.

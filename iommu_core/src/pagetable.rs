@@ -73,6 +73,9 @@ pub enum Error {
     /// The range overlaps an entry that is already present.
     #[error("IOVA {0:#x} is already mapped in the page table")]
     Overlap(u64),
+    /// The owner charged for new tables holds its quota.
+    #[error("the session holds {0} page tables, the configured limit")]
+    Quota(u32),
 }
 
 /// Access permission of a mapping or a DMA.
@@ -209,6 +212,76 @@ pub fn walk(mem: &impl TableMemory, root: u64, iova: u64) -> Result<Leaf, WalkEr
     Err(WalkError::Malformed(1, 0))
 }
 
+/// Stage-1 tables as a nested walk sees them. Stage-1 tables belong to
+/// the user and live in its memory at parent (stage-2) IOVAs, so every load
+/// is first translated through the stage-2 tables; `read` then loads the
+/// 8-byte word at the system address it is given (or `None`).
+///
+/// Nothing in stage 1 is trusted: an entry may point anywhere, at an
+/// unaligned or unmapped address or outside the user's memory, and each
+/// such case ends the walk with an error.
+pub struct Stage1<'a, S, F> {
+    /// The stage-2 tables (the core's pool).
+    pub s2: &'a S,
+    /// Root of the stage-2 tables.
+    pub s2_root: u64,
+    /// Loads a word of user memory at a system address.
+    pub read: F,
+}
+
+impl<S: TableMemory, F: Fn(u64) -> Option<u64>> TableMemory for Stage1<'_, S, F> {
+    fn load(&self, table: u64, index: usize) -> Option<u64> {
+        if index >= ENTRIES {
+            return None;
+        }
+        let addr = table.checked_add(index as u64 * 8)?;
+        if !addr.is_multiple_of(8) {
+            return None;
+        }
+        let leaf = walk(self.s2, self.s2_root, addr).ok()?;
+        if !leaf.perm.read {
+            return None;
+        }
+        (self.read)(leaf.address)
+    }
+}
+
+/// Where a nested (two-stage) walk ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NestedLeaf {
+    /// System address of the IOVA asked for.
+    pub address: u64,
+    /// Rights: those of the stage-1 leaf and the stage-2 leaf together.
+    pub perm: Perm,
+    /// The stage-2 leaf of the final address (for dirty tracking).
+    pub s2: Leaf,
+}
+
+/// Why a nested walk failed, and in which stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NestedError {
+    /// The user's stage-1 tables (or a stage-1 table address that stage 2
+    /// does not map readable).
+    #[error("stage 1: {0}")]
+    Stage1(WalkError),
+    /// The stage-2 translation of the stage-1 result.
+    #[error("stage 2: {0}")]
+    Stage2(WalkError),
+}
+
+/// Walks `iova` through the user's stage-1 tables rooted at the parent
+/// IOVA `s1_root`, then the resulting parent IOVA through stage 2.
+pub fn walk_nested<S: TableMemory, F: Fn(u64) -> Option<u64>>(
+    s1: &Stage1<'_, S, F>,
+    s1_root: u64,
+    iova: u64,
+) -> Result<NestedLeaf, NestedError> {
+    let l1 = walk(s1, s1_root, iova).map_err(NestedError::Stage1)?;
+    let l2 = walk(s1.s2, s1.s2_root, l1.address).map_err(NestedError::Stage2)?;
+    let perm = Perm { read: l1.perm.read && l2.perm.read, write: l1.perm.write && l2.perm.write };
+    Ok(NestedLeaf { address: l2.address, perm, s2: l2 })
+}
+
 /// An atomic view of a mapped region of u64 words.
 #[derive(Debug)]
 struct Words {
@@ -296,6 +369,12 @@ pub struct TablePool {
     used: Vec<u16>,
     in_use: u32,
     fail: Arc<FailNth>,
+    /// Owner of each page (0: none), for per-owner quotas.
+    owner: Vec<u64>,
+    /// Tables each owner holds.
+    held: std::collections::HashMap<u64, u32>,
+    /// Who new tables are charged to, and their quota.
+    charge: (u64, u32),
 }
 
 impl TablePool {
@@ -315,6 +394,9 @@ impl TablePool {
             used: vec![0; pages as usize],
             in_use: 0,
             fail,
+            owner: vec![0; pages as usize],
+            held: std::collections::HashMap::new(),
+            charge: (0, u32::MAX),
         })
     }
 
@@ -370,10 +452,25 @@ impl TablePool {
         }
     }
 
+    /// Charges tables allocated from now on to `owner` (a session id; 0
+    /// charges nobody), who may hold at most `quota` tables in all.
+    pub fn charge_to(&mut self, owner: u64, quota: u32) {
+        self.charge = (owner, quota);
+    }
+
+    /// Tables `owner` holds.
+    pub fn held_by(&self, owner: u64) -> u32 {
+        self.held.get(&owner).copied().unwrap_or(0)
+    }
+
     /// Allocates a zeroed table and returns its pool offset.
     pub fn alloc_table(&mut self) -> Result<u64, Error> {
         if self.fail.step() {
             return Err(Error::Injected);
+        }
+        let (owner, quota) = self.charge;
+        if owner != 0 && self.held_by(owner) >= quota {
+            return Err(Error::Quota(quota));
         }
         let page = if let Some(p) = self.free.pop() {
             p
@@ -389,6 +486,10 @@ impl TablePool {
         }
         self.used[page as usize] = 0;
         self.in_use += 1;
+        self.owner[page as usize] = owner;
+        if owner != 0 {
+            *self.held.entry(owner).or_default() += 1;
+        }
         Ok(table)
     }
 
@@ -402,6 +503,13 @@ impl TablePool {
         self.used[page] = 0;
         self.free.push(page as u32);
         self.in_use = self.in_use.saturating_sub(1);
+        let owner = std::mem::take(&mut self.owner[page]);
+        if let Some(n) = self.held.get_mut(&owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.held.remove(&owner);
+            }
+        }
     }
 
     /// Maps `[iova, iova+len)` onto `[addr, addr+len)` with `perm`, using the

@@ -22,6 +22,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
 use crate::errno::Errno;
+use crate::memfd;
 use crate::model::{self, Core};
 use crate::types::{InvalidateTarget, Limits};
 use crate::wire::{self, Envelope, FrameReader, Reply, Request, Role};
@@ -30,6 +31,9 @@ use crate::wire::{self, Envelope, FrameReader, Reply, Request, Role};
 pub const FRAMES_PER_TURN: usize = 32;
 /// Unsent reply bytes above which a connection is not served.
 pub const OUT_HIGH_WATER: usize = 1 << 20;
+/// A connection is not read while more fds than this wait in its output
+/// (each is an open file of the core until the peer takes it).
+pub const OUT_FDS_HIGH_WATER: usize = 64;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -81,6 +85,7 @@ struct Conn {
     reader: FrameReader,
     out: VecDeque<OutFrame>,
     out_bytes: usize,
+    out_fds: usize,
     role: Option<Role>,
     session: u64,
     /// Non-zero for a device channel made by the core.
@@ -106,6 +111,7 @@ impl Conn {
             reader: FrameReader::new(limits.max_message_bytes as usize, limits.max_fds_per_message as usize),
             out: VecDeque::new(),
             out_bytes: 0,
+            out_fds: 0,
             role: None,
             session: 0,
             channel: 0,
@@ -138,6 +144,15 @@ struct DriverWaiter {
     chan: u64,
     deadline: Instant,
 }
+
+/// Most mappings a Status reply lists (a reply is about 60 bytes a
+/// mapping).
+pub const STATUS_MAX_MAPPINGS: usize = 1 << 20;
+
+/// Driver-state queries one peer may have waiting at once.
+pub const DRIVER_QUERIES_PER_ASKER: usize = 4;
+/// Driver-state queries waiting on one device channel at once.
+pub const DRIVER_QUERIES_PER_CHANNEL: usize = 16;
 
 /// Most lines of a page-table dump (about 80 bytes each).
 const PAGE_TABLE_LINES: usize = 8192;
@@ -177,6 +192,8 @@ pub struct Server {
     conns: HashMap<Token, Conn>,
     next_token: usize,
     backlog: VecDeque<Token>,
+    /// Peers that have not said hello yet, by deadline (in accept order).
+    hello_deadlines: VecDeque<(Instant, Token)>,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
@@ -232,6 +249,7 @@ impl Server {
             conns: HashMap::new(),
             next_token: FIRST_CONN,
             backlog: VecDeque::new(),
+            hello_deadlines: VecDeque::new(),
             stop: Arc::new(AtomicBool::new(false)),
             waker,
             signals: None,
@@ -290,7 +308,8 @@ impl Server {
             } else {
                 let held = self.held.values().map(|o| o.deadline);
                 let queries = self.driver_waiters.values().map(|w| w.deadline);
-                held.chain(queries).min().map(|d| d.saturating_duration_since(Instant::now()))
+                let hello = self.hello_deadlines.front().map(|(d, _)| *d);
+                held.chain(queries).chain(hello).min().map(|d| d.saturating_duration_since(Instant::now()))
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == ErrorKind::Interrupted {
@@ -318,6 +337,7 @@ impl Server {
                 self.service(t);
             }
             self.expire_held();
+            self.expire_hellos();
         };
         let tokens: Vec<Token> = self.conns.keys().copied().collect();
         for t in tokens {
@@ -346,14 +366,44 @@ impl Server {
                     continue;
                 }
             };
+            let full = self.conns.len() >= self.core.limits().max_connections as usize;
             let Some(token) = self.register(stream, pid, uid) else { continue };
-            if uid != self.owner_uid && uid != 0 {
+            if full {
+                tracing::warn!(pid, uid, "turning a peer away: the connection limit is reached");
+                let conn = self.conns.get_mut(&token).expect("just registered");
+                let msg = format!("{} connections are open, the configured limit", self.core.limits().max_connections);
+                queue(conn, 0, &Reply::error(Errno::ENOSPC, msg), Vec::new());
+                conn.closing = true;
+            } else if uid != self.owner_uid && uid != 0 {
                 tracing::warn!(pid, uid, "refusing a peer of another user");
                 let conn = self.conns.get_mut(&token).expect("just registered");
                 queue(conn, 0, &Reply::error(Errno::EPERM, "only the core's owner or root may connect"), Vec::new());
                 conn.closing = true;
             }
             tracing::debug!(pid, uid, token = token.0, "connection");
+            let wait = Duration::from_millis(u64::from(self.core.limits().hello_timeout_ms));
+            self.hello_deadlines.push_back((Instant::now() + wait, token));
+            self.service(token);
+        }
+    }
+
+    /// Turns away peers that did not say hello in time: an idle connection
+    /// would hold a connection slot and a buffer for ever.
+    fn expire_hellos(&mut self) {
+        let now = Instant::now();
+        while let Some(&(deadline, token)) = self.hello_deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.hello_deadlines.pop_front();
+            let Some(conn) = self.conns.get_mut(&token) else { continue };
+            if conn.role.is_some() || conn.closing {
+                continue;
+            }
+            tracing::info!(pid = conn.pid, "closing a connection that did not say hello in time");
+            let ms = self.core.limits().hello_timeout_ms;
+            queue(conn, 0, &Reply::error(Errno::ETIMEDOUT, format!("no hello within {ms} ms")), Vec::new());
+            conn.closing = true;
             self.service(token);
         }
     }
@@ -522,7 +572,7 @@ impl Server {
         let mut yielded = false;
         loop {
             let Some(conn) = self.conns.get_mut(&token) else { return };
-            if conn.out_bytes > OUT_HIGH_WATER || conn.closing {
+            if conn.out_bytes > OUT_HIGH_WATER || conn.out_fds > OUT_FDS_HIGH_WATER || conn.closing {
                 break;
             }
             if served == FRAMES_PER_TURN {
@@ -564,7 +614,27 @@ impl Server {
             let mut buf = vec![0u8; room];
             match wire::recv_with_fds(conn.stream.as_fd(), &mut buf, conn.reader.max_fds()) {
                 Ok((0, _)) => eof = true,
-                Ok((n, fds)) => conn.reader.push(&buf[..n], fds),
+                Ok((n, fds)) => {
+                    // Files of FUSE or network file systems are never
+                    // memory objects, and even closing one can block: they
+                    // are closed on another thread and the peer is cut off.
+                    let (bad, fds): (Vec<OwnedFd>, Vec<OwnedFd>) =
+                        fds.into_iter().partition(|f| memfd::on_blocking_fs(f.as_fd()));
+                    let refused = !bad.is_empty();
+                    bad.into_iter().for_each(memfd::close_elsewhere);
+                    conn.reader.push(&buf[..n], fds);
+                    if refused {
+                        tracing::warn!(
+                            pid = conn.pid,
+                            "closing a connection that sent a file on FUSE or a network file system"
+                        );
+                        let msg =
+                            "files on FUSE or network file systems cannot be memory objects (their I/O can block)";
+                        queue(conn, 0, &Reply::error(Errno::EINVAL, msg), Vec::new());
+                        conn.closing = true;
+                        break;
+                    }
+                }
                 Err(wire::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(wire::Error::Io(e)) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e @ wire::Error::Truncated) => {
@@ -748,7 +818,22 @@ impl Server {
                 r.map(Reply::Fault)
             }
             Request::Translate { ioas, iova } => core.translate(sid, ioas, iova).map(Reply::Translation),
-            Request::Status => Ok(Reply::Status(Box::new(core.snapshot(only)))),
+            Request::Status => {
+                // A snapshot lists every mapping: refuse one too large to
+                // build and send rather than exhaust memory.
+                let n = core.mapping_count(only);
+                if n > STATUS_MAX_MAPPINGS {
+                    Err(model::Error {
+                        errno: Errno::E2BIG,
+                        message: format!(
+                            "the state holds {n} mappings, more than one Status reply carries ({STATUS_MAX_MAPPINGS}); \
+                             look at one session or IOAS at a time"
+                        ),
+                    })
+                } else {
+                    Ok(Reply::Status(Box::new(core.snapshot(only))))
+                }
+            }
             Request::OpenDeviceChannel => return Some(self.open_channel(sid)),
             Request::BindDevice(a) => core.bind_device(chan, a).map(Reply::Device),
             Request::UnbindDevice { dev } => core.unbind_device(chan, dev).map(|_| Reply::Ok),
@@ -808,6 +893,16 @@ impl Server {
                 let Some(t) = self.chan_tokens.get(&qchan).copied() else {
                     return plain(Reply::error(Errno::ENOENT, "the device's channel is closed"));
                 };
+                // Queries wait on a device server: a peer may have only a
+                // few out, and a channel only a few to answer.
+                let by_asker = self.driver_waiters.values().filter(|w| w.asker == token).count();
+                let by_chan = self.driver_waiters.values().filter(|w| w.chan == qchan).count();
+                if by_asker >= DRIVER_QUERIES_PER_ASKER || by_chan >= DRIVER_QUERIES_PER_CHANNEL {
+                    return plain(Reply::error(
+                        Errno::EBUSY,
+                        "too many driver-state queries are waiting; ask again when they are answered",
+                    ));
+                }
                 let id = self.next_query;
                 self.next_query += 1;
                 if let Some(c) = self.conns.get_mut(&t) {
@@ -902,6 +997,7 @@ fn queue(conn: &mut Conn, seq: u64, reply: &Reply, fds: Vec<OwnedFd>) {
         }
     };
     conn.out_bytes += bytes.len();
+    conn.out_fds += fds.len();
     conn.out.push_back(OutFrame { bytes, pos: 0, fds });
 }
 
@@ -921,6 +1017,7 @@ fn flush(conn: &mut Conn) -> std::io::Result<()> {
             Ok(n) => {
                 f.pos += n;
                 conn.out_bytes -= n;
+                conn.out_fds -= f.fds.len();
                 f.fds.clear();
                 if f.pos == f.bytes.len() {
                     conn.out.pop_front();

@@ -32,8 +32,8 @@ use vm_memory::VolatileSlice;
 
 use crate::device::{self, Channel, InvalidationHandler};
 use crate::pagetable::{
-    pasid_lookup, walk, TableMemory, WalkError, DIRTY_BYTES_PER_TABLE, ENTRIES, PAGE_SIZE, PASID_DIRTY, PASID_IOPF,
-    PASID_NESTED,
+    pasid_lookup, walk, walk_nested, NestedError, Stage1, TableMemory, WalkError, DIRTY_BYTES_PER_TABLE, ENTRIES,
+    PAGE_SIZE, PASID_DIRTY, PASID_IOPF, PASID_NESTED,
 };
 use crate::types::*;
 
@@ -209,33 +209,6 @@ impl TableMemory for Pool {
     }
 }
 
-/// Stage-1 tables live in memory objects at parent IOVAs: each load goes
-/// through the stage-2 table first.
-struct Stage1<'a> {
-    tu: &'a TranslationUnit,
-    s2_root: u64,
-    /// A memory object the walk needs but has not mapped.
-    need: Cell<Option<u64>>,
-}
-
-impl TableMemory for Stage1<'_> {
-    fn load(&self, table: u64, index: usize) -> Option<u64> {
-        let addr = table.checked_add(index as u64 * 8)?;
-        let leaf = walk(&self.tu.pool, self.s2_root, addr).ok()?;
-        if !leaf.perm.read {
-            return None;
-        }
-        let mems = self.tu.mems.read().ok()?;
-        match find_mem(&mems, leaf.address) {
-            Some(m) => m.load_u64(leaf.address - m.base),
-            None => {
-                self.need.set(Some(leaf.address));
-                None
-            }
-        }
-    }
-}
-
 fn find_mem(mems: &BTreeMap<u64, Arc<MemObject>>, sys: u64) -> Option<&Arc<MemObject>> {
     let (_, m) = mems.range(..=sys).next_back()?;
     (sys < m.base + m.size).then_some(m)
@@ -387,21 +360,33 @@ impl TranslationUnit {
             WalkError::NotPresent(_) | WalkError::OutOfRange(_) => FaultReason::NotPresent,
             _ => FaultReason::Malformed,
         };
-        let (gpa, s1_perm) = if e.flags & PASID_NESTED != 0 {
-            let s1 = Stage1 { tu: self, s2_root: e.s2_root, need: Cell::new(None) };
-            match walk(&s1, e.s1_root, iova) {
-                Ok(l) => (l.address, l.perm),
-                Err(w) => {
-                    let need = s1.need.get();
-                    let r = if matches!(w, WalkError::BadTable(..)) { FaultReason::NotPresent } else { reason(w) };
-                    return Err((r, iopf, need));
+        let (leaf, perm) = if e.flags & PASID_NESTED != 0 {
+            // Stage-1 tables live in memory objects at parent IOVAs; a walk
+            // that meets an object this unit has not mapped yet says so.
+            let need = Cell::new(None);
+            let read = |sys: u64| {
+                let mems = self.mems.read().ok()?;
+                match find_mem(&mems, sys) {
+                    Some(m) => m.load_u64(sys - m.base),
+                    None => {
+                        need.set(Some(sys));
+                        None
+                    }
                 }
+            };
+            let s1 = Stage1 { s2: &self.pool, s2_root: e.s2_root, read };
+            match walk_nested(&s1, e.s1_root, iova) {
+                Ok(l) => (l.s2, l.perm),
+                Err(NestedError::Stage1(w)) => {
+                    let r = if matches!(w, WalkError::BadTable(..)) { FaultReason::NotPresent } else { reason(w) };
+                    return Err((r, iopf, need.get()));
+                }
+                Err(NestedError::Stage2(w)) => return Err((reason(w), iopf, None)),
             }
         } else {
-            (iova, Perm::RW)
+            let leaf = walk(&self.pool, e.s2_root, iova).map_err(|w| (reason(w), iopf, None))?;
+            (leaf, leaf.perm)
         };
-        let leaf = walk(&self.pool, e.s2_root, gpa).map_err(|w| (reason(w), iopf, None))?;
-        let perm = Perm { read: leaf.perm.read && s1_perm.read, write: leaf.perm.write && s1_perm.write };
         let dirty = (e.flags & PASID_DIRTY != 0).then_some((leaf.table, leaf.index));
         // A nested translation is only known to hold for its 4 KiB page.
         let size = if e.flags & PASID_NESTED != 0 { PAGE_SIZE } else { leaf.page_size };

@@ -37,6 +37,16 @@ pub struct Limits {
     /// Milliseconds a device server has to answer an invalidation before
     /// it is fenced.
     pub invalidate_timeout_ms: u32,
+    /// Page tables (4 KiB each, from the shared pool) a session may hold
+    /// through its IOASes and devices.
+    pub max_tables_per_session: u32,
+    /// Bytes of memory objects a session may register in all.
+    pub max_memory_bytes_per_session: u64,
+    /// Connections (sessions, observers, device channels, and peers that
+    /// have not said hello yet) open at once.
+    pub max_connections: u32,
+    /// Milliseconds a new peer has to say hello before it is turned away.
+    pub hello_timeout_ms: u32,
 }
 
 impl Default for Limits {
@@ -54,6 +64,10 @@ impl Default for Limits {
             max_devices_per_session: 256,
             max_channels_per_session: 16,
             invalidate_timeout_ms: 2000,
+            max_tables_per_session: 65_536,
+            max_memory_bytes_per_session: 1 << 42,
+            max_connections: 4096,
+            hello_timeout_ms: 5000,
         }
     }
 }

@@ -298,3 +298,79 @@ fn a_second_core_on_a_live_socket_refuses_to_start() {
     // The first one is untouched.
     assert!(Client::session(&d.path).is_ok());
 }
+
+/// Body of a process run as another user: connects to the socket in
+/// `IOASID_TEST_FOREIGN_SOCKET`, says hello as a session and prints what
+/// came back: `CONNECT <errno>`, `ERRNO <errno>`, `REPLY` or `CLOSED`.
+#[test]
+#[ignore = "helper process for only_the_owner_or_root_may_connect; not a test by itself"]
+fn foreign_user_process() {
+    let Ok(path) = std::env::var("IOASID_TEST_FOREIGN_SOCKET") else { return };
+    let mut s = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("CONNECT {}", e.raw_os_error().unwrap_or(0));
+            return;
+        }
+    };
+    let _ = s.write_all(&hello_bytes());
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).unwrap_or(0);
+    let mut r = wire::FrameReader::new(1 << 20, 0);
+    r.push(&buf[..n], Vec::new());
+    match r.next_frame() {
+        Ok(Some(f)) => match wire::decode::<Reply>(&f.payload).map(|e| e.body) {
+            Ok(Reply::Error { errno, .. }) => println!("ERRNO {errno}"),
+            _ => println!("REPLY"),
+        },
+        _ => println!("CLOSED"),
+    }
+}
+
+/// Runs [`foreign_user_process`] as user `nobody` against `socket` (from a
+/// copy of this test binary that `nobody` may execute).
+fn as_nobody(socket: &Path) -> String {
+    use std::os::unix::process::CommandExt;
+    let dir = temp_dir("nobody-bin");
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.0.join("test-binary");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(&exe)
+        .args(["--ignored", "--exact", "foreign_user_process", "--nocapture", "--test-threads=1"])
+        .env("IOASID_TEST_FOREIGN_SOCKET", socket)
+        .uid(65534)
+        .gid(65534)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run the helper as nobody");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ["CONNECT", "ERRNO", "REPLY", "CLOSED"]
+        .iter()
+        .find_map(|k| text.find(k).map(|i| text[i..].lines().next().unwrap_or("").to_string()))
+        .unwrap_or_else(|| panic!("the helper printed no result: {text}"))
+}
+
+#[test]
+fn only_the_owner_or_root_may_connect() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("only_the_owner_or_root_may_connect needs root to run a process as another user; not run");
+        return;
+    }
+    let d = Daemon::start("foreign", &[]);
+    let mode = std::fs::metadata(&d.path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the socket is private to its owner");
+    // The file system keeps the other user out.
+    assert_eq!(as_nobody(&d.path), format!("CONNECT {}", libc::EACCES));
+    // Opened up by hand, the socket still does not let them in: the core
+    // checks the peer's credentials and answers EPERM.
+    std::fs::set_permissions(d.path.parent().unwrap(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&d.path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(as_nobody(&d.path), format!("ERRNO {}", Errno::EPERM.code()));
+    // Nothing of theirs was created; the owner (root) is served.
+    let mut obs = Client::observer(&d.path).unwrap();
+    assert!(obs.status().unwrap().sessions.is_empty(), "no session was opened for the other user");
+    let mut s = Client::session(&d.path).unwrap();
+    assert!(s.ioas_alloc().is_ok());
+}

@@ -44,6 +44,12 @@ struct Args {
     /// or `per-rid` (pPASID = vPASID in the device's own PASID space).
     #[arg(long, default_value = "global", value_parser = ["global", "per-rid"])]
     pasid_alloc: String,
+    /// Also let processes of this user id connect (for a VMM running as
+    /// another user; repeatable). Without it only this server's user and
+    /// root may connect. With it the socket file is made 0666 and the
+    /// peer credentials are the gate.
+    #[arg(long, value_name = "UID")]
+    allow_uid: Vec<u32>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -81,7 +87,7 @@ fn run() -> anyhow::Result<()> {
     };
     let core = args.core.unwrap_or_else(iommu_core::server::default_socket_path);
     let pasid_policy = if args.pasid_alloc == "per-rid" { PasidPolicy::PerRid } else { PasidPolicy::Global };
-    let opts = Options { listen, core, pci_address: args.pci_address, pasid_policy };
+    let opts = Options { listen, core, pci_address: args.pci_address, pasid_policy, allow_uids: args.allow_uid };
     let mut server = Server::new(device, opts)?;
     server.handle_signals()?;
     tracing::info!("serving {}", args.device);

@@ -79,6 +79,9 @@ pub struct Options {
     pub pci_address: String,
     /// How pPASIDs are chosen.
     pub pasid_policy: PasidPolicy,
+    /// Users besides the server's own user and root whose processes may
+    /// connect (for a VMM running as another user).
+    pub allow_uids: Vec<u32>,
 }
 
 impl Options {
@@ -90,6 +93,7 @@ impl Options {
             core: core.into(),
             pci_address: "0000:00:04.0".into(),
             pasid_policy: PasidPolicy::default(),
+            allow_uids: Vec::new(),
         }
     }
 }
@@ -118,6 +122,7 @@ pub struct Server {
     jobs: Sender<Job>,
     worker: Option<std::thread::JoinHandle<()>>,
     io_fds: Vec<Arc<File>>,
+    io_queued: Vec<Arc<AtomicBool>>,
     io_descs: usize,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
@@ -125,9 +130,11 @@ pub struct Server {
     dma: Arc<Dma>,
     stats: Arc<Stats>,
     backlog: Arc<Backlog>,
+    owner_uid: u32,
+    allow_uids: Vec<u32>,
 }
 
-fn bind_path(path: &Path) -> Result<UnixListener, Error> {
+fn bind_path(path: &Path, mode: u32) -> Result<UnixListener, Error> {
     let setup = |what, error| Error::Setup { what, path: path.to_path_buf(), error };
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -136,7 +143,7 @@ fn bind_path(path: &Path) -> Result<UnixListener, Error> {
         std::fs::remove_file(path).map_err(|e| setup("cannot remove the stale socket", e))?;
     }
     let l = UnixListener::bind(path).map_err(|e| setup("cannot bind", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| setup("cannot set the mode of", e))?;
     Ok(l)
 }
@@ -163,7 +170,8 @@ impl Server {
         ));
         let (listener, single, path) = match opts.listen {
             Listen::Path(p) => {
-                let mut l = bind_path(&p)?;
+                let mode = if opts.allow_uids.is_empty() { 0o600 } else { 0o666 };
+                let mut l = bind_path(&p, mode)?;
                 poll.registry().register(&mut l, LISTENER, Interest::READABLE).map_err(Error::Poll)?;
                 (Some(l), None, Some(p))
             }
@@ -204,6 +212,7 @@ impl Server {
             jobs: tx,
             worker: Some(handle),
             io_fds: Vec::new(),
+            io_queued: Vec::new(),
             io_descs,
             stop: Arc::new(AtomicBool::new(false)),
             waker,
@@ -211,6 +220,8 @@ impl Server {
             dma,
             stats,
             backlog,
+            owner_uid: nix::unistd::geteuid().as_raw(),
+            allow_uids: opts.allow_uids,
         })
     }
 
@@ -247,6 +258,8 @@ impl Server {
         // Fresh ioeventfds per client: a departed client keeps its copies,
         // which must not reach the next client's device.
         self.io_fds.clear();
+        // Fresh flags too: a job of the departed client may still be queued.
+        self.io_queued = (0..self.io_descs).map(|_| Arc::new(AtomicBool::new(false))).collect();
         for i in 0..self.io_descs {
             let f = Arc::new(crate::irq::eventfd().map_err(Error::Poll)?);
             self.poll
@@ -359,10 +372,16 @@ impl Server {
                     WAKER => self.read_conn(),
                     Token(t) if t >= IOFD_BASE => {
                         let i = t - IOFD_BASE;
-                        if let Some(f) = self.io_fds.get(i) {
+                        if let (Some(f), Some(queued)) = (self.io_fds.get(i), self.io_queued.get(i)) {
                             let mut b = [0u8; 8];
+                            let mut rang = false;
                             while (&**f).read(&mut b).is_ok() {
-                                let _ = self.jobs.send(Job::IoFd(i));
+                                rang = true;
+                            }
+                            // Rings while a job is queued fold into it (a
+                            // doorbell write of the same value).
+                            if rang && !queued.swap(true, Ordering::AcqRel) {
+                                let _ = self.jobs.send(Job::IoFd(i, queued.clone()));
                             }
                         }
                     }
@@ -385,6 +404,21 @@ impl Server {
                         // that before turning the new one away.
                         self.read_conn();
                     }
+                    match nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials) {
+                        Ok(c) if self.allowed(c.uid()) => {}
+                        Ok(c) => {
+                            tracing::warn!(
+                                "refusing pid {} of user {}: only this server's user, root and --allow-uid users may connect",
+                                c.pid(),
+                                c.uid()
+                            );
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!("refusing a client whose credentials cannot be read: {e}");
+                            continue;
+                        }
+                    }
                     if self.conn.is_some() {
                         tracing::warn!("refusing a second client: this socket serves one client at a time");
                         drop(s);
@@ -401,6 +435,10 @@ impl Server {
                 }
             }
         }
+    }
+
+    fn allowed(&self, uid: u32) -> bool {
+        uid == 0 || uid == self.owner_uid || self.allow_uids.contains(&uid)
     }
 
     fn shutdown(&mut self) {

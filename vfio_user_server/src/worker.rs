@@ -92,8 +92,10 @@ pub enum Job {
     Command(Msg),
     /// The client went away.
     Disconnected,
-    /// An ioeventfd offered through GET_REGION_IO_FDS fired.
-    IoFd(usize),
+    /// An ioeventfd offered through GET_REGION_IO_FDS fired. The flag is
+    /// set while this job is queued, so a ringing client queues at most one
+    /// job per ioeventfd however busy the device thread is.
+    IoFd(usize, Arc<std::sync::atomic::AtomicBool>),
     /// Stop the thread.
     Stop,
 }
@@ -243,7 +245,10 @@ impl Worker {
                     backlog.done(n);
                 }
                 Job::Disconnected => self.disconnect(),
-                Job::IoFd(i) => self.io_fd(i),
+                Job::IoFd(i, queued) => {
+                    queued.store(false, std::sync::atomic::Ordering::Release);
+                    self.io_fd(i);
+                }
                 Job::Stop => break,
             }
         }

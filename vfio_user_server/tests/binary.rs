@@ -110,3 +110,96 @@ fn serves_one_client_on_an_inherited_fd() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Body of a process run as another user: connects to
+/// `IOASID_TEST_FOREIGN_SOCKET`, sends VERSION and prints `CONNECT
+/// <errno>`, `REPLY <flags>` or `CLOSED`.
+#[test]
+#[ignore = "helper process for other_users_are_refused_unless_allowed; not a test by itself"]
+fn foreign_user_process() {
+    use std::io::{Read, Write};
+    let Ok(path) = std::env::var("IOASID_TEST_FOREIGN_SOCKET") else { return };
+    let mut s = match std::os::unix::net::UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("CONNECT {}", e.raw_os_error().unwrap_or(0));
+            return;
+        }
+    };
+    let mut p = zerocopy::IntoBytes::as_bytes(&vfio_user_server::proto::Version { major: 0, minor: 1 }).to_vec();
+    p.extend_from_slice(b"{}\0");
+    let h = vfio_user_server::proto::Header::command(1, vfio_user_server::proto::cmd::VERSION, p.len());
+    let _ = s.write_all(zerocopy::IntoBytes::as_bytes(&h));
+    let _ = s.write_all(&p);
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut hdr = [0u8; 16];
+    match s.read_exact(&mut hdr) {
+        Ok(()) => println!("REPLY {}", u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]])),
+        Err(_) => println!("CLOSED"),
+    }
+}
+
+/// Runs [`foreign_user_process`] as `nobody` (from a copy of this binary
+/// that `nobody` may execute).
+fn as_nobody(socket: &std::path::Path, scratch: &std::path::Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = scratch.join("test-binary");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(&exe)
+        .args(["--ignored", "--exact", "foreign_user_process", "--nocapture", "--test-threads=1"])
+        .env("IOASID_TEST_FOREIGN_SOCKET", socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run the helper as nobody");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ["CONNECT", "REPLY", "CLOSED"]
+        .iter()
+        .find_map(|k| text.find(k).map(|i| text[i..].lines().next().unwrap_or("").to_string()))
+        .unwrap_or_else(|| panic!("the helper printed no result: {text}"))
+}
+
+#[test]
+fn other_users_are_refused_unless_allowed() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("other_users_are_refused_unless_allowed needs root to run a process as another user; not run");
+        return;
+    }
+    let s = Stack::new("bin-foreign");
+    std::fs::set_permissions(&s.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let start = |sock: &std::path::Path, extra: &[&str]| {
+        let child = Command::new(BIN)
+            .args(["test-device", "--socket-path"])
+            .arg(sock)
+            .arg("--core")
+            .arg(&s.core_path)
+            .args(extra)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(sock);
+        child
+    };
+    let private = s.dir.join("private.sock");
+    let mut a = start(&private, &[]);
+    assert_eq!(std::fs::metadata(&private).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(as_nobody(&private, &s.dir), format!("CONNECT {}", libc::EACCES));
+    // Opened up by hand: the server checks the peer and hangs up.
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(as_nobody(&private, &s.dir), "CLOSED");
+    // The owner is still served, as the next client.
+    let mut c = Client::connect(&private).unwrap();
+    assert_eq!(rd32(&mut c, 0, regs::ID), regs::ID_VALUE);
+    drop(c);
+
+    // --allow-uid lets that user in.
+    let open = s.dir.join("open.sock");
+    let mut b = start(&open, &["--allow-uid", "65534"]);
+    assert_eq!(as_nobody(&open, &s.dir), "REPLY 1", "a VERSION reply without the error flag");
+    for child in [&mut a, &mut b] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

@@ -56,6 +56,18 @@ struct Args {
     /// IOTLB entries and finish DMA in flight) before it is fenced.
     #[arg(long, default_value_t = Limits::default().invalidate_timeout_ms)]
     invalidate_timeout_ms: u32,
+    /// Limit: page tables (4 KiB each, from the shared pool) per session.
+    #[arg(long, default_value_t = Limits::default().max_tables_per_session)]
+    max_tables_per_session: u32,
+    /// Limit: bytes of memory objects one session may register.
+    #[arg(long, default_value_t = Limits::default().max_memory_bytes_per_session)]
+    max_memory_bytes_per_session: u64,
+    /// Limit: connections open at once (further peers are turned away).
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    max_connections: u32,
+    /// Milliseconds a new peer has to say hello before it is turned away.
+    #[arg(long, default_value_t = Limits::default().hello_timeout_ms)]
+    hello_timeout_ms: u32,
 }
 
 fn main() -> std::process::ExitCode {
@@ -76,7 +88,6 @@ fn run() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let a = Args::parse();
     let limits = Limits {
@@ -92,6 +103,10 @@ fn run() -> anyhow::Result<()> {
         max_devices_per_session: a.max_devices_per_session,
         max_channels_per_session: a.max_channels_per_session,
         invalidate_timeout_ms: a.invalidate_timeout_ms,
+        max_tables_per_session: a.max_tables_per_session,
+        max_memory_bytes_per_session: a.max_memory_bytes_per_session,
+        max_connections: a.max_connections,
+        hello_timeout_ms: a.hello_timeout_ms,
     };
     // Peers of the same user must not reach our fds through /proc.
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {

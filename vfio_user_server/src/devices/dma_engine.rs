@@ -406,7 +406,7 @@ impl DmaEngine {
             let d = Descriptor::parse(&raw);
             // A reset or a departed client voids the work: stop between chunks.
             let void = || shared.generation.load(Ordering::Acquire) != gen;
-            let Some(c) = run(ctx, &d, &void) else {
+            let Some(c) = execute(&*ctx.dma, &d, &void) else {
                 shared.busy[q].store(0, Ordering::Release);
                 return did;
             };
@@ -449,8 +449,38 @@ impl DmaEngine {
     }
 }
 
-/// Executes one descriptor; `None` if `void` said the work was cancelled.
-fn run(ctx: &DeviceContext, d: &Descriptor, void: &dyn Fn() -> bool) -> Option<Completion> {
+/// The DMA a descriptor does, as [`execute`] needs it: implemented by the
+/// server's [`dma::Dma`], and by fakes in tests and fuzz targets.
+pub trait EngineDma {
+    /// Reads `buf.len()` bytes at `iova` through `route`.
+    fn read(&self, route: Route, iova: u64, buf: &mut [u8]) -> Result<(), dma::Error>;
+    /// Writes `data` at `iova` through `route`.
+    fn write(&self, route: Route, iova: u64, data: &[u8]) -> Result<(), dma::Error>;
+    /// Checks that `[iova, iova+len)` can be written, writing nothing.
+    fn check_write(&self, route: Route, iova: u64, len: usize) -> Result<(), dma::Error>;
+    /// Reports an unrecoverable fault.
+    fn report_fault(&self, route: Route, iova: u64, write: bool, reason: FaultReason);
+}
+
+impl EngineDma for dma::Dma {
+    fn read(&self, route: Route, iova: u64, buf: &mut [u8]) -> Result<(), dma::Error> {
+        dma::Dma::read(self, route, iova, buf)
+    }
+    fn write(&self, route: Route, iova: u64, data: &[u8]) -> Result<(), dma::Error> {
+        dma::Dma::write(self, route, iova, data)
+    }
+    fn check_write(&self, route: Route, iova: u64, len: usize) -> Result<(), dma::Error> {
+        dma::Dma::check_write(self, route, iova, len)
+    }
+    fn report_fault(&self, route: Route, iova: u64, write: bool, reason: FaultReason) {
+        dma::Dma::report_fault(self, route, iova, write, reason)
+    }
+}
+
+/// Executes one descriptor with the DMA of `mem`: every field is the
+/// guest's and is checked here. Returns the completion record, or `None`
+/// if `void` said the work was cancelled (between 256 KiB steps).
+pub fn execute(mem: &dyn EngineDma, d: &Descriptor, void: &dyn Fn() -> bool) -> Option<Completion> {
     let mut c = Completion::default();
     let route = match d.route() {
         Ok(r) => r,
@@ -469,7 +499,7 @@ fn run(ctx: &DeviceContext, d: &Descriptor, void: &dyn Fn() -> bool) -> Option<C
         c.fault_addr = at;
         c.status = match e {
             dma::Error::NoPasid(_) => {
-                ctx.dma.report_fault(route, at, write, FaultReason::NotPresent);
+                mem.report_fault(route, at, write, FaultReason::NotPresent);
                 status::NO_PASID
             }
             dma::Error::Fault(iommu_core::tu::Error::Fault { iova, .. }) => {
@@ -486,7 +516,7 @@ fn run(ctx: &DeviceContext, d: &Descriptor, void: &dyn Fn() -> bool) -> Option<C
     };
     // A destination is checked whole before the first byte is written.
     if matches!(d.opcode, op::COPY | op::FILL) {
-        if let Err(e) = ctx.dma.check_write(route, d.dst, d.len as usize) {
+        if let Err(e) = mem.check_write(route, d.dst, d.len as usize) {
             fail(&mut c, e, d.dst, true, true);
             return Some(c);
         }
@@ -504,11 +534,11 @@ fn run(ctx: &DeviceContext, d: &Descriptor, void: &dyn Fn() -> bool) -> Option<C
                 if void() {
                     return None;
                 }
-                if let Err(e) = ctx.dma.read(route, s, &mut buf[..n]) {
+                if let Err(e) = mem.read(route, s, &mut buf[..n]) {
                     fail(&mut c, e, s, false, false);
                     break;
                 }
-                if let Err(e) = ctx.dma.write(route, t, &buf[..n]) {
+                if let Err(e) = mem.write(route, t, &buf[..n]) {
                     fail(&mut c, e, t, true, true);
                     break;
                 }
@@ -530,7 +560,7 @@ fn run(ctx: &DeviceContext, d: &Descriptor, void: &dyn Fn() -> bool) -> Option<C
                 if void() {
                     return None;
                 }
-                if let Err(e) = ctx.dma.write(route, t, &buf[..n]) {
+                if let Err(e) = mem.write(route, t, &buf[..n]) {
                     fail(&mut c, e, t, true, true);
                     break;
                 }
@@ -552,11 +582,11 @@ fn run(ctx: &DeviceContext, d: &Descriptor, void: &dyn Fn() -> bool) -> Option<C
                 if void() {
                     return None;
                 }
-                if let Err(e) = ctx.dma.read(route, s, &mut a[..n]) {
+                if let Err(e) = mem.read(route, s, &mut a[..n]) {
                     fail(&mut c, e, s, false, false);
                     break;
                 }
-                if let Err(e) = ctx.dma.read(route, t, &mut b[..n]) {
+                if let Err(e) = mem.read(route, t, &mut b[..n]) {
                     fail(&mut c, e, t, true, false);
                     break;
                 }
@@ -580,7 +610,7 @@ fn run(ctx: &DeviceContext, d: &Descriptor, void: &dyn Fn() -> bool) -> Option<C
                 if void() {
                     return None;
                 }
-                if let Err(e) = ctx.dma.read(route, s, &mut buf[..n]) {
+                if let Err(e) = mem.read(route, s, &mut buf[..n]) {
                     fail(&mut c, e, s, false, false);
                     break;
                 }
