@@ -21,6 +21,9 @@ fi
 # has). Everything else uses memfd, SCM_RIGHTS and Unix sockets only.
 cargo test --workspace --locked
 
+# Fuzz targets: built with cargo fuzz and run briefly each (FUZZ_SECS).
+scripts/fuzz.sh
+
 # QEMU end to end: a Linux guest drives the dma-engine through QEMU's
 # vfio-user-pci. The script fetches QEMU, a kernel and busybox from Debian's
 # archive into /var/cache/ioasid-qemu (once) and needs root.

@@ -84,7 +84,25 @@ fn a_file_of_a_stalled_fuse_mount_is_refused_without_stalling_the_core() {
     std::thread::spawn(move || {
         let refused = hostile.register_memory(&fd).map(|m| m.id);
         let mut other = iommu_core::client::Client::session(&core).unwrap();
-        let served = other.ioas_alloc().is_ok();
+        let mut served = other.ioas_alloc().is_ok();
+        // More such files than the core lets wait for closing: new peers
+        // are turned away meanwhile, and the session already in is served.
+        use std::os::fd::AsFd;
+        let fds: Vec<std::os::fd::BorrowedFd> = (0..16).map(|_| fd.as_fd()).collect();
+        let mut turned_away = None;
+        for _ in 0..2 * iommu_core::server::MAX_PENDING_CLOSES / 16 {
+            match iommu_core::client::Client::session(&core) {
+                Ok(mut c) => {
+                    let _ = c.call(&iommu_core::wire::Request::RegisterMemory, &fds);
+                }
+                Err(e) => {
+                    turned_away = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        served &= turned_away.is_some_and(|e| e.contains("stalled file system"));
+        served &= other.ioas_alloc().is_ok();
         // Our copy goes back to be closed once the server runs again
         // (closing it now would wait for the stopped server).
         let _ = tx.send((refused.map_err(|e| e.errno()), served, fd));
@@ -97,7 +115,13 @@ fn a_file_of_a_stalled_fuse_mount_is_refused_without_stalling_the_core() {
         matches!(refused, Err(Some(iommu_core::Errno::EINVAL))) || matches!(refused, Err(None)),
         "the fd was not refused: {refused:?}"
     );
-    assert!(served, "another session was not served");
+    assert!(served, "another session was not served, or new peers were not turned away");
+    // Once the file system answers, the files are closed and peers welcome.
+    let t0 = Instant::now();
+    while iommu_core::client::Client::session(&st.core_sock).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the core kept turning peers away");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     drop(file);
     assert!(fs.terminate(), "ioasid-fs exits cleanly");
 }

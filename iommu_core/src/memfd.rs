@@ -81,10 +81,27 @@ pub fn seal_names(s: Option<SealFlag>) -> String {
     }
 }
 
-/// File systems whose operations (reads, but also stat, flush on close)
-/// can block for as long as a peer likes: FUSE and network file systems.
-/// DMA and the core's event loop must never wait on them.
-const BLOCKING_FS: &[&str] = &["fuse", "fuseblk", "nfs", "nfs4", "smb3", "smbfs", "cifs", "9p", "ceph", "afs"];
+/// Local file systems whose operations never wait on another process. A
+/// file anywhere else (FUSE, virtiofs, NFS, SMB, 9p, Ceph, or a type this
+/// list does not know) may block `stat`, reads and even `close` for as
+/// long as its server likes: DMA and the core's event loop must never
+/// wait on it.
+const LOCAL_FS: &[&str] = &[
+    "tmpfs",
+    "hugetlbfs",
+    "ramfs",
+    "ext2",
+    "ext3",
+    "ext4",
+    "xfs",
+    "btrfs",
+    "f2fs",
+    "overlay",
+    "vfat",
+    "exfat",
+    "zfs",
+    "bcachefs",
+];
 
 /// The type of the file system `fd` lives on, read from procfs
 /// (`fdinfo`'s `mnt_id` and `mountinfo`) without asking the file system
@@ -105,22 +122,30 @@ pub fn fs_type(fd: BorrowedFd<'_>) -> Option<String> {
     })
 }
 
-/// Whether `fd` lives on a file system whose operations can block
-/// indefinitely (or whose type cannot be told). Memory objects (memfd,
-/// tmpfs, hugetlbfs) answer without a procfs lookup.
+/// Whether operations on `fd` might block on another process: true unless
+/// it is a memory object (memfd, tmpfs, hugetlbfs: answered by
+/// `F_GET_SEALS` alone), a socket, pipe or anonymous inode, or a file of a
+/// local file system.
 pub fn on_blocking_fs(fd: BorrowedFd<'_>) -> bool {
     if seals(fd).is_some() {
         return false;
     }
-    match fs_type(fd) {
-        Some(t) => BLOCKING_FS.contains(&t.as_str()) || t.starts_with("fuse."),
-        // Sockets, pipes and anonymous inodes (eventfd, ...) are on no
-        // listed mount and never block; anything else unknown might.
-        None => !std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).is_ok_and(|l| {
-            let l = l.to_string_lossy();
-            l.starts_with("socket:") || l.starts_with("pipe:") || l.starts_with("anon_inode:")
-        }),
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    if link.is_ok_and(|l| {
+        let l = l.to_string_lossy();
+        l.starts_with("socket:") || l.starts_with("pipe:") || l.starts_with("anon_inode:")
+    }) {
+        return false;
     }
+    !fs_type(fd).is_some_and(|t| LOCAL_FS.contains(&t.as_str()))
+}
+
+/// Fds waiting for the closer thread (one stuck close holds up the rest).
+static CLOSES_PENDING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Fds handed to [`close_elsewhere`] and not closed yet.
+pub fn closes_pending() -> usize {
+    CLOSES_PENDING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Closes fds on a thread of their own: closing a file of a FUSE or
@@ -130,9 +155,16 @@ pub fn close_elsewhere(fd: OwnedFd) {
     static CLOSER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<OwnedFd>>> = std::sync::OnceLock::new();
     let tx = CLOSER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<OwnedFd>();
-        std::thread::Builder::new().name("fd-closer".into()).spawn(move || rx.into_iter().for_each(drop)).ok()?;
+        let closer = move || {
+            for fd in rx {
+                drop(fd);
+                CLOSES_PENDING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
+        std::thread::Builder::new().name("fd-closer".into()).spawn(closer).ok()?;
         Some(tx)
     });
+    CLOSES_PENDING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     match tx {
         Some(tx) => {
             if let Err(e) = tx.send(fd) {
@@ -148,6 +180,24 @@ pub fn close_elsewhere(fd: OwnedFd) {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    #[test]
+    fn files_that_cannot_block_are_told_without_asking_their_file_system() {
+        let m = create("t", 4096).unwrap();
+        assert!(!on_blocking_fs(m.as_fd()), "a memfd");
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(!on_blocking_fs(a.as_fd()), "a socket");
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        assert!(!on_blocking_fs(r.as_fd()), "a pipe");
+        // A file of the file system temporary files live on: its type comes
+        // from procfs, and it blocks only if that type is not a local one.
+        let path = std::env::temp_dir().join(format!("ioasid-fstype-{}", std::process::id()));
+        let f = File::create(&path).unwrap();
+        let t = fs_type(f.as_fd()).expect("the type of a mounted file system");
+        let local = LOCAL_FS.contains(&t.as_str());
+        assert_eq!(on_blocking_fs(f.as_fd()), !local && seals(f.as_fd()).is_none(), "{t}");
+        std::fs::remove_file(path).unwrap();
+    }
 
     #[test]
     fn sealing_a_memfd_and_a_plain_file() {

@@ -11,9 +11,9 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::ErrorKind;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -145,6 +145,11 @@ struct DriverWaiter {
     deadline: Instant,
 }
 
+/// New peers are turned away while more refused files than this wait to
+/// be closed (their file system's server is stalled): each is an open
+/// file of the core.
+pub const MAX_PENDING_CLOSES: usize = 256;
+
 /// Most mappings a Status reply lists (a reply is about 60 bytes a
 /// mapping).
 pub const STATUS_MAX_MAPPINGS: usize = 1 << 20;
@@ -232,9 +237,9 @@ impl Server {
             }
             std::fs::remove_file(path).map_err(|e| setup("cannot remove the stale socket", e))?;
         }
-        let mut listener = UnixListener::bind(path).map_err(|e| setup("cannot bind", e))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| setup("cannot set the mode of", e))?;
+        let listener = bind_private(path, 0o600).map_err(|e| setup("cannot bind", e))?;
+        listener.set_nonblocking(true).map_err(|e| setup("cannot make non-blocking the socket", e))?;
+        let mut listener = UnixListener::from_std(listener);
         let poll = Poll::new().map_err(|e| setup("cannot create a poll for", e))?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
@@ -366,12 +371,17 @@ impl Server {
                     continue;
                 }
             };
-            let full = self.conns.len() >= self.core.limits().max_connections as usize;
+            let full = self.conns.len() >= self.core.limits().max_connections as usize
+                || memfd::closes_pending() > MAX_PENDING_CLOSES;
             let Some(token) = self.register(stream, pid, uid) else { continue };
             if full {
                 tracing::warn!(pid, uid, "turning a peer away: the connection limit is reached");
                 let conn = self.conns.get_mut(&token).expect("just registered");
-                let msg = format!("{} connections are open, the configured limit", self.core.limits().max_connections);
+                let msg = if memfd::closes_pending() > MAX_PENDING_CLOSES {
+                    "the core is waiting to close files of a stalled file system; try again later".to_string()
+                } else {
+                    format!("{} connections are open, the configured limit", self.core.limits().max_connections)
+                };
                 queue(conn, 0, &Reply::error(Errno::ENOSPC, msg), Vec::new());
                 conn.closing = true;
             } else if uid != self.owner_uid && uid != 0 {
@@ -1066,6 +1076,26 @@ impl Drop for Running {
             tracing::error!(error = %e, "server thread ended with an error");
         }
     }
+}
+
+/// Binds a listening socket at `path` whose mode is `mode` from the first
+/// moment it can be reached: it is bound in a new private directory (mode
+/// 0700) beside `path`, given its mode there, then renamed into place.
+pub fn bind_private(path: &Path, mode: u32) -> std::io::Result<std::os::unix::net::UnixListener> {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let private = dir.join(format!(".bind-{}-{n}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let tmp = private.join("s");
+    let res = std::os::unix::net::UnixListener::bind(&tmp).and_then(|l| {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(l)
+    });
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&private);
+    res
 }
 
 /// Binds at `path` and runs the loop on a new thread.

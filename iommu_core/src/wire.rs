@@ -604,6 +604,9 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], max_fds: usize) -> Re
     let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
     let n = msg.bytes;
     if truncated || fds.len() > max_fds {
+        // Closing some files can block (FUSE, network file systems): not
+        // on the caller's thread.
+        fds.into_iter().for_each(crate::memfd::close_elsewhere);
         return Err(Error::Truncated);
     }
     Ok((n, fds))

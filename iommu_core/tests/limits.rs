@@ -63,19 +63,24 @@ fn map_at(c: &mut Client, ioas: u32, mem: u32, iova: u64) -> client::Result<u64>
     c.map(MapArgs { ioas, mem, offset: 0, length: PAGE, iova: Some(iova), perm: Perm::RW })
 }
 
-/// Each 4 KiB mapping 1 GiB apart needs its own level-3, -2 and -1
-/// tables, so a few dozen reach a small quota.
+/// Each 4 KiB mapping 512 GiB apart needs its own level-3, -2 and -1
+/// tables. With a quota of 17 (the root and 5 such mappings, 16 tables) the
+/// sixth map gets its level-3 table, then hits the quota: it must give that
+/// table back.
 #[test]
 fn a_session_over_its_table_quota_gets_enospc_and_others_keep_mapping() {
-    let env = Env::with(Limits { max_tables_per_session: 16, ..Limits::default() });
+    let env = Env::with(Limits { max_tables_per_session: 17, ..Limits::default() });
     let mut greedy = env.session();
     let mut other = env.session();
+    let mut obs = Client::observer(&env.path).unwrap();
     let mem = greedy.register_memory(memfd::create("g", PAGE).unwrap()).unwrap();
     let ioas = greedy.ioas_alloc().unwrap();
     let mut mapped = Vec::new();
     let mut failed = None;
+    let mut tables_before_failure = 0;
     for i in 0..64u64 {
-        match map_at(&mut greedy, ioas, mem.id, i << 30) {
+        tables_before_failure = obs.status().unwrap().pool.tables_in_use;
+        match map_at(&mut greedy, ioas, mem.id, i << 39) {
             Ok(iova) => mapped.push(iova),
             Err(e) => {
                 failed = Some(e);
@@ -86,28 +91,27 @@ fn a_session_over_its_table_quota_gets_enospc_and_others_keep_mapping() {
     let e = failed.expect("the quota stopped the session");
     assert_eq!(e.errno(), Some(Errno::ENOSPC), "{e}");
     assert!(e.to_string().contains("page tables"), "the message names the limit: {e}");
-    // Root (1) + per mapping 2 tables (L2, L1) under one L3 each 512 GiB:
-    // the quota is what stopped it, not the pool.
-    assert!(mapped.len() >= 4 && mapped.len() < 16, "{} mappings fit", mapped.len());
-    // A failed map left nothing behind: the same IOVA still fails cleanly,
-    // and the mapped ones translate.
+    assert_eq!(mapped.len(), 5, "the root and 5 mappings of 3 tables fill a quota of 17 but one");
+    // The failed map allocated a table before it hit the quota, and gave
+    // it back: the pool holds what it held before the attempt.
+    assert_eq!(obs.status().unwrap().pool.tables_in_use, tables_before_failure, "the failed map kept a table");
     for &iova in &mapped {
         assert_eq!(greedy.translate(ioas, iova).unwrap().mem, mem.id);
     }
+    assert_eq!(errno(greedy.translate(ioas, 5 << 39)), Errno::ENOENT, "nothing of the failed map is left");
 
     // Another session is not charged for the greedy one's tables.
     let m2 = other.register_memory(memfd::create("o", PAGE).unwrap()).unwrap();
     let i2 = other.ioas_alloc().unwrap();
-    for i in 0..4u64 {
-        map_at(&mut other, i2, m2.id, i << 30).expect("the other session maps");
+    for i in 0..5u64 {
+        map_at(&mut other, i2, m2.id, i << 39).expect("the other session maps");
     }
 
     // Unmapping gives the greedy session its quota back.
     assert_eq!(greedy.unmap(ioas, 0, u64::MAX).unwrap(), PAGE * mapped.len() as u64);
-    let again = (0..mapped.len() as u64).filter(|i| map_at(&mut greedy, ioas, mem.id, i << 30).is_ok()).count();
+    let again = (0..mapped.len() as u64).filter(|i| map_at(&mut greedy, ioas, mem.id, i << 39).is_ok()).count();
     assert_eq!(again, mapped.len(), "the freed tables count again");
     // Closing the session frees its tables from the pool.
-    let mut obs = Client::observer(&env.path).unwrap();
     let before = obs.status().unwrap().pool.tables_in_use;
     drop(greedy);
     let start = Instant::now();
@@ -168,6 +172,19 @@ fn peers_beyond_the_connection_limit_are_turned_away_with_an_error() {
 #[test]
 fn a_flooding_session_does_not_starve_another() {
     let env = Env::with(Limits::default());
+    let mut victim = env.session();
+    let mem = victim.register_memory(memfd::create("v", 1 << 20).unwrap()).unwrap();
+    let ioas = victim.ioas_alloc().unwrap();
+    let rounds = 200;
+    let rounds_of_map_unmap = |victim: &mut Client| {
+        let start = Instant::now();
+        for i in 0..rounds {
+            let iova = map_at(victim, ioas, mem.id, 0x10_0000 + (i % 8) * PAGE).unwrap();
+            assert_eq!(victim.unmap(ioas, iova, PAGE).unwrap(), PAGE);
+        }
+        start.elapsed()
+    };
+    let quiet = rounds_of_map_unmap(&mut victim);
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let flooder = {
@@ -203,24 +220,22 @@ fn a_flooding_session_does_not_starve_another() {
         })
     };
     // Let the flood build up.
+    let t0 = Instant::now();
     while sent.load(Ordering::Relaxed) < 10_000 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the flooder could not send");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let mut victim = env.session();
-    let mem = victim.register_memory(memfd::create("v", 1 << 20).unwrap()).unwrap();
-    let ioas = victim.ioas_alloc().unwrap();
-    let start = Instant::now();
-    let rounds = 200;
-    for i in 0..rounds {
-        let iova = map_at(&mut victim, ioas, mem.id, 0x10_0000 + (i % 8) * PAGE).unwrap();
-        assert_eq!(victim.unmap(ioas, iova, PAGE).unwrap(), PAGE);
-    }
-    let took = start.elapsed();
+    let took = rounds_of_map_unmap(&mut victim);
     stop.store(true, Ordering::Relaxed);
+    // Liveness, not speed: starved, the victim would wait for the whole
+    // flood; served in turns, it finishes long before this.
+    assert!(took < Duration::from_secs(60), "the victim waited {took:?}");
     let flooder_socket = flooder.join().expect("the flooder ran");
+    // A figure for the notes, not an assertion: timings vary here.
     eprintln!(
-        "{rounds} map+unmap round trips during a flood of {} pipelined requests: {took:?}",
-        sent.load(Ordering::Relaxed)
+        "{rounds} map+unmap round trips: {quiet:?} alone, {took:?} during a flood of {} pipelined requests ({:.1}x)",
+        sent.load(Ordering::Relaxed),
+        took.as_secs_f64() / quiet.as_secs_f64()
     );
     // The flooder is still connected and still served: its replies are
     // waiting for it.
@@ -305,39 +320,88 @@ fn a_peer_that_never_says_hello_is_turned_away() {
     assert!(s.ioas_alloc().is_ok(), "a session that said hello is kept");
 }
 
-/// Driver-state queries wait on a device server. One peer may have only a
-/// few out at a time; more are refused at once with EBUSY, so a flood of
-/// queries cannot pile up on a channel.
-#[test]
-fn driver_state_queries_are_capped_per_asker() {
+/// A device channel of `s`, spoken to with raw frames, with one device
+/// bound; its answers are never read after the bind.
+fn raw_channel_with_device(s: &mut Client) -> (UnixStream, u32) {
     use std::io::Read;
-    let env = Env::with(Limits::default());
-    let mut s = env.session();
-    // A device server that binds and then never answers anything.
     let (_, chan) = s.open_device_channel().unwrap();
     let mut chan = UnixStream::from(chan);
     let hello = Request::Hello { magic: wire::MAGIC, major: wire::VERSION_MAJOR, minor: 0, role: Role::DeviceChannel };
     let bind = Request::BindDevice(iommu_core::types::BindArgs {
-        name: "silent".into(),
+        name: "raw".into(),
         pci_address: "0000:00:09.0".into(),
         caps: Default::default(),
     });
     chan.write_all(&[wire::encode(1, &hello, 0).unwrap(), wire::encode(2, &bind, 0).unwrap()].concat()).unwrap();
     chan.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut r = wire::FrameReader::new(1 << 20, 4);
-    let mut dev = None;
     let mut buf = vec![0u8; 4096];
-    while dev.is_none() {
+    loop {
         let n = chan.read(&mut buf).unwrap();
         assert!(n > 0, "the channel closed");
         r.push(&buf[..n], Vec::new());
         while let Ok(Some(f)) = r.next_frame() {
             if let wire::Reply::Device(b) = wire::decode::<wire::Reply>(&f.payload).unwrap().body {
-                dev = Some(b.dev_id);
+                return (chan, b.dev_id);
             }
         }
     }
-    let dev = dev.unwrap();
+}
+
+/// A device server flooding fault reports fills only its own session's
+/// queue (to `fault_queue_depth`, counting the rest as lost); another
+/// session's queue and service are untouched.
+#[test]
+fn a_fault_flood_fills_only_its_own_sessions_queue() {
+    let depth = 64;
+    let env = Env::with(Limits { fault_queue_depth: depth, ..Limits::default() });
+    let mut flooded = env.session();
+    let mut other = env.session();
+    let (mut chan, dev) = raw_channel_with_device(&mut flooded);
+    let rec = |i: u64| iommu_core::types::FaultRecord {
+        dev_id: dev,
+        pasid: 0,
+        iova: i << 12,
+        access: Perm::W,
+        reason: iommu_core::types::FaultReason::NotPresent,
+        group: 0,
+        last: true,
+        cookie: 0,
+    };
+    let frames: Vec<u8> =
+        (0..5000u64).flat_map(|i| wire::encode(10 + i, &Request::ReportFault(rec(i)), 0).unwrap()).collect();
+    chan.write_all(&frames).unwrap();
+    let mut obs = Client::observer(&env.path).unwrap();
+    let start = Instant::now();
+    let info = loop {
+        let st = obs.status().unwrap();
+        let i = st.sessions.iter().find(|x| x.id == flooded.session_id()).unwrap().clone();
+        if i.faults_queued + i.faults_lost as u32 >= 5000 {
+            break i;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the flood was not taken in: {i:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(info.faults_queued, depth, "the queue holds its depth");
+    assert_eq!(info.faults_lost, 5000 - u64::from(depth));
+    assert_eq!(flooded.read_faults(1000).unwrap().len(), depth as usize);
+    // The other session saw nothing and is served.
+    assert!(other.read_faults(1000).unwrap().is_empty());
+    let st = obs.status().unwrap();
+    let o = st.sessions.iter().find(|x| x.id == other.session_id()).unwrap();
+    assert_eq!((o.faults_queued, o.faults_lost), (0, 0));
+    assert!(other.ioas_alloc().is_ok());
+}
+
+/// Driver-state queries wait on a device server. One peer may have only a
+/// few out at a time; more are refused at once with EBUSY, so a flood of
+/// queries cannot pile up on a channel.
+#[test]
+fn driver_state_queries_are_capped_per_asker() {
+    let env = Env::with(Limits::default());
+    let mut s = env.session();
+    // A device server that binds and then never answers anything.
+    let (_chan, dev) = raw_channel_with_device(&mut s);
     let cap = iommu_core::server::DRIVER_QUERIES_PER_ASKER;
     let mut obs = Client::observer(&env.path).unwrap();
     for i in 0..=cap as u64 {

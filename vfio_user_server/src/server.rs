@@ -7,7 +7,6 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -142,10 +141,9 @@ fn bind_path(path: &Path, mode: u32) -> Result<UnixListener, Error> {
         }
         std::fs::remove_file(path).map_err(|e| setup("cannot remove the stale socket", e))?;
     }
-    let l = UnixListener::bind(path).map_err(|e| setup("cannot bind", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| setup("cannot set the mode of", e))?;
-    Ok(l)
+    let l = iommu_core::server::bind_private(path, mode).map_err(|e| setup("cannot bind", e))?;
+    l.set_nonblocking(true).map_err(|e| setup("cannot make non-blocking the socket", e))?;
+    Ok(UnixListener::from_std(l))
 }
 
 impl Server {
@@ -405,6 +403,9 @@ impl Server {
                         self.read_conn();
                     }
                     match nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials) {
+                        // On an inherited listener, whoever made it decides
+                        // who may connect.
+                        _ if self.path.is_none() => {}
                         Ok(c) if self.allowed(c.uid()) => {}
                         Ok(c) => {
                             tracing::warn!(
