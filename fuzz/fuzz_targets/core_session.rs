@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use ioasid_fuzz::{core_socket, Input};
+use ioasid_fuzz::{core_socket, send_all, Input};
 use iommu_core::client::Client;
 use iommu_core::types::{MapArgs, Perm};
 use iommu_core::wire::{self, FrameReader, Reply, Request, Role};
@@ -55,15 +55,7 @@ fn frame(seq: u64, req: &Request) -> Vec<u8> {
 }
 
 fn send(sock: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> bool {
-    let mut off = 0;
-    while off < bytes.len() {
-        let f = if off == 0 { fds } else { &[] };
-        match wire::send_with_fds(sock.as_fd(), &bytes[off..], f) {
-            Ok(n) => off += n,
-            Err(_) => return false,
-        }
-    }
-    true
+    send_all(sock, bytes, fds)
 }
 
 /// Reads replies until the one to `LAST` or the end of the stream.

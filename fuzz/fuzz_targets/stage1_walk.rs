@@ -27,7 +27,7 @@ struct Pool {
 impl TableMemory for Pool {
     fn load(&self, table: u64, index: usize) -> Option<u64> {
         self.loads.set(self.loads.get() + 1);
-        if table == 0 || table % PAGE != 0 || index >= 512 {
+        if table == 0 || !table.is_multiple_of(PAGE) || index >= 512 {
             return None;
         }
         self.words.get(usize::try_from(table / 8).ok()? + index).copied()
@@ -41,7 +41,7 @@ struct User {
 
 impl User {
     fn read(&self, sys: u64) -> Option<u64> {
-        if sys < USER_BASE || sys % 8 != 0 {
+        if sys < USER_BASE || !sys.is_multiple_of(8) {
             return None;
         }
         self.words.get(usize::try_from((sys - USER_BASE) / 8).ok()?).copied()
@@ -92,7 +92,7 @@ fn reference(load: &dyn Fn(u64, usize) -> Option<u64>, root: u64, iova: u64) -> 
         let addr = e & PTE_ADDR_MASK;
         if e & PTE_LEAF != 0 {
             let size = 1u64 << level_shift(level);
-            if level == LEVELS || addr % size != 0 {
+            if level == LEVELS || !addr.is_multiple_of(size) {
                 return None;
             }
             return Some((addr + iova % size, e & PTE_READ != 0, e & PTE_WRITE != 0));

@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use ioasid_fuzz::{device_sockets, Input};
+use ioasid_fuzz::{device_sockets, send_all, Input};
 use iommu_core::wire;
 use libfuzzer_sys::fuzz_target;
 use vfio_user_server::proto::{cmd, flags, DmaRw, Header, HEADER_SIZE};
@@ -54,15 +54,7 @@ fn version() -> Vec<u8> {
 fn send(sock: &UnixStream, hdr: Header, payload: &[u8], fds: &[BorrowedFd<'_>]) -> bool {
     let mut bytes = hdr.as_bytes().to_vec();
     bytes.extend_from_slice(payload);
-    let mut off = 0;
-    while off < bytes.len() {
-        let f = if off == 0 { fds } else { &[] };
-        match wire::send_with_fds(sock.as_fd(), &bytes[off..], f) {
-            Ok(n) => off += n,
-            Err(_) => return false,
-        }
-    }
-    true
+    send_all(sock, &bytes, fds)
 }
 
 /// Reads what the server sends until the sentinel's reply or the end of

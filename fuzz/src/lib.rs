@@ -3,6 +3,8 @@
 
 #![allow(clippy::missing_panics_doc)]
 
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -137,4 +139,18 @@ pub fn device_sockets() -> &'static [PathBuf] {
         Servers { _dir: dir, sockets, _running: running }
     })
     .sockets
+}
+
+/// Sends all of `bytes` on `sock`, `fds` with the first byte; false if the
+/// peer hung up.
+pub fn send_all(sock: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> bool {
+    let mut off = 0;
+    while off < bytes.len() {
+        let f = if off == 0 { fds } else { &[] };
+        match iommu_core::wire::send_with_fds(sock.as_fd(), &bytes[off..], f) {
+            Ok(n) => off += n,
+            Err(_) => return false,
+        }
+    }
+    true
 }

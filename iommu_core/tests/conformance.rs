@@ -5,14 +5,11 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use iommu_core::client::{self, Client};
+use iommu_core::client::Client;
 use iommu_core::memfd;
 use iommu_core::pagetable::MAX_IOVA;
-use iommu_core::server::{self, Running};
 use iommu_core::sysaddr;
 use iommu_core::types::*;
 use iommu_core::wire::{self, Request, Role};
@@ -28,55 +25,8 @@ const TOP_PAGE: u64 = 0xFFFF_FFFF_FFFF_F000;
 // Harness
 // ---------------------------------------------------------------------------
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-/// One in-process core on its own socket in its own directory.
-struct Env {
-    srv: Option<Running>,
-    dir: PathBuf,
-    path: PathBuf,
-}
-
-impl Env {
-    fn new(name: &str) -> Env {
-        Env::with(name, Limits::default())
-    }
-
-    fn with(name: &str, limits: Limits) -> Env {
-        let n = SEQ.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("ioasid-conf-{}-{}-{}", std::process::id(), name, n));
-        let _ = std::fs::remove_dir_all(&dir);
-        let path = dir.join("core.sock");
-        let srv = server::spawn(&path, limits).expect("spawn the core");
-        Env { srv: Some(srv), dir, path }
-    }
-
-    fn session(&self) -> Client {
-        Client::session(&self.path).expect("open a session")
-    }
-
-    fn observer(&self) -> Client {
-        Client::observer(&self.path).expect("connect an observer")
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(s) = self.srv.take() {
-            let _ = s.stop();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The errno of a call that must fail.
-#[track_caller]
-fn errno<T: std::fmt::Debug>(r: client::Result<T>) -> Errno {
-    match r {
-        Ok(v) => panic!("expected an error, got Ok({v:?})"),
-        Err(e) => e.errno().unwrap_or_else(|| panic!("expected an errno, got {e}")),
-    }
-}
+mod common;
+use common::{errno, Env};
 
 macro_rules! assert_errno {
     ($call:expr, $errno:ident) => {

@@ -5,7 +5,6 @@
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,51 +12,14 @@ use std::time::{Duration, Instant};
 use iommu_core::client::{self, Client};
 use iommu_core::errno::Errno;
 use iommu_core::memfd;
-use iommu_core::server::{self, Running};
+
 use iommu_core::types::{Limits, MapArgs, Perm};
 use iommu_core::wire::{self, Request, Role};
 
 const PAGE: u64 = 4096;
 
-struct Env {
-    srv: Option<Running>,
-    dir: PathBuf,
-    path: PathBuf,
-}
-
-static SEQ: AtomicU64 = AtomicU64::new(0);
-
-impl Env {
-    fn with(limits: Limits) -> Env {
-        let n = SEQ.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("ioasid-limits-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let path = dir.join("core.sock");
-        let srv = server::spawn(&path, limits).expect("spawn the core");
-        Env { srv: Some(srv), dir, path }
-    }
-
-    fn session(&self) -> Client {
-        Client::session(&self.path).expect("open a session")
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(s) = self.srv.take() {
-            let _ = s.stop();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-#[track_caller]
-fn errno<T: std::fmt::Debug>(r: client::Result<T>) -> Errno {
-    match r {
-        Ok(v) => panic!("expected an error, got Ok({v:?})"),
-        Err(e) => e.errno().unwrap_or_else(|| panic!("expected an errno, got {e}")),
-    }
-}
+mod common;
+use common::{errno, Env};
 
 fn map_at(c: &mut Client, ioas: u32, mem: u32, iova: u64) -> client::Result<u64> {
     c.map(MapArgs { ioas, mem, offset: 0, length: PAGE, iova: Some(iova), perm: Perm::RW })
@@ -69,7 +31,7 @@ fn map_at(c: &mut Client, ioas: u32, mem: u32, iova: u64) -> client::Result<u64>
 /// table back.
 #[test]
 fn a_session_over_its_table_quota_gets_enospc_and_others_keep_mapping() {
-    let env = Env::with(Limits { max_tables_per_session: 17, ..Limits::default() });
+    let env = Env::with("table_quota", Limits { max_tables_per_session: 17, ..Limits::default() });
     let mut greedy = env.session();
     let mut other = env.session();
     let mut obs = Client::observer(&env.path).unwrap();
@@ -123,7 +85,7 @@ fn a_session_over_its_table_quota_gets_enospc_and_others_keep_mapping() {
 
 #[test]
 fn a_session_over_its_memory_quota_gets_enospc() {
-    let env = Env::with(Limits { max_memory_bytes_per_session: 1 << 20, ..Limits::default() });
+    let env = Env::with("memory_quota", Limits { max_memory_bytes_per_session: 1 << 20, ..Limits::default() });
     let mut a = env.session();
     let mut b = env.session();
     let first = a.register_memory(memfd::create("a", 1 << 20).unwrap()).unwrap();
@@ -140,7 +102,7 @@ fn a_session_over_its_memory_quota_gets_enospc() {
 
 #[test]
 fn peers_beyond_the_connection_limit_are_turned_away_with_an_error() {
-    let env = Env::with(Limits { max_connections: 3, ..Limits::default() });
+    let env = Env::with("connections", Limits { max_connections: 3, ..Limits::default() });
     let held: Vec<Client> = (0..3).map(|_| env.session()).collect();
     let e = Client::session(&env.path).map(|c| c.session_id()).unwrap_err();
     assert_eq!(e.errno(), Some(Errno::ENOSPC), "{e}");
@@ -171,7 +133,7 @@ fn peers_beyond_the_connection_limit_are_turned_away_with_an_error() {
 /// replies rather than the core's memory.
 #[test]
 fn a_flooding_session_does_not_starve_another() {
-    let env = Env::with(Limits::default());
+    let env = Env::with("flood", Limits::default());
     let mut victim = env.session();
     let mem = victim.register_memory(memfd::create("v", 1 << 20).unwrap()).unwrap();
     let ioas = victim.ioas_alloc().unwrap();
@@ -253,7 +215,7 @@ fn open_fds() -> usize {
 /// of open files: the core stops reading it while its replies' fds wait.
 #[test]
 fn a_channel_that_never_reads_its_fds_cannot_pile_them_up_in_the_core() {
-    let env = Env::with(Limits::default());
+    let env = Env::with("fd_hoard", Limits::default());
     let mut s = env.session();
     let (_, chan) = s.open_device_channel().unwrap();
     let mut chan = UnixStream::from(chan);
@@ -290,7 +252,7 @@ fn a_channel_that_never_reads_its_fds_cannot_pile_them_up_in_the_core() {
 #[test]
 fn a_peer_that_never_says_hello_is_turned_away() {
     use std::io::Read;
-    let env = Env::with(Limits { hello_timeout_ms: 200, max_connections: 2, ..Limits::default() });
+    let env = Env::with("hello", Limits { hello_timeout_ms: 200, max_connections: 2, ..Limits::default() });
     let mut idle = UnixStream::connect(&env.path).unwrap();
     let _idle2 = UnixStream::connect(&env.path).unwrap();
     // Both slots are taken by silent peers...
@@ -354,7 +316,7 @@ fn raw_channel_with_device(s: &mut Client) -> (UnixStream, u32) {
 #[test]
 fn a_fault_flood_fills_only_its_own_sessions_queue() {
     let depth = 64;
-    let env = Env::with(Limits { fault_queue_depth: depth, ..Limits::default() });
+    let env = Env::with("fault_flood", Limits { fault_queue_depth: depth, ..Limits::default() });
     let mut flooded = env.session();
     let mut other = env.session();
     let (mut chan, dev) = raw_channel_with_device(&mut flooded);
@@ -398,7 +360,7 @@ fn a_fault_flood_fills_only_its_own_sessions_queue() {
 /// queries cannot pile up on a channel.
 #[test]
 fn driver_state_queries_are_capped_per_asker() {
-    let env = Env::with(Limits::default());
+    let env = Env::with("driver_state", Limits::default());
     let mut s = env.session();
     // A device server that binds and then never answers anything.
     let (_chan, dev) = raw_channel_with_device(&mut s);
