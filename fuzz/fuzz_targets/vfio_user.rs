@@ -18,7 +18,7 @@ use libfuzzer_sys::fuzz_target;
 use vfio_user_server::proto::{cmd, flags, DmaRw, Header, HEADER_SIZE};
 use zerocopy::{FromBytes, IntoBytes};
 
-const COMMANDS: [u16; 20] = [
+const COMMANDS: [u16; 23] = [
     cmd::VERSION,
     cmd::DMA_MAP,
     cmd::DMA_UNMAP,
@@ -30,12 +30,16 @@ const COMMANDS: [u16; 20] = [
     cmd::REGION_READ,
     cmd::REGION_WRITE,
     cmd::REGION_WRITE,
+    // Server-to-client commands, sent the wrong way.
+    cmd::DMA_READ,
+    cmd::DMA_WRITE,
     cmd::DEVICE_RESET,
     cmd::REGION_WRITE_MULTI,
     cmd::DEVICE_FEATURE,
     cmd::MIG_DATA_READ,
     cmd::MIG_DATA_WRITE,
     cmd::EXT_BIND,
+    cmd::EXT_UNBIND,
     cmd::EXT_ATTACH,
     cmd::EXT_DETACH,
     cmd::EXT_LIST_PASIDS,
