@@ -507,6 +507,22 @@ fn channels_per_session_are_capped() {
     assert_eq!(r.s.open_device_channel().unwrap_err().errno(), Some(Errno::ENOSPC));
 }
 
+#[test]
+fn devices_bound_per_session_are_capped() {
+    let mut r = rig("dev-cap", Limits { max_devices_per_session: 2, ..Limits::default() });
+    let (_, fd) = r.s.open_device_channel().unwrap();
+    let ch = Channel::new(fd).unwrap();
+    let args =
+        |name: &str| BindArgs { name: name.into(), pci_address: "0000:00:05.0".into(), caps: caps(0, false, false) };
+    let first = ch.bind(args("first")).unwrap().dev_id;
+    ch.bind(args("second")).unwrap();
+    assert_eq!(ch.bind(args("third")).unwrap_err().errno(), Some(Errno::ENOSPC));
+    // The cap counts bound devices, not attempts: an unbind frees a place.
+    ch.unbind(first).unwrap();
+    ch.bind(args("third")).unwrap();
+    assert_eq!(ch.bind(args("fourth")).unwrap_err().errno(), Some(Errno::ENOSPC));
+}
+
 /// Two-stage reference: random stage-1 tables built in guest memory, a
 /// stage 2 with read-write, read-only and unmapped guest ranges, and the
 /// translation unit checked against the composition for every mapped page
