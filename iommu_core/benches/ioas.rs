@@ -97,7 +97,7 @@ fn walks(c: &mut Criterion) {
         core.map(sid, args).unwrap();
         let root = core.ioas_root(sid, ioas).unwrap();
         g.bench_function(BenchmarkId::from_parameter(name), |b| {
-            b.iter(|| black_box(walk(core.pool(), root, black_box(iova + 0x123)).unwrap()))
+            b.iter(|| black_box(walk(core.pool(sid).unwrap(), root, black_box(iova + 0x123)).unwrap()))
         });
     }
     g.bench_function("core_translate_4K", |b| b.iter(|| black_box(core.translate(sid, ioas, 0x1123).unwrap())));

@@ -38,12 +38,12 @@ fn main() {
     let map_time = t.elapsed();
     let (rss1, shr1) = statm();
     let page = 4096u64;
-    let tables = core.pool().tables_in_use() as u64;
+    let tables = core.tables_in_use() as u64;
     let anon = (rss1.saturating_sub(shr1)).saturating_sub(rss0.saturating_sub(shr0)) * page;
     // Spot-check the tables against the mappings.
     let root = core.ioas_root(sid, ioas).unwrap();
     for i in (0..n).step_by((n as usize / 1000).max(1)) {
-        let leaf = walk(core.pool(), root, 0x1000 + i * 4096).unwrap();
+        let leaf = walk(core.pool(sid).unwrap(), root, 0x1000 + i * 4096).unwrap();
         assert_eq!(leaf.address, mem.system_address + (i % 256) * 4096);
     }
     let t = Instant::now();
@@ -68,5 +68,5 @@ fn main() {
         (tables * page) as f64 / n as f64
     );
     println!("  core anonymous memory: {anon} bytes ({:.1} bytes/mapping)", anon as f64 / n as f64);
-    println!("  tables after unmap-all: {}", core.pool().tables_in_use());
+    println!("  tables after unmap-all: {}", core.tables_in_use());
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::errno::Errno;
 use crate::failpoint::FailNth;
 use crate::memfd;
-use crate::pagetable::{self, DirtyPool, PasidEntry, TablePool, MAX_IOVA, PAGE_SIZE};
+use crate::pagetable::{self, DirtyPool, PasidEntry, TableBudget, TablePool, MAX_IOVA, PAGE_SIZE};
 use crate::sysaddr::SysAddrSpace;
 use crate::types::*;
 
@@ -113,8 +113,9 @@ struct Device {
 pub struct Effects {
     /// Channel -> what its devices must drop.
     pub invalidations: BTreeMap<u64, Vec<InvalidateTarget>>,
-    /// Table pages no walker may reach once the invalidations are done.
-    pub garbage: Vec<u64>,
+    /// Table pages (session, pool offset) no walker may reach once the
+    /// invalidations are done.
+    pub garbage: Vec<(u64, u64)>,
     /// Channel -> system bases of destroyed memory objects to unmap.
     pub forget: BTreeMap<u64, Vec<u64>>,
 }
@@ -155,6 +156,9 @@ struct Session {
     faults: VecDeque<FaultRecord>,
     faults_lost: u64,
     pending: HashMap<u64, FaultRecord>,
+    /// The session's own page tables (IOASes and its devices' PASID
+    /// tables); its device channels get this pool and no other.
+    pool: TablePool,
     dirty: DirtyPool,
 }
 
@@ -193,7 +197,8 @@ impl PasidSpace {
 #[derive(Debug)]
 pub struct Core {
     limits: Limits,
-    pool: TablePool,
+    /// Tables of every session's pool, against `table_pool_bytes`.
+    budget: Arc<TableBudget>,
     sys: SysAddrSpace,
     /// System base -> (session, memory object id), to name a translation.
     sys_owner: BTreeMap<u64, (u64, u32)>,
@@ -315,11 +320,12 @@ impl Core {
     /// Creates a core with `limits`.
     pub fn new(limits: Limits) -> Result<Core> {
         let fail = Arc::new(FailNth::default());
-        let pool = TablePool::new(limits.table_pool_bytes, fail.clone())
-            .map_err(|e| Error { errno: Errno::ENOMEM, message: e.to_string() })?;
+        // Page 0 of a pool is never a table: the budget counts the rest.
+        let pages = u32::try_from((limits.table_pool_bytes / PAGE_SIZE).max(2)).unwrap_or(u32::MAX);
+        let budget = TableBudget::new(pages - 1);
         Ok(Core {
             limits,
-            pool,
+            budget,
             sys: SysAddrSpace::default(),
             sys_owner: BTreeMap::new(),
             sessions: BTreeMap::new(),
@@ -347,9 +353,18 @@ impl Core {
         self.fail.clone()
     }
 
-    /// The table pool (the reference walker reads it).
-    pub fn pool(&self) -> &TablePool {
-        &self.pool
+    /// A session's table pool (the reference walker reads it).
+    pub fn pool(&self, sid: u64) -> Option<&TablePool> {
+        self.sessions.get(&sid).map(|s| &s.pool)
+    }
+
+    /// Tables in use in every session's pool.
+    pub fn tables_in_use(&self) -> u32 {
+        self.budget.used()
+    }
+
+    fn pool_mut(&mut self, sid: u64) -> Result<&mut TablePool> {
+        Ok(&mut self.session(sid)?.pool)
     }
 
     /// Counts a served request (and whether it failed).
@@ -412,7 +427,12 @@ impl Core {
         if self.sessions.len() as u64 >= u64::from(self.limits.max_sessions) {
             return err(Errno::ENOSPC, format!("{} sessions are open, the configured limit", self.limits.max_sessions));
         }
-        let dirty = DirtyPool::new(self.pool.pages()).map_err(|e| Error {
+        let tables = self.limits.max_tables_per_session.min(self.budget.cap());
+        let pool = TablePool::new(tables, self.budget.clone(), self.fail.clone()).map_err(|e| Error {
+            errno: Errno::ENOMEM,
+            message: format!("cannot make the session's table pool: {e}"),
+        })?;
+        let dirty = DirtyPool::new(pool.pages()).map_err(|e| Error {
             errno: Errno::ENOMEM,
             message: format!("cannot make the session's dirty pool: {e}"),
         })?;
@@ -430,6 +450,7 @@ impl Core {
                 faults: VecDeque::new(),
                 faults_lost: 0,
                 pending: HashMap::new(),
+                pool,
                 dirty,
             },
         );
@@ -459,11 +480,6 @@ impl Core {
                 self.pasid_owner.remove(&p);
             }
         }
-    }
-
-    /// Charges the page tables allocated next to session `sid`.
-    fn charge(&mut self, sid: u64) {
-        self.pool.charge_to(sid, self.limits.max_tables_per_session);
     }
 
     /// Objects a session owns.
@@ -537,8 +553,7 @@ impl Core {
     /// Allocates an empty paging IOAS.
     pub fn ioas_alloc(&mut self, sid: u64) -> Result<u32> {
         let id = self.new_id(sid)?;
-        self.charge(sid);
-        let root = self.pool.alloc_table()?;
+        let root = self.pool_mut(sid)?.alloc_table()?;
         self.insert_object(
             sid,
             id,
@@ -641,10 +656,11 @@ impl Core {
                 let areas = std::mem::take(&mut i.areas);
                 let mut garbage = Vec::new();
                 for (iova, a) in &areas {
-                    self.pool.unmap_range(i.root, *iova, a.last - iova + 1, &mut garbage);
+                    self.pool_mut(sid)?.unmap_range(i.root, *iova, a.last - iova + 1, &mut garbage);
                     self.mem_unref(sid, a.mem);
                 }
                 garbage.push(i.root);
+                let garbage = garbage.into_iter().map(|t| (sid, t)).collect();
                 // Nothing is attached (checked above), so no walker reaches them.
                 self.release_tables(garbage);
             }
@@ -732,9 +748,8 @@ impl Core {
         let (_, base) = self.mem_info(sid, area.mem)?;
         let root = self.ioas(sid, ioas_id)?.root;
         let len = area.last - iova + 1;
-        self.charge(sid);
-        let dirty = self.sessions.get(&sid).map(|s| &s.dirty);
-        self.pool.map_range(root, iova, base + area.offset, len, area.perm, dirty)?;
+        let s = self.session(sid)?;
+        s.pool.map_range(root, iova, base + area.offset, len, area.perm, Some(&s.dirty))?;
         if let Ok(Object::Memory(m)) = self.object(sid, area.mem) {
             m.refs += 1;
         }
@@ -761,7 +776,7 @@ impl Core {
         let lasts: Vec<u64> = removed.iter().map(|(_, a)| a.last).collect();
         for (s, a) in removed {
             let len = a.last - s + 1;
-            self.pool.unmap_range(root, s, len, &mut garbage);
+            self.pool_mut(sid)?.unmap_range(root, s, len, &mut garbage);
             total += len;
             mems.push(a.mem);
         }
@@ -1003,7 +1018,7 @@ impl Core {
         i.dirty = enable;
         if enable && !was {
             if let Some(s) = self.sessions.get(&sid) {
-                self.pool.clear_dirty(&s.dirty, root);
+                s.pool.clear_dirty(&s.dirty, root);
             }
         }
         if was != enable {
@@ -1071,8 +1086,7 @@ impl Core {
             let Some(pt) = pt else { continue };
             let e = self.entry_for(sid, caps, pt)?;
             let mut pages = Vec::new();
-            self.charge(sid);
-            self.pool.pasid_set(root, pasid, e, &mut pages)?;
+            self.pool_mut(sid)?.pasid_set(root, pasid, e, &mut pages)?;
             debug_assert!(pages.is_empty(), "an attached PASID already has its directory pages");
         }
         let targets = users.to_vec();
@@ -1114,7 +1128,7 @@ impl Core {
             .sessions
             .get(&sid)
             .ok_or_else(|| Error { errno: Errno::ENOENT, message: format!("no session {sid}") })?;
-        Ok(self.pool.read_dirty(&s.dirty, root, iova, length, page_size, no_clear))
+        Ok(s.pool.read_dirty(&s.dirty, root, iova, length, page_size, no_clear))
     }
 
     /// Records a fault for a session (issued by the device side). A
@@ -1184,6 +1198,7 @@ impl Core {
     /// Frees unlinked table pages now if no device can hold them, else
     /// defers them until the invalidations are answered.
     fn retire(&mut self, sid: u64, ioas: u32, range: Option<IovaRange>, garbage: Vec<u64>) {
+        let garbage: Vec<(u64, u64)> = garbage.into_iter().map(|t| (sid, t)).collect();
         let mut direct = Vec::new();
         let mut nested = Vec::new();
         if let Some(s) = self.sessions.get(&sid) {
@@ -1215,10 +1230,13 @@ impl Core {
         e
     }
 
-    /// Returns table pages to the pool once no walker can reach them.
-    pub fn release_tables(&mut self, garbage: Vec<u64>) {
-        for t in garbage {
-            self.pool.free_table(t);
+    /// Returns table pages to their sessions' pools once no walker can
+    /// reach them (a closed session's pool went with it).
+    pub fn release_tables(&mut self, garbage: Vec<(u64, u64)>) {
+        for (sid, t) in garbage {
+            if let Some(s) = self.sessions.get_mut(&sid) {
+                s.pool.free_table(t);
+            }
         }
     }
 
@@ -1293,8 +1311,7 @@ impl Core {
             return err(Errno::ENOSPC, format!("the session has {cap} devices bound, the configured limit"));
         }
         let id = self.new_id(sid)?;
-        self.charge(sid);
-        let root = self.pool.alloc_table()?;
+        let root = self.pool_mut(sid)?.alloc_table()?;
         let d = Device {
             channel: chan,
             name: a.name,
@@ -1307,7 +1324,7 @@ impl Core {
             fenced: false,
         };
         if let Err(e) = self.insert_object(sid, id, Object::Device(d)) {
-            self.pool.free_table(root);
+            self.pool_mut(sid)?.free_table(root);
             return Err(e);
         }
         Ok(BoundDevice { dev_id: id, pasid_root: root })
@@ -1346,9 +1363,8 @@ impl Core {
         }
         self.step()?;
         let mut pages = Vec::new();
-        self.charge(sid);
-        if let Err(e) = self.pool.pasid_set(root, key, e, &mut pages) {
-            self.release_tables(pages);
+        if let Err(e) = self.pool_mut(sid)?.pasid_set(root, key, e, &mut pages) {
+            self.release_tables(pages.into_iter().map(|t| (sid, t)).collect());
             return Err(e.into());
         }
         if let Some(o) = old {
@@ -1378,7 +1394,7 @@ impl Core {
         let key = pasid.unwrap_or(0);
         let root = d.root;
         let Some(pt) = d.attach.remove(&key) else { return Ok(()) };
-        self.pool.pasid_clear(root, key);
+        self.pool_mut(sid)?.pasid_clear(root, key);
         self.attached_set(sid, pt).map(|s| s.remove(&(dev, key)));
         self.queue_invalidations(sid, vec![(dev, key)], None);
         Ok(())
@@ -1424,7 +1440,8 @@ impl Core {
             self.pasids.free(p);
             self.pasid_owner.remove(&p);
         }
-        let pages = self.pool.pasid_table_pages(d.root);
+        let pages: Vec<(u64, u64)> =
+            self.pool_mut(sid)?.pasid_table_pages(d.root).into_iter().map(|t| (sid, t)).collect();
         if self.effects.invalidations.contains_key(&chan) {
             self.effects.garbage.extend(pages);
         } else {
@@ -1474,8 +1491,10 @@ impl Core {
             }
         }
         for (dev, root, keys) in cleared {
-            for k in keys {
-                self.pool.pasid_clear(root, k);
+            if let Some(s) = self.sessions.get_mut(&sid) {
+                for k in keys {
+                    s.pool.pasid_clear(root, k);
+                }
             }
             tracing::warn!(chan, dev, "device server did not answer an invalidation in time; fenced");
             let rec = FaultRecord {
@@ -1525,13 +1544,13 @@ impl Core {
     /// their stage-1 table belongs to the user.
     pub fn page_table(&mut self, sid: u64, ioas: u32, max: usize) -> Result<Vec<String>> {
         let root = self.ioas(sid, ioas)?.root;
-        Ok(self.pool.dump(root, max))
+        Ok(self.session(sid)?.pool.dump(root, max))
     }
 
     /// Translates one IOVA of a paging IOAS by walking its tables.
     pub fn translate(&mut self, sid: u64, ioas: u32, iova: u64) -> Result<Translation> {
         let root = self.ioas(sid, ioas)?.root;
-        let leaf = pagetable::walk(&self.pool, root, iova)
+        let leaf = pagetable::walk(&self.session(sid)?.pool, root, iova)
             .map_err(|e| Error { errno: Errno::ENOENT, message: format!("IOVA {iova:#x}: {e}") })?;
         let (&base, &(owner, mem)) = self
             .sys_owner
@@ -1586,7 +1605,7 @@ impl Core {
                     reserved: i.reserved.clone(),
                     dirty_tracking: i.dirty,
                     root: i.root,
-                    tables: self.pool.count_tables(i.root),
+                    tables: s.pool.count_tables(i.root),
                     children: i.children,
                     attached: i.attached.iter().copied().collect(),
                     stats: i.stats,
@@ -1649,9 +1668,9 @@ impl Core {
                 .map(|(p, s)| (*p, *s))
                 .collect(),
             pool: PoolInfo {
-                bytes: self.pool.size(),
-                tables_in_use: self.pool.tables_in_use(),
-                capacity: self.pool.capacity(),
+                bytes: (u64::from(self.budget.cap()) + 1) * PAGE_SIZE,
+                tables_in_use: self.budget.used(),
+                capacity: self.budget.cap(),
             },
             faults: self.fault_log.iter().filter(|f| only.is_none_or(|o| o == f.session)).cloned().collect(),
             stats: self.stats,
@@ -1757,9 +1776,9 @@ mod tests {
             .unwrap();
         c.nested_alloc(sid, a, 0).unwrap();
         c.ppasid_alloc(sid).unwrap();
-        assert!(c.pool().tables_in_use() > 2);
+        assert!(c.tables_in_use() > 2);
         c.close_session(sid);
-        assert_eq!(c.pool().tables_in_use(), 0);
+        assert_eq!(c.tables_in_use(), 0);
         assert_eq!(c.ppasids_in_use(), 0);
         assert_eq!(c.session_count(), 0);
         assert_eq!(c.sys.fragments(), 1, "system address space fully returned");

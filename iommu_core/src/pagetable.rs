@@ -22,7 +22,7 @@
 //! entries with release stores and the walker reads them with acquire loads.
 
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -357,8 +357,46 @@ impl DirtyPool {
     }
 }
 
-/// The table pool: a memfd of page tables shared read-only with device
-/// servers.
+/// Tables allocated across every pool of a core, against one cap (the
+/// core's `table_pool_bytes`): each session's pool draws from it.
+#[derive(Debug)]
+pub struct TableBudget {
+    cap: u32,
+    used: std::sync::atomic::AtomicU32,
+}
+
+impl TableBudget {
+    /// A budget of `cap` tables.
+    pub fn new(cap: u32) -> Arc<TableBudget> {
+        Arc::new(TableBudget { cap, used: std::sync::atomic::AtomicU32::new(0) })
+    }
+
+    /// Tables allocated now, in every pool.
+    pub fn used(&self) -> u32 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// The cap.
+    pub fn cap(&self) -> u32 {
+        self.cap
+    }
+
+    fn take(&self) -> bool {
+        self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| (u < self.cap).then_some(u + 1)).is_ok()
+    }
+
+    fn give_back(&self, n: u32) {
+        let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(n)));
+    }
+}
+
+/// One session's table pool: a memfd of page tables that only the core can
+/// write. The core maps it read-write once, then seals it
+/// (`F_SEAL_FUTURE_WRITE`, shrink, grow, seal): from then on the kernel
+/// refuses every new writable mapping, `write`, `fallocate` and size change
+/// through any fd of the file, a re-open through `/proc` included, while
+/// the core's own mapping stays writable. Device servers map it read-only,
+/// and each session's device channels get only their session's pool.
 #[derive(Debug)]
 pub struct TablePool {
     file: File,
@@ -366,24 +404,28 @@ pub struct TablePool {
     pages: u32,
     next_fresh: u32,
     free: Vec<u32>,
+    /// Present entries of each table handed out so far (grows with
+    /// `next_fresh`, so an idle session costs no bookkeeping).
     used: Vec<u16>,
     in_use: u32,
     fail: Arc<FailNth>,
-    /// Owner of each page (0: none), for per-owner quotas.
-    owner: Vec<u64>,
-    /// Tables each owner holds.
-    held: std::collections::HashMap<u64, u32>,
-    /// Who new tables are charged to, and their quota.
-    charge: (u64, u32),
+    budget: Arc<TableBudget>,
 }
 
 impl TablePool {
-    /// Creates a pool of `bytes` (rounded down to whole tables, at least 2).
-    pub fn new(bytes: u64, fail: Arc<FailNth>) -> Result<TablePool, Error> {
-        let pages = u32::try_from((bytes / PAGE_SIZE).max(2)).map_err(|_| Error::Create("pool too large".into()))?;
+    /// Creates a pool with room for `tables` tables (page 0 is reserved on
+    /// top), drawing from `budget`. The file is sparse: only tables in use
+    /// take memory.
+    pub fn new(tables: u32, budget: Arc<TableBudget>, fail: Arc<FailNth>) -> Result<TablePool, Error> {
+        let pages = tables.max(1).checked_add(1).ok_or_else(|| Error::Create("pool too large".into()))?;
         let size = u64::from(pages) * PAGE_SIZE;
-        let file = memfd::create_sealed("ioasid-table-pool", size).map_err(|e| Error::Create(e.to_string()))?;
+        let file = memfd::create("ioasid-table-pool", size).map_err(|e| Error::Create(e.to_string()))?;
         let tables = Words::map(&file, size)?;
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+        let seals =
+            SealFlag::F_SEAL_FUTURE_WRITE | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+        fcntl(file.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals))
+            .map_err(|e| Error::Create(format!("cannot seal the table pool: {e}")))?;
         Ok(TablePool {
             file,
             tables,
@@ -391,12 +433,10 @@ impl TablePool {
             // Page 0 is never handed out: a zero address means "none".
             next_fresh: 1,
             free: Vec::new(),
-            used: vec![0; pages as usize],
+            used: vec![0],
             in_use: 0,
             fail,
-            owner: vec![0; pages as usize],
-            held: std::collections::HashMap::new(),
-            charge: (0, u32::MAX),
+            budget,
         })
     }
 
@@ -452,33 +492,28 @@ impl TablePool {
         }
     }
 
-    /// Charges tables allocated from now on to `owner` (a session id; 0
-    /// charges nobody), who may hold at most `quota` tables in all.
-    pub fn charge_to(&mut self, owner: u64, quota: u32) {
-        self.charge = (owner, quota);
-    }
-
-    /// Tables `owner` holds.
-    pub fn held_by(&self, owner: u64) -> u32 {
-        self.held.get(&owner).copied().unwrap_or(0)
-    }
-
     /// Allocates a zeroed table and returns its pool offset.
     pub fn alloc_table(&mut self) -> Result<u64, Error> {
         if self.fail.step() {
             return Err(Error::Injected);
         }
-        let (owner, quota) = self.charge;
-        if owner != 0 && self.held_by(owner) >= quota {
-            return Err(Error::Quota(quota));
+        if self.free.is_empty() && self.next_fresh >= self.pages {
+            // A pool is never larger than the budget: when both are full,
+            // the budget is what ran out.
+            if self.budget.used() >= self.budget.cap() {
+                return Err(Error::PoolFull(self.budget.used()));
+            }
+            return Err(Error::Quota(self.capacity()));
+        }
+        if !self.budget.take() {
+            return Err(Error::PoolFull(self.budget.used()));
         }
         let page = if let Some(p) = self.free.pop() {
             p
-        } else if self.next_fresh < self.pages {
-            self.next_fresh += 1;
-            self.next_fresh - 1
         } else {
-            return Err(Error::PoolFull(self.in_use));
+            self.next_fresh += 1;
+            self.used.push(0);
+            self.next_fresh - 1
         };
         let table = u64::from(page) * PAGE_SIZE;
         for i in 0..ENTRIES {
@@ -486,10 +521,6 @@ impl TablePool {
         }
         self.used[page as usize] = 0;
         self.in_use += 1;
-        self.owner[page as usize] = owner;
-        if owner != 0 {
-            *self.held.entry(owner).or_default() += 1;
-        }
         Ok(table)
     }
 
@@ -497,19 +528,13 @@ impl TablePool {
     /// still reach it (the invalidation handshake).
     pub fn free_table(&mut self, table: u64) {
         let page = Self::page_index(table);
-        if page == 0 || page >= self.pages as usize {
+        if page == 0 || page >= self.next_fresh as usize || !table.is_multiple_of(PAGE_SIZE) {
             return;
         }
         self.used[page] = 0;
         self.free.push(page as u32);
         self.in_use = self.in_use.saturating_sub(1);
-        let owner = std::mem::take(&mut self.owner[page]);
-        if let Some(n) = self.held.get_mut(&owner) {
-            *n -= 1;
-            if *n == 0 {
-                self.held.remove(&owner);
-            }
-        }
+        self.budget.give_back(1);
     }
 
     /// Maps `[iova, iova+len)` onto `[addr, addr+len)` with `perm`, using the
@@ -884,6 +909,14 @@ impl TablePool {
     }
 }
 
+impl Drop for TablePool {
+    fn drop(&mut self) {
+        // The file goes with the core's last reference; a device server
+        // that still maps it reads tables nobody will change again.
+        self.budget.give_back(self.in_use);
+    }
+}
+
 impl TableMemory for TablePool {
     fn load(&self, table: u64, index: usize) -> Option<u64> {
         self.entry(table, index).map(|w| w.load(Ordering::Acquire))
@@ -894,8 +927,8 @@ impl TableMemory for TablePool {
 mod tests {
     use super::*;
 
-    fn pool(tables: u64) -> TablePool {
-        TablePool::new(tables * PAGE_SIZE, Arc::new(FailNth::default())).unwrap()
+    fn pool(tables: u32) -> TablePool {
+        TablePool::new(tables - 1, TableBudget::new(u32::MAX), Arc::new(FailNth::default())).unwrap()
     }
 
     #[test]
@@ -941,7 +974,7 @@ mod tests {
         let mut p = pool(4);
         let root = p.alloc_table().unwrap();
         // Needs L3, L2, L1 tables = 3 more, but only 2 remain.
-        assert_eq!(p.map_range(root, 0x1000, 0x1000, 0x1000, Perm::RW, None), Err(Error::PoolFull(3)));
+        assert_eq!(p.map_range(root, 0x1000, 0x1000, 0x1000, Perm::RW, None), Err(Error::Quota(3)));
         assert_eq!(p.tables_in_use(), 1);
         assert_eq!(walk(&p, root, 0x1000), Err(WalkError::NotPresent(4)));
     }

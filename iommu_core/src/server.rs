@@ -131,7 +131,7 @@ struct HeldOp {
     seq: u64,
     reply: Reply,
     fds: Vec<OwnedFd>,
-    garbage: Vec<u64>,
+    garbage: Vec<(u64, u64)>,
     /// Channel -> invalidation id it must answer.
     waiting: HashMap<u64, u64>,
     deadline: Instant,
@@ -854,12 +854,14 @@ impl Server {
             Request::DevicePasidAlloc { dev } => core.device_ppasid_alloc(chan, dev).map(Reply::Pasid),
             Request::DevicePasidFree { dev, pasid } => core.device_ppasid_free(chan, dev, pasid).map(|_| Reply::Ok),
             Request::GetPools => {
-                let pool = core.pool();
-                let Some(dirty) = core.channel_dirty_pool(chan) else {
+                let (Some(pool), Some(dirty)) =
+                    (core.channel_session(chan).and_then(|s| core.pool(s)), core.channel_dirty_pool(chan))
+                else {
                     return plain(Reply::error(Errno::ENOENT, "the channel's session is gone"));
                 };
-                // A fresh read-only open of the pool: a peer cannot map it
-                // writable. The dirty pool is the session's own.
+                // The session's own pools: the table pool read-only (the
+                // kernel refuses any writable route to it, see
+                // `TablePool`), the dirty pool read-write.
                 let fds = [reopen_read_only(pool.fd()), dirty.fd().try_clone_to_owned()];
                 return Some(match fds {
                     [Ok(a), Ok(b)] => {

@@ -95,17 +95,11 @@ fn capture(core: &mut Core, probes: &[Probe]) -> State {
         let Ok(root) = core.ioas_root(sid, ioas) else { continue };
         for k in 0..length / PAGE_SIZE {
             let p = iova + k * PAGE_SIZE;
-            leaves.push((ioas, p, pagetable::walk(core.pool(), root, p)));
+            leaves.push((ioas, p, pagetable::walk(core.pool(sid).expect("the session's pool"), root, p)));
         }
     }
     let objects = snapshot.sessions.iter().map(|s| core.object_count(s.id)).collect();
-    State {
-        tables_in_use: core.pool().tables_in_use(),
-        ppasids_in_use: core.ppasids_in_use(),
-        objects,
-        leaves,
-        snapshot,
-    }
+    State { tables_in_use: core.tables_in_use(), ppasids_in_use: core.ppasids_in_use(), objects, leaves, snapshot }
 }
 
 /// A fixture: the core, the session the operation runs in, and whatever
@@ -218,7 +212,7 @@ fn assert_teardown_frees_everything(mut core: Core, name: &str) {
         core.close_session(s);
     }
     assert_eq!(core.session_count(), 0);
-    assert_eq!(core.pool().tables_in_use(), 0, "{name}: tables leaked");
+    assert_eq!(core.tables_in_use(), 0, "{name}: tables leaked");
     assert_eq!(core.ppasids_in_use(), 0, "{name}: pPASIDs leaked");
 }
 

@@ -391,7 +391,7 @@ fn check_state(core: &mut Core, m: &Model, cov: &Coverage) -> TestResult {
         let tables = 1 + (l3.len() + l2.len() + l1.len()) as u32;
         expected_tables += tables;
         for &p in &r.touched {
-            let walked = pagetable::walk(core.pool(), root, p);
+            let walked = pagetable::walk(core.pool(sid).expect("the session's pool"), root, p);
             let translated = core.translate(sid, r.id, p);
             match r.pages.get(&p) {
                 None => {
@@ -432,7 +432,7 @@ fn check_state(core: &mut Core, m: &Model, cov: &Coverage) -> TestResult {
             }
         }
     }
-    prop_assert_eq!(core.pool().tables_in_use(), expected_tables, "tables in the pool");
+    prop_assert_eq!(core.tables_in_use(), expected_tables, "tables in the pool");
 
     let snap = core.snapshot(Some(sid));
     prop_assert_eq!(snap.sessions.len(), 1);
@@ -674,7 +674,7 @@ fn run_case(ops: &[Op], cov: &Coverage) -> TestResult {
     let b = core.ioas_alloc(sid).expect("ioas_alloc");
     let mut m =
         Model { sid, mems, ioas: [RefIoas { id: a, ..RefIoas::default() }, RefIoas { id: b, ..RefIoas::default() }] };
-    prop_assert_eq!(core.pool().tables_in_use(), 2);
+    prop_assert_eq!(core.tables_in_use(), 2);
     for op in ops {
         bump(&cov.ops);
         match *op {
@@ -699,7 +699,7 @@ fn run_case(ops: &[Op], cov: &Coverage) -> TestResult {
         }
     }
     check_state(&mut core, &m, cov)?;
-    prop_assert_eq!(core.pool().tables_in_use(), 2, "only the two roots may remain");
+    prop_assert_eq!(core.tables_in_use(), 2, "only the two roots may remain");
     Ok(())
 }
 

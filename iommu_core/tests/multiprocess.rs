@@ -374,3 +374,86 @@ fn only_the_owner_or_root_may_connect() {
     let mut s = Client::session(&d.path).unwrap();
     assert!(s.ioas_alloc().is_ok());
 }
+
+/// The table pool a device channel gets holds its own session's tables
+/// only, and the kernel refuses every route to writing it: a writable
+/// mapping, a read-write re-open through `/proc`, `write`, `fallocate`,
+/// `ftruncate`, `mprotect` of a read-only mapping and new seals. A private
+/// writable mapping is allowed and reaches nobody.
+#[test]
+fn no_channel_can_write_any_page_table_or_read_another_sessions() {
+    use nix::fcntl::{fallocate, fcntl, FallocateFlags, FcntlArg, SealFlag};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+
+    let d = Daemon::start("pool-isolation", &["--max-tables-per-session", "256"]);
+    // The victim: a read-only mapping.
+    let mut victim = Client::session(&d.path).unwrap();
+    let ram = iommu_core::memfd::create("victim", 1 << 20).unwrap();
+    let m = victim.register_memory(&ram).unwrap();
+    let ioas = victim.ioas_alloc().unwrap();
+    victim.map(MapArgs { ioas, mem: m.id, offset: 0, length: 1 << 20, iova: Some(0x10_0000), perm: Perm::R }).unwrap();
+    let (_, vfd) = victim.open_device_channel().unwrap();
+    let victim_channel = iommu_core::device::Channel::new(vfd).unwrap();
+    let (vpool, vsize, _, _) = victim_channel.pools().unwrap();
+    let vpool = std::fs::File::from(vpool);
+    let victim_root = victim.status().unwrap().sessions[0].ioas[0].root;
+    let mut entry = [0u8; 8];
+    vpool.read_exact_at(&mut entry, victim_root).unwrap();
+    assert_ne!(u64::from_le_bytes(entry), 0, "the victim's own pool holds its root table");
+
+    // The attacker: another session's device channel.
+    let mut attacker = Client::session(&d.path).unwrap();
+    let (_, afd) = attacker.open_device_channel().unwrap();
+    let channel = iommu_core::device::Channel::new(afd).unwrap();
+    let (pool, size, _, _) = channel.pools().unwrap();
+    let pool = std::fs::File::from(pool);
+    assert_eq!(size, 257 * 4096, "one session's pool: its quota of tables and page 0");
+    assert_eq!(vsize, size);
+    // Not one byte of the attacker's pool is a table: the victim's are elsewhere.
+    let mut buf = vec![0u8; size as usize];
+    pool.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|b| *b == 0), "another session's page tables are visible");
+
+    let seals = SealFlag::from_bits_truncate(fcntl(pool.as_raw_fd(), FcntlArg::F_GET_SEALS).unwrap());
+    let want = SealFlag::F_SEAL_FUTURE_WRITE | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+    assert!(seals.contains(want), "seals {seals:?}");
+    let writable = |f: &std::fs::File| memmap2::MmapOptions::new().len(size as usize).map_raw(f).is_ok();
+    assert!(!writable(&pool), "a writable mapping of the fd");
+    assert!(pool.write_all_at(&[1], 4096).is_err(), "write on the fd");
+    let ro = memmap2::MmapOptions::new().len(size as usize).map_raw_read_only(&pool).unwrap();
+    // SAFETY: mprotect on a mapping this test owns; on success nothing is
+    // written through it (the assertion fails first).
+    let rc = unsafe { libc::mprotect(ro.as_mut_ptr().cast(), 4096, libc::PROT_READ | libc::PROT_WRITE) };
+    assert_eq!(rc, -1, "mprotect made a read-only mapping of the pool writable");
+    // Every route through a read-write re-open, of its own pool and of the
+    // victim's that the victim's channel holds.
+    for (what, f) in [("own", &pool), ("victim's", &vpool)] {
+        let Ok(rw) =
+            std::fs::OpenOptions::new().read(true).write(true).open(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        else {
+            continue; // refused outright is fine too
+        };
+        assert!(!writable(&rw), "{what}: writable mapping after a read-write re-open");
+        assert!(rw.write_all_at(&[1], 4096).is_err(), "{what}: write after a re-open");
+        assert!(rw.write_all_at(&[0], victim_root).is_err(), "{what}: write over the victim's root");
+        assert!(rw.set_len(4096).is_err(), "{what}: shrinking the pool");
+        assert!(rw.set_len(size * 2).is_err(), "{what}: growing the pool");
+        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        assert!(fallocate(rw.as_raw_fd(), punch, 0, size as i64).is_err(), "{what}: punching a hole");
+        assert!(
+            fcntl(rw.as_raw_fd(), FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE)).is_err(),
+            "{what}: changing the seals"
+        );
+        // A private mapping is copy-on-write: writing it reaches no one.
+        // SAFETY: a private copy-on-write mapping this test owns; writes
+        // through it never reach the file, and nobody truncates it (sealed).
+        let mut private = unsafe { memmap2::MmapOptions::new().len(size as usize).map_copy(&rw) }.unwrap();
+        private[victim_root as usize] ^= 0xff;
+    }
+    vpool.read_exact_at(&mut entry, victim_root).unwrap();
+    assert_ne!(u64::from_le_bytes(entry), 0, "the victim's root entry survived");
+    let t = victim.translate(ioas, 0x10_0000).unwrap();
+    assert_eq!(t.perm, Perm::R, "the victim's mapping is still read-only");
+    assert_eq!(t.mem, m.id);
+}
