@@ -38,6 +38,10 @@ pub enum Errno {
     EOVERFLOW,
     /// A device server did not answer in time.
     ETIMEDOUT,
+    /// Permission denied: write access to memory that cannot be written.
+    EACCES,
+    /// Try again later: the core's shared buffers are full.
+    EAGAIN,
 }
 
 impl Errno {
@@ -59,6 +63,8 @@ impl Errno {
             Errno::EADDRINUSE => libc::EADDRINUSE,
             Errno::EOVERFLOW => libc::EOVERFLOW,
             Errno::ETIMEDOUT => libc::ETIMEDOUT,
+            Errno::EACCES => libc::EACCES,
+            Errno::EAGAIN => libc::EAGAIN,
         }
     }
 
@@ -80,11 +86,13 @@ impl Errno {
             Errno::EADDRINUSE => "EADDRINUSE",
             Errno::EOVERFLOW => "EOVERFLOW",
             Errno::ETIMEDOUT => "ETIMEDOUT",
+            Errno::EACCES => "EACCES",
+            Errno::EAGAIN => "EAGAIN",
         }
     }
 
     /// Every member of the vocabulary.
-    pub const ALL: [Errno; 15] = [
+    pub const ALL: [Errno; 17] = [
         Errno::EPERM,
         Errno::ENOENT,
         Errno::EBADF,
@@ -100,6 +108,8 @@ impl Errno {
         Errno::EADDRINUSE,
         Errno::EOVERFLOW,
         Errno::ETIMEDOUT,
+        Errno::EACCES,
+        Errno::EAGAIN,
     ];
 
     /// The member whose Linux errno number is `code`.

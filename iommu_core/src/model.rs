@@ -55,6 +55,9 @@ struct MemObj {
     file: File,
     size: u64,
     sealed: bool,
+    /// Opened read-write and not sealed against writes: only then may a
+    /// mapping of it allow device writes.
+    writable: bool,
     sys_base: u64,
     sys_len: u64,
     refs: u32,
@@ -506,7 +509,15 @@ impl Core {
         if !ft.is_file() || ft.is_socket() {
             return err(Errno::EINVAL, "a memory object must be a regular file (memfd, tmpfs or hugetlbfs)");
         }
-        let size = meta.len();
+        // Seal before the size is read: a client that shrinks the file
+        // between the two must not get an object recorded larger than its
+        // file. A refused registration keeps the seal (the kernel has no
+        // way to remove one).
+        let sealed = memfd::seal_shrink(file.as_fd());
+        let size = match file.metadata() {
+            Ok(m) => m.len(),
+            Err(e) => return err(Errno::EBADF, format!("cannot stat the file: {e}")),
+        };
         if size == 0 {
             return err(Errno::EINVAL, "the file is empty");
         }
@@ -531,11 +542,14 @@ impl Core {
             .sys
             .alloc(size)
             .ok_or_else(|| Error { errno: Errno::ENOSPC, message: "the system address space is full".into() })?;
-        // Sealing is the last step: it cannot be undone, so nothing may fail after it.
-        let sealed = memfd::seal_shrink(file.as_fd());
         let seals = memfd::seal_names(memfd::seals(file.as_fd()));
+        let writable = memfd::writable(file.as_fd());
         self.sys_owner.insert(sys_base, (sid, id));
-        self.insert_object(sid, id, Object::Memory(MemObj { file, size, sealed, sys_base, sys_len, refs: 0 }))?;
+        self.insert_object(
+            sid,
+            id,
+            Object::Memory(MemObj { file, size, sealed, writable, sys_base, sys_len, refs: 0 }),
+        )?;
         if !sealed {
             tracing::warn!(session = sid, id, "memory object cannot be sealed; devices must access it without mmap");
         }
@@ -711,6 +725,16 @@ impl Core {
         check_aligned("length", a.length)?;
         check_aligned("offset", a.offset)?;
         let (size, base) = self.mem_info(sid, a.mem)?;
+        if a.perm.write && matches!(self.object(sid, a.mem)?, Object::Memory(m) if !m.writable) {
+            return err(
+                Errno::EACCES,
+                format!(
+                    "memory object {} cannot be written (its fd is read-only or it is sealed against writes): \
+                     map it without write permission",
+                    a.mem
+                ),
+            );
+        }
         if a.offset.checked_add(a.length).is_none_or(|end| end > size) {
             return err(
                 Errno::EINVAL,

@@ -22,7 +22,6 @@
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
@@ -64,6 +63,10 @@ pub enum Error {
     /// Reading or writing a memory object that cannot be mapped failed.
     #[error("memory object I/O failed: {0}")]
     Io(std::io::Error),
+    /// A page of a memory object that a copy could not reach (a file that
+    /// shrank under its mapping); reported as a translation fault.
+    #[error("a page of the memory object is gone")]
+    Unreachable,
 }
 
 /// Result of a DMA.
@@ -126,63 +129,96 @@ struct Iotlb {
 struct MemObject {
     base: u64,
     size: u64,
-    file: File,
-    /// Mapped when sealed against shrinking; otherwise accessed with
-    /// pread/pwrite so a shrink can never raise SIGBUS.
-    map: Option<MmapRaw>,
+    map: MmapRaw,
+    /// Sealed against shrinking (and not hugetlbfs, whose pages can run
+    /// out): every page of the mapping is always there, so the device
+    /// copies with plain volatile accesses. Otherwise the file may shrink
+    /// (or its pages may be missing) under the mapping, and every copy goes
+    /// through the kernel ([`kernel_copy`]): a page past the end is an
+    /// error there, never SIGBUS, and writing through a mapping never
+    /// grows the file.
+    direct: bool,
+}
+
+/// A copy the kernel could not complete: the page is gone (the file
+/// shrank) or not writable. The access becomes a translation fault.
+#[derive(Debug)]
+struct Unreachable;
+
+/// Copies `n` bytes between `local` and the mapping at `mapped` with
+/// `process_vm_readv`/`process_vm_writev` on this very process: the kernel
+/// answers a missing page with a short count where a direct access would
+/// raise SIGBUS. True if every byte was copied.
+fn kernel_copy(local: *mut u8, mapped: *mut u8, n: usize, to_mapping: bool) -> bool {
+    use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
+    let pid = nix::unistd::getpid();
+    let remote = [RemoteIoVec { base: mapped as usize, len: n }];
+    // SAFETY: `local` points to `n` bytes the caller owns for the call (a
+    // device buffer borrowed mutably or immutably as the direction needs).
+    let done = unsafe {
+        if to_mapping {
+            let src = std::slice::from_raw_parts(local, n);
+            process_vm_writev(pid, &[std::io::IoSlice::new(src)], &remote)
+        } else {
+            let dst = std::slice::from_raw_parts_mut(local, n);
+            process_vm_readv(pid, &mut [std::io::IoSliceMut::new(dst)], &remote)
+        }
+    };
+    done.is_ok_and(|d| d == n)
 }
 
 impl MemObject {
-    fn slice(&self, off: u64, n: usize) -> Option<VolatileSlice<'_>> {
-        let map = self.map.as_ref()?;
+    fn ptr(&self, off: u64, n: usize) -> Option<*mut u8> {
         let off = usize::try_from(off).ok()?;
-        if off.checked_add(n)? > map.len() {
+        if off.checked_add(n)? > self.map.len() {
             return None;
         }
+        // SAFETY: `off` is inside the mapping (checked above).
+        Some(unsafe { self.map.as_mut_ptr().add(off) })
+    }
+
+    fn slice(&self, off: u64, n: usize) -> Option<VolatileSlice<'_>> {
+        let p = self.ptr(off, n)?;
         // SAFETY: [off, off+n) lies inside the shared mapping (checked), the
-        // mapping lives as long as `self`, and the slice is only used for
+        // mapping lives as long as `self`, every page of it is backed (the
+        // file is sealed against shrinking), and the slice is only used for
         // volatile copies.
-        Some(unsafe { VolatileSlice::new(map.as_mut_ptr().add(off), n) })
+        Some(unsafe { VolatileSlice::new(p, n) })
     }
 
-    fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        match self.slice(off, buf.len()) {
-            Some(s) => {
-                s.copy_to(buf);
-                Ok(())
-            }
-            None => self.file.read_exact_at(buf, off).map_err(Error::Io),
+    fn read(&self, off: u64, buf: &mut [u8]) -> std::result::Result<(), Unreachable> {
+        if self.direct {
+            self.slice(off, buf.len()).ok_or(Unreachable)?.copy_to(buf);
+            return Ok(());
         }
+        let p = self.ptr(off, buf.len()).ok_or(Unreachable)?;
+        kernel_copy(buf.as_mut_ptr(), p, buf.len(), false).then_some(()).ok_or(Unreachable)
     }
 
-    fn write(&self, off: u64, data: &[u8]) -> Result<()> {
-        match self.slice(off, data.len()) {
-            Some(s) => {
-                s.copy_from(data);
-                Ok(())
-            }
-            None => self.file.write_all_at(data, off).map_err(Error::Io),
+    fn write(&self, off: u64, data: &[u8]) -> std::result::Result<(), Unreachable> {
+        if self.direct {
+            self.slice(off, data.len()).ok_or(Unreachable)?.copy_from(data);
+            return Ok(());
         }
+        let p = self.ptr(off, data.len()).ok_or(Unreachable)?;
+        // The kernel only reads `data` here.
+        kernel_copy(data.as_ptr().cast_mut(), p, data.len(), true).then_some(()).ok_or(Unreachable)
     }
 
     fn load_u64(&self, off: u64) -> Option<u64> {
         if !off.is_multiple_of(8) || off.checked_add(8)? > self.size {
             return None;
         }
-        match &self.map {
-            Some(m) => {
-                let o = usize::try_from(off).ok()?;
-                // SAFETY: 8-byte aligned and inside the read-write shared
-                // mapping (checked); shared memory is read only atomically.
-                let w = unsafe { AtomicU64::from_ptr(m.as_mut_ptr().add(o).cast::<u64>()) };
-                Some(w.load(Ordering::Acquire))
-            }
-            None => {
-                let mut b = [0u8; 8];
-                self.file.read_exact_at(&mut b, off).ok()?;
-                Some(u64::from_le_bytes(b))
-            }
+        let p = self.ptr(off, 8)?;
+        if self.direct {
+            // SAFETY: 8-byte aligned (the mapping is page aligned) and inside
+            // the shared mapping (checked), every page backed (sealed);
+            // shared memory is read only atomically.
+            let w = unsafe { AtomicU64::from_ptr(p.cast::<u64>()) };
+            return Some(w.load(Ordering::Acquire));
         }
+        let mut b = [0u8; 8];
+        kernel_copy(b.as_mut_ptr(), p, 8, false).then(|| u64::from_le_bytes(b))
     }
 }
 
@@ -252,6 +288,15 @@ impl InvalidationHandler for Handler {
             tu.invalidate(targets, forget);
         }
     }
+}
+
+/// Whether `file` is on hugetlbfs, whose pages are taken from a fixed pool
+/// when first touched: a direct access to one the pool cannot supply
+/// raises SIGBUS.
+fn on_hugetlbfs(file: &File) -> bool {
+    // Memory objects never live on file systems that block (the core
+    // refuses them), so fstatfs answers at once.
+    nix::sys::statfs::fstatfs(file).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::HUGETLBFS_MAGIC)
 }
 
 fn map_fd(fd: &File, len: u64, read_only: bool) -> Result<MmapRaw> {
@@ -453,7 +498,10 @@ impl TranslationUnit {
                     }
                 }
             };
-            op(&m, sys - m.base, done, n)?;
+            match op(&m, sys - m.base, done, n) {
+                Err(Error::Unreachable) => return Ok(Outcome::Fault(cur, FaultReason::NotPresent, false)),
+                r => r?,
+            }
             if want.write {
                 if let Some((t, i)) = e.dirty {
                     self.mark_dirty(t, i);
@@ -468,9 +516,15 @@ impl TranslationUnit {
     fn map_memory(&self, sys: u64) -> Result<()> {
         let (fd, base, size, sealed) = self.channel.memory(sys)?;
         let file = File::from(fd);
-        let map = if sealed { Some(map_fd(&file, size, false)?) } else { None };
+        // A file the session may only read maps read-only: writes to it
+        // fault (the core refuses writable mappings of it anyway).
+        let map = match map_fd(&file, size, false) {
+            Ok(m) => m,
+            Err(_) => map_fd(&file, size, true)?,
+        };
+        let direct = sealed && !on_hugetlbfs(&file);
         if let Ok(mut m) = self.mems.write() {
-            m.insert(base, Arc::new(MemObject { base, size, file, map }));
+            m.insert(base, Arc::new(MemObject { base, size, map, direct }));
         }
         Ok(())
     }
@@ -559,12 +613,16 @@ impl TranslationUnit {
     /// DMA read: fills `buf` from `iova` of `(dev, pasid)` (pasid 0 = RID).
     pub fn read(&self, dev: u32, pasid: u32, iova: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len();
-        self.access(dev, pasid, iova, len, Perm::R, &mut |m, off, at, n| m.read(off, &mut buf[at..at + n]))
+        self.access(dev, pasid, iova, len, Perm::R, &mut |m, off, at, n| {
+            m.read(off, &mut buf[at..at + n]).map_err(|_| Error::Unreachable)
+        })
     }
 
     /// DMA write: copies `data` to `iova` of `(dev, pasid)`.
     pub fn write(&self, dev: u32, pasid: u32, iova: u64, data: &[u8]) -> Result<()> {
-        self.access(dev, pasid, iova, data.len(), Perm::W, &mut |m, off, at, n| m.write(off, &data[at..at + n]))
+        self.access(dev, pasid, iova, data.len(), Perm::W, &mut |m, off, at, n| {
+            m.write(off, &data[at..at + n]).map_err(|_| Error::Unreachable)
+        })
     }
 
     /// Translates `[iova, iova+len)` for `access` into system-address

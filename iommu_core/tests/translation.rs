@@ -818,3 +818,126 @@ fn the_state_generation_moves_only_with_changes() {
     std::thread::sleep(Duration::from_millis(50));
     assert!(obs.generation().unwrap() > g2, "a session that came and went");
 }
+
+fn temp_file(name: &str, size: u64) -> (std::path::PathBuf, File) {
+    let path = std::env::temp_dir().join(format!("ioasid-tu-file-{}-{name}", std::process::id()));
+    let f = File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    f.set_len(size).unwrap();
+    (path, f)
+}
+
+/// A regular file cannot be sealed: its owner may shrink it under a
+/// mapping. DMA past the new end is a translation fault with a record in
+/// the session's queue, reads and writes alike, and nothing grows the file.
+#[test]
+fn dma_past_the_end_of_a_shrunk_file_faults_and_never_grows_it() {
+    let mut r = rig("shrunk-file", Limits::default());
+    let (path, f) = temp_file("shrunk", 0x4000);
+    let m = r.s.register_memory(&f).unwrap();
+    assert!(!m.sealed);
+    let ioas = r.s.ioas_alloc().unwrap();
+    map(&mut r, ioas, m.id, 0, 0x4000, 0x10_0000, Perm::RW);
+    let (tu, dev) = device(&mut r, caps(0, false, false));
+    tu.channel().attach(dev, None, ioas).unwrap();
+    tu.write(dev, 0, 0x10_3000, b"before").unwrap();
+
+    f.set_len(0x1000).unwrap();
+    tu.write(dev, 0, 0x10_0000, b"still here").unwrap();
+    assert_eq!(fault_of(tu.write(dev, 0, 0x10_2010, b"beyond").unwrap_err()), (0x10_2010, FaultReason::NotPresent));
+    assert_eq!(f.metadata().unwrap().len(), 0x1000, "a DMA write grew the file");
+    let mut buf = [0u8; 6];
+    assert_eq!(fault_of(tu.read(dev, 0, 0x10_3000, &mut buf).unwrap_err()), (0x10_3000, FaultReason::NotPresent));
+    // A copy that starts inside the file and runs past its end faults too.
+    let mut two = vec![0u8; 0x1800];
+    assert!(matches!(tu.read(dev, 0, 0x10_0800, &mut two), Err(tu::Error::Fault { .. })));
+    assert_eq!(f.metadata().unwrap().len(), 0x1000);
+    let faults = r.s.read_faults(16).unwrap();
+    let at: Vec<(u64, FaultReason)> = faults.iter().map(|x| (x.iova, x.reason)).collect();
+    assert!(at.contains(&(0x10_2010, FaultReason::NotPresent)), "{at:x?}");
+    assert!(at.contains(&(0x10_3000, FaultReason::NotPresent)), "{at:x?}");
+    let mut head = [0u8; 10];
+    f.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(&head, b"still here");
+
+    // Grown back, the pages are reachable again.
+    f.set_len(0x4000).unwrap();
+    tu.write(dev, 0, 0x10_3000, b"after").unwrap();
+    tu.read(dev, 0, 0x10_3000, &mut buf[..5]).unwrap();
+    assert_eq!(&buf[..5], b"after");
+    std::fs::remove_file(path).unwrap();
+}
+
+/// The core seals a memfd before it reads its size: a client that flips
+/// the size while registering never gets an object recorded larger than
+/// its file, and DMA over the whole recorded size never raises SIGBUS.
+#[test]
+fn a_memfd_resized_during_registration_is_never_recorded_larger_than_it_is() {
+    use std::sync::atomic::AtomicBool;
+    let mut r = rig("size-race", Limits::default());
+    let (tu, dev) = device(&mut r, caps(0, false, false));
+    let ioas = r.s.ioas_alloc().unwrap();
+    tu.channel().attach(dev, None, ioas).unwrap();
+    for round in 0..300 {
+        let f = Arc::new(iommu_core::memfd::create("flip", 2 << 20).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let flipper = {
+            let (f, stop) = (f.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let sealed = |f: &File| {
+                    iommu_core::memfd::seals(std::os::fd::AsFd::as_fd(f))
+                        .is_some_and(|s| s.contains(nix::fcntl::SealFlag::F_SEAL_SHRINK))
+                };
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = f.set_len(4096);
+                    // Once sealed, leave the file as it is: growing it back
+                    // would hide an object recorded larger than its file.
+                    if sealed(&f) {
+                        break;
+                    }
+                    let _ = f.set_len(2 << 20);
+                }
+            })
+        };
+        let m = r.s.register_memory(&*f);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        flipper.join().unwrap();
+        let Ok(m) = m else { continue };
+        let len = f.metadata().unwrap().len();
+        assert!(m.size <= len, "round {round}: object of {:#x} bytes over a file of {len:#x}", m.size);
+        assert!(m.sealed);
+        map(&mut r, ioas, m.id, 0, m.size, 0x100_0000, Perm::RW);
+        // The last page of the recorded size.
+        tu.write(dev, 0, 0x100_0000 + m.size - 8, &[0xa5; 8]).unwrap();
+        r.s.unmap(ioas, 0x100_0000, m.size).unwrap();
+        r.s.destroy(m.id).unwrap();
+    }
+}
+
+/// Write permission is granted only on memory the session can write: a
+/// read-only fd and a write-sealed memfd map read-only, and a writable
+/// mapping of them is EACCES at map time.
+#[test]
+fn writable_mappings_of_memory_the_session_cannot_write_are_refused() {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use std::os::fd::AsRawFd;
+    let mut r = rig("ro-memory", Limits::default());
+    let ioas = r.s.ioas_alloc().unwrap();
+    let (path, f) = temp_file("ro", 0x2000);
+    let ro = File::open(&path).unwrap();
+    let sealed_write = iommu_core::memfd::create("sealed-write", 0x2000).unwrap();
+    fcntl(sealed_write.as_raw_fd(), FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE)).unwrap();
+    let sealed_future = iommu_core::memfd::create("sealed-future", 0x2000).unwrap();
+    fcntl(sealed_future.as_raw_fd(), FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_FUTURE_WRITE)).unwrap();
+    for (i, file) in [&ro, &sealed_write, &sealed_future].into_iter().enumerate() {
+        let m = r.s.register_memory(file).unwrap();
+        let iova = 0x100_0000 * (i as u64 + 1);
+        let args = |perm| MapArgs { ioas, mem: m.id, offset: 0, length: 0x2000, iova: Some(iova), perm };
+        assert_eq!(r.s.map(args(Perm::RW)).unwrap_err().errno(), Some(Errno::EACCES), "file {i}");
+        assert_eq!(r.s.map(args(Perm::W)).unwrap_err().errno(), Some(Errno::EACCES), "file {i}");
+        r.s.map(args(Perm::R)).unwrap();
+    }
+    // The same file through a read-write fd maps writable.
+    let m = r.s.register_memory(&f).unwrap();
+    r.s.map(MapArgs { ioas, mem: m.id, offset: 0, length: 0x2000, iova: Some(0x800_0000), perm: Perm::RW }).unwrap();
+    std::fs::remove_file(path).unwrap();
+}
