@@ -98,6 +98,9 @@ struct Conn {
     /// requests wait in `stash` (except invalidation answers).
     blocked: bool,
     stash: VecDeque<(Envelope<Request>, Vec<OwnedFd>)>,
+    /// Why each refused file (now a [`refused_stand_in`] in the reader)
+    /// was refused, oldest first.
+    refused: VecDeque<String>,
 }
 
 /// Most requests a blocked device channel may queue before it is cut off
@@ -120,6 +123,7 @@ impl Conn {
             closing: false,
             blocked: false,
             stash: VecDeque::new(),
+            refused: VecDeque::new(),
         }
     }
 }
@@ -626,22 +630,41 @@ impl Server {
                 Ok((0, _)) => eof = true,
                 Ok((n, fds)) => {
                     // Files of FUSE or network file systems are never
-                    // memory objects, and even closing one can block: they
-                    // are closed on another thread and the peer is cut off.
-                    let (bad, fds): (Vec<OwnedFd>, Vec<OwnedFd>) =
-                        fds.into_iter().partition(|f| memfd::on_blocking_fs(f.as_fd()));
-                    let refused = !bad.is_empty();
-                    bad.into_iter().for_each(memfd::close_elsewhere);
-                    conn.reader.push(&buf[..n], fds);
-                    if refused {
-                        tracing::warn!(
-                            pid = conn.pid,
-                            "closing a connection that sent a file on FUSE or a network file system"
-                        );
-                        let msg =
-                            "files on FUSE or network file systems cannot be memory objects (their I/O can block)";
+                    // memory objects, and even closing one can block: each
+                    // is closed on another thread and takes a stand-in's
+                    // place, so that the one request that carried it is
+                    // refused and the connection goes on.
+                    let mut kept = Vec::with_capacity(fds.len());
+                    for fd in fds {
+                        if !memfd::on_blocking_fs(fd.as_fd()) {
+                            kept.push(fd);
+                            continue;
+                        }
+                        let why = match memfd::fs_type(fd.as_fd()) {
+                            Some(t) => format!(
+                                "the file is on a {t} file system, whose I/O can block: it cannot be a memory object"
+                            ),
+                            None => "the file's file system is unknown and its I/O could block: it cannot be a \
+                                     memory object"
+                                .to_string(),
+                        };
+                        memfd::close_elsewhere(fd);
+                        match refused_stand_in() {
+                            Some(stand_in) => {
+                                tracing::warn!(pid = conn.pid, "{why}; refusing the request that carries it");
+                                conn.refused.push_back(why);
+                                kept.push(stand_in);
+                            }
+                            None => {
+                                tracing::warn!(pid = conn.pid, "{why}; no stand-in fd left, closing the connection");
+                                conn.closing = true;
+                            }
+                        }
+                    }
+                    conn.reader.push(&buf[..n], kept);
+                    if conn.closing {
+                        let msg = "files on FUSE or network file systems cannot be memory objects";
                         queue(conn, 0, &Reply::error(Errno::EINVAL, msg), Vec::new());
-                        conn.closing = true;
                         break;
                     }
                 }
@@ -713,6 +736,14 @@ impl Server {
     fn dispatch(&mut self, token: Token, seq: u64, req: Request, fds: Vec<OwnedFd>) -> Option<(Reply, Vec<OwnedFd>)> {
         let conn = self.conns.get_mut(&token)?;
         let plain = |r: Reply| Some((r, Vec::new()));
+        let stand_ins = fds.iter().filter(|f| is_refused_stand_in(f.as_fd())).count();
+        if stand_ins > 0 {
+            let mut why = String::new();
+            for _ in 0..stand_ins {
+                why = conn.refused.pop_front().unwrap_or_default();
+            }
+            return plain(Reply::error(Errno::EINVAL, why));
+        }
         if fds.len() != req.fds_expected() {
             return plain(Reply::error(
                 Errno::EBADF,
@@ -991,6 +1022,27 @@ impl Server {
 
 /// Opens the file behind `fd` again, read-only, through `/proc/self/fd`:
 /// a new open file description whose holder cannot map it writable.
+/// The file that stands in for a refused one in a connection's queue of
+/// received fds: one pipe of the process, duplicated per refusal.
+fn refused_stand_in() -> Option<OwnedFd> {
+    stand_in_pipe()?.try_clone().ok()
+}
+
+fn stand_in_pipe() -> Option<&'static OwnedFd> {
+    static PIPE: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
+    PIPE.get_or_init(|| nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ok().map(|(r, _w)| r)).as_ref()
+}
+
+/// Whether `fd` is a [`refused_stand_in`] (same pipe: the same inode).
+fn is_refused_stand_in(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    let Some(pipe) = stand_in_pipe() else { return false };
+    match (nix::sys::stat::fstat(fd.as_raw_fd()), nix::sys::stat::fstat(pipe.as_raw_fd())) {
+        (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
+        _ => false,
+    }
+}
+
 fn reopen_read_only(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
