@@ -101,6 +101,15 @@ struct Conn {
     /// Why each refused file (now a [`refused_stand_in`] in the reader)
     /// was refused, oldest first.
     refused: VecDeque<String>,
+    /// Since when an unfinished message has waited in `reader` (reset by
+    /// each whole message, and while the core itself does not read).
+    input_since: Option<Instant>,
+    /// Since when the reply at the head of `out` has waited to be read
+    /// (reset each time one is read whole).
+    output_since: Option<Instant>,
+    /// Messages received and replies written whole, to see progress.
+    frames_in: u64,
+    frames_out: u64,
 }
 
 /// Most requests a blocked device channel may queue before it is cut off
@@ -124,6 +133,10 @@ impl Conn {
             blocked: false,
             stash: VecDeque::new(),
             refused: VecDeque::new(),
+            input_since: None,
+            output_since: None,
+            frames_in: 0,
+            frames_out: 0,
         }
     }
 }
@@ -220,7 +233,20 @@ pub struct Server {
     next_query: u64,
     /// Bumped by everything that may change what a snapshot shows.
     generation: u64,
+    /// Connections not read because the peers' buffers are full.
+    starved: Vec<Token>,
+    /// When to look for stalled peers next.
+    next_sweep: Option<Instant>,
 }
+
+/// Bytes of an unfinished message each peer may have buffered outside the
+/// shared `max_peer_buffer_bytes` (most requests are far smaller).
+pub const PEER_FREE_BYTES: usize = 16 << 10;
+/// Replies larger than this are refused with EAGAIN while the peers'
+/// buffers are full.
+pub const LARGE_REPLY_BYTES: usize = 64 << 10;
+/// How often starved connections are tried again.
+const STARVED_RETRY: Duration = Duration::from_millis(50);
 
 impl Server {
     /// Binds the socket at `path` (mode 0600, parent directory created with
@@ -268,6 +294,8 @@ impl Server {
             next_op: 1,
             inval_owner: HashMap::new(),
             next_inval: 1,
+            starved: Vec::new(),
+            next_sweep: None,
             page_waiters: HashMap::new(),
             driver_waiters: HashMap::new(),
             next_query: 1,
@@ -318,7 +346,8 @@ impl Server {
                 let held = self.held.values().map(|o| o.deadline);
                 let queries = self.driver_waiters.values().map(|w| w.deadline);
                 let hello = self.hello_deadlines.front().map(|(d, _)| *d);
-                held.chain(queries).chain(hello).min().map(|d| d.saturating_duration_since(Instant::now()))
+                let sweep = self.next_sweep;
+                held.chain(queries).chain(hello).chain(sweep).min().map(|d| d.saturating_duration_since(Instant::now()))
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == ErrorKind::Interrupted {
@@ -347,6 +376,7 @@ impl Server {
             }
             self.expire_held();
             self.expire_hellos();
+            self.expire_stalls();
         };
         let tokens: Vec<Token> = self.conns.keys().copied().collect();
         for t in tokens {
@@ -419,6 +449,94 @@ impl Server {
             queue(conn, 0, &Reply::error(Errno::ETIMEDOUT, format!("no hello within {ms} ms")), Vec::new());
             conn.closing = true;
             self.service(token);
+        }
+    }
+
+    /// Bytes buffered for every peer: unfinished messages past each one's
+    /// free allowance, and unread replies.
+    fn peer_buffers(&self) -> usize {
+        self.conns.values().map(|c| c.reader.buffered().saturating_sub(PEER_FREE_BYTES) + c.out_bytes).sum()
+    }
+
+    /// Starts or resets a connection's stall timers after a turn.
+    fn note_stalls(&mut self, token: Token, frames_in: u64, frames_out: u64, starved: bool) {
+        let stall = Duration::from_millis(u64::from(self.core.limits().peer_stall_ms));
+        let Some(c) = self.conns.get_mut(&token) else { return };
+        let now = Instant::now();
+        c.input_since = match c.input_since {
+            _ if c.reader.buffered() == 0 => None,
+            // The core itself did not read: not the peer's delay.
+            _ if c.blocked || starved => Some(now),
+            Some(t) if c.frames_in == frames_in => Some(t),
+            _ => Some(now),
+        };
+        c.output_since = match c.output_since {
+            _ if c.out.is_empty() => None,
+            Some(t) if c.frames_out == frames_out => Some(t),
+            _ => Some(now),
+        };
+        let due = c.input_since.into_iter().chain(c.output_since).min().map(|t| t + stall);
+        if starved {
+            self.starved.push(token);
+        }
+        let retry = (!self.starved.is_empty()).then(|| now + STARVED_RETRY);
+        self.next_sweep = self.next_sweep.into_iter().chain(due).chain(retry).min();
+    }
+
+    /// Drops peers that left a message unfinished, or a reply unread, for
+    /// longer than `peer_stall_ms`, and tries starved connections again.
+    fn expire_stalls(&mut self) {
+        let now = Instant::now();
+        if self.next_sweep.is_none_or(|t| t > now) {
+            return;
+        }
+        self.next_sweep = None;
+        let stall = Duration::from_millis(u64::from(self.core.limits().peer_stall_ms));
+        let mut stalled = Vec::new();
+        for (&t, c) in &self.conns {
+            let since = c.input_since.into_iter().chain(c.output_since).min();
+            match since {
+                Some(s) if now.duration_since(s) >= stall => stalled.push(t),
+                Some(s) => self.next_sweep = Some(self.next_sweep.map_or(s + stall, |n| n.min(s + stall))),
+                None => {}
+            }
+        }
+        for t in stalled {
+            if let Some(c) = self.conns.get(&t) {
+                let what = if c.output_since.is_some_and(|s| now.duration_since(s) >= stall) {
+                    "did not read its reply"
+                } else {
+                    "did not finish its message"
+                };
+                tracing::warn!(pid = c.pid, ms = stall.as_millis() as u64, "dropping a peer that {what} in time");
+            }
+            self.drop_conn(t);
+        }
+        let starved = std::mem::take(&mut self.starved);
+        self.backlog.extend(starved);
+    }
+
+    /// Queues a reply, unless it is large and the peers' buffers are full:
+    /// then the peer gets EAGAIN and may ask again.
+    fn queue_reply(&mut self, token: Token, seq: u64, reply: &Reply, fds: Vec<OwnedFd>) {
+        let Some(bytes) = encode_reply(seq, reply, fds.len()) else { return };
+        let cap = usize::try_from(self.core.limits().max_peer_buffer_bytes).unwrap_or(usize::MAX);
+        let bytes = if bytes.len() > LARGE_REPLY_BYTES && self.peer_buffers().saturating_add(bytes.len()) > cap {
+            let msg = format!(
+                "a reply of {} bytes would pass the {cap} bytes the core buffers for its peers; try again",
+                bytes.len()
+            );
+            tracing::warn!("{msg}");
+            drop(fds);
+            match encode_reply(seq, &Reply::error(Errno::EAGAIN, msg), 0) {
+                Some(b) => (b, Vec::new()),
+                None => return,
+            }
+        } else {
+            (bytes, fds)
+        };
+        if let Some(c) = self.conns.get_mut(&token) {
+            push_frame(c, bytes.0, bytes.1);
         }
     }
 
@@ -548,8 +666,8 @@ impl Server {
         }
         if waiting.is_empty() {
             self.core.release_tables(e.garbage);
-            if let Some(c) = conn.and_then(|t| self.conns.get_mut(&t)) {
-                queue(c, seq, &reply, fds);
+            if let Some(t) = conn {
+                self.queue_reply(t, seq, &reply, fds);
             }
             return;
         }
@@ -570,6 +688,14 @@ impl Server {
 
     /// Flushes, reads and serves one connection for one turn.
     fn service(&mut self, token: Token) {
+        let Some(c) = self.conns.get(&token) else { return };
+        let (frames_in, frames_out) = (c.frames_in, c.frames_out);
+        let mut starved = false;
+        self.turn(token, &mut starved);
+        self.note_stalls(token, frames_in, frames_out, starved);
+    }
+
+    fn turn(&mut self, token: Token, starved: &mut bool) {
         let Some(conn) = self.conns.get_mut(&token) else { return };
         if flush(conn).is_err() {
             self.drop_conn(token);
@@ -609,6 +735,7 @@ impl Server {
             match conn.reader.next_frame() {
                 Ok(Some(frame)) => {
                     served += 1;
+                    conn.frames_in += 1;
                     self.handle_frame(token, frame);
                     continue;
                 }
@@ -623,8 +750,22 @@ impl Server {
             if eof {
                 break;
             }
-            // Need more bytes.
-            let room = conn.reader.max_buffer().saturating_sub(conn.reader.buffered()).clamp(1, 64 * 1024);
+            // Need more bytes. Past its free allowance a peer's unfinished
+            // message draws on the bytes shared by every peer.
+            let buffered = conn.reader.buffered();
+            let mut room = conn.reader.max_buffer().saturating_sub(buffered).clamp(1, 64 * 1024);
+            let growth = (buffered + room).saturating_sub(buffered.max(PEER_FREE_BYTES));
+            if growth > 0 {
+                let cap = usize::try_from(self.core.limits().max_peer_buffer_bytes).unwrap_or(usize::MAX);
+                if self.peer_buffers().saturating_add(growth) > cap {
+                    room = PEER_FREE_BYTES.saturating_sub(buffered);
+                    if room == 0 {
+                        *starved = true;
+                        break;
+                    }
+                }
+            }
+            let Some(conn) = self.conns.get_mut(&token) else { return };
             let mut buf = vec![0u8; room];
             match wire::recv_with_fds(conn.stream.as_fd(), &mut buf, conn.reader.max_fds()) {
                 Ok((0, _)) => eof = true,
@@ -1049,17 +1190,23 @@ fn reopen_read_only(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<OwnedFd>
     Ok(OwnedFd::from(f))
 }
 
-fn queue(conn: &mut Conn, seq: u64, reply: &Reply, fds: Vec<OwnedFd>) {
-    let bytes = match wire::encode(seq, reply, fds.len()) {
-        Ok(b) => b,
+fn encode_reply(seq: u64, reply: &Reply, nfds: usize) -> Option<Vec<u8>> {
+    match wire::encode(seq, reply, nfds) {
+        Ok(b) => Some(b),
         Err(e) => {
             tracing::error!(error = %e, "cannot encode a reply");
-            match wire::encode(seq, &Reply::error(Errno::E2BIG, e.to_string()), 0) {
-                Ok(b) => b,
-                Err(_) => return,
-            }
+            wire::encode(seq, &Reply::error(Errno::E2BIG, e.to_string()), 0).ok()
         }
-    };
+    }
+}
+
+fn queue(conn: &mut Conn, seq: u64, reply: &Reply, fds: Vec<OwnedFd>) {
+    if let Some(bytes) = encode_reply(seq, reply, fds.len()) {
+        push_frame(conn, bytes, fds);
+    }
+}
+
+fn push_frame(conn: &mut Conn, bytes: Vec<u8>, fds: Vec<OwnedFd>) {
     conn.out_bytes += bytes.len();
     conn.out_fds += fds.len();
     conn.out.push_back(OutFrame { bytes, pos: 0, fds });
@@ -1085,6 +1232,7 @@ fn flush(conn: &mut Conn) -> std::io::Result<()> {
                 f.fds.clear();
                 if f.pos == f.bytes.len() {
                     conn.out.pop_front();
+                    conn.frames_out += 1;
                 }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),

@@ -47,6 +47,13 @@ pub struct Limits {
     pub max_connections: u32,
     /// Milliseconds a new peer has to say hello before it is turned away.
     pub hello_timeout_ms: u32,
+    /// Milliseconds a peer has to finish sending a message it started, and
+    /// to read a reply the core started writing, before it is dropped.
+    pub peer_stall_ms: u32,
+    /// Bytes the core buffers for all peers together: unfinished messages
+    /// past each peer's first 16 KiB, and unread replies. Past it, peers
+    /// are not read further and large replies are refused with EAGAIN.
+    pub max_peer_buffer_bytes: u64,
 }
 
 impl Default for Limits {
@@ -68,6 +75,8 @@ impl Default for Limits {
             max_memory_bytes_per_session: 1 << 42,
             max_connections: 4096,
             hello_timeout_ms: 5000,
+            peer_stall_ms: 5000,
+            max_peer_buffer_bytes: 32 << 20,
         }
     }
 }

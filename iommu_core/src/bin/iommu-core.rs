@@ -68,6 +68,15 @@ struct Args {
     /// Milliseconds a new peer has to say hello before it is turned away.
     #[arg(long, default_value_t = Limits::default().hello_timeout_ms)]
     hello_timeout_ms: u32,
+    /// Milliseconds a peer has to finish a message it started sending, and
+    /// to read a reply the core started writing to it, before it is dropped.
+    #[arg(long, default_value_t = Limits::default().peer_stall_ms, value_parser = clap::value_parser!(u32).range(1..))]
+    peer_stall_ms: u32,
+    /// Bytes buffered for all peers together: unfinished messages (past
+    /// each peer's first 16 KiB) and unread replies. Past it, peers are not
+    /// read further and replies over 64 KiB are refused with EAGAIN.
+    #[arg(long, default_value_t = Limits::default().max_peer_buffer_bytes)]
+    max_peer_buffer_bytes: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -107,6 +116,8 @@ fn run() -> anyhow::Result<()> {
         max_memory_bytes_per_session: a.max_memory_bytes_per_session,
         max_connections: a.max_connections,
         hello_timeout_ms: a.hello_timeout_ms,
+        peer_stall_ms: a.peer_stall_ms,
+        max_peer_buffer_bytes: a.max_peer_buffer_bytes,
     };
     // Peers of the same user must not reach our fds through /proc.
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
