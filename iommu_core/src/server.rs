@@ -1166,18 +1166,21 @@ impl Server {
 /// The file that stands in for a refused one in a connection's queue of
 /// received fds: one pipe of the process, duplicated per refusal.
 fn refused_stand_in() -> Option<OwnedFd> {
-    stand_in_pipe()?.try_clone().ok()
+    STAND_IN
+        .get_or_init(|| nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ok().map(|(r, _w)| r))
+        .as_ref()?
+        .try_clone()
+        .ok()
 }
 
-fn stand_in_pipe() -> Option<&'static OwnedFd> {
-    static PIPE: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
-    PIPE.get_or_init(|| nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ok().map(|(r, _w)| r)).as_ref()
-}
+/// The pipe behind every stand-in, made at the first refusal.
+static STAND_IN: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
 
 /// Whether `fd` is a [`refused_stand_in`] (same pipe: the same inode).
 fn is_refused_stand_in(fd: std::os::fd::BorrowedFd<'_>) -> bool {
     use std::os::fd::AsRawFd;
-    let Some(pipe) = stand_in_pipe() else { return false };
+    // No refusal yet: no stand-in exists.
+    let Some(Some(pipe)) = STAND_IN.get() else { return false };
     match (nix::sys::stat::fstat(fd.as_raw_fd()), nix::sys::stat::fstat(pipe.as_raw_fd())) {
         (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
         _ => false,
