@@ -52,7 +52,7 @@ fn main() {
         }
     }
     let setup = t0.elapsed();
-    let (fs, _probe) = fuse_fs::fs::mount(&sock, &mnt).expect("mount (needs root and /dev/fuse)");
+    let fs = fuse_fs::fs::mount(&sock, &mnt).expect("mount (needs root and /dev/fuse)");
     let mappings = u64::from(n_ioas) * per;
     println!("tree: {n_ioas} IOASes, {mappings} mappings (made in {:.2} s over the socket)", setup.as_secs_f64());
     for run in 1..=3 {

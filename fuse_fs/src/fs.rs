@@ -5,12 +5,18 @@
 //! state generation, and the tree is rebuilt only when it has moved.
 //! Attributes and entries have a zero TTL.
 //! Everything that would change something is refused with EROFS.
+//!
+//! The connection to the core outlives a core: when the core goes away the
+//! mount stays, its root holds only [`UNAVAILABLE`] (every other path fails
+//! with `ENOTCONN` at once), and a keeper thread connects again, with
+//! backoff, until a core answers on the socket; the tree is then the new
+//! core's.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -30,7 +36,24 @@ pub enum Error {
     /// Mounting failed.
     #[error("cannot mount on {0}: {1}")]
     Mount(PathBuf, std::io::Error),
+    /// Unmounting failed.
+    #[error("cannot unmount {0}: {1}")]
+    Unmount(PathBuf, std::io::Error),
+    /// The thread that reconnects to the core could not be started.
+    #[error("cannot start the thread that keeps the core connected: {0}")]
+    Thread(std::io::Error),
 }
+
+/// The one file the root holds while the core is unreachable: a sentence
+/// saying which socket and why.
+pub const UNAVAILABLE: &str = "core_unavailable";
+/// First wait before connecting again to a core that went away; doubled
+/// after each failed attempt, up to [`MAX_BACKOFF`].
+pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest wait between two attempts to connect again.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How often the keeper thread asks a connected core whether it answers.
+pub const PING_INTERVAL: Duration = Duration::from_secs(1);
 
 const TTL: Duration = Duration::ZERO;
 /// Most inodes remembered before the table starts over.
@@ -71,12 +94,163 @@ enum Handle {
     Dir(Vec<(u64, FileType, String)>),
 }
 
+/// The connection to the core, as the file system and the keeper thread
+/// share it.
+struct Link {
+    client: Option<Client>,
+    /// Counts connections: a tree built over one is never served over
+    /// another (a new core's state generations start over).
+    epoch: u64,
+    /// Why the core is unreachable, while it is.
+    why: String,
+}
+
+struct Shared {
+    core: PathBuf,
+    link: Mutex<Link>,
+    /// The last tree, the connection and the core's state generation it
+    /// was built at. Locked after `link`, never before.
+    cached: Mutex<Option<(u64, u64, Arc<Node>)>>,
+}
+
+impl Shared {
+    fn lock(&self) -> Result<MutexGuard<'_, Link>, Errno> {
+        self.link.lock().map_err(|_| Errno::EIO)
+    }
+
+    fn connected(&self) -> bool {
+        self.link.lock().map(|l| l.client.is_some()).unwrap_or(false)
+    }
+
+    /// Drops a connection that failed.
+    fn lose(&self, link: &mut Link, e: &iommu_core::client::Error) {
+        if link.client.take().is_some() {
+            tracing::warn!(
+                "the core at {} went away ({e}); the mount shows only {UNAVAILABLE} until a core answers there again",
+                self.core.display()
+            );
+        }
+        link.why = e.to_string();
+    }
+
+    /// Takes a new connection into use.
+    fn install(&self, link: &mut Link, c: Client) {
+        link.client = Some(c);
+        link.epoch += 1;
+        link.why.clear();
+        if let Ok(mut cache) = self.cached.lock() {
+            *cache = None;
+        }
+        tracing::info!("connected to the core at {}; the mount shows its state", self.core.display());
+    }
+
+    /// Runs `f` on the connection. A failure of the connection itself
+    /// (not a refusal by the core) drops it and connects once more at once
+    /// (the core may have been restarted on the socket), then runs `f`
+    /// again; without a connection, `ENOTCONN`.
+    fn call<T>(
+        &self,
+        link: &mut Link,
+        f: impl Fn(&mut Client) -> Result<T, iommu_core::client::Error>,
+    ) -> Result<T, Errno> {
+        let mut retried = false;
+        loop {
+            let c = link.client.as_mut().ok_or(Errno::ENOTCONN)?;
+            let e = match f(c) {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            if !broken(&e) {
+                return Err(match e.errno() {
+                    Some(iommu_core::Errno::ENOENT) => Errno::ENOENT,
+                    Some(iommu_core::Errno::ETIMEDOUT) => Errno::ETIMEDOUT,
+                    _ => Errno::EIO,
+                });
+            }
+            self.lose(link, &e);
+            if retried {
+                return Err(Errno::ENOTCONN);
+            }
+            retried = true;
+            match Client::observer(&self.core) {
+                Ok(c) => self.install(link, c),
+                Err(e) => {
+                    link.why = e.to_string();
+                    return Err(Errno::ENOTCONN);
+                }
+            }
+        }
+    }
+}
+
+/// Whether an error of a call means the connection is unusable: anything
+/// but an answer of the core refusing the request (an I/O error, the core
+/// hanging up, a frame that cannot be decoded or does not match).
+fn broken(e: &iommu_core::client::Error) -> bool {
+    !matches!(e, iommu_core::client::Error::Core(_))
+}
+
+/// The keeper thread: connects again, with backoff, while the core is
+/// unreachable; pings it while connected, so that a core that went away is
+/// noticed without waiting for a reader.
+fn keep(shared: Arc<Shared>, stop: Arc<AtomicBool>) {
+    let mut backoff = MIN_BACKOFF;
+    while !stop.load(Ordering::Relaxed) {
+        if shared.connected() {
+            backoff = MIN_BACKOFF;
+            std::thread::park_timeout(PING_INTERVAL);
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            // A request under way says as much as a ping.
+            if let Ok(mut link) = shared.link.try_lock() {
+                if let Some(c) = link.client.as_mut() {
+                    match c.generation() {
+                        Err(e) if broken(&e) => shared.lose(&mut link, &e),
+                        _ => {}
+                    }
+                }
+            }
+            continue;
+        }
+        std::thread::park_timeout(backoff);
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        // Connecting (a hello) happens without the lock: readers are
+        // answered meanwhile.
+        match Client::observer(&shared.core) {
+            Ok(c) => match shared.link.lock() {
+                Ok(mut link) if link.client.is_none() => shared.install(&mut link, c),
+                _ => {}
+            },
+            Err(e) => {
+                tracing::debug!("the core at {} is still unreachable: {e}", shared.core.display());
+                if let Ok(mut link) = shared.link.try_lock() {
+                    link.why = e.to_string();
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// The tree as the file system shows it now.
+struct View {
+    tree: Arc<Node>,
+    /// The core is unreachable: `tree` is the root with [`UNAVAILABLE`].
+    offline: bool,
+}
+
+impl View {
+    fn get(&self, path: &str) -> Result<&Node, Errno> {
+        self.tree.get(path).ok_or(if self.offline { Errno::ENOTCONN } else { Errno::ENOENT })
+    }
+}
+
 /// The file system.
 pub struct Fs {
-    core: PathBuf,
-    client: Mutex<Option<Client>>,
-    /// The last tree and the core's state generation it was built at.
-    cached: Mutex<Option<(u64, Arc<Node>)>>,
+    shared: Arc<Shared>,
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
@@ -89,10 +263,9 @@ impl Fs {
     /// A file system showing the core at `core` (connects at once).
     pub fn new(core: &Path) -> Result<Fs, Error> {
         let c = Client::observer(core).map_err(|e| Error::Core(core.to_path_buf(), e.to_string()))?;
+        let link = Link { client: Some(c), epoch: 1, why: String::new() };
         Ok(Fs {
-            core: core.to_path_buf(),
-            client: Mutex::new(Some(c)),
-            cached: Mutex::new(None),
+            shared: Arc::new(Shared { core: core.to_path_buf(), link: Mutex::new(link), cached: Mutex::new(None) }),
             inodes: Mutex::new(Inodes::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -102,51 +275,36 @@ impl Fs {
         })
     }
 
-    fn with_client<T>(&self, f: impl FnOnce(&mut Client) -> Result<T, iommu_core::client::Error>) -> Result<T, Errno> {
-        let mut g = self.client.lock().map_err(|_| Errno::EIO)?;
-        let c = g.as_mut().ok_or(Errno::ENOTCONN)?;
-        match f(c) {
-            Ok(v) => Ok(v),
-            Err(e) if e.errno().is_some() => Err(match e.errno() {
-                Some(iommu_core::Errno::ENOENT) => Errno::ENOENT,
-                Some(iommu_core::Errno::ETIMEDOUT) => Errno::ETIMEDOUT,
-                _ => Errno::EIO,
-            }),
-            Err(e) => {
-                tracing::warn!("the core at {} does not answer: {e}", self.core.display());
-                *g = None;
-                Err(Errno::ENOTCONN)
-            }
-        }
+    fn with_client<T>(&self, f: impl Fn(&mut Client) -> Result<T, iommu_core::client::Error>) -> Result<T, Errno> {
+        let mut link = self.shared.lock()?;
+        self.shared.call(&mut link, f)
     }
 
     /// The tree of the present state: the last one if the core's state
     /// generation has not moved since (one small request), else a new one.
     pub fn current(&self) -> Result<Arc<Node>, Errno> {
-        let gen = self.with_client(|c| c.generation())?;
-        if let Ok(c) = self.cached.lock() {
-            if let Some((g, t)) = c.as_ref() {
-                if *g == gen {
-                    return Ok(t.clone());
+        self.tree(false)
+    }
+
+    /// The tree of the present state; with `fresh`, built anew even if the
+    /// state generation has not moved. The core is asked for it (and each
+    /// device server for its driver state, through the core) under one
+    /// hold of the connection.
+    fn tree(&self, fresh: bool) -> Result<Arc<Node>, Errno> {
+        let mut link = self.shared.lock()?;
+        let gen = self.shared.call(&mut link, |c| c.generation())?;
+        let epoch = link.epoch;
+        if !fresh {
+            if let Ok(c) = self.shared.cached.lock() {
+                if let Some((e, g, t)) = c.as_ref() {
+                    if (*e, *g) == (epoch, gen) {
+                        return Ok(t.clone());
+                    }
                 }
             }
         }
-        self.fetch(gen)
-    }
-
-    /// Asks the core for a new tree (and each device server for its
-    /// driver state, through the core), recorded as of generation `gen`.
-    fn fetch(&self, gen: u64) -> Result<Arc<Node>, Errno> {
-        let mut g = self.client.lock().map_err(|_| Errno::EIO)?;
-        let c = g.as_mut().ok_or(Errno::ENOTCONN)?;
-        let snap = match c.status() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("the core at {} does not answer: {e}", self.core.display());
-                *g = None;
-                return Err(Errno::ENOTCONN);
-            }
-        };
+        let snap = self.shared.call(&mut link, |c| c.status())?;
+        let c = link.client.as_mut().ok_or(Errno::ENOTCONN)?;
         let mut drivers: BTreeMap<(u64, u32), model::Driver> = BTreeMap::new();
         for s in &snap.sessions {
             for d in &s.devices {
@@ -154,17 +312,41 @@ impl Fs {
             }
         }
         let t = Arc::new(model::build(&snap, &drivers));
-        if let Ok(mut cache) = self.cached.lock() {
-            *cache = Some((gen, t.clone()));
+        // `gen` is of the connection it was asked on.
+        if link.epoch == epoch {
+            if let Ok(mut cache) = self.shared.cached.lock() {
+                *cache = Some((epoch, gen, t.clone()));
+            }
         }
         Ok(t)
+    }
+
+    /// The root while the core is unreachable: [`UNAVAILABLE`] alone.
+    fn offline_tree(&self) -> Arc<Node> {
+        let why = self.shared.link.lock().map(|l| l.why.clone()).unwrap_or_default();
+        let text = format!(
+            "the core at {} is unreachable ({}); reconnecting\n",
+            self.shared.core.display(),
+            if why.is_empty() { "the connection failed" } else { why.as_str() }
+        );
+        Arc::new(Node::Dir(BTreeMap::from([(UNAVAILABLE.to_string(), Node::File(text))])))
+    }
+
+    /// What the file system shows now: the present tree, or the offline
+    /// root if the core cannot be reached.
+    fn view(&self) -> Result<View, Errno> {
+        match self.tree(false) {
+            Ok(tree) => Ok(View { tree, offline: false }),
+            Err(e) if e == Errno::ENOTCONN => Ok(View { tree: self.offline_tree(), offline: true }),
+            Err(e) => Err(e),
+        }
     }
 
     /// Attributes of the node at `path` now. A file's size is that of
     /// what an open would serve now.
     fn attr_at(&self, ino: u64, path: &str) -> Result<FileAttr, Errno> {
-        let t = self.current()?;
-        let n = t.get(path).ok_or(Errno::ENOENT)?;
+        let v = self.view()?;
+        let n = v.get(path)?;
         let mut a = self.attr(ino, n);
         if let Node::File(_) = n {
             a.size = self.contents(path, n)?.len() as u64;
@@ -172,9 +354,9 @@ impl Fs {
         Ok(a)
     }
 
-    /// Whether the core still answers.
+    /// Whether the file system is connected to a core.
     pub fn connected(&self) -> bool {
-        self.client.lock().map(|c| c.is_some()).unwrap_or(false)
+        self.shared.connected()
     }
 
     /// The bytes of the file at `path` now. Most come from the tree of the
@@ -193,8 +375,7 @@ impl Fs {
             return Ok(model::file_text(lines.join("\n")).into_bytes());
         }
         if path == "stats" {
-            let gen = self.with_client(|c| c.generation())?;
-            if let Some(Node::File(t)) = self.fetch(gen)?.get("stats") {
+            if let Some(Node::File(t)) = self.tree(true)?.get("stats") {
                 return Ok(t.clone().into_bytes());
             }
         }
@@ -304,10 +485,9 @@ impl Filesystem for Fs {
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let res = (|| {
             let p = self.path_of(ino)?;
-            match self.current()?.get(&p) {
-                Some(Node::Link(t)) => Ok(t.clone()),
-                Some(_) => Err(Errno::EINVAL),
-                None => Err(Errno::ENOENT),
+            match self.view()?.get(&p)? {
+                Node::Link(t) => Ok(t.clone()),
+                _ => Err(Errno::EINVAL),
             }
         })();
         match res {
@@ -323,12 +503,11 @@ impl Filesystem for Fs {
         let res = (|| {
             let p = self.path_of(ino)?;
             // Contents are made now, from the present state.
-            let t = self.current()?;
-            match t.get(&p) {
-                Some(n @ Node::File(_)) => self.new_fh(Handle::File(self.contents(&p, n)?)),
-                Some(Node::Dir(_)) => Err(Errno::EISDIR),
-                Some(Node::Link(_)) => Err(Errno::ELOOP),
-                None => Err(Errno::ENOENT),
+            let v = self.view()?;
+            match v.get(&p)? {
+                n @ Node::File(_) => self.new_fh(Handle::File(self.contents(&p, n)?)),
+                Node::Dir(_) => Err(Errno::EISDIR),
+                Node::Link(_) => Err(Errno::ELOOP),
             }
         })();
         match res {
@@ -379,8 +558,8 @@ impl Filesystem for Fs {
         let res = (|| {
             let p = self.path_of(ino)?;
             // The listing is a snapshot taken now.
-            let t = self.current()?;
-            let Some(Node::Dir(m)) = t.get(&p) else { return Err(Errno::ENOTDIR) };
+            let v = self.view()?;
+            let Node::Dir(m) = v.get(&p)? else { return Err(Errno::ENOTDIR) };
             let parent = match p.rsplit_once('/') {
                 Some((a, _)) => self.ino_of(a),
                 None => 1,
@@ -442,11 +621,59 @@ impl Filesystem for Fs {
     }
 }
 
+/// A mounted file system and the thread that keeps it connected to the
+/// core. Dropping it unmounts.
+pub struct Mount {
+    session: Option<fuser::BackgroundSession>,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    keeper: Option<std::thread::JoinHandle<()>>,
+    mountpoint: PathBuf,
+}
+
+impl Mount {
+    /// Whether it is connected to a core now.
+    pub fn connected(&self) -> bool {
+        self.shared.connected()
+    }
+
+    /// Whether the FUSE session ended (the mount was removed from outside).
+    pub fn finished(&self) -> bool {
+        self.session.as_ref().is_none_or(|s| s.guard.is_finished())
+    }
+
+    /// Unmounts and waits for the FUSE session to end.
+    pub fn umount_and_join(mut self) -> Result<(), Error> {
+        self.stop_keeper();
+        match self.session.take() {
+            Some(s) => s.umount_and_join().map_err(|e| Error::Unmount(self.mountpoint.clone(), e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Tells the keeper thread to end. It is not waited for: it may be in
+    /// the middle of a hello to a core that does not answer; it ends at its
+    /// next step.
+    fn stop_keeper(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(k) = self.keeper.take() {
+            k.thread().unpark();
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.stop_keeper();
+    }
+}
+
 /// Mounts a file system showing the core at `core` on `mountpoint`,
-/// read-only; it is unmounted when the returned session is dropped.
-pub fn mount(core: &Path, mountpoint: &Path) -> Result<(fuser::BackgroundSession, Arc<CoreProbe>), Error> {
+/// read-only, and starts the thread that connects again when the core
+/// goes away; it is unmounted when the returned [`Mount`] is dropped.
+pub fn mount(core: &Path, mountpoint: &Path) -> Result<Mount, Error> {
     let fs = Fs::new(core)?;
-    let alive = Arc::new(CoreProbe(core.to_path_buf()));
+    let shared = fs.shared.clone();
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         fuser::MountOption::RO,
@@ -454,16 +681,19 @@ pub fn mount(core: &Path, mountpoint: &Path) -> Result<(fuser::BackgroundSession
         fuser::MountOption::Subtype("ioasid".into()),
         fuser::MountOption::DefaultPermissions,
     ];
-    let s = fuser::spawn_mount(fs, mountpoint, &cfg).map_err(|e| Error::Mount(mountpoint.to_path_buf(), e))?;
-    Ok((s, alive))
-}
-
-/// Tells whether the core behind a mount still answers.
-pub struct CoreProbe(PathBuf);
-
-impl CoreProbe {
-    /// True if a hello to the core succeeds now.
-    pub fn alive(&self) -> bool {
-        Client::observer(&self.0).is_ok()
-    }
+    let session = fuser::spawn_mount(fs, mountpoint, &cfg).map_err(|e| Error::Mount(mountpoint.to_path_buf(), e))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut m = Mount {
+        session: Some(session),
+        shared: shared.clone(),
+        stop: stop.clone(),
+        keeper: None,
+        mountpoint: mountpoint.to_path_buf(),
+    };
+    let keeper = std::thread::Builder::new()
+        .name("core-keeper".into())
+        .spawn(move || keep(shared, stop))
+        .map_err(Error::Thread)?;
+    m.keeper = Some(keeper);
+    Ok(m)
 }
