@@ -32,6 +32,7 @@ pub mod failpoint;
 pub mod memfd;
 pub mod model;
 pub mod pagetable;
+pub mod scm;
 pub mod script;
 pub mod server;
 pub mod sysaddr;

@@ -15,10 +15,10 @@
 //! with the same `seq`. Errors carry an errno from [`Errno`] and a sentence.
 
 use std::collections::VecDeque;
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::errno::Errno;
@@ -585,31 +585,18 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>])
 }
 
 /// Receives bytes and up to `max_fds` fds. Returns `(0, [])` at end of
-/// stream. Fds beyond `max_fds` are closed and reported as an error.
+/// stream. If the peer sent more fds than `max_fds` (or than the kernel
+/// could hand over), every fd that did arrive is closed, off this thread,
+/// and the call fails with [`Error::Truncated`].
 pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], max_fds: usize) -> Result<(usize, Vec<OwnedFd>), Error> {
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_CEILING]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(|e| Error::Io(e.into()))?;
-    let mut fds = Vec::new();
-    for c in msg.cmsgs().map_err(|e| Error::Io(e.into()))? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            for fd in raw {
-                // SAFETY: the kernel just installed `fd` in our table for this
-                // message; nothing else owns it.
-                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
-        }
-    }
-    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-    let n = msg.bytes;
-    if truncated || fds.len() > max_fds {
+    let r = crate::scm::recv(sock, buf, MAX_FDS_CEILING)?;
+    if r.truncated || r.fds.len() > max_fds {
         // Closing some files can block (FUSE, network file systems): not
         // on the caller's thread.
-        fds.into_iter().for_each(crate::memfd::close_elsewhere);
+        r.fds.into_iter().for_each(crate::memfd::close_elsewhere);
         return Err(Error::Truncated);
     }
-    Ok((n, fds))
+    Ok((r.bytes, r.fds))
 }
 
 #[cfg(test)]

@@ -6,13 +6,13 @@
 //! a reply are served from it.
 
 use std::collections::BTreeMap;
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use zerocopy::IntoBytes;
 
 use crate::proto::{self, cmd, Header, HEADER_SIZE};
@@ -160,27 +160,22 @@ impl Client {
         Ok(())
     }
 
+    /// Most fds the client takes with one message.
+    pub const MAX_FDS: usize = 32;
+
     fn recv_exact(&mut self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<()> {
         let mut got = 0;
         while got < buf.len() {
-            let mut cmsg = nix::cmsg_space!([RawFd; 32]);
-            let mut iov = [IoSliceMut::new(&mut buf[got..])];
-            let m = recvmsg::<()>(self.sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-                .map_err(|e| Error::Io(e.into()))?;
-            if let Ok(cm) = m.cmsgs() {
-                for c in cm {
-                    if let ControlMessageOwned::ScmRights(raw) = c {
-                        for fd in raw {
-                            // SAFETY: the kernel just installed `fd` for us.
-                            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                        }
-                    }
-                }
+            let r = iommu_core::scm::recv(self.sock.as_fd(), &mut buf[got..], Self::MAX_FDS)?;
+            // Every fd that arrived is owned (and closed with `fds` on error).
+            fds.extend(r.fds);
+            if r.truncated || fds.len() > Self::MAX_FDS {
+                return Err(Error::Protocol(format!("the server sent more than {} fds with a message", Self::MAX_FDS)));
             }
-            if m.bytes == 0 {
+            if r.bytes == 0 {
                 return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
-            got += m.bytes;
+            got += r.bytes;
         }
         Ok(())
     }

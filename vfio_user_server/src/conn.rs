@@ -3,14 +3,14 @@
 //! requests matched to their replies.
 
 use std::collections::HashMap;
-use std::io::IoSliceMut;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam::channel::{bounded, Sender};
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use iommu_core::memfd;
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use zerocopy::IntoBytes;
 
 use crate::dma::{self, ClientDma};
@@ -47,19 +47,47 @@ pub struct Msg {
     pub payload: Vec<u8>,
     /// Fds that came with it.
     pub fds: Vec<OwnedFd>,
-    /// More fds were sent than can be received, or the payload was too
-    /// large and was skipped: the command must fail with this errno.
+    /// More fds were sent than can be received, an fd was refused on
+    /// arrival (see [`MsgReader`]), or the payload was too large and was
+    /// skipped: the command must fail with this errno.
     pub fail: Option<i32>,
+}
+
+/// Why closing `fd` might block the thread that closes it, if it might:
+/// a file of a FUSE, network or unknown file system (closing one sends a
+/// flush its server may never answer; procfs tells the file system without
+/// asking it), or a socket of another family than `AF_UNIX` (`SO_LINGER`
+/// makes `close` wait for the peer). Files of devices and kernel interfaces
+/// are reported too: they are never what a client should send.
+pub fn close_may_block(fd: BorrowedFd<'_>) -> Option<String> {
+    if memfd::on_blocking_fs(fd) {
+        return Some(match memfd::check_memory_fd(fd) {
+            Err(why) => why.to_string(),
+            Ok(()) => "the file is on a file system whose operations may wait on another process".into(),
+        });
+    }
+    use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
+    match getsockname::<SockaddrStorage>(fd.as_raw_fd()).map(|a| a.family()) {
+        Ok(Some(AddressFamily::Unix)) | Err(_) => None,
+        Ok(_) => Some("the fd is a network socket, whose close may linger waiting for its peer".into()),
+    }
 }
 
 /// Splits a stream into messages. It never reads past the end of the
 /// current message, so the fds that arrive belong to it: a sender attaches
 /// a message's fds to its first byte, and the kernel may merge bytes of
 /// several messages into one read.
+///
+/// Every fd that arrives is looked at before anything else happens to it:
+/// one whose close could block (see [`close_may_block`]) is closed on
+/// another thread at once and fails its message with EINVAL, so neither
+/// the event loop nor the device thread ever holds such a file.
 pub struct MsgReader {
     buf: Vec<u8>,
     fds: Vec<OwnedFd>,
     truncated: bool,
+    /// Why fds of the current message were refused on arrival.
+    refused: Vec<String>,
     max_payload: usize,
     /// Oversized message being skipped: (header, bytes still to drop).
     skipping: Option<(Header, u64)>,
@@ -80,7 +108,14 @@ impl MsgReader {
     /// A reader accepting payloads up to `max_payload` bytes; bigger ones
     /// are skipped and failed with E2BIG.
     pub fn new(max_payload: usize) -> MsgReader {
-        MsgReader { buf: Vec::new(), fds: Vec::new(), truncated: false, max_payload, skipping: None }
+        MsgReader {
+            buf: Vec::new(),
+            fds: Vec::new(),
+            truncated: false,
+            refused: Vec::new(),
+            max_payload,
+            skipping: None,
+        }
     }
 
     fn want(&self) -> usize {
@@ -100,32 +135,27 @@ impl MsgReader {
             return Ok(Fill::Data);
         }
         let mut chunk = vec![0u8; want];
-        let mut cmsg = nix::cmsg_space!([RawFd; MAX_MSG_FDS + 8]);
-        let mut iov = [IoSliceMut::new(&mut chunk)];
-        let msg = match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
-            Ok(m) => m,
-            Err(nix::errno::Errno::EAGAIN) => return Ok(Fill::WouldBlock),
-            Err(nix::errno::Errno::EINTR) => return Ok(Fill::Data),
-            Err(e) => return Err(Error::Io(e.into())),
+        // Every fd the kernel installs is owned here, even when more were
+        // sent than the buffer holds (the kernel closed those).
+        let got = match iommu_core::scm::recv(sock, &mut chunk, MAX_MSG_FDS) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Fill::WouldBlock),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(Fill::Data),
+            Err(e) => return Err(Error::Io(e)),
         };
-        if let Ok(cm) = msg.cmsgs() {
-            for c in cm {
-                if let ControlMessageOwned::ScmRights(raw) = c {
-                    for fd in raw {
-                        // SAFETY: the kernel installed `fd` in our table for
-                        // this message and nothing else owns it.
-                        self.fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                    }
-                }
+        self.truncated |= got.truncated;
+        for fd in got.fds {
+            if let Some(why) = close_may_block(fd.as_fd()) {
+                self.refused.push(why);
+                memfd::close_elsewhere(fd);
+            } else if self.fds.len() >= MAX_MSG_FDS {
+                // Closed at once: a message cannot hoard descriptors.
+                self.truncated = true;
+            } else {
+                self.fds.push(fd);
             }
         }
-        self.truncated |= msg.flags.contains(MsgFlags::MSG_CTRUNC);
-        if self.fds.len() > MAX_MSG_FDS {
-            // Closed at once: a message cannot hoard descriptors.
-            self.fds.truncate(MAX_MSG_FDS);
-            self.truncated = true;
-        }
-        let n = msg.bytes;
+        let n = got.bytes;
         if n == 0 {
             return Ok(Fill::Eof);
         }
@@ -145,6 +175,7 @@ impl MsgReader {
             self.skipping = None;
             self.fds.clear();
             self.truncated = false;
+            self.refused.clear();
             return Ok(Some(Msg { hdr, payload: Vec::new(), fds: Vec::new(), fail: Some(libc::E2BIG) }));
         }
         let Some(hdr) = proto::read::<Header>(&self.buf) else { return Ok(None) };
@@ -171,7 +202,19 @@ impl MsgReader {
         self.buf.clear();
         let fds = std::mem::take(&mut self.fds);
         let trunc = std::mem::replace(&mut self.truncated, false);
-        let fail = (trunc || fds.len() > MAX_MSG_FDS).then_some(libc::EINVAL);
+        let refused = std::mem::take(&mut self.refused);
+        let what = format!("message {} ({})", hdr.msg_id, cmd::name(hdr.command));
+        if trunc {
+            tracing::warn!(
+                "{what} came with more than {MAX_MSG_FDS} fds (max_msg_fds); all were closed and it fails with EINVAL"
+            );
+        }
+        for why in &refused {
+            tracing::warn!(
+                "{what}: an fd was refused and closed on another thread: {why}; the command fails with EINVAL"
+            );
+        }
+        let fail = (trunc || !refused.is_empty()).then_some(libc::EINVAL);
         Ok(Some(Msg { hdr, payload, fds, fail }))
     }
 }
@@ -407,5 +450,65 @@ mod tests {
         };
         assert_eq!(got, vec![(1, Some(libc::E2BIG)), (2, None)]);
         assert!(matches!(err, Error::BadSize { msg_id: 3, size: 4 }));
+    }
+
+    /// Open fds of this process that refer to the memfd called `name`.
+    fn open_copies(name: &str) -> usize {
+        let want = format!("/memfd:{name} (deleted)");
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l.to_string_lossy() == want)
+            .count()
+    }
+
+    #[test]
+    fn too_many_fds_fail_the_message_and_none_stays_open() {
+        let name = format!("conn-flood-{}", std::process::id());
+        let m = iommu_core::memfd::create(&name, 4096).unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let w = Writer::new(OwnedFd::from(a));
+        let fds = vec![m.as_fd(); 64];
+        w.send(&[&msg(1, 2, &[0; 32])], &fds).unwrap();
+        w.send(&[&msg(2, 2, &[0; 32])], &fds[..MAX_MSG_FDS]).unwrap();
+        let mut r = MsgReader::new(1024);
+        let mut got = vec![];
+        while got.len() < 2 {
+            assert_eq!(r.fill(b.as_fd()).unwrap(), Fill::Data);
+            while let Some(m) = r.next_msg().unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!((got[0].hdr.msg_id, got[0].fail), (1, Some(libc::EINVAL)));
+        assert_eq!((got[1].hdr.msg_id, got[1].fail, got[1].fds.len()), (2, None, MAX_MSG_FDS));
+        drop(got);
+        assert_eq!(open_copies(&name), 1, "fds of the refused message stayed open");
+    }
+
+    #[test]
+    fn fds_whose_close_may_block_are_refused_on_arrival() {
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let w = Writer::new(OwnedFd::from(a));
+        let zero = std::fs::File::open("/dev/zero").unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let efd = crate::irq::eventfd().unwrap();
+        w.send(&[&msg(1, 2, &[0; 32])], &[zero.as_fd()]).unwrap();
+        w.send(&[&msg(2, 8, &[0; 20])], &[tcp.as_fd()]).unwrap();
+        w.send(&[&msg(3, 8, &[0; 20])], &[efd.as_fd()]).unwrap();
+        let mut r = MsgReader::new(1024);
+        let mut got = vec![];
+        while got.len() < 3 {
+            assert_eq!(r.fill(b.as_fd()).unwrap(), Fill::Data);
+            while let Some(m) = r.next_msg().unwrap() {
+                got.push(m);
+            }
+        }
+        let seen: Vec<(u16, Option<i32>, usize)> = got.iter().map(|m| (m.hdr.msg_id, m.fail, m.fds.len())).collect();
+        assert_eq!(seen, vec![(1, Some(libc::EINVAL), 0), (2, Some(libc::EINVAL), 0), (3, None, 1)]);
+        assert!(close_may_block(zero.as_fd()).is_some_and(|w| w.contains("devices or kernel interfaces")));
+        assert!(close_may_block(tcp.as_fd()).is_some_and(|w| w.contains("network socket")));
+        assert_eq!(close_may_block(efd.as_fd()), None);
     }
 }

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use iommu_core::client::Client;
 use iommu_core::device::{Channel, DriverStateProvider};
+use iommu_core::memfd;
 use iommu_core::tu::{self, TranslationUnit};
 use iommu_core::types::{BindArgs, DeviceCaps, DriverState, FaultReason, FaultRecord, MapArgs, Perm, VpasidEntry};
 
@@ -60,6 +61,12 @@ pub enum Error {
     /// Client memory reached by messages failed.
     #[error("client DMA {0}")]
     Client(String, i32),
+    /// The fd of a DMA_MAP cannot be the memory asked for.
+    #[error("{0}")]
+    Refused(memfd::Refused),
+    /// A request would need more work or memory than allowed.
+    #[error("{0}")]
+    TooBig(String),
 }
 
 impl Error {
@@ -75,6 +82,8 @@ impl Error {
             Error::AlreadyBound(_) => libc::EBUSY,
             Error::Fault(_) => libc::EFAULT,
             Error::Core(_, e) | Error::Client(_, e) => *e,
+            Error::Refused(r) => r.errno(),
+            Error::TooBig(_) => libc::E2BIG,
         }
     }
 }
@@ -252,6 +261,14 @@ struct MemRef {
     refs: u32,
 }
 
+/// The core's dirty tracking granule.
+pub const DIRTY_GRANULE: u64 = 4096;
+/// Bits of one bitmap asked of the core at a time (256 KiB).
+const CORE_BITMAP_BITS: u64 = 1 << 21;
+/// Most blocks one DMA logging report reads from the core (8 MiB of
+/// bitmaps).
+pub const MAX_REPORT_BLOCKS: u64 = 1 << 26;
+
 /// Limits of the DMA table.
 pub const MAX_DMA_MAPS: usize = 65535;
 
@@ -362,6 +379,21 @@ impl Dma {
         const PAGE: u64 = 4096;
         if !m.address.is_multiple_of(PAGE) || !m.size.is_multiple_of(PAGE) || !m.offset.is_multiple_of(PAGE) {
             return Err(Error::Invalid("a DMA region with an fd must be 4 KiB aligned".into()));
+        }
+        // Before anything asks the file's file system (stat included): a
+        // file of a stalled FUSE server would stall the device thread.
+        let checked = memfd::check_memory_fd(fd.as_fd()).and_then(|()| {
+            if m.flags & proto::DMA_MAP_WRITE != 0 {
+                // The kernel refuses a writable pin of read-only memory: a
+                // device write could never land.
+                memfd::check_writable(fd.as_fd())
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(why) = checked {
+            memfd::close_elsewhere(fd);
+            return Err(Error::Refused(why));
         }
         let file = File::from(fd);
         let md = file.metadata().map_err(|e| Error::Invalid(format!("cannot stat the DMA fd: {e}")))?;
@@ -740,10 +772,119 @@ impl Dma {
         self.compat.with_session(|s| s.set_dirty_tracking(self.compat.ioas, on))?.map_err(core_err)
     }
 
+    /// A DMA logging report of the compat IOAS: one bit per `page_size`
+    /// (any power of two) of `[iova, iova + length)`, bit `k` standing for
+    /// `[iova + k * page_size, iova + (k + 1) * page_size)`. The core tracks
+    /// writes in blocks of [`DIRTY_GRANULE`] (or larger leaves); a bit is
+    /// set when any block overlapping its page was written since it was
+    /// last reported, so a dirty block sets every smaller page it covers
+    /// and a larger page is dirty if any block in it is. Blocks wholly
+    /// inside the range are cleared by the report; blocks that stick out of
+    /// it (an unaligned `iova` or end) are reported but stay dirty, since
+    /// their part outside the range has not been reported yet.
+    pub fn dirty_report(&self, iova: u64, length: u64, page_size: u64) -> Result<Vec<u64>, Error> {
+        let bad = |why: &str| Error::Invalid(format!("DMA logging report of {iova:#x}+{length:#x}: {why}"));
+        if length == 0 || !page_size.is_power_of_two() {
+            return Err(bad("the length is 0 or the page size is not a power of two"));
+        }
+        let end = iova.checked_add(length).ok_or_else(|| bad("the range overflows"))?;
+        let bits = length.div_ceil(page_size);
+        // Blocks asked of the core: as large as the page size allows while
+        // starting at a block boundary, never below the granule.
+        let iova_align = if iova == 0 { 1 << 63 } else { 1u64 << iova.trailing_zeros() };
+        let q = page_size.min(iova_align).max(DIRTY_GRANULE);
+        let qs = iova & !(q - 1);
+        let qe = end.checked_next_multiple_of(q).ok_or_else(|| bad("the range overflows"))?;
+        let blocks = (qe - qs) / q;
+        if blocks > MAX_REPORT_BLOCKS {
+            return Err(Error::TooBig(format!(
+                "DMA logging report of {iova:#x}+{length:#x} at page size {page_size:#x} would read {blocks} blocks \
+                 of {q:#x} bytes, more than {MAX_REPORT_BLOCKS}; align iova to the page size"
+            )));
+        }
+        // Spans read without clearing (partial blocks at the ends), then
+        // the whole blocks in between, read and cleared.
+        let head = qs < iova;
+        let tail = qe > end && !(head && qe - q == qs);
+        let inner = (if head { qs + q } else { qs }, if qe > end { qe - q } else { qe });
+        let mut spans = Vec::new();
+        if head {
+            spans.push((qs, qs + q, true));
+        }
+        if inner.0 < inner.1 {
+            spans.push((inner.0, inner.1, false));
+        }
+        if tail {
+            spans.push((qe - q, qe, true));
+        }
+        let mut out = vec![0u64; usize::try_from(bits.div_ceil(64)).map_err(|_| bad("the bitmap is too large"))?];
+        // Pieces of the core's bitmap, on boundaries of the piece size so
+        // that a large leaf is never split between two reads.
+        let piece = q.checked_mul(CORE_BITMAP_BITS);
+        for (start, stop, no_clear) in spans {
+            let mut cur = start;
+            while cur < stop {
+                let next = piece.and_then(|p| (cur / p + 1).checked_mul(p)).map_or(stop, |b| b.min(stop));
+                let words = self
+                    .compat
+                    .with_session(|s| s.dirty_bitmap(self.compat.ioas, cur, next - cur, q, no_clear))?
+                    .map_err(core_err)?;
+                for (w, &word) in words.iter().enumerate() {
+                    let mut v = word;
+                    while v != 0 {
+                        let j = w as u64 * 64 + u64::from(v.trailing_zeros());
+                        v &= v - 1;
+                        let lo = (cur + j * q).max(iova);
+                        let hi = (cur + j * q).saturating_add(q).min(end);
+                        if lo < hi {
+                            set_bits(&mut out, (lo - iova) / page_size, (hi - 1 - iova) / page_size);
+                        }
+                    }
+                }
+                cur = next;
+            }
+        }
+        Ok(out)
+    }
+
     /// Dirty bitmap of the compat IOAS (read and cleared).
     pub fn dirty_bitmap(&self, iova: u64, length: u64, page_size: u64) -> Result<Vec<u64>, Error> {
         self.compat
             .with_session(|s| s.dirty_bitmap(self.compat.ioas, iova, length, page_size, false))?
             .map_err(core_err)
+    }
+}
+
+/// Sets bits `first..=last` of `bitmap` (which holds them).
+fn set_bits(bitmap: &mut [u64], first: u64, last: u64) {
+    let mut k = first;
+    while k <= last {
+        let (w, b) = ((k / 64) as usize, k % 64);
+        let n = (last - k + 1).min(64 - b);
+        let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << b };
+        if let Some(word) = bitmap.get_mut(w) {
+            *word |= mask;
+        }
+        k += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::set_bits;
+
+    #[test]
+    fn bit_ranges_cross_words_and_stop_at_their_last_bit() {
+        let mut b = vec![0u64; 3];
+        set_bits(&mut b, 60, 130);
+        assert_eq!(b, vec![0xf << 60, u64::MAX, 0b111]);
+        let mut b = vec![0u64; 2];
+        set_bits(&mut b, 64, 127);
+        set_bits(&mut b, 3, 3);
+        assert_eq!(b, vec![1 << 3, u64::MAX]);
+        // Past the bitmap: nothing is written out of bounds.
+        let mut b = vec![0u64; 1];
+        set_bits(&mut b, 62, 200);
+        assert_eq!(b, vec![0b11 << 62]);
     }
 }

@@ -332,9 +332,14 @@ impl Irqs {
         if dt != IRQ_SET_DATA_EVENTFD && !fds.is_empty() {
             return Err(Error::Invalid("file descriptors sent without DATA_EVENTFD"));
         }
+        if act != IRQ_SET_ACTION_TRIGGER && self.layout.flags(index) & IRQ_INFO_MASKABLE == 0 {
+            return Err(Error::Invalid("MASK or UNMASK on an index that is not MASKABLE"));
+        }
         let bools: Option<&[u8]> = if dt == IRQ_SET_DATA_BOOL {
-            let b = data.get(..req.count as usize).ok_or(Error::Invalid("fewer bools than count"))?;
-            Some(b)
+            if data.len() != req.count as usize {
+                return Err(Error::Invalid("DATA_BOOL needs exactly one byte per vector of count"));
+            }
+            Some(data)
         } else {
             None
         };

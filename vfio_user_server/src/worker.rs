@@ -285,15 +285,11 @@ impl Worker {
             let _ = self.dma.set_dirty_tracking(false);
             self.logging = false;
         }
-        // Unfinished migration data belongs to the departed client.
-        self.mig_out.clear();
-        self.mig_in.clear();
-        // A half-done migration ends; the device runs again for the next
-        // client (ERROR stays until a reset).
-        if self.mig_state != mig::RUNNING && self.mig_state != mig::ERROR {
-            self.mig_state = mig::RUNNING;
-            self.device.set_running(true);
-        }
+        // The device keeps its state for the next client, migration state
+        // and data included (a migration may be driven across connections):
+        // a stopped device stays stopped, saved data can still be read,
+        // data being loaded is kept. Its queued work addressed the departed
+        // client's memory and was dropped above.
         self.neg = Negotiated::default();
     }
 
@@ -721,12 +717,12 @@ impl Worker {
         self.device.reset();
         self.config.reset();
         self.irqs.reset();
+        // Reset returns the device to RUNNING (ERROR included) and ends any
+        // migration data transfer.
         if self.mig_state != mig::RUNNING {
-            if self.mig_state != mig::ERROR {
-                // Reset returns the device to RUNNING.
-            }
             self.mig_state = mig::RUNNING;
             self.mig_out.clear();
+            self.mig_pos = 0;
             self.mig_in.clear();
             self.device.set_running(true);
         }
@@ -775,9 +771,13 @@ impl Worker {
             }
             proto::FEATURE_MIG_DEVICE_STATE => {
                 let s: proto::MigState = need(data)?;
+                if (f.argsz as usize) < p.len() {
+                    return Err(libc::EINVAL);
+                }
                 self.migrate_to(s.device_state)?;
-                let r = proto::MigState { device_state: self.mig_state, data_fd: u32::MAX };
-                echo(r.as_bytes(), 16)
+                // The reply to a SET is the request as it came (`data_fd`
+                // is unused in vfio-user).
+                ok(p)
             }
             proto::FEATURE_DMA_LOGGING_START => {
                 let mut c: proto::LoggingControl = need(data)?;
@@ -822,7 +822,10 @@ impl Worker {
                 if !self.logging {
                     return Err(libc::EINVAL);
                 }
-                if r.length == 0 || !r.page_size.is_power_of_two() || r.page_size < 4096 {
+                // Any power of two: pages below the tracking granule are
+                // set by the granule covering them, larger ones by any of
+                // their granules.
+                if r.length == 0 || !r.page_size.is_power_of_two() {
                     return Err(libc::EINVAL);
                 }
                 r.iova.checked_add(r.length - 1).ok_or(libc::EINVAL)?;
@@ -835,7 +838,10 @@ impl Worker {
                 if (f.argsz as usize) < needed {
                     return Err(libc::ENOSPC);
                 }
-                let bm = self.dma.dirty_bitmap(r.iova, r.length, r.page_size).map_err(|e| e.errno())?;
+                let bm = self.dma.dirty_report(r.iova, r.length, r.page_size).map_err(|e| {
+                    tracing::info!("DMA logging report refused: {e}");
+                    e.errno()
+                })?;
                 let mut extra = r.as_bytes().to_vec();
                 let mut words = bm;
                 words.resize(bytes as usize / 8, 0);

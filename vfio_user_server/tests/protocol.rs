@@ -644,12 +644,14 @@ fn a_departed_client_leaves_no_work_or_access_behind() {
         assert!(t0.elapsed().as_secs() < 5);
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    // B maps its own memory at the same IOVA; the device runs again.
+    // B maps its own memory at the same IOVA. The device kept its state
+    // (stopped); B runs it again.
     let mut b = s.client();
     let b_mem = memfd("b", 0x10000);
     b_mem.write_all_at(b"B's data..", 0).unwrap();
     b.dma_map(RW, 0, 0x10_0000, 0x10000, Some(b_mem.as_fd())).unwrap();
-    assert_eq!(b.mig_state().unwrap(), mig::RUNNING);
+    assert_eq!(b.mig_state().unwrap(), mig::STOP, "the device state is retained across a disconnect");
+    assert_eq!(b.set_mig_state(mig::RUNNING).unwrap(), mig::RUNNING);
     std::thread::sleep(std::time::Duration::from_millis(50));
     let mut got = [0u8; 10];
     b_mem.read_exact_at(&mut got, 0x8000).unwrap();
@@ -665,4 +667,307 @@ fn a_departed_client_leaves_no_work_or_access_behind() {
     assert_eq!(copy(&mut b, 0x10_0000, 0x10_8000, 10, None), regs::STATUS_DONE);
     b_mem.read_exact_at(&mut got, 0x8000).unwrap();
     assert_eq!(&got, b"B's data..");
+}
+
+/// Files that are not memory are refused by DMA_MAP with EINVAL, before
+/// anything asks their file system; O_PATH fds of regular files included
+/// (they give no access to the contents).
+#[test]
+fn dma_map_refuses_fds_that_are_not_memory() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let s = Stack::new("dma-notmem");
+    let mut c = s.client();
+    let path = s.dir.join("plain");
+    let plain = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    plain.set_len(0x10000).unwrap();
+    let opath = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH).open(&path).unwrap();
+    let opath_memfd = {
+        let m = memfd("m", 0x10000);
+        let p = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&m));
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH).open(p).unwrap()
+    };
+    let zero = std::fs::File::open("/dev/zero").unwrap();
+    let status = std::fs::File::open("/proc/self/status").unwrap();
+    let dir = std::fs::File::open(&s.dir).unwrap();
+    let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let efd = eventfd();
+    let files: [(&str, std::os::fd::BorrowedFd); 7] = [
+        ("O_PATH file", opath.as_fd()),
+        ("O_PATH memfd", opath_memfd.as_fd()),
+        ("/dev/zero", zero.as_fd()),
+        ("/proc file", status.as_fd()),
+        ("directory", dir.as_fd()),
+        ("socket", sock.as_fd()),
+        ("eventfd", efd.as_fd()),
+    ];
+    for (what, fd) in files {
+        assert_eq!(errno(c.dma_map(proto::DMA_MAP_READ, 0, 0x10_0000, 0x1000, Some(fd))), libc::EINVAL, "{what}");
+    }
+    assert_eq!(s.server().dma().map_count(), 0);
+    // The same client is served, and memory is still accepted.
+    let mem = memfd("good", 0x10000);
+    c.dma_map(RW, 0, 0x10_0000, 0x10000, Some(mem.as_fd())).unwrap();
+    mem.write_all_at(b"memory", 0).unwrap();
+    assert_eq!(copy(&mut c, 0x10_0000, 0x10_8000, 6, None), regs::STATUS_DONE);
+}
+
+/// DMA_MAP with write permission of memory the client cannot write (a
+/// write-sealed memfd, an fd opened read-only) is refused with EACCES at map
+/// time; mapping the same memory read-only is accepted (a read-only
+/// mapping in the compat IOAS), and the device reads through it.
+#[test]
+fn dma_map_for_writing_needs_memory_the_client_can_write() {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    let s = Stack::new("dma-write");
+    let mut c = s.client();
+    let out = memfd("out", 0x10000);
+    c.dma_map(RW, 0, 0x10_0000, 0x10000, Some(out.as_fd())).unwrap();
+    let sealed = |seal: SealFlag| {
+        let m = memfd("sealed", 0x10000);
+        m.write_all_at(format!("{seal:?}").as_bytes(), 0).unwrap();
+        fcntl(std::os::fd::AsRawFd::as_raw_fd(&m), FcntlArg::F_ADD_SEALS(seal)).unwrap();
+        m
+    };
+    let rw = memfd("rw", 0x10000);
+    rw.write_all_at(b"read-only fd", 0).unwrap();
+    let ro = std::fs::File::open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&rw))).unwrap();
+    let cases = [
+        ("F_SEAL_WRITE", sealed(SealFlag::F_SEAL_WRITE), b"F_SEAL_WRITE".to_vec()),
+        ("F_SEAL_FUTURE_WRITE", sealed(SealFlag::F_SEAL_FUTURE_WRITE), b"F_SEAL_FUTURE_WRITE".to_vec()),
+        ("O_RDONLY", ro, b"read-only fd".to_vec()),
+    ];
+    for (i, (what, f, content)) in cases.iter().enumerate() {
+        let iova = 0x100_0000 * (i as u64 + 1);
+        assert_eq!(errno(c.dma_map(RW, 0, iova, 0x10000, Some(f.as_fd()))), libc::EACCES, "{what}");
+        assert_eq!(errno(c.dma_map(proto::DMA_MAP_WRITE, 0, iova, 0x10000, Some(f.as_fd()))), libc::EACCES, "{what}");
+        c.dma_map(proto::DMA_MAP_READ, 0, iova, 0x10000, Some(f.as_fd())).unwrap();
+        let snap = s.observer().status().unwrap();
+        let compat = s.server().dma().compat();
+        let sess = snap.sessions.iter().find(|x| x.id == compat.session_id()).unwrap();
+        let ioas = sess.ioas.iter().find(|x| x.id == compat.ioas()).unwrap();
+        let m = ioas.mappings.iter().find(|m| m.iova == iova).expect("the read-only mapping");
+        assert_eq!((m.length, m.perm), (0x10000, iommu_core::types::Perm::R), "{what}");
+        if *what != "O_RDONLY" {
+            // The translation unit maps sealed memory objects read-write,
+            // which the kernel refuses for write-sealed memory: device
+            // reads of these need a read-only mapping there.
+            continue;
+        }
+        let dst = 0x10_0000 + 0x1000 * i as u64;
+        assert_eq!(copy(&mut c, iova, dst, content.len() as u32, None), regs::STATUS_DONE, "{what}");
+        let mut got = vec![0u8; content.len()];
+        out.read_exact_at(&mut got, 0x1000 * i as u64).unwrap();
+        assert_eq!(&got, content, "{what}");
+        // Writing into it through the device faults.
+        assert_eq!(copy(&mut c, 0x10_0000, iova, 4, None), regs::STATUS_ERROR, "{what}");
+    }
+}
+
+/// The reply to DEVICE_FEATURE SET of MIG_DEVICE_STATE is the request,
+/// byte for byte (`data_fd` is unused in vfio-user, and comes back as sent).
+#[test]
+fn mig_device_state_set_replies_with_the_request() {
+    let s = Stack::new("mig-echo");
+    let mut c = s.client();
+    let flags = proto::FEATURE_SET | proto::FEATURE_MIG_DEVICE_STATE;
+    for (state, data_fd) in [(mig::STOP, 0x1234_5678u32), (mig::RUNNING, 0), (mig::PRE_COPY, u32::MAX)] {
+        let req = [
+            proto::Feature { argsz: 16, flags }.as_bytes(),
+            proto::MigState { device_state: state, data_fd }.as_bytes(),
+        ]
+        .concat();
+        let r = c.call(cmd::DEVICE_FEATURE, &req, &[]).unwrap();
+        assert_eq!(r.payload, req, "state {state}");
+        assert_eq!(c.mig_state().unwrap(), state);
+    }
+    // A reply that would not fit the request's argsz.
+    let req = [
+        proto::Feature { argsz: 12, flags }.as_bytes(),
+        proto::MigState { device_state: mig::RUNNING, data_fd: 0 }.as_bytes(),
+    ]
+    .concat();
+    assert_eq!(errno(c.call(cmd::DEVICE_FEATURE, &req, &[])), libc::EINVAL);
+    assert_eq!(c.mig_state().unwrap(), mig::PRE_COPY, "a refused SET changes nothing");
+}
+
+/// Device state, migration state and data included, is retained across a
+/// client disconnect: a migration is driven across two connections on both
+/// sides. The disconnect still releases the client's DMA.
+#[test]
+fn migration_state_is_kept_across_a_disconnect() {
+    let s = Stack::new("mig-reconnect");
+    let mem = memfd("m", 0x10000);
+    let head = {
+        let mut c = s.client();
+        c.dma_map(RW, 0, 0x10_0000, 0x10000, Some(mem.as_fd())).unwrap();
+        wr64(&mut c, 0, regs::SCRATCH, 0x5eed);
+        c.region_write(1, 0x200, b"kept across").unwrap();
+        assert_eq!(c.set_mig_state(mig::STOP_COPY).unwrap(), mig::STOP_COPY);
+        c.mig_data_read(1000).unwrap()
+    };
+    assert_eq!(head.len(), 1000);
+    let t0 = std::time::Instant::now();
+    while s.server().dma().map_count() != 0 {
+        assert!(t0.elapsed().as_secs() < 10, "DMA regions of a departed client stay");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut c = s.client();
+    assert_eq!(c.mig_state().unwrap(), mig::STOP_COPY);
+    let mut blob = head;
+    loop {
+        let chunk = c.mig_data_read(16 * 1024).unwrap();
+        let done = chunk.len() < 16 * 1024;
+        blob.extend(chunk);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(c.set_mig_state(mig::STOP).unwrap(), mig::STOP);
+    drop(c);
+    let mut c = s.client();
+    assert_eq!(c.mig_state().unwrap(), mig::STOP, "a stopped device stays stopped for the next client");
+    drop(c);
+
+    // The destination loads half the data on one connection, the rest on
+    // the next.
+    let dst_sock = s.dir.join("dst.sock");
+    let dst_server = start_server(&s.core_path, &dst_sock, Default::default());
+    {
+        let mut d = Client::connect(&dst_sock).unwrap();
+        assert_eq!(d.set_mig_state(mig::RESUMING).unwrap(), mig::RESUMING);
+        d.mig_data_write(&blob[..blob.len() / 2]).unwrap();
+    }
+    let mut d = Client::connect(&dst_sock).unwrap();
+    assert_eq!(d.mig_state().unwrap(), mig::RESUMING);
+    d.mig_data_write(&blob[blob.len() / 2..]).unwrap();
+    assert_eq!(d.set_mig_state(mig::RUNNING).unwrap(), mig::RUNNING);
+    assert_eq!(rd32(&mut d, 0, regs::SCRATCH), 0x5eed);
+    assert_eq!(d.region_read(1, 0x200, 11).unwrap(), b"kept across");
+    drop(d);
+    dst_server.stop().unwrap();
+}
+
+/// SET_IRQS with DATA_BOOL carries exactly `count` bytes: more or fewer
+/// are refused with EINVAL and nothing is applied.
+#[test]
+fn set_irqs_data_bool_needs_exactly_count_bytes() {
+    let s = Stack::new("irq-bools");
+    let mut c = s.client();
+    let efds: Vec<std::fs::File> = (0..2).map(|_| eventfd()).collect();
+    let b: Vec<_> = efds.iter().map(|f| f.as_fd()).collect();
+    let trig = proto::IRQ_SET_DATA_EVENTFD | proto::IRQ_SET_ACTION_TRIGGER;
+    c.set_irqs(irq_index::MSIX, trig, 0, 2, &[], &b).unwrap();
+    let bool_mask = proto::IRQ_SET_DATA_BOOL | proto::IRQ_SET_ACTION_MASK;
+    assert_eq!(errno(c.set_irqs(irq_index::MSIX, bool_mask, 0, 2, &[1, 1, 1], &[])), libc::EINVAL);
+    assert_eq!(errno(c.set_irqs(irq_index::MSIX, bool_mask, 0, 2, &[1], &[])), libc::EINVAL);
+    let bool_trig = proto::IRQ_SET_DATA_BOOL | proto::IRQ_SET_ACTION_TRIGGER;
+    assert_eq!(errno(c.set_irqs(irq_index::MSIX, bool_trig, 0, 1, &[1, 0], &[])), libc::EINVAL);
+    // Nothing of the refused requests was applied: vector 0 was neither
+    // triggered nor masked.
+    assert_eq!(count_now(&efds[0]), 0);
+    wr32(&mut c, 0, regs::IRQ, 0);
+    assert_eq!(wait_count(&efds[0]), 1);
+    // Exactly `count` bytes: applied.
+    c.set_irqs(irq_index::MSIX, bool_mask, 0, 2, &[0, 1], &[]).unwrap();
+    wr32(&mut c, 0, regs::IRQ, 1);
+    assert_eq!(count_now(&efds[1]), 0, "vector 1 is masked");
+    c.set_irqs(irq_index::MSIX, bool_trig, 0, 2, &[1, 0], &[]).unwrap();
+    assert_eq!(wait_count(&efds[0]), 1);
+}
+
+/// SET_IRQS MASK and UNMASK (with NONE, BOOL or EVENTFD data) are refused
+/// with EINVAL on an index whose GET_IRQ_INFO lacks MASKABLE (ERR, REQ);
+/// TRIGGER still works there, and maskable indexes still mask.
+#[test]
+fn set_irqs_masks_only_maskable_indexes() {
+    let s = Stack::new("irq-maskable");
+    let mut c = s.client();
+    let trig = proto::IRQ_SET_DATA_EVENTFD | proto::IRQ_SET_ACTION_TRIGGER;
+    for index in [irq_index::ERR, irq_index::REQ] {
+        assert_eq!(c.irq_info(index).unwrap().flags & proto::IRQ_INFO_MASKABLE, 0);
+        let e = eventfd();
+        for act in [proto::IRQ_SET_ACTION_MASK, proto::IRQ_SET_ACTION_UNMASK] {
+            let none = proto::IRQ_SET_DATA_NONE | act;
+            assert_eq!(errno(c.set_irqs(index, none, 0, 1, &[], &[])), libc::EINVAL, "index {index}");
+            let bools = proto::IRQ_SET_DATA_BOOL | act;
+            assert_eq!(errno(c.set_irqs(index, bools, 0, 1, &[1], &[])), libc::EINVAL, "index {index}");
+            let efd = proto::IRQ_SET_DATA_EVENTFD | act;
+            assert_eq!(errno(c.set_irqs(index, efd, 0, 1, &[], &[e.as_fd()])), libc::EINVAL, "index {index}");
+        }
+        // Triggering stays allowed, and nothing was masked.
+        c.set_irqs(index, trig, 0, 1, &[], &[e.as_fd()]).unwrap();
+        c.set_irqs(index, proto::IRQ_SET_DATA_NONE | proto::IRQ_SET_ACTION_TRIGGER, 0, 1, &[], &[]).unwrap();
+        assert_eq!(wait_count(&e), 1);
+    }
+    for index in [irq_index::INTX, irq_index::MSI, irq_index::MSIX] {
+        assert_ne!(c.irq_info(index).unwrap().flags & proto::IRQ_INFO_MASKABLE, 0);
+        c.set_irqs(index, proto::IRQ_SET_DATA_NONE | proto::IRQ_SET_ACTION_MASK, 0, 1, &[], &[]).unwrap();
+        c.set_irqs(index, proto::IRQ_SET_DATA_NONE | proto::IRQ_SET_ACTION_UNMASK, 0, 1, &[], &[]).unwrap();
+    }
+}
+
+fn bits_of(d: &[u8]) -> Vec<u64> {
+    let words: Vec<u64> = d[24..].chunks(8).map(|b| u64::from_ne_bytes(b.try_into().unwrap())).collect();
+    (0..words.len() as u64 * 64).filter(|&k| words[(k / 64) as usize] & (1 << (k % 64)) != 0).collect()
+}
+
+/// DMA_LOGGING_REPORT takes any power-of-two page size, whatever START
+/// said: below the 4 KiB tracking granule a dirty granule sets every page
+/// it covers; above it a page is dirty if any granule in it is. A report
+/// clears only granules wholly inside its range, so an unaligned report
+/// never hides writes outside it.
+#[test]
+fn dma_logging_reports_at_any_power_of_two_page_size() {
+    let s = Stack::new("logging-sizes");
+    let mut c = s.client();
+    let mem = memfd("m", 1 << 20);
+    const BASE: u64 = 0x100_0000;
+    c.dma_map(RW, 0, BASE, 1 << 20, Some(mem.as_fd())).unwrap();
+    let ctl = proto::LoggingControl { page_size: 4096, num_ranges: 0, reserved: 0 };
+    let start = proto::FEATURE_SET | proto::FEATURE_DMA_LOGGING_START;
+    c.feature(start, ctl.as_bytes(), 24).unwrap();
+    let get = proto::FEATURE_GET | proto::FEATURE_DMA_LOGGING_REPORT;
+    let report = |c: &mut Client, iova: u64, length: u64, page_size: u64| {
+        let rep = proto::LoggingReport { iova, length, page_size };
+        let words = length.div_ceil(page_size).div_ceil(64);
+        let d = c.feature(get, rep.as_bytes(), (8 + 24 + 8 * words) as u32).unwrap();
+        assert_eq!(&d[..24], rep.as_bytes(), "the request comes back before the bitmap");
+        assert_eq!(d.len() as u64, 24 + 8 * words);
+        bits_of(&d)
+    };
+    // Granule 5 written (100 bytes at its start).
+    assert_eq!(copy(&mut c, BASE, BASE + 0x5000, 100, None), regs::STATUS_DONE);
+    // 1 KiB pages over granules 4..8: the four pages of granule 5.
+    assert_eq!(report(&mut c, BASE + 0x4000, 0x4000, 1024), vec![4, 5, 6, 7]);
+    // Each report clears granule 5: it is written again for each size.
+    assert_eq!(copy(&mut c, BASE, BASE + 0x5000, 100, None), regs::STATUS_DONE);
+    assert_eq!(report(&mut c, BASE, 1 << 20, 1), (0x5000..0x6000).collect::<Vec<u64>>());
+    assert_eq!(copy(&mut c, BASE, BASE + 0x5000, 100, None), regs::STATUS_DONE);
+    assert_eq!(report(&mut c, BASE, 1 << 20, 64 * 1024), vec![0], "a 64 KiB page holding granule 5");
+    assert_eq!(copy(&mut c, BASE, BASE + 0x5000, 100, None), regs::STATUS_DONE);
+    assert_eq!(report(&mut c, BASE, 1 << 20, 1 << 20), vec![0]);
+    assert_eq!(report(&mut c, BASE, 1 << 20, 4096), Vec::<u64>::new(), "every report above cleared it");
+
+    // An unaligned report: 2 KiB pages from BASE + 0x4800 over 0x1000
+    // bytes; granule 5 sticks out of its end, so it is reported and stays
+    // dirty; granule 4 (its start) was not written.
+    assert_eq!(copy(&mut c, BASE, BASE + 0x5800, 16, None), regs::STATUS_DONE);
+    assert_eq!(report(&mut c, BASE + 0x4800, 0x1000, 2048), vec![1]);
+    assert_eq!(report(&mut c, BASE, 1 << 20, 4096), vec![5], "the unaligned report did not clear granule 5");
+    // Pages larger than the iova's alignment: 8 KiB pages from BASE + 0x1000.
+    assert_eq!(copy(&mut c, BASE, BASE + 0x6000, 16, None), regs::STATUS_DONE);
+    assert_eq!(report(&mut c, BASE + 0x1000, 0x8000, 8192), vec![2], "granule 6 is in the page at 0x5000");
+    // Still refused: not a power of two, length 0, a too small buffer.
+    for bad in [
+        proto::LoggingReport { iova: BASE, length: 0x1000, page_size: 3000 },
+        proto::LoggingReport { iova: BASE, length: 0x1000, page_size: 0 },
+        proto::LoggingReport { iova: BASE, length: 0, page_size: 4096 },
+    ] {
+        assert_eq!(errno(c.feature(get, bad.as_bytes(), 8 + 24 + 8)), libc::EINVAL, "{bad:?}");
+    }
+    let rep = proto::LoggingReport { iova: BASE, length: 0x1000, page_size: 8 };
+    assert_eq!(errno(c.feature(get, rep.as_bytes(), 8 + 24 + 8)), libc::ENOSPC, "512 bits need 64 bytes");
+    assert_eq!(c.feature(get, rep.as_bytes(), 8 + 24 + 64).unwrap().len(), 24 + 64);
+    let huge = proto::LoggingReport { iova: BASE, length: 1 << 30, page_size: 1 };
+    assert_eq!(errno(c.feature(get, huge.as_bytes(), u32::MAX)), libc::E2BIG);
 }
