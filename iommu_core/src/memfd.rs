@@ -63,15 +63,6 @@ pub fn seal_shrink(fd: BorrowedFd<'_>) -> bool {
     seals(fd).is_some_and(|s| s.contains(SealFlag::F_SEAL_SHRINK))
 }
 
-/// Whether a shared mapping of `fd` may be written: the fd was opened
-/// read-write and the file carries no write seal (`F_SEAL_WRITE`,
-/// `F_SEAL_FUTURE_WRITE`).
-pub fn writable(fd: BorrowedFd<'_>) -> bool {
-    let Ok(flags) = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL) else { return false };
-    let rw = flags & libc::O_ACCMODE == libc::O_RDWR && flags & libc::O_PATH == 0;
-    rw && !seals(fd).is_some_and(|s| s.intersects(SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_FUTURE_WRITE))
-}
-
 /// Renders seals as a comma-separated list (`shrink,grow`), or `none`.
 pub fn seal_names(s: Option<SealFlag>) -> String {
     let Some(s) = s else { return "unsupported".into() };

@@ -494,12 +494,10 @@ impl Core {
     pub fn register_memory(&mut self, sid: u64, fd: OwnedFd) -> Result<MemInfo> {
         let file = File::from(fd);
         // Before anything asks the file's file system (stat included).
-        if memfd::on_blocking_fs(file.as_fd()) {
+        if let Err(why) = memfd::check_memory_fd(file.as_fd()) {
             memfd::close_elsewhere(file.into());
-            return err(
-                Errno::EINVAL,
-                "a memory object cannot live on FUSE or a network file system (its I/O can block DMA)",
-            );
+            let errno = if why.errno() == libc::EACCES { Errno::EACCES } else { Errno::EINVAL };
+            return err(errno, format!("not a memory object: {why}"));
         }
         let meta = match file.metadata() {
             Ok(m) => m,
@@ -543,7 +541,7 @@ impl Core {
             .alloc(size)
             .ok_or_else(|| Error { errno: Errno::ENOSPC, message: "the system address space is full".into() })?;
         let seals = memfd::seal_names(memfd::seals(file.as_fd()));
-        let writable = memfd::writable(file.as_fd());
+        let writable = memfd::check_writable(file.as_fd()).is_ok();
         self.sys_owner.insert(sys_base, (sid, id));
         self.insert_object(
             sid,

@@ -781,13 +781,9 @@ impl Server {
                             kept.push(fd);
                             continue;
                         }
-                        let why = match memfd::fs_type(fd.as_fd()) {
-                            Some(t) => format!(
-                                "the file is on a {t} file system, whose I/O can block: it cannot be a memory object"
-                            ),
-                            None => "the file's file system is unknown and its I/O could block: it cannot be a \
-                                     memory object"
-                                .to_string(),
+                        let why = match memfd::check_memory_fd(fd.as_fd()) {
+                            Err(r) => format!("not a memory object: {r}"),
+                            Ok(()) => "not a memory object: its file system may block".to_string(),
                         };
                         memfd::close_elsewhere(fd);
                         match refused_stand_in() {
