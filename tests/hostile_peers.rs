@@ -174,3 +174,49 @@ fn unread_replies_are_bounded_and_their_readers_dropped() {
     }
     s.ioas_alloc().expect("the session was hurt");
 }
+
+/// A map of 4 GiB in 4 KiB leaves (1 Mi leaves, a long time on one loop)
+/// runs in slices between other sessions' requests: another session's map
+/// and unmap round trips all complete while it is still in progress.
+#[test]
+fn a_long_map_does_not_hold_up_other_sessions() {
+    use iommu_core::types::{MapArgs, Perm};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let st = Stack::new("hostile-long-map");
+    let mut obs = st.observer();
+    let baseline = obs.status().unwrap().pool.tables_in_use;
+    let done = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let (mut s, done) = (st.session(), done.clone());
+        std::thread::spawn(move || {
+            let big = iommu_core::memfd::create("big", (4 << 30) + 4096).unwrap();
+            let m = s.register_memory(&big).unwrap();
+            let ioas = s.ioas_alloc().unwrap();
+            // Offset 4 KiB: no leaf larger than 4 KiB fits.
+            let args = MapArgs { ioas, mem: m.id, offset: 4096, length: 4 << 30, iova: Some(1 << 32), perm: Perm::RW };
+            let r = s.map(args);
+            done.store(true, Ordering::SeqCst);
+            r.map(|_| s.unmap(ioas, 0, u64::MAX))
+        })
+    };
+    // The map has started once its tables grow.
+    let t0 = Instant::now();
+    while obs.status().unwrap().pool.tables_in_use <= baseline + 1 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the long map never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(!done.load(Ordering::SeqCst), "the long map was over before anyone else was served");
+    let mut other = st.session();
+    let ram = iommu_core::memfd::create("ram", 1 << 20).unwrap();
+    let m = other.register_memory(&ram).unwrap();
+    let ioas = other.ioas_alloc().unwrap();
+    for _ in 0..5 {
+        let args = MapArgs { ioas, mem: m.id, offset: 0, length: 1 << 20, iova: None, perm: Perm::RW };
+        let iova = other.map(args).unwrap();
+        other.unmap(ioas, iova, 1 << 20).unwrap();
+    }
+    assert!(!done.load(Ordering::SeqCst), "another session waited for the whole long map");
+    let r = flood.join().unwrap();
+    assert_eq!(r.unwrap().unwrap(), 4 << 30);
+}

@@ -109,6 +109,83 @@ struct Device {
     fenced: bool,
 }
 
+/// Leaves one slice of a long map or unmap writes or clears at most, so
+/// that no session's request holds the event loop for long (about half a
+/// millisecond in a release build).
+pub const SLICE_LEAVES: u64 = 16_384;
+
+/// How an operation that may be long began.
+#[derive(Debug)]
+pub enum Started {
+    /// Done already: the IOVA of a map, the bytes of an unmap.
+    Done(u64),
+    /// To be run slice by slice with [`Core::job_step`].
+    Job(Job),
+}
+
+/// A map or unmap run in slices. While it runs, its session sends nothing
+/// else (the event loop does not read it); if the session goes away the
+/// next step ends the job with ENOENT.
+#[derive(Debug)]
+pub struct Job {
+    sid: u64,
+    ioas: u32,
+    kind: JobKind,
+}
+
+impl Started {
+    /// The value of an operation done at once (0 for a job).
+    pub fn done(&self) -> u64 {
+        match self {
+            Started::Done(v) => *v,
+            Started::Job(_) => 0,
+        }
+    }
+}
+
+impl Job {
+    /// The session the job works for.
+    pub fn session(&self) -> u64 {
+        self.sid
+    }
+}
+
+#[derive(Debug)]
+enum JobKind {
+    Map {
+        iova: u64,
+        area: Area,
+        /// Bytes from `iova` whose tables are written.
+        done: u64,
+        leaf: u64,
+    },
+    Unmap {
+        /// (next IOVA to clear, last IOVA, leaf size) of each area taken out.
+        pieces: Vec<(u64, u64, u64)>,
+        next: usize,
+        garbage: Vec<u64>,
+        total: u64,
+        mems: Vec<u32>,
+        range: Option<IovaRange>,
+    },
+}
+
+/// The largest leaf a mapping of `iova` onto system address `sys` can use
+/// (their offsets within the leaf must agree).
+fn leaf_size(iova: u64, sys: u64) -> u64 {
+    let delta = iova.wrapping_sub(sys);
+    pagetable::LEAF_SIZES.iter().rev().copied().find(|l| delta.is_multiple_of(*l)).unwrap_or(PAGE_SIZE)
+}
+
+/// Where a slice starting at `cur` ends (exclusive): after at most
+/// [`SLICE_LEAVES`] leaves of `leaf`, on a `leaf` boundary so that the
+/// slices pick the same leaves one map of the whole range would, and never
+/// past `last`.
+fn slice_end(cur: u64, last: u64, leaf: u64) -> u64 {
+    let boundary = (cur / leaf).saturating_add(SLICE_LEAVES).saturating_mul(leaf);
+    boundary.min(last.saturating_add(1))
+}
+
 /// Work the event loop must do after a model operation: invalidations to
 /// send to device channels, and table pages to free once every channel
 /// has answered (or been fenced).
@@ -714,8 +791,29 @@ impl Core {
         Ok(())
     }
 
-    /// Maps part of a memory object into an IOAS; returns the IOVA.
+    /// Maps part of a memory object into an IOAS; returns the IOVA. A map
+    /// of many leaves is done here in one go: the event loop uses
+    /// [`map_begin`](Self::map_begin) and [`job_step`](Self::job_step).
     pub fn map(&mut self, sid: u64, a: MapArgs) -> Result<u64> {
+        match self.map_begin(sid, a)? {
+            Started::Done(iova) => Ok(iova),
+            Started::Job(job) => self.finish(job),
+        }
+    }
+
+    /// Runs a job to its end.
+    fn finish(&mut self, mut job: Job) -> Result<u64> {
+        loop {
+            if let Some(r) = self.job_step(&mut job) {
+                return r;
+            }
+        }
+    }
+
+    /// Starts a map: done at once when it writes at most [`SLICE_LEAVES`]
+    /// leaves, else a [`Job`] to run slice by slice with
+    /// [`job_step`](Self::job_step), all or nothing like a map done at once.
+    pub fn map_begin(&mut self, sid: u64, a: MapArgs) -> Result<Started> {
         if a.perm.is_empty() {
             return err(Errno::EINVAL, "a mapping needs read or write permission");
         }
@@ -755,13 +853,100 @@ impl Core {
         if ioas.areas.len() as u64 >= u64::from(cap) {
             return err(Errno::ENOSPC, format!("the IOAS holds {cap} mappings, the configured limit"));
         }
-        self.insert_area(
-            sid,
-            a.ioas,
-            iova,
-            Area { last: iova + a.length - 1, mem: a.mem, offset: a.offset, perm: a.perm },
-        )?;
-        Ok(iova)
+        let area = Area { last: iova + a.length - 1, mem: a.mem, offset: a.offset, perm: a.perm };
+        let leaf = leaf_size(iova, base + a.offset);
+        if a.length / leaf <= SLICE_LEAVES {
+            self.insert_area(sid, a.ioas, iova, area)?;
+            return Ok(Started::Done(iova));
+        }
+        self.step()?;
+        Ok(Started::Job(Job { sid, ioas: a.ioas, kind: JobKind::Map { iova, area, done: 0, leaf } }))
+    }
+
+    /// Does one slice of a job (at most [`SLICE_LEAVES`] leaves written or
+    /// cleared). `None`: more is left. `Some`: the job is over, with the
+    /// IOVA of a map or the bytes of an unmap, and its effects (the
+    /// invalidations of an unmap, or of a map rolled back) are queued as
+    /// any operation's.
+    pub fn job_step(&mut self, job: &mut Job) -> Option<Result<u64>> {
+        let (sid, ioas) = (job.sid, job.ioas);
+        match &mut job.kind {
+            JobKind::Map { iova, area, done, leaf } => {
+                let (iova, area, leaf) = (*iova, *area, *leaf);
+                let len = area.last - iova + 1;
+                let cur = iova + *done;
+                let stop = slice_end(cur, area.last, leaf);
+                let res = self.mem_info(sid, area.mem).and_then(|(_, base)| {
+                    let root = self.ioas(sid, ioas)?.root;
+                    let s = self.session(sid)?;
+                    let a = base + area.offset + (cur - iova);
+                    s.pool.map_range(root, cur, a, stop - cur, area.perm, Some(&s.dirty))?;
+                    Ok(root)
+                });
+                match res {
+                    Ok(_) if stop - iova < len => {
+                        *done = stop - iova;
+                        None
+                    }
+                    Ok(_) => Some(self.map_finished(sid, ioas, iova, area).map(|()| iova)),
+                    Err(e) => {
+                        // Roll back what earlier slices mapped; devices may
+                        // have walked it, so the tables go after the
+                        // invalidation.
+                        if *done > 0 {
+                            let mut garbage = Vec::new();
+                            if let (Ok(root), Ok(pool)) = (self.ioas(sid, ioas).map(|i| i.root), self.pool_mut(sid)) {
+                                pool.unmap_range(root, iova, *done, &mut garbage);
+                            }
+                            let range = IovaRange { start: iova, last: iova + *done - 1 };
+                            self.retire(sid, ioas, Some(range), garbage);
+                        }
+                        Some(Err(e))
+                    }
+                }
+            }
+            JobKind::Unmap { pieces, next, garbage, total, mems, range } => {
+                let Ok(root) = self.ioas(sid, ioas).map(|i| i.root) else {
+                    return Some(err(Errno::ENOENT, format!("IOAS {ioas} went away during the unmap")));
+                };
+                let mut leaves = 0;
+                while leaves < SLICE_LEAVES {
+                    let Some(&(cur, last, leaf)) = pieces.get(*next) else { break };
+                    let stop = slice_end(cur, last, leaf).min(cur + (SLICE_LEAVES - leaves) * leaf);
+                    let Ok(pool) = self.pool_mut(sid) else { return Some(err(Errno::ENOENT, "the session went away")) };
+                    pool.unmap_range(root, cur, stop - cur, garbage);
+                    leaves += (stop - cur).div_ceil(leaf);
+                    if stop > last {
+                        *next += 1;
+                    } else if let Some(p) = pieces.get_mut(*next) {
+                        p.0 = stop;
+                    }
+                }
+                if *next < pieces.len() {
+                    return None;
+                }
+                for m in std::mem::take(mems) {
+                    self.mem_unref(sid, m);
+                }
+                let garbage = std::mem::take(garbage);
+                self.retire(sid, ioas, *range, garbage);
+                Some(Ok(*total))
+            }
+        }
+    }
+
+    /// Records a map whose tables are written: the area, its memory
+    /// object's reference and the IOAS's counters.
+    fn map_finished(&mut self, sid: u64, ioas_id: u32, iova: u64, area: Area) -> Result<()> {
+        if let Ok(Object::Memory(m)) = self.object(sid, area.mem) {
+            m.refs += 1;
+        }
+        let ioas = self.ioas(sid, ioas_id)?;
+        ioas.areas.insert(iova, area);
+        ioas.hint = area.last.saturating_add(1);
+        ioas.stats.maps += 1;
+        ioas.stats.mapped_bytes += area.last - iova + 1;
+        Ok(())
     }
 
     /// Writes one area into the tables and the IOAS; all or nothing.
@@ -772,53 +957,73 @@ impl Core {
         let len = area.last - iova + 1;
         let s = self.session(sid)?;
         s.pool.map_range(root, iova, base + area.offset, len, area.perm, Some(&s.dirty))?;
-        if let Ok(Object::Memory(m)) = self.object(sid, area.mem) {
-            m.refs += 1;
-        }
-        let ioas = self.ioas(sid, ioas_id)?;
-        ioas.areas.insert(iova, area);
-        ioas.hint = area.last.saturating_add(1);
-        ioas.stats.maps += 1;
-        ioas.stats.mapped_bytes += len;
-        Ok(())
+        self.map_finished(sid, ioas_id, iova, area)
     }
 
     fn remove_areas(&mut self, sid: u64, ioas_id: u32, starts: &[u64]) -> Result<u64> {
-        let mut garbage = Vec::new();
+        match self.remove_areas_begin(sid, ioas_id, starts)? {
+            Started::Done(total) => Ok(total),
+            Started::Job(job) => self.finish(job),
+        }
+    }
+
+    /// Takes the areas at `starts` out of the IOAS and clears their leaves:
+    /// at once when that is at most [`SLICE_LEAVES`] leaves, else as a job.
+    fn remove_areas_begin(&mut self, sid: u64, ioas_id: u32, starts: &[u64]) -> Result<Started> {
         let mut total = 0;
+        let mut leaves = 0;
+        let mut pieces = Vec::new();
         let mut mems = Vec::new();
-        let ioas = self.ioas(sid, ioas_id)?;
-        let root = ioas.root;
         let mut removed = Vec::new();
+        let ioas = self.ioas(sid, ioas_id)?;
         for s in starts {
             if let Some(a) = ioas.areas.remove(s) {
                 removed.push((*s, a));
             }
         }
-        let lasts: Vec<u64> = removed.iter().map(|(_, a)| a.last).collect();
+        let range = match (starts.iter().min(), removed.iter().map(|(_, a)| a.last).max()) {
+            (Some(&start), Some(last)) => Some(IovaRange { start, last }),
+            _ => None,
+        };
         for (s, a) in removed {
             let len = a.last - s + 1;
-            self.pool_mut(sid)?.unmap_range(root, s, len, &mut garbage);
+            let sys = self.mem_info(sid, a.mem).map_or(0, |(_, base)| base + a.offset);
+            let leaf = leaf_size(s, sys);
+            leaves += len / leaf;
+            pieces.push((s, a.last, leaf));
             total += len;
             mems.push(a.mem);
         }
         let ioas = self.ioas(sid, ioas_id)?;
         ioas.stats.unmaps += mems.len() as u64;
         ioas.stats.mapped_bytes -= total;
-        for m in mems {
-            self.mem_unref(sid, m);
-        }
-        let range = match (starts.iter().min(), lasts.iter().max()) {
-            (Some(&start), Some(&last)) => Some(IovaRange { start, last }),
-            _ => None,
+        let job = Job {
+            sid,
+            ioas: ioas_id,
+            kind: JobKind::Unmap { pieces, next: 0, garbage: Vec::new(), total, mems, range },
         };
-        self.retire(sid, ioas_id, range, garbage);
-        Ok(total)
+        if leaves > SLICE_LEAVES {
+            return Ok(Started::Job(job));
+        }
+        self.finish(job).map(Started::Done)
+    }
+
+    /// Starts an unmap (see [`unmap`](Self::unmap)): done at once, or a job
+    /// to run with [`job_step`](Self::job_step) when it clears many leaves.
+    pub fn unmap_begin(&mut self, sid: u64, ioas_id: u32, iova: u64, length: u64) -> Result<Started> {
+        let starts = self.unmap_starts(sid, ioas_id, iova, length)?;
+        self.remove_areas_begin(sid, ioas_id, &starts)
     }
 
     /// Unmaps whole mappings inside `[iova, iova+length)`; `(0, u64::MAX)`
     /// unmaps everything. Returns the bytes unmapped.
     pub fn unmap(&mut self, sid: u64, ioas_id: u32, iova: u64, length: u64) -> Result<u64> {
+        let starts = self.unmap_starts(sid, ioas_id, iova, length)?;
+        self.remove_areas(sid, ioas_id, &starts)
+    }
+
+    /// The starts of the mappings an unmap of `[iova, iova+length)` takes.
+    fn unmap_starts(&mut self, sid: u64, ioas_id: u32, iova: u64, length: u64) -> Result<Vec<u64>> {
         let ioas = self.ioas(sid, ioas_id)?;
         let starts: Vec<u64> = if iova == 0 && length == u64::MAX {
             ioas.areas.keys().copied().collect()
@@ -847,7 +1052,7 @@ impl Core {
             }
             v
         };
-        self.remove_areas(sid, ioas_id, &starts)
+        Ok(starts)
     }
 
     /// Maps into `dst` the memory that `[src_iova, +length)` of `src` maps;
@@ -1785,6 +1990,62 @@ mod tests {
         assert_eq!(c.unmap(sid, ioas, 0, u64::MAX).unwrap(), 0x4000);
         c.destroy(sid, m.id).unwrap();
         std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_map_done_in_slices_is_the_map_done_at_once() {
+        let (mut c, sid) = core_with(Limits::default());
+        let m = c.register_memory(sid, OwnedFd::from(memfd::create("m", 1 << 30).unwrap())).unwrap();
+        let ioas = c.ioas_alloc(sid).unwrap();
+        // Offset 4 KiB against a 2 MiB aligned IOVA: 4 KiB leaves only.
+        let len = (SLICE_LEAVES * 3 + 5) * PAGE_SIZE;
+        let args = MapArgs { ioas, mem: m.id, offset: PAGE_SIZE, length: len, iova: Some(1 << 30), perm: Perm::RW };
+        let Started::Job(mut job) = c.map_begin(sid, args).unwrap() else { panic!("a long map must be a job") };
+        let mut slices = 1;
+        let iova = loop {
+            if let Some(r) = c.job_step(&mut job) {
+                break r.unwrap();
+            }
+            slices += 1;
+        };
+        assert_eq!((iova, slices), (1 << 30, 4));
+        for k in [0, 1, SLICE_LEAVES - 1, SLICE_LEAVES, 2 * SLICE_LEAVES + 7, 3 * SLICE_LEAVES + 4] {
+            let t = c.translate(sid, ioas, (1 << 30) + k * PAGE_SIZE + 5).unwrap();
+            assert_eq!((t.offset, t.page_size), ((k + 1) * PAGE_SIZE + 5, PAGE_SIZE), "leaf {k}");
+        }
+        assert!(c.translate(sid, ioas, (1 << 30) + len).is_err());
+        let tables = c.tables_in_use();
+        // The same map done at once in another IOAS takes as many tables.
+        let other = c.ioas_alloc(sid).unwrap();
+        let root = c.ioas(sid, other).unwrap().root;
+        let sys = m.system_address + PAGE_SIZE;
+        c.session(sid).unwrap().pool.map_range(root, 1 << 30, sys, len, Perm::RW, None).unwrap();
+        assert_eq!(c.tables_in_use() - tables - 1, tables - 1, "same tables either way");
+        // An unmap of it is a job too, and leaves nothing behind.
+        let Started::Job(job) = c.unmap_begin(sid, ioas, 0, u64::MAX).unwrap() else { panic!("a long unmap") };
+        assert_eq!(c.finish(job).unwrap(), len);
+        let garbage = c.take_effects().garbage;
+        c.release_tables(garbage);
+        assert_eq!(c.snapshot(Some(sid)).sessions[0].ioas[0].tables, 1, "only the root is left");
+    }
+
+    #[test]
+    fn a_map_in_slices_that_runs_out_of_tables_leaves_nothing() {
+        // Enough tables for the first slices only.
+        let (mut c, sid) = core_with(Limits { max_tables_per_session: 40, ..Limits::default() });
+        let m = c.register_memory(sid, OwnedFd::from(memfd::create("m", 1 << 30).unwrap())).unwrap();
+        let ioas = c.ioas_alloc(sid).unwrap();
+        let before = c.tables_in_use();
+        let len = SLICE_LEAVES * 4 * PAGE_SIZE;
+        let args = MapArgs { ioas, mem: m.id, offset: PAGE_SIZE, length: len, iova: Some(1 << 30), perm: Perm::RW };
+        let Started::Job(job) = c.map_begin(sid, args).unwrap() else { panic!("a long map must be a job") };
+        assert_eq!(c.finish(job).unwrap_err().errno, Errno::ENOSPC);
+        let garbage = c.take_effects().garbage;
+        c.release_tables(garbage);
+        assert_eq!(c.tables_in_use(), before, "the slices mapped before the failure were undone");
+        assert!(c.translate(sid, ioas, 1 << 30).is_err());
+        assert_eq!(c.snapshot(Some(sid)).sessions[0].ioas[0].mappings.len(), 0);
+        c.destroy(sid, m.id).unwrap();
     }
 
     #[test]

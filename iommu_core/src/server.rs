@@ -235,6 +235,9 @@ pub struct Server {
     generation: u64,
     /// Connections not read because the peers' buffers are full.
     starved: Vec<Token>,
+    /// Long maps and unmaps, one slice per turn of the loop in turn, with
+    /// the connection, request seq and how to make the reply.
+    jobs: VecDeque<(Token, u64, model::Job, fn(u64) -> Reply)>,
     /// When to look for stalled peers next.
     next_sweep: Option<Instant>,
 }
@@ -296,6 +299,7 @@ impl Server {
             next_inval: 1,
             starved: Vec::new(),
             next_sweep: None,
+            jobs: VecDeque::new(),
             page_waiters: HashMap::new(),
             driver_waiters: HashMap::new(),
             next_query: 1,
@@ -340,7 +344,7 @@ impl Server {
             if self.stop.load(Ordering::SeqCst) {
                 break Ok(());
             }
-            let timeout = if !self.backlog.is_empty() {
+            let timeout = if !self.backlog.is_empty() || !self.jobs.is_empty() {
                 Some(Duration::ZERO)
             } else {
                 let held = self.held.values().map(|o| o.deadline);
@@ -377,6 +381,7 @@ impl Server {
             self.expire_held();
             self.expire_hellos();
             self.expire_stalls();
+            self.run_job();
         };
         let tokens: Vec<Token> = self.conns.keys().copied().collect();
         for t in tokens {
@@ -514,6 +519,41 @@ impl Server {
         }
         let starved = std::mem::take(&mut self.starved);
         self.backlog.extend(starved);
+    }
+
+    /// Takes a long operation on: its connection is not read until it is
+    /// over, and the loop runs it one slice per turn between the other
+    /// connections' requests.
+    fn start_job(
+        &mut self,
+        token: Token,
+        seq: u64,
+        job: model::Job,
+        reply: fn(u64) -> Reply,
+    ) -> Option<(Reply, Vec<OwnedFd>)> {
+        if let Some(c) = self.conns.get_mut(&token) {
+            c.blocked = true;
+        }
+        self.jobs.push_back((token, seq, job, reply));
+        None
+    }
+
+    /// One slice of the job whose turn it is.
+    fn run_job(&mut self) {
+        let Some((token, seq, mut job, make)) = self.jobs.pop_front() else { return };
+        let Some(res) = self.core.job_step(&mut job) else {
+            self.jobs.push_back((token, seq, job, make));
+            return;
+        };
+        self.generation += 1;
+        let reply = res.map(make).unwrap_or_else(|e| Reply::error(e.errno, e.message));
+        self.core.count_request(matches!(reply, Reply::Error { .. }));
+        let effects = self.core.take_effects();
+        if let Some(c) = self.conns.get_mut(&token) {
+            c.blocked = false;
+        }
+        self.backlog.push_back(token);
+        self.apply_effects(Some(token), seq, reply, Vec::new(), effects);
     }
 
     /// Queues a reply, unless it is large and the peers' buffers are full:
@@ -968,8 +1008,14 @@ impl Server {
             Request::IoasAlloc => core.ioas_alloc(sid).map(Reply::Id),
             Request::NestedAlloc { parent, s1_root } => core.nested_alloc(sid, parent, s1_root).map(Reply::Id),
             Request::Destroy { id } => core.destroy(sid, id).map(|_| Reply::Ok),
-            Request::Map(a) => core.map(sid, a).map(Reply::Iova),
-            Request::Unmap { ioas, iova, length } => core.unmap(sid, ioas, iova, length).map(Reply::Bytes),
+            Request::Map(a) => match core.map_begin(sid, a) {
+                Ok(model::Started::Job(job)) => return self.start_job(token, seq, job, Reply::Iova),
+                r => r.map(|s| Reply::Iova(s.done())),
+            },
+            Request::Unmap { ioas, iova, length } => match core.unmap_begin(sid, ioas, iova, length) {
+                Ok(model::Started::Job(job)) => return self.start_job(token, seq, job, Reply::Bytes),
+                r => r.map(|s| Reply::Bytes(s.done())),
+            },
             Request::Copy(a) => core.copy(sid, a).map(Reply::Iova),
             Request::IovaRanges { ioas } => core.iova_ranges(sid, ioas).map(Reply::Ranges),
             Request::AllowIovas { ioas, ranges } => core.allow_iovas(sid, ioas, ranges).map(|_| Reply::Ok),
