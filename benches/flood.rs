@@ -71,7 +71,8 @@ fn run(core_bin: &std::path::Path, trips: usize) -> (Duration, Duration, Duratio
             let ioas = s.ioas_alloc().expect("ioas");
             let mut maps = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let args = MapArgs { ioas, mem: m, offset: 4096, length: 64 << 30, iova: Some(1 << 36), perm: Perm::RW };
+                let args =
+                    MapArgs { ioas, mem: m, offset: 4096, length: 64 << 30, iova: Some(1 << 36), perm: Perm::RW };
                 s.map(args).expect("flood map");
                 s.unmap(ioas, 0, u64::MAX).expect("flood unmap");
                 maps += 1;

@@ -240,6 +240,9 @@ struct Session {
     /// tables); its device channels get this pool and no other.
     pool: TablePool,
     dirty: DirtyPool,
+    /// Being torn down: its pool goes whole, so IOASes are cut off at their
+    /// root instead of leaf by leaf.
+    closing: bool,
 }
 
 /// The global 20-bit pPASID space (0 is "no PASID").
@@ -532,6 +535,7 @@ impl Core {
                 pending: HashMap::new(),
                 pool,
                 dirty,
+                closing: false,
             },
         );
         Ok(sid)
@@ -542,7 +546,8 @@ impl Core {
         for chan in self.channels_of(sid) {
             self.close_channel(chan);
         }
-        let Some(s) = self.sessions.get(&sid) else { return };
+        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        s.closing = true;
         let nested: Vec<u32> =
             s.objects.iter().filter(|(_, o)| matches!(o, Object::Nested(_))).map(|(id, _)| *id).collect();
         let ioas: Vec<u32> =
@@ -740,6 +745,14 @@ impl Core {
                 for chan in self.channels_of(sid) {
                     self.effects.forget.entry(chan).or_default().push(m.sys_base);
                 }
+            }
+            Object::Ioas(mut i) if self.session(sid)?.closing => {
+                // The pool goes with the session: a zeroed root is enough
+                // for no walk to reach anything, however much is mapped.
+                for a in std::mem::take(&mut i.areas).values() {
+                    self.mem_unref(sid, a.mem);
+                }
+                self.pool_mut(sid)?.zero_table(i.root);
             }
             Object::Ioas(mut i) => {
                 let areas = std::mem::take(&mut i.areas);

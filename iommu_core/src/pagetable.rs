@@ -524,6 +524,17 @@ impl TablePool {
         Ok(table)
     }
 
+    /// Clears every entry of `table` (its children stay as they are, out
+    /// of every walk's reach).
+    pub fn zero_table(&mut self, table: u64) {
+        for i in 0..ENTRIES {
+            self.store(table, i, 0);
+        }
+        if let Some(u) = self.used.get_mut(Self::page_index(table)) {
+            *u = 0;
+        }
+    }
+
     /// Returns a table to the pool. The caller guarantees no walker can
     /// still reach it (the invalidation handshake).
     pub fn free_table(&mut self, table: u64) {
