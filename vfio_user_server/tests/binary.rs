@@ -146,13 +146,27 @@ fn as_nobody(socket: &std::path::Path, scratch: &std::path::Path) -> String {
     let exe = scratch.join("test-binary");
     std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = Command::new(&exe)
-        .args(["--ignored", "--exact", "foreign_user_process", "--nocapture", "--test-threads=1"])
-        .env("IOASID_TEST_FOREIGN_SOCKET", socket)
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .expect("run the helper as nobody");
+    // Another test thread that forks while the copy is open for writing
+    // holds a writable fd of it until its child execs: exec then fails with
+    // ETXTBSY for that moment. Try again.
+    let run = || {
+        Command::new(&exe)
+            .args(["--ignored", "--exact", "foreign_user_process", "--nocapture", "--test-threads=1"])
+            .env("IOASID_TEST_FOREIGN_SOCKET", socket)
+            .uid(65534)
+            .gid(65534)
+            .output()
+    };
+    let mut tries = 0;
+    let out = loop {
+        match run() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => break r.expect("run the helper as nobody"),
+        }
+    };
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     ["CONNECT", "REPLY", "CLOSED"]
         .iter()
