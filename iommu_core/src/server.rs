@@ -154,6 +154,15 @@ struct HeldOp {
     deadline: Instant,
 }
 
+/// A long operation in progress: its connection, request seq, the job and
+/// how to make its reply from the job's result.
+struct RunningJob {
+    conn: Token,
+    seq: u64,
+    job: model::Job,
+    reply: fn(u64) -> Reply,
+}
+
 /// A driver-state query relayed to a device channel.
 struct DriverWaiter {
     asker: Token,
@@ -237,7 +246,7 @@ pub struct Server {
     starved: Vec<Token>,
     /// Long maps and unmaps, one slice per turn of the loop in turn, with
     /// the connection, request seq and how to make the reply.
-    jobs: VecDeque<(Token, u64, model::Job, fn(u64) -> Reply)>,
+    jobs: VecDeque<RunningJob>,
     /// When to look for stalled peers next.
     next_sweep: Option<Instant>,
 }
@@ -534,17 +543,18 @@ impl Server {
         if let Some(c) = self.conns.get_mut(&token) {
             c.blocked = true;
         }
-        self.jobs.push_back((token, seq, job, reply));
+        self.jobs.push_back(RunningJob { conn: token, seq, job, reply });
         None
     }
 
     /// One slice of the job whose turn it is.
     fn run_job(&mut self) {
-        let Some((token, seq, mut job, make)) = self.jobs.pop_front() else { return };
-        let Some(res) = self.core.job_step(&mut job) else {
-            self.jobs.push_back((token, seq, job, make));
+        let Some(mut j) = self.jobs.pop_front() else { return };
+        let Some(res) = self.core.job_step(&mut j.job) else {
+            self.jobs.push_back(j);
             return;
         };
+        let RunningJob { conn: token, seq, reply: make, .. } = j;
         self.generation += 1;
         let reply = res.map(make).unwrap_or_else(|e| Reply::error(e.errno, e.message));
         self.core.count_request(matches!(reply, Reply::Error { .. }));
