@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -24,6 +24,7 @@ use fuser::{
     OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request,
 };
 use iommu_core::client::Client;
+use iommu_core::sync;
 
 use crate::model::{self, Node};
 
@@ -114,12 +115,12 @@ struct Shared {
 }
 
 impl Shared {
-    fn lock(&self) -> Result<MutexGuard<'_, Link>, Errno> {
-        self.link.lock().map_err(|_| Errno::EIO)
+    fn lock(&self) -> MutexGuard<'_, Link> {
+        sync::lock(&self.link)
     }
 
     fn connected(&self) -> bool {
-        self.link.lock().map(|l| l.client.is_some()).unwrap_or(false)
+        self.lock().client.is_some()
     }
 
     /// Drops a connection that failed.
@@ -138,9 +139,7 @@ impl Shared {
         link.client = Some(c);
         link.epoch += 1;
         link.why.clear();
-        if let Ok(mut cache) = self.cached.lock() {
-            *cache = None;
-        }
+        *sync::lock(&self.cached) = None;
         tracing::info!("connected to the core at {}; the mount shows its state", self.core.display());
     }
 
@@ -183,6 +182,19 @@ impl Shared {
     }
 }
 
+/// `m` if it is free now, else None. A poisoned `m` is fatal:
+/// [`sync::lock`] of it aborts the process.
+fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(TryLockError::WouldBlock) => None,
+        Err(TryLockError::Poisoned(p)) => {
+            drop(p);
+            Some(sync::lock(m))
+        }
+    }
+}
+
 /// Whether an error of a call means the connection is unusable: anything
 /// but an answer of the core refusing the request (an I/O error, the core
 /// hanging up, a frame that cannot be decoded or does not match).
@@ -203,7 +215,7 @@ fn keep(shared: Arc<Shared>, stop: Arc<AtomicBool>) {
                 break;
             }
             // A request under way says as much as a ping.
-            if let Ok(mut link) = shared.link.try_lock() {
+            if let Some(mut link) = try_lock(&shared.link) {
                 if let Some(c) = link.client.as_mut() {
                     match c.generation() {
                         Err(e) if broken(&e) => shared.lose(&mut link, &e),
@@ -220,13 +232,15 @@ fn keep(shared: Arc<Shared>, stop: Arc<AtomicBool>) {
         // Connecting (a hello) happens without the lock: readers are
         // answered meanwhile.
         match Client::observer(&shared.core) {
-            Ok(c) => match shared.link.lock() {
-                Ok(mut link) if link.client.is_none() => shared.install(&mut link, c),
-                _ => {}
-            },
+            Ok(c) => {
+                let mut link = shared.lock();
+                if link.client.is_none() {
+                    shared.install(&mut link, c);
+                }
+            }
             Err(e) => {
                 tracing::debug!("the core at {} is still unreachable: {e}", shared.core.display());
-                if let Ok(mut link) = shared.link.try_lock() {
+                if let Some(mut link) = try_lock(&shared.link) {
                     link.why = e.to_string();
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -276,7 +290,7 @@ impl Fs {
     }
 
     fn with_client<T>(&self, f: impl Fn(&mut Client) -> Result<T, iommu_core::client::Error>) -> Result<T, Errno> {
-        let mut link = self.shared.lock()?;
+        let mut link = self.shared.lock();
         self.shared.call(&mut link, f)
     }
 
@@ -291,15 +305,13 @@ impl Fs {
     /// device server for its driver state, through the core) under one
     /// hold of the connection.
     fn tree(&self, fresh: bool) -> Result<Arc<Node>, Errno> {
-        let mut link = self.shared.lock()?;
+        let mut link = self.shared.lock();
         let gen = self.shared.call(&mut link, |c| c.generation())?;
         let epoch = link.epoch;
         if !fresh {
-            if let Ok(c) = self.shared.cached.lock() {
-                if let Some((e, g, t)) = c.as_ref() {
-                    if (*e, *g) == (epoch, gen) {
-                        return Ok(t.clone());
-                    }
+            if let Some((e, g, t)) = sync::lock(&self.shared.cached).as_ref() {
+                if (*e, *g) == (epoch, gen) {
+                    return Ok(t.clone());
                 }
             }
         }
@@ -314,16 +326,14 @@ impl Fs {
         let t = Arc::new(model::build(&snap, &drivers));
         // `gen` is of the connection it was asked on.
         if link.epoch == epoch {
-            if let Ok(mut cache) = self.shared.cached.lock() {
-                *cache = Some((epoch, gen, t.clone()));
-            }
+            *sync::lock(&self.shared.cached) = Some((epoch, gen, t.clone()));
         }
         Ok(t)
     }
 
     /// The root while the core is unreachable: [`UNAVAILABLE`] alone.
     fn offline_tree(&self) -> Arc<Node> {
-        let why = self.shared.link.lock().map(|l| l.why.clone()).unwrap_or_default();
+        let why = self.shared.lock().why.clone();
         let text = format!(
             "the core at {} is unreachable ({}); reconnecting\n",
             self.shared.core.display(),
@@ -392,11 +402,11 @@ impl Fs {
     }
 
     fn path_of(&self, ino: INodeNo) -> Result<String, Errno> {
-        self.inodes.lock().map_err(|_| Errno::EIO)?.by_ino.get(&ino.0).cloned().ok_or(Errno::ENOENT)
+        sync::lock(&self.inodes).by_ino.get(&ino.0).cloned().ok_or(Errno::ENOENT)
     }
 
     fn ino_of(&self, path: &str) -> u64 {
-        self.inodes.lock().map(|mut i| i.ino(path)).unwrap_or(0)
+        sync::lock(&self.inodes).ino(path)
     }
 
     fn attr(&self, ino: u64, node: &Node) -> FileAttr {
@@ -424,10 +434,10 @@ impl Fs {
         }
     }
 
-    fn new_fh(&self, h: Handle) -> Result<u64, Errno> {
+    fn new_fh(&self, h: Handle) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().map_err(|_| Errno::EIO)?.insert(fh, h);
-        Ok(fh)
+        sync::lock(&self.handles).insert(fh, h);
+        fh
     }
 }
 
@@ -464,12 +474,11 @@ impl Filesystem for Fs {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         // An open file keeps the size of its snapshot.
         if let Some(fh) = fh {
-            if let Ok(h) = self.handles.lock() {
-                if let Some(Handle::File(b)) = h.get(&fh.0) {
-                    let mut a = self.attr(ino.0, &Node::File(String::new()));
-                    a.size = b.len() as u64;
-                    return reply.attr(&TTL, &a);
-                }
+            let h = sync::lock(&self.handles);
+            if let Some(Handle::File(b)) = h.get(&fh.0) {
+                let mut a = self.attr(ino.0, &Node::File(String::new()));
+                a.size = b.len() as u64;
+                return reply.attr(&TTL, &a);
             }
         }
         let res = (|| {
@@ -505,7 +514,7 @@ impl Filesystem for Fs {
             // Contents are made now, from the present state.
             let v = self.view()?;
             match v.get(&p)? {
-                n @ Node::File(_) => self.new_fh(Handle::File(self.contents(&p, n)?)),
+                n @ Node::File(_) => Ok(self.new_fh(Handle::File(self.contents(&p, n)?))),
                 Node::Dir(_) => Err(Errno::EISDIR),
                 Node::Link(_) => Err(Errno::ELOOP),
             }
@@ -527,7 +536,7 @@ impl Filesystem for Fs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Ok(h) = self.handles.lock() else { return reply.error(Errno::EIO) };
+        let h = sync::lock(&self.handles);
         match h.get(&fh.0) {
             Some(Handle::File(b)) => {
                 let start = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
@@ -548,9 +557,7 @@ impl Filesystem for Fs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Ok(mut h) = self.handles.lock() {
-            h.remove(&fh.0);
-        }
+        sync::lock(&self.handles).remove(&fh.0);
         reply.ok();
     }
 
@@ -568,7 +575,7 @@ impl Filesystem for Fs {
             for (name, n) in m {
                 v.push((self.ino_of(&join(&p, name)), kind(n), name.clone()));
             }
-            self.new_fh(Handle::Dir(v))
+            Ok(self.new_fh(Handle::Dir(v)))
         })();
         match res {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
@@ -577,7 +584,7 @@ impl Filesystem for Fs {
     }
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let Ok(h) = self.handles.lock() else { return reply.error(Errno::EIO) };
+        let h = sync::lock(&self.handles);
         let Some(Handle::Dir(v)) = h.get(&fh.0) else { return reply.error(Errno::EBADF) };
         for (i, (ino, k, name)) in v.iter().enumerate().skip(usize::try_from(offset).unwrap_or(usize::MAX)) {
             if reply.add(INodeNo(*ino), (i + 1) as u64, *k, name) {
@@ -614,9 +621,7 @@ impl Filesystem for Fs {
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        if let Ok(mut h) = self.handles.lock() {
-            h.remove(&fh.0);
-        }
+        sync::lock(&self.handles).remove(&fh.0);
         reply.ok();
     }
 }

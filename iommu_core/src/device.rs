@@ -18,6 +18,7 @@ use std::time::Duration;
 use crossbeam::channel::{bounded, Sender};
 
 use crate::errno::Errno;
+use crate::sync;
 use crate::types::*;
 use crate::wire::{self, Envelope, FrameReader, Reply, Request, Role};
 
@@ -87,7 +88,7 @@ struct Inner {
 impl Inner {
     fn send(&self, seq: u64, req: &Request) -> Result<()> {
         let bytes = wire::encode(seq, req, 0)?;
-        let s = self.stream.lock().map_err(|_| Error::Closed)?;
+        let s = sync::lock(&self.stream);
         use std::io::Write;
         (&*s).write_all(&bytes)?;
         Ok(())
@@ -144,16 +145,12 @@ impl Channel {
 
     /// Installs the provider of driver state (the device server).
     pub fn set_driver_state_provider(&self, p: Arc<dyn DriverStateProvider>) {
-        if let Ok(mut g) = self.inner.provider.lock() {
-            *g = Some(p);
-        }
+        *sync::lock(&self.inner.provider) = Some(p);
     }
 
     /// Installs the handler of invalidations (the translation unit).
     pub fn set_handler(&self, h: Arc<dyn InvalidationHandler>) {
-        if let Ok(mut g) = self.inner.handler.lock() {
-            *g = Some(h);
-        }
+        *sync::lock(&self.inner.handler) = Some(h);
     }
 
     /// True once the core has closed the channel.
@@ -165,14 +162,12 @@ impl Channel {
     pub fn call(&self, req: &Request, timeout: Option<Duration>) -> Result<(Reply, Vec<OwnedFd>)> {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = bounded(1);
-        self.inner.pending.lock().map_err(|_| Error::Closed)?.insert(seq, tx);
+        sync::lock(&self.inner.pending).insert(seq, tx);
         if self.is_closed() {
             return Err(Error::Closed);
         }
         if let Err(e) = self.inner.send(seq, req) {
-            if let Ok(mut p) = self.inner.pending.lock() {
-                p.remove(&seq);
-            }
+            sync::lock(&self.inner.pending).remove(&seq);
             return Err(e);
         }
         let got = match timeout {
@@ -180,9 +175,7 @@ impl Channel {
             None => rx.recv().map_err(|_| Error::Closed),
         };
         if got.is_err() {
-            if let Ok(mut p) = self.inner.pending.lock() {
-                p.remove(&seq);
-            }
+            sync::lock(&self.inner.pending).remove(&seq);
         }
         let (reply, fds) = got?;
         Ok((reply.into_result().map_err(Error::Core)?, fds))
@@ -260,9 +253,7 @@ impl Channel {
 
 impl Drop for Channel {
     fn drop(&mut self) {
-        if let Ok(s) = self.inner.stream.lock() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
+        let _ = sync::lock(&self.inner.stream).shutdown(std::net::Shutdown::Both);
         if let Some(r) = self.reader.take() {
             // The reader thread itself may drop the last reference (from an
             // invalidation handler); it cannot join itself.
@@ -307,7 +298,7 @@ fn read_loop(inner: &Inner, stream: UnixStream) {
                 }
             };
             if let Reply::Invalidate { id, targets, forget } = env.body {
-                let h = inner.handler.lock().ok().and_then(|g| g.clone());
+                let h = sync::lock(&inner.handler).clone();
                 if let Some(h) = h {
                     h.invalidate(&targets, &forget);
                 }
@@ -319,7 +310,7 @@ fn read_loop(inner: &Inner, stream: UnixStream) {
                 continue;
             }
             if let Reply::DriverQuery { id, dev } = env.body {
-                let p = inner.provider.lock().ok().and_then(|g| g.clone());
+                let p = sync::lock(&inner.provider).clone();
                 let state = match p {
                     Some(p) => p.driver_state(dev),
                     None => DriverState { server: "a device server without driver state".into(), ..Default::default() },
@@ -330,7 +321,7 @@ fn read_loop(inner: &Inner, stream: UnixStream) {
                 }
                 continue;
             }
-            let waiter = inner.pending.lock().ok().and_then(|mut p| p.remove(&env.seq));
+            let waiter = sync::lock(&inner.pending).remove(&env.seq);
             match waiter {
                 Some(tx) => {
                     let _ = tx.send((env.body, frame.fds));
@@ -340,7 +331,35 @@ fn read_loop(inner: &Inner, stream: UnixStream) {
         }
     }
     inner.closed.store(true, Ordering::SeqCst);
-    if let Ok(mut p) = inner.pending.lock() {
-        p.clear();
+    sync::lock(&inner.pending).clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::sync::tests::CHILD;
+    use crate::tu::tests::{assert_unmap_aborts, rig};
+
+    #[test]
+    #[ignore = "child process of an_invalidation_meeting_a_poisoned_handler_lock_aborts; not a test by itself"]
+    fn poisoned_handler_child() {
+        if std::env::var(CHILD).is_err() {
+            return;
+        }
+        let mut r = rig();
+        let ch = r.tu.channel().clone();
+        let poisoner = std::thread::spawn(move || {
+            let _h = ch.inner.handler.lock().unwrap();
+            panic!("panicking while holding the invalidation handler, on purpose");
+        });
+        assert!(poisoner.join().is_err());
+        r.unmap_and_read();
+    }
+
+    /// An invalidation whose handler cannot be reached (its lock is
+    /// poisoned) ends the process; it is never answered as done with the
+    /// IOTLB left as it was.
+    #[test]
+    fn an_invalidation_meeting_a_poisoned_handler_lock_aborts() {
+        assert_unmap_aborts("device::tests::poisoned_handler_child");
     }
 }

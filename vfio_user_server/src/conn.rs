@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam::channel::{bounded, Sender};
-use iommu_core::memfd;
+use iommu_core::{memfd, sync};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use zerocopy::IntoBytes;
 
@@ -240,7 +240,7 @@ impl Writer {
         }
         let bytes: Vec<u8> = parts.concat();
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        let _g = self.lock.lock().map_err(|_| Error::Io(std::io::Error::other("writer poisoned")))?;
+        let _g = sync::lock(&self.lock);
         let mut off = 0;
         let mut first = true;
         // One deadline for the whole message: a client reading a byte now
@@ -321,7 +321,7 @@ impl Port {
     /// Hands a reply from the client to the request waiting for it.
     /// Returns false if nothing waits for that id.
     pub fn deliver(&self, m: Msg) -> bool {
-        let tx = self.pending.lock().ok().and_then(|mut p| p.remove(&m.hdr.msg_id));
+        let tx = sync::lock(&self.pending).remove(&m.hdr.msg_id);
         match tx {
             Some(tx) => tx.send(m).is_ok(),
             None => false,
@@ -333,9 +333,7 @@ impl Port {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.writer.kill();
-        if let Ok(mut p) = self.pending.lock() {
-            p.clear();
-        }
+        sync::lock(&self.pending).clear();
     }
 
     fn request(&self, command: u16, parts: &[&[u8]]) -> Result<Msg, dma::Error> {
@@ -344,19 +342,17 @@ impl Port {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) | 0x8000;
         let (tx, rx) = bounded(1);
-        if let Ok(mut p) = self.pending.lock() {
-            p.insert(id, tx);
-        }
+        sync::lock(&self.pending).insert(id, tx);
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let hdr = Header::command(id, command, len);
         let mut all: Vec<&[u8]> = vec![hdr.as_bytes()];
         all.extend_from_slice(parts);
         if let Err(e) = self.writer.send(&all, &[]) {
-            self.pending.lock().ok().map(|mut p| p.remove(&id));
+            sync::lock(&self.pending).remove(&id);
             return Err(dma::Error::Client(format!("request not sent: {e}"), libc::ENOTCONN));
         }
         let r = rx.recv_timeout(self.timeout);
-        self.pending.lock().ok().map(|mut p| p.remove(&id));
+        sync::lock(&self.pending).remove(&id);
         let m = r.map_err(|_| dma::Error::Client(format!("got no reply in {:?}", self.timeout), libc::ETIMEDOUT))?;
         if m.hdr.flags & proto::flags::ERROR != 0 {
             let e = if m.hdr.error == 0 { libc::EIO } else { m.hdr.error as i32 };

@@ -19,6 +19,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use iommu_core::sync;
+
 use crate::proto::{self, irq_index};
 
 /// Errors of interrupt configuration, each mapped to the errno a client sees.
@@ -185,9 +187,7 @@ impl Irqs {
             fired: AtomicU64::new(0),
             self_ref: Mutex::new(std::sync::Weak::new()),
         });
-        if let Ok(mut w) = irqs.self_ref.lock() {
-            *w = Arc::downgrade(&irqs);
-        }
+        *sync::lock(&irqs.self_ref) = Arc::downgrade(&irqs);
         irqs
     }
 
@@ -212,17 +212,13 @@ impl Irqs {
 
     /// Whether any eventfd is assigned for `index`.
     pub fn wired(&self, index: u32) -> bool {
-        self.state
-            .lock()
-            .map(|s| s.vectors.get(index as usize).is_some_and(|v| v.iter().any(|x| x.trigger.is_some())))
-            .unwrap_or(false)
+        let s = sync::lock(&self.state);
+        s.vectors.get(index as usize).is_some_and(|v| v.iter().any(|x| x.trigger.is_some()))
     }
 
     /// Raises vector `v` of `index` (an edge; for INTx see [`Irqs::set_intx`]).
     pub fn trigger(&self, index: u32, v: u32) {
-        if let Ok(mut s) = self.state.lock() {
-            Self::fire(&mut s, index, v, &self.fired);
-        }
+        Self::fire(&mut sync::lock(&self.state), index, v, &self.fired);
     }
 
     fn fire(s: &mut State, index: u32, v: u32, fired: &AtomicU64) {
@@ -250,15 +246,14 @@ impl Irqs {
     /// Drives the INTx line level. Raising it fires once; the line stays
     /// pending and fires again on unmask while still raised.
     pub fn set_intx(&self, level: bool) {
-        if let Ok(mut s) = self.state.lock() {
-            let was = s.intx_level;
-            s.intx_level = level;
-            if level && !was {
-                Self::fire(&mut s, irq_index::INTX, 0, &self.fired);
-            } else if !level {
-                if let Some(v) = s.vectors[irq_index::INTX as usize].get_mut(0) {
-                    v.pending = false;
-                }
+        let mut s = sync::lock(&self.state);
+        let was = s.intx_level;
+        s.intx_level = level;
+        if level && !was {
+            Self::fire(&mut s, irq_index::INTX, 0, &self.fired);
+        } else if !level {
+            if let Some(v) = s.vectors[irq_index::INTX as usize].get_mut(0) {
+                v.pending = false;
             }
         }
     }
@@ -271,10 +266,9 @@ impl Irqs {
         } else if self.wired(irq_index::MSI) {
             self.trigger(irq_index::MSI, v.min(self.layout.msi.saturating_sub(1)));
         } else if self.layout.intx {
-            if let Ok(mut s) = self.state.lock() {
-                s.intx_level = true;
-                Self::fire(&mut s, irq_index::INTX, 0, &self.fired);
-            }
+            let mut s = sync::lock(&self.state);
+            s.intx_level = true;
+            Self::fire(&mut s, irq_index::INTX, 0, &self.fired);
         }
     }
 
@@ -307,7 +301,7 @@ impl Irqs {
 
     /// Whether vector `v` of `index` is masked / pending.
     pub fn vector_state(&self, index: u32, v: u32) -> Option<(bool, bool)> {
-        let s = self.state.lock().ok()?;
+        let s = sync::lock(&self.state);
         s.vectors.get(index as usize)?.get(v as usize).map(|x| (x.masked, x.pending))
     }
 
@@ -351,7 +345,7 @@ impl Irqs {
                 check_eventfd(f)?;
             }
         }
-        let mut s = self.state.lock().map_err(|_| Error::Invalid("state poisoned"))?;
+        let mut s = sync::lock(&self.state);
         if disable_all {
             let mut old = Vec::new();
             for v in s.vectors[index as usize].iter_mut() {
@@ -406,15 +400,13 @@ impl Irqs {
 
     /// Drops every eventfd and all mask state (client disconnect).
     pub fn clear(&self) {
-        let watcher = match self.state.lock() {
-            Ok(mut s) => {
-                for v in s.vectors.iter_mut().flatten() {
-                    *v = Vector::default();
-                }
-                s.intx_level = false;
-                s.watcher.take()
+        let watcher = {
+            let mut s = sync::lock(&self.state);
+            for v in s.vectors.iter_mut().flatten() {
+                *v = Vector::default();
             }
-            Err(_) => None,
+            s.intx_level = false;
+            s.watcher.take()
         };
         // Joining the watcher happens without the lock it may be waiting for.
         drop(watcher);
@@ -423,32 +415,31 @@ impl Irqs {
     /// Device reset: mask state and pending bits go, eventfds stay (the
     /// client disables them itself), the MSI-X table returns to masked.
     pub fn reset(&self) {
-        if let Ok(mut s) = self.state.lock() {
+        {
+            let mut s = sync::lock(&self.state);
             for v in s.vectors.iter_mut().flatten() {
                 v.masked = false;
                 v.pending = false;
             }
             s.intx_level = false;
         }
-        if let Ok(mut t) = self.msix_table.lock() {
-            *t = Self::msix_reset_table(self.layout.msix);
-        }
+        *sync::lock(&self.msix_table) = Self::msix_reset_table(self.layout.msix);
     }
 
     /// Reads the MSI-X table (`pba` false) or PBA (`pba` true).
     pub fn msix_read(&self, pba: bool, offset: u64, buf: &mut [u8]) -> bool {
         if pba {
             let mut bits = vec![0u8; (self.layout.msix as usize).div_ceil(64) * 8];
-            if let Ok(s) = self.state.lock() {
-                for (i, v) in s.vectors[irq_index::MSIX as usize].iter().enumerate() {
-                    if v.pending {
-                        bits[i / 8] |= 1 << (i % 8);
-                    }
+            let s = sync::lock(&self.state);
+            for (i, v) in s.vectors[irq_index::MSIX as usize].iter().enumerate() {
+                if v.pending {
+                    bits[i / 8] |= 1 << (i % 8);
                 }
             }
+            drop(s);
             return copy_out(&bits, offset, buf);
         }
-        self.msix_table.lock().map(|t| copy_out(&t, offset, buf)).unwrap_or(false)
+        copy_out(&sync::lock(&self.msix_table), offset, buf)
     }
 
     /// Writes the MSI-X table (the PBA is read-only).
@@ -456,7 +447,7 @@ impl Irqs {
         if pba {
             return true;
         }
-        let Ok(mut t) = self.msix_table.lock() else { return false };
+        let mut t = sync::lock(&self.msix_table);
         let Some(r) = usize::try_from(offset).ok().and_then(|o| Some(o..o.checked_add(data.len())?)) else {
             return false;
         };
@@ -471,26 +462,25 @@ impl Irqs {
 
     /// The MSI-X table bytes (for migration).
     pub fn msix_table(&self) -> Vec<u8> {
-        self.msix_table.lock().map(|t| t.clone()).unwrap_or_default()
+        sync::lock(&self.msix_table).clone()
     }
 
     /// Restores the MSI-X table bytes.
     pub fn set_msix_table(&self, bytes: &[u8]) -> bool {
-        match self.msix_table.lock() {
-            Ok(mut t) if t.len() == bytes.len() => {
-                t.copy_from_slice(bytes);
-                true
-            }
-            _ => false,
+        let mut t = sync::lock(&self.msix_table);
+        if t.len() != bytes.len() {
+            return false;
         }
+        t.copy_from_slice(bytes);
+        true
     }
 
     fn rewatch(&self) {
-        let weak = self.self_ref.lock().map(|w| w.clone()).unwrap_or_default();
-        let old = self.state.lock().ok().and_then(|mut s| s.watcher.take());
+        let weak = sync::lock(&self.self_ref).clone();
+        let old = sync::lock(&self.state).watcher.take();
         // The old watcher may be waiting for the state lock: join it without.
         drop(old);
-        let Ok(mut s) = self.state.lock() else { return };
+        let mut s = sync::lock(&self.state);
         let mut fds: Vec<(Arc<File>, u32, u32, Action)> = Vec::new();
         for (i, vs) in s.vectors.iter().enumerate() {
             for (v, x) in vs.iter().enumerate() {
@@ -552,9 +542,13 @@ fn spawn_watcher(irqs: std::sync::Weak<Irqs>, fds: Vec<(Arc<File>, u32, u32, Act
                         continue;
                     }
                     let Some(strong) = irqs.upgrade() else { return };
-                    if let Ok(mut s) = strong.state.lock() {
-                        Irqs::set_masked(&mut s, *index, *v, matches!(a, Action::Mask), &strong.fired);
-                    };
+                    Irqs::set_masked(
+                        &mut sync::lock(&strong.state),
+                        *index,
+                        *v,
+                        matches!(a, Action::Mask),
+                        &strong.fired,
+                    );
                 }
                 if ready[fds.len()] {
                     let _ = (&*c).read(&mut buf);

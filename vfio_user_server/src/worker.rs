@@ -8,6 +8,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
+use iommu_core::sync;
 use serde::{Deserialize, Serialize};
 use zerocopy::IntoBytes;
 
@@ -257,7 +258,8 @@ impl Worker {
     }
 
     fn disconnect(&mut self) {
-        if let Ok(mut b) = self.stats.by_command.lock() {
+        {
+            let mut b = sync::lock(&self.stats.by_command);
             if !b.is_empty() {
                 let list: Vec<String> = b.iter().map(|(c, n)| format!("{} {n}", cmd::name(*c))).collect();
                 tracing::info!("the client sent: {}", list.join(", "));
@@ -306,9 +308,7 @@ impl Worker {
         use std::sync::atomic::Ordering::Relaxed;
         self.stats.commands.fetch_add(1, Relaxed);
         let hdr = m.hdr;
-        if let Ok(mut b) = self.stats.by_command.lock() {
-            *b.entry(hdr.command).or_default() += 1;
-        }
+        *sync::lock(&self.stats.by_command).entry(hdr.command).or_default() += 1;
         let res = match m.fail {
             Some(e) => Err(e),
             None => self.dispatch(&hdr, &m.payload, m.fds),

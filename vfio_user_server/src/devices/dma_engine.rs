@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
+use iommu_core::sync;
 use iommu_core::types::{DeviceCaps, FaultReason};
 use memmap2::MmapRaw;
 use serde::{Deserialize, Serialize};
@@ -263,7 +264,7 @@ struct Shared {
 
 impl Shared {
     fn doorbell(&self, q: usize) -> u32 {
-        let Ok(m) = self.doorbells.read() else { return 0 };
+        let m = sync::read(&self.doorbells);
         let p = m.as_mut_ptr();
         // SAFETY: the mapping is 4 KiB of a memfd sealed against shrinking
         // and lives while the read guard is held; slot q (q < QUEUES) is
@@ -273,14 +274,15 @@ impl Shared {
     }
 
     fn set_doorbell(&self, q: usize, v: u32) {
-        let Ok(m) = self.doorbells.read() else { return };
+        let m = sync::read(&self.doorbells);
         let p = m.as_mut_ptr();
         // SAFETY: as in `doorbell`.
         unsafe { (*(p.add(q * 8) as *const AtomicU32)).store(v, Ordering::Release) }
     }
 
     fn wake(&self) {
-        if let Ok(mut k) = self.kick.lock() {
+        {
+            let mut k = sync::lock(&self.kick);
             *k = k.wrapping_add(1);
         }
         self.kicked.notify_all();
@@ -333,7 +335,7 @@ impl DmaEngine {
     fn queue_loop(shared: Arc<Shared>, ctx: DeviceContext, q: usize) {
         let mut idle_rounds = 0u32;
         while !shared.stop.load(Ordering::Acquire) {
-            let seen = shared.kick.lock().map(|k| *k).unwrap_or(0);
+            let seen = *sync::lock(&shared.kick);
             let did = Self::drain(&shared, &ctx, q);
             if did {
                 idle_rounds = 0;
@@ -344,10 +346,9 @@ impl DmaEngine {
             // kicks at once.
             idle_rounds = idle_rounds.saturating_add(1);
             let wait = if idle_rounds < 100 { Duration::from_micros(50) } else { Duration::from_millis(2) };
-            if let Ok(k) = shared.kick.lock() {
-                if *k == seen {
-                    let _ = shared.kicked.wait_timeout(k, wait);
-                }
+            let k = sync::lock(&shared.kick);
+            if *k == seen {
+                drop(super::wait_timeout(&shared.kicked, &shared.kick, k, wait));
             }
         }
     }
@@ -356,18 +357,16 @@ impl DmaEngine {
     fn drain(shared: &Shared, ctx: &DeviceContext, q: usize) -> bool {
         let mut did = false;
         loop {
-            let Ok(gate) = shared.gate.read() else { return did };
+            let gate = sync::read(&shared.gate);
             if !*gate || shared.stop.load(Ordering::Acquire) {
                 return did;
             }
             let gen = shared.generation.load(Ordering::Acquire);
             let tail = shared.doorbell(q);
-            let (qr, enabled) = match shared.regs.lock() {
-                Ok(mut r) => {
-                    r.queues[q].tail = tail;
-                    (r.queues[q], r.enabled)
-                }
-                Err(_) => return did,
+            let (qr, enabled) = {
+                let mut r = sync::lock(&shared.regs);
+                r.queues[q].tail = tail;
+                (r.queues[q], r.enabled)
             };
             let on = enabled && qr.ctrl & regs::Q_CTRL_ENABLE != 0 && !qr.halted;
             if !on || qr.head == tail || qr.ring_size == 0 {
@@ -375,9 +374,7 @@ impl DmaEngine {
             }
             if tail.wrapping_sub(qr.head) > qr.ring_size {
                 // More submitted than the ring holds: a broken driver.
-                if let Ok(mut r) = shared.regs.lock() {
-                    r.queues[q].halted = true;
-                }
+                sync::lock(&shared.regs).queues[q].halted = true;
                 return did;
             }
             did = true;
@@ -395,11 +392,11 @@ impl DmaEngine {
                 if let dma::Error::NoPasid(_) = e {
                     ctx.dma.report_fault(ring_route, at, false, FaultReason::NotPresent);
                 }
-                if let Ok(mut r) = shared.regs.lock() {
-                    if shared.generation.load(Ordering::Acquire) == gen && r.queues[q].epoch == qr.epoch {
-                        r.queues[q].halted = true;
-                    }
+                let mut r = sync::lock(&shared.regs);
+                if shared.generation.load(Ordering::Acquire) == gen && r.queues[q].epoch == qr.epoch {
+                    r.queues[q].halted = true;
                 }
+                drop(r);
                 shared.busy[q].store(0, Ordering::Release);
                 return did;
             }
@@ -423,7 +420,8 @@ impl DmaEngine {
                 }
             }
             let irq = d.flags & flag::INTERRUPT != 0;
-            if let Ok(mut r) = shared.regs.lock() {
+            {
+                let mut r = sync::lock(&shared.regs);
                 // A reset, a departed client, or the queue being disabled or
                 // re-enabled meanwhile made this work void.
                 if shared.generation.load(Ordering::Acquire) == gen && r.queues[q].epoch == qr.epoch {
@@ -642,9 +640,9 @@ impl DmaEngine {
     /// Voids queued and running work and waits for the descriptor in
     /// flight to stop; the returned guard keeps the engines out while the
     /// caller changes registers.
-    fn cancel(shared: &Shared) -> Option<std::sync::RwLockWriteGuard<'_, bool>> {
+    fn cancel(shared: &Shared) -> std::sync::RwLockWriteGuard<'_, bool> {
         shared.generation.fetch_add(1, Ordering::AcqRel);
-        shared.gate.write().ok()
+        sync::write(&shared.gate)
     }
 
     /// The 8-byte register word at `base` (8-aligned) of BAR 0.
@@ -748,7 +746,7 @@ impl Device for DmaEngine {
                 if (offset - base) as usize + buf.len() > 8 {
                     return Err(libc::EINVAL);
                 }
-                let r = self.shared.regs.lock().map_err(|_| libc::EIO)?;
+                let r = sync::lock(&self.shared.regs);
                 reg_read(self.reg_word(&r, base), offset - base, buf);
                 Ok(())
             }
@@ -765,7 +763,7 @@ impl Device for DmaEngine {
                 if off as usize + data.len() > 8 {
                     return Err(libc::EINVAL);
                 }
-                let mut r = self.shared.regs.lock().map_err(|_| libc::EIO)?;
+                let mut r = sync::lock(&self.shared.regs);
                 let old = self.reg_word(&r, base);
                 let v = reg_merge(old, off, data);
                 let mut doorbell = None;
@@ -776,8 +774,8 @@ impl Device for DmaEngine {
                             drop(r);
                             // Disabling lets the descriptor in flight finish
                             // (and complete) and keeps the engines out.
-                            let _gate = self.shared.gate.write();
-                            let mut r2 = self.shared.regs.lock().map_err(|_| libc::EIO)?;
+                            let _gate = sync::write(&self.shared.gate);
+                            let mut r2 = sync::lock(&self.shared.regs);
                             r2.enabled = false;
                             return Ok(());
                         }
@@ -846,9 +844,7 @@ impl Device for DmaEngine {
         // The engines stay out until the registers are zero.
         let shared = self.shared.clone();
         let _gate = Self::cancel(&shared);
-        if let Ok(mut r) = self.shared.regs.lock() {
-            *r = Regs::default();
-        }
+        *sync::lock(&self.shared.regs) = Regs::default();
         for q in 0..QUEUES {
             self.shared.set_doorbell(q, 0);
         }
@@ -862,34 +858,28 @@ impl Device for DmaEngine {
         // (a driver enables them again).
         let shared = self.shared.clone();
         let _gate = Self::cancel(&shared);
-        if let Ok(mut r) = self.shared.regs.lock() {
-            for q in r.queues.iter_mut() {
-                q.ctrl &= !regs::Q_CTRL_ENABLE;
-                q.epoch = q.epoch.wrapping_add(1);
-            }
+        for q in sync::lock(&self.shared.regs).queues.iter_mut() {
+            q.ctrl &= !regs::Q_CTRL_ENABLE;
+            q.epoch = q.epoch.wrapping_add(1);
         }
         // The departed client may keep BAR 2 mapped: the next one gets a
         // new doorbell page with the same contents.
         match doorbell_page(Some(&self.bar2)) {
             Ok((f, m)) => {
-                if let Ok(mut d) = self.shared.doorbells.write() {
-                    *d = m;
-                    self.bar2 = Arc::new(f);
-                }
+                *sync::write(&self.shared.doorbells) = m;
+                self.bar2 = Arc::new(f);
             }
             Err(e) => tracing::warn!("dma-engine keeps sharing its doorbell page with the departed client: {e}"),
         }
     }
 
     fn set_running(&mut self, running: bool) {
-        if let Ok(mut g) = self.shared.gate.write() {
-            *g = running;
-        }
+        *sync::write(&self.shared.gate) = running;
         self.shared.wake();
     }
 
     fn save(&mut self) -> Result<Vec<u8>, Errno> {
-        let regs = self.shared.regs.lock().map_err(|_| libc::EIO)?.clone();
+        let regs = sync::lock(&self.shared.regs).clone();
         let bells: Vec<u32> = (0..QUEUES).map(|q| self.shared.doorbell(q)).collect();
         postcard::to_allocvec(&(regs, bells)).map_err(|_| libc::ENOMEM)
     }
@@ -906,12 +896,12 @@ impl Device for DmaEngine {
         if regs.queues.iter().zip(&bells).any(|(q, b)| q.ring_size != 0 && b.wrapping_sub(q.head) > q.ring_size) {
             return Err(libc::EINVAL);
         }
-        let _gate = self.shared.gate.write();
+        let _gate = sync::write(&self.shared.gate);
         for (q, b) in bells.iter().enumerate() {
             self.shared.set_doorbell(q, *b);
         }
         let pending = regs.intx_status != 0;
-        *self.shared.regs.lock().map_err(|_| libc::EIO)? = regs;
+        *sync::lock(&self.shared.regs) = regs;
         if pending {
             if let Some(i) = &self.irqs {
                 i.set_intx(true);
@@ -922,7 +912,7 @@ impl Device for DmaEngine {
     }
 
     fn status(&self) -> Vec<String> {
-        let Ok(r) = self.shared.regs.lock() else { return Vec::new() };
+        let r = sync::lock(&self.shared.regs);
         r.queues
             .iter()
             .enumerate()

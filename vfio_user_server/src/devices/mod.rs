@@ -4,6 +4,11 @@
 pub mod dma_engine;
 pub mod testdev;
 
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use iommu_core::sync;
+
 use crate::device::Device;
 
 /// Devices the binary can serve: `(name, one-line description)`.
@@ -18,5 +23,27 @@ pub fn make(name: &str) -> Option<std::io::Result<Box<dyn Device>>> {
         "dma-engine" => Some(dma_engine::DmaEngine::new().map(|d| Box::new(d) as Box<dyn Device>)),
         "test-device" => Some(testdev::TestDevice::new().map(|d| Box::new(d) as Box<dyn Device>)),
         _ => None,
+    }
+}
+
+/// [`Condvar::wait`] on `guard`, a guard of `m`. Waking takes `m` again; if
+/// it was poisoned meanwhile, [`sync::lock`] of it aborts the process, as
+/// every other acquisition of these locks does.
+fn wait<'a, T>(cv: &Condvar, m: &'a Mutex<T>, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    cv.wait(guard).unwrap_or_else(|poisoned| {
+        drop(poisoned);
+        sync::lock(m)
+    })
+}
+
+/// [`Condvar::wait_timeout`] on `guard`, a guard of `m`, for at most `d`;
+/// poisoning is fatal as in [`wait`].
+fn wait_timeout<'a, T>(cv: &Condvar, m: &'a Mutex<T>, guard: MutexGuard<'a, T>, d: Duration) -> MutexGuard<'a, T> {
+    match cv.wait_timeout(guard, d) {
+        Ok((g, _)) => g,
+        Err(poisoned) => {
+            drop(poisoned);
+            sync::lock(m)
+        }
     }
 }

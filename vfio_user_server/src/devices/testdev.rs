@@ -8,6 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Condvar, Mutex};
 
 use crossbeam::channel::{unbounded, Sender};
+use iommu_core::sync;
 use iommu_core::types::{DeviceCaps, FaultReason};
 use serde::{Deserialize, Serialize};
 
@@ -94,11 +95,10 @@ impl Shared {
     fn cancel(&self) {
         self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         // A copy runs holding `running`: taking it waits for that copy.
-        drop(self.running.lock());
-        if let Ok(mut r) = self.regs.lock() {
-            if r.status == regs::STATUS_BUSY {
-                r.status = regs::STATUS_IDLE;
-            }
+        drop(sync::lock(&self.running));
+        let mut r = sync::lock(&self.regs);
+        if r.status == regs::STATUS_BUSY {
+            r.status = regs::STATUS_IDLE;
         }
     }
 }
@@ -139,12 +139,9 @@ impl TestDevice {
 
     fn engine(shared: Arc<Shared>, ctx: DeviceContext, rx: crossbeam::channel::Receiver<Copy>) {
         while let Ok(c) = rx.recv() {
-            let Ok(mut run) = shared.running.lock() else { return };
+            let mut run = sync::lock(&shared.running);
             while !*run {
-                run = match shared.resume.wait(run) {
-                    Ok(g) => g,
-                    Err(_) => return,
-                };
+                run = super::wait(&shared.resume, &shared.running, run);
             }
             if c.generation != shared.generation.load(std::sync::atomic::Ordering::SeqCst) {
                 continue;
@@ -158,7 +155,8 @@ impl TestDevice {
                     ctx.dma.report_fault(c.route, c.src, false, FaultReason::NotPresent);
                 }
             }
-            if let Ok(mut r) = shared.regs.lock() {
+            {
+                let mut r = sync::lock(&shared.regs);
                 match res {
                     Ok(()) => {
                         r.status = regs::STATUS_DONE;
@@ -241,7 +239,7 @@ impl Device for TestDevice {
     fn region_read(&mut self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
         match index {
             0 => {
-                let r = self.shared.regs.lock().map_err(|_| libc::EIO)?;
+                let r = sync::lock(&self.shared.regs);
                 let (base, v) = match offset & !7 {
                     0x00 => (0, u64::from(regs::ID_VALUE)),
                     0x08 => (0x08, r.scratch),
@@ -261,7 +259,7 @@ impl Device for TestDevice {
             }
             1 => self.ram.read_exact_at(buf, offset).map_err(|_| libc::EIO),
             4 => {
-                let r = self.shared.regs.lock().map_err(|_| libc::EIO)?;
+                let r = sync::lock(&self.shared.regs);
                 let s = r.io.get(offset as usize..offset as usize + buf.len()).ok_or(libc::EINVAL)?;
                 buf.copy_from_slice(s);
                 Ok(())
@@ -284,7 +282,7 @@ impl Device for TestDevice {
                     return Err(libc::EINVAL);
                 }
                 let off = offset - base;
-                let mut r = self.shared.regs.lock().map_err(|_| libc::EIO)?;
+                let mut r = sync::lock(&self.shared.regs);
                 match base {
                     0x08 => r.scratch = reg_merge(r.scratch, off, data),
                     0x10 => r.src = reg_merge(r.src, off, data),
@@ -335,7 +333,7 @@ impl Device for TestDevice {
             }
             1 => self.ram.write_all_at(data, offset).map_err(|_| libc::EIO),
             4 => {
-                let mut r = self.shared.regs.lock().map_err(|_| libc::EIO)?;
+                let mut r = sync::lock(&self.shared.regs);
                 let s = r.io.get_mut(offset as usize..offset as usize + data.len()).ok_or(libc::EINVAL)?;
                 s.copy_from_slice(data);
                 Ok(())
@@ -346,9 +344,7 @@ impl Device for TestDevice {
 
     fn reset(&mut self) {
         self.shared.cancel();
-        if let Ok(mut r) = self.shared.regs.lock() {
-            *r = Regs { io: vec![0; 256], ..Regs::default() };
-        }
+        *sync::lock(&self.shared.regs) = Regs { io: vec![0; 256], ..Regs::default() };
     }
 
     fn client_gone(&mut self) {
@@ -370,14 +366,12 @@ impl Device for TestDevice {
     }
 
     fn set_running(&mut self, running: bool) {
-        if let Ok(mut g) = self.shared.running.lock() {
-            *g = running;
-        }
+        *sync::lock(&self.shared.running) = running;
         self.shared.resume.notify_all();
     }
 
     fn save(&mut self) -> Result<Vec<u8>, Errno> {
-        let regs = self.shared.regs.lock().map_err(|_| libc::EIO)?.clone();
+        let regs = sync::lock(&self.shared.regs).clone();
         let mut ram = vec![0u8; BAR1_SIZE as usize];
         self.ram.read_exact_at(&mut ram, 0).map_err(|_| libc::EIO)?;
         postcard::to_allocvec(&(regs, ram)).map_err(|_| libc::ENOMEM)
@@ -389,15 +383,13 @@ impl Device for TestDevice {
             return Err(libc::EINVAL);
         }
         self.ram.write_all_at(&ram, 0).map_err(|_| libc::EIO)?;
-        *self.shared.regs.lock().map_err(|_| libc::EIO)? = regs;
+        *sync::lock(&self.shared.regs) = regs;
         Ok(())
     }
 
     fn status(&self) -> Vec<String> {
-        match self.shared.regs.lock() {
-            Ok(r) => vec![format!("copies done {} failed {} doorbell {}", r.done, r.errors, r.doorbell)],
-            Err(_) => Vec::new(),
-        }
+        let r = sync::lock(&self.shared.regs);
+        vec![format!("copies done {} failed {} doorbell {}", r.done, r.errors, r.doorbell)]
     }
 }
 
