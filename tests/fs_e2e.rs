@@ -268,5 +268,18 @@ fn a_file_of_a_stalled_fuse_mount_is_refused_without_stalling_the_core() {
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(file);
+    // The core closes refused files on a thread of its own: ioasid-fs can
+    // unmount once the last of them is closed.
+    let core_pid = st.core.as_ref().map(|c| c.pid()).unwrap();
+    let holds_a_file = || {
+        std::fs::read_dir(format!("/proc/{core_pid}/fd"))
+            .map(|d| d.flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.starts_with(&mnt))))
+            .unwrap_or(false)
+    };
+    let t0 = Instant::now();
+    while holds_a_file() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the core kept files of the mount open");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(fs.terminate(), "ioasid-fs exits cleanly");
 }
