@@ -243,7 +243,7 @@ pub struct Server {
     /// Bumped by everything that may change what a snapshot shows.
     generation: u64,
     /// Connections not read because the peers' buffers are full.
-    starved: Vec<Token>,
+    starved: std::collections::BTreeSet<Token>,
     /// Long maps and unmaps, one slice per turn of the loop in turn, with
     /// the connection, request seq and how to make the reply.
     jobs: VecDeque<RunningJob>,
@@ -306,7 +306,7 @@ impl Server {
             next_op: 1,
             inval_owner: HashMap::new(),
             next_inval: 1,
-            starved: Vec::new(),
+            starved: std::collections::BTreeSet::new(),
             next_sweep: None,
             jobs: VecDeque::new(),
             page_waiters: HashMap::new(),
@@ -491,7 +491,7 @@ impl Server {
         };
         let due = c.input_since.into_iter().chain(c.output_since).min().map(|t| t + stall);
         if starved {
-            self.starved.push(token);
+            self.starved.insert(token);
         }
         let retry = (!self.starved.is_empty()).then(|| now + STARVED_RETRY);
         self.next_sweep = self.next_sweep.into_iter().chain(due).chain(retry).min();
@@ -507,7 +507,13 @@ impl Server {
         self.next_sweep = None;
         let stall = Duration::from_millis(u64::from(self.core.limits().peer_stall_ms));
         let mut stalled = Vec::new();
-        for (&t, c) in &self.conns {
+        for (&t, c) in self.conns.iter_mut() {
+            // While the core itself does not read a peer (its operation is
+            // running, or the shared budget is full), its unfinished
+            // message is not its delay.
+            if c.blocked || self.starved.contains(&t) {
+                c.input_since = c.input_since.map(|_| now);
+            }
             let since = c.input_since.into_iter().chain(c.output_since).min();
             match since {
                 Some(s) if now.duration_since(s) >= stall => stalled.push(t),
@@ -526,8 +532,20 @@ impl Server {
             }
             self.drop_conn(t);
         }
-        let starved = std::mem::take(&mut self.starved);
-        self.backlog.extend(starved);
+        if self.starved.is_empty() {
+            return;
+        }
+        // Starved peers are tried again once there is room for at least one
+        // more read (so a full budget costs one sum per retry, not one per
+        // starved peer).
+        let cap = usize::try_from(self.core.limits().max_peer_buffer_bytes).unwrap_or(usize::MAX);
+        if self.peer_buffers().saturating_add(PEER_FREE_BYTES) <= cap {
+            let starved = std::mem::take(&mut self.starved);
+            self.backlog.extend(starved);
+        } else {
+            let retry = now + STARVED_RETRY;
+            self.next_sweep = Some(self.next_sweep.map_or(retry, |n| n.min(retry)));
+        }
     }
 
     /// Takes a long operation on: its connection is not read until it is
