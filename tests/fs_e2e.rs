@@ -18,10 +18,6 @@ use common::*;
 /// gets this much).
 const DEADLINE: Duration = Duration::from_secs(30);
 
-fn mounted(p: &std::path::Path) -> bool {
-    std::fs::read_to_string("/proc/mounts").unwrap().lines().any(|l| l.split(' ').nth(1) == p.to_str())
-}
-
 /// Ids of the mounts at `p`, in the order they were mounted.
 fn mount_ids(p: &Path) -> Vec<u64> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -210,15 +206,7 @@ fn a_file_of_a_stalled_fuse_mount_is_refused_without_stalling_the_core() {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     let st = Stack::new("fs-stall");
-    let mnt = st.dir.join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let fs = Command::new(bin("ioasid-fs")).arg("--core").arg(&st.core_sock).arg(&mnt).stderr(Stdio::null()).spawn();
-    let fs = Proc(fs.unwrap());
-    let t0 = Instant::now();
-    while !mounted(&mnt) {
-        assert!(t0.elapsed() < Duration::from_secs(10), "not mounted");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (fs, mnt) = mount_ioasid_fs(&st);
     let file = std::fs::File::open(mnt.join("stats")).unwrap();
     kill(Pid::from_raw(fs.pid()), Signal::SIGSTOP).unwrap();
 

@@ -9,10 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn mounted(p: &std::path::Path) -> bool {
-    std::fs::read_to_string("/proc/mounts").unwrap().lines().any(|l| l.split(' ').nth(1) == p.to_str())
-}
-
 /// A file of a stopped FUSE mount is refused for the one request that
 /// carried it (EINVAL, naming the file system), and the same session goes
 /// on: the core neither closes the connection nor asks the file system
@@ -22,15 +18,7 @@ fn a_file_that_can_block_fails_its_request_and_the_session_goes_on() {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     let st = Stack::new("hostile-fuse");
-    let mnt = st.dir.join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let fs = Command::new(bin("ioasid-fs")).arg("--core").arg(&st.core_sock).arg(&mnt).stderr(Stdio::null()).spawn();
-    let fs = Proc(fs.unwrap());
-    let t0 = Instant::now();
-    while !mounted(&mnt) {
-        assert!(t0.elapsed() < Duration::from_secs(10), "not mounted");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (fs, mnt) = mount_ioasid_fs(&st);
     let file = std::fs::File::open(mnt.join("stats")).unwrap();
     kill(Pid::from_raw(fs.pid()), Signal::SIGSTOP).unwrap();
     let mut s = st.session();

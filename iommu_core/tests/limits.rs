@@ -133,7 +133,9 @@ fn peers_beyond_the_connection_limit_are_turned_away_with_an_error() {
 /// replies rather than the core's memory.
 #[test]
 fn a_flooding_session_does_not_starve_another() {
-    let env = Env::with("flood", Limits::default());
+    // The flooder never reads its replies: a stall time longer than the
+    // test keeps it connected (dropping it is tested elsewhere).
+    let env = Env::with("flood", Limits { peer_stall_ms: 600_000, ..Limits::default() });
     let mut victim = env.session();
     let mem = victim.register_memory(memfd::create("v", 1 << 20).unwrap()).unwrap();
     let ioas = victim.ioas_alloc().unwrap();
@@ -215,7 +217,7 @@ fn open_fds() -> usize {
 /// of open files: the core stops reading it while its replies' fds wait.
 #[test]
 fn a_channel_that_never_reads_its_fds_cannot_pile_them_up_in_the_core() {
-    let env = Env::with("fd_hoard", Limits::default());
+    let env = Env::with("fd_hoard", Limits { peer_stall_ms: 600_000, ..Limits::default() });
     let mut s = env.session();
     let (_, chan) = s.open_device_channel().unwrap();
     let mut chan = UnixStream::from(chan);
@@ -316,7 +318,8 @@ fn raw_channel_with_device(s: &mut Client) -> (UnixStream, u32) {
 #[test]
 fn a_fault_flood_fills_only_its_own_sessions_queue() {
     let depth = 64;
-    let env = Env::with("fault_flood", Limits { fault_queue_depth: depth, ..Limits::default() });
+    let env =
+        Env::with("fault_flood", Limits { fault_queue_depth: depth, peer_stall_ms: 600_000, ..Limits::default() });
     let mut flooded = env.session();
     let mut other = env.session();
     let (mut chan, dev) = raw_channel_with_device(&mut flooded);
@@ -360,7 +363,7 @@ fn a_fault_flood_fills_only_its_own_sessions_queue() {
 /// queries cannot pile up on a channel.
 #[test]
 fn driver_state_queries_are_capped_per_asker() {
-    let env = Env::with("driver_state", Limits::default());
+    let env = Env::with("driver_state", Limits { peer_stall_ms: 600_000, ..Limits::default() });
     let mut s = env.session();
     // A device server that binds and then never answers anything.
     let (_chan, dev) = raw_channel_with_device(&mut s);

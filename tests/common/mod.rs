@@ -117,3 +117,23 @@ impl Drop for Stack {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Whether something is mounted on `p`.
+pub fn mounted(p: &Path) -> bool {
+    std::fs::read_to_string("/proc/mounts").unwrap().lines().any(|l| l.split(' ').nth(1) == p.to_str())
+}
+
+/// Starts `ioasid-fs` on the stack's core at `<dir>/mnt` and waits until
+/// it is mounted; returns the process and the mount point.
+pub fn mount_ioasid_fs(st: &Stack) -> (Proc, PathBuf) {
+    let mnt = st.dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let fs = Command::new(bin("ioasid-fs")).arg("--core").arg(&st.core_sock).arg(&mnt).stderr(Stdio::null()).spawn();
+    let fs = Proc(fs.unwrap());
+    let t0 = Instant::now();
+    while !mounted(&mnt) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "ioasid-fs did not mount");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (fs, mnt)
+}
