@@ -339,6 +339,7 @@ mod tests {
         let ioas = |id, kind, mappings: Vec<MappingInfo>| IoasInfo {
             id,
             kind,
+            mappings_total: mappings.len() as u64,
             mappings,
             iova_ranges: vec![
                 IovaRange { start: 0, last: 0xfedf_ffff },

@@ -313,6 +313,28 @@ impl Client {
 
     /// A snapshot of what this connection may see.
     pub fn status(&mut self) -> Result<Snapshot> {
-        expect!(self.call(&Request::Status, &[])?, Reply::Status(s) => *s)
+        let mut snap = expect!(self.call(&Request::Status, &[])?, Reply::Status(s) => *s)?;
+        // A reply lists a bounded number of mappings; the rest come in
+        // pages (each consistent; the whole may mix moments if the state
+        // changes meanwhile, as any paged listing does).
+        for s in &mut snap.sessions {
+            for i in &mut s.ioas {
+                while (i.mappings.len() as u64) < i.mappings_total {
+                    let from = i.mappings.last().map_or(0, |m| m.iova.saturating_add(1));
+                    let page = self.mappings(s.id, i.id, from, wire::MAPPINGS_PAGE)?;
+                    if page.is_empty() {
+                        break;
+                    }
+                    i.mappings.extend(page);
+                }
+            }
+        }
+        Ok(snap)
+    }
+
+    /// Up to `max` mappings of a paging IOAS of `session` (observers: any
+    /// session; sessions: their own), from the first at `from` or above.
+    pub fn mappings(&mut self, session: u64, ioas: u32, from: u64, max: u32) -> Result<Vec<MappingInfo>> {
+        expect!(self.call(&Request::Mappings { session, ioas, from, max }, &[])?, Reply::Mappings(m) => m)
     }
 }

@@ -170,6 +170,10 @@ enum JobKind {
     },
 }
 
+fn mapping_info((&iova, a): (&u64, &Area)) -> MappingInfo {
+    MappingInfo { iova, length: a.last - iova + 1, mem: a.mem, offset: a.offset, perm: a.perm }
+}
+
 /// The largest leaf a mapping of `iova` onto system address `sys` can use
 /// (their offsets within the leaf must agree).
 fn leaf_size(iova: u64, sys: u64) -> u64 {
@@ -1812,7 +1816,7 @@ impl Core {
         Ok(self.ioas(sid, ioas)?.root)
     }
 
-    fn session_info(&self, sid: u64, s: &Session) -> SessionInfo {
+    fn session_info(&self, sid: u64, s: &Session, inline: &mut usize) -> SessionInfo {
         let mut memory = Vec::new();
         let mut ioas = Vec::new();
         let mut devices = Vec::new();
@@ -1829,17 +1833,12 @@ impl Core {
                 Object::Ioas(i) => ioas.push(IoasInfo {
                     id,
                     kind: IoasKind::Paging,
-                    mappings: i
-                        .areas
-                        .iter()
-                        .map(|(&iova, a)| MappingInfo {
-                            iova,
-                            length: a.last - iova + 1,
-                            mem: a.mem,
-                            offset: a.offset,
-                            perm: a.perm,
-                        })
-                        .collect(),
+                    mappings: {
+                        let n = i.areas.len().min(*inline);
+                        *inline -= n;
+                        i.areas.iter().take(n).map(mapping_info).collect()
+                    },
+                    mappings_total: i.areas.len() as u64,
                     iova_ranges: i.iova_ranges(),
                     allowed: i.allowed.clone(),
                     reserved: i.reserved.clone(),
@@ -1854,6 +1853,7 @@ impl Core {
                     id,
                     kind: IoasKind::Nested { parent: n.parent, s1_root: n.s1_root },
                     mappings: Vec::new(),
+                    mappings_total: 0,
                     iova_ranges: Vec::new(),
                     allowed: Vec::new(),
                     reserved: Vec::new(),
@@ -1893,11 +1893,40 @@ impl Core {
 
     /// A snapshot of everything, or of one session only.
     pub fn snapshot(&self, only: Option<u64>) -> Snapshot {
+        self.snapshot_limited(only, usize::MAX)
+    }
+
+    /// Up to `max` mappings of a paging IOAS of session `sid` (or of any
+    /// session when `only` is `None`), starting at the first whose IOVA is
+    /// `after` or above.
+    pub fn mappings_page(
+        &self,
+        only: Option<u64>,
+        sid: u64,
+        ioas: u32,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<MappingInfo>> {
+        let s = self
+            .sessions
+            .get(&sid)
+            .filter(|_| only.is_none_or(|o| o == sid))
+            .ok_or_else(|| Error { errno: Errno::ENOENT, message: format!("no session {sid}") })?;
+        match s.objects.get(&ioas) {
+            Some(Object::Ioas(i)) => Ok(i.areas.range(after..).take(max).map(mapping_info).collect()),
+            _ => err(Errno::ENOENT, format!("no paging IOAS {ioas} in session {sid}")),
+        }
+    }
+
+    /// A snapshot that lists at most `inline` mappings in all, the first
+    /// of each IOAS in session and IOAS order; `mappings_total` says how
+    /// many each holds.
+    pub fn snapshot_limited(&self, only: Option<u64>, mut inline: usize) -> Snapshot {
         let sessions = self
             .sessions
             .iter()
             .filter(|(id, _)| only.is_none_or(|o| o == **id))
-            .map(|(id, s)| self.session_info(*id, s))
+            .map(|(id, s)| self.session_info(*id, s, &mut inline))
             .collect();
         Snapshot {
             sessions,
@@ -1916,16 +1945,6 @@ impl Core {
             stats: self.stats,
             limits: self.limits,
         }
-    }
-
-    /// Mappings in the IOASes of every session (or only of `only`).
-    pub fn mapping_count(&self, only: Option<u64>) -> usize {
-        self.sessions
-            .iter()
-            .filter(|(id, _)| only.is_none_or(|o| o == **id))
-            .flat_map(|(_, s)| s.objects.values())
-            .map(|o| if let Object::Ioas(i) = o { i.areas.len() } else { 0 })
-            .sum()
     }
 
     /// Sessions open now.

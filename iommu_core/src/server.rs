@@ -176,10 +176,6 @@ struct DriverWaiter {
 /// file of the core.
 pub const MAX_PENDING_CLOSES: usize = 256;
 
-/// Most mappings a Status reply lists (a reply is about 60 bytes a
-/// mapping).
-pub const STATUS_MAX_MAPPINGS: usize = 1 << 20;
-
 /// Driver-state queries one peer may have waiting at once.
 pub const DRIVER_QUERIES_PER_ASKER: usize = 4;
 /// Driver-state queries waiting on one device channel at once.
@@ -1071,21 +1067,13 @@ impl Server {
             }
             Request::Translate { ioas, iova } => core.translate(sid, ioas, iova).map(Reply::Translation),
             Request::Status => {
-                // A snapshot lists every mapping: refuse one too large to
-                // build and send rather than exhaust memory.
-                let n = core.mapping_count(only);
-                if n > STATUS_MAX_MAPPINGS {
-                    Err(model::Error {
-                        errno: Errno::E2BIG,
-                        message: format!(
-                            "the state holds {n} mappings, more than one Status reply carries ({STATUS_MAX_MAPPINGS}); \
-                             look at one session or IOAS at a time"
-                        ),
-                    })
-                } else {
-                    Ok(Reply::Status(Box::new(core.snapshot(only))))
-                }
+                // A reply lists at most MAPPINGS_PAGE mappings in all; the
+                // rest are paged with Mappings.
+                Ok(Reply::Status(Box::new(core.snapshot_limited(only, wire::MAPPINGS_PAGE as usize))))
             }
+            Request::Mappings { session, ioas, from, max } => core
+                .mappings_page(only, session, ioas, from, max.min(wire::MAPPINGS_PAGE) as usize)
+                .map(Reply::Mappings),
             Request::OpenDeviceChannel => return Some(self.open_channel(sid)),
             Request::BindDevice(a) => core.bind_device(chan, a).map(Reply::Device),
             Request::UnbindDevice { dev } => core.unbind_device(chan, dev).map(|_| Reply::Ok),

@@ -257,7 +257,10 @@ pub struct IoasInfo {
     pub id: u32,
     /// Paging or nested.
     pub kind: IoasKind,
-    /// Mappings in IOVA order (empty for nested).
+    /// Mappings in IOVA order (empty for nested). A `Status` reply carries
+    /// the first ones only when there are many (see `mappings_total`);
+    /// `Request::Mappings` pages through the rest, and
+    /// `client::Client::status` does so by itself.
     pub mappings: Vec<MappingInfo>,
     /// Usable IOVA ranges.
     pub iova_ranges: Vec<IovaRange>,
@@ -277,6 +280,8 @@ pub struct IoasInfo {
     pub attached: Vec<(u32, u32)>,
     /// Counters.
     pub stats: IoasStats,
+    /// Mappings the IOAS holds, all of them (`mappings` may list fewer).
+    pub mappings_total: u64,
 }
 
 /// A session as reported.

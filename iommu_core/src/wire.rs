@@ -302,7 +302,24 @@ pub enum Request {
         /// The state.
         state: DriverState,
     },
+    /// Observer or session: up to `max` mappings of a paging IOAS (at most
+    /// [`MAPPINGS_PAGE`]), from the first whose IOVA is `from` or above.
+    /// Pages through what a `Status` reply did not list.
+    Mappings {
+        /// Session owning the IOAS.
+        session: u64,
+        /// IOAS id.
+        ioas: u32,
+        /// Lowest IOVA to list.
+        from: u64,
+        /// Most mappings to list.
+        max: u32,
+    },
 }
+
+/// Most mappings one `Mappings` reply lists, and one `Status` reply lists
+/// in all (about 14 bytes each, so either stays under 1 MiB).
+pub const MAPPINGS_PAGE: u32 = 65_536;
 
 impl Request {
     /// The number of fds this request must carry.
@@ -316,6 +333,7 @@ impl Request {
             self,
             Request::Hello { .. }
                 | Request::Status
+                | Request::Mappings { .. }
                 | Request::DriverState { .. }
                 | Request::PageTable { .. }
                 | Request::Generation
@@ -440,6 +458,8 @@ pub enum Reply {
     Lines(Vec<String>),
     /// The state generation.
     Generation(u64),
+    /// Mappings of one IOAS, in IOVA order.
+    Mappings(Vec<MappingInfo>),
 }
 
 impl Reply {

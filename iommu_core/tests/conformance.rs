@@ -1883,3 +1883,43 @@ fn translate_wrong_type_is_enoent() {
     assert_errno!(s.translate(m.id, 0), ENOENT);
     assert_errno!(s.translate(0, 0), ENOENT);
 }
+
+/// A Status reply lists at most `MAPPINGS_PAGE` mappings and says how many
+/// each IOAS holds; `Mappings` pages through the rest, and the client's
+/// `status` assembles them all, in order. A session pages only its own.
+#[test]
+fn status_lists_a_page_of_mappings_and_the_rest_are_paged() {
+    use iommu_core::wire::Reply;
+    let env = Env::new("status_pages");
+    let mut s = env.session();
+    let m = memory(&mut s, MIB);
+    let ioas = s.ioas_alloc().unwrap();
+    let n = u64::from(wire::MAPPINGS_PAGE) + 1000;
+    let iova = |i: u64| 0x1000 + i * 2 * PAGE;
+    // Pipelined in batches, replies read after each.
+    for chunk in (0..n).collect::<Vec<_>>().chunks(2000) {
+        let mut batch = Vec::new();
+        for &i in chunk {
+            let req = Request::Map(margs(ioas, m.id, 0, PAGE, Some(iova(i))));
+            batch.extend(wire::encode(i + 1, &req, 0).unwrap());
+        }
+        s.send_raw(&batch).unwrap();
+        for _ in chunk {
+            let (env, _) = s.read_reply().unwrap();
+            assert!(matches!(env.body, Reply::Iova(_)), "{:?}", env.body);
+        }
+    }
+    let raw = match s.call(&Request::Status, &[]).unwrap() {
+        Reply::Status(st) => st,
+        other => panic!("{other:?}"),
+    };
+    let i = &raw.sessions[0].ioas[0];
+    assert_eq!((i.mappings.len() as u64, i.mappings_total), (u64::from(wire::MAPPINGS_PAGE), n));
+    for mut c in [env.observer(), s] {
+        let st = c.status().unwrap();
+        let got: Vec<u64> = st.sessions[0].ioas[0].mappings.iter().map(|x| x.iova).collect();
+        assert_eq!(got, (0..n).map(iova).collect::<Vec<_>>());
+    }
+    let mut other = env.session();
+    assert_errno!(other.mappings(raw.sessions[0].id, ioas, 0, 10), ENOENT);
+}
