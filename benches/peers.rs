@@ -100,8 +100,8 @@ fn main() {
     }
     let after_hoard = rss_kib(pid);
     println!(
-        "{n} observers asking for a {status_bytes}-byte Status and never reading: +{} MiB (core RSS {} MiB); \
-         a reading observer's Status refused: {}",
+        "{n} observers asking for a Status ({status_bytes} bytes with all its pages) and never reading: +{} MiB \
+         (core RSS {} MiB); a reading observer's Status refused meanwhile: {}",
         after_hoard.saturating_sub(base) / 1024,
         after_hoard / 1024,
         refused == 1

@@ -115,10 +115,8 @@ fn unread_replies_are_bounded_and_their_readers_dropped() {
     use iommu_core::types::{MapArgs, Perm};
     use iommu_core::wire::{self, Request, Role};
     use std::io::Write;
-    let (st, _core) = core_with(
-        "hostile-unread",
-        &["--peer-stall-ms", "6000", "--max-peer-buffer-bytes", &(1u64 << 20).to_string()],
-    );
+    let (st, _core) =
+        core_with("hostile-unread", &["--peer-stall-ms", "6000", "--max-peer-buffer-bytes", &(1u64 << 20).to_string()]);
     let mut s = st.session();
     let ram = iommu_core::memfd::create("ram", 1 << 20).unwrap();
     let m = s.register_memory(&ram).unwrap();
