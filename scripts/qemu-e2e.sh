@@ -7,7 +7,12 @@
 #   2. A Linux guest (Debian's kernel, busybox, and scripts/guest/engine-test.c
 #      built static) finds the device in sysfs, maps its BARs, and runs
 #      copies, fills, compares and CRC-32C by RID DMA, checking each; then a
-#      reset (reboot) and the same again; then poweroff.
+#      reset (reboot) and the same again; then a boot that, after the same
+#      checks, keeps copying while iommu-core is killed (SIGKILL) and a new
+#      one started on the same socket: the device server reconnects and
+#      rebuilds its compat IOAS from QEMU's DMA table, and the guest's
+#      copies work again with nothing done by QEMU (scripts/guest/engine-test.c
+#      says what the guest sees meanwhile); then poweroff.
 # The script exits 0 only if every check passes, and prints the vfio-user
 # commands QEMU sent, with counts.
 #
@@ -86,7 +91,8 @@ no_guest_ram_left() {
 }
 
 target/release/iommu-core --socket "$work/core.sock" 2>"$work/core.log" &
-pids+=($!)
+core=$!
+pids+=($core)
 for _ in $(seq 100); do [ -S "$work/core.sock" ] && break; sleep 0.05; done
 target/release/vfio-user-server dma-engine --socket-path "$work/dev.sock" --core "$work/core.sock" 2>"$work/dev.log" &
 server=$!
@@ -155,7 +161,7 @@ cat >"$work/irfs/init" <<'INIT'
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
-/engine-test
+if grep -q ioasid_restart /proc/cmdline; then /engine-test restart; else /engine-test; fi
 echo "ENGINE-TEST DONE"
 # Reboot (QEMU resets the machine and the device; the test runs again),
 # or power off when asked to.
@@ -213,14 +219,59 @@ grep -a "ENGINE-TEST" "$work/guest.log" | sed 's/^.*ENGINE-TEST/qemu-e2e: guest:
 # QEMU exits on SIGTERM, closing the socket without unmapping.
 kill -TERM "$guest"
 wait "$guest" || true
-# A guest that powers off: QEMU exits by itself.
-(guest_boot "ioasid_poweroff" >"$work/guest2.log" 2>&1) &
+# A guest that passes, then copies while the core is restarted, then powers
+# off: QEMU exits by itself.
+(guest_boot "ioasid_poweroff ioasid_restart" >"$work/guest2.log" 2>&1) &
 guest=$!
 pids+=($guest)
+ms() { echo $(( $(date +%s%N) / 1000000 )); }
+for _ in $(seq 1200); do
+    grep -aq "ENGINE-TEST RESTART READY" "$work/guest2.log" && break
+    grep -aq "ENGINE-TEST FAIL" "$work/guest2.log" && break
+    kill -0 "$guest" 2>/dev/null || break
+    sleep 0.1
+done
+grep -aq "ENGINE-TEST RESTART READY" "$work/guest2.log" \
+    || fail "the guest did not get to its restart phase: $(tail -n 20 "$work/guest2.log")"
+# The guest copies; the core dies under it. One second without a core, then
+# a new one on the same socket (the server polls for it: 50 ms, doubling up
+# to 1 s).
+{ kill -KILL "$core"; wait "$core"; } 2>/dev/null || true
+# Its pid may be reused: cleanup must not signal it.
+alive=()
+for p in "${pids[@]}"; do [ "$p" = "$core" ] || alive+=("$p"); done
+pids=("${alive[@]}")
+t_kill=$(ms)
+sleep 1
+target/release/iommu-core --socket "$work/core.sock" 2>"$work/core2.log" &
+core=$!
+pids+=($core)
+for _ in $(seq 200); do
+    target/release/ioasidctl --socket "$work/core.sock" status >/dev/null 2>&1 && break
+    sleep 0.01
+done
+t_new=$(ms)
+t_back=""
+for _ in $(seq 3000); do
+    if grep -aq "ENGINE-TEST RESTART RECOVERED" "$work/guest2.log"; then t_back=$(ms); break; fi
+    grep -aq "ENGINE-TEST FAIL" "$work/guest2.log" && break
+    kill -0 "$guest" 2>/dev/null || break
+    sleep 0.02
+done
+[ -n "$t_back" ] || fail "the guest's DMA did not come back after the core restart: $(tail -n 20 "$work/guest2.log"; tail -n 5 "$work/dev2.log")"
+# The new core holds the guest's RAM in the server's rebuilt compat IOAS.
+target/release/ioasidctl --socket "$work/core.sock" status | grep -qE -- "-0x1fffffff +" \
+    || fail "the new core does not show the guest RAM in the compat IOAS: $(target/release/ioasidctl --socket "$work/core.sock" status)"
 for _ in $(seq 1200); do kill -0 "$guest" 2>/dev/null || break; sleep 0.1; done
 kill -0 "$guest" 2>/dev/null && fail "QEMU did not exit after the guest powered off"
 wait "$guest" || fail "QEMU exited with status $? after the guest powered off: $(tail -n 5 "$work/guest2.log")"
 grep -aq "ENGINE-TEST PASS" "$work/guest2.log" || fail "the guest test failed: $(tail -n 20 "$work/guest2.log")"
+grep -aq "ENGINE-TEST RESTART PASS" "$work/guest2.log" \
+    || fail "the guest's copies across the core restart failed: $(tail -n 20 "$work/guest2.log")"
+grep -a "ENGINE-TEST RESTART" "$work/guest2.log" | sed 's/^.*ENGINE-TEST/qemu-e2e: guest: ENGINE-TEST/'
+grep -o "reconnected to the core .* without one" "$work/dev2.log" | head -n 1 | sed 's/^/qemu-e2e: server: /'
+restart="core killed, new core answering $((t_new - t_kill)) ms later; the guest's DMA back $((t_back - t_new)) ms after that (host clock, 20 ms polling)"
+say "$restart"
 kill -TERM "$fs"
 wait "$fs" || fail "ioasid-fs did not unmount cleanly"
 grep -q " $work/mnt " /proc/mounts && fail "ioasid-fs left its mount behind"
@@ -229,4 +280,4 @@ kill -TERM "$server2"
 wait "$server2" || fail "the second vfio-user-server did not exit cleanly"
 [ -e "$work/dev2.sock" ] && fail "the server left its socket behind"
 grep -o "the client sent: .*" "$work/dev2.log" | head -n 1 | sed 's/^/qemu-e2e: guest boot: /'
-say "PASS ($version, accel $accel; boot to the first PASS in ${t1} ms; passed again after a guest reboot, and in a guest that powered off)"
+say "PASS ($version, accel $accel; boot to the first PASS in ${t1} ms; passed again after a guest reboot, and in a guest that copied across a core restart and powered off; $restart)"

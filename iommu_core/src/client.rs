@@ -14,6 +14,7 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::Duration;
 
 use crate::errno::Errno;
 use crate::types::*;
@@ -73,6 +74,14 @@ pub struct Client {
 impl Client {
     /// Connects and says hello as `role`.
     pub fn connect(path: impl AsRef<Path>, role: Role) -> Result<Client> {
+        Client::connect_with_timeout(path, role, None)
+    }
+
+    /// Connects and says hello as `role`; with a `timeout`, the hello and
+    /// every later call fail with [`Error::Io`] (`WouldBlock` or
+    /// `TimedOut`) when the core does not answer in time (see
+    /// [`Client::set_timeout`]).
+    pub fn connect_with_timeout(path: impl AsRef<Path>, role: Role, timeout: Option<Duration>) -> Result<Client> {
         let path_s = path.as_ref().display().to_string();
         let stream = UnixStream::connect(path.as_ref()).map_err(|error| Error::Io { path: path_s.clone(), error })?;
         let mut c = Client {
@@ -83,6 +92,7 @@ impl Client {
             limits: Limits::default(),
             path: path_s,
         };
+        c.set_timeout(timeout)?;
         let hello = Request::Hello { magic: wire::MAGIC, major: wire::VERSION_MAJOR, minor: wire::VERSION_MINOR, role };
         let (session, limits) =
             expect!(c.call(&hello, &[])?, Reply::Hello { session, limits, .. } => (session, limits))?;
@@ -94,6 +104,12 @@ impl Client {
     /// Opens a session.
     pub fn session(path: impl AsRef<Path>) -> Result<Client> {
         Client::connect(path, Role::Session)
+    }
+
+    /// Opens a session, giving up after `timeout` on the hello and on each
+    /// later reply until [`Client::set_timeout`] changes it.
+    pub fn session_with_timeout(path: impl AsRef<Path>, timeout: Duration) -> Result<Client> {
+        Client::connect_with_timeout(path, Role::Session, Some(timeout))
     }
 
     /// Connects as a read-only observer.
@@ -109,6 +125,18 @@ impl Client {
     /// The limits the core announced.
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Bounds how long a call waits to send its request and for each read
+    /// of its reply (`None`: forever, the default). A call that runs out of
+    /// time fails with [`Error::Io`]; its reply may still arrive later and
+    /// would be taken for the next call's, so a connection whose call timed
+    /// out should be dropped.
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<()> {
+        self.stream
+            .set_read_timeout(timeout)
+            .and_then(|()| self.stream.set_write_timeout(timeout))
+            .map_err(|e| self.io(e))
     }
 
     fn io(&self, error: std::io::Error) -> Error {
@@ -336,5 +364,14 @@ impl Client {
     /// session; sessions: their own), from the first at `from` or above.
     pub fn mappings(&mut self, session: u64, ioas: u32, from: u64, max: u32) -> Result<Vec<MappingInfo>> {
         expect!(self.call(&Request::Mappings { session, ioas, from, max }, &[])?, Reply::Mappings(m) => m)
+    }
+}
+
+/// The connection's socket: poll it (e.g. for `POLLRDHUP`) to learn that
+/// the core closed the connection; reading or writing it directly would
+/// break the framing.
+impl AsFd for Client {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
     }
 }

@@ -8,6 +8,22 @@
  * fills, compares and CRC-32C with RID DMA (IOVA = guest physical address
  * on the compat IOAS), checking every result. It prints one line starting
  * with "ENGINE-TEST PASS" or "ENGINE-TEST FAIL".
+ *
+ * `engine-test restart` then keeps copying while the host kills iommu-core
+ * and starts a new one (scripts/qemu-e2e.sh). What the guest sees then:
+ * while the device server has no core, its DMA through the compat IOAS
+ * fails, so fetching a descriptor from the ring (in guest RAM) faults and
+ * the queue halts (Q_STATUS bit 1); a descriptor caught as the core goes
+ * may also end with an error status, or be consumed (HEAD moves) without a
+ * completion record, since the record cannot be written either. The guest
+ * counts each as a failed attempt, restarts the queue (Q_CTRL 0 then 1:
+ * it restarts empty at the doorbell) and tries again every 5 ms. Once the
+ * server has reconnected and rebuilt its compat IOAS, copies succeed again
+ * with no action of the VMM. It prints "ENGINE-TEST RESTART READY" when it
+ * starts, "ENGINE-TEST RESTART OUTAGE" at the first failure, "ENGINE-TEST
+ * RESTART RECOVERED" with the time from the first failure to the first
+ * good copy, then "ENGINE-TEST RESTART PASS" after 200 more good copies,
+ * or "ENGINE-TEST FAIL".
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -149,7 +165,122 @@ static int run(struct desc d, uint8_t *status, uint64_t *result)
     return -1;
 }
 
-int main(void)
+static double now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+
+static volatile uint32_t *q; /* queue 0's register block */
+
+/* Disabled and enabled again, a queue restarts empty at the doorbell. */
+static void restart_queue(void)
+{
+    q[0x10 / 4] = 0;
+    q[0x10 / 4] = 1;
+}
+
+/*
+ * One copy of a page for the restart phase: 1 if it completed with
+ * SUCCESS, 0 if it failed (why in *why). Waits at most timeout_ms.
+ */
+static int try_copy(uint64_t src, uint64_t dst, double timeout_ms, const char **why)
+{
+    uint32_t slot = tail % 16;
+    volatile uint8_t *c = comp + slot * 32;
+    memset((void *)c, 0, 32);
+    struct desc d = {.op = 1, .len = PAGE, .src = src, .dst = dst, .completion = comp_pa + slot * 32};
+    ring[slot] = d;
+    __sync_synchronize();
+    tail++;
+    bells[0] = tail;
+    double t0 = now_ms();
+    for (long i = 0;; i++) {
+        if (c[0]) {
+            __sync_synchronize();
+            if (c[0] == 1)
+                return 1;
+            *why = "a completion record with an error status";
+            return 0;
+        }
+        if (i % 64 == 63) {
+            if (q[0x1c / 4] & 2) {
+                *why = "the queue halted (a descriptor fetch faulted)";
+                return 0;
+            }
+            /* HEAD moves after the record was written (or could not be). */
+            if (q[0x14 / 4] == tail) {
+                __sync_synchronize();
+                if (c[0] == 1)
+                    return 1;
+                *why = c[0] ? "a completion record with an error status" : "consumed without a completion record";
+                return 0;
+            }
+            if (now_ms() - t0 > timeout_ms) {
+                *why = "no completion in time";
+                return 0;
+            }
+        }
+        if (i > 1000)
+            usleep(10);
+    }
+}
+
+/* Copies until the core has gone and come back (see the top comment). */
+static int restart_phase(uint8_t *a, uint8_t *b, uint64_t a_pa, uint64_t b_pa)
+{
+    printf("ENGINE-TEST RESTART READY: copying while the core goes and comes back\n");
+    fflush(stdout);
+    double start = now_ms(), first_fail = 0, recovered = 0;
+    int failures = 0, ok_after = 0, ok_before = 0;
+    const char *why = "", *first_why = "";
+    for (int round = 0;; round++) {
+        if (!failures && now_ms() - start > 120000)
+            return fail("restart: copies never failed within 120 s (the core was not killed?)");
+        for (unsigned i = 0; i < PAGE; i++)
+            a[i] = (uint8_t)(i * 13 + round);
+        memset(b, 0, PAGE);
+        if (try_copy(a_pa, b_pa, 2000, &why)) {
+            if (memcmp(a, b, PAGE))
+                return fail("restart: a copy completed with SUCCESS but wrong data");
+            if (!failures) {
+                ok_before++;
+                continue;
+            }
+            if (!recovered) {
+                recovered = now_ms();
+                printf("ENGINE-TEST RESTART RECOVERED: the device was without DMA for %.0f ms (%d failed attempts, "
+                       "the first: %s)\n",
+                       recovered - first_fail, failures, first_why);
+                fflush(stdout);
+            }
+            if (++ok_after >= 200)
+                break;
+            continue;
+        }
+        if (recovered)
+            return fail("restart: a copy failed after DMA had come back");
+        if (!failures) {
+            first_fail = now_ms();
+            first_why = why;
+            printf("ENGINE-TEST RESTART OUTAGE: %s\n", why);
+            fflush(stdout);
+        }
+        failures++;
+        restart_queue();
+        if (now_ms() - first_fail > 90000)
+            return fail("restart: DMA did not come back within 90 s");
+        usleep(5000);
+    }
+    printf("ENGINE-TEST RESTART PASS: %d copies before the outage, %d failed attempts during it, %d good copies "
+           "after it\n",
+           ok_before, failures, ok_after);
+    fflush(stdout);
+    return 0;
+}
+
+int main(int argc, char **argv)
 {
     char dev[512], path[600];
     if (find_device(dev, sizeof dev))
@@ -184,7 +315,7 @@ int main(void)
         return fail("cannot get locked pages with physical addresses");
 
     regs[0x10 / 4] = 1; /* CTRL: enable */
-    volatile uint32_t *q = regs + 0x100 / 4;
+    q = regs + 0x100 / 4;
     q[0x10 / 4] = 0;
     q[0x00 / 4] = (uint32_t)ring_pa;
     q[0x04 / 4] = (uint32_t)(ring_pa >> 32);
@@ -225,5 +356,7 @@ int main(void)
         return fail("compare");
     printf("ENGINE-TEST PASS: %d copies of 4 KiB (%.0f copies/s), fill, crc32c, compare checked\n", n, n / secs);
     fflush(stdout);
+    if (argc > 1 && !strcmp(argv[1], "restart"))
+        return restart_phase(a, b, a_pa, b_pa);
     return 0;
 }

@@ -13,18 +13,36 @@
 //!
 //! DMA_MAP without an fd registers client memory that the device reaches
 //! with DMA_READ/DMA_WRITE messages (compat RID DMA only).
+//!
+//! **Core restart.** The compat path is one [`Compat`] (session, IOAS,
+//! device channel) at a time. A watcher thread polls its session socket
+//! and channel for hang-up; when the core goes away it drops the
+//! [`Compat`] (after the DMA running through it has ended), and from then
+//! on DMA_MAP with an fd fails with `ENODEV`, device DMA through the compat
+//! IOAS fails with [`Error::CoreGone`], and DMA_UNMAP only edits the
+//! server's table. The watcher connects again (50 ms, doubling to 1 s),
+//! rebuilds the compat IOAS from the table with the files the client gave
+//! (the server keeps them open), binds and attaches the device, and puts
+//! the new [`Compat`] in place. An extension binding whose channel died
+//! with the core is dropped with its vPASID map.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::sync::{Arc, Mutex, RwLock};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use iommu_core::client::Client;
-use iommu_core::device::{Channel, DriverStateProvider};
+use iommu_core::device::{self, Channel, DriverStateProvider};
 use iommu_core::memfd;
+use iommu_core::sync;
 use iommu_core::tu::{self, TranslationUnit};
 use iommu_core::types::{BindArgs, DeviceCaps, DriverState, FaultReason, FaultRecord, MapArgs, Perm, VpasidEntry};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::proto;
 
@@ -58,6 +76,10 @@ pub enum Error {
     /// The core refused or failed.
     #[error("{0}")]
     Core(String, i32),
+    /// The server has no core: the one it used went away (or its
+    /// connection broke) and no new one has been reached yet.
+    #[error("no iommu-core: {0}")]
+    CoreGone(String),
     /// Client memory reached by messages failed.
     #[error("client DMA {0}")]
     Client(String, i32),
@@ -82,18 +104,27 @@ impl Error {
             Error::AlreadyBound(_) => libc::EBUSY,
             Error::Fault(_) => libc::EFAULT,
             Error::Core(_, e) | Error::Client(_, e) => *e,
+            Error::CoreGone(_) => libc::ENODEV,
             Error::Refused(r) => r.errno(),
             Error::TooBig(_) => libc::E2BIG,
         }
     }
 }
 
-fn core_err(e: iommu_core::client::Error) -> Error {
-    let code = e.errno().map_or(libc::EIO, |x| x.code());
-    Error::Core(e.to_string(), code)
+/// A failed call of the compat session: a refusal keeps the core's errno;
+/// anything else means the connection to the core is broken.
+fn session_err(e: iommu_core::client::Error) -> Error {
+    use iommu_core::client::Error as C;
+    match e {
+        C::Core(r) => {
+            let code = r.errno.map_or(libc::EIO, |x| x.code());
+            Error::Core(r.to_string(), code)
+        }
+        other => Error::CoreGone(other.to_string()),
+    }
 }
 
-fn chan_err(e: iommu_core::device::Error) -> Error {
+fn chan_err(e: device::Error) -> Error {
     let code = e.errno().map_or(libc::EIO, |x| x.code());
     Error::Core(e.to_string(), code)
 }
@@ -103,6 +134,11 @@ fn tu_err(e: tu::Error) -> Error {
         tu::Error::Channel(c) => chan_err(c),
         other => Error::Fault(other),
     }
+}
+
+/// True if a channel call failed because the channel itself is gone.
+fn channel_broken(e: &device::Error) -> bool {
+    matches!(e, device::Error::Io(_) | device::Error::Closed | device::Error::Wire(_) | device::Error::Unexpected(_))
 }
 
 /// Where a device's DMA is tagged.
@@ -175,7 +211,7 @@ impl ViewProvider {
 impl DriverStateProvider for ViewProvider {
     fn driver_state(&self, _dev: u32) -> DriverState {
         let counters = self.counters();
-        let Ok(v) = self.view.lock() else { return DriverState::default() };
+        let v = sync::lock(&self.view);
         if self.compat {
             let mut lines = vec!["compat binding: DMA_MAP/DMA_UNMAP of the vfio-user client".to_string()];
             lines.extend(counters);
@@ -190,27 +226,85 @@ impl DriverStateProvider for ViewProvider {
     }
 }
 
-/// The server's own session and compat IOAS.
+/// A file of a DMA_MAP: `(st_dev, st_ino)`.
+type FileKey = (u64, u64);
+
+/// One connection of the compat path to a core: the server's session, its
+/// compat IOAS, and the device bound through a channel of that session
+/// with its RID attached to the IOAS. A new one is made for each core the
+/// server reaches.
 pub struct Compat {
     session: Mutex<Client>,
     ioas: u32,
     tu: Arc<TranslationUnit>,
     dev: u32,
+    core_pid: Option<i32>,
+    session_id: u64,
+    /// Which connection this is (1 for the first; one more per reconnect).
+    generation: u64,
+    /// Memory objects of this session, per file.
+    mems: Mutex<HashMap<FileKey, u32>>,
+    /// Duplicates of the session socket and of the channel, watched for
+    /// hang-up.
+    watch: [Arc<OwnedFd>; 2],
+    /// Set when a call found the connection broken.
+    broken: AtomicBool,
 }
 
 impl Compat {
     /// Opens a session on the core at `core`, allocates the compat IOAS,
     /// binds the device through a channel of that session and attaches its
-    /// RID to the compat IOAS.
-    pub fn open(core: &std::path::Path, bind: BindArgs) -> Result<Compat, Error> {
-        let mut session = Client::session(core).map_err(core_err)?;
-        let ioas = session.ioas_alloc().map_err(core_err)?;
-        let (_, fd) = session.open_device_channel().map_err(core_err)?;
+    /// RID to the compat IOAS. With `timeout`, session calls give up after
+    /// it (a core that accepts and never answers cannot hold the caller)
+    /// until [`Compat::settle`].
+    fn open(
+        core: &Path,
+        bind: BindArgs,
+        generation: u64,
+        timeout: Option<Duration>,
+        view: &Arc<Mutex<View>>,
+    ) -> Result<Arc<Compat>, Error> {
+        let mut session = match timeout {
+            Some(t) => Client::session_with_timeout(core, t),
+            None => Client::session(core),
+        }
+        .map_err(session_err)?;
+        let dup = |fd: std::os::fd::BorrowedFd<'_>, what: &str| {
+            fd.try_clone_to_owned().map(Arc::new).map_err(|e| {
+                Error::Core(
+                    format!("cannot duplicate the {what} to watch it: {e}"),
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                )
+            })
+        };
+        let watch_session = dup(session.as_fd(), "core session socket")?;
+        let ioas = session.ioas_alloc().map_err(session_err)?;
+        let (_, fd) = session.open_device_channel().map_err(session_err)?;
+        let watch_channel = dup(fd.as_fd(), "device channel")?;
         let channel = Arc::new(Channel::new(fd).map_err(chan_err)?);
+        let provider = ViewProvider::new(view.clone(), true);
+        channel.set_driver_state_provider(provider.clone());
         let tu = TranslationUnit::new(channel, tu::Config::default()).map_err(tu_err)?;
+        let _ = provider.tu.set(Arc::downgrade(&tu));
         let dev = tu.bind(bind).map_err(tu_err)?.dev_id;
         tu.channel().attach(dev, None, ioas).map_err(chan_err)?;
-        Ok(Compat { session: Mutex::new(session), ioas, tu, dev })
+        Ok(Arc::new(Compat {
+            core_pid: session.core_pid(),
+            session_id: session.session_id(),
+            session: Mutex::new(session),
+            ioas,
+            tu,
+            dev,
+            generation,
+            mems: Mutex::new(HashMap::new()),
+            watch: [watch_session, watch_channel],
+            broken: AtomicBool::new(false),
+        }))
+    }
+
+    /// Session calls wait as long as the core takes again.
+    fn settle(&self) -> Result<(), Error> {
+        sync::lock(&self.session).set_timeout(None).map_err(session_err)
     }
 
     /// The compat IOAS id.
@@ -220,7 +314,7 @@ impl Compat {
 
     /// The server's session id.
     pub fn session_id(&self) -> u64 {
-        self.session.lock().map(|s| s.session_id()).unwrap_or(0)
+        self.session_id
     }
 
     /// Device id in the server's session.
@@ -228,10 +322,15 @@ impl Compat {
         self.dev
     }
 
+    /// Which connection to a core this is: 1 for the first, one more for
+    /// each reconnect.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Runs `f` with the server's session.
-    pub fn with_session<T>(&self, f: impl FnOnce(&mut Client) -> T) -> Result<T, Error> {
-        let mut s = self.session.lock().map_err(|_| Error::Invalid("session lock poisoned".into()))?;
-        Ok(f(&mut s))
+    pub fn with_session<T>(&self, f: impl FnOnce(&mut Client) -> T) -> T {
+        f(&mut sync::lock(&self.session))
     }
 }
 
@@ -243,22 +342,41 @@ pub struct Bound {
     rid: Option<u32>,
     /// vPASID -> (pPASID, pt_id).
     pasids: BTreeMap<u32, (u32, u32)>,
+    /// A duplicate of the channel, watched for hang-up; `None` once it hung
+    /// up while the core stayed (the session ended).
+    watch: Option<Arc<OwnedFd>>,
+    /// The pid of the core that made the channel.
+    core_pid: Option<i32>,
 }
 
 enum MapKind {
-    Fd { key: (u64, u64) },
+    /// Mapped in the compat IOAS of connection `generation` (if that
+    /// connection is the current one, the core holds the mapping).
+    Fd {
+        key: FileKey,
+        generation: u64,
+    },
     Msg,
 }
 
 struct ClientMap {
     size: u64,
     flags: u32,
+    offset: u64,
     kind: MapKind,
 }
 
-struct MemRef {
-    id: u32,
+/// A file a DMA_MAP gave, kept open to map it again in a new core.
+struct HeldFile {
+    file: File,
     refs: u32,
+}
+
+/// The client's DMA table.
+#[derive(Default)]
+struct Table {
+    regions: BTreeMap<u64, ClientMap>,
+    files: HashMap<FileKey, HeldFile>,
 }
 
 /// The core's dirty tracking granule.
@@ -271,13 +389,28 @@ pub const MAX_REPORT_BLOCKS: u64 = 1 << 26;
 
 /// Limits of the DMA table.
 pub const MAX_DMA_MAPS: usize = 65535;
+/// Most distinct files the DMA table keeps open (fewer if half the
+/// process's open-file limit is lower).
+pub const MAX_DMA_FILES: usize = 4096;
+
+/// First wait before connecting again to a core that went away.
+pub const RECONNECT_FIRST: Duration = Duration::from_millis(50);
+/// Longest wait between two attempts (the wait doubles up to it).
+pub const RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// How long each call to a new core may take while the compat IOAS is
+/// rebuilt.
+const REBUILD_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// When one of the core's sockets hangs up, how long to wait for the
+/// other to tell whether the whole core went away.
+const HANGUP_GRACE: Duration = Duration::from_millis(200);
 
 /// The DMA state of one device.
 pub struct Dma {
-    compat: Compat,
+    core: PathBuf,
+    compat: RwLock<Option<Arc<Compat>>>,
+    generations: AtomicU64,
     bound: RwLock<Option<Bound>>,
-    maps: Mutex<BTreeMap<u64, ClientMap>>,
-    mems: Mutex<HashMap<(u64, u64), MemRef>>,
+    table: Mutex<Table>,
     client: RwLock<Option<Arc<dyn ClientDma>>>,
     caps: DeviceCaps,
     bind_args: BindArgs,
@@ -287,64 +420,147 @@ pub struct Dma {
     /// access; an unmap of such a region takes it (write).
     msg_dma: RwLock<()>,
     /// Client regions without an fd.
-    msg_regions: std::sync::atomic::AtomicUsize,
+    msg_regions: AtomicUsize,
+    /// DMA logging is on (the compat IOAS tracks dirty pages).
+    logging: AtomicBool,
+    /// Ranges `(first, last)` whose dirty state was lost with a core and
+    /// that the next DMA logging report covering them shows dirty.
+    unreported: Mutex<Vec<(u64, u64)>>,
+    max_files: usize,
+    /// Wakes the watcher thread (a binding came or went, a call found the
+    /// core gone, the server stops).
+    wake: Arc<EventFd>,
+    stop: Arc<AtomicBool>,
+    reconnects: AtomicU64,
+}
+
+impl Drop for Dma {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.wake.write(1);
+    }
+}
+
+fn file_limit() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(s, _)| s);
+    usize::try_from(soft / 2).unwrap_or(MAX_DMA_FILES).clamp(16, MAX_DMA_FILES)
 }
 
 impl Dma {
-    /// Connects to the core and sets up the compat path.
-    pub fn new(core: &std::path::Path, bind: BindArgs, policy: PasidPolicy) -> Result<Arc<Dma>, Error> {
+    /// Connects to the core and sets up the compat path, and starts the
+    /// thread that follows the core (reconnecting after it went away).
+    pub fn new(core: &Path, bind: BindArgs, policy: PasidPolicy) -> Result<Arc<Dma>, Error> {
         let caps = bind.caps;
-        let compat = Compat::open(core, bind.clone())?;
         let view = Arc::new(Mutex::new(View {
             server: format!("vfio-user-server pid {} device {}", std::process::id(), bind.name),
             ..View::default()
         }));
-        let provider = ViewProvider::new(view.clone(), true);
-        let _ = provider.tu.set(Arc::downgrade(&compat.tu));
-        compat.tu.channel().set_driver_state_provider(provider);
-        Ok(Arc::new(Dma {
-            compat,
+        let compat = Compat::open(core, bind.clone(), 1, None, &view)?;
+        let wake = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| Error::Core(format!("cannot make an eventfd: {e}"), e as i32))?;
+        let dma = Arc::new(Dma {
+            core: core.to_path_buf(),
+            compat: RwLock::new(Some(compat)),
+            generations: AtomicU64::new(1),
             bound: RwLock::new(None),
-            maps: Mutex::new(BTreeMap::new()),
-            mems: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
             client: RwLock::new(None),
             caps,
             bind_args: bind,
             policy,
             view,
             msg_dma: RwLock::new(()),
-            msg_regions: Default::default(),
-        }))
+            msg_regions: AtomicUsize::new(0),
+            logging: AtomicBool::new(false),
+            unreported: Mutex::new(Vec::new()),
+            max_files: file_limit(),
+            wake: Arc::new(wake),
+            stop: Arc::new(AtomicBool::new(false)),
+            reconnects: AtomicU64::new(0),
+        });
+        let weak = Arc::downgrade(&dma);
+        let (wake, stop) = (dma.wake.clone(), dma.stop.clone());
+        std::thread::Builder::new()
+            .name("ioasid-core-watch".into())
+            .spawn(move || watch(&weak, &wake, &stop))
+            .map_err(|e| Error::Core(format!("cannot start the core watcher: {e}"), libc::EAGAIN))?;
+        Ok(dma)
     }
 
     /// Sets the server line observers see (e.g. with the socket path).
     pub fn set_description(&self, s: String) {
-        if let Ok(mut v) = self.view.lock() {
-            v.server = s;
-        }
+        sync::lock(&self.view).server = s;
     }
 
     fn publish(&self, b: Option<&Bound>) {
-        if let Ok(mut v) = self.view.lock() {
-            v.rid = b.and_then(|b| b.rid);
-            v.vpasids = b
-                .map(|b| {
-                    b.pasids.iter().map(|(&vpasid, &(ppasid, pt_id))| VpasidEntry { vpasid, ppasid, pt_id }).collect()
-                })
-                .unwrap_or_default();
-        }
+        let mut v = sync::lock(&self.view);
+        v.rid = b.and_then(|b| b.rid);
+        v.vpasids = b
+            .map(|b| b.pasids.iter().map(|(&vpasid, &(ppasid, pt_id))| VpasidEntry { vpasid, ppasid, pt_id }).collect())
+            .unwrap_or_default();
     }
 
-    /// The compat path.
-    pub fn compat(&self) -> &Compat {
-        &self.compat
+    /// The compat path of the core the server is connected to now; `None`
+    /// while it has none (the core went away and no new one answered yet).
+    pub fn compat(&self) -> Option<Arc<Compat>> {
+        sync::read(&self.compat).clone()
+    }
+
+    /// True while the server is connected to a core.
+    pub fn core_connected(&self) -> bool {
+        sync::read(&self.compat).is_some()
+    }
+
+    /// How many times the server reconnected to a core.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    fn kick(&self) {
+        let _ = self.wake.write(1);
+    }
+
+    fn core_gone(&self) -> Error {
+        Error::CoreGone(format!(
+            "the core at {} went away and the server has not reached a new one yet",
+            self.core.display()
+        ))
+    }
+
+    /// A call of the compat session; a broken connection marks it so the
+    /// watcher replaces it.
+    fn call<T>(&self, c: &Compat, f: impl FnOnce(&mut Client) -> iommu_core::client::Result<T>) -> Result<T, Error> {
+        let r = c.with_session(f).map_err(session_err);
+        if matches!(r, Err(Error::CoreGone(_))) && !c.broken.swap(true, Ordering::AcqRel) {
+            self.kick();
+        }
+        r
+    }
+
+    /// Drops `c` if it is still the current compat path, once every DMA
+    /// through it has ended. True if it was.
+    fn lose(&self, c: &Arc<Compat>, why: &str) -> bool {
+        let old = {
+            let mut g = sync::write(&self.compat);
+            match g.as_ref() {
+                Some(cur) if Arc::ptr_eq(cur, c) => g.take(),
+                _ => None,
+            }
+        };
+        let Some(old) = old else { return false };
+        tracing::warn!(
+            "lost the core at {} (compat session {}, {why}): DMA_MAP with an fd fails with ENODEV and device DMA \
+             through the compat IOAS fails until a core answers there again; reconnecting",
+            self.core.display(),
+            old.session_id
+        );
+        drop(old);
+        true
     }
 
     /// Sets (or clears) the connected client for message-based DMA.
     pub fn set_client(&self, c: Option<Arc<dyn ClientDma>>) {
-        if let Ok(mut g) = self.client.write() {
-            *g = c;
-        }
+        *sync::write(&self.client) = c;
     }
 
     /// Handles DMA_MAP. `fd` is the passed file, if any.
@@ -362,18 +578,19 @@ impl Dma {
             .address
             .checked_add(m.size - 1)
             .ok_or_else(|| Error::Invalid(format!("DMA region {:#x}+{:#x} overflows", m.address, m.size)))?;
-        let mut maps = self.maps.lock().map_err(|_| Error::Invalid("map table poisoned".into()))?;
-        if maps.len() >= MAX_DMA_MAPS {
+        let mut t = sync::lock(&self.table);
+        if t.regions.len() >= MAX_DMA_MAPS {
             return Err(Error::Limit(format!("at most {MAX_DMA_MAPS} DMA regions")));
         }
-        if let Some((&a, r)) = maps.range(..=last).next_back() {
+        if let Some((&a, r)) = t.regions.range(..=last).next_back() {
             if a + (r.size - 1) >= m.address {
                 return Err(Error::Exists(m.address, m.size));
             }
         }
         let Some(fd) = fd else {
-            maps.insert(m.address, ClientMap { size: m.size, flags: m.flags, kind: MapKind::Msg });
-            self.msg_regions.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            t.regions
+                .insert(m.address, ClientMap { size: m.size, flags: m.flags, offset: m.offset, kind: MapKind::Msg });
+            self.msg_regions.fetch_add(1, Ordering::AcqRel);
             return Ok(());
         };
         const PAGE: u64 = 4096;
@@ -407,39 +624,59 @@ impl Dma {
             )));
         }
         let key = (md.dev(), md.ino());
-        let mem = self.mem_get(key, &file)?;
+        let Some(c) = self.compat() else { return Err(self.core_gone()) };
+        let held = t.files.contains_key(&key);
+        if !held && t.files.len() >= self.max_files {
+            return Err(Error::Limit(format!("at most {} distinct files in the DMA table", self.max_files)));
+        }
+        let known = sync::lock(&c.mems).get(&key).copied();
+        let (mem, fresh) = match known {
+            Some(id) => (id, false),
+            None => {
+                let f = t.files.get(&key).map_or(&file, |h| &h.file);
+                let info = self.call(&c, |s| s.register_memory(f.as_fd()))?;
+                sync::lock(&c.mems).insert(key, info.id);
+                (info.id, true)
+            }
+        };
         let perm = Perm { read: m.flags & proto::DMA_MAP_READ != 0, write: m.flags & proto::DMA_MAP_WRITE != 0 };
-        let args =
-            MapArgs { ioas: self.compat.ioas, mem, offset: m.offset, length: m.size, iova: Some(m.address), perm };
-        if let Err(e) = self.compat.with_session(|s| s.map(args))?.map_err(core_err) {
-            self.mem_put(key);
+        let args = MapArgs { ioas: c.ioas, mem, offset: m.offset, length: m.size, iova: Some(m.address), perm };
+        if let Err(e) = self.call(&c, |s| s.map(args)) {
+            if fresh {
+                sync::lock(&c.mems).remove(&key);
+                if !matches!(e, Error::CoreGone(_)) {
+                    if let Err(d) = self.call(&c, |s| s.destroy(mem)) {
+                        tracing::warn!("could not free memory object {mem} of the compat session: {d}");
+                    }
+                }
+            }
             return Err(e);
         }
-        maps.insert(m.address, ClientMap { size: m.size, flags: m.flags, kind: MapKind::Fd { key } });
+        match t.files.get_mut(&key) {
+            Some(h) => h.refs += 1,
+            None => {
+                t.files.insert(key, HeldFile { file, refs: 1 });
+            }
+        }
+        let kind = MapKind::Fd { key, generation: c.generation };
+        t.regions.insert(m.address, ClientMap { size: m.size, flags: m.flags, offset: m.offset, kind });
         Ok(())
     }
 
-    fn mem_get(&self, key: (u64, u64), file: &File) -> Result<u32, Error> {
-        let mut mems = self.mems.lock().map_err(|_| Error::Invalid("memory table poisoned".into()))?;
-        if let Some(r) = mems.get_mut(&key) {
-            r.refs += 1;
-            return Ok(r.id);
+    /// One region less of file `key`: the last one closes the file and
+    /// frees its memory object in `c`.
+    fn file_put(&self, t: &mut Table, key: FileKey, c: Option<&Arc<Compat>>) {
+        let Some(h) = t.files.get_mut(&key) else { return };
+        h.refs = h.refs.saturating_sub(1);
+        if h.refs > 0 {
+            return;
         }
-        let info = self.compat.with_session(|s| s.register_memory(file.as_fd()))?.map_err(core_err)?;
-        mems.insert(key, MemRef { id: info.id, refs: 1 });
-        Ok(info.id)
-    }
-
-    fn mem_put(&self, key: (u64, u64)) {
-        let Ok(mut mems) = self.mems.lock() else { return };
-        let Some(r) = mems.get_mut(&key) else { return };
-        r.refs -= 1;
-        if r.refs == 0 {
-            let id = r.id;
-            mems.remove(&key);
-            if let Ok(Err(e)) = self.compat.with_session(|s| s.destroy(id)) {
-                tracing::warn!("could not free memory object {id} of the compat session: {e}");
-            }
+        // A file that passed check_memory_fd: closing it cannot block.
+        t.files.remove(&key);
+        let Some(c) = c else { return };
+        let Some(id) = sync::lock(&c.mems).remove(&key) else { return };
+        if let Err(e) = self.call(c, |s| s.destroy(id)) {
+            tracing::warn!("could not free memory object {id} of the compat session: {e}");
         }
     }
 
@@ -455,41 +692,54 @@ impl Dma {
             }
         };
         let has_msg = {
-            let maps = self.maps.lock().map_err(|_| Error::Invalid("map table poisoned".into()))?;
-            pick(&maps)?.iter().any(|a| maps.get(a).is_some_and(|r| matches!(r.kind, MapKind::Msg)))
+            let t = sync::lock(&self.table);
+            pick(&t.regions)?.iter().any(|a| t.regions.get(a).is_some_and(|r| matches!(r.kind, MapKind::Msg)))
         };
         // Device DMA through client messages holds the read side for the
-        // whole access (and takes the map lock inside): wait for it first.
-        let _quiet = if has_msg { Some(self.msg_dma.write()) } else { None };
-        let mut maps = self.maps.lock().map_err(|_| Error::Invalid("map table poisoned".into()))?;
-        let victims = pick(&maps)?;
+        // whole access (and takes the table lock inside): wait for it first.
+        let _quiet = if has_msg { Some(sync::write(&self.msg_dma)) } else { None };
+        let mut t = sync::lock(&self.table);
+        let victims = pick(&t.regions)?;
+        // No new compat path appears while the table is locked (the watcher
+        // installs one under it).
+        let mut link = self.compat();
         let mut first_err = None;
         for a in victims {
-            let Some(r) = maps.get(&a) else { continue };
+            let Some(r) = t.regions.get(&a) else { continue };
             let (rsize, kind) = (
                 r.size,
                 match r.kind {
-                    MapKind::Fd { key } => Some(key),
+                    MapKind::Fd { key, generation } => Some((key, generation)),
                     MapKind::Msg => None,
                 },
             );
-            let Some(key) = kind else {
-                maps.remove(&a);
-                self.msg_regions.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            let Some((key, generation)) = kind else {
+                t.regions.remove(&a);
+                self.msg_regions.fetch_sub(1, Ordering::AcqRel);
                 continue;
             };
-            // The core completes the unmap only after the translation unit
-            // has dropped its IOTLB entries and in-flight DMA ended.
-            match self.compat.with_session(|s| s.unmap(self.compat.ioas, a, rsize))?.map_err(core_err) {
-                Ok(_) => {
-                    maps.remove(&a);
-                    self.mem_put(key);
-                }
-                Err(e) => {
-                    tracing::warn!("unmap of {a:#x}+{rsize:#x} in the compat IOAS failed: {e}");
-                    first_err.get_or_insert(e);
+            // In the core only if mapped through the current connection;
+            // otherwise it went with the core that held it.
+            if let Some(c) = link.clone().filter(|c| c.generation == generation) {
+                // The core completes the unmap only after the translation
+                // unit has dropped its IOTLB entries and in-flight DMA ended.
+                match self.call(&c, |s| s.unmap(c.ioas, a, rsize)) {
+                    Ok(_) => {}
+                    Err(Error::CoreGone(why)) => {
+                        // The mapping went with the core; once no DMA runs
+                        // through the old connection the region can go.
+                        self.lose(&c, &why);
+                        link = None;
+                    }
+                    Err(e) => {
+                        tracing::warn!("unmap of {a:#x}+{rsize:#x} in the compat IOAS failed: {e}");
+                        first_err.get_or_insert(e);
+                        continue;
+                    }
                 }
             }
+            t.regions.remove(&a);
+            self.file_put(&mut t, key, link.as_ref());
         }
         match first_err {
             Some(e) => Err(e),
@@ -499,12 +749,17 @@ impl Dma {
 
     /// Number of client DMA regions.
     pub fn map_count(&self) -> usize {
-        self.maps.lock().map(|m| m.len()).unwrap_or(0)
+        sync::lock(&self.table).regions.len()
+    }
+
+    /// Number of files the DMA table keeps open.
+    pub fn file_count(&self) -> usize {
+        sync::lock(&self.table).files.len()
     }
 
     fn msg_region(&self, iova: u64, len: usize, write: bool) -> Option<bool> {
-        let maps = self.maps.lock().ok()?;
-        let (&a, r) = maps.range(..=iova).next_back()?;
+        let t = sync::lock(&self.table);
+        let (&a, r) = t.regions.range(..=iova).next_back()?;
         if !matches!(r.kind, MapKind::Msg) {
             return None;
         }
@@ -515,21 +770,46 @@ impl Dma {
         Some(ok)
     }
 
-    fn resolve(&self, route: Route) -> Result<(Arc<TranslationUnit>, u32, u32), Error> {
-        let b = self.bound.read().map_err(|_| Error::NotBound)?;
-        match (&*b, route) {
-            (Some(b), Route::Rid) => Ok((b.tu.clone(), b.dev, 0)),
-            (Some(b), Route::Vpasid(v)) => match b.pasids.get(&v) {
-                Some(&(p, _)) => Ok((b.tu.clone(), b.dev, p)),
-                None => Err(Error::NoPasid(v)),
-            },
-            (None, Route::Rid) => Ok((self.compat.tu.clone(), self.compat.dev, 0)),
-            (None, Route::Vpasid(v)) => Err(Error::NoPasid(v)),
+    /// Runs `f` with the translation unit, device id and pPASID DMA of
+    /// `route` uses now. Through the compat path, `f` runs under the read
+    /// side of the compat lock: once the watcher has dropped a compat path,
+    /// no DMA runs through it any more.
+    fn translated<T>(
+        &self,
+        route: Route,
+        f: impl FnOnce(&TranslationUnit, u32, u32) -> tu::Result<T>,
+    ) -> Result<T, Error> {
+        let via_binding = {
+            let g = sync::read(&self.bound);
+            match (g.as_ref(), route) {
+                (Some(b), Route::Rid) => Some((b.tu.clone(), b.dev, 0)),
+                (Some(b), Route::Vpasid(v)) => match b.pasids.get(&v) {
+                    Some(&(p, _)) => Some((b.tu.clone(), b.dev, p)),
+                    None => return Err(Error::NoPasid(v)),
+                },
+                (None, Route::Vpasid(v)) => return Err(Error::NoPasid(v)),
+                (None, Route::Rid) => None,
+            }
+        };
+        if let Some((tu, dev, pasid)) = via_binding {
+            return f(&tu, dev, pasid).map_err(tu_err);
+        }
+        let g = sync::read(&self.compat);
+        let Some(c) = g.as_ref() else { return Err(self.core_gone()) };
+        match f(&c.tu, c.dev, 0) {
+            Ok(v) => Ok(v),
+            Err(tu::Error::Channel(e)) if channel_broken(&e) => {
+                if !c.broken.swap(true, Ordering::AcqRel) {
+                    self.kick();
+                }
+                Err(Error::CoreGone(e.to_string()))
+            }
+            Err(e) => Err(tu_err(e)),
         }
     }
 
     fn bound_now(&self) -> bool {
-        self.bound.read().map(|b| b.is_some()).unwrap_or(false)
+        sync::read(&self.bound).is_some()
     }
 
     fn client_path(
@@ -540,7 +820,7 @@ impl Dma {
         write: bool,
     ) -> Result<Option<Arc<dyn ClientDma>>, Error> {
         // Most clients give fds for all their memory: skip the lookup.
-        if route != Route::Rid || self.msg_regions.load(std::sync::atomic::Ordering::Acquire) == 0 || self.bound_now() {
+        if route != Route::Rid || self.msg_regions.load(Ordering::Acquire) == 0 || self.bound_now() {
             return Ok(None);
         }
         match self.msg_region(iova, len, write) {
@@ -549,7 +829,7 @@ impl Dma {
                 Err(Error::Client(format!("{iova:#x}+{len:#x} is outside a permitted region"), libc::EFAULT))
             }
             Some(true) => {
-                let c = self.client.read().ok().and_then(|c| c.clone());
+                let c = sync::read(&self.client).clone();
                 c.map(Some).ok_or_else(|| Error::Client("without a connected client".into(), libc::ENOTCONN))
             }
         }
@@ -557,77 +837,83 @@ impl Dma {
 
     /// Device DMA read.
     pub fn read(&self, route: Route, iova: u64, buf: &mut [u8]) -> Result<(), Error> {
-        let guard = self.msg_dma.read();
+        let guard = sync::read(&self.msg_dma);
         if let Some(c) = self.client_path(route, iova, buf.len(), false)? {
             return c.read(iova, buf);
         }
         drop(guard);
-        let (tu, dev, pasid) = self.resolve(route)?;
-        tu.read(dev, pasid, iova, buf).map_err(tu_err)
+        self.translated(route, |tu, dev, pasid| tu.read(dev, pasid, iova, buf))
     }
 
     /// Device DMA write.
     pub fn write(&self, route: Route, iova: u64, data: &[u8]) -> Result<(), Error> {
-        let guard = self.msg_dma.read();
+        let guard = sync::read(&self.msg_dma);
         if let Some(c) = self.client_path(route, iova, data.len(), true)? {
             return c.write(iova, data);
         }
         drop(guard);
-        let (tu, dev, pasid) = self.resolve(route)?;
-        // The whole range is checked first, so a write that would fault
-        // part-way writes nothing (the faulting page is reported).
-        if data.len() > 1 {
-            tu.translate(dev, pasid, iova, data.len(), Perm::W).map_err(tu_err)?;
-        }
-        tu.write(dev, pasid, iova, data).map_err(tu_err)
+        self.translated(route, |tu, dev, pasid| {
+            // The whole range is checked first, so a write that would fault
+            // part-way writes nothing (the faulting page is reported).
+            if data.len() > 1 {
+                tu.translate(dev, pasid, iova, data.len(), Perm::W)?;
+            }
+            tu.write(dev, pasid, iova, data)
+        })
     }
 
     /// Checks that `[iova, iova+len)` can be written through `route`,
     /// without writing (faults and page requests happen here).
     pub fn check_write(&self, route: Route, iova: u64, len: usize) -> Result<(), Error> {
-        let _guard = self.msg_dma.read();
+        let _guard = sync::read(&self.msg_dma);
         if self.client_path(route, iova, len, true)?.is_some() {
             return Ok(());
         }
-        let (tu, dev, pasid) = self.resolve(route)?;
-        tu.translate(dev, pasid, iova, len, Perm::W).map(|_| ()).map_err(tu_err)
+        self.translated(route, |tu, dev, pasid| tu.translate(dev, pasid, iova, len, Perm::W).map(|_| ()))
     }
 
     /// Reports an unrecoverable fault of `route` to the core (a vPASID
     /// with no pPASID is reported on the RID: the core never learns
-    /// vPASIDs).
+    /// vPASIDs). Without a core there is nobody to tell.
     pub fn report_fault(&self, route: Route, iova: u64, write: bool, reason: FaultReason) {
         let target = match route {
-            Route::Vpasid(_) if self.resolve(route).is_err() => Route::Rid,
+            Route::Vpasid(v) if !sync::read(&self.bound).as_ref().is_some_and(|b| b.pasids.contains_key(&v)) => {
+                Route::Rid
+            }
             r => r,
         };
-        let Ok((tu, dev, pasid)) = self.resolve(target) else { return };
         let access = if write { Perm::W } else { Perm::R };
-        let rec = FaultRecord { dev_id: dev, pasid, iova, access, reason, group: 0, last: true, cookie: 0 };
-        if let Err(e) = tu.channel().report_fault(rec) {
+        let sent = self.translated(target, |tu, dev, pasid| {
+            let rec = FaultRecord { dev_id: dev, pasid, iova, access, reason, group: 0, last: true, cookie: 0 };
+            tu.channel().report_fault(rec).map_err(tu::Error::Channel)
+        });
+        if let Err(e) = sent {
             tracing::debug!("fault report not delivered: {e}");
         }
     }
 
-    /// The translation unit and device id DMA of `route` uses now.
-    pub fn translation_unit(&self, route: Route) -> Result<(Arc<TranslationUnit>, u32, u32), Error> {
-        self.resolve(route)
-    }
-
     /// Extension: binds the device through a session's device channel.
     pub fn bind(&self, fd: OwnedFd) -> Result<(u32, u64), Error> {
-        if let Some(b) = self.bound.read().map_err(|_| Error::NotBound)?.as_ref() {
+        if let Some(b) = sync::read(&self.bound).as_ref() {
             return Err(Error::AlreadyBound(b.session));
         }
         // The fd comes from a client: it must be a socket made by our core
         // (a silent or foreign peer would stall every channel call).
-        let core_pid = self.compat.with_session(|s| s.core_pid())?;
+        let Some(c) = self.compat() else { return Err(self.core_gone()) };
+        let core_pid = c.core_pid;
+        drop(c);
         let peer = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::PeerCredentials).ok().map(|c| c.pid());
         let stream = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SockType)
             .is_ok_and(|t| t == nix::sys::socket::SockType::Stream);
         if !stream || peer.is_none() || peer != core_pid {
             return Err(Error::Invalid("the fd is not a device channel of this server's core".into()));
         }
+        let watch = fd.try_clone().map_err(|e| {
+            Error::Core(
+                format!("cannot duplicate the device channel to watch it: {e}"),
+                e.raw_os_error().unwrap_or(libc::EIO),
+            )
+        })?;
         let channel = Arc::new(
             Channel::new(fd).map_err(|e| Error::Invalid(format!("the fd is not a working device channel: {e}")))?,
         );
@@ -637,21 +923,60 @@ impl Dma {
         let tu = TranslationUnit::new(channel, tu::Config::default()).map_err(tu_err)?;
         let _ = provider.tu.set(Arc::downgrade(&tu));
         let dev = tu.bind(self.bind_args.clone()).map_err(tu_err)?.dev_id;
-        let mut g = self.bound.write().map_err(|_| Error::NotBound)?;
-        *g = Some(Bound { tu, dev, session, rid: None, pasids: BTreeMap::new() });
+        let mut g = sync::write(&self.bound);
+        *g = Some(Bound {
+            tu,
+            dev,
+            session,
+            rid: None,
+            pasids: BTreeMap::new(),
+            watch: Some(Arc::new(watch)),
+            core_pid,
+        });
         self.publish(g.as_ref());
+        drop(g);
+        // The watcher follows the new channel.
+        self.kick();
         Ok((dev, session))
     }
 
     /// Extension: drops the binding (the core frees the device, its
     /// attachments and pPASIDs when the channel closes).
     pub fn unbind(&self) -> Result<(), Error> {
-        let b = self.bound.write().map_err(|_| Error::NotBound)?.take().ok_or(Error::NotBound)?;
+        let b = sync::write(&self.bound).take().ok_or(Error::NotBound)?;
         self.publish(None);
+        self.kick();
         if let Err(e) = b.tu.unbind(b.dev) {
             tracing::debug!("unbind of device {} in session {}: {e}", b.dev, b.session);
         }
         Ok(())
+    }
+
+    /// The watcher saw the binding's channel hang up: with the core gone
+    /// (`core_gone`), the binding goes; otherwise its session ended (or it
+    /// cannot be told yet) and the binding stays, failing DMA, until
+    /// IOASID_UNBIND, the client leaves, or a reconnect finds another core.
+    fn binding_hung_up(&self, watch: &Arc<OwnedFd>, core_gone: bool) {
+        let mut g = sync::write(&self.bound);
+        let same = g.as_ref().and_then(|b| b.watch.as_ref()).is_some_and(|w| Arc::ptr_eq(w, watch));
+        if !same {
+            return;
+        }
+        if !core_gone {
+            if let Some(b) = g.as_mut() {
+                b.watch = None;
+                tracing::info!(
+                    "the device channel of session {} closed: the binding stays (its DMA fails) until IOASID_UNBIND, \
+                     the client leaves, or the server finds that its core went away",
+                    b.session
+                );
+            }
+            return;
+        }
+        let Some(b) = g.take() else { return };
+        self.publish(None);
+        drop(g);
+        self.log_binding_dropped(&b);
     }
 
     /// Extension: attaches (or replaces) the RID or a vPASID to `pt_id`.
@@ -663,13 +988,12 @@ impl Dma {
     }
 
     fn republish(&self) {
-        if let Ok(g) = self.bound.read() {
-            self.publish(g.as_ref());
-        }
+        let g = sync::read(&self.bound);
+        self.publish(g.as_ref());
     }
 
     fn attach_inner(&self, vpasid: Option<u32>, pt_id: u32, replace: bool) -> Result<u32, Error> {
-        let mut g = self.bound.write().map_err(|_| Error::NotBound)?;
+        let mut g = sync::write(&self.bound);
         let b = g.as_mut().ok_or(Error::NotBound)?;
         let ch = b.tu.channel().clone();
         let Some(v) = vpasid else {
@@ -721,7 +1045,7 @@ impl Dma {
     }
 
     fn detach_inner(&self, vpasid: Option<u32>) -> Result<(), Error> {
-        let mut g = self.bound.write().map_err(|_| Error::NotBound)?;
+        let mut g = sync::write(&self.bound);
         let b = g.as_mut().ok_or(Error::NotBound)?;
         let ch = b.tu.channel().clone();
         match vpasid {
@@ -744,15 +1068,15 @@ impl Dma {
 
     /// The vPASID map: `(vpasid, ppasid, pt_id)`, plus the RID's IOAS.
     pub fn pasid_map(&self) -> (Option<u32>, Vec<(u32, u32, u32)>) {
-        match self.bound.read().ok().as_deref() {
-            Some(Some(b)) => (b.rid, b.pasids.iter().map(|(&v, &(p, t))| (v, p, t)).collect()),
-            _ => (None, Vec::new()),
+        match sync::read(&self.bound).as_ref() {
+            Some(b) => (b.rid, b.pasids.iter().map(|(&v, &(p, t))| (v, p, t)).collect()),
+            None => (None, Vec::new()),
         }
     }
 
     /// `(session, dev_id)` of the extension binding.
     pub fn binding(&self) -> Option<(u64, u32)> {
-        self.bound.read().ok()?.as_ref().map(|b| (b.session, b.dev))
+        sync::read(&self.bound).as_ref().map(|b| (b.session, b.dev))
     }
 
     /// Client disconnect: every DMA region goes, the extension binding
@@ -767,9 +1091,120 @@ impl Dma {
         self.set_client(None);
     }
 
-    /// Dirty tracking of the compat IOAS.
+    /// Connects to the core again and rebuilds the compat path: the
+    /// client's fd regions are mapped again at their IOVAs with their
+    /// rights (a region the new core refuses stays in the table, unmapped,
+    /// and is logged), DMA logging is turned on again if it was on. Returns
+    /// the new path and how many regions were restored and refused.
+    fn reconnect(&self) -> Result<(Arc<Compat>, usize, usize), Error> {
+        // Only this thread reconnects; the number is taken when it works.
+        let generation = self.generations.load(Ordering::Acquire) + 1;
+        let c = Compat::open(&self.core, self.bind_args.clone(), generation, Some(REBUILD_CALL_TIMEOUT), &self.view)?;
+        let mut t = sync::lock(&self.table);
+        let Table { regions, files } = &mut *t;
+        let (mut restored, mut refused) = (0, 0);
+        let mut ranges = Vec::new();
+        for (&iova, r) in regions.iter_mut() {
+            let MapKind::Fd { key, generation: g } = &mut r.kind else { continue };
+            ranges.push((iova, iova + (r.size - 1)));
+            // Not in the new core until mapped there (an earlier attempt
+            // may have marked it with this number).
+            *g = 0;
+            let Some(h) = files.get(key) else { continue };
+            let known = sync::lock(&c.mems).get(key).copied();
+            let mem = match known {
+                Some(id) => id,
+                None => match c.with_session(|s| s.register_memory(h.file.as_fd())).map_err(session_err) {
+                    Ok(info) => {
+                        sync::lock(&c.mems).insert(*key, info.id);
+                        info.id
+                    }
+                    Err(e @ Error::CoreGone(_)) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!("the new core refuses the file of DMA region {iova:#x}+{:#x}: {e}", r.size);
+                        refused += 1;
+                        continue;
+                    }
+                },
+            };
+            let perm = Perm { read: r.flags & proto::DMA_MAP_READ != 0, write: r.flags & proto::DMA_MAP_WRITE != 0 };
+            let args = MapArgs { ioas: c.ioas, mem, offset: r.offset, length: r.size, iova: Some(iova), perm };
+            match c.with_session(|s| s.map(args)).map_err(session_err) {
+                Ok(_) => {
+                    *g = generation;
+                    restored += 1;
+                }
+                Err(e @ Error::CoreGone(_)) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(
+                        "the new core refuses DMA region {iova:#x}+{:#x}: {e}; it stays in the table, unmapped \
+                         (device DMA to it faults)",
+                        r.size
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        if self.logging.load(Ordering::Acquire) {
+            match c.with_session(|s| s.set_dirty_tracking(c.ioas, true)).map_err(session_err) {
+                Ok(()) => {}
+                Err(e @ Error::CoreGone(_)) => return Err(e),
+                Err(e) => tracing::warn!("the new core refuses dirty tracking of the compat IOAS: {e}"),
+            }
+            // What the old core tracked and nobody asked for is lost: the
+            // next report shows all of it dirty.
+            *sync::lock(&self.unreported) = ranges;
+        }
+        c.settle()?;
+        *sync::write(&self.compat) = Some(c.clone());
+        self.generations.store(generation, Ordering::Release);
+        drop(t);
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+        Ok((c, restored, refused))
+    }
+
+    /// After a reconnect: a binding whose channel came from another core
+    /// than the one now answering went away with that core.
+    fn check_binding_core(&self, core_pid: Option<i32>) {
+        let stale = sync::read(&self.bound).as_ref().is_some_and(|b| b.core_pid != core_pid);
+        if !stale {
+            return;
+        }
+        let Some(b) = sync::write(&self.bound).take() else { return };
+        self.publish(None);
+        self.log_binding_dropped(&b);
+    }
+
+    fn log_binding_dropped(&self, b: &Bound) {
+        tracing::warn!(
+            "session {} that bound the device through the ioasid extension went away with its core: the binding \
+             and its vPASID map ({} vPASIDs{}) are dropped; the VMM binds again with a session of the new core",
+            b.session,
+            b.pasids.len(),
+            if b.rid.is_some() { ", and the RID's attachment" } else { "" }
+        );
+    }
+
+    /// The binding's channel duplicate, if it is watched.
+    fn bound_watch(&self) -> Option<Arc<OwnedFd>> {
+        sync::read(&self.bound).as_ref().and_then(|b| b.watch.clone())
+    }
+
+    /// Dirty tracking of the compat IOAS. Turning it off without a core
+    /// succeeds (nothing tracks).
     pub fn set_dirty_tracking(&self, on: bool) -> Result<(), Error> {
-        self.compat.with_session(|s| s.set_dirty_tracking(self.compat.ioas, on))?.map_err(core_err)
+        let Some(c) = self.compat() else {
+            if on {
+                return Err(self.core_gone());
+            }
+            self.logging.store(false, Ordering::Release);
+            sync::lock(&self.unreported).clear();
+            return Ok(());
+        };
+        self.call(&c, |s| s.set_dirty_tracking(c.ioas, on))?;
+        self.logging.store(on, Ordering::Release);
+        sync::lock(&self.unreported).clear();
+        Ok(())
     }
 
     /// A DMA logging report of the compat IOAS: one bit per `page_size`
@@ -817,6 +1252,7 @@ impl Dma {
         if tail {
             spans.push((qe - q, qe, true));
         }
+        let Some(c) = self.compat() else { return Err(self.core_gone()) };
         let mut out = vec![0u64; usize::try_from(bits.div_ceil(64)).map_err(|_| bad("the bitmap is too large"))?];
         // Pieces of the core's bitmap, on boundaries of the piece size so
         // that a large leaf is never split between two reads.
@@ -825,10 +1261,7 @@ impl Dma {
             let mut cur = start;
             while cur < stop {
                 let next = piece.and_then(|p| (cur / p + 1).checked_mul(p)).map_or(stop, |b| b.min(stop));
-                let words = self
-                    .compat
-                    .with_session(|s| s.dirty_bitmap(self.compat.ioas, cur, next - cur, q, no_clear))?
-                    .map_err(core_err)?;
+                let words = self.call(&c, |s| s.dirty_bitmap(c.ioas, cur, next - cur, q, no_clear))?;
                 for (w, &word) in words.iter().enumerate() {
                     let mut v = word;
                     while v != 0 {
@@ -844,14 +1277,190 @@ impl Dma {
                 cur = next;
             }
         }
+        self.merge_unreported(&mut out, iova, end - 1, page_size);
         Ok(out)
     }
 
-    /// Dirty bitmap of the compat IOAS (read and cleared).
-    pub fn dirty_bitmap(&self, iova: u64, length: u64, page_size: u64) -> Result<Vec<u64>, Error> {
-        self.compat
-            .with_session(|s| s.dirty_bitmap(self.compat.ioas, iova, length, page_size, false))?
-            .map_err(core_err)
+    /// Sets the bits of pages of the report `[iova, last]` that overlap
+    /// ranges whose dirty state was lost with a core, and forgets those
+    /// parts of the ranges (they have now been reported dirty).
+    fn merge_unreported(&self, out: &mut [u64], iova: u64, last: u64, page_size: u64) {
+        let mut u = sync::lock(&self.unreported);
+        if u.is_empty() {
+            return;
+        }
+        let mut rest = Vec::with_capacity(u.len());
+        for &(s, l) in u.iter() {
+            if l < iova || s > last {
+                rest.push((s, l));
+                continue;
+            }
+            let (lo, hi) = (s.max(iova), l.min(last));
+            set_bits(out, (lo - iova) / page_size, (hi - iova) / page_size);
+            if s < iova {
+                rest.push((s, iova - 1));
+            }
+            if l > last {
+                rest.push((last + 1, l));
+            }
+        }
+        *u = rest;
+    }
+}
+
+/// What woke the watcher.
+#[derive(Default)]
+struct Woken {
+    /// The compat session or channel hung up.
+    compat: bool,
+    /// The binding's channel hung up.
+    bound: bool,
+}
+
+/// Asked of a watched socket: nothing (a hang-up and an error are always
+/// reported; its data is not the watcher's).
+const HANGUP: PollFlags = PollFlags::empty();
+
+/// The peer closed its end (a Unix stream socket whose peer closed shows
+/// `POLLHUP`), or the socket failed.
+fn hung_up(p: &PollFd<'_>) -> bool {
+    p.revents().is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL))
+}
+
+/// Waits (at most `timeout`) for the wake eventfd, or for a hang-up of the
+/// compat path's sockets or of the binding's channel.
+fn wait(wake: &EventFd, compat: Option<&Compat>, bound: Option<&OwnedFd>, timeout: PollTimeout) -> Woken {
+    let mut fds = vec![PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
+    if let Some(c) = compat {
+        fds.extend(c.watch.iter().map(|w| PollFd::new(w.as_fd(), HANGUP)));
+    }
+    let at_bound = fds.len();
+    if let Some(b) = bound {
+        fds.push(PollFd::new(b.as_fd(), HANGUP));
+    }
+    match nix::poll::poll(&mut fds, timeout) {
+        Ok(_) => {}
+        Err(nix::errno::Errno::EINTR) => return Woken::default(),
+        Err(e) => {
+            tracing::warn!("the core watcher cannot poll: {e}");
+            std::thread::sleep(RECONNECT_FIRST);
+            return Woken::default();
+        }
+    }
+    if fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)) {
+        let _ = wake.read();
+    }
+    Woken {
+        compat: fds.get(1..at_bound).is_some_and(|s| s.iter().any(hung_up)),
+        bound: bound.is_some() && fds.get(at_bound).is_some_and(hung_up),
+    }
+}
+
+/// True if one of `fds` hangs up within `grace`.
+fn hangs_up_within(fds: &[&OwnedFd], grace: Duration) -> bool {
+    let deadline = Instant::now() + grace;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut p: Vec<PollFd<'_>> = fds.iter().map(|f| PollFd::new(f.as_fd(), HANGUP)).collect();
+        let t = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        match nix::poll::poll(&mut p, t) {
+            Ok(_) if p.iter().any(hung_up) => return true,
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return false,
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+    }
+}
+
+/// The watcher thread: follows the core the compat path is connected to,
+/// drops the path when the core goes away, reconnects with backoff and
+/// drops an extension binding that went with its core. Holds the device's
+/// [`Dma`] only between waits, and ends when it is gone.
+fn watch(dma: &Weak<Dma>, wake: &EventFd, stop: &AtomicBool) {
+    let mut backoff = RECONNECT_FIRST;
+    let mut lost_at: Option<Instant> = None;
+    let mut last_failure = String::new();
+    while !stop.load(Ordering::Acquire) {
+        let Some(d) = dma.upgrade() else { return };
+        match d.compat() {
+            Some(c) if !c.broken.load(Ordering::Acquire) => {
+                let bound = d.bound_watch();
+                drop(d);
+                let w = wait(wake, Some(&c), bound.as_deref(), PollTimeout::NONE);
+                if stop.load(Ordering::Acquire) {
+                    return;
+                }
+                let Some(d) = dma.upgrade() else { return };
+                // When the core dies every socket of it hangs up at once;
+                // one alone means only that connection ended.
+                let mut compat_gone = w.compat;
+                let mut bound_gone = w.bound;
+                if compat_gone && !bound_gone {
+                    bound_gone = bound.as_deref().is_some_and(|b| hangs_up_within(&[b], HANGUP_GRACE));
+                } else if bound_gone && !compat_gone {
+                    let [s, ch] = &c.watch;
+                    compat_gone = hangs_up_within(&[s, ch], HANGUP_GRACE);
+                }
+                if compat_gone && d.lose(&c, "the core closed the connection") {
+                    lost_at = Some(Instant::now());
+                    backoff = RECONNECT_FIRST;
+                }
+                if let Some(b) = bound.as_ref().filter(|_| bound_gone) {
+                    d.binding_hung_up(b, compat_gone);
+                }
+            }
+            Some(c) => {
+                if d.lose(&c, "a call found the connection broken") {
+                    lost_at = Some(Instant::now());
+                    backoff = RECONNECT_FIRST;
+                }
+            }
+            None => {
+                let since = *lost_at.get_or_insert_with(Instant::now);
+                match d.reconnect() {
+                    Ok((c, restored, refused)) => {
+                        tracing::info!(
+                            "reconnected to the core at {} after {} ms without one: compat session {}, IOAS {}, {} \
+                             DMA regions mapped again{}; the device is bound and its RID attached",
+                            d.core.display(),
+                            since.elapsed().as_millis(),
+                            c.session_id,
+                            c.ioas,
+                            restored,
+                            if refused > 0 { format!(", {refused} refused by the new core") } else { String::new() }
+                        );
+                        d.check_binding_core(c.core_pid);
+                        lost_at = None;
+                        backoff = RECONNECT_FIRST;
+                        last_failure.clear();
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        if msg != last_failure {
+                            tracing::info!(
+                                "no core answers at {} yet ({msg}); trying again, every {} ms at most",
+                                d.core.display(),
+                                RECONNECT_MAX.as_millis()
+                            );
+                            last_failure = msg;
+                        }
+                        let bound = d.bound_watch();
+                        drop(d);
+                        let t = PollTimeout::try_from(backoff).unwrap_or(PollTimeout::MAX);
+                        let w = wait(wake, None, bound.as_deref(), t);
+                        if let (true, Some(b), Some(d)) = (w.bound, bound.as_ref(), dma.upgrade()) {
+                            // Without a core of our own it cannot be told
+                            // whether its core lives: the reconnect decides.
+                            d.binding_hung_up(b, false);
+                        }
+                        backoff = (backoff * 2).min(RECONNECT_MAX);
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -7,7 +7,8 @@
 //! - [`worker`]: the device thread executing commands in order.
 //! - [`pci`], [`irq`]: config space and interrupt emulation.
 //! - [`dma`]: the client's DMA table on a compat IOAS, the extension
-//!   binding and its vPASID -> pPASID map.
+//!   binding and its vPASID -> pPASID map, and following the core: after
+//!   it went away, reconnecting and rebuilding the compat IOAS.
 //! - [`device`], [`devices`]: the device trait and the devices.
 //! - [`client`]: a blocking client of the protocol (tests, examples).
 #![deny(missing_docs)]

@@ -69,6 +69,7 @@ fn run() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    raise_file_limit();
     let Some(device) = devices::make(&args.device) else {
         bail!("there is no device called {:?}; run with --help for the list", args.device);
     };
@@ -93,4 +94,20 @@ fn run() -> anyhow::Result<()> {
     tracing::info!("serving {}", args.device);
     server.run()?;
     Ok(())
+}
+
+/// The DMA table keeps each file a client maps open (to map it again in a
+/// new core after a core restart): allow as many open files as the hard
+/// limit lets us.
+fn raise_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!("cannot read the open-file limit: {e}"),
+    }
 }

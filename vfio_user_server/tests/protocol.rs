@@ -99,7 +99,7 @@ fn dma_map_and_unmap_drive_the_compat_ioas() {
     c.dma_map(proto::DMA_MAP_READ, 0x8_0000, 0x20_0000, 0x8_0000, Some(mem.as_fd())).unwrap();
     // The core's compat IOAS holds exactly these mappings.
     let snap = s.observer().status().unwrap();
-    let compat = s.server().dma().compat();
+    let compat = s.server().dma().compat().expect("the server is connected to its core");
     let sess = snap.sessions.iter().find(|x| x.id == compat.session_id()).unwrap();
     let ioas = sess.ioas.iter().find(|i| i.id == compat.ioas()).unwrap();
     let spans: Vec<(u64, u64)> = ioas.mappings.iter().map(|m| (m.iova, m.length)).collect();
@@ -746,7 +746,7 @@ fn dma_map_for_writing_needs_memory_the_client_can_write() {
         assert_eq!(errno(c.dma_map(proto::DMA_MAP_WRITE, 0, iova, 0x10000, Some(f.as_fd()))), libc::EACCES, "{what}");
         c.dma_map(proto::DMA_MAP_READ, 0, iova, 0x10000, Some(f.as_fd())).unwrap();
         let snap = s.observer().status().unwrap();
-        let compat = s.server().dma().compat();
+        let compat = s.server().dma().compat().expect("the server is connected to its core");
         let sess = snap.sessions.iter().find(|x| x.id == compat.session_id()).unwrap();
         let ioas = sess.ioas.iter().find(|x| x.id == compat.ioas()).unwrap();
         let m = ioas.mappings.iter().find(|m| m.iova == iova).expect("the read-only mapping");
