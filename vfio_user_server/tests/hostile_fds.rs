@@ -87,6 +87,19 @@ impl Drop for Env {
     }
 }
 
+/// The next client, once the server has seen the last one leave (one
+/// client at a time: until then a new one is turned away).
+fn next_client(sock: &std::path::Path) -> Client {
+    let t0 = Instant::now();
+    loop {
+        match Client::connect(sock) {
+            Ok(c) => return c,
+            Err(e) => assert!(t0.elapsed() < Duration::from_secs(20), "no client accepted: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A client sends many messages each carrying 64 fds, four times what
 /// `max_msg_fds` allows and more than the server's control buffer holds:
 /// each fails with EINVAL, the server's fd count never grows with the
@@ -102,7 +115,7 @@ fn fds_beyond_max_msg_fds_are_all_closed() {
     };
     let mem = memfd("flood", 0x10000);
     let efd = eventfd();
-    let mut h = Client::connect(&env.sock).unwrap();
+    let mut h = next_client(&env.sock);
     let map = proto::DmaMap { argsz: 32, flags: RW, offset: 0, address: 0x10_0000, size: 0x1000 };
     let irqs = proto::IrqSet {
         argsz: 20,
@@ -131,7 +144,7 @@ fn fds_beyond_max_msg_fds_are_all_closed() {
     // The same client is still served.
     h.device_info().unwrap();
     drop(h);
-    let mut c = Client::connect(&env.sock).unwrap();
+    let mut c = next_client(&env.sock);
     c.device_info().unwrap();
     let t0 = Instant::now();
     while env.server_fds() > baseline {
@@ -318,7 +331,7 @@ fn a_file_of_a_stalled_fuse_mount_is_refused_without_stalling_the_server() {
             let same = copy(&mut c, 0x10_0000, 0x10_8000, 12, None);
             drop(c);
             // The next client, the FUSE server still stopped.
-            let mut next = Client::connect(&sock).map_err(|e| e.to_string())?;
+            let mut next = next_client(&sock);
             next.device_info().map_err(|e| e.to_string())?;
             next.dma_map(RW, 0, 0x20_0000, 0x10000, Some(mem.as_fd())).map_err(|e| e.to_string())?;
             let other = copy(&mut next, 0x20_0000, 0x20_4000, 12, None);

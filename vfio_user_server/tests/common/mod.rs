@@ -35,8 +35,17 @@ impl Stack {
         Stack { dir, core: Some(core), server: Some(server), core_path, sock }
     }
 
+    /// A client, once the server has seen the previous one leave (it
+    /// serves one at a time and turns others away until then).
     pub fn client(&self) -> Client {
-        Client::connect(&self.sock).unwrap()
+        let t0 = std::time::Instant::now();
+        loop {
+            match Client::connect(&self.sock) {
+                Ok(c) => return c,
+                Err(e) => assert!(t0.elapsed() < std::time::Duration::from_secs(20), "no client accepted: {e}"),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     pub fn server(&self) -> &server::Running {
