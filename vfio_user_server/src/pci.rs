@@ -338,8 +338,10 @@ impl PciConfig {
     pub fn add_pcie(&mut self) -> usize {
         let off = self.add_cap(cap_id::PCIE, 60);
         self.set16(off + 2, 0x0002);
-        // Device capabilities: FLR capable, 128-byte payload.
-        self.set32(off + 4, 1 << 28);
+        // Device capabilities: FLR capable, role-based error reporting
+        // (required since PCIe 1.1; Linux turns ASPM off without it),
+        // 128-byte payload, no phantom functions or extended tags.
+        self.set32(off + 4, (1 << 28) | (1 << 15));
         // Device control: everything but the FLR bit is storage.
         self.mask16(off + 8, 0x7fff);
         self.set16(off + 8, 0x2810);

@@ -341,14 +341,26 @@ impl DmaEngine {
                 idle_rounds = 0;
                 continue;
             }
-            // Doorbells written through an mmap are not trapped: poll them,
-            // briefly often, then less often while idle. A trapped write
-            // kicks at once.
+            // Doorbells written through an mmap are not trapped: while the
+            // queue can run, poll them, briefly often, then less often while
+            // idle. A queue that cannot run (device or queue disabled, or
+            // halted) waits for a kick alone: every register write, reset,
+            // state load and stop kicks, so an idle device costs nothing.
+            let runnable = {
+                let r = sync::lock(&shared.regs);
+                let qr = &r.queues[q];
+                r.enabled && qr.ctrl & regs::Q_CTRL_ENABLE != 0 && !qr.halted
+            };
             idle_rounds = idle_rounds.saturating_add(1);
             let wait = if idle_rounds < 100 { Duration::from_micros(50) } else { Duration::from_millis(2) };
             let k = sync::lock(&shared.kick);
             if *k == seen {
-                drop(super::wait_timeout(&shared.kicked, &shared.kick, k, wait));
+                if runnable {
+                    drop(super::wait_timeout(&shared.kicked, &shared.kick, k, wait));
+                } else {
+                    idle_rounds = 0;
+                    drop(super::wait(&shared.kicked, &shared.kick, k));
+                }
             }
         }
     }
@@ -681,7 +693,9 @@ impl Device for DmaEngine {
             subsystem_vendor: 0x1b36,
             subsystem: 0x0001,
             // System peripheral, DMA controller.
-            class: 0x08_0100,
+            // System peripheral, other: 08:01 would claim an 8237
+            // compatible DMA controller (prog-if 00), which this is not.
+            class: 0x08_8000,
             revision: 1,
         };
         let mut c = PciConfig::new(ids, true);
