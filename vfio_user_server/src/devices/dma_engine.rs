@@ -440,7 +440,7 @@ impl DmaEngine {
             // register write, command register or power state change,
             // reset, state load and stop kicks, so an idle device costs
             // nothing.
-            let runnable = ctx.dma.bus_master() && {
+            let runnable = ctx.dma.bus_master() && *sync::read(&shared.gate) && {
                 let r = sync::lock(&shared.regs);
                 let qr = &r.queues[q];
                 r.enabled && qr.ctrl & regs::Q_CTRL_ENABLE != 0 && !qr.halted
@@ -696,22 +696,26 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, from: Option<Progress>, step
         };
     };
     let off = |e: &dma::Error| matches!(e, dma::Error::BusMasterOff);
-    // A destination is checked whole before the first byte is written.
-    if matches!(d.opcode, op::COPY | op::FILL) {
-        if let Some(o) = gate(start.done as usize, start.crc) {
+    let len = d.len as usize;
+    let mut done = (start.done as usize).min(len);
+    // A destination is checked whole before the first byte is written (on
+    // a resume, what is left of it: a backward COPY works from the end).
+    if matches!(d.opcode, op::COPY | op::FILL) && done < len {
+        if let Some(o) = gate(done, start.crc) {
             return o;
         }
-        match mem.check_write(route, d.dst, d.len as usize) {
-            Err(e) if off(&e) => return stopped(start.done as usize, start.crc),
+        let backward = d.opcode == op::COPY && d.dst > d.src && d.dst - d.src < len as u64;
+        let rest = if backward { d.dst } else { d.dst.wrapping_add(done as u64) };
+        match mem.check_write(route, rest, len - done) {
+            Err(e) if off(&e) => return stopped(done, start.crc),
             Err(e) => {
-                fail(&mut c, e, d.dst, true, true);
+                fail(&mut c, e, rest, true, true);
+                c.bytes_done = done as u32;
                 return Outcome::Done(c);
             }
             Ok(()) => {}
         }
     }
-    let len = d.len as usize;
-    let mut done = start.done as usize;
     match d.opcode {
         op::NOP => c.status = status::SUCCESS,
         op::COPY => {
