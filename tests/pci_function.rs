@@ -314,7 +314,8 @@ fn no_descriptor_completes_and_no_byte_moves_after_a_reset() {
                 assert_eq!(done, written, "{how:?}: COMPLETED and the records disagree");
                 let head = d.eng.queue_reg(0, regs::Q_HEAD).unwrap().wrapping_sub(head0);
                 if matches!(how, ResetKind::CtrlDisable) {
-                    assert_eq!(head, written, "{how:?}: HEAD");
+                    // Dropped: HEAD is at the doorbell, past all eight.
+                    assert_eq!(head, 8, "{how:?}: HEAD");
                 }
             }
             _ => {
@@ -325,8 +326,11 @@ fn no_descriptor_completes_and_no_byte_moves_after_a_reset() {
         // Clear the records for the next round.
         d.ram.write(COMP, &[0u8; 64 * COMPLETION_SIZE]).unwrap();
         if matches!(how, ResetKind::CtrlDisable) {
-            // CTRL off keeps the queue enabled: what was not done reruns
-            // once CTRL is on again; disable the queue to drop it.
+            // CTRL off dropped what was submitted: on again, nothing of it
+            // runs.
+            write32(&mut d.eng.client, regs::CTRL, 1).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(slots.iter().all(|&s| record(&d, s).status == status::NONE), "a dropped descriptor ran");
             write32(&mut d.eng.client, regs::QUEUE + regs::Q_CTRL, 0).unwrap();
         }
     }
@@ -337,6 +341,43 @@ fn no_descriptor_completes_and_no_byte_moves_after_a_reset() {
         lat[lat.len() / 2],
         lat[lat.len() - 1]
     );
+}
+
+/// An overlapping COPY stopped by CTRL or Q_CTRL disable at any point
+/// never reports SUCCESS over wrong data and never runs again: a
+/// descriptor voided part-way is dropped, not started over on a source it
+/// already overwrote.
+#[test]
+fn a_voided_overlapping_copy_never_completes_over_its_own_writes() {
+    let mut st = Stack::new("void-overlap");
+    let mut d = dev(&mut st, "void-overlap", &[], false);
+    let len = MIB16 as usize;
+    let data: Vec<u8> = (0..len + 4099).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3]).collect();
+    for round in 0..12u64 {
+        d.ram.write(SRC, &data).unwrap();
+        let slot = d.eng.push(&d.ram, &mut d.q, copy(SRC, SRC + 4099, MIB16)).unwrap();
+        d.eng.ring(&d.q, Doorbell::Register).unwrap();
+        std::thread::sleep(Duration::from_micros(150 * round));
+        let ctrl = round % 2 == 0;
+        if ctrl {
+            write32(&mut d.eng.client, regs::CTRL, 0).unwrap();
+        } else {
+            write32(&mut d.eng.client, regs::QUEUE + regs::Q_CTRL, 0).unwrap();
+        }
+        let rec = record(&d, slot);
+        if rec.status == status::SUCCESS {
+            assert!(d.ram.read(SRC + 4099, len).unwrap() == data[..len], "round {round}: SUCCESS over wrong data");
+        } else {
+            assert_eq!(rec.status, status::NONE);
+        }
+        // Enabled again, nothing from before runs.
+        if ctrl {
+            write32(&mut d.eng.client, regs::CTRL, 1).unwrap();
+        }
+        d.q = d.eng.setup_queue(0, 64, IOVA + RING, RING, IOVA + COMP, COMP, None, false).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(record(&d, slot), rec, "round {round}: the voided copy ran again");
+    }
 }
 
 #[test]
@@ -417,6 +458,15 @@ fn without_msix_every_queue_interrupts_through_its_msi_vector() {
     }
     // INTX_STATUS is not used while MSI is wired.
     assert_eq!(read32(&mut eng.client, regs::INTX_STATUS).unwrap(), 0);
+    // Per-vector masking through the capability: a masked vector's
+    // interrupt waits in the Pending Bits and fires on unmask.
+    eng.client.region_write(region::CONFIG, msi + 16, &1u32.to_le_bytes()).unwrap();
+    assert_eq!(eng.run(&ram, &mut queues[0], nop(true), Doorbell::Register).unwrap().status, status::SUCCESS);
+    assert_eq!(count_within(&fds[0], Duration::from_millis(200)), 0, "a masked MSI vector fired");
+    assert_eq!(eng.client.region_read(region::CONFIG, msi + 20, 4).unwrap(), 1u32.to_le_bytes());
+    eng.client.region_write(region::CONFIG, msi + 16, &0u32.to_le_bytes()).unwrap();
+    assert_eq!(count_within(&fds[0], Duration::from_secs(5)), 1, "the pending MSI vector was lost");
+    assert_eq!(eng.client.region_read(region::CONFIG, msi + 20, 4).unwrap(), 0u32.to_le_bytes());
     // Two vectors enabled: queue q uses vector q mod 2.
     let off = proto::IRQ_SET_DATA_NONE | proto::IRQ_SET_ACTION_TRIGGER;
     eng.client.set_irqs(irq_index::MSI, off, 0, 0, &[], &[]).unwrap();

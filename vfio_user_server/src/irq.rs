@@ -374,6 +374,20 @@ impl Irqs {
         }
     }
 
+    /// Masks or unmasks vector `v` of `index` (as SET_IRQS MASK/UNMASK
+    /// does); unmasking fires it if it became pending meanwhile.
+    pub fn set_mask(&self, index: u32, v: u32, masked: bool) {
+        Self::set_masked(&mut sync::lock(&self.state), index, v, masked, &self.fired);
+    }
+
+    /// The pending vectors of `index` among its first 32, as bits.
+    pub fn pending_bits(&self, index: u32) -> u32 {
+        let s = sync::lock(&self.state);
+        s.vectors
+            .get(index as usize)
+            .map_or(0, |vs| vs.iter().take(32).enumerate().filter(|(_, x)| x.pending).fold(0, |b, (i, _)| b | (1 << i)))
+    }
+
     /// Whether vector `v` of `index` is masked / pending.
     pub fn vector_state(&self, index: u32, v: u32) -> Option<(bool, bool)> {
         let s = sync::lock(&self.state);

@@ -68,6 +68,14 @@ pub enum ConfigEvent {
     PasidControl(u16),
     /// The PRI control register changed.
     PriControl(u16),
+    /// The function may (`true`) or may no longer (`false`) master the bus:
+    /// Bus Master Enable together with D0 changed. Never reported by
+    /// [`PciConfig::write`]: the framework reports it after applying a
+    /// command register or power state change (and after a reset), so a
+    /// device can wait for its DMA in flight when it goes off.
+    BusMaster(bool),
+    /// The MSI capability's Mask Bits changed (bit v masks vector v).
+    MsiMask(u32),
     /// The power state (PMCSR bits 1:0) changed: 0 is D0, 3 is D3hot.
     /// Writes of the unsupported D1 and D2 are discarded, as the PM spec
     /// requires, and report nothing.
@@ -308,8 +316,9 @@ impl PciConfig {
     pub fn add_pm(&mut self) -> usize {
         let off = self.add_cap(cap_id::PM, 8);
         self.set16(off + 2, 0x0003);
-        // PMCSR: power state is writable, PME status clears on 1.
-        self.mask16(off + 4, 0x0103);
+        // PMCSR: power state is writable; no PME support (PMC bits 15:11
+        // are 0), so PME_En is read-only 0 and PME status never sets.
+        self.mask16(off + 4, 0x0003);
         self.w1c16(off + 4, 0x8000);
         self.caps.pm = Some(off);
         off
@@ -464,13 +473,16 @@ impl PciConfig {
             }
             ev.push(ConfigEvent::PriControl(after.3));
         }
+        if before.5 != after.5 {
+            ev.push(ConfigEvent::MsiMask(after.5));
+        }
         if flr {
             ev.push(ConfigEvent::FunctionReset);
         }
         Ok(ev)
     }
 
-    fn watched(&self) -> (u16, u16, u16, u16, u16) {
+    fn watched(&self) -> (u16, u16, u16, u16, u16, u32) {
         let g = |o: Option<usize>| o.map_or(0, |o| self.get16(o));
         (
             self.get16(reg::COMMAND),
@@ -478,7 +490,13 @@ impl PciConfig {
             g(self.caps.pasid.map(|o| o + 6)),
             g(self.caps.pri.map(|o| o + 4)),
             g(self.caps.pm.map(|o| o + 4)),
+            self.caps.msi.map_or(0, |o| self.get32(o + 16)),
         )
+    }
+
+    /// The MSI capability's Mask Bits (0 without one).
+    pub fn msi_mask(&self) -> u32 {
+        self.caps.msi.map_or(0, |o| self.get32(o + 16))
     }
 
     fn range(&self, offset: u64, len: usize) -> Result<std::ops::Range<usize>, Error> {
@@ -496,7 +514,21 @@ impl PciConfig {
     /// level, kept by the interrupt state rather than in these bytes (so
     /// it is never saved or restored as configuration).
     pub fn read_with_intx(&self, offset: u64, buf: &mut [u8], intx: bool) -> Result<(), Error> {
+        self.read_with(offset, buf, intx, 0)
+    }
+
+    /// [`PciConfig::read_with_intx`], with the MSI capability's Pending
+    /// Bits showing `msi_pending` (bit v: vector v is pending behind its
+    /// mask), also kept by the interrupt state.
+    pub fn read_with(&self, offset: u64, buf: &mut [u8], intx: bool, msi_pending: u32) -> Result<(), Error> {
         self.read(offset, buf)?;
+        if let Some(p) = self.caps.msi {
+            for (i, b) in msi_pending.to_le_bytes().iter().enumerate() {
+                if let Some(x) = ((p + 20 + i) as u64).checked_sub(offset).and_then(|k| buf.get_mut(k as usize)) {
+                    *x = *b;
+                }
+            }
+        }
         // Byte 6 holds bits 7:0 of Status.
         if let Some(b) = (reg::STATUS as u64).checked_sub(offset).and_then(|i| buf.get_mut(i as usize)) {
             let bit = STATUS_INTERRUPT as u8;

@@ -632,7 +632,8 @@ impl Worker {
     pub fn region_read(&mut self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
         self.check_range(index, offset, buf.len())?;
         if index == region::CONFIG {
-            return self.config.read_with_intx(offset, buf, self.irqs.intx_level()).map_err(|_| libc::EINVAL);
+            let (intx, msi) = (self.irqs.intx_level(), self.irqs.pending_bits(crate::proto::irq_index::MSI));
+            return self.config.read_with(offset, buf, intx, msi).map_err(|_| libc::EINVAL);
         }
         if !self.decodes(index) {
             // No decode: the access ends in a master abort, which reads all
@@ -664,9 +665,16 @@ impl Worker {
                         self.reset();
                         self.device.config_event(ev);
                     }
-                    _ => {
-                        self.apply_function_state();
+                    ConfigEvent::MsiMask(bits) => {
+                        self.apply_msi_mask(bits);
                         self.device.config_event(ev);
+                    }
+                    _ => {
+                        let master = self.apply_function_state();
+                        self.device.config_event(ev);
+                        if let Some(on) = master {
+                            self.device.config_event(ConfigEvent::BusMaster(on));
+                        }
                     }
                 }
             }
@@ -750,12 +758,25 @@ impl Worker {
     /// Hands the command register and the power state to the parts that
     /// obey them: bus mastering gates device DMA, Interrupt Disable gates
     /// INTx, D3hot gates every interrupt.
-    fn apply_function_state(&self) {
+    /// Returns the new bus-master state if it changed.
+    fn apply_function_state(&self) -> Option<bool> {
         let cmd = self.config.command();
         let d0 = self.config.power_state() == 0;
-        self.dma.set_bus_master(d0 && cmd & crate::pci::command::BUS_MASTER != 0);
+        let master = d0 && cmd & crate::pci::command::BUS_MASTER != 0;
+        let was = self.dma.bus_master();
+        self.dma.set_bus_master(master);
         self.irqs.set_intx_disabled(cmd & crate::pci::command::INTX_DISABLE != 0);
         self.irqs.set_quiesced(!d0);
+        (was != master).then_some(master)
+    }
+
+    /// The MSI capability's Mask Bits gate MSI vectors as SET_IRQS masks
+    /// do: a masked vector's interrupt waits, pending, until unmasked.
+    fn apply_msi_mask(&self, bits: u32) {
+        let n = self.irqs.layout().msi.min(32);
+        for v in 0..n {
+            self.irqs.set_mask(crate::proto::irq_index::MSI, v, bits & (1 << v) != 0);
+        }
     }
 
     fn reset(&mut self) {
@@ -764,6 +785,7 @@ impl Worker {
         self.device.reset();
         self.config.reset();
         self.irqs.reset();
+        // Bus mastering is off (it was turned off above): no event.
         self.apply_function_state();
         // Reset returns the device to RUNNING (ERROR included) and ends any
         // migration data transfer.
@@ -979,9 +1001,16 @@ impl Worker {
             tracing::warn!("migration data has a config space or MSI-X table of another shape");
             return Err(libc::EINVAL);
         }
+        if matches!(cfg.power_state(), 1 | 2) {
+            tracing::warn!("migration data puts the function in D1 or D2, which it does not support");
+            return Err(libc::EINVAL);
+        }
         self.device.load(&blob.state)?;
         self.config = cfg;
-        self.apply_function_state();
+        if let Some(on) = self.apply_function_state() {
+            self.device.config_event(ConfigEvent::BusMaster(on));
+        }
+        self.apply_msi_mask(self.config.msi_mask());
         self.irqs.set_msix_table(&blob.msix_table);
         Ok(())
     }

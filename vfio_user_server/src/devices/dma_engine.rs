@@ -298,6 +298,8 @@ struct Shared {
     /// Set while a migration stop is asked for: descriptors stop at their
     /// next step and keep their progress.
     held: AtomicBool,
+    /// Set while work is being voided (see [`Shared::void`]).
+    voiding: AtomicBool,
     kick: Mutex<u64>,
     kicked: Condvar,
     /// The doorbell page (swapped for a fresh one when a client leaves).
@@ -343,6 +345,10 @@ impl Shared {
     /// queue thread is between steps. The returned guard keeps the engines
     /// out while the caller changes registers.
     fn void(&self, which: impl Iterator<Item = usize>) -> std::sync::RwLockWriteGuard<'_, bool> {
+        // Until the caller holds the gate, a queue thread that stopped for
+        // this must not start over (it would see the new generation and run
+        // its voided descriptor again): `voiding` keeps it out.
+        self.voiding.store(true, Ordering::SeqCst);
         {
             let _c = sync::lock(&self.commit);
             for q in which {
@@ -350,7 +356,11 @@ impl Shared {
             }
         }
         self.wake();
-        sync::write(&self.gate)
+        let g = sync::write(&self.gate);
+        // The caller changes the registers before the engines can read
+        // them again (they need the gate).
+        self.voiding.store(false, Ordering::SeqCst);
+        g
     }
 
     /// Waits until every queue thread is between steps (after a gate such
@@ -399,6 +409,7 @@ impl DmaEngine {
                 regs: Mutex::new(Regs::default()),
                 gate: RwLock::new(true),
                 held: AtomicBool::new(false),
+                voiding: AtomicBool::new(false),
                 kick: Mutex::new(0),
                 kicked: Condvar::new(),
                 doorbells: RwLock::new(doorbells),
@@ -456,7 +467,10 @@ impl DmaEngine {
             if !*gate || shared.stop.load(Ordering::Acquire) || !ctx.dma.bus_master() {
                 return did;
             }
-            let gen = shared.voids[q].load(Ordering::Acquire);
+            let gen = shared.voids[q].load(Ordering::SeqCst);
+            if shared.voiding.load(Ordering::SeqCst) {
+                return did;
+            }
             let tail = shared.doorbell(q);
             let (qr, enabled) = {
                 let mut r = sync::lock(&shared.regs);
@@ -954,15 +968,19 @@ impl Device for DmaEngine {
                         let en = v & 1 != 0;
                         if r.enabled && !en {
                             drop(r);
-                            // Disabling voids the work in flight: each
-                            // queue's descriptor stops at its next step
-                            // without a record, HEAD stays, and it runs
-                            // again from its start once enabled.
+                            // Disabling is a reset of the work: each queue's
+                            // descriptor in flight stops at its next step,
+                            // and it and every descriptor submitted so far
+                            // are dropped without records (HEAD moves to the
+                            // doorbell). The queues keep their setup; what
+                            // is rung from now on runs once CTRL is set.
                             let _gate = self.shared.void(0..QUEUES);
                             let mut r2 = sync::lock(&self.shared.regs);
                             r2.enabled = false;
-                            for q in r2.queues.iter_mut() {
+                            for (i, q) in r2.queues.iter_mut().enumerate() {
                                 q.inflight = None;
+                                q.head = self.shared.doorbell(i);
+                                q.tail = q.head;
                             }
                             return Ok(());
                         }
@@ -1074,11 +1092,11 @@ impl Device for DmaEngine {
     }
 
     fn config_event(&mut self, ev: ConfigEvent) {
-        if let ConfigEvent::Command(_) | ConfigEvent::PowerState { .. } = ev {
-            // Bus mastering may have gone off (the framework already refuses
-            // DMA): wait until no step is still running, so no DMA happens
-            // after the config write's reply. Descriptors keep their
-            // progress and go on when it is back, which this kick notices.
+        if ev == ConfigEvent::BusMaster(false) {
+            // The framework already refuses DMA: wait until no step is still
+            // running, so no DMA happens after the config write's reply.
+            // Descriptors keep their progress and go on when bus mastering
+            // is back, which the kick below notices.
             self.shared.quiesce();
         }
         self.shared.wake();

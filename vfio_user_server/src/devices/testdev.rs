@@ -384,7 +384,7 @@ impl Device for TestDevice {
     }
 
     fn config_event(&mut self, ev: crate::pci::ConfigEvent) {
-        if let crate::pci::ConfigEvent::Command(_) | crate::pci::ConfigEvent::PowerState { .. } = ev {
+        if ev == crate::pci::ConfigEvent::BusMaster(false) {
             // Bus mastering may have gone off: a copy runs holding
             // `running`, so taking it waits for the one in flight, and no
             // DMA happens after the config write's reply.
