@@ -110,8 +110,11 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Checks the device id and enables it; maps BAR 2 when offered.
+    /// Enables the PCI function (memory decode and bus mastering, as a
+    /// guest's driver does), checks the device id and enables the device;
+    /// maps BAR 2 when offered.
     pub fn new(mut client: Client) -> Result<Engine> {
+        client.enable_function()?;
         let id = read32(&mut client, regs::ID)?;
         if id != regs::ID_VALUE {
             return Err(Error::NotEngine(id));

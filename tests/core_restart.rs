@@ -130,6 +130,8 @@ impl RustVmmEngine {
 
     fn setup(&mut self) {
         let q0 = regs::QUEUE;
+        // Memory space and bus mastering on, as a guest's driver does.
+        self.c.region_write(proto::region::CONFIG, 4, &6u16.to_le_bytes()).unwrap();
         self.w32(regs::CTRL, 1);
         self.c.region_write(0, q0 + regs::Q_RING_BASE, &RAM.to_le_bytes()).unwrap();
         self.w32(q0 + regs::Q_RING_SIZE, RING);
@@ -271,6 +273,7 @@ impl MsgEngine {
         e.c.add_message_memory(MSG, vec![0; 0x1_0000]);
         e.c.dma_map(RW, 0, MSG, 0x1_0000, None).unwrap();
         let q0 = regs::QUEUE;
+        e.c.enable_function().unwrap();
         e.w32(regs::CTRL, 1);
         e.c.region_write(0, q0 + regs::Q_RING_BASE, &MSG.to_le_bytes()).unwrap();
         e.w32(q0 + regs::Q_RING_SIZE, RING);

@@ -357,8 +357,10 @@ fn interrupts_dirty_bitmap_reset_and_migration_to_another_server() {
     for i in 1..=3u64 {
         assert_eq!(v.b.read(0x1000 * i, 16).unwrap(), b"after migration!");
     }
-    // Reset empties the queues.
+    // Reset empties the queues (and clears the command register: the
+    // driver enables the function again).
     eng2.client.reset().unwrap();
+    eng2.client.enable_function().unwrap();
     assert_eq!(eng2.queue_reg(0, regs::Q_CTRL).unwrap() & regs::Q_CTRL_ENABLE, 0);
     assert_eq!(eng2.queue_reg(0, regs::Q_HEAD).unwrap(), 0);
     assert_eq!(ioasid_stack::engine::read32(&mut eng2.client, regs::CTRL).unwrap(), 0);
@@ -374,6 +376,8 @@ fn the_rust_vmm_client_drives_a_copy_through_the_compat_ioas() {
     c.dma_map(0, 0x8000_0000, 1 << 20, ram.file.as_raw_fd()).unwrap();
     let w = |c: &mut vfio_user::Client, off: u64, v: &[u8]| c.region_write(0, off, v).unwrap();
     let q0 = regs::QUEUE;
+    // Memory space and bus mastering on, as a guest's driver does.
+    c.region_write(vfio_user_server::proto::region::CONFIG, 4, &6u16.to_le_bytes()).unwrap();
     w(&mut c, regs::CTRL, &1u32.to_le_bytes());
     w(&mut c, q0 + regs::Q_RING_BASE, &0x8000_0000u64.to_le_bytes());
     w(&mut c, q0 + regs::Q_RING_SIZE, &16u32.to_le_bytes());

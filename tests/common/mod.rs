@@ -86,9 +86,15 @@ impl Stack {
 
     /// Starts a `vfio-user-server DEVICE` process; returns its socket.
     pub fn server(&mut self, device: &str, name: &str) -> PathBuf {
+        self.server_with(device, name, &[])
+    }
+
+    /// Starts a `vfio-user-server DEVICE ARGS...` process; returns its socket.
+    pub fn server_with(&mut self, device: &str, name: &str, args: &[&str]) -> PathBuf {
         let sock = self.dir.join(format!("{name}.sock"));
         let p = Command::new(bin("vfio-user-server"))
             .arg(device)
+            .args(args)
             .arg("--socket-path")
             .arg(&sock)
             .arg("--core")

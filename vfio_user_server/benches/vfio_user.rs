@@ -40,6 +40,7 @@ fn main() {
     let opts = Options::new(&sock, &core_path);
     let srv = server::spawn(Box::new(TestDevice::new().unwrap()), opts).unwrap();
     let mut c = Client::connect(&sock).unwrap();
+    c.enable_function().unwrap();
 
     // Reference: a 32-byte request and a 36-byte answer over a socketpair
     // to an echo thread (the size of a 4-byte REGION_READ).

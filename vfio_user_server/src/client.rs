@@ -425,6 +425,23 @@ impl Client {
         Ok(r.payload.get(..8).map(|b| u64::from_ne_bytes(b.try_into().unwrap_or([0; 8]))))
     }
 
+    /// Sets the command register's I/O and Memory Space Enable and Bus
+    /// Master Enable (what a guest's PCI core and driver do before using
+    /// a device): BARs decode and the device may DMA.
+    pub fn enable_function(&mut self) -> Result<()> {
+        use crate::pci::command::{BUS_MASTER, IO, MEMORY};
+        self.set_command(IO | MEMORY | BUS_MASTER, 0)
+    }
+
+    /// Sets the `set` bits and clears the `clear` bits of the command
+    /// register (a read, then a write of config space).
+    pub fn set_command(&mut self, set: u16, clear: u16) -> Result<()> {
+        let b = self.region_read(proto::region::CONFIG, crate::pci::reg::COMMAND as u64, 2)?;
+        let cmd = u16::from_le_bytes([b[0], b[1]]);
+        let v = (cmd | set) & !clear;
+        self.region_write(proto::region::CONFIG, crate::pci::reg::COMMAND as u64, &v.to_le_bytes())
+    }
+
     /// DEVICE_RESET.
     pub fn reset(&mut self) -> Result<()> {
         self.call(cmd::DEVICE_RESET, &[], &[]).map(|_| ())

@@ -89,6 +89,10 @@ pub enum Error {
     /// A request would need more work or memory than allowed.
     #[error("{0}")]
     TooBig(String),
+    /// The function may not master the bus: the command register's Bus
+    /// Master Enable is clear, or the function is not in D0.
+    #[error("bus mastering is disabled (command register bit 2 clear, or the function is not in D0)")]
+    BusMasterOff,
 }
 
 impl Error {
@@ -107,6 +111,7 @@ impl Error {
             Error::CoreGone(_) => libc::ENODEV,
             Error::Refused(r) => r.errno(),
             Error::TooBig(_) => libc::E2BIG,
+            Error::BusMasterOff => libc::EIO,
         }
     }
 }
@@ -432,6 +437,8 @@ pub struct Dma {
     wake: Arc<EventFd>,
     stop: Arc<AtomicBool>,
     reconnects: AtomicU64,
+    /// Bus Master Enable and D0: device DMA is refused while clear.
+    bus_master: AtomicBool,
 }
 
 impl Drop for Dma {
@@ -477,6 +484,7 @@ impl Dma {
             wake: Arc::new(wake),
             stop: Arc::new(AtomicBool::new(false)),
             reconnects: AtomicU64::new(0),
+            bus_master: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&dma);
         let (wake, stop) = (dma.wake.clone(), dma.stop.clone());
@@ -835,8 +843,32 @@ impl Dma {
         }
     }
 
+    /// Whether the function may start DMA: the command register's Bus
+    /// Master Enable is set and the function is in D0 (the framework sets
+    /// this from config space; a function starts with it clear, as after
+    /// a PCI reset).
+    pub fn bus_master(&self) -> bool {
+        self.bus_master.load(Ordering::Acquire)
+    }
+
+    /// Sets what [`Dma::bus_master`] says. While clear, every device DMA
+    /// ([`Dma::read`], [`Dma::write`], [`Dma::check_write`]) fails with
+    /// [`Error::BusMasterOff`] before touching memory.
+    pub fn set_bus_master(&self, on: bool) {
+        self.bus_master.store(on, Ordering::Release);
+    }
+
+    fn master(&self) -> Result<(), Error> {
+        if self.bus_master() {
+            Ok(())
+        } else {
+            Err(Error::BusMasterOff)
+        }
+    }
+
     /// Device DMA read.
     pub fn read(&self, route: Route, iova: u64, buf: &mut [u8]) -> Result<(), Error> {
+        self.master()?;
         let guard = sync::read(&self.msg_dma);
         if let Some(c) = self.client_path(route, iova, buf.len(), false)? {
             return c.read(iova, buf);
@@ -847,6 +879,7 @@ impl Dma {
 
     /// Device DMA write.
     pub fn write(&self, route: Route, iova: u64, data: &[u8]) -> Result<(), Error> {
+        self.master()?;
         let guard = sync::read(&self.msg_dma);
         if let Some(c) = self.client_path(route, iova, data.len(), true)? {
             return c.write(iova, data);
@@ -865,6 +898,7 @@ impl Dma {
     /// Checks that `[iova, iova+len)` can be written through `route`,
     /// without writing (faults and page requests happen here).
     pub fn check_write(&self, route: Route, iova: u64, len: usize) -> Result<(), Error> {
+        self.master()?;
         let _guard = sync::read(&self.msg_dma);
         if self.client_path(route, iova, len, true)?.is_some() {
             return Ok(());

@@ -9,6 +9,13 @@
 //! client unmasks it (NONE|UNMASK, or a signal on the UNMASK eventfd, which
 //! is how KVM's resample eventfd reports an EOI).
 //!
+//! The function's own gates hold delivery back without losing it: while
+//! the command register's Interrupt Disable bit is set INTx is not
+//! signalled, and while the function is in D3hot nothing is; what was
+//! raised meanwhile stays pending and fires when the gate opens. The INTx
+//! line level is kept here (the config space's Interrupt Status bit shows
+//! it, whatever the gates say).
+//!
 //! MSI-X masking is done by the client (QEMU swaps eventfds), so the table
 //! in the BAR is plain storage and never gates delivery; the PBA shows
 //! vectors pending behind a SET_IRQS mask.
@@ -94,6 +101,10 @@ struct Vector {
 struct State {
     vectors: Vec<Vec<Vector>>,
     intx_level: bool,
+    /// Command register bit 10: INTx is never signalled while set.
+    intx_disabled: bool,
+    /// The function is in D3hot: nothing is signalled.
+    quiesced: bool,
     watcher: Option<Watcher>,
 }
 
@@ -182,7 +193,13 @@ impl Irqs {
         let vectors = (0..irq_index::NUM).map(|i| (0..layout.count(i)).map(|_| Vector::default()).collect()).collect();
         let irqs = Arc::new(Irqs {
             layout,
-            state: Mutex::new(State { vectors, intx_level: false, watcher: None }),
+            state: Mutex::new(State {
+                vectors,
+                intx_level: false,
+                intx_disabled: false,
+                quiesced: false,
+                watcher: None,
+            }),
             msix_table: Mutex::new(Self::msix_reset_table(layout.msix)),
             fired: AtomicU64::new(0),
             self_ref: Mutex::new(std::sync::Weak::new()),
@@ -222,10 +239,11 @@ impl Irqs {
     }
 
     fn fire(s: &mut State, index: u32, v: u32, fired: &AtomicU64) {
+        let held = s.quiesced || (index == irq_index::INTX && s.intx_disabled);
         let Some(vec) = s.vectors.get_mut(index as usize).and_then(|x| x.get_mut(v as usize)) else {
             return;
         };
-        if vec.masked {
+        if vec.masked || held {
             vec.pending = true;
             return;
         }
@@ -258,11 +276,68 @@ impl Irqs {
         }
     }
 
+    /// Whether [`Irqs::notify`] signals INTx: the client wired neither
+    /// MSI-X nor MSI, and the function has an INTx pin.
+    pub fn uses_intx(&self) -> bool {
+        self.layout.intx && !self.wired(irq_index::MSIX) && !self.wired(irq_index::MSI)
+    }
+
+    /// The INTx line level (what the Status register's Interrupt Status
+    /// bit shows).
+    pub fn intx_level(&self) -> bool {
+        sync::lock(&self.state).intx_level
+    }
+
+    /// Command register bit 10 (Interrupt Disable): while set, INTx is not
+    /// signalled; clearing it signals a line still raised (or an edge
+    /// raised meanwhile) unless the vector is masked.
+    pub fn set_intx_disabled(&self, disabled: bool) {
+        let mut s = sync::lock(&self.state);
+        let was = std::mem::replace(&mut s.intx_disabled, disabled);
+        if was && !disabled {
+            Self::release(&mut s, irq_index::INTX, &self.fired);
+        }
+    }
+
+    /// D3hot (`true`): nothing is signalled until D0 (`false`), when what
+    /// became pending meanwhile fires.
+    pub fn set_quiesced(&self, quiesced: bool) {
+        let mut s = sync::lock(&self.state);
+        let was = std::mem::replace(&mut s.quiesced, quiesced);
+        if was && !quiesced {
+            for index in 0..irq_index::NUM {
+                Self::release(&mut s, index, &self.fired);
+            }
+        }
+    }
+
+    /// Fires the unmasked vectors of `index` that are pending (and INTx if
+    /// its line is up) after a gate opened.
+    fn release(s: &mut State, index: u32, fired: &AtomicU64) {
+        let n = s.vectors.get(index as usize).map_or(0, Vec::len);
+        for v in 0..n {
+            let x = &s.vectors[index as usize][v];
+            let due = x.pending || (index == irq_index::INTX && s.intx_level);
+            if due && !x.masked {
+                Self::fire(s, index, v as u32, fired);
+            }
+        }
+    }
+
     /// Signals vector `v` on whatever the client wired: MSI-X, MSI, else
     /// INTx (as an edge that the device lowers again when acknowledged).
+    /// With fewer MSI vectors wired than the device has (a guest enabled
+    /// fewer with Multiple Message Enable), vector `v` goes to wired vector
+    /// `v mod n`.
     pub fn notify(&self, v: u32) {
+        let msi_wired = {
+            let s = sync::lock(&self.state);
+            s.vectors[irq_index::MSI as usize].iter().take_while(|x| x.trigger.is_some()).count() as u32
+        };
         if self.wired(irq_index::MSIX) {
             self.trigger(irq_index::MSIX, v.min(self.layout.msix.saturating_sub(1)));
+        } else if msi_wired > 0 {
+            self.trigger(irq_index::MSI, v % msi_wired);
         } else if self.wired(irq_index::MSI) {
             self.trigger(irq_index::MSI, v.min(self.layout.msi.saturating_sub(1)));
         } else if self.layout.intx {
@@ -422,6 +497,9 @@ impl Irqs {
                 v.pending = false;
             }
             s.intx_level = false;
+            // The command register and the power state are back at 0 / D0.
+            s.intx_disabled = false;
+            s.quiesced = false;
         }
         *sync::lock(&self.msix_table) = Self::msix_reset_table(self.layout.msix);
     }

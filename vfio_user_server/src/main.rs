@@ -50,6 +50,14 @@ struct Args {
     /// peer credentials are the gate.
     #[arg(long, value_name = "UID")]
     allow_uid: Vec<u32>,
+    /// Leave the MSI-X capability out: the device offers MSI (a vector per
+    /// queue) and INTx only. For a QEMU without the upstream fix
+    /// "vfio-user: Do not delete the subregion" (October 2025), such as
+    /// Debian's 11.1.3, where device_del of a vfio-user-pci device with
+    /// MSI-X aborts QEMU (a memory_region_del_subregion assertion); see
+    /// docs/vfio-user.md.
+    #[arg(long)]
+    no_msix: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -70,7 +78,7 @@ fn run() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     raise_file_limit();
-    let Some(device) = devices::make(&args.device) else {
+    let Some(device) = devices::make_with(&args.device, devices::Options { msix: !args.no_msix }) else {
         bail!("there is no device called {:?}; run with --help for the list", args.device);
     };
     let device = device.with_context(|| format!("cannot create the {} device", args.device))?;

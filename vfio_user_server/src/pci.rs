@@ -68,6 +68,15 @@ pub enum ConfigEvent {
     PasidControl(u16),
     /// The PRI control register changed.
     PriControl(u16),
+    /// The power state (PMCSR bits 1:0) changed: 0 is D0, 3 is D3hot.
+    /// Writes of the unsupported D1 and D2 are discarded, as the PM spec
+    /// requires, and report nothing.
+    PowerState {
+        /// State before the write.
+        from: u8,
+        /// State after it.
+        to: u8,
+    },
 }
 
 /// Capability ids.
@@ -419,6 +428,17 @@ impl PciConfig {
             }
         }
         let mut ev = Vec::new();
+        if let Some(pm) = self.caps.pm {
+            let (old, new) = (before.4 & 3, self.get16(pm + 4) & 3);
+            if new == 1 || new == 2 {
+                // D1 and D2 are not supported (PMC bits 9 and 10 are 0):
+                // the write completes but the state does not change.
+                let v = (self.get16(pm + 4) & !3) | old;
+                self.set16(pm + 4, v);
+            } else if new != old {
+                ev.push(ConfigEvent::PowerState { from: old as u8, to: new as u8 });
+            }
+        }
         let after = self.watched();
         if before.0 != after.0 {
             ev.push(ConfigEvent::Command(after.0));
@@ -444,13 +464,14 @@ impl PciConfig {
         Ok(ev)
     }
 
-    fn watched(&self) -> (u16, u16, u16, u16) {
+    fn watched(&self) -> (u16, u16, u16, u16, u16) {
         let g = |o: Option<usize>| o.map_or(0, |o| self.get16(o));
         (
             self.get16(reg::COMMAND),
             g(self.caps.msix.map(|o| o + 2)),
             g(self.caps.pasid.map(|o| o + 6)),
             g(self.caps.pri.map(|o| o + 4)),
+            g(self.caps.pm.map(|o| o + 4)),
         )
     }
 
@@ -464,10 +485,30 @@ impl PciConfig {
         Ok(start..end)
     }
 
-    /// Sets or clears the INTx status bit (reflects the line level).
-    pub fn set_interrupt_status(&mut self, asserted: bool) {
-        let s = self.get16(reg::STATUS);
-        self.set16(reg::STATUS, if asserted { s | STATUS_INTERRUPT } else { s & !STATUS_INTERRUPT });
+    /// Reads `buf.len()` bytes at `offset` with the Status register's
+    /// Interrupt Status bit (bit 3) showing `intx`: the function's INTx
+    /// level, kept by the interrupt state rather than in these bytes (so
+    /// it is never saved or restored as configuration).
+    pub fn read_with_intx(&self, offset: u64, buf: &mut [u8], intx: bool) -> Result<(), Error> {
+        self.read(offset, buf)?;
+        // Byte 6 holds bits 7:0 of Status.
+        if let Some(b) = (reg::STATUS as u64).checked_sub(offset).and_then(|i| buf.get_mut(i as usize)) {
+            let bit = STATUS_INTERRUPT as u8;
+            *b = if intx { *b | bit } else { *b & !bit };
+        }
+        Ok(())
+    }
+
+    /// The power state (PMCSR bits 1:0; 0 = D0, 3 = D3hot); D0 for a
+    /// function without the PM capability.
+    pub fn power_state(&self) -> u8 {
+        self.caps.pm.map_or(0, |o| (self.get16(o + 4) & 3) as u8)
+    }
+
+    /// The kind of BAR `index` (`None` for an unimplemented BAR or the
+    /// upper half of a 64-bit one).
+    pub fn bar_kind(&self, index: usize) -> Option<BarKind> {
+        self.bars.get(index).and_then(|b| b.0)
     }
 
     /// The command register.

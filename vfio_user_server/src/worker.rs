@@ -632,7 +632,13 @@ impl Worker {
     pub fn region_read(&mut self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
         self.check_range(index, offset, buf.len())?;
         if index == region::CONFIG {
-            return self.config.read(offset, buf).map_err(|_| libc::EINVAL);
+            return self.config.read_with_intx(offset, buf, self.irqs.intx_level()).map_err(|_| libc::EINVAL);
+        }
+        if !self.decodes(index) {
+            // No decode: the access ends in a master abort, which reads all
+            // ones (PCI Local Bus 3.0, 6.2.1).
+            buf.fill(0xff);
+            return Ok(());
         }
         if let Some((pba, off)) = self.msix.and_then(|m| m.locate(index, offset, buf.len())) {
             return if self.irqs.msix_read(pba, off, buf) { Ok(()) } else { Err(libc::EINVAL) };
@@ -649,12 +655,25 @@ impl Worker {
         if index == region::CONFIG {
             let events = self.config.write(offset, data).map_err(|_| libc::EINVAL)?;
             for ev in events {
-                if ev == ConfigEvent::FunctionReset {
-                    self.reset();
-                } else {
-                    self.device.config_event(ev);
+                match ev {
+                    ConfigEvent::FunctionReset => self.reset(),
+                    // D3hot to D0 with No_Soft_Reset clear (PMCSR bit 3) is
+                    // a reset of the function's state, config space
+                    // included (PCI PM 1.2, 5.4.1).
+                    ConfigEvent::PowerState { from: 3, to: 0 } => {
+                        self.reset();
+                        self.device.config_event(ev);
+                    }
+                    _ => {
+                        self.apply_function_state();
+                        self.device.config_event(ev);
+                    }
                 }
             }
+            return Ok(());
+        }
+        if !self.decodes(index) {
+            // No decode: the write is dropped (a master abort).
             return Ok(());
         }
         if let Some((pba, off)) = self.msix.and_then(|m| m.locate(index, offset, data.len())) {
@@ -713,10 +732,39 @@ impl Worker {
         ok(&cnt.to_ne_bytes())
     }
 
+    /// Whether BAR `index` decodes accesses: Memory (or I/O) Space Enable
+    /// is set and the function is in D0. Config space, the ROM (read by a
+    /// VMM to copy it, as VFIO does) and the other regions always decode.
+    fn decodes(&self, index: u32) -> bool {
+        if index >= 6 {
+            return true;
+        }
+        let cmd = self.config.command();
+        let bit = match self.config.bar_kind(index as usize) {
+            Some(crate::pci::BarKind::Io) => crate::pci::command::IO,
+            _ => crate::pci::command::MEMORY,
+        };
+        cmd & bit != 0 && self.config.power_state() == 0
+    }
+
+    /// Hands the command register and the power state to the parts that
+    /// obey them: bus mastering gates device DMA, Interrupt Disable gates
+    /// INTx, D3hot gates every interrupt.
+    fn apply_function_state(&self) {
+        let cmd = self.config.command();
+        let d0 = self.config.power_state() == 0;
+        self.dma.set_bus_master(d0 && cmd & crate::pci::command::BUS_MASTER != 0);
+        self.irqs.set_intx_disabled(cmd & crate::pci::command::INTX_DISABLE != 0);
+        self.irqs.set_quiesced(!d0);
+    }
+
     fn reset(&mut self) {
+        // DMA stops first: nothing the device still does can reach memory.
+        self.dma.set_bus_master(false);
         self.device.reset();
         self.config.reset();
         self.irqs.reset();
+        self.apply_function_state();
         // Reset returns the device to RUNNING (ERROR included) and ends any
         // migration data transfer.
         if self.mig_state != mig::RUNNING {
@@ -933,6 +981,7 @@ impl Worker {
         }
         self.device.load(&blob.state)?;
         self.config = cfg;
+        self.apply_function_state();
         self.irqs.set_msix_table(&blob.msix_table);
         Ok(())
     }

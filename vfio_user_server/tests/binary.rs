@@ -68,6 +68,7 @@ fn serves_on_a_socket_and_exits_on_sigterm() {
         .unwrap();
     wait_for(&sock);
     let mut c = Client::connect(&sock).unwrap();
+    c.enable_function().unwrap();
     assert_eq!(rd32(&mut c, 0, regs::ID), regs::ID_VALUE);
     drop(c);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
@@ -98,6 +99,7 @@ fn serves_one_client_on_an_inherited_fd() {
     let mut p = zerocopy::IntoBytes::as_bytes(&vfio_user_server::proto::Version { major: 0, minor: 0 }).to_vec();
     p.extend_from_slice(b"{}\0");
     c.call(vfio_user_server::proto::cmd::VERSION, &p, &[]).unwrap();
+    c.enable_function().unwrap();
     assert_eq!(rd32(&mut c, 0, regs::ID), regs::ID_VALUE);
     drop(c);
     let t0 = Instant::now();
@@ -205,6 +207,7 @@ fn other_users_are_refused_unless_allowed() {
     assert_eq!(as_nobody(&private, &s.dir), "CLOSED");
     // The owner is still served, as the next client.
     let mut c = Client::connect(&private).unwrap();
+    c.enable_function().unwrap();
     assert_eq!(rd32(&mut c, 0, regs::ID), regs::ID_VALUE);
     drop(c);
 

@@ -93,7 +93,10 @@ fn next_client(sock: &std::path::Path) -> Client {
     let t0 = Instant::now();
     loop {
         match Client::connect(sock) {
-            Ok(c) => return c,
+            Ok(mut c) => {
+                c.enable_function().unwrap();
+                return c;
+            }
             Err(e) => assert!(t0.elapsed() < Duration::from_secs(20), "no client accepted: {e}"),
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -322,6 +325,7 @@ fn a_file_of_a_stalled_fuse_mount_is_refused_without_stalling_the_server() {
     std::thread::spawn(move || {
         let run = || -> Result<(i32, u32, u32), String> {
             let mut c = Client::connect(&sock).map_err(|e| e.to_string())?;
+            c.enable_function().map_err(|e| e.to_string())?;
             let refused =
                 c.dma_map(RW, 0, 0x10_0000, MEM_SIZE, Some(file.as_fd())).err().and_then(|e| e.errno()).unwrap_or(0);
             c.device_info().map_err(|e| e.to_string())?;

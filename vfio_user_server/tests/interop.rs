@@ -38,7 +38,10 @@ fn rust_vmm_client_drives_the_test_device() {
     assert!(bar1.file_offset.is_some());
     assert_eq!(c.region(0).unwrap().size, 0x1000);
 
-    // Register access and config space.
+    // Register access and config space: BARs decode once the command
+    // register enables them (I/O, memory, bus mastering).
+    assert_eq!(rd(&mut c, 0, regs::ID), u32::MAX);
+    wr(&mut c, proto::region::CONFIG, 4, &7u16.to_le_bytes());
     assert_eq!(rd(&mut c, 0, regs::ID), regs::ID_VALUE);
     wr(&mut c, 0, regs::SCRATCH, &0x5a5a_5a5au32.to_le_bytes());
     assert_eq!(rd(&mut c, 0, regs::SCRATCH), 0x5a5a_5a5a);
@@ -94,8 +97,10 @@ fn rust_vmm_client_drives_the_test_device() {
     mem.read_exact_at(&mut b, 0x7000).unwrap();
     assert_eq!(b, [0; 12]);
 
-    // Reset clears the registers.
+    // Reset clears the registers, the command register included.
     c.reset().unwrap();
+    assert_eq!(rd(&mut c, proto::region::CONFIG, 4) & 0xffff, 0);
+    wr(&mut c, proto::region::CONFIG, 4, &7u16.to_le_bytes());
     assert_eq!(rd(&mut c, 0, regs::SCRATCH), 0);
     c.shutdown().unwrap();
 }

@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::device::{reg_merge, reg_read, Device, DeviceContext, DeviceDesc, Errno, MmapDesc, MsixDesc, RegionDesc};
 use crate::dma::{self, Route};
 use crate::irq::IrqLayout;
-use crate::pci::{BarKind, PciConfig, PciIds};
+use crate::pci::{BarKind, ConfigEvent, PciConfig, PciIds};
 use crate::proto::SparseArea;
 
 /// Work queues.
@@ -126,7 +126,7 @@ pub mod status {
 }
 
 /// A descriptor as the guest writes it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Descriptor {
     /// Opcode.
     pub opcode: u8,
@@ -196,7 +196,7 @@ impl Descriptor {
 }
 
 /// A completion record as the device writes it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Completion {
     /// Status.
     pub status: u8,
@@ -227,6 +227,43 @@ impl Completion {
     }
 }
 
+/// How far a descriptor got before it was stopped (bus mastering cleared,
+/// D3hot, or a migration stop): it goes on from here when the queue can
+/// run again.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes finished (for a backward COPY, counted from the end).
+    pub done: u32,
+    /// CRC32C so far.
+    pub crc: u32,
+    /// The descriptor finished with this record, which could not be
+    /// written yet.
+    pub result: Option<Completion>,
+}
+
+/// What the next step of a descriptor may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Go on.
+    Go,
+    /// Stop here and keep the progress (the descriptor resumes later).
+    Stop,
+    /// The work is void (a reset, a queue disable, a departed client):
+    /// stop here and forget it.
+    Void,
+}
+
+/// How [`execute`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The descriptor finished; its record.
+    Done(Completion),
+    /// It was stopped; it resumes from this.
+    Stopped(Progress),
+    /// It was voided.
+    Void,
+}
+
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 struct QueueRegs {
     ring_base: u64,
@@ -236,10 +273,12 @@ struct QueueRegs {
     head: u32,
     tail: u32,
     halted: bool,
+    /// A completion record could not be written (Q_STATUS bit 2).
+    cmpl_fault: bool,
     completed: u64,
     errors: u32,
-    /// Bumped at each enable/disable: work fetched before it is void.
-    epoch: u32,
+    /// The descriptor at HEAD, fetched and stopped part-way.
+    inflight: Option<(Descriptor, Progress)>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -251,15 +290,24 @@ struct Regs {
 
 struct Shared {
     regs: Mutex<Regs>,
-    /// Read-held while a descriptor runs; a stop takes it for writing.
+    /// Read-held by a queue thread while it works on a descriptor; taking
+    /// it for writing waits until every queue is between steps.
     gate: RwLock<bool>,
+    /// Set while a migration stop is asked for: descriptors stop at their
+    /// next step and keep their progress.
+    held: AtomicBool,
     kick: Mutex<u64>,
     kicked: Condvar,
     /// The doorbell page (swapped for a fresh one when a client leaves).
     doorbells: RwLock<MmapRaw>,
-    stop: std::sync::atomic::AtomicBool,
-    busy: [AtomicU32; QUEUES],
-    generation: AtomicU64,
+    stop: AtomicBool,
+    /// Per queue: bumped when the queue's work becomes void (reset, queue
+    /// or device disable, departed client). A step of older work stops.
+    voids: [AtomicU64; QUEUES],
+    /// Held while a queue commits a finished descriptor (record, HEAD,
+    /// interrupt) and while work is voided: a descriptor either completed
+    /// before a reset was accepted or never does.
+    commit: Mutex<()>,
 }
 
 impl Shared {
@@ -287,6 +335,28 @@ impl Shared {
         }
         self.kicked.notify_all();
     }
+
+    /// Voids the work of the queues in `which` (accepted at once: no
+    /// descriptor of theirs completes after this) and waits until every
+    /// queue thread is between steps. The returned guard keeps the engines
+    /// out while the caller changes registers.
+    fn void(&self, which: impl Iterator<Item = usize>) -> std::sync::RwLockWriteGuard<'_, bool> {
+        {
+            let _c = sync::lock(&self.commit);
+            for q in which {
+                self.voids[q].fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        self.wake();
+        sync::write(&self.gate)
+    }
+
+    /// Waits until every queue thread is between steps (after a gate such
+    /// as bus mastering closed, so that no DMA step is still running).
+    fn quiesce(&self) {
+        self.wake();
+        drop(sync::write(&self.gate));
+    }
 }
 
 /// A doorbell page: a memfd sealed against shrinking and growing (a client
@@ -303,32 +373,54 @@ fn doorbell_page(from: Option<&File>) -> std::io::Result<(File, MmapRaw)> {
     Ok((f, m))
 }
 
+/// Options of the device.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Offer MSI-X (BAR 4 holds its table and PBA). Without it the device
+    /// has MSI and INTx only, and no BAR 4.
+    pub msix: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { msix: true }
+    }
+}
+
 /// The DMA engine.
 pub struct DmaEngine {
     shared: Arc<Shared>,
     bar2: Arc<File>,
     threads: Vec<std::thread::JoinHandle<()>>,
     irqs: Option<Arc<crate::irq::Irqs>>,
+    opts: Options,
 }
 
 impl DmaEngine {
-    /// A DMA engine with its doorbell page in a new memfd.
+    /// A DMA engine with MSI-X, its doorbell page in a new memfd.
     pub fn new() -> std::io::Result<DmaEngine> {
+        DmaEngine::with_options(Options::default())
+    }
+
+    /// A DMA engine with `opts`.
+    pub fn with_options(opts: Options) -> std::io::Result<DmaEngine> {
         let (bar2, doorbells) = doorbell_page(None)?;
         Ok(DmaEngine {
             shared: Arc::new(Shared {
                 regs: Mutex::new(Regs::default()),
                 gate: RwLock::new(true),
+                held: AtomicBool::new(false),
                 kick: Mutex::new(0),
                 kicked: Condvar::new(),
                 doorbells: RwLock::new(doorbells),
                 stop: Default::default(),
-                busy: Default::default(),
-                generation: AtomicU64::new(0),
+                voids: Default::default(),
+                commit: Mutex::new(()),
             }),
             bar2: Arc::new(bar2),
             threads: Vec::new(),
             irqs: None,
+            opts,
         })
     }
 
@@ -343,10 +435,12 @@ impl DmaEngine {
             }
             // Doorbells written through an mmap are not trapped: while the
             // queue can run, poll them, briefly often, then less often while
-            // idle. A queue that cannot run (device or queue disabled, or
-            // halted) waits for a kick alone: every register write, reset,
-            // state load and stop kicks, so an idle device costs nothing.
-            let runnable = {
+            // idle. A queue that cannot run (device or queue disabled,
+            // halted, bus mastering off) waits for a kick alone: every
+            // register write, command register or power state change,
+            // reset, state load and stop kicks, so an idle device costs
+            // nothing.
+            let runnable = ctx.dma.bus_master() && {
                 let r = sync::lock(&shared.regs);
                 let qr = &r.queues[q];
                 r.enabled && qr.ctrl & regs::Q_CTRL_ENABLE != 0 && !qr.halted
@@ -370,10 +464,10 @@ impl DmaEngine {
         let mut did = false;
         loop {
             let gate = sync::read(&shared.gate);
-            if !*gate || shared.stop.load(Ordering::Acquire) {
+            if !*gate || shared.stop.load(Ordering::Acquire) || !ctx.dma.bus_master() {
                 return did;
             }
-            let gen = shared.generation.load(Ordering::Acquire);
+            let gen = shared.voids[q].load(Ordering::Acquire);
             let tail = shared.doorbell(q);
             let (qr, enabled) = {
                 let mut r = sync::lock(&shared.regs);
@@ -390,72 +484,136 @@ impl DmaEngine {
                 return did;
             }
             did = true;
-            shared.busy[q].store(1, Ordering::Release);
             let ring_route = if qr.ring_pasid & regs::PASID_VALID != 0 {
                 Route::Vpasid(qr.ring_pasid & 0xf_ffff)
             } else {
                 Route::Rid
             };
-            let slot = u64::from(qr.head % qr.ring_size);
-            let at = qr.ring_base.wrapping_add(slot * DESC_SIZE);
-            let mut raw = [0u8; 64];
-            if let Err(e) = ctx.dma.read(ring_route, at, &mut raw) {
-                tracing::debug!("dma-engine queue {q}: cannot fetch descriptor at {at:#x}: {e}");
-                if let dma::Error::NoPasid(_) = e {
-                    ctx.dma.report_fault(ring_route, at, false, FaultReason::NotPresent);
-                }
-                let mut r = sync::lock(&shared.regs);
-                if shared.generation.load(Ordering::Acquire) == gen && r.queues[q].epoch == qr.epoch {
-                    r.queues[q].halted = true;
-                }
-                drop(r);
-                shared.busy[q].store(0, Ordering::Release);
-                return did;
-            }
-            let d = Descriptor::parse(&raw);
-            // A reset or a departed client voids the work: stop between chunks.
-            let void = || shared.generation.load(Ordering::Acquire) != gen;
-            let Some(c) = execute(&*ctx.dma, &d, &void) else {
-                shared.busy[q].store(0, Ordering::Release);
-                return did;
-            };
-            if let Some(rest) = d.completion.checked_add(1).filter(|_| d.completion != 0) {
-                // The record goes through the queue's address space; the
-                // status byte lands last.
-                let b = c.to_bytes();
-                let ok = ctx
-                    .dma
-                    .write(ring_route, rest, &b[1..])
-                    .and_then(|_| ctx.dma.write(ring_route, d.completion, &b[..1]));
-                if let Err(e) = ok {
-                    tracing::debug!("dma-engine queue {q}: completion record at {:#x}: {e}", d.completion);
-                }
-            }
-            let irq = d.flags & flag::INTERRUPT != 0;
-            {
-                let mut r = sync::lock(&shared.regs);
-                // A reset, a departed client, or the queue being disabled or
-                // re-enabled meanwhile made this work void.
-                if shared.generation.load(Ordering::Acquire) == gen && r.queues[q].epoch == qr.epoch {
-                    let qq = &mut r.queues[q];
-                    qq.head = qq.head.wrapping_add(1);
-                    qq.completed = qq.completed.wrapping_add(1);
-                    if c.status != status::SUCCESS {
-                        qq.errors = qq.errors.wrapping_add(1);
-                    }
-                    if irq && qq.ctrl & regs::Q_CTRL_IRQ != 0 {
-                        if !ctx.irqs.wired(crate::proto::irq_index::MSIX) {
-                            r.intx_status |= 1 << q;
+            let (d, from) = match qr.inflight {
+                Some((d, p)) => (d, Some(p)),
+                None => {
+                    let slot = u64::from(qr.head % qr.ring_size);
+                    let at = qr.ring_base.wrapping_add(slot * DESC_SIZE);
+                    let mut raw = [0u8; 64];
+                    match ctx.dma.read(ring_route, at, &mut raw) {
+                        Ok(()) => (Descriptor::parse(&raw), None),
+                        // Bus mastering went off: fetch it when it is back.
+                        Err(dma::Error::BusMasterOff) => return did,
+                        Err(e) => {
+                            tracing::debug!("dma-engine queue {q}: cannot fetch descriptor at {at:#x}: {e}");
+                            if let dma::Error::NoPasid(_) = e {
+                                ctx.dma.report_fault(ring_route, at, false, FaultReason::NotPresent);
+                            }
+                            let mut r = sync::lock(&shared.regs);
+                            if shared.voids[q].load(Ordering::Acquire) == gen {
+                                r.queues[q].halted = true;
+                            }
+                            return did;
                         }
-                        // Raised under the register lock, so a concurrent
-                        // INTX_STATUS clear cannot be overtaken.
-                        ctx.irqs.notify(q as u32);
                     }
                 }
+            };
+            let step = || {
+                if shared.voids[q].load(Ordering::Acquire) != gen || shared.stop.load(Ordering::Acquire) {
+                    Step::Void
+                } else if shared.held.load(Ordering::Acquire) || !ctx.dma.bus_master() {
+                    Step::Stop
+                } else {
+                    Step::Go
+                }
+            };
+            let c = match from.and_then(|p| p.result) {
+                Some(c) => c,
+                None => match execute(&*ctx.dma, &d, from, &step) {
+                    Outcome::Done(c) => c,
+                    Outcome::Stopped(p) => {
+                        Self::keep(shared, q, gen, d, p);
+                        return did;
+                    }
+                    Outcome::Void => return did,
+                },
+            };
+            if !Self::commit(shared, ctx, q, gen, ring_route, &d, c) {
+                return did;
             }
-            shared.busy[q].store(0, Ordering::Release);
             drop(gate);
         }
+    }
+
+    /// Keeps a stopped descriptor's progress (unless its work was voided
+    /// meanwhile).
+    fn keep(shared: &Shared, q: usize, gen: u64, d: Descriptor, p: Progress) {
+        let mut r = sync::lock(&shared.regs);
+        if shared.voids[q].load(Ordering::Acquire) == gen {
+            r.queues[q].inflight = Some((d, p));
+        }
+    }
+
+    /// Completes a finished descriptor: its record, HEAD, the counters and
+    /// the interrupt, all or nothing with respect to a reset. Returns
+    /// false if the queue must stop (voided, halted, or the record waits
+    /// for bus mastering).
+    fn commit(
+        shared: &Shared,
+        ctx: &DeviceContext,
+        q: usize,
+        gen: u64,
+        ring_route: Route,
+        d: &Descriptor,
+        c: Completion,
+    ) -> bool {
+        let _c = sync::lock(&shared.commit);
+        if shared.voids[q].load(Ordering::Acquire) != gen {
+            return false;
+        }
+        let mut record_fault = false;
+        if let Some(rest) = d.completion.checked_add(1).filter(|_| d.completion != 0) {
+            // The record goes through the queue's address space; the
+            // status byte lands last.
+            let b = c.to_bytes();
+            let wrote =
+                ctx.dma.write(ring_route, rest, &b[1..]).and_then(|_| ctx.dma.write(ring_route, d.completion, &b[..1]));
+            match wrote {
+                Ok(()) => {}
+                Err(dma::Error::BusMasterOff) => {
+                    // Written when bus mastering is back; HEAD waits.
+                    let p = Progress { result: Some(c), ..Progress::default() };
+                    sync::lock(&shared.regs).queues[q].inflight = Some((*d, p));
+                    return false;
+                }
+                Err(e) => {
+                    tracing::debug!("dma-engine queue {q}: completion record at {:#x}: {e}", d.completion);
+                    if let dma::Error::NoPasid(_) = e {
+                        ctx.dma.report_fault(ring_route, d.completion, true, FaultReason::NotPresent);
+                    }
+                    record_fault = true;
+                }
+            }
+        }
+        let irq = d.flags & flag::INTERRUPT != 0;
+        let mut r = sync::lock(&shared.regs);
+        let qq = &mut r.queues[q];
+        qq.inflight = None;
+        qq.head = qq.head.wrapping_add(1);
+        qq.completed = qq.completed.wrapping_add(1);
+        if c.status != status::SUCCESS || record_fault {
+            qq.errors = qq.errors.wrapping_add(1);
+        }
+        if record_fault {
+            // The driver cannot learn how this descriptor ended: the queue
+            // halts, as for a ring fault, and says why.
+            qq.halted = true;
+            qq.cmpl_fault = true;
+        }
+        if irq && qq.ctrl & regs::Q_CTRL_IRQ != 0 {
+            if ctx.irqs.uses_intx() {
+                r.intx_status |= 1 << q;
+            }
+            // Raised under the register lock, so a concurrent INTX_STATUS
+            // clear cannot be overtaken.
+            ctx.irqs.notify(q as u32);
+        }
+        !record_fault
     }
 }
 
@@ -487,22 +645,35 @@ impl EngineDma for dma::Dma {
     }
 }
 
-/// Executes one descriptor with the DMA of `mem`: every field is the
-/// guest's and is checked here. Returns the completion record, or `None`
-/// if `void` said the work was cancelled (between 256 KiB steps).
-pub fn execute(mem: &dyn EngineDma, d: &Descriptor, void: &dyn Fn() -> bool) -> Option<Completion> {
+/// Bytes of one DMA step: a reset, a bus-master disable or a stop waits
+/// for at most one step of each queue.
+pub const STEP: usize = 64 * 1024;
+
+/// Executes one descriptor with the DMA of `mem`, from the start or from
+/// `from`: every field is the guest's and is checked here. Before each
+/// step (of at most [`STEP`] bytes) `step` says whether to go on. A step
+/// refused because bus mastering is off stops the descriptor as
+/// [`Step::Stop`] would.
+pub fn execute(mem: &dyn EngineDma, d: &Descriptor, from: Option<Progress>, step: &dyn Fn() -> Step) -> Outcome {
     let mut c = Completion::default();
     let route = match d.route() {
         Ok(r) => r,
         Err(s) => {
             c.status = s;
-            return Some(c);
+            return Outcome::Done(c);
         }
     };
     if d.len > MAX_XFER || (d.len == 0 && d.opcode != op::NOP) {
         c.status = status::INVALID;
-        return Some(c);
+        return Outcome::Done(c);
     }
+    let start = from.unwrap_or(Progress { crc: d.pattern as u32, ..Progress::default() });
+    let stopped = |done: usize, crc: u32| Outcome::Stopped(Progress { done: done as u32, crc, result: None });
+    let gate = |done: usize, crc: u32| match step() {
+        Step::Go => None,
+        Step::Stop => Some(stopped(done, crc)),
+        Step::Void => Some(Outcome::Void),
+    };
     // `second`: the fault is on the destination buffer (written by COPY and
     // FILL, read by COMPARE).
     let fail = |c: &mut Completion, e: dma::Error, at: u64, second: bool, write: bool| {
@@ -524,33 +695,54 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, void: &dyn Fn() -> bool) -> 
             _ => status::FAULT_SRC,
         };
     };
+    let off = |e: &dma::Error| matches!(e, dma::Error::BusMasterOff);
     // A destination is checked whole before the first byte is written.
     if matches!(d.opcode, op::COPY | op::FILL) {
-        if let Err(e) = mem.check_write(route, d.dst, d.len as usize) {
-            fail(&mut c, e, d.dst, true, true);
-            return Some(c);
+        if let Some(o) = gate(start.done as usize, start.crc) {
+            return o;
+        }
+        match mem.check_write(route, d.dst, d.len as usize) {
+            Err(e) if off(&e) => return stopped(start.done as usize, start.crc),
+            Err(e) => {
+                fail(&mut c, e, d.dst, true, true);
+                return Outcome::Done(c);
+            }
+            Ok(()) => {}
         }
     }
-    const CHUNK: usize = 256 * 1024;
     let len = d.len as usize;
+    let mut done = start.done as usize;
     match d.opcode {
         op::NOP => c.status = status::SUCCESS,
         op::COPY => {
-            let mut buf = vec![0u8; len.min(CHUNK)];
-            let mut done = 0;
+            // Overlapping buffers (in the same address space) copy as
+            // memmove does: backwards when the destination starts inside
+            // the source, so every source byte is read before it is
+            // overwritten.
+            let backward = d.dst > d.src && d.dst - d.src < len as u64;
+            let mut buf = vec![0u8; len.min(STEP)];
             while done < len {
-                let n = (len - done).min(CHUNK);
-                let (s, t) = (d.src.wrapping_add(done as u64), d.dst.wrapping_add(done as u64));
-                if void() {
-                    return None;
+                let n = (len - done).min(STEP);
+                let at = if backward { len - done - n } else { done } as u64;
+                let (s, t) = (d.src.wrapping_add(at), d.dst.wrapping_add(at));
+                if let Some(o) = gate(done, 0) {
+                    return o;
                 }
-                if let Err(e) = mem.read(route, s, &mut buf[..n]) {
-                    fail(&mut c, e, s, false, false);
-                    break;
+                match mem.read(route, s, &mut buf[..n]) {
+                    Err(e) if off(&e) => return stopped(done, 0),
+                    Err(e) => {
+                        fail(&mut c, e, s, false, false);
+                        break;
+                    }
+                    Ok(()) => {}
                 }
-                if let Err(e) = mem.write(route, t, &buf[..n]) {
-                    fail(&mut c, e, t, true, true);
-                    break;
+                match mem.write(route, t, &buf[..n]) {
+                    Err(e) if off(&e) => return stopped(done, 0),
+                    Err(e) => {
+                        fail(&mut c, e, t, true, true);
+                        break;
+                    }
+                    Ok(()) => {}
                 }
                 done += n;
             }
@@ -561,18 +753,21 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, void: &dyn Fn() -> bool) -> 
         }
         op::FILL => {
             let pat = d.pattern.to_le_bytes();
-            let buf: Vec<u8> = (0..len.min(CHUNK)).map(|i| pat[i % 8]).collect();
-            let mut done = 0;
+            let buf: Vec<u8> = (0..len.min(STEP)).map(|i| pat[i % 8]).collect();
             while done < len {
-                let n = (len - done).min(CHUNK);
+                let n = (len - done).min(STEP);
                 let t = d.dst.wrapping_add(done as u64);
-                // Chunks start at multiples of 8, so the pattern lines up.
-                if void() {
-                    return None;
+                // Steps start at multiples of 8, so the pattern lines up.
+                if let Some(o) = gate(done, 0) {
+                    return o;
                 }
-                if let Err(e) = mem.write(route, t, &buf[..n]) {
-                    fail(&mut c, e, t, true, true);
-                    break;
+                match mem.write(route, t, &buf[..n]) {
+                    Err(e) if off(&e) => return stopped(done, 0),
+                    Err(e) => {
+                        fail(&mut c, e, t, true, true);
+                        break;
+                    }
+                    Ok(()) => {}
                 }
                 done += n;
             }
@@ -582,23 +777,30 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, void: &dyn Fn() -> bool) -> 
             }
         }
         op::COMPARE => {
-            let mut a = vec![0u8; len.min(CHUNK)];
-            let mut b = vec![0u8; len.min(CHUNK)];
-            let mut done = 0;
+            let mut a = vec![0u8; len.min(STEP)];
+            let mut b = vec![0u8; len.min(STEP)];
             c.status = status::SUCCESS;
             while done < len {
-                let n = (len - done).min(CHUNK);
+                let n = (len - done).min(STEP);
                 let (s, t) = (d.src.wrapping_add(done as u64), d.dst.wrapping_add(done as u64));
-                if void() {
-                    return None;
+                if let Some(o) = gate(done, 0) {
+                    return o;
                 }
-                if let Err(e) = mem.read(route, s, &mut a[..n]) {
-                    fail(&mut c, e, s, false, false);
-                    break;
+                match mem.read(route, s, &mut a[..n]) {
+                    Err(e) if off(&e) => return stopped(done, 0),
+                    Err(e) => {
+                        fail(&mut c, e, s, false, false);
+                        break;
+                    }
+                    Ok(()) => {}
                 }
-                if let Err(e) = mem.read(route, t, &mut b[..n]) {
-                    fail(&mut c, e, t, true, false);
-                    break;
+                match mem.read(route, t, &mut b[..n]) {
+                    Err(e) if off(&e) => return stopped(done, 0),
+                    Err(e) => {
+                        fail(&mut c, e, t, true, false);
+                        break;
+                    }
+                    Ok(()) => {}
                 }
                 if let Some(i) = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y) {
                     c.status = status::MISMATCH;
@@ -611,18 +813,21 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, void: &dyn Fn() -> bool) -> 
             c.bytes_done = done as u32;
         }
         op::CRC32C => {
-            let mut buf = vec![0u8; len.min(CHUNK)];
-            let mut crc = d.pattern as u32;
-            let mut done = 0;
+            let mut buf = vec![0u8; len.min(STEP)];
+            let mut crc = start.crc;
             while done < len {
-                let n = (len - done).min(CHUNK);
+                let n = (len - done).min(STEP);
                 let s = d.src.wrapping_add(done as u64);
-                if void() {
-                    return None;
+                if let Some(o) = gate(done, crc) {
+                    return o;
                 }
-                if let Err(e) = mem.read(route, s, &mut buf[..n]) {
-                    fail(&mut c, e, s, false, false);
-                    break;
+                match mem.read(route, s, &mut buf[..n]) {
+                    Err(e) if off(&e) => return stopped(done, crc),
+                    Err(e) => {
+                        fail(&mut c, e, s, false, false);
+                        break;
+                    }
+                    Ok(()) => {}
                 }
                 crc = crc32c::crc32c_append(crc, &buf[..n]);
                 done += n;
@@ -635,7 +840,7 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, void: &dyn Fn() -> bool) -> 
         }
         _ => c.status = status::INVALID,
     }
-    Some(c)
+    Outcome::Done(c)
 }
 
 impl Drop for DmaEngine {
@@ -649,14 +854,6 @@ impl Drop for DmaEngine {
 }
 
 impl DmaEngine {
-    /// Voids queued and running work and waits for the descriptor in
-    /// flight to stop; the returned guard keeps the engines out while the
-    /// caller changes registers.
-    fn cancel(shared: &Shared) -> std::sync::RwLockWriteGuard<'_, bool> {
-        shared.generation.fetch_add(1, Ordering::AcqRel);
-        sync::write(&shared.gate)
-    }
-
     /// The 8-byte register word at `base` (8-aligned) of BAR 0.
     fn reg_word(&self, r: &Regs, base: u64) -> u64 {
         match base {
@@ -671,7 +868,9 @@ impl DmaEngine {
                     0x08 => u64::from(q.ring_size) | (u64::from(q.ring_pasid) << 32),
                     0x10 => u64::from(q.ctrl) | (u64::from(q.head) << 32),
                     0x18 => {
-                        let st = (q.ctrl & regs::Q_CTRL_ENABLE) | (u32::from(q.halted) << 1);
+                        let st = (q.ctrl & regs::Q_CTRL_ENABLE)
+                            | (u32::from(q.halted) << 1)
+                            | (u32::from(q.cmpl_fault) << 2);
                         let qi = ((b - regs::QUEUE) / regs::QUEUE_STRIDE) as usize;
                         u64::from(self.shared.doorbell(qi)) | (u64::from(st) << 32)
                     }
@@ -701,10 +900,14 @@ impl Device for DmaEngine {
         let mut c = PciConfig::new(ids, true);
         c.set_bar(0, BarKind::Mem32, 0x1000, false);
         c.set_bar(2, BarKind::Mem32, 0x1000, false);
-        c.set_bar(4, BarKind::Mem32, 0x1000, false);
         c.set_interrupt_pin(1);
         c.add_pm();
-        c.add_msix(QUEUES as u16, 4, 0, 4, 0x800);
+        // MSI: a vector per queue (64-bit, per-vector masking).
+        c.add_msi(QUEUES as u16);
+        if self.opts.msix {
+            c.set_bar(4, BarKind::Mem32, 0x1000, false);
+            c.add_msix(QUEUES as u16, 4, 0, 4, 0x800);
+        }
         c.add_pcie();
         c.add_pasid(20);
         c.add_ats();
@@ -720,16 +923,16 @@ impl Device for DmaEngine {
                 areas: vec![SparseArea { offset: 0, size: 0x1000 }],
             }),
         };
+        let mut regions = vec![RegionDesc { index: 0, size: 0x1000, read: true, write: true, mmap: None }, doorbells];
+        if self.opts.msix {
+            regions.push(RegionDesc { index: 4, size: 0x1000, read: true, write: true, mmap: None });
+        }
         DeviceDesc {
             name: "dma-engine",
             config: c,
-            regions: vec![
-                RegionDesc { index: 0, size: 0x1000, read: true, write: true, mmap: None },
-                doorbells,
-                RegionDesc { index: 4, size: 0x1000, read: true, write: true, mmap: None },
-            ],
-            irqs: IrqLayout { intx: true, msi: 0, msix: QUEUES as u32 },
-            msix: Some(MsixDesc {
+            regions,
+            irqs: IrqLayout { intx: true, msi: QUEUES as u32, msix: if self.opts.msix { QUEUES as u32 } else { 0 } },
+            msix: self.opts.msix.then_some(MsixDesc {
                 table_bar: 4,
                 table_offset: 0,
                 pba_bar: 4,
@@ -786,11 +989,16 @@ impl Device for DmaEngine {
                         let en = v & 1 != 0;
                         if r.enabled && !en {
                             drop(r);
-                            // Disabling lets the descriptor in flight finish
-                            // (and complete) and keeps the engines out.
-                            let _gate = sync::write(&self.shared.gate);
+                            // Disabling voids the work in flight: each
+                            // queue's descriptor stops at its next step
+                            // without a record, HEAD stays, and it runs
+                            // again from its start once enabled.
+                            let _gate = self.shared.void(0..QUEUES);
                             let mut r2 = sync::lock(&self.shared.regs);
                             r2.enabled = false;
+                            for q in r2.queues.iter_mut() {
+                                q.inflight = None;
+                            }
                             return Ok(());
                         }
                         r.enabled = en;
@@ -819,16 +1027,28 @@ impl Device for DmaEngine {
                             }
                             0x10 if off < 4 => {
                                 let ctrl = v as u32 & (regs::Q_CTRL_ENABLE | regs::Q_CTRL_IRQ);
-                                if ctrl & regs::Q_CTRL_ENABLE != 0 && !on {
-                                    // Enabling starts the ring empty at the
-                                    // doorbell's current value.
-                                    q.head = self.shared.doorbell(qi);
-                                    q.tail = q.head;
-                                    q.halted = false;
-                                }
                                 if (ctrl ^ q.ctrl) & regs::Q_CTRL_ENABLE != 0 {
-                                    // Work fetched before the edge is void.
-                                    q.epoch = q.epoch.wrapping_add(1);
+                                    // Either edge voids the queue's work in
+                                    // flight: it stops at its next step and
+                                    // never completes.
+                                    drop(r);
+                                    let _gate = self.shared.void(std::iter::once(qi));
+                                    let mut r = sync::lock(&self.shared.regs);
+                                    let q = &mut r.queues[qi];
+                                    q.inflight = None;
+                                    if ctrl & regs::Q_CTRL_ENABLE != 0 {
+                                        // Enabling starts the ring empty at
+                                        // the doorbell's current value.
+                                        q.head = self.shared.doorbell(qi);
+                                        q.tail = q.head;
+                                        q.halted = false;
+                                        q.cmpl_fault = false;
+                                    }
+                                    q.ctrl = ctrl;
+                                    drop(r);
+                                    drop(_gate);
+                                    self.shared.wake();
+                                    return Ok(());
                                 }
                                 q.ctrl = ctrl;
                             }
@@ -855,9 +1075,10 @@ impl Device for DmaEngine {
     }
 
     fn reset(&mut self) {
-        // The engines stay out until the registers are zero.
+        // Accepted at once (no descriptor completes after this); the
+        // engines stay out until the registers are zero.
         let shared = self.shared.clone();
-        let _gate = Self::cancel(&shared);
+        let _gate = shared.void(0..QUEUES);
         *sync::lock(&self.shared.regs) = Regs::default();
         for q in 0..QUEUES {
             self.shared.set_doorbell(q, 0);
@@ -871,10 +1092,10 @@ impl Device for DmaEngine {
         // Descriptors address the departed client's memory: the queues stop
         // (a driver enables them again).
         let shared = self.shared.clone();
-        let _gate = Self::cancel(&shared);
+        let _gate = shared.void(0..QUEUES);
         for q in sync::lock(&self.shared.regs).queues.iter_mut() {
             q.ctrl &= !regs::Q_CTRL_ENABLE;
-            q.epoch = q.epoch.wrapping_add(1);
+            q.inflight = None;
         }
         // The departed client may keep BAR 2 mapped: the next one gets a
         // new doorbell page with the same contents.
@@ -887,7 +1108,21 @@ impl Device for DmaEngine {
         }
     }
 
+    fn config_event(&mut self, ev: ConfigEvent) {
+        if let ConfigEvent::Command(_) | ConfigEvent::PowerState { .. } = ev {
+            // Bus mastering may have gone off (the framework already refuses
+            // DMA): wait until no step is still running, so no DMA happens
+            // after the config write's reply. Descriptors keep their
+            // progress and go on when it is back, which this kick notices.
+            self.shared.quiesce();
+        }
+        self.shared.wake();
+    }
+
     fn set_running(&mut self, running: bool) {
+        // A stop takes effect at each descriptor's next step; its progress
+        // is part of the saved state.
+        self.shared.held.store(!running, Ordering::Release);
         *sync::write(&self.shared.gate) = running;
         self.shared.wake();
     }
@@ -904,6 +1139,10 @@ impl Device for DmaEngine {
             q.ring_size == 0 || (q.ring_size.is_power_of_two() && (2..=MAX_RING).contains(&q.ring_size))
         };
         if bells.len() != QUEUES || !regs.queues.iter().all(valid_ring) {
+            return Err(libc::EINVAL);
+        }
+        // A stopped descriptor never claims more than its length done.
+        if regs.queues.iter().any(|q| q.inflight.is_some_and(|(d, p)| p.done > d.len)) {
             return Err(libc::EINVAL);
         }
         // Never more submitted than a ring holds.

@@ -13,15 +13,40 @@ use crate::device::Device;
 
 /// Devices the binary can serve: `(name, one-line description)`.
 pub const DEVICES: &[(&str, &str)] = &[
-    ("dma-engine", "PASID-capable DMA engine: 4 work queues, copy/fill/compare/CRC-32C, vPASID descriptors, MSI-X"),
-    ("test-device", "registers, sparse-mmap RAM BAR, MSI-X, INTx, ioeventfd doorbell and a DMA copy engine"),
+    (
+        "dma-engine",
+        "PASID-capable DMA engine: 4 work queues, copy/fill/compare/CRC-32C, vPASID descriptors, MSI-X, MSI",
+    ),
+    ("test-device", "registers, sparse-mmap RAM BAR, MSI-X, MSI, INTx, ioeventfd doorbell and a DMA copy engine"),
 ];
 
-/// Makes the device called `name`.
+/// What every device can be asked for when it is made.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Offer an MSI-X capability (its table and PBA in a BAR of their
+    /// own). Without it a device has MSI and INTx only.
+    pub msix: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { msix: true }
+    }
+}
+
+/// Makes the device called `name` with the defaults.
 pub fn make(name: &str) -> Option<std::io::Result<Box<dyn Device>>> {
+    make_with(name, Options::default())
+}
+
+/// Makes the device called `name` with `opts`.
+pub fn make_with(name: &str, opts: Options) -> Option<std::io::Result<Box<dyn Device>>> {
     match name {
-        "dma-engine" => Some(dma_engine::DmaEngine::new().map(|d| Box::new(d) as Box<dyn Device>)),
-        "test-device" => Some(testdev::TestDevice::new().map(|d| Box::new(d) as Box<dyn Device>)),
+        "dma-engine" => Some(
+            dma_engine::DmaEngine::with_options(dma_engine::Options { msix: opts.msix })
+                .map(|d| Box::new(d) as Box<dyn Device>),
+        ),
+        "test-device" => Some(testdev::TestDevice::with_msix(opts.msix).map(|d| Box::new(d) as Box<dyn Device>)),
         _ => None,
     }
 }

@@ -117,11 +117,18 @@ pub struct TestDevice {
     ram: Arc<File>,
     engine: Option<Sender<Copy>>,
     irqs: Option<Arc<crate::irq::Irqs>>,
+    msix: bool,
 }
 
 impl TestDevice {
     /// A test device with its BAR 1 memory in a new memfd.
     pub fn new() -> std::io::Result<TestDevice> {
+        TestDevice::with_msix(true)
+    }
+
+    /// A test device with or without its MSI-X capability (and BAR 2,
+    /// which holds only the MSI-X table and PBA).
+    pub fn with_msix(msix: bool) -> std::io::Result<TestDevice> {
         let ram = iommu_core::memfd::create_sealed("test-device-bar1", BAR1_SIZE).map_err(std::io::Error::other)?;
         let regs = Regs { io: vec![0; 256], ..Regs::default() };
         Ok(TestDevice {
@@ -134,6 +141,7 @@ impl TestDevice {
             ram: Arc::new(ram),
             engine: None,
             irqs: None,
+            msix,
         })
     }
 
@@ -188,13 +196,17 @@ impl Device for TestDevice {
         let mut c = PciConfig::new(ids, true);
         c.set_bar(0, BarKind::Mem32, 0x1000, false);
         c.set_bar(1, BarKind::Mem32, BAR1_SIZE, false);
-        c.set_bar(2, BarKind::Mem32, 0x1000, false);
+        if self.msix {
+            c.set_bar(2, BarKind::Mem32, 0x1000, false);
+        }
         c.set_bar(4, BarKind::Io, 0x100, false);
         c.set_rom(0x8000);
         c.set_interrupt_pin(1);
         c.add_pm();
-        c.add_msi(1);
-        c.add_msix(8, 2, 0, 2, 0x800);
+        c.add_msi(8);
+        if self.msix {
+            c.add_msix(8, 2, 0, 2, 0x800);
+        }
         c.add_pcie();
         c.add_pasid(20);
         c.add_ats();
@@ -206,18 +218,24 @@ impl Device for TestDevice {
             file_offset: 0,
             areas: vec![SparseArea { offset: 0, size: 0x4000 }, SparseArea { offset: 0x8000, size: 0x8000 }],
         });
+        let mut regions = vec![rw(0, 0x1000), bar1];
+        if self.msix {
+            regions.push(rw(2, 0x1000));
+        }
+        regions.push(rw(4, 0x100));
+        regions.push(RegionDesc { index: 6, size: 0x8000, read: true, write: false, mmap: None });
         DeviceDesc {
             name: "test-device",
             config: c,
-            regions: vec![
-                rw(0, 0x1000),
-                bar1,
-                rw(2, 0x1000),
-                rw(4, 0x100),
-                RegionDesc { index: 6, size: 0x8000, read: true, write: false, mmap: None },
-            ],
-            irqs: IrqLayout { intx: true, msi: 1, msix: 8 },
-            msix: Some(MsixDesc { table_bar: 2, table_offset: 0, pba_bar: 2, pba_offset: 0x800, vectors: 8 }),
+            regions,
+            irqs: IrqLayout { intx: true, msi: 8, msix: if self.msix { 8 } else { 0 } },
+            msix: self.msix.then_some(MsixDesc {
+                table_bar: 2,
+                table_offset: 0,
+                pba_bar: 2,
+                pba_offset: 0x800,
+                vectors: 8,
+            }),
             caps: DeviceCaps { pasid_width: 20, pri: true, dirty_tracking: true },
             io_fds: vec![IoFdDesc { region: 0, offset: regs::DOORBELL, size: 4, datamatch: None }],
         }

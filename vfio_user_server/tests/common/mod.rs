@@ -41,7 +41,12 @@ impl Stack {
         let t0 = std::time::Instant::now();
         loop {
             match Client::connect(&self.sock) {
-                Ok(c) => return c,
+                Ok(mut c) => {
+                    // As a guest's PCI core and driver do: BARs decode and
+                    // the device may DMA (tests of the reset state clear it).
+                    c.enable_function().unwrap();
+                    return c;
+                }
                 Err(e) => assert!(t0.elapsed() < std::time::Duration::from_secs(20), "no client accepted: {e}"),
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
