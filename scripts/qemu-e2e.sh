@@ -281,14 +281,16 @@ wait_server_log() {
     return 1
 }
 
-# The sums of the counts of the guest's "ENGINE-TEST IRQ:" lines (copies
-# of /proc/interrupts lines) matching $1 in a section of its log on stdin,
-# separated by spaces.
-irq_sums() {
+# The guest prints the device's /proc/interrupts lines before its
+# interrupts ("ENGINE-TEST IRQ-BEFORE:") and after ("ENGINE-TEST IRQ:").
+# irq_counts: for the lines containing $1 in a section of its log on
+# stdin, what each line counted in between (summed over CPUs), separated
+# by spaces.
+irq_counts() {
     tr -d '\r' | awk -v pat="$1" '
-        sub(/^.*ENGINE-TEST IRQ: */, "") && index($0, pat) {
-            s = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i; printf "%d ", s
-        }'
+        function sum(   s, i) { s = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i; return s }
+        sub(/^.*ENGINE-TEST IRQ-BEFORE: */, "") && index($0, pat) { before[nb++] = sum(); next }
+        sub(/^.*ENGINE-TEST IRQ: */, "") && index($0, pat) { printf "%d ", sum() - before[na++] }'
 }
 
 # Stage 3: hot-plug. A guest on q35 with a PCIe root port (rp1), an
@@ -322,10 +324,10 @@ hotplug_cycle() { # n, server socket, server log, cycles on this server so far, 
     # vector, IRQ_ROUNDS interrupts each (queue q on vector q); INTx: one
     # line, all of them.
     if [ "$kind" = MSI-X ]; then pat='vfio-msix['; else pat='vfio-msi['; fi
-    sums=$(irq_sums "$pat" <<<"$out")
+    sums=$(irq_counts "$pat" <<<"$out")
     want="$irq_rounds $irq_rounds $irq_rounds $irq_rounds "
     [ "$sums" = "$want" ] || fail "hot-plug $n: $kind counts in /proc/interrupts are '$sums', expected '$want'"
-    sums=$(irq_sums "vfio-intx" <<<"$out")
+    sums=$(irq_counts "vfio-intx" <<<"$out")
     [ "$sums" = "$((4 * irq_rounds)) " ] || fail "hot-plug $n: INTx count in /proc/interrupts is '$sums', expected $((4 * irq_rounds))"
     tr -d '\r' <<<"$out" | sed -n 's/^.*ENGINE-TEST/qemu-e2e: guest: ENGINE-TEST/p'
     t_del=$(ms)
@@ -333,7 +335,7 @@ hotplug_cycle() { # n, server socket, server log, cycles on this server so far, 
         || fail "hot-plug $n: device_del: $out; QEMU: $(qemu3_err)"
     wait_guest "$work/guest3.log" "ENGINE-TEST HOTPLUG REMOVED $n:" 60 "$qpid3" \
         || fail "hot-plug $n: the guest still sees the device: $(tail -n 5 "$work/guest3.log")"
-    grep -a "ENGINE-TEST HOTPLUG REMOVED $n:" "$work/guest3.log" | tr -d '\r' | sed 's/^.*ENGINE-TEST/qemu-e2e: guest: ENGINE-TEST/'
+    grep -aE "ENGINE-TEST (HOTPLUG REMOVED $n:|KLOG)" "$work/guest3.log" | tr -d '\r' | sed 's/^.*ENGINE-TEST/qemu-e2e: guest: ENGINE-TEST/'
     kill -0 "$qpid3" 2>/dev/null || fail "hot-plug $n: QEMU died: $(qemu3_err)"
     grep -qiE "assert|abort" "$work/qemu3.err" && fail "hot-plug $n: QEMU: $(grep -aiE "assert|abort" "$work/qemu3.err")"
     wait_server_log "$slog" "$k" "client disconnected" || fail "hot-plug $n: the server did not see QEMU leave"
