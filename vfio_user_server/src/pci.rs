@@ -360,9 +360,15 @@ impl PciConfig {
         self.set32(off + 12, 0x0000_0011);
         self.mask16(off + 16, 0x01c3);
         self.set16(off + 18, 0x0011);
-        // Device capabilities 2 / control 2.
+        // Device capabilities 2: nothing optional (no completion timeout
+        // ranges or disable, no ARI, LTR, OBFF or 10-bit tags), so device
+        // control 2 has nothing to program and is read-only 0.
         self.set32(off + 36, 0);
-        self.mask16(off + 40, 0x040f);
+        // Link capabilities 2: supported speeds vector, 2.5 GT/s only (what
+        // Linux reads before the link capabilities when it is non-zero);
+        // link control 2: target link speed 2.5 GT/s.
+        self.set32(off + 44, 1 << 1);
+        self.set16(off + 48, 0x0001);
         self.caps.pcie = Some(off);
         off
     }
@@ -707,6 +713,43 @@ mod tests {
         c.reset();
         assert_eq!(c.get16(msix + 2), 7);
         assert_ne!(c.get16(pri + 6) & (1 << 8), 0);
+    }
+
+    #[test]
+    fn power_states_and_interrupt_status() {
+        let mut c = PciConfig::new(ids(), true);
+        let pm = c.add_pm();
+        c.add_pcie();
+        // D1 and D2 are not supported: the write completes, nothing changes.
+        assert!(c.write((pm + 4) as u64, &1u16.to_le_bytes()).unwrap().is_empty());
+        assert_eq!(c.power_state(), 0);
+        assert!(c.write((pm + 4) as u64, &2u16.to_le_bytes()).unwrap().is_empty());
+        assert_eq!(c.power_state(), 0);
+        let ev = c.write((pm + 4) as u64, &3u16.to_le_bytes()).unwrap();
+        assert_eq!(ev, vec![ConfigEvent::PowerState { from: 0, to: 3 }]);
+        // D3hot stays D3hot on a D1 write.
+        assert!(c.write((pm + 4) as u64, &1u16.to_le_bytes()).unwrap().is_empty());
+        assert_eq!(c.power_state(), 3);
+        let ev = c.write((pm + 4) as u64, &0u16.to_le_bytes()).unwrap();
+        assert_eq!(ev, vec![ConfigEvent::PowerState { from: 3, to: 0 }]);
+        // Interrupt Status comes from the INTx level, in any read that
+        // covers it, and is never stored.
+        let mut b = [0u8; 4];
+        c.read_with_intx(4, &mut b, true).unwrap();
+        assert_eq!(u16::from_le_bytes([b[2], b[3]]) & STATUS_INTERRUPT, STATUS_INTERRUPT);
+        let mut one = [0u8; 1];
+        c.read_with_intx(6, &mut one, true).unwrap();
+        assert_eq!(one[0] & 0x08, 0x08);
+        c.read_with_intx(7, &mut one, true).unwrap();
+        assert_eq!(one[0] & 0x08, 0, "bit 11 is not Interrupt Status");
+        c.read_with_intx(6, &mut one, false).unwrap();
+        assert_eq!(one[0] & 0x08, 0);
+        assert_eq!(c.get16(reg::STATUS) & STATUS_INTERRUPT, 0);
+        // Device control 2 is read-only; link capabilities 2 says 2.5 GT/s.
+        let pcie = c.caps().pcie.unwrap();
+        c.write((pcie + 40) as u64, &0xffffu16.to_le_bytes()).unwrap();
+        assert_eq!(c.get16(pcie + 40), 0);
+        assert_eq!(c.get32(pcie + 44), 2);
     }
 
     #[test]

@@ -26,6 +26,8 @@ use crate::irq::IrqLayout;
 use crate::pci::{BarKind, ConfigEvent, PciConfig, PciIds};
 use crate::proto::SparseArea;
 
+use super::Options;
+
 /// Work queues.
 pub const QUEUES: usize = 4;
 /// Largest transfer of one descriptor.
@@ -373,20 +375,6 @@ fn doorbell_page(from: Option<&File>) -> std::io::Result<(File, MmapRaw)> {
     Ok((f, m))
 }
 
-/// Options of the device.
-#[derive(Debug, Clone, Copy)]
-pub struct Options {
-    /// Offer MSI-X (BAR 4 holds its table and PBA). Without it the device
-    /// has MSI and INTx only, and no BAR 4.
-    pub msix: bool,
-}
-
-impl Default for Options {
-    fn default() -> Options {
-        Options { msix: true }
-    }
-}
-
 /// The DMA engine.
 pub struct DmaEngine {
     shared: Arc<Shared>,
@@ -402,7 +390,8 @@ impl DmaEngine {
         DmaEngine::with_options(Options::default())
     }
 
-    /// A DMA engine with `opts`.
+    /// A DMA engine with `opts` (without MSI-X it has MSI and INTx only,
+    /// and no BAR 4, which holds only the MSI-X table and PBA).
     pub fn with_options(opts: Options) -> std::io::Result<DmaEngine> {
         let (bar2, doorbells) = doorbell_page(None)?;
         Ok(DmaEngine {
@@ -440,7 +429,7 @@ impl DmaEngine {
             // register write, command register or power state change,
             // reset, state load and stop kicks, so an idle device costs
             // nothing.
-            let runnable = ctx.dma.bus_master() && {
+            let runnable = ctx.dma.bus_master() && *sync::read(&shared.gate) && {
                 let r = sync::lock(&shared.regs);
                 let qr = &r.queues[q];
                 r.enabled && qr.ctrl & regs::Q_CTRL_ENABLE != 0 && !qr.halted
@@ -696,22 +685,40 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, from: Option<Progress>, step
         };
     };
     let off = |e: &dma::Error| matches!(e, dma::Error::BusMasterOff);
-    // A destination is checked whole before the first byte is written.
-    if matches!(d.opcode, op::COPY | op::FILL) {
-        if let Some(o) = gate(start.done as usize, start.crc) {
+    let len = d.len as usize;
+    let mut done = (start.done as usize).min(len);
+    // One DMA of a step: bus mastering off stops the descriptor here (it
+    // resumes from `done`); any other failure ends it with its status.
+    macro_rules! step_dma {
+        ($dma:expr, $at:expr, $second:expr, $write:expr, $crc:expr) => {
+            match $dma {
+                Ok(()) => {}
+                Err(e) if off(&e) => return stopped(done, $crc),
+                Err(e) => {
+                    fail(&mut c, e, $at, $second, $write);
+                    break;
+                }
+            }
+        };
+    }
+    // A destination is checked whole before the first byte is written (on
+    // a resume, what is left of it: a backward COPY works from the end).
+    if matches!(d.opcode, op::COPY | op::FILL) && done < len {
+        if let Some(o) = gate(done, start.crc) {
             return o;
         }
-        match mem.check_write(route, d.dst, d.len as usize) {
-            Err(e) if off(&e) => return stopped(start.done as usize, start.crc),
+        let backward = d.opcode == op::COPY && d.dst > d.src && d.dst - d.src < len as u64;
+        let rest = if backward { d.dst } else { d.dst.wrapping_add(done as u64) };
+        match mem.check_write(route, rest, len - done) {
+            Err(e) if off(&e) => return stopped(done, start.crc),
             Err(e) => {
-                fail(&mut c, e, d.dst, true, true);
+                fail(&mut c, e, rest, true, true);
+                c.bytes_done = done as u32;
                 return Outcome::Done(c);
             }
             Ok(()) => {}
         }
     }
-    let len = d.len as usize;
-    let mut done = start.done as usize;
     match d.opcode {
         op::NOP => c.status = status::SUCCESS,
         op::COPY => {
@@ -728,22 +735,8 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, from: Option<Progress>, step
                 if let Some(o) = gate(done, 0) {
                     return o;
                 }
-                match mem.read(route, s, &mut buf[..n]) {
-                    Err(e) if off(&e) => return stopped(done, 0),
-                    Err(e) => {
-                        fail(&mut c, e, s, false, false);
-                        break;
-                    }
-                    Ok(()) => {}
-                }
-                match mem.write(route, t, &buf[..n]) {
-                    Err(e) if off(&e) => return stopped(done, 0),
-                    Err(e) => {
-                        fail(&mut c, e, t, true, true);
-                        break;
-                    }
-                    Ok(()) => {}
-                }
+                step_dma!(mem.read(route, s, &mut buf[..n]), s, false, false, 0);
+                step_dma!(mem.write(route, t, &buf[..n]), t, true, true, 0);
                 done += n;
             }
             c.bytes_done = done as u32;
@@ -761,14 +754,7 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, from: Option<Progress>, step
                 if let Some(o) = gate(done, 0) {
                     return o;
                 }
-                match mem.write(route, t, &buf[..n]) {
-                    Err(e) if off(&e) => return stopped(done, 0),
-                    Err(e) => {
-                        fail(&mut c, e, t, true, true);
-                        break;
-                    }
-                    Ok(()) => {}
-                }
+                step_dma!(mem.write(route, t, &buf[..n]), t, true, true, 0);
                 done += n;
             }
             c.bytes_done = done as u32;
@@ -786,22 +772,8 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, from: Option<Progress>, step
                 if let Some(o) = gate(done, 0) {
                     return o;
                 }
-                match mem.read(route, s, &mut a[..n]) {
-                    Err(e) if off(&e) => return stopped(done, 0),
-                    Err(e) => {
-                        fail(&mut c, e, s, false, false);
-                        break;
-                    }
-                    Ok(()) => {}
-                }
-                match mem.read(route, t, &mut b[..n]) {
-                    Err(e) if off(&e) => return stopped(done, 0),
-                    Err(e) => {
-                        fail(&mut c, e, t, true, false);
-                        break;
-                    }
-                    Ok(()) => {}
-                }
+                step_dma!(mem.read(route, s, &mut a[..n]), s, false, false, 0);
+                step_dma!(mem.read(route, t, &mut b[..n]), t, true, false, 0);
                 if let Some(i) = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y) {
                     c.status = status::MISMATCH;
                     c.result = (done + i) as u64;
@@ -821,14 +793,7 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, from: Option<Progress>, step
                 if let Some(o) = gate(done, crc) {
                     return o;
                 }
-                match mem.read(route, s, &mut buf[..n]) {
-                    Err(e) if off(&e) => return stopped(done, crc),
-                    Err(e) => {
-                        fail(&mut c, e, s, false, false);
-                        break;
-                    }
-                    Ok(()) => {}
-                }
+                step_dma!(mem.read(route, s, &mut buf[..n]), s, false, false, crc);
                 crc = crc32c::crc32c_append(crc, &buf[..n]);
                 done += n;
             }

@@ -42,10 +42,7 @@ pub fn make(name: &str) -> Option<std::io::Result<Box<dyn Device>>> {
 /// Makes the device called `name` with `opts`.
 pub fn make_with(name: &str, opts: Options) -> Option<std::io::Result<Box<dyn Device>>> {
     match name {
-        "dma-engine" => Some(
-            dma_engine::DmaEngine::with_options(dma_engine::Options { msix: opts.msix })
-                .map(|d| Box::new(d) as Box<dyn Device>),
-        ),
+        "dma-engine" => Some(dma_engine::DmaEngine::with_options(opts).map(|d| Box::new(d) as Box<dyn Device>)),
         "test-device" => Some(testdev::TestDevice::with_msix(opts.msix).map(|d| Box::new(d) as Box<dyn Device>)),
         _ => None,
     }

@@ -383,6 +383,15 @@ impl Device for TestDevice {
         }
     }
 
+    fn config_event(&mut self, ev: crate::pci::ConfigEvent) {
+        if let crate::pci::ConfigEvent::Command(_) | crate::pci::ConfigEvent::PowerState { .. } = ev {
+            // Bus mastering may have gone off: a copy runs holding
+            // `running`, so taking it waits for the one in flight, and no
+            // DMA happens after the config write's reply.
+            drop(sync::lock(&self.shared.running));
+        }
+    }
+
     fn set_running(&mut self, running: bool) {
         *sync::lock(&self.shared.running) = running;
         self.shared.resume.notify_all();
