@@ -19,7 +19,8 @@
 #      Per cycle the script hot-adds a vfio-user-pci (QMP device_add on the
 #      root port), the guest's pciehp finds it and `engine-test hotplug`
 #      checks it through sysfs and then through the guest kernel's vfio-pci
-#      as a user-space driver (type-1 container; MSI, one eventfd per
+#      as a user-space driver (type-1 container; bus mastering off holds
+#      a queued copy, on lets it run; MSI, one eventfd per
 #      vector, queue q on vector q; then INTx with INTX_STATUS, Status bit 3
 #      and an unmask per interrupt), printing the device's /proc/interrupts
 #      lines, whose counts the script checks too; then device_del, the
@@ -324,6 +325,7 @@ hotplug_cycle() { # n, server socket, server log, cycles on this server so far, 
     grep -aq "ENGINE-TEST PASS:" <<<"$out" || fail "hot-plug $n: no sysfs PASS"
     grep -aq "ENGINE-TEST $kind PASS:" <<<"$out" || fail "hot-plug $n: no $kind PASS"
     grep -aq "ENGINE-TEST INTX PASS:" <<<"$out" || fail "hot-plug $n: no INTX PASS"
+    grep -aq "ENGINE-TEST BME PASS:" <<<"$out" || fail "hot-plug $n: no BME PASS"
     # The host's own look at the guest's /proc/interrupts lines: one per
     # vector, IRQ_ROUNDS interrupts each (queue q on vector q); INTx: one
     # line, all of them.
@@ -400,11 +402,11 @@ hotplug_stage() {
     say "hot-plug: the guest is ready $((t_ready - t_start)) ms after the stage began"
     hotplug_cycle 1 "$work/dev3.sock" "$work/dev3.log" 1 MSI
     hotplug_cycle 2 "$work/dev3.sock" "$work/dev3.log" 2 MSI
-    local cycles="two cycles with a --no-msix device (MSI, INTx)"
+    local cycles="two cycles with a --no-msix device (sysfs; vfio-pci: bus mastering, MSI, INTx)"
     if [ "$msix" = 1 ]; then
         hotplug_cycle 3 "$work/dev4.sock" "$work/dev4.log" 1 MSI-X
         hotplug_cycle 4 "$work/dev4.sock" "$work/dev4.log" 2 MSI-X
-        cycles="$cycles and two with an MSI-X device (MSI-X, INTx)"
+        cycles="$cycles and two with an MSI-X device (the same with MSI-X)"
     else
         say "hot-plug: the MSI-X device's cycle skipped: $msix_reason"
     fi

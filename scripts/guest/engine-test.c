@@ -28,7 +28,8 @@
  * `engine-test hotplug` waits for the device to be hot-added, checks it as
  * above through sysfs, then through the guest kernel's vfio-pci as a
  * user-space driver (IOMMU group of an emulated VT-d, type-1 container,
- * BARs and config through the device fd): 4 queues, each copy with the
+ * BARs and config through the device fd): bus mastering off holds DMA,
+ * on lets it run; then 4 queues, each copy with the
  * INTERRUPT flag and Q_CTRL bit 1, interrupts as eventfds, first MSI (or
  * MSI-X where the device has it; queue q must interrupt on vector q only),
  * then INTx (INTX_STATUS bit q and config Status bit 3 while pending, both
@@ -535,10 +536,7 @@ static int vf_open(struct vf *v, const char *dev, const char *bdf)
                                          .size = VF_PAGES * PAGE};
     if (ioctl(v->container, VFIO_IOMMU_MAP_DMA, &m))
         return vf_fail("VFIO_IOMMU_MAP_DMA");
-    /* vfio-pci enabled memory decoding; DMA needs bus mastering too. */
-    uint16_t cmd = cfg_read16(v, 4);
-    if (cfg_write16(v, 4, cmd | 0x6) || !(cfg_read16(v, 4) & 0x4))
-        return vf_fail("cannot set bus mastering through the config region");
+    /* vfio-pci enabled memory decoding; bus mastering is bme_test's. */
     if (v->regs[0] != 0xd3a00001u)
         return vf_fail("unexpected ID register through the vfio BAR mapping");
     return 0;
@@ -617,7 +615,7 @@ static void vf_queues(struct vf *v)
 }
 
 /* One copy with the INTERRUPT flag on queue qn; its record is checked after the interrupt. */
-static volatile uint8_t *vf_submit(struct vf *v, int qn, int round)
+static volatile uint8_t *vf_submit(struct vf *v, int qn, int round, uint8_t flags)
 {
     uint8_t *src = v->mem + 5 * PAGE, *dst = v->mem + 6 * PAGE;
     for (unsigned i = 0; i < PAGE; i++)
@@ -628,7 +626,7 @@ static volatile uint8_t *vf_submit(struct vf *v, int qn, int round)
     volatile uint8_t *c = v->mem + 4 * PAGE + qn * 512 + slot * 32;
     memset((void *)c, 0, 32);
     struct desc d = {.op = 1,
-                     .flags = 1,
+                     .flags = flags,
                      .len = PAGE,
                      .src = IOVA_BASE + 5 * PAGE,
                      .dst = IOVA_BASE + 6 * PAGE,
@@ -719,7 +717,7 @@ static int msi_test(struct vf *v, const char *bdf)
     for (int qn = 0; qn < 4; qn++) {
         int want = qn % nvec;
         for (int round = 0; round < IRQ_ROUNDS; round++) {
-            volatile uint8_t *c = vf_submit(v, qn, round);
+            volatile uint8_t *c = vf_submit(v, qn, round, 1);
             struct pollfd p[16];
             for (int i = 0; i < nvec; i++)
                 p[i] = (struct pollfd){.fd = efd[i], .events = POLLIN};
@@ -784,7 +782,7 @@ static int intx_test(struct vf *v, const char *bdf)
     vf_queues(v);
     for (int qn = 0; qn < 4; qn++) {
         for (int round = 0; round < IRQ_ROUNDS; round++) {
-            volatile uint8_t *c = vf_submit(v, qn, round);
+            volatile uint8_t *c = vf_submit(v, qn, round, 1);
             struct pollfd p = {.fd = efd, .events = POLLIN};
             if (poll(&p, 1, 10000) <= 0) {
                 printf("ENGINE-TEST FAIL: INTx: no interrupt within 10 s for queue %d (record status %d, INTX_STATUS "
@@ -834,10 +832,53 @@ static int intx_test(struct vf *v, const char *bdf)
     return 0;
 }
 
+/*
+ * Bus mastering, set through the config region as a user-space driver
+ * must: while it is off, a queued copy (no INTERRUPT flag) waits untouched
+ * (no record, destination unwritten, HEAD still, the queue not halted);
+ * once it is on, the copy runs.
+ */
+static int bme_test(struct vf *v)
+{
+    uint16_t cmd = cfg_read16(v, 4);
+    if (cfg_write16(v, 4, (cmd | 0x2) & ~0x4) || (cfg_read16(v, 4) & 0x4))
+        return vf_fail("cannot clear bus mastering through the config region");
+    vf_queues(v);
+    volatile uint32_t *qb = v->regs + 0x100 / 4;
+    uint32_t head = qb[0x14 / 4];
+    volatile uint8_t *c = vf_submit(v, 0, 99, 0);
+    usleep(200000);
+    const uint8_t *dst = v->mem + 6 * PAGE;
+    int untouched = 1;
+    for (unsigned i = 0; i < PAGE; i++)
+        untouched &= dst[i] == 0;
+    uint32_t head_off = qb[0x14 / 4], qstatus = qb[0x1c / 4];
+    if (c[0] || !untouched || head_off != head || qstatus != 1) {
+        printf("ENGINE-TEST FAIL: BME: with bus mastering off: record status %d, destination %s, HEAD %u -> %u, "
+               "Q_STATUS %#x\n",
+               c[0], untouched ? "untouched" : "written", head, head_off, qstatus);
+        return 1;
+    }
+    if (cfg_write16(v, 4, cmd | 0x6) || !(cfg_read16(v, 4) & 0x4))
+        return vf_fail("cannot set bus mastering through the config region");
+    if (vf_check_copy(v, c) || qb[0x14 / 4] != head + 1) {
+        printf("ENGINE-TEST FAIL: BME: with bus mastering on the copy did not complete (record status %d, HEAD %u)\n",
+               c[0], qb[0x14 / 4]);
+        return 1;
+    }
+    printf("ENGINE-TEST BME PASS: with bus mastering off a queued copy waited 200 ms untouched (HEAD %u, Q_STATUS "
+           "%#x); set through the config region, the copy ran\n",
+           head_off, qstatus);
+    fflush(stdout);
+    return 0;
+}
+
 static int vfio_checks(const char *dev, const char *bdf)
 {
     struct vf v;
     int r = vf_open(&v, dev, bdf);
+    if (!r)
+        r = bme_test(&v);
     if (!r)
         r = msi_test(&v, bdf);
     if (!r)
