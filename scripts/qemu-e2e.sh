@@ -321,6 +321,13 @@ hotplug_cycle() { # n, server socket, server log, cycles on this server so far, 
     wait_guest "$work/guest3.log" "ENGINE-TEST HOTPLUG USED $n:" 300 "$qpid3" \
         || fail "hot-plug $n: the guest did not use the device: $(tail -n 25 "$work/guest3.log"; qemu3_err)"
     t_used=$(ms)
+    # The guest's vfio-pci mapped its buffer at IOVA 0x1000000000 through
+    # the emulated VT-d (QEMU passed the map on as DMA_MAP) and unmapped it
+    # before reporting: the device must not reach it any more.
+    ioas=$(target/release/ioasidctl --socket "$work/core.sock" status)
+    if grep -q -- " 0x1000000000-" <<<"$ioas"; then
+        fail "hot-plug $n: the guest unmapped IOVA 0x1000000000 but the server's compat IOAS still maps it: $(grep -- " 0x1000000000-" <<<"$ioas")"
+    fi
     out=$(sed -n "/ENGINE-TEST HOTPLUG ADDED $n:/,/ENGINE-TEST HOTPLUG USED $n:/p" "$work/guest3.log")
     grep -aq "ENGINE-TEST PASS:" <<<"$out" || fail "hot-plug $n: no sysfs PASS"
     grep -aq "ENGINE-TEST $kind PASS:" <<<"$out" || fail "hot-plug $n: no $kind PASS"
