@@ -34,7 +34,7 @@
 # commands QEMU sent, with counts, and the hot-plug cycles' log lines.
 #
 # Environment:
-#   IOASID_QEMU=/path/to/qemu-system-x86_64  run that QEMU (10.1+ with
+#   IOASID_QEMU=/abs/path/to/qemu-system-x86_64  run that QEMU (10.1+ with
 #       vfio-user-pci) instead of Debian's. It must find its own firmware
 #       (installed, or run from its build directory, which finds pc-bios/).
 #       Debian's 11.1.3 aborts on device_del of a vfio-user-pci that has
@@ -428,6 +428,8 @@ hotplug_stage() {
         kill -TERM "$s"
         wait "$s" || fail "a hot-plug stage server did not exit cleanly"
     done
+    # What QEMU sent each hot-plugged device (one line per client).
+    cat "$work/dev3.log" ${server4:+"$work/dev4.log"} | grep -o "the client sent: .*" | sed 's/^/qemu-e2e: hot-plugged device: /'
     # unmap_noise: QEMU's VT-d unmaps the whole IOVA space in power-of-two
     # pieces when the guest switches the device's domain (vfio-pci taking
     # it, and giving it back); the server refuses each piece that is not a
