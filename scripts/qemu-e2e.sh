@@ -14,16 +14,20 @@
 #      copies work again with nothing done by QEMU (scripts/guest/engine-test.c
 #      says what the guest sees meanwhile); then poweroff.
 #   3. Hot-plug: a guest on q35 with a PCIe root port, an emulated VT-d
-#      (interrupt remapping: x86 gives a device more than one MSI vector
-#      only with it; caching mode: QEMU's vfio needs it) and a QMP socket.
-#      Per cycle the script hot-adds a vfio-user-pci (QMP device_add on the
-#      root port), the guest's pciehp finds it and `engine-test hotplug`
-#      checks it through sysfs and then through the guest kernel's vfio-pci
-#      as a user-space driver (type-1 container; bus mastering off holds
-#      a queued copy, on lets it run; MSI, one eventfd per
-#      vector, queue q on vector q; then INTx with INTX_STATUS, Status bit 3
-#      and an unmask per interrupt), printing the device's /proc/interrupts
-#      lines, whose counts the script checks too; then device_del, the
+#      and a QMP socket. The VT-d gives the guest's vfio-pci an IOMMU group
+#      (Debian's kernel has no VFIO_NOIOMMU) and interrupt remapping (x86
+#      gives a device more than one MSI vector only with it); the guest
+#      runs it with iommu=pt, so the sysfs checks keep using physical
+#      addresses. Per cycle the script hot-adds a vfio-user-pci (QMP
+#      device_add on the root port), the guest's pciehp finds it and
+#      `engine-test hotplug` checks it through sysfs and then through its
+#      vfio-pci as a user-space driver (type-1 container, a buffer at an
+#      IOVA through the VT-d; bus mastering off holds a queued copy, on
+#      lets it run; MSI, one eventfd per vector, queue q on vector q; then
+#      INTx with INTX_STATUS, Status bit 3 and an unmask per interrupt),
+#      printing the device's /proc/interrupts lines, whose counts the
+#      script checks too; the server's IOAS must have dropped the guest's
+#      unmapped IOVA buffer; then device_del, the
 #      DEVICE_DELETED event once the guest let go, the guest sees it gone,
 #      the server sees its client leave and takes the next one. Two cycles
 #      with `vfio-user-server dma-engine --no-msix` (MSI capability), then
@@ -44,7 +48,7 @@
 #       takes the QEMU to have that fix and also runs the MSI-X cycles; a
 #       QEMU built from upstream after that commit:
 #         git clone https://gitlab.com/qemu-project/qemu.git && cd qemu
-#         ./configure --target-list=x86_64-softmmu   # vfio-user-pci is built by default on Linux
+#         ./configure --target-list=x86_64-softmmu   # vfio-user-pci is in the default Linux build
 #         make -j"$(nproc)"
 #         IOASID_QEMU=$PWD/build/qemu-system-x86_64 scripts/qemu-e2e.sh
 #   IOASID_QEMU_MSIX_UNPLUG=1|0  run (1) or skip (0) the MSI-X cycles

@@ -27,17 +27,18 @@
  *
  * `engine-test hotplug` waits for the device to be hot-added, checks it as
  * above through sysfs, then through the guest kernel's vfio-pci as a
- * user-space driver (IOMMU group of an emulated VT-d, type-1 container,
- * BARs and config through the device fd): bus mastering off holds DMA,
- * on lets it run; then 4 queues, each copy with the
- * INTERRUPT flag and Q_CTRL bit 1, interrupts as eventfds, first MSI (or
- * MSI-X where the device has it; queue q must interrupt on vector q only),
- * then INTx (INTX_STATUS bit q and config Status bit 3 while pending, both
- * clear after the write-1-to-clear, an unmask after each); it prints the
- * /proc/interrupts lines of the device ("ENGINE-TEST IRQ: ...") and checks
- * their counts. Then it waits for the device to be removed, and again.
- * Lines: "ENGINE-TEST HOTPLUG WAITING n", "... ADDED n", "... USED n",
- * "... REMOVED n" (see hotplug() below).
+ * user-space driver (the IOMMU group an emulated VT-d gives it, a type-1
+ * container mapping a buffer at IOVA_BASE, BARs and config through the
+ * device fd): bus mastering off holds DMA, on lets it run; then 4 queues,
+ * each copy with the INTERRUPT flag and Q_CTRL bit 1, interrupts as
+ * eventfds, first MSI (or MSI-X where the device has it; queue q must
+ * interrupt on vector q only), then INTx (INTX_STATUS bit q and config
+ * Status bit 3 while pending, both clear after the write-1-to-clear, an
+ * unmask after each). It prints the device's /proc/interrupts lines
+ * before ("ENGINE-TEST IRQ-BEFORE: ...") and after ("ENGINE-TEST IRQ:
+ * ...") and checks the differences. Then it waits for the device to be
+ * removed, and again. Lines: "ENGINE-TEST HOTPLUG WAITING n", "... ADDED
+ * n", "... USED n", "... REMOVED n" (see hotplug() below).
  */
 #define _GNU_SOURCE
 #include <dirent.h>
