@@ -24,6 +24,21 @@
  * RESTART RECOVERED" with the time from the first failure to the first
  * good copy, then "ENGINE-TEST RESTART PASS" after 200 more good copies,
  * or "ENGINE-TEST FAIL".
+ *
+ * `engine-test hotplug` waits for the device to be hot-added, checks it as
+ * above through sysfs, then through the guest kernel's vfio-pci as a
+ * user-space driver (the IOMMU group an emulated VT-d gives it, a type-1
+ * container mapping a buffer at IOVA_BASE, BARs and config through the
+ * device fd): bus mastering off holds DMA, on lets it run; then 4 queues,
+ * each copy with the INTERRUPT flag and Q_CTRL bit 1, interrupts as
+ * eventfds, first MSI (or MSI-X where the device has it; queue q must
+ * interrupt on vector q only), then INTx (INTX_STATUS bit q and config
+ * Status bit 3 while pending, both clear after the write-1-to-clear, an
+ * unmask after each). It prints the device's /proc/interrupts lines
+ * before ("ENGINE-TEST IRQ-BEFORE: ...") and after ("ENGINE-TEST IRQ:
+ * ...") and checks the differences. Then it waits for the device to be
+ * removed, and again. Lines: "ENGINE-TEST HOTPLUG WAITING n", "... ADDED
+ * n", "... USED n", "... REMOVED n" (see hotplug() below).
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -32,6 +47,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <errno.h>
+#include <limits.h>
+#include <linux/vfio.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -97,7 +118,8 @@ static int read_id(const char *dev, const char *file, char *buf, size_t n)
     return r > 0 ? 0 : -1;
 }
 
-static int find_device(char *out, size_t n)
+/* Finds the dma-engine; out gets its sysfs directory, bdf (if not NULL) its address. */
+static int find_device_bdf(char *out, size_t n, char *bdf, size_t bn)
 {
     DIR *d = opendir("/sys/bus/pci/devices");
     struct dirent *e;
@@ -110,11 +132,18 @@ static int find_device(char *out, size_t n)
         if (read_id(e->d_name, "device", device, sizeof device) || strncmp(device, "0xd3a0", 6))
             continue;
         snprintf(out, n, "/sys/bus/pci/devices/%s", e->d_name);
+        if (bdf)
+            snprintf(bdf, bn, "%s", e->d_name);
         closedir(d);
         return 0;
     }
     closedir(d);
     return -1;
+}
+
+static int find_device(char *out, size_t n)
+{
+    return find_device_bdf(out, n, NULL, 0);
 }
 
 static volatile void *map_bar(const char *dev, int bar)
@@ -280,11 +309,29 @@ static int restart_phase(uint8_t *a, uint8_t *b, uint64_t a_pa, uint64_t b_pa)
     return 0;
 }
 
-int main(int argc, char **argv)
+static uint8_t *a, *b;
+static uint64_t a_pa, b_pa;
+
+/* Locked pages for the sysfs checks, once per run (the ring, records, two buffers). */
+static int alloc_pages(void)
 {
-    char dev[512], path[600];
-    if (find_device(dev, sizeof dev))
-        return fail("no 1b36:d3a0 device in /sys/bus/pci/devices");
+    if (ring)
+        return 0;
+    ring = page(&ring_pa);
+    comp = page(&comp_pa);
+    a = page(&a_pa);
+    b = page(&b_pa);
+    return ring && comp && a && b ? 0 : -1;
+}
+
+/*
+ * The checks through sysfs (no driver bound): enable the device, map
+ * BAR 0 and BAR 2 through resource0/resource2, set bus mastering in the
+ * config file, then copies, a fill, a CRC-32C and a compare on queue 0.
+ */
+static int sysfs_checks(const char *dev)
+{
+    char path[600];
     snprintf(path, sizeof path, "%s/enable", dev);
     int fd = open(path, O_WRONLY);
     if (fd < 0 || write(fd, "1", 1) != 1)
@@ -307,11 +354,7 @@ int main(int argc, char **argv)
         return fail("cannot set bus mastering");
     close(fd);
 
-    ring = page(&ring_pa);
-    comp = page(&comp_pa);
-    uint64_t a_pa, b_pa;
-    uint8_t *a = page(&a_pa), *b = page(&b_pa);
-    if (!ring || !comp || !a || !b)
+    if (alloc_pages())
         return fail("cannot get locked pages with physical addresses");
 
     regs[0x10 / 4] = 1; /* CTRL: enable */
@@ -356,6 +399,569 @@ int main(int argc, char **argv)
         return fail("compare");
     printf("ENGINE-TEST PASS: %d copies of 4 KiB (%.0f copies/s), fill, crc32c, compare checked\n", n, n / secs);
     fflush(stdout);
+    return 0;
+}
+
+/* Undoes sysfs_checks' mappings and enable, so that a driver can take the device. */
+static void sysfs_release(const char *dev)
+{
+    char path[600];
+    q[0x10 / 4] = 0;
+    regs[0x10 / 4] = 0;
+    munmap((void *)regs, PAGE);
+    munmap((void *)bells, PAGE);
+    regs = bells = q = NULL;
+    snprintf(path, sizeof path, "%s/enable", dev);
+    int fd = open(path, O_WRONLY);
+    if (fd >= 0) {
+        if (write(fd, "0", 1) != 1)
+            perror("disable");
+        close(fd);
+    }
+}
+
+/*
+ * The same device under the guest kernel's vfio-pci, as a user-space
+ * driver would use it: the device's IOMMU group (an emulated VT-d; the
+ * guest kernel runs with iommu=pt, so the sysfs checks above use guest
+ * physical addresses), a type-1 container mapping one buffer at IOVA_BASE,
+ * BARs mmap-ed through the device fd, the config region for bus mastering,
+ * and interrupts as eventfds: MSI (or MSI-X where the device has it) with
+ * one eventfd per vector, then INTx with an unmask after each interrupt.
+ */
+#define IOVA_BASE 0x1000000000ull /* 64 GiB: nothing of the guest's RAM there */
+#define VF_PAGES 8                /* 0-3 rings, 4 records, 5 source, 6 destination */
+#define IRQ_ROUNDS 8              /* interrupts per queue */
+
+struct vf {
+    int container, group, fd;
+    uint64_t cfg_off;
+    volatile uint32_t *regs, *bells;
+    uint8_t *mem;
+    uint32_t tail[4];
+};
+
+static int write_file(const char *path, const char *s)
+{
+    int fd = open(path, O_WRONLY);
+    if (fd < 0)
+        return -1;
+    ssize_t n = write(fd, s, strlen(s));
+    close(fd);
+    return n == (ssize_t)strlen(s) ? 0 : -1;
+}
+
+static int region(int fd, uint32_t index, struct vfio_region_info *r)
+{
+    memset(r, 0, sizeof *r);
+    r->argsz = sizeof *r;
+    r->index = index;
+    return ioctl(fd, VFIO_DEVICE_GET_REGION_INFO, r);
+}
+
+static uint16_t cfg_read16(struct vf *v, unsigned off)
+{
+    uint16_t x = 0xffff;
+    if (pread(v->fd, &x, 2, v->cfg_off + off) != 2)
+        return 0xffff;
+    return x;
+}
+
+static int cfg_write16(struct vf *v, unsigned off, uint16_t x)
+{
+    return pwrite(v->fd, &x, 2, v->cfg_off + off) == 2 ? 0 : -1;
+}
+
+static int vf_fail(const char *what)
+{
+    printf("ENGINE-TEST FAIL: vfio: %s (errno %d: %s)\n", what, errno, strerror(errno));
+    fflush(stdout);
+    return 1;
+}
+
+static int vf_open(struct vf *v, const char *dev, const char *bdf)
+{
+    char path[700], link[PATH_MAX];
+    memset(v, 0, sizeof *v);
+    v->container = v->group = v->fd = -1;
+    snprintf(path, sizeof path, "%s/driver_override", dev);
+    if (write_file(path, "vfio-pci"))
+        return vf_fail("cannot set driver_override");
+    if (write_file("/sys/bus/pci/drivers_probe", bdf))
+        return vf_fail("drivers_probe");
+    snprintf(path, sizeof path, "%s/iommu_group", dev);
+    ssize_t n = readlink(path, link, sizeof link - 1);
+    if (n <= 0)
+        return vf_fail("the device has no IOMMU group");
+    link[n] = 0;
+    const char *grp = strrchr(link, '/') + 1;
+    snprintf(path, sizeof path, "/dev/vfio/%s", grp);
+    for (int i = 0; i < 500 && (v->group = open(path, O_RDWR)) < 0; i++)
+        usleep(10000); /* devtmpfs creates the node */
+    if (v->group < 0)
+        return vf_fail("cannot open the group");
+    v->container = open("/dev/vfio/vfio", O_RDWR);
+    if (v->container < 0 || ioctl(v->container, VFIO_GET_API_VERSION) != VFIO_API_VERSION ||
+        !ioctl(v->container, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU))
+        return vf_fail("no type-1 v2 container");
+    struct vfio_group_status gs = {.argsz = sizeof gs};
+    if (ioctl(v->group, VFIO_GROUP_GET_STATUS, &gs) || !(gs.flags & VFIO_GROUP_FLAGS_VIABLE))
+        return vf_fail("the group is not viable");
+    if (ioctl(v->group, VFIO_GROUP_SET_CONTAINER, &v->container) ||
+        ioctl(v->container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU))
+        return vf_fail("cannot set up the container");
+    v->fd = ioctl(v->group, VFIO_GROUP_GET_DEVICE_FD, bdf);
+    if (v->fd < 0)
+        return vf_fail("cannot get the device fd");
+    struct vfio_region_info r0, r2, rc;
+    if (region(v->fd, VFIO_PCI_BAR0_REGION_INDEX, &r0) || region(v->fd, VFIO_PCI_BAR2_REGION_INDEX, &r2) ||
+        region(v->fd, VFIO_PCI_CONFIG_REGION_INDEX, &rc))
+        return vf_fail("region info");
+    if (!(r0.flags & VFIO_REGION_INFO_FLAG_MMAP) || !(r2.flags & VFIO_REGION_INFO_FLAG_MMAP))
+        return vf_fail("BAR 0 or BAR 2 is not mmap-able");
+    v->cfg_off = rc.offset;
+    void *p0 = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, v->fd, r0.offset);
+    void *p2 = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, v->fd, r2.offset);
+    if (p0 == MAP_FAILED || p2 == MAP_FAILED)
+        return vf_fail("cannot mmap BAR 0 / BAR 2");
+    v->regs = p0;
+    v->bells = p2;
+    v->mem = mmap(NULL, VF_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (v->mem == MAP_FAILED)
+        return vf_fail("mmap");
+    memset(v->mem, 0, VF_PAGES * PAGE);
+    struct vfio_iommu_type1_dma_map m = {.argsz = sizeof m,
+                                         .flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+                                         .vaddr = (uintptr_t)v->mem,
+                                         .iova = IOVA_BASE,
+                                         .size = VF_PAGES * PAGE};
+    if (ioctl(v->container, VFIO_IOMMU_MAP_DMA, &m))
+        return vf_fail("VFIO_IOMMU_MAP_DMA");
+    /* vfio-pci enabled memory decoding; bus mastering is bme_test's. */
+    if (v->regs[0] != 0xd3a00001u)
+        return vf_fail("unexpected ID register through the vfio BAR mapping");
+    return 0;
+}
+
+static void vf_close(struct vf *v)
+{
+    if (v->regs) {
+        for (int i = 0; i < 4; i++)
+            v->regs[(0x100 + i * 0x40 + 0x10) / 4] = 0;
+        v->regs[0x10 / 4] = 0;
+        munmap((void *)v->regs, PAGE);
+    }
+    if (v->bells)
+        munmap((void *)v->bells, PAGE);
+    if (v->mem && v->mem != MAP_FAILED) {
+        struct vfio_iommu_type1_dma_unmap u = {.argsz = sizeof u, .iova = IOVA_BASE, .size = VF_PAGES * PAGE};
+        ioctl(v->container, VFIO_IOMMU_UNMAP_DMA, &u);
+        munmap(v->mem, VF_PAGES * PAGE);
+    }
+    if (v->fd >= 0)
+        close(v->fd);
+    if (v->group >= 0)
+        close(v->group);
+    if (v->container >= 0)
+        close(v->container);
+    memset(v, 0, sizeof *v);
+}
+
+static int irq_count(struct vf *v, uint32_t index)
+{
+    struct vfio_irq_info i = {.argsz = sizeof i, .index = index};
+    if (ioctl(v->fd, VFIO_DEVICE_GET_IRQ_INFO, &i))
+        return -1;
+    return (int)i.count;
+}
+
+/* SET_IRQS with eventfds (n of them; n = 0 tears the index down). */
+static int set_irqs(struct vf *v, uint32_t index, int n, const int *fds)
+{
+    char buf[sizeof(struct vfio_irq_set) + 16 * sizeof(int)];
+    struct vfio_irq_set *s = (void *)buf;
+    s->argsz = sizeof *s + n * sizeof(int);
+    s->flags = (n ? VFIO_IRQ_SET_DATA_EVENTFD : VFIO_IRQ_SET_DATA_NONE) | VFIO_IRQ_SET_ACTION_TRIGGER;
+    s->index = index;
+    s->start = 0;
+    s->count = n;
+    memcpy(s->data, fds, n * sizeof(int));
+    return ioctl(v->fd, VFIO_DEVICE_SET_IRQS, s);
+}
+
+static int unmask_intx(struct vf *v)
+{
+    struct vfio_irq_set s = {.argsz = sizeof s,
+                             .flags = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK,
+                             .index = VFIO_PCI_INTX_IRQ_INDEX,
+                             .start = 0,
+                             .count = 1};
+    return ioctl(v->fd, VFIO_DEVICE_SET_IRQS, &s);
+}
+
+static void vf_queues(struct vf *v)
+{
+    v->regs[0x10 / 4] = 1;
+    for (int i = 0; i < 4; i++) {
+        volatile uint32_t *qb = v->regs + (0x100 + i * 0x40) / 4;
+        uint64_t rb = IOVA_BASE + (uint64_t)i * PAGE;
+        qb[0x10 / 4] = 0;
+        qb[0x00 / 4] = (uint32_t)rb;
+        qb[0x04 / 4] = (uint32_t)(rb >> 32);
+        qb[0x08 / 4] = 16;
+        qb[0x0c / 4] = 0;
+        qb[0x10 / 4] = 3; /* enabled, interrupts on */
+        v->tail[i] = qb[0x14 / 4];
+    }
+}
+
+/* One copy with the INTERRUPT flag on queue qn; its record is checked after the interrupt. */
+static volatile uint8_t *vf_submit(struct vf *v, int qn, int round, uint8_t flags)
+{
+    uint8_t *src = v->mem + 5 * PAGE, *dst = v->mem + 6 * PAGE;
+    for (unsigned i = 0; i < PAGE; i++)
+        src[i] = (uint8_t)(i * 3 + qn * 17 + round);
+    memset(dst, 0, PAGE);
+    struct desc *r = (struct desc *)(v->mem + qn * PAGE);
+    uint32_t slot = v->tail[qn] % 16;
+    volatile uint8_t *c = v->mem + 4 * PAGE + qn * 512 + slot * 32;
+    memset((void *)c, 0, 32);
+    struct desc d = {.op = 1,
+                     .flags = flags,
+                     .len = PAGE,
+                     .src = IOVA_BASE + 5 * PAGE,
+                     .dst = IOVA_BASE + 6 * PAGE,
+                     .completion = IOVA_BASE + 4 * PAGE + qn * 512 + slot * 32};
+    r[slot] = d;
+    __sync_synchronize();
+    v->tail[qn]++;
+    v->bells[qn * 2] = v->tail[qn];
+    return c;
+}
+
+static int vf_check_copy(struct vf *v, volatile uint8_t *c)
+{
+    for (int i = 0; i < 100000 && !c[0]; i++)
+        usleep(10); /* the record is written before the interrupt; this is only a ceiling */
+    __sync_synchronize();
+    return c[0] == 1 && !memcmp(v->mem + 5 * PAGE, v->mem + 6 * PAGE, PAGE) ? 0 : -1;
+}
+
+/*
+ * Prints the /proc/interrupts lines naming this device and kind, after
+ * "ENGINE-TEST <label>: ", and returns their counts (summed over CPUs).
+ * An interrupt line's count lives as long as the line: INTx's goes on
+ * across devices, so the tests print and subtract a count taken first.
+ */
+static int proc_interrupts(const char *label, const char *kind, const char *bdf, long *counts, int max)
+{
+    FILE *f = fopen("/proc/interrupts", "r");
+    char line[1024];
+    int n = 0;
+    if (!f)
+        return -1;
+    while (fgets(line, sizeof line, f)) {
+        if (!strstr(line, kind) || !strstr(line, bdf))
+            continue;
+        line[strcspn(line, "\n")] = 0;
+        printf("ENGINE-TEST %s: %s\n", label, line);
+        char *p = strchr(line, ':');
+        long sum = 0;
+        if (p) {
+            p++;
+            for (;;) {
+                char *e;
+                long x = strtol(p, &e, 10);
+                if (e == p)
+                    break;
+                sum += x;
+                p = e;
+            }
+        }
+        if (n < max)
+            counts[n] = sum;
+        n++;
+    }
+    fclose(f);
+    fflush(stdout);
+    return n;
+}
+
+static int msi_test(struct vf *v, const char *bdf)
+{
+    int msix = irq_count(v, VFIO_PCI_MSIX_IRQ_INDEX) > 0;
+    uint32_t index = msix ? VFIO_PCI_MSIX_IRQ_INDEX : VFIO_PCI_MSI_IRQ_INDEX;
+    const char *kind = msix ? "MSI-X" : "MSI";
+    int nvec = irq_count(v, index), efd[16];
+    if (nvec != 4) {
+        printf("ENGINE-TEST FAIL: %s: the device offers %d vectors, not 4\n", kind, nvec);
+        return 1;
+    }
+    for (int i = 0; i < nvec; i++)
+        efd[i] = eventfd(0, EFD_NONBLOCK);
+    int r = set_irqs(v, index, nvec, efd);
+    if (r > 0) {
+        /* vfio-pci returns how many vectors the kernel could give. */
+        printf("ENGINE-TEST %s: the guest kernel gives %d of %d vectors\n", kind, r, nvec);
+        nvec = r;
+        r = set_irqs(v, index, nvec, efd);
+    }
+    if (r)
+        return vf_fail("SET_IRQS");
+    long before[16];
+    const char *name = msix ? "vfio-msix" : "vfio-msi[";
+    if (proc_interrupts("IRQ-BEFORE", name, bdf, before, 16) != nvec) {
+        printf("ENGINE-TEST FAIL: %s: not %d lines in /proc/interrupts\n", kind, nvec);
+        return 1;
+    }
+    vf_queues(v);
+    for (int qn = 0; qn < 4; qn++) {
+        int want = qn % nvec;
+        for (int round = 0; round < IRQ_ROUNDS; round++) {
+            volatile uint8_t *c = vf_submit(v, qn, round, 1);
+            struct pollfd p[16];
+            for (int i = 0; i < nvec; i++)
+                p[i] = (struct pollfd){.fd = efd[i], .events = POLLIN};
+            if (poll(p, nvec, 10000) <= 0) {
+                printf("ENGINE-TEST FAIL: %s: no interrupt within 10 s for queue %d (record status %d)\n", kind, qn,
+                       c[0]);
+                return 1;
+            }
+            usleep(1000); /* a stray interrupt on another vector would show now */
+            for (int i = 0; i < nvec; i++) {
+                uint64_t x = 0;
+                int got = read(efd[i], &x, 8) == 8;
+                if (got != (i == want) || (got && x != 1)) {
+                    printf("ENGINE-TEST FAIL: %s: queue %d's interrupt: vector %d %s (count %llu), expected vector %d "
+                           "once\n",
+                           kind, qn, i, got ? "fired" : "silent", (unsigned long long)x, want);
+                    return 1;
+                }
+            }
+            if (vf_check_copy(v, c)) {
+                printf("ENGINE-TEST FAIL: %s: queue %d's copy (record status %d)\n", kind, qn, c[0]);
+                return 1;
+            }
+        }
+    }
+    long counts[16];
+    int lines = proc_interrupts("IRQ", name, bdf, counts, 16);
+    if (lines != nvec) {
+        printf("ENGINE-TEST FAIL: %s: %d lines in /proc/interrupts, expected %d\n", kind, lines, nvec);
+        return 1;
+    }
+    for (int i = 0; i < nvec; i++) {
+        long want = 0;
+        for (int qn = 0; qn < 4; qn++)
+            want += qn % nvec == i ? IRQ_ROUNDS : 0;
+        if (counts[i] - before[i] != want) {
+            printf("ENGINE-TEST FAIL: %s: vector %d counted %ld interrupts in /proc/interrupts, expected %ld\n", kind,
+                   i, counts[i] - before[i], want);
+            return 1;
+        }
+    }
+    set_irqs(v, index, 0, NULL);
+    for (int i = 0; i < nvec; i++)
+        close(efd[i]);
+    printf("ENGINE-TEST %s PASS: %d vectors, queue q on vector q mod %d, %d interrupts per queue, each on its "
+           "vector only, counted in /proc/interrupts\n",
+           kind, nvec, nvec, IRQ_ROUNDS);
+    fflush(stdout);
+    return 0;
+}
+
+static int intx_test(struct vf *v, const char *bdf)
+{
+    if (irq_count(v, VFIO_PCI_INTX_IRQ_INDEX) != 1)
+        return fail("INTx: the device has no INTx");
+    int efd = eventfd(0, EFD_NONBLOCK);
+    if (set_irqs(v, VFIO_PCI_INTX_IRQ_INDEX, 1, &efd))
+        return vf_fail("SET_IRQS INTx");
+    long before;
+    if (proc_interrupts("IRQ-BEFORE", "vfio-intx", bdf, &before, 1) != 1)
+        return fail("INTx: not one vfio-intx line in /proc/interrupts");
+    vf_queues(v);
+    for (int qn = 0; qn < 4; qn++) {
+        for (int round = 0; round < IRQ_ROUNDS; round++) {
+            volatile uint8_t *c = vf_submit(v, qn, round, 1);
+            struct pollfd p = {.fd = efd, .events = POLLIN};
+            if (poll(&p, 1, 10000) <= 0) {
+                printf("ENGINE-TEST FAIL: INTx: no interrupt within 10 s for queue %d (record status %d, INTX_STATUS "
+                       "%#x, Status %#x)\n",
+                       qn, c[0], v->regs[0x18 / 4], cfg_read16(v, 6));
+                return 1;
+            }
+            uint64_t x;
+            if (read(efd, &x, 8) != 8)
+                return vf_fail("INTx eventfd read");
+            uint32_t is = v->regs[0x18 / 4];
+            uint16_t status = cfg_read16(v, 6);
+            if (is != 1u << qn || !(status & 0x8)) {
+                printf("ENGINE-TEST FAIL: INTx: queue %d interrupted with INTX_STATUS %#x, Status %#x (expected "
+                       "INTX_STATUS %#x and Status bit 3)\n",
+                       qn, is, status, 1u << qn);
+                return 1;
+            }
+            v->regs[0x18 / 4] = 1u << qn; /* acknowledge: the line drops */
+            is = v->regs[0x18 / 4];
+            status = cfg_read16(v, 6);
+            if (is || (status & 0x8)) {
+                printf("ENGINE-TEST FAIL: INTx: after clearing INTX_STATUS it reads %#x, Status %#x\n", is, status);
+                return 1;
+            }
+            if (vf_check_copy(v, c)) {
+                printf("ENGINE-TEST FAIL: INTx: queue %d's copy (record status %d)\n", qn, c[0]);
+                return 1;
+            }
+            if (unmask_intx(v))
+                return vf_fail("INTx unmask");
+        }
+    }
+    long count;
+    int lines = proc_interrupts("IRQ", "vfio-intx", bdf, &count, 1);
+    if (lines != 1 || count - before != 4 * IRQ_ROUNDS) {
+        printf("ENGINE-TEST FAIL: INTx: /proc/interrupts shows %d lines, count %ld more; expected one line, %d more\n",
+               lines, lines ? count - before : 0, 4 * IRQ_ROUNDS);
+        return 1;
+    }
+    set_irqs(v, VFIO_PCI_INTX_IRQ_INDEX, 0, NULL);
+    close(efd);
+    printf("ENGINE-TEST INTX PASS: %d interrupts, each with its queue's INTX_STATUS bit and Status bit 3, both clear "
+           "after the write-1-to-clear, unmasked after each\n",
+           4 * IRQ_ROUNDS);
+    fflush(stdout);
+    return 0;
+}
+
+/*
+ * Bus mastering, set through the config region as a user-space driver
+ * must: while it is off, a queued copy (no INTERRUPT flag) waits untouched
+ * (no record, destination unwritten, HEAD still, the queue not halted);
+ * once it is on, the copy runs.
+ */
+static int bme_test(struct vf *v)
+{
+    uint16_t cmd = cfg_read16(v, 4);
+    if (cfg_write16(v, 4, (cmd | 0x2) & ~0x4) || (cfg_read16(v, 4) & 0x4))
+        return vf_fail("cannot clear bus mastering through the config region");
+    vf_queues(v);
+    volatile uint32_t *qb = v->regs + 0x100 / 4;
+    uint32_t head = qb[0x14 / 4];
+    volatile uint8_t *c = vf_submit(v, 0, 99, 0);
+    usleep(200000);
+    const uint8_t *dst = v->mem + 6 * PAGE;
+    int untouched = 1;
+    for (unsigned i = 0; i < PAGE; i++)
+        untouched &= dst[i] == 0;
+    uint32_t head_off = qb[0x14 / 4], qstatus = qb[0x1c / 4];
+    if (c[0] || !untouched || head_off != head || qstatus != 1) {
+        printf("ENGINE-TEST FAIL: BME: with bus mastering off: record status %d, destination %s, HEAD %u -> %u, "
+               "Q_STATUS %#x\n",
+               c[0], untouched ? "untouched" : "written", head, head_off, qstatus);
+        return 1;
+    }
+    if (cfg_write16(v, 4, cmd | 0x6) || !(cfg_read16(v, 4) & 0x4))
+        return vf_fail("cannot set bus mastering through the config region");
+    if (vf_check_copy(v, c) || qb[0x14 / 4] != head + 1) {
+        printf("ENGINE-TEST FAIL: BME: with bus mastering on the copy did not complete (record status %d, HEAD %u)\n",
+               c[0], qb[0x14 / 4]);
+        return 1;
+    }
+    printf("ENGINE-TEST BME PASS: with bus mastering off a queued copy waited 200 ms untouched (HEAD %u, Q_STATUS "
+           "%#x); set through the config region, the copy ran\n",
+           head_off, qstatus);
+    fflush(stdout);
+    return 0;
+}
+
+static int vfio_checks(const char *dev, const char *bdf)
+{
+    struct vf v;
+    int r = vf_open(&v, dev, bdf);
+    if (!r)
+        r = bme_test(&v);
+    if (!r)
+        r = msi_test(&v, bdf);
+    if (!r)
+        r = intx_test(&v, bdf);
+    vf_close(&v);
+    return r;
+}
+
+static int wait_for(int present, char *dev, size_t n, char *bdf, size_t bn, double timeout_ms)
+{
+    double t0 = now_ms();
+    while (!find_device_bdf(dev, n, bdf, bn) != !!present) {
+        if (now_ms() - t0 > timeout_ms)
+            return -1;
+        usleep(20000);
+    }
+    return 0;
+}
+
+/*
+ * `engine-test hotplug`: the host adds and removes the device (QMP
+ * device_add / device_del on a PCIe root port; pciehp does the rest).
+ * Each cycle: wait for the device, run the sysfs checks, then the vfio-pci
+ * checks (MSI or MSI-X, then INTx), report, wait for it to go. It runs
+ * until the host stops the machine.
+ */
+/* Prints the guest kernel's hot-plug log lines after the first *seen. */
+static void klog_since(int *seen)
+{
+    FILE *f = popen("dmesg | grep -E 'pciehp|acpiphp'", "r");
+    char line[512];
+    int n = 0;
+    if (!f)
+        return;
+    while (fgets(line, sizeof line, f))
+        if (n++ >= *seen)
+            printf("ENGINE-TEST KLOG: %s", line);
+    pclose(f);
+    *seen = n;
+    fflush(stdout);
+}
+
+static int hotplug(void)
+{
+    char dev[512], bdf[256];
+    int klog_lines = 0;
+    for (int cycle = 1;; cycle++) {
+        printf("ENGINE-TEST HOTPLUG WAITING %d: for the device to appear\n", cycle);
+        fflush(stdout);
+        if (wait_for(1, dev, sizeof dev, bdf, sizeof bdf, 600000))
+            return fail("hotplug: the device did not appear within 600 s");
+        printf("ENGINE-TEST HOTPLUG ADDED %d: %s\n", cycle, bdf);
+        fflush(stdout);
+        /* pciehp adds the device before its resource files; give them a moment. */
+        char path[600];
+        snprintf(path, sizeof path, "%s/resource2", dev);
+        for (int i = 0; i < 500 && access(path, F_OK); i++)
+            usleep(10000);
+        if (sysfs_checks(dev))
+            return 1;
+        sysfs_release(dev);
+        if (vfio_checks(dev, bdf))
+            return 1;
+        printf("ENGINE-TEST HOTPLUG USED %d: sysfs and vfio-pci checks passed on %s\n", cycle, bdf);
+        fflush(stdout);
+        if (wait_for(0, dev, sizeof dev, bdf, sizeof bdf, 600000))
+            return fail("hotplug: the device did not go within 600 s");
+        klog_since(&klog_lines);
+        printf("ENGINE-TEST HOTPLUG REMOVED %d: no 1b36:d3a0 device left\n", cycle);
+        fflush(stdout);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    char dev[512];
+    if (argc > 1 && !strcmp(argv[1], "hotplug"))
+        return hotplug();
+    if (find_device(dev, sizeof dev))
+        return fail("no 1b36:d3a0 device in /sys/bus/pci/devices");
+    if (sysfs_checks(dev))
+        return 1;
     if (argc > 1 && !strcmp(argv[1], "restart"))
         return restart_phase(a, b, a_pa, b_pa);
     return 0;
