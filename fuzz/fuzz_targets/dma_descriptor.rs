@@ -162,15 +162,17 @@ fuzz_target!(|data: &[u8]| {
     let route = if d.flags & flag::PASID != 0 { Route::Vpasid(d.pasid) } else { Route::Rid };
     let src_before = model.space(route).ok().map(|s| s.mem.borrow().clone());
 
-    // Steps are stopped (and resumed) every `stop_every` steps, and the
-    // work is voided after `cancel_after` steps in all (0: never).
+    // Steps are stopped (and resumed) every `stop_every + 2` steps (a
+    // resumed COPY or FILL spends one on its destination check before it
+    // moves), and the work is voided after `cancel_after` steps in all
+    // (0: never).
     let stop_every = u32::from(input.u8() % 4);
     let steps = Cell::new(0u32);
     let step = || {
         steps.set(steps.get() + 1);
         if cancel_after != 0 && steps.get() > u32::from(cancel_after) {
             Step::Void
-        } else if stop_every != 0 && steps.get().is_multiple_of(stop_every + 1) {
+        } else if stop_every != 0 && steps.get().is_multiple_of(stop_every + 2) {
             Step::Stop
         } else {
             Step::Go
