@@ -176,7 +176,7 @@ fn per_rid_policy_and_session_exit() {
         if st == regs::STATUS_ERROR {
             break;
         }
-        assert!(t0.elapsed().as_secs() < 5, "DMA still reaches a closed session's IOAS: status {st}");
+        assert!(t0.elapsed().as_secs() < 20, "DMA still reaches a closed session's IOAS: status {st}");
     }
     assert_eq!(rd32(&mut c, 0, regs::ID), regs::ID_VALUE);
     // The server can be bound again to a new session.
