@@ -5,6 +5,9 @@
 # `engine-test sizes`. On a copy without completion it captures every
 # server thread's backtrace and QEMU's. Logs stay in $work.
 # Usage: scripts/qemu-msgdma.sh   (as root; after `cargo build --release`)
+# IOASID_QEMU_DEVPROPS='"x-msg-timeout":12000' adds JSON properties to the
+# vfio-user-pci device; IOASID_QEMU_TRACE=vfio_user_send_write enables QEMU
+# trace events (on its stderr, $work/qemu.err).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=${IOASID_QEMU_CACHE:-/var/cache/ioasid-qemu}/trixie
@@ -41,7 +44,7 @@ for _ in $(seq 100); do [ -S "$work/dev.sock" ] && break; sleep 0.05; done
 "$root/lib64/ld-linux-x86-64.so.2" --library-path "$root/usr/lib/x86_64-linux-gnu:$root/lib/x86_64-linux-gnu" \
     "$root/usr/bin/qemu-system-x86_64" -L "$root/usr/share/qemu" -L "$root/usr/share/seabios" \
     -machine q35,accel=tcg -m 512M \
-    -device '{"driver":"vfio-user-pci","socket":{"path":"'"$work/dev.sock"'","type":"unix"}}' \
+    -device '{"driver":"vfio-user-pci"'"${IOASID_QEMU_DEVPROPS:+,$IOASID_QEMU_DEVPROPS}"',"socket":{"path":"'"$work/dev.sock"'","type":"unix"}}' \
     -kernel "$kernel" -initrd "$work/initrd.gz" \
     -append "console=ttyS0 quiet panic=-1 hugepages=48" \
     -nographic -monitor none ${IOASID_QEMU_TRACE:+-trace "$IOASID_QEMU_TRACE"} >"$work/guest.log" 2>"$work/qemu.err" &
