@@ -953,6 +953,316 @@ static int hotplug(void)
     }
 }
 
+/*
+ * `engine-test sizes`: single COPY descriptors of growing sizes on queue 0
+ * (4 KiB, 64 KiB, 256 KiB + 13, 1 MiB, 16 MiB), each between two physically
+ * contiguous buffers made of 2 MiB huge pages (the kernel command line
+ * reserves them with hugepages=N; the longest physically contiguous run of
+ * them is used). Each copy waits for its completion record at most 20 s
+ * (polling guest memory only: no register access while it runs); on a
+ * timeout it reads HEAD and Q_STATUS, then submits a 4 KiB copy on the same
+ * queue to see whether the queue still works. Then 4 MiB copies on the four
+ * queues at once; then Q_CTRL 0 while a 16 MiB copy runs, and 100 times
+ * Q_CTRL 0 and a HEAD read while a 1 MiB copy runs (the time each takes:
+ * the vCPU waits for the reply while the device waits for the queue's
+ * current DMA step), then a 4 KiB copy. Lines: "ENGINE-TEST SIZE ...".
+ * scripts/qemu-msgdma.sh runs it on plain QEMU RAM (DMA through messages).
+ */
+struct hp {
+    uint8_t *v;
+    uint64_t pa;
+};
+
+static int hp_cmp(const void *x, const void *y)
+{
+    const struct hp *a = x, *b = y;
+    return a->pa < b->pa ? -1 : a->pa > b->pa;
+}
+
+#define HUGE (2u << 20)
+static struct hp *run_pages;
+static uint8_t *at(uint64_t off)
+{
+    return run_pages[off / HUGE].v + off % HUGE;
+}
+
+/* Submits d on queue 0 and waits at most timeout_ms for its record; 0 on a record. */
+static int run_timed(struct desc d, uint8_t *status, double timeout_ms, double *took)
+{
+    uint32_t slot = tail % 16;
+    volatile uint8_t *c = comp + slot * 32;
+    memset((void *)c, 0, 32);
+    d.completion = comp_pa + slot * 32;
+    ring[slot] = d;
+    __sync_synchronize();
+    tail++;
+    double t0 = now_ms();
+    bells[0] = tail;
+    for (long i = 0;; i++) {
+        if (c[0]) {
+            __sync_synchronize();
+            *status = c[0];
+            *took = now_ms() - t0;
+            return 0;
+        }
+        if (i % 256 == 255 && now_ms() - t0 > timeout_ms) {
+            *took = now_ms() - t0;
+            return -1;
+        }
+        if (i > 1000)
+            usleep(100);
+    }
+}
+
+static int sizes(const char *dev)
+{
+    char path[600];
+    snprintf(path, sizeof path, "%s/enable", dev);
+    int fd = open(path, O_WRONLY);
+    if (fd < 0 || write(fd, "1", 1) != 1)
+        return fail("cannot enable the device");
+    close(fd);
+    regs = map_bar(dev, 0);
+    bells = map_bar(dev, 2);
+    if (!regs || !bells || regs[0] != 0xd3a00001u)
+        return fail("cannot map BAR 0 / BAR 2");
+    snprintf(path, sizeof path, "%s/config", dev);
+    fd = open(path, O_RDWR);
+    uint16_t cmd = 0;
+    if (fd < 0 || pread(fd, &cmd, 2, 4) != 2)
+        return fail("cannot read the command register");
+    cmd |= 0x6;
+    if (pwrite(fd, &cmd, 2, 4) != 2)
+        return fail("cannot set bus mastering");
+    close(fd);
+    if (alloc_pages())
+        return fail("cannot get locked pages");
+    int n = 0;
+    FILE *f = fopen("/proc/sys/vm/nr_hugepages", "r");
+    if (!f || fscanf(f, "%d", &n) != 1)
+        n = 0;
+    if (f)
+        fclose(f);
+    if (n < 2)
+        return fail("no huge pages (boot with hugepages=N)");
+    uint8_t *big = mmap(NULL, (size_t)n * HUGE, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_LOCKED | MAP_POPULATE, -1, 0);
+    if (big == MAP_FAILED)
+        return fail("cannot map the huge pages");
+    struct hp *pages = calloc(n, sizeof *pages);
+    for (int i = 0; i < n; i++) {
+        pages[i].v = big + (size_t)i * HUGE;
+        pages[i].v[0] = 1;
+        pages[i].pa = phys_of(pages[i].v);
+        if (!pages[i].pa)
+            return fail("no physical address for a huge page");
+    }
+    qsort(pages, n, sizeof *pages, hp_cmp);
+    int best = 0, blen = 1;
+    for (int i = 0, s0 = 0; i < n; i++) {
+        if (i > 0 && pages[i].pa != pages[i - 1].pa + HUGE)
+            s0 = i;
+        if (i - s0 + 1 > blen) {
+            blen = i - s0 + 1;
+            best = s0;
+        }
+    }
+    run_pages = pages + best;
+    uint64_t run_len = (uint64_t)blen * HUGE, run_pa = run_pages[0].pa;
+    printf("ENGINE-TEST SIZE RUN: %d huge pages, longest contiguous run %llu MiB at %#llx\n", n,
+           (unsigned long long)(run_len >> 20), (unsigned long long)run_pa);
+    fflush(stdout);
+
+    regs[0x10 / 4] = 1;
+    q = regs + 0x100 / 4;
+    q[0x10 / 4] = 0;
+    q[0x00 / 4] = (uint32_t)ring_pa;
+    q[0x04 / 4] = (uint32_t)(ring_pa >> 32);
+    q[0x08 / 4] = 16;
+    q[0x0c / 4] = 0;
+    q[0x10 / 4] = 1;
+    tail = q[0x14 / 4];
+
+    static const uint32_t lens[] = {4096, 65536, 262144 + 13, 1u << 20, 16u << 20};
+    int bad = 0;
+    for (unsigned k = 0; k < sizeof lens / sizeof lens[0]; k++) {
+        uint32_t len = lens[k];
+        uint64_t half = (run_len / 2) & ~(uint64_t)(HUGE - 1);
+        if (len > half) {
+            printf("ENGINE-TEST SIZE %u: skipped (contiguous run too short)\n", len);
+            continue;
+        }
+        for (uint64_t i = 0; i < len; i++) {
+            *at(i) = (uint8_t)(i * 13 + k + 1);
+            *at(half + i) = 0;
+        }
+        struct desc d = {.op = 1, .len = len, .src = run_pa, .dst = run_pa + half};
+        uint8_t st = 0;
+        double took = 0;
+        if (run_timed(d, &st, 20000, &took)) {
+            uint32_t head = q[0x14 / 4], qs = q[0x1c / 4];
+            printf("ENGINE-TEST SIZE %u: NO COMPLETION after %.0f ms (HEAD %u, tail %u, Q_STATUS %#x)\n", len, took,
+                   head, tail, qs);
+            fflush(stdout);
+            struct desc s = {.op = 1, .len = PAGE, .src = a_pa, .dst = b_pa};
+            if (run_timed(s, &st, 20000, &took))
+                printf("ENGINE-TEST SIZE AFTER: a 4 KiB copy on the same queue: NO COMPLETION after %.0f ms (HEAD %u, "
+                       "tail %u, Q_STATUS %#x)\n",
+                       took, q[0x14 / 4], tail, q[0x1c / 4]);
+            else
+                printf("ENGINE-TEST SIZE AFTER: a 4 KiB copy on the same queue: status %u in %.1f ms\n", st, took);
+            fflush(stdout);
+            bad = 1;
+            break;
+        }
+        uint64_t wrong = len;
+        for (uint64_t i = 0; i < len; i++)
+            if (*at(half + i) != (uint8_t)(i * 13 + k + 1)) {
+                wrong = i;
+                break;
+            }
+        printf("ENGINE-TEST SIZE %u: status %u in %.1f ms, %s\n", len, st, took,
+               wrong == len ? "contents match" : "CONTENTS DIFFER");
+        fflush(stdout);
+        if (st != 1 || wrong != len)
+            bad = 1;
+    }
+    if (!bad && run_len / 2 >= (16u << 20)) {
+        /* 4 MiB copies on the four queues at once. */
+        const uint32_t plen = 4u << 20;
+        uint64_t half = (run_len / 2) & ~(uint64_t)(HUGE - 1);
+        struct desc *rings[4] = {ring};
+        uint64_t rpa[4] = {ring_pa};
+        volatile uint32_t *qb[4];
+        volatile uint8_t *recs[4];
+        uint32_t tails[4];
+        regs[0x10 / 4] = 1;
+        for (int i = 0; i < 4; i++) {
+            if (i && !(rings[i] = page(&rpa[i])))
+                return fail("cannot get ring pages");
+            qb[i] = regs + (0x100 + i * 0x40) / 4;
+            qb[i][0x10 / 4] = 0;
+            qb[i][0x00 / 4] = (uint32_t)rpa[i];
+            qb[i][0x04 / 4] = (uint32_t)(rpa[i] >> 32);
+            qb[i][0x08 / 4] = 16;
+            qb[i][0x0c / 4] = 0;
+            qb[i][0x10 / 4] = 1;
+            tails[i] = qb[i][0x14 / 4];
+            for (uint64_t k = 0; k < plen; k++) {
+                *at((uint64_t)i * plen + k) = (uint8_t)(k * 7 + i + 1);
+                *at(half + (uint64_t)i * plen + k) = 0;
+            }
+        }
+        for (int i = 0; i < 4; i++) {
+            uint32_t slot = tails[i] % 16;
+            recs[i] = comp + i * 512 + slot * 32;
+            memset((void *)recs[i], 0, 32);
+            struct desc d = {.op = 1,
+                             .len = plen,
+                             .src = run_pa + (uint64_t)i * plen,
+                             .dst = run_pa + half + (uint64_t)i * plen,
+                             .completion = comp_pa + i * 512 + slot * 32};
+            rings[i][slot] = d;
+        }
+        __sync_synchronize();
+        double t0 = now_ms();
+        for (int i = 0; i < 4; i++)
+            bells[i * 2] = ++tails[i];
+        int left = 4;
+        while (left && now_ms() - t0 < 30000) {
+            left = 0;
+            for (int i = 0; i < 4; i++)
+                left += !recs[i][0];
+            usleep(100);
+        }
+        for (int i = 0; i < 4; i++) {
+            uint64_t wrong = plen;
+            if (recs[i][0] == 1)
+                for (uint64_t k = 0; k < plen; k++)
+                    if (*at(half + (uint64_t)i * plen + k) != (uint8_t)(k * 7 + i + 1)) {
+                        wrong = k;
+                        break;
+                    }
+            if (recs[i][0])
+                printf("ENGINE-TEST SIZE PARALLEL q%d 4 MiB: status %u, %s\n", i, recs[i][0],
+                       wrong == plen ? "contents match" : "CONTENTS DIFFER");
+            else
+                printf("ENGINE-TEST SIZE PARALLEL q%d 4 MiB: NO COMPLETION after %.0f ms (HEAD %u, tail %u, Q_STATUS %#x)\n",
+                       i, now_ms() - t0, qb[i][0x14 / 4], tails[i], qb[i][0x1c / 4]);
+            if (recs[i][0] != 1 || wrong != plen)
+                bad = 1;
+        }
+        printf("ENGINE-TEST SIZE PARALLEL: %.1f ms\n", now_ms() - t0);
+    }
+    if (!bad) {
+        /*
+         * A register write while a queue step waits for the VMM to serve its
+         * DMA: a 16 MiB copy, then Q_CTRL 0 (voids it; the device thread
+         * waits for the step) while the vCPU waits for the write's reply.
+         */
+        uint64_t half = (run_len / 2) & ~(uint64_t)(HUGE - 1);
+        uint32_t slot = tail % 16;
+        volatile uint8_t *c = comp + slot * 32;
+        memset((void *)c, 0, 32);
+        struct desc d = {.op = 1, .len = 16u << 20, .src = run_pa, .dst = run_pa + half,
+                         .completion = comp_pa + slot * 32};
+        ring[slot] = d;
+        __sync_synchronize();
+        tail++;
+        bells[0] = tail;
+        usleep(5000);
+        double t0 = now_ms();
+        q[0x10 / 4] = 0;
+        double t1 = now_ms();
+        q[0x10 / 4] = 1;
+        double t2 = now_ms();
+        tail = q[0x14 / 4];
+        printf("ENGINE-TEST SIZE CTRL: Q_CTRL 0 during a 16 MiB copy took %.1f ms, Q_CTRL 1 %.1f ms (record %u)\n",
+               t1 - t0, t2 - t1, c[0]);
+        /* The same, 100 times, with a register read right after the write. */
+        double worst = 0;
+        int slow = 0;
+        for (int i = 0; i < 100; i++) {
+            slot = tail % 16;
+            struct desc d2 = d;
+            d2.len = 1u << 20;
+            d2.completion = comp_pa + slot * 32;
+            ring[slot] = d2;
+            __sync_synchronize();
+            tail++;
+            bells[0] = tail;
+            usleep((i % 10) * 200);
+            double u0 = now_ms();
+            q[0x10 / 4] = 0;
+            uint32_t h = q[0x14 / 4];
+            double u1 = now_ms() - u0;
+            (void)h;
+            if (u1 > worst)
+                worst = u1;
+            if (u1 > 1000)
+                slow++;
+            q[0x10 / 4] = 1;
+            tail = q[0x14 / 4];
+        }
+        printf("ENGINE-TEST SIZE CTRL LOOP: 100 x (Q_CTRL 0 + HEAD read during a 1 MiB copy): worst %.1f ms, %d over 1 s\n",
+               worst, slow);
+        fflush(stdout);
+        struct desc sd = {.op = 1, .len = PAGE, .src = a_pa, .dst = b_pa};
+        uint8_t st = 0;
+        double took = 0;
+        if (run_timed(sd, &st, 20000, &took)) {
+            printf("ENGINE-TEST SIZE CTRL AFTER: NO COMPLETION of a 4 KiB copy (HEAD %u, tail %u, Q_STATUS %#x)\n",
+                   q[0x14 / 4], tail, q[0x1c / 4]);
+            bad = 1;
+        } else {
+            printf("ENGINE-TEST SIZE CTRL AFTER: a 4 KiB copy: status %u in %.1f ms\n", st, took);
+        }
+    }
+    printf(bad ? "ENGINE-TEST SIZE FAIL\n" : "ENGINE-TEST SIZE PASS\n");
+    fflush(stdout);
+    return bad;
+}
+
 int main(int argc, char **argv)
 {
     char dev[512];
@@ -960,6 +1270,8 @@ int main(int argc, char **argv)
         return hotplug();
     if (find_device(dev, sizeof dev))
         return fail("no 1b36:d3a0 device in /sys/bus/pci/devices");
+    if (argc > 1 && !strcmp(argv[1], "sizes"))
+        return sizes(dev);
     if (sysfs_checks(dev))
         return 1;
     if (argc > 1 && !strcmp(argv[1], "restart"))

@@ -289,9 +289,26 @@ impl Writer {
     }
 }
 
+/// Most bytes of client memory one DMA_READ asks for, and so (plus 32
+/// bytes of header) most reply bytes the client owes the connection at any
+/// time: DMA_READs go one at a time (see [`Port`]).
+pub const DMA_READ_CHUNK: usize = 64 * 1024;
+
 /// Server-to-client requests of one connection.
+///
+/// DMA_READ requests go one at a time, of at most [`DMA_READ_CHUNK`]
+/// bytes, so the reply data in flight from the client never exceeds about
+/// 64 KiB, well inside a default Unix socket send buffer (208 KiB on
+/// Linux). QEMU's vfio-user client (hw/vfio-user/proxy.c,
+/// `vfio_user_send_qio`) takes a short non-blocking write of a message for
+/// a whole one and drops the rest: a reply larger than the room left in its
+/// send buffer reaches us truncated, the stream can no longer be followed,
+/// and every later message of the client (replies and commands) is read as
+/// part of it.
 pub struct Port {
     writer: Arc<Writer>,
+    /// Held across a DMA_READ request and its reply.
+    read_slot: Mutex<()>,
     pending: Mutex<HashMap<u16, Sender<Msg>>>,
     next_id: AtomicU16,
     /// The client's `max_data_xfer_size`.
@@ -305,6 +322,7 @@ impl Port {
     pub fn new(writer: Arc<Writer>) -> Arc<Port> {
         Arc::new(Port {
             writer,
+            read_slot: Mutex::new(()),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU16::new(0x8000),
             max_xfer: std::sync::atomic::AtomicUsize::new(1 << 20),
@@ -353,7 +371,16 @@ impl Port {
         }
         let r = rx.recv_timeout(self.timeout);
         sync::lock(&self.pending).remove(&id);
-        let m = r.map_err(|_| dma::Error::Client(format!("got no reply in {:?}", self.timeout), libc::ETIMEDOUT))?;
+        let m = r.map_err(|e| {
+            if e.is_timeout() {
+                tracing::warn!(
+                    "{} (message {id:#x}) got no reply from the client in {:?}; the device sees a DMA error",
+                    cmd::name(command),
+                    self.timeout
+                );
+            }
+            dma::Error::Client(format!("got no reply in {:?}", self.timeout), libc::ETIMEDOUT)
+        })?;
         if m.hdr.flags & proto::flags::ERROR != 0 {
             let e = if m.hdr.error == 0 { libc::EIO } else { m.hdr.error as i32 };
             return Err(dma::Error::Client(format!("refused by the client: errno {e}"), e));
@@ -364,11 +391,14 @@ impl Port {
 
 impl ClientDma for Port {
     fn read(&self, address: u64, buf: &mut [u8]) -> Result<(), dma::Error> {
-        let step = self.max_xfer.load(Ordering::Relaxed);
+        let step = self.max_xfer.load(Ordering::Relaxed).min(DMA_READ_CHUNK);
         for (i, chunk) in buf.chunks_mut(step).enumerate() {
             let a = address + (i * step) as u64;
             let req = proto::DmaRw { address: a, count: chunk.len() as u64 };
-            let m = self.request(cmd::DMA_READ, &[req.as_bytes()])?;
+            let m = {
+                let _one = sync::lock(&self.read_slot);
+                self.request(cmd::DMA_READ, &[req.as_bytes()])?
+            };
             let data = m.payload.get(16..16 + chunk.len()).ok_or_else(|| {
                 dma::Error::Client(format!("DMA_READ reply of {} bytes is short", m.payload.len()), libc::EPROTO)
             })?;
