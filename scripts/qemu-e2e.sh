@@ -229,27 +229,22 @@ def recv():
     if not line:
         sys.exit("QMP: QEMU closed the connection")
     return json.loads(line)
-recv()  # greeting
-s.sendall(b'{"execute":"qmp_capabilities"}\n')
 events = []
-while True:
-    m = recv()
-    if "event" in m:
-        events.append(m)
-    elif "return" in m:
-        break
-    elif "error" in m:
-        sys.exit("QMP: qmp_capabilities: %s" % m["error"])
+def execute(c):
+    # Sends one command and waits for its return, keeping events that come.
+    s.sendall((json.dumps(c) + "\n").encode())
+    while True:
+        m = recv()
+        if "event" in m:
+            events.append(m)
+        elif "return" in m:
+            return
+        elif "error" in m:
+            sys.exit("QMP: %s: %s" % (c["execute"], m["error"].get("desc", m["error"])))
+recv()  # greeting
+execute({"execute": "qmp_capabilities"})
 t0 = time.monotonic()
-s.sendall((json.dumps(cmd) + "\n").encode())
-while True:
-    m = recv()
-    if "event" in m:
-        events.append(m)
-    elif "return" in m:
-        break
-    elif "error" in m:
-        sys.exit("QMP: %s: %s" % (cmd["execute"], m["error"]["desc"]))
+execute(cmd)
 if event:
     dev = cmd.get("arguments", {}).get("id")
     def match(m):

@@ -170,8 +170,11 @@ static uint8_t *comp;
 static uint64_t ring_pa, comp_pa;
 static uint32_t tail;
 
-/* Submits one descriptor on queue 0 and waits for its completion record. */
-static int run(struct desc d, uint8_t *status, uint64_t *result)
+/*
+ * Puts d in queue 0's next slot with its completion record cleared and
+ * rings the doorbell; returns the record.
+ */
+static volatile uint8_t *submit(struct desc d)
 {
     uint32_t slot = tail % 16;
     volatile uint8_t *c = comp + slot * 32;
@@ -181,6 +184,13 @@ static int run(struct desc d, uint8_t *status, uint64_t *result)
     __sync_synchronize();
     tail++;
     bells[0] = tail; /* BAR 2, mmap-ed: no exit to the VMM */
+    return c;
+}
+
+/* Submits one descriptor on queue 0 and waits for its completion record. */
+static int run(struct desc d, uint8_t *status, uint64_t *result)
+{
+    volatile uint8_t *c = submit(d);
     for (long i = 0; i < 200000000L; i++) {
         if (c[0]) {
             __sync_synchronize();
@@ -202,6 +212,23 @@ static double now_ms(void)
 }
 
 static volatile uint32_t *q; /* queue 0's register block */
+
+/*
+ * Enables the device (CTRL) and queue 0 with a 16-entry ring at ring_pa
+ * through the RID; the driver's tail starts at the doorbell.
+ */
+static void setup_queue0(void)
+{
+    regs[0x10 / 4] = 1;
+    q = regs + 0x100 / 4;
+    q[0x10 / 4] = 0;
+    q[0x00 / 4] = (uint32_t)ring_pa;
+    q[0x04 / 4] = (uint32_t)(ring_pa >> 32);
+    q[0x08 / 4] = 16;
+    q[0x0c / 4] = 0;
+    q[0x10 / 4] = 1;
+    tail = q[0x14 / 4];
+}
 
 /* Disabled and enabled again, a queue restarts empty at the doorbell. */
 static void restart_queue(void)
@@ -329,7 +356,12 @@ static int alloc_pages(void)
  * BAR 0 and BAR 2 through resource0/resource2, set bus mastering in the
  * config file, then copies, a fill, a CRC-32C and a compare on queue 0.
  */
-static int sysfs_checks(const char *dev)
+/*
+ * Enables the device through sysfs (memory decode), maps BAR 0 and BAR 2,
+ * checks the ID register, sets Memory Space and Bus Master Enable in the
+ * command register (bits 1 and 2) and takes the locked pages.
+ */
+static int sysfs_setup(const char *dev)
 {
     char path[600];
     snprintf(path, sizeof path, "%s/enable", dev);
@@ -343,7 +375,6 @@ static int sysfs_checks(const char *dev)
         return fail("cannot map BAR 0 / BAR 2");
     if (regs[0] != 0xd3a00001u)
         return fail("unexpected ID register");
-    /* Bus mastering: the command register, bit 2. */
     snprintf(path, sizeof path, "%s/config", dev);
     fd = open(path, O_RDWR);
     uint16_t cmd = 0;
@@ -353,19 +384,17 @@ static int sysfs_checks(const char *dev)
     if (pwrite(fd, &cmd, 2, 4) != 2)
         return fail("cannot set bus mastering");
     close(fd);
-
     if (alloc_pages())
         return fail("cannot get locked pages with physical addresses");
+    return 0;
+}
 
-    regs[0x10 / 4] = 1; /* CTRL: enable */
-    q = regs + 0x100 / 4;
-    q[0x10 / 4] = 0;
-    q[0x00 / 4] = (uint32_t)ring_pa;
-    q[0x04 / 4] = (uint32_t)(ring_pa >> 32);
-    q[0x08 / 4] = 16;
-    q[0x0c / 4] = 0;
-    q[0x10 / 4] = 1;
-    tail = q[0x14 / 4];
+static int sysfs_checks(const char *dev)
+{
+    if (sysfs_setup(dev))
+        return 1;
+
+    setup_queue0();
 
     uint8_t st;
     uint64_t res;
@@ -989,15 +1018,8 @@ static uint8_t *at(uint64_t off)
 /* Submits d on queue 0 and waits at most timeout_ms for its record; 0 on a record. */
 static int run_timed(struct desc d, uint8_t *status, double timeout_ms, double *took)
 {
-    uint32_t slot = tail % 16;
-    volatile uint8_t *c = comp + slot * 32;
-    memset((void *)c, 0, 32);
-    d.completion = comp_pa + slot * 32;
-    ring[slot] = d;
-    __sync_synchronize();
-    tail++;
     double t0 = now_ms();
-    bells[0] = tail;
+    volatile uint8_t *c = submit(d);
     for (long i = 0;; i++) {
         if (c[0]) {
             __sync_synchronize();
@@ -1016,27 +1038,8 @@ static int run_timed(struct desc d, uint8_t *status, double timeout_ms, double *
 
 static int sizes(const char *dev)
 {
-    char path[600];
-    snprintf(path, sizeof path, "%s/enable", dev);
-    int fd = open(path, O_WRONLY);
-    if (fd < 0 || write(fd, "1", 1) != 1)
-        return fail("cannot enable the device");
-    close(fd);
-    regs = map_bar(dev, 0);
-    bells = map_bar(dev, 2);
-    if (!regs || !bells || regs[0] != 0xd3a00001u)
-        return fail("cannot map BAR 0 / BAR 2");
-    snprintf(path, sizeof path, "%s/config", dev);
-    fd = open(path, O_RDWR);
-    uint16_t cmd = 0;
-    if (fd < 0 || pread(fd, &cmd, 2, 4) != 2)
-        return fail("cannot read the command register");
-    cmd |= 0x6;
-    if (pwrite(fd, &cmd, 2, 4) != 2)
-        return fail("cannot set bus mastering");
-    close(fd);
-    if (alloc_pages())
-        return fail("cannot get locked pages");
+    if (sysfs_setup(dev))
+        return 1;
     int n = 0;
     FILE *f = fopen("/proc/sys/vm/nr_hugepages", "r");
     if (!f || fscanf(f, "%d", &n) != 1)
@@ -1073,15 +1076,7 @@ static int sizes(const char *dev)
            (unsigned long long)(run_len >> 20), (unsigned long long)run_pa);
     fflush(stdout);
 
-    regs[0x10 / 4] = 1;
-    q = regs + 0x100 / 4;
-    q[0x10 / 4] = 0;
-    q[0x00 / 4] = (uint32_t)ring_pa;
-    q[0x04 / 4] = (uint32_t)(ring_pa >> 32);
-    q[0x08 / 4] = 16;
-    q[0x0c / 4] = 0;
-    q[0x10 / 4] = 1;
-    tail = q[0x14 / 4];
+    setup_queue0();
 
     static const uint32_t lens[] = {4096, 65536, 262144 + 13, 1u << 20, 16u << 20};
     int bad = 0;
