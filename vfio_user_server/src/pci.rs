@@ -510,16 +510,11 @@ impl PciConfig {
     }
 
     /// Reads `buf.len()` bytes at `offset` with the Status register's
-    /// Interrupt Status bit (bit 3) showing `intx`: the function's INTx
-    /// level, kept by the interrupt state rather than in these bytes (so
-    /// it is never saved or restored as configuration).
-    pub fn read_with_intx(&self, offset: u64, buf: &mut [u8], intx: bool) -> Result<(), Error> {
-        self.read_with(offset, buf, intx, 0)
-    }
-
-    /// [`PciConfig::read_with_intx`], with the MSI capability's Pending
-    /// Bits showing `msi_pending` (bit v: vector v is pending behind its
-    /// mask), also kept by the interrupt state.
+    /// Interrupt Status bit (bit 3) showing `intx`, the function's INTx
+    /// level, and the MSI capability's Pending Bits showing `msi_pending`
+    /// (bit v: vector v is pending behind its mask). Both are kept by the
+    /// interrupt state rather than in these bytes, so they are never saved
+    /// or restored as configuration.
     pub fn read_with(&self, offset: u64, buf: &mut [u8], intx: bool, msi_pending: u32) -> Result<(), Error> {
         self.read(offset, buf)?;
         if let Some(p) = self.caps.msi {
@@ -767,14 +762,14 @@ mod tests {
         // Interrupt Status comes from the INTx level, in any read that
         // covers it, and is never stored.
         let mut b = [0u8; 4];
-        c.read_with_intx(4, &mut b, true).unwrap();
+        c.read_with(4, &mut b, true, 0).unwrap();
         assert_eq!(u16::from_le_bytes([b[2], b[3]]) & STATUS_INTERRUPT, STATUS_INTERRUPT);
         let mut one = [0u8; 1];
-        c.read_with_intx(6, &mut one, true).unwrap();
+        c.read_with(6, &mut one, true, 0).unwrap();
         assert_eq!(one[0] & 0x08, 0x08);
-        c.read_with_intx(7, &mut one, true).unwrap();
+        c.read_with(7, &mut one, true, 0).unwrap();
         assert_eq!(one[0] & 0x08, 0, "bit 11 is not Interrupt Status");
-        c.read_with_intx(6, &mut one, false).unwrap();
+        c.read_with(6, &mut one, false, 0).unwrap();
         assert_eq!(one[0] & 0x08, 0);
         assert_eq!(c.get16(reg::STATUS) & STATUS_INTERRUPT, 0);
         // Device control 2 is read-only; link capabilities 2 says 2.5 GT/s.

@@ -36,11 +36,7 @@ struct Env {
 
 impl Env {
     fn new(name: &str) -> Env {
-        let dir = std::env::temp_dir().join(format!("vus-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let core_path = dir.join("core.sock");
-        let core = iommu_core::server::spawn(&core_path, iommu_core::types::Limits::default()).unwrap();
+        let (dir, core_path, core) = dir_with_core(name);
         let sock = dir.join("dev.sock");
         let log = dir.join("server.log");
         let server = Command::new(BIN)
@@ -84,22 +80,6 @@ impl Drop for Env {
             let _ = c.stop();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The next client, once the server has seen the last one leave (one
-/// client at a time: until then a new one is turned away).
-fn next_client(sock: &std::path::Path) -> Client {
-    let t0 = Instant::now();
-    loop {
-        match Client::connect(sock) {
-            Ok(mut c) => {
-                c.enable_function().unwrap();
-                return c;
-            }
-            Err(e) => assert!(t0.elapsed() < Duration::from_secs(20), "no client accepted: {e}"),
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

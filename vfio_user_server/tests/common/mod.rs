@@ -11,6 +11,35 @@ use vfio_user_server::devices::testdev::{regs, TestDevice};
 use vfio_user_server::dma::PasidPolicy;
 use vfio_user_server::server::{self, Options};
 
+/// A fresh directory for test `name` with a core in this process on
+/// `core.sock` in it: (directory, core socket, the running core).
+pub fn dir_with_core(name: &str) -> (PathBuf, PathBuf, iommu_core::server::Running) {
+    let dir = std::env::temp_dir().join(format!("vus-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let core_path = dir.join("core.sock");
+    let core = iommu_core::server::spawn(&core_path, iommu_core::types::Limits::default()).unwrap();
+    (dir, core_path, core)
+}
+
+/// The next client of the server at `sock`, once it has seen the previous
+/// one leave (it serves one at a time and turns others away until then),
+/// with the function enabled as a guest's PCI core and driver do: BARs
+/// decode and the device may DMA (tests of the reset state clear it).
+pub fn next_client(sock: &std::path::Path) -> Client {
+    let t0 = Instant::now();
+    loop {
+        match Client::connect(sock) {
+            Ok(mut c) => {
+                c.enable_function().unwrap();
+                return c;
+            }
+            Err(e) => assert!(t0.elapsed() < Duration::from_secs(20), "no client accepted: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 pub struct Stack {
     pub dir: PathBuf,
     pub core: Option<iommu_core::server::Running>,
@@ -25,11 +54,7 @@ impl Stack {
     }
 
     pub fn with_policy(name: &str, policy: PasidPolicy) -> Stack {
-        let dir = std::env::temp_dir().join(format!("vus-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let core_path = dir.join("core.sock");
-        let core = iommu_core::server::spawn(&core_path, iommu_core::types::Limits::default()).unwrap();
+        let (dir, core_path, core) = dir_with_core(name);
         let sock = dir.join("dev.sock");
         let server = start_server(&core_path, &sock, policy);
         Stack { dir, core: Some(core), server: Some(server), core_path, sock }
@@ -38,19 +63,7 @@ impl Stack {
     /// A client, once the server has seen the previous one leave (it
     /// serves one at a time and turns others away until then).
     pub fn client(&self) -> Client {
-        let t0 = std::time::Instant::now();
-        loop {
-            match Client::connect(&self.sock) {
-                Ok(mut c) => {
-                    // As a guest's PCI core and driver do: BARs decode and
-                    // the device may DMA (tests of the reset state clear it).
-                    c.enable_function().unwrap();
-                    return c;
-                }
-                Err(e) => assert!(t0.elapsed() < std::time::Duration::from_secs(20), "no client accepted: {e}"),
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        next_client(&self.sock)
     }
 
     pub fn server(&self) -> &server::Running {
