@@ -210,6 +210,13 @@ pub fn build(s: &Snapshot, drivers: &BTreeMap<(u64, u32), Driver>) -> Node {
             root.file(&format!("{mp}/sealed"), u8::from(m.sealed).to_string());
             root.file(&format!("{mp}/system_address"), hex(m.system_address));
             root.file(&format!("{mp}/mappings"), m.mappings.to_string());
+            match m.client_address {
+                None => root.file(&format!("{mp}/backing"), "file".to_string()),
+                Some(a) => {
+                    root.file(&format!("{mp}/backing"), "client".to_string());
+                    root.file(&format!("{mp}/client_address"), hex(a));
+                }
+            }
             root.link(&format!("{mp}/session"), format!("../../sessions/{sid}"));
             root.link(&format!("{sp}/memory/{}", m.id), format!("../../../memory/{sid}.{}", m.id));
         }
@@ -371,14 +378,26 @@ mod tests {
                 pid: 42,
                 uid: 0,
                 objects: 4,
-                memory: vec![MemInfo {
-                    id: 1,
-                    size: 0x20_0000,
-                    sealed: true,
-                    seals: "shrink".into(),
-                    system_address: 0x4000_0000,
-                    mappings: 1,
-                }],
+                memory: vec![
+                    MemInfo {
+                        id: 1,
+                        size: 0x20_0000,
+                        sealed: true,
+                        seals: "shrink".into(),
+                        system_address: 0x4000_0000,
+                        mappings: 1,
+                        client_address: None,
+                    },
+                    MemInfo {
+                        id: 5,
+                        size: 0x1000,
+                        sealed: true,
+                        seals: "none".into(),
+                        system_address: 0x4020_0000,
+                        mappings: 0,
+                        client_address: Some(0xc_0000),
+                    },
+                ],
                 ioas: vec![
                     ioas(2, IoasKind::Paging, vec![mapping]),
                     ioas(3, IoasKind::Nested { parent: 2, s1_root: 0x1000_1000 }, vec![]),
@@ -460,6 +479,10 @@ mod tests {
         assert_eq!(file(&t, "sessions/7/ppasids"), "0x20\n");
         assert_eq!(file(&t, "memory/7.1/system_address"), "0x40000000\n");
         assert_eq!(file(&t, "memory/7.1/seals"), "shrink\n");
+        assert_eq!(file(&t, "memory/7.1/backing"), "file\n");
+        assert_eq!(file(&t, "memory/7.5/backing"), "client\n");
+        assert_eq!(file(&t, "memory/7.5/client_address"), "0xc0000\n");
+        assert_eq!(file(&t, "memory/7.5/seals"), "none\n");
         assert_eq!(file(&t, "ioas/7.2/kind"), "paging\n");
         assert_eq!(file(&t, "ioas/7.2/mappings"), "0x10000000-0x101fffff 0x200000 memory 7.1 offset 0x0 rw\n");
         assert_eq!(file(&t, "ioas/7.2/iova_ranges"), "0x0-0xfedfffff\n0xfef00000-0xffffffffffff\n");
@@ -515,11 +538,13 @@ mod tests {
             ioas/7.2/mappings ioas/7.2/page_table ioas/7.2/root ioas/7.2/session ioas/7.2/stats ioas/7.3 \
             ioas/7.3/devices ioas/7.3/devices/4:0x1f ioas/7.3/dirty_tracking ioas/7.3/iova_ranges \
             ioas/7.3/kind ioas/7.3/mappings ioas/7.3/parent ioas/7.3/root ioas/7.3/s1_root ioas/7.3/session \
-            ioas/7.3/stats limits memory memory/7.1 memory/7.1/mappings memory/7.1/sealed memory/7.1/seals \
-            memory/7.1/session memory/7.1/size memory/7.1/system_address pasids pasids/0x1f pasids/0x20 pool \
+            ioas/7.3/stats limits memory memory/7.1 memory/7.1/backing memory/7.1/mappings memory/7.1/sealed \
+            memory/7.1/seals memory/7.1/session memory/7.1/size memory/7.1/system_address memory/7.5 \
+            memory/7.5/backing memory/7.5/client_address memory/7.5/mappings memory/7.5/sealed memory/7.5/seals \
+            memory/7.5/session memory/7.5/size memory/7.5/system_address pasids pasids/0x1f pasids/0x20 pool \
             sessions sessions/7 sessions/7/devices sessions/7/devices/4 sessions/7/faults_lost \
             sessions/7/faults_queued sessions/7/ioas sessions/7/ioas/2 sessions/7/ioas/3 sessions/7/memory \
-            sessions/7/memory/1 sessions/7/objects sessions/7/pid sessions/7/ppasids sessions/7/uid stats";
+            sessions/7/memory/1 sessions/7/memory/5 sessions/7/objects sessions/7/pid sessions/7/ppasids sessions/7/uid stats";
         let want: Vec<String> = want.split_whitespace().map(String::from).collect();
         assert_eq!(paths, want);
     }

@@ -208,6 +208,15 @@ impl Client {
         expect!(self.call(&Request::RegisterMemory, &[fd.as_fd()])?, Reply::Memory(m) => m)
     }
 
+    /// Registers client memory of `size` bytes: an object without an fd
+    /// that the session's device servers reach through their own client,
+    /// whose address of byte 0 is `address` (see
+    /// [`Request::RegisterClientMemory`]).
+    pub fn register_client_memory(&mut self, size: u64, writable: bool, address: u64) -> Result<MemInfo> {
+        let r = self.call(&Request::RegisterClientMemory { size, writable, address }, &[])?;
+        expect!(r, Reply::Memory(m) => m)
+    }
+
     /// Allocates a paging IOAS.
     pub fn ioas_alloc(&mut self) -> Result<u32> {
         expect!(self.call(&Request::IoasAlloc, &[])?, Reply::Id(id) => id)

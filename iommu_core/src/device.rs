@@ -232,12 +232,17 @@ impl Channel {
         Ok((pool, tb, dirty, db))
     }
 
-    /// The memory object holding a system address: (fd, base, size, sealed).
-    pub fn memory(&self, system_address: u64) -> Result<(OwnedFd, u64, u64, bool)> {
+    /// The memory object holding a system address.
+    pub fn memory(&self, system_address: u64) -> Result<Memory> {
         let (r, mut fds) = self.call(&Request::GetMemory { system_address }, None)?;
-        let (base, size, sealed) = expect!(r, Reply::MemoryFd { base, size, sealed } => (base, size, sealed))?;
-        let fd = fds.pop().ok_or_else(|| Error::Unexpected("memory reply carried no fd".into()))?;
-        Ok((fd, base, size, sealed))
+        match r {
+            Reply::MemoryFd { base, size, sealed } => {
+                let fd = fds.pop().ok_or_else(|| Error::Unexpected("memory reply carried no fd".into()))?;
+                Ok(Memory::File { fd, base, size, sealed })
+            }
+            Reply::ClientMemory { base, size, address } => Ok(Memory::Client { base, size, address }),
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
     }
 
     /// Reports an unrecoverable fault.
@@ -249,6 +254,32 @@ impl Channel {
     pub fn page_request(&self, rec: FaultRecord, timeout: Duration) -> Result<u32> {
         expect!(self.call(&Request::PageRequest(rec), Some(timeout))?.0, Reply::PageResponse { code } => code)
     }
+}
+
+/// A memory object as [`Channel::memory`] gives it.
+#[derive(Debug)]
+pub enum Memory {
+    /// Backed by a file: a duplicate of its fd.
+    File {
+        /// The file.
+        fd: OwnedFd,
+        /// Base in the system address space.
+        base: u64,
+        /// Size in bytes.
+        size: u64,
+        /// Sealed against shrinking (safe to access through a mapping).
+        sealed: bool,
+    },
+    /// Client memory: the device server reaches it through its own client,
+    /// from the client's `address` onwards.
+    Client {
+        /// Base in the system address space.
+        base: u64,
+        /// Size in bytes.
+        size: u64,
+        /// The client's address of byte 0.
+        address: u64,
+    },
 }
 
 impl Drop for Channel {

@@ -47,12 +47,49 @@ impl From<pagetable::Error> for Error {
     }
 }
 
+/// A memory object as a device channel reaches it ([`Core::memory_at`]).
+#[derive(Debug)]
+pub enum MemoryAt<'a> {
+    /// Backed by a file, which the channel gets a duplicate of.
+    File {
+        /// Base in the system address space.
+        base: u64,
+        /// Size in bytes.
+        size: u64,
+        /// Sealed against shrinking.
+        sealed: bool,
+        /// The file.
+        file: &'a File,
+    },
+    /// Client memory: no fd; the device server reaches it through its
+    /// client at `address` onwards.
+    Client {
+        /// Base in the system address space.
+        base: u64,
+        /// Size in bytes.
+        size: u64,
+        /// The client's address of byte 0.
+        address: u64,
+    },
+}
+
 /// Size of the global fault log.
 const FAULT_LOG: usize = 256;
 
+/// What holds a memory object's bytes.
+#[derive(Debug)]
+enum Backing {
+    /// A file the session passed (memfd, tmpfs or hugetlbfs).
+    File(File),
+    /// The memory of the owning device server's client, reached by the
+    /// device server alone (vfio-user DMA_READ/DMA_WRITE); `address` is
+    /// the client's address of byte 0.
+    Client { address: u64 },
+}
+
 #[derive(Debug)]
 struct MemObj {
-    file: File,
+    backing: Backing,
     size: u64,
     sealed: bool,
     /// Opened read-write and not sealed against writes: only then may a
@@ -611,15 +648,7 @@ impl Core {
         if size > pagetable::MAX_ADDRESS / 2 {
             return err(Errno::E2BIG, format!("size {size:#x} does not fit the system address space"));
         }
-        let held: u64 =
-            self.session(sid)?.objects.values().map(|o| if let Object::Memory(m) = o { m.size } else { 0 }).sum();
-        let cap = self.limits.max_memory_bytes_per_session;
-        if held.saturating_add(size) > cap {
-            return err(
-                Errno::ENOSPC,
-                format!("the session would hold more than {cap:#x} bytes of memory objects, the configured limit"),
-            );
-        }
+        self.charge_memory(sid, size)?;
         let id = self.new_id(sid)?;
         self.step()?;
         let (sys_base, sys_len) = self
@@ -632,20 +661,82 @@ impl Core {
         self.insert_object(
             sid,
             id,
-            Object::Memory(MemObj { file, size, sealed, writable, sys_base, sys_len, refs: 0 }),
+            Object::Memory(MemObj {
+                backing: Backing::File(file),
+                size,
+                sealed,
+                writable,
+                sys_base,
+                sys_len,
+                refs: 0,
+            }),
         )?;
         if !sealed {
             tracing::warn!(session = sid, id, "memory object cannot be sealed; devices must access it without mmap");
         }
-        Ok(MemInfo { id, size, sealed, seals, system_address: sys_base, mappings: 0 })
+        Ok(MemInfo { id, size, sealed, seals, system_address: sys_base, mappings: 0, client_address: None })
     }
 
-    /// The file of a memory object (device servers get a duplicate).
-    pub fn memory_file(&mut self, sid: u64, id: u32) -> Result<&File> {
-        match self.object(sid, id)? {
-            Object::Memory(m) => Ok(&m.file),
-            o => err(Errno::ENOENT, format!("object {id} is a {}, not a memory object", o.kind())),
+    /// Registers client memory: `size` bytes that the session's device
+    /// servers reach through their own client, never by mapping them.
+    /// `writable` says whether a mapping may allow device writes; `address`
+    /// is the client's address of byte 0, kept for channels and observers.
+    /// It counts against the session's memory limit like any object.
+    pub fn register_client_memory(&mut self, sid: u64, size: u64, writable: bool, address: u64) -> Result<MemInfo> {
+        if size == 0 {
+            return err(Errno::EINVAL, "client memory of size 0");
         }
+        if !size.is_multiple_of(PAGE_SIZE) {
+            return err(Errno::EINVAL, format!("size {size:#x} is not a multiple of 4 KiB"));
+        }
+        if size > pagetable::MAX_ADDRESS / 2 {
+            return err(Errno::E2BIG, format!("size {size:#x} does not fit the system address space"));
+        }
+        self.charge_memory(sid, size)?;
+        let id = self.new_id(sid)?;
+        self.step()?;
+        let (sys_base, sys_len) = self
+            .sys
+            .alloc(size)
+            .ok_or_else(|| Error { errno: Errno::ENOSPC, message: "the system address space is full".into() })?;
+        self.sys_owner.insert(sys_base, (sid, id));
+        self.insert_object(
+            sid,
+            id,
+            Object::Memory(MemObj {
+                backing: Backing::Client { address },
+                size,
+                sealed: true,
+                writable,
+                sys_base,
+                sys_len,
+                refs: 0,
+            }),
+        )?;
+        Ok(MemInfo {
+            id,
+            size,
+            sealed: true,
+            seals: "none".into(),
+            system_address: sys_base,
+            mappings: 0,
+            client_address: Some(address),
+        })
+    }
+
+    /// Fails if the session would hold more than its memory limit with
+    /// `size` more bytes of memory objects.
+    fn charge_memory(&mut self, sid: u64, size: u64) -> Result<()> {
+        let held: u64 =
+            self.session(sid)?.objects.values().map(|o| if let Object::Memory(m) = o { m.size } else { 0 }).sum();
+        let cap = self.limits.max_memory_bytes_per_session;
+        if held.saturating_add(size) > cap {
+            return err(
+                Errno::ENOSPC,
+                format!("the session would hold more than {cap:#x} bytes of memory objects, the configured limit"),
+            );
+        }
+        Ok(())
     }
 
     /// Allocates an empty paging IOAS.
@@ -1766,8 +1857,8 @@ impl Core {
     }
 
     /// A memory object of the channel's session that contains the system
-    /// address: (base, size, sealed, file).
-    pub fn memory_at(&mut self, chan: u64, system_address: u64) -> Result<(u64, u64, bool, &File)> {
+    /// address.
+    pub fn memory_at(&mut self, chan: u64, system_address: u64) -> Result<MemoryAt<'_>> {
         let sid = self.chan_session(chan)?;
         let (&base, &(owner, mem)) = self
             .sys_owner
@@ -1778,7 +1869,10 @@ impl Core {
             return err(Errno::ENOENT, format!("no memory of this session at {system_address:#x}"));
         }
         match self.object(sid, mem)? {
-            Object::Memory(m) if system_address < base + m.size => Ok((base, m.size, m.sealed, &m.file)),
+            Object::Memory(m) if system_address < base + m.size => Ok(match &m.backing {
+                Backing::File(file) => MemoryAt::File { base, size: m.size, sealed: m.sealed, file },
+                Backing::Client { address } => MemoryAt::Client { base, size: m.size, address: *address },
+            }),
             _ => err(Errno::ENOENT, format!("no memory of this session at {system_address:#x}")),
         }
     }
@@ -1826,9 +1920,16 @@ impl Core {
                     id,
                     size: m.size,
                     sealed: m.sealed,
-                    seals: memfd::seal_names(memfd::seals(m.file.as_fd())),
+                    seals: match &m.backing {
+                        Backing::File(f) => memfd::seal_names(memfd::seals(f.as_fd())),
+                        Backing::Client { .. } => "none".into(),
+                    },
                     system_address: m.sys_base,
                     mappings: m.refs,
+                    client_address: match m.backing {
+                        Backing::File(_) => None,
+                        Backing::Client { address } => Some(address),
+                    },
                 }),
                 Object::Ioas(i) => ioas.push(IoasInfo {
                     id,

@@ -1029,6 +1029,9 @@ impl Server {
                 Some(fd) => core.register_memory(sid, fd).map(Reply::Memory),
                 None => Ok(Reply::error(Errno::EBADF, "no fd attached")),
             },
+            Request::RegisterClientMemory { size, writable, address } => {
+                core.register_client_memory(sid, size, writable, address).map(Reply::Memory)
+            }
             Request::IoasAlloc => core.ioas_alloc(sid).map(Reply::Id),
             Request::NestedAlloc { parent, s1_root } => core.nested_alloc(sid, parent, s1_root).map(Reply::Id),
             Request::Destroy { id } => core.destroy(sid, id).map(|_| Reply::Ok),
@@ -1102,10 +1105,13 @@ impl Server {
             }
             Request::GetMemory { system_address } => {
                 return Some(match core.memory_at(chan, system_address) {
-                    Ok((base, size, sealed, file)) => match file.try_clone() {
+                    Ok(model::MemoryAt::File { base, size, sealed, file }) => match file.try_clone() {
                         Ok(f) => (Reply::MemoryFd { base, size, sealed }, vec![OwnedFd::from(f)]),
                         Err(e) => (Reply::error(Errno::ENOMEM, format!("cannot duplicate the fd: {e}")), Vec::new()),
                     },
+                    Ok(model::MemoryAt::Client { base, size, address }) => {
+                        (Reply::ClientMemory { base, size, address }, Vec::new())
+                    }
                     Err(e) => (Reply::error(e.errno, e.message), Vec::new()),
                 })
             }

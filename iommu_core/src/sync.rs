@@ -6,7 +6,8 @@
 //! address space, so going on with it, or skipping the work and reporting
 //! it done, is never safe. These helpers log and abort the process instead.
 
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
 
 #[cold]
 fn poisoned(what: &str) -> ! {
@@ -31,6 +32,17 @@ pub fn read<T: ?Sized>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 #[track_caller]
 pub fn write<T: ?Sized>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|_| poisoned("read-write lock"))
+}
+
+/// Waits on `cv` with `guard` for at most `d` (a notification, a spurious
+/// wake-up or the time running out); aborts the process if the mutex is
+/// poisoned meanwhile.
+#[track_caller]
+pub fn wait_timeout<'a, T>(cv: &Condvar, guard: MutexGuard<'a, T>, d: Duration) -> MutexGuard<'a, T> {
+    match cv.wait_timeout(guard, d) {
+        Ok((g, _)) => g,
+        Err(_) => poisoned("mutex"),
+    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,40 @@ pub enum Error {
     /// shrank under its mapping); reported as a translation fault.
     #[error("a page of the memory object is gone")]
     Unreachable,
+    /// The access translated, but the client holding the memory (client
+    /// memory: see [`ClientMemory`]) did not complete it. Not a
+    /// translation fault: nothing is reported to the core.
+    #[error("client memory at {address:#x}: {message}")]
+    Client {
+        /// The client's address of the access.
+        address: u64,
+        /// errno for the wire (`ETIMEDOUT` for no answer in time,
+        /// `ECANCELED` for an access given up by the device server, the
+        /// client's own errno for a refusal).
+        errno: i32,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// Why the client did not complete an access to client memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientFailure {
+    /// errno (see [`Error::Client`]).
+    pub errno: i32,
+    /// What happened, as a sentence for logs.
+    pub message: String,
+}
+
+/// The way to memory that a device server reaches through its own client
+/// rather than a file: client memory objects (registered with
+/// [`crate::client::Client::register_client_memory`]) translate like any
+/// other, and only the final copy comes here, at the client's address.
+pub trait ClientMemory: Send + Sync {
+    /// Fills `buf` from the client's memory at `address`.
+    fn read(&self, address: u64, buf: &mut [u8]) -> std::result::Result<(), ClientFailure>;
+    /// Writes `data` to the client's memory at `address`.
+    fn write(&self, address: u64, data: &[u8]) -> std::result::Result<(), ClientFailure>;
 }
 
 /// Result of a DMA.
@@ -127,15 +161,26 @@ struct Iotlb {
 struct MemObject {
     base: u64,
     size: u64,
-    map: MmapRaw,
-    /// Sealed against shrinking (and not hugetlbfs, whose pages can run
-    /// out): every page of the mapping is always there, so the device
-    /// copies with plain volatile accesses. Otherwise the file may shrink
-    /// (or its pages may be missing) under the mapping, and every copy goes
-    /// through the kernel ([`kernel_copy`]): a page past the end is an
-    /// error there, never SIGBUS, and writing through a mapping never
-    /// grows the file.
-    direct: bool,
+    backing: Backing,
+}
+
+/// How a device reaches a memory object's bytes.
+enum Backing {
+    /// Through a mapping of its file.
+    Mapped {
+        map: MmapRaw,
+        /// Sealed against shrinking (and not hugetlbfs, whose pages can
+        /// run out): every page of the mapping is always there, so the
+        /// device copies with plain volatile accesses. Otherwise the file
+        /// may shrink (or its pages may be missing) under the mapping, and
+        /// every copy goes through the kernel ([`kernel_copy`]): a page
+        /// past the end is an error there, never SIGBUS, and writing
+        /// through a mapping never grows the file.
+        direct: bool,
+    },
+    /// Client memory: through the unit's [`ClientMemory`], at `address`
+    /// plus the offset.
+    Client { address: u64 },
 }
 
 /// A copy the kernel could not complete: the page is gone (the file
@@ -166,13 +211,23 @@ fn kernel_copy(local: *mut u8, mapped: *mut u8, n: usize, to_mapping: bool) -> b
 }
 
 impl MemObject {
+    /// The mapping and whether it may be accessed directly; `None` for
+    /// client memory.
+    fn mapped(&self) -> Option<(&MmapRaw, bool)> {
+        match &self.backing {
+            Backing::Mapped { map, direct } => Some((map, *direct)),
+            Backing::Client { .. } => None,
+        }
+    }
+
     fn ptr(&self, off: u64, n: usize) -> Option<*mut u8> {
+        let (map, _) = self.mapped()?;
         let off = usize::try_from(off).ok()?;
-        if off.checked_add(n)? > self.map.len() {
+        if off.checked_add(n)? > map.len() {
             return None;
         }
         // SAFETY: `off` is inside the mapping (checked above).
-        Some(unsafe { self.map.as_mut_ptr().add(off) })
+        Some(unsafe { map.as_mut_ptr().add(off) })
     }
 
     fn slice(&self, off: u64, n: usize) -> Option<VolatileSlice<'_>> {
@@ -184,8 +239,10 @@ impl MemObject {
         Some(unsafe { VolatileSlice::new(p, n) })
     }
 
+    /// Copies to `buf` from a mapped object.
     fn read(&self, off: u64, buf: &mut [u8]) -> std::result::Result<(), Unreachable> {
-        if self.direct {
+        let (_, direct) = self.mapped().ok_or(Unreachable)?;
+        if direct {
             self.slice(off, buf.len()).ok_or(Unreachable)?.copy_to(buf);
             return Ok(());
         }
@@ -193,8 +250,10 @@ impl MemObject {
         kernel_copy(buf.as_mut_ptr(), p, buf.len(), false).then_some(()).ok_or(Unreachable)
     }
 
+    /// Copies `data` into a mapped object.
     fn write(&self, off: u64, data: &[u8]) -> std::result::Result<(), Unreachable> {
-        if self.direct {
+        let (_, direct) = self.mapped().ok_or(Unreachable)?;
+        if direct {
             self.slice(off, data.len()).ok_or(Unreachable)?.copy_from(data);
             return Ok(());
         }
@@ -203,12 +262,15 @@ impl MemObject {
         kernel_copy(data.as_ptr().cast_mut(), p, data.len(), true).then_some(()).ok_or(Unreachable)
     }
 
+    /// One table entry of a stage-1 table; client memory holds none (the
+    /// walk faults).
     fn load_u64(&self, off: u64) -> Option<u64> {
         if !off.is_multiple_of(8) || off.checked_add(8)? > self.size {
             return None;
         }
+        let (_, direct) = self.mapped()?;
         let p = self.ptr(off, 8)?;
-        if self.direct {
+        if direct {
             // SAFETY: 8-byte aligned (the mapping is page aligned) and inside
             // the shared mapping (checked), every page backed (sealed);
             // shared memory is read only atomically.
@@ -270,6 +332,9 @@ pub struct TranslationUnit {
     pool: Pool,
     dirty: MmapRaw,
     mems: RwLock<BTreeMap<u64, Arc<MemObject>>>,
+    /// The way to client memory objects, if this unit's device server has
+    /// a client that holds memory.
+    client: RwLock<Option<Arc<dyn ClientMemory>>>,
     iotlb: Mutex<HashMap<(u32, u32, u64), Iotlb>>,
     dma: RwLock<()>,
     devices: RwLock<HashMap<u32, DeviceState>>,
@@ -315,6 +380,7 @@ impl TranslationUnit {
             pool,
             dirty,
             mems: RwLock::new(BTreeMap::new()),
+            client: RwLock::new(None),
             iotlb: Mutex::new(HashMap::new()),
             dma: RwLock::new(()),
             devices: RwLock::new(HashMap::new()),
@@ -329,6 +395,51 @@ impl TranslationUnit {
     /// The channel to the core.
     pub fn channel(&self) -> &Arc<Channel> {
         &self.channel
+    }
+
+    /// Sets the way to client memory objects (`None`: accesses to them
+    /// fail with `ENOTCONN`).
+    pub fn set_client_memory(&self, c: Option<Arc<dyn ClientMemory>>) {
+        *sync::write(&self.client) = c;
+    }
+
+    /// Runs a copy of client memory at `address` through the client.
+    fn client_copy(
+        &self,
+        address: u64,
+        f: impl FnOnce(&dyn ClientMemory) -> std::result::Result<(), ClientFailure>,
+    ) -> Result<()> {
+        let c = sync::read(&self.client).clone();
+        let r = match c {
+            Some(c) => f(&*c),
+            None => Err(ClientFailure {
+                errno: libc::ENOTCONN,
+                message: "the device server has no client holding this memory".into(),
+            }),
+        };
+        r.map_err(|e| Error::Client { address, errno: e.errno, message: e.message })
+    }
+
+    /// Reads `buf` from `off` of a memory object.
+    fn mem_read(&self, m: &MemObject, off: u64, buf: &mut [u8]) -> Result<()> {
+        match m.backing {
+            Backing::Mapped { .. } => m.read(off, buf).map_err(|_| Error::Unreachable),
+            Backing::Client { address } => {
+                let at = address.wrapping_add(off);
+                self.client_copy(at, |c| c.read(at, buf))
+            }
+        }
+    }
+
+    /// Writes `data` at `off` of a memory object.
+    fn mem_write(&self, m: &MemObject, off: u64, data: &[u8]) -> Result<()> {
+        match m.backing {
+            Backing::Mapped { .. } => m.write(off, data).map_err(|_| Error::Unreachable),
+            Backing::Client { address } => {
+                let at = address.wrapping_add(off);
+                self.client_copy(at, |c| c.write(at, data))
+            }
+        }
     }
 
     /// Counters.
@@ -505,16 +616,21 @@ impl TranslationUnit {
     }
 
     fn map_memory(&self, sys: u64) -> Result<()> {
-        let (fd, base, size, sealed) = self.channel.memory(sys)?;
-        let file = File::from(fd);
-        // A file the session may only read maps read-only: writes to it
-        // fault (the core refuses writable mappings of it anyway).
-        let map = match map_fd(&file, size, false) {
-            Ok(m) => m,
-            Err(_) => map_fd(&file, size, true)?,
+        let (base, size, backing) = match self.channel.memory(sys)? {
+            device::Memory::File { fd, base, size, sealed } => {
+                let file = File::from(fd);
+                // A file the session may only read maps read-only: writes
+                // to it fault (the core refuses writable mappings of it).
+                let map = match map_fd(&file, size, false) {
+                    Ok(m) => m,
+                    Err(_) => map_fd(&file, size, true)?,
+                };
+                let direct = sealed && !on_hugetlbfs(&file);
+                (base, size, Backing::Mapped { map, direct })
+            }
+            device::Memory::Client { base, size, address } => (base, size, Backing::Client { address }),
         };
-        let direct = sealed && !on_hugetlbfs(&file);
-        sync::write(&self.mems).insert(base, Arc::new(MemObject { base, size, map, direct }));
+        sync::write(&self.mems).insert(base, Arc::new(MemObject { base, size, backing }));
         Ok(())
     }
 
@@ -600,15 +716,13 @@ impl TranslationUnit {
     /// DMA read: fills `buf` from `iova` of `(dev, pasid)` (pasid 0 = RID).
     pub fn read(&self, dev: u32, pasid: u32, iova: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len();
-        self.access(dev, pasid, iova, len, Perm::R, &mut |m, off, at, n| {
-            m.read(off, &mut buf[at..at + n]).map_err(|_| Error::Unreachable)
-        })
+        self.access(dev, pasid, iova, len, Perm::R, &mut |m, off, at, n| self.mem_read(m, off, &mut buf[at..at + n]))
     }
 
     /// DMA write: copies `data` to `iova` of `(dev, pasid)`.
     pub fn write(&self, dev: u32, pasid: u32, iova: u64, data: &[u8]) -> Result<()> {
         self.access(dev, pasid, iova, data.len(), Perm::W, &mut |m, off, at, n| {
-            m.write(off, &data[at..at + n]).map_err(|_| Error::Unreachable)
+            self.mem_write(m, off, &data[at..at + n])
         })
     }
 

@@ -206,6 +206,9 @@ pub struct MemInfo {
     pub system_address: u64,
     /// Mappings that reference it.
     pub mappings: u32,
+    /// Client memory (no fd): the address the owning device server uses
+    /// for it with its own client (a vfio-user client's DMA address).
+    pub client_address: Option<u64>,
 }
 
 /// One mapping (area) of an IOAS.

@@ -315,6 +315,18 @@ pub enum Request {
         /// Most mappings to list.
         max: u32,
     },
+    /// Register client memory: a memory object without an fd, which the
+    /// session's device servers reach through their own client (a
+    /// vfio-user client's DMA_READ/DMA_WRITE), never by mapping it.
+    RegisterClientMemory {
+        /// Size in bytes (a multiple of 4 KiB).
+        size: u64,
+        /// Whether device writes may be allowed by its mappings.
+        writable: bool,
+        /// The client's address of byte 0 (reported back to channels and
+        /// observers, never interpreted by the core).
+        address: u64,
+    },
 }
 
 /// Most mappings one `Mappings` reply lists, and one `Status` reply lists
@@ -420,6 +432,16 @@ pub enum Reply {
         size: u64,
         /// Sealed against shrinking (safe to mmap).
         sealed: bool,
+    },
+    /// A memory object without an fd ([`Request::RegisterClientMemory`]):
+    /// the device server reaches it through its client.
+    ClientMemory {
+        /// Its base in the system address space.
+        base: u64,
+        /// Its size.
+        size: u64,
+        /// The client's address of byte 0.
+        address: u64,
     },
     /// The session's answer to a page request.
     PageResponse {

@@ -5,15 +5,16 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-use crossbeam::channel::{bounded, Sender};
+use crossbeam::channel::{bounded, RecvTimeoutError, Sender};
+use iommu_core::tu::{ClientFailure, ClientMemory};
 use iommu_core::{memfd, sync};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use zerocopy::IntoBytes;
 
-use crate::dma::{self, ClientDma};
+use crate::dma::ClientDma;
 use crate::proto::{self, cmd, Header, HEADER_SIZE};
 
 /// Errors of the connection.
@@ -289,45 +290,102 @@ impl Writer {
     }
 }
 
-/// Most bytes of client memory one DMA_READ asks for, and so (plus 32
-/// bytes of header) most reply bytes the client owes the connection at any
-/// time: DMA_READs go one at a time (see [`Port`]).
+/// Most bytes of client memory one DMA_READ asks for, and most DMA_READ
+/// reply bytes the client may owe the connection at any time (see
+/// [`Port`]).
 pub const DMA_READ_CHUNK: usize = 64 * 1024;
 
-/// Server-to-client requests of one connection.
+/// How long a DMA_READ or DMA_WRITE waits for the client's reply (and a
+/// DMA_READ for the client to finish earlier replies) before the access
+/// fails with `ETIMEDOUT`.
+pub const DMA_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Requests given up whose replies are still remembered (a client that
+/// never answers cannot grow the list past this).
+const MAX_ABANDONED: usize = 1024;
+
+/// A request waiting for its reply.
+struct Waiter {
+    tx: Sender<Msg>,
+    /// DMA_READ reply bytes it is owed (0 for DMA_WRITE).
+    owed: usize,
+}
+
+#[derive(Default)]
+struct PortState {
+    waiting: HashMap<u16, Waiter>,
+    /// Requests given up (cancelled or timed out) whose replies may still
+    /// come, with the DMA_READ bytes each is owed.
+    abandoned: HashMap<u16, usize>,
+    /// DMA_READ reply bytes the client owes: waiting and abandoned reads.
+    owed: usize,
+    /// Fences up ([`Port::fence`]): accesses fail at once with
+    /// `ECANCELED`.
+    fences: u32,
+    closed: bool,
+}
+
+impl PortState {
+    fn abandon(&mut self, id: u16, w: Waiter) {
+        if self.abandoned.len() >= MAX_ABANDONED {
+            // Replies this old will not come: forget what they owed.
+            let forgotten: usize = self.abandoned.drain().map(|(_, n)| n).sum();
+            self.owed -= forgotten;
+        }
+        self.abandoned.insert(id, w.owed);
+    }
+}
+
+/// Server-to-client requests of one connection: DMA_READ and DMA_WRITE of
+/// client memory, each matched to its reply, answered within
+/// [`DMA_REPLY_TIMEOUT`] or failed with `ETIMEDOUT`.
 ///
-/// DMA_READ requests go one at a time, of at most [`DMA_READ_CHUNK`]
-/// bytes, so the reply data in flight from the client never exceeds about
-/// 64 KiB, well inside a default Unix socket send buffer (208 KiB on
-/// Linux). QEMU's vfio-user client (hw/vfio-user/proxy.c,
-/// `vfio_user_send_qio`) takes a short non-blocking write of a message for
-/// a whole one and drops the rest: a reply larger than the room left in its
-/// send buffer reaches us truncated, the stream can no longer be followed,
-/// and every later message of the client (replies and commands) is read as
-/// part of it.
+/// **Reply bytes in flight.** DMA_READs ask for at most
+/// [`DMA_READ_CHUNK`] bytes (or the client's `max_data_xfer_size`, if
+/// smaller), and a DMA_READ is sent only while the client owes no more
+/// than that in all, so reply data in flight from the client stays well
+/// inside a default Unix socket buffer (208 KiB on Linux). QEMU's
+/// vfio-user client (hw/vfio-user/proxy.c, `vfio_user_send_qio`) takes a
+/// short non-blocking write of a message for a whole one and drops the
+/// rest: a reply larger than the room left in its send buffer would reach
+/// us truncated, and the stream could no longer be followed.
+///
+/// **Fences.** QEMU serves server-to-client requests on its main loop,
+/// which waits while a vCPU waits for the reply to a register access. A
+/// device thread answering such an access must therefore never wait for
+/// a DMA that needs the client: [`Port::fence`] gives up every access
+/// waiting for a reply (`ECANCELED`; a reply that comes later is dropped)
+/// and fails new ones at once until [`Port::unfence`]. A DMA_WRITE already
+/// sent may still be applied by the client after the fence.
 pub struct Port {
     writer: Arc<Writer>,
-    /// Held across a DMA_READ request and its reply.
-    read_slot: Mutex<()>,
-    pending: Mutex<HashMap<u16, Sender<Msg>>>,
+    state: Mutex<PortState>,
+    changed: Condvar,
     next_id: AtomicU16,
     /// The client's `max_data_xfer_size`.
     max_xfer: std::sync::atomic::AtomicUsize,
     timeout: Duration,
-    closed: AtomicBool,
+}
+
+fn failure(errno: i32, message: String) -> ClientFailure {
+    ClientFailure { errno, message }
 }
 
 impl Port {
     /// A port writing through `writer`.
     pub fn new(writer: Arc<Writer>) -> Arc<Port> {
+        Port::with_timeout(writer, DMA_REPLY_TIMEOUT)
+    }
+
+    /// A port whose requests wait `timeout` for a reply.
+    pub fn with_timeout(writer: Arc<Writer>, timeout: Duration) -> Arc<Port> {
         Arc::new(Port {
             writer,
-            read_slot: Mutex::new(()),
-            pending: Mutex::new(HashMap::new()),
+            state: Mutex::new(PortState::default()),
+            changed: Condvar::new(),
             next_id: AtomicU16::new(0x8000),
             max_xfer: std::sync::atomic::AtomicUsize::new(1 << 20),
-            timeout: Duration::from_secs(5),
-            closed: AtomicBool::new(false),
+            timeout,
         })
     }
 
@@ -337,84 +395,188 @@ impl Port {
     }
 
     /// Hands a reply from the client to the request waiting for it.
-    /// Returns false if nothing waits for that id.
+    /// Returns false if no request of that id was sent (or remembered).
     pub fn deliver(&self, m: Msg) -> bool {
-        let tx = sync::lock(&self.pending).remove(&m.hdr.msg_id);
-        match tx {
-            Some(tx) => tx.send(m).is_ok(),
-            None => false,
+        let mut st = sync::lock(&self.state);
+        let id = m.hdr.msg_id;
+        if let Some(w) = st.waiting.remove(&id) {
+            st.owed -= w.owed;
+            drop(st);
+            self.changed.notify_all();
+            // The waiter may just have timed out: nothing to do then.
+            let _ = w.tx.send(m);
+            return true;
         }
+        if let Some(n) = st.abandoned.remove(&id) {
+            st.owed -= n;
+            drop(st);
+            self.changed.notify_all();
+            tracing::debug!("late reply to message {id:#x}, given up earlier, dropped");
+            return true;
+        }
+        false
     }
 
     /// Fails every waiting request and every later one (the client went
     /// away), and shuts the socket so that nothing more is sent on it.
     pub fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        {
+            let mut st = sync::lock(&self.state);
+            st.closed = true;
+            st.waiting.clear();
+            st.abandoned.clear();
+            st.owed = 0;
+        }
+        self.changed.notify_all();
         self.writer.kill();
-        sync::lock(&self.pending).clear();
     }
 
-    fn request(&self, command: u16, parts: &[&[u8]]) -> Result<Msg, dma::Error> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(dma::Error::Client("after the client left".into(), libc::ENOTCONN));
+    /// Gives up every access waiting for the client (`ECANCELED`) and
+    /// fails new ones at once, until as many [`Port::unfence`] calls.
+    pub fn fence(&self) {
+        {
+            let mut st = sync::lock(&self.state);
+            st.fences += 1;
+            let waiting: Vec<(u16, Waiter)> = st.waiting.drain().collect();
+            for (id, w) in waiting {
+                // Dropping the sender wakes the waiter.
+                st.abandon(id, w);
+            }
         }
+        self.changed.notify_all();
+    }
+
+    /// Takes down one fence.
+    pub fn unfence(&self) {
+        {
+            let mut st = sync::lock(&self.state);
+            st.fences = st.fences.saturating_sub(1);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits until no fence is up (or the client left), `max` at most.
+    pub fn wait_unfenced(&self, max: Duration) {
+        let deadline = Instant::now() + max;
+        let mut st = sync::lock(&self.state);
+        while st.fences > 0 && !st.closed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            st = sync::wait_timeout(&self.changed, st, left);
+        }
+    }
+
+    /// Sends one request owing `owed` DMA_READ reply bytes and waits for
+    /// its reply.
+    fn request(&self, command: u16, parts: &[&[u8]], owed: usize) -> Result<Msg, ClientFailure> {
+        let deadline = Instant::now() + self.timeout;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) | 0x8000;
         let (tx, rx) = bounded(1);
-        sync::lock(&self.pending).insert(id, tx);
+        {
+            let mut st = sync::lock(&self.state);
+            loop {
+                if st.closed {
+                    return Err(failure(libc::ENOTCONN, "the client left".into()));
+                }
+                if st.fences > 0 {
+                    return Err(failure(libc::ECANCELED, "given up: the device is being quiesced".into()));
+                }
+                if st.owed + owed <= DMA_READ_CHUNK.max(owed) {
+                    break;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(failure(
+                        libc::ETIMEDOUT,
+                        format!("the client still owes {} bytes of DMA_READ replies after {:?}", st.owed, self.timeout),
+                    ));
+                }
+                st = sync::wait_timeout(&self.changed, st, left);
+            }
+            st.owed += owed;
+            st.waiting.insert(id, Waiter { tx, owed });
+        }
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let hdr = Header::command(id, command, len);
         let mut all: Vec<&[u8]> = vec![hdr.as_bytes()];
         all.extend_from_slice(parts);
         if let Err(e) = self.writer.send(&all, &[]) {
-            sync::lock(&self.pending).remove(&id);
-            return Err(dma::Error::Client(format!("request not sent: {e}"), libc::ENOTCONN));
+            let mut st = sync::lock(&self.state);
+            if let Some(w) = st.waiting.remove(&id) {
+                st.owed -= w.owed;
+            }
+            return Err(failure(libc::ENOTCONN, format!("request not sent: {e}")));
         }
-        let r = rx.recv_timeout(self.timeout);
-        sync::lock(&self.pending).remove(&id);
-        let m = r.map_err(|e| {
-            if e.is_timeout() {
+        let r = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        let m = match r {
+            Ok(m) => m,
+            Err(RecvTimeoutError::Timeout) => {
+                let mut st = sync::lock(&self.state);
+                if let Some(w) = st.waiting.remove(&id) {
+                    st.abandon(id, w);
+                }
+                drop(st);
                 tracing::warn!(
                     "{} (message {id:#x}) got no reply from the client in {:?}; the device sees a DMA error",
                     cmd::name(command),
                     self.timeout
                 );
+                return Err(failure(libc::ETIMEDOUT, format!("no reply in {:?}", self.timeout)));
             }
-            dma::Error::Client(format!("got no reply in {:?}", self.timeout), libc::ETIMEDOUT)
-        })?;
+            Err(RecvTimeoutError::Disconnected) => {
+                let closed = sync::lock(&self.state).closed;
+                return Err(if closed {
+                    failure(libc::ENOTCONN, "the client left".into())
+                } else {
+                    failure(libc::ECANCELED, "given up: the device is being quiesced".into())
+                });
+            }
+        };
         if m.hdr.flags & proto::flags::ERROR != 0 {
             let e = if m.hdr.error == 0 { libc::EIO } else { m.hdr.error as i32 };
-            return Err(dma::Error::Client(format!("refused by the client: errno {e}"), e));
+            return Err(failure(e, format!("{} refused by the client: errno {e}", cmd::name(command))));
         }
         Ok(m)
     }
 }
 
-impl ClientDma for Port {
-    fn read(&self, address: u64, buf: &mut [u8]) -> Result<(), dma::Error> {
+impl ClientMemory for Port {
+    fn read(&self, address: u64, buf: &mut [u8]) -> Result<(), ClientFailure> {
         let step = self.max_xfer.load(Ordering::Relaxed).min(DMA_READ_CHUNK);
         for (i, chunk) in buf.chunks_mut(step).enumerate() {
             let a = address + (i * step) as u64;
             let req = proto::DmaRw { address: a, count: chunk.len() as u64 };
-            let m = {
-                let _one = sync::lock(&self.read_slot);
-                self.request(cmd::DMA_READ, &[req.as_bytes()])?
-            };
+            let m = self.request(cmd::DMA_READ, &[req.as_bytes()], chunk.len())?;
             let data = m.payload.get(16..16 + chunk.len()).ok_or_else(|| {
-                dma::Error::Client(format!("DMA_READ reply of {} bytes is short", m.payload.len()), libc::EPROTO)
+                failure(libc::EPROTO, format!("DMA_READ reply of {} bytes is short", m.payload.len()))
             })?;
             chunk.copy_from_slice(data);
         }
         Ok(())
     }
 
-    fn write(&self, address: u64, data: &[u8]) -> Result<(), dma::Error> {
+    fn write(&self, address: u64, data: &[u8]) -> Result<(), ClientFailure> {
         let step = self.max_xfer.load(Ordering::Relaxed);
         for (i, chunk) in data.chunks(step).enumerate() {
             let a = address + (i * step) as u64;
             let req = proto::DmaRw { address: a, count: chunk.len() as u64 };
-            self.request(cmd::DMA_WRITE, &[req.as_bytes(), chunk])?;
+            self.request(cmd::DMA_WRITE, &[req.as_bytes(), chunk], 0)?;
         }
         Ok(())
+    }
+}
+
+impl ClientDma for Port {
+    fn fence(&self) {
+        Port::fence(self);
+    }
+    fn unfence(&self) {
+        Port::unfence(self);
+    }
+    fn wait_unfenced(&self, max: Duration) {
+        Port::wait_unfenced(self, max);
     }
 }
 

@@ -11,8 +11,19 @@
 //!   are attached per RID or vPASID, and the server keeps
 //!   `vPASID -> pPASID`. The core only ever sees pPASIDs.
 //!
-//! DMA_MAP without an fd registers client memory that the device reaches
-//! with DMA_READ/DMA_WRITE messages (compat RID DMA only).
+//! DMA_MAP without an fd registers **client memory** in the compat
+//! session (a memory object with no fd) and maps it in the compat IOAS like
+//! any other: translation, permissions, faults, dirty tracking and the
+//! observers' view are the core's; only the final copy goes to the client
+//! as DMA_READ/DMA_WRITE messages (compat RID DMA only).
+//!
+//! **Client fences.** A client may serve DMA_READ/DMA_WRITE only once the
+//! device thread has answered its current command (QEMU does). Whatever
+//! the device thread waits for must therefore not wait for the client:
+//! [`Dma::fence_client`] gives up the accesses waiting for it (they fail
+//! with `ECANCELED`, which devices treat as a stop, resuming later) while
+//! queues are voided or quiesced, and [`Dma::unmap`] and dirty-tracking
+//! changes fence while the core's invalidation waits for DMA in flight.
 //!
 //! **Core restart.** The compat path is one [`Compat`] (session, IOAS,
 //! device channel) at a time. A watcher thread polls its session socket
@@ -96,6 +107,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// True if a DMA step must stop here and go on later, not fail: bus
+    /// mastering is off, or the access to client memory was given up for
+    /// a fence ([`Dma::fence_client`]).
+    pub fn stops_step(&self) -> bool {
+        matches!(self, Error::BusMasterOff) || matches!(self, Error::Client(_, e) if *e == libc::ECANCELED)
+    }
+
+    /// True if the client holding the memory did not answer in time.
+    pub fn client_timed_out(&self) -> bool {
+        matches!(self, Error::Client(_, e) if *e == libc::ETIMEDOUT)
+    }
+
     /// errno for the wire.
     pub fn errno(&self) -> i32 {
         match self {
@@ -137,6 +160,7 @@ fn chan_err(e: device::Error) -> Error {
 fn tu_err(e: tu::Error) -> Error {
     match e {
         tu::Error::Channel(c) => chan_err(c),
+        tu::Error::Client { address, errno, message } => Error::Client(format!("at {address:#x}: {message}"), errno),
         other => Error::Fault(other),
     }
 }
@@ -155,13 +179,53 @@ pub enum Route {
     Vpasid(u32),
 }
 
-/// Sends DMA_READ / DMA_WRITE to the connected client and waits for the
-/// reply (implemented by the connection).
-pub trait ClientDma: Send + Sync {
-    /// Reads client memory at `address`.
-    fn read(&self, address: u64, buf: &mut [u8]) -> Result<(), Error>;
-    /// Writes client memory at `address`.
-    fn write(&self, address: u64, data: &[u8]) -> Result<(), Error>;
+/// The connected client as the way to client memory: DMA_READ /
+/// DMA_WRITE sent to it, matched to replies (implemented by the
+/// connection's `Port`).
+pub trait ClientDma: tu::ClientMemory {
+    /// Gives up every access waiting for the client (`ECANCELED`) and fails
+    /// new ones at once, until as many [`ClientDma::unfence`] calls.
+    fn fence(&self);
+    /// Takes down one fence.
+    fn unfence(&self);
+    /// Waits until no fence is up, `max` at most.
+    fn wait_unfenced(&self, max: Duration);
+}
+
+/// Where the connected client is found: shared by [`Dma`] and the
+/// translation units, which reach client memory through it.
+#[derive(Clone, Default)]
+struct ClientSlot(Arc<RwLock<Option<Arc<dyn ClientDma>>>>);
+
+impl ClientSlot {
+    fn get(&self) -> Option<Arc<dyn ClientDma>> {
+        sync::read(&self.0).clone()
+    }
+}
+
+fn no_client() -> tu::ClientFailure {
+    tu::ClientFailure { errno: libc::ENOTCONN, message: "no client is connected".into() }
+}
+
+impl tu::ClientMemory for ClientSlot {
+    fn read(&self, address: u64, buf: &mut [u8]) -> Result<(), tu::ClientFailure> {
+        self.get().ok_or_else(no_client)?.read(address, buf)
+    }
+    fn write(&self, address: u64, data: &[u8]) -> Result<(), tu::ClientFailure> {
+        self.get().ok_or_else(no_client)?.write(address, data)
+    }
+}
+
+/// A fence on the client's DMA ([`Dma::fence_client`]); taken down when
+/// dropped.
+pub struct ClientFence(Option<Arc<dyn ClientDma>>);
+
+impl Drop for ClientFence {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.unfence();
+        }
+    }
 }
 
 /// How pPASIDs are chosen for vPASIDs.
@@ -268,6 +332,7 @@ impl Compat {
         generation: u64,
         timeout: Option<Duration>,
         view: &Arc<Mutex<View>>,
+        client: &ClientSlot,
     ) -> Result<Arc<Compat>, Error> {
         let mut session = match timeout {
             Some(t) => Client::session_with_timeout(core, t),
@@ -291,6 +356,7 @@ impl Compat {
         channel.set_driver_state_provider(provider.clone());
         let tu = TranslationUnit::new(channel, tu::Config::default()).map_err(tu_err)?;
         let _ = provider.tu.set(Arc::downgrade(&tu));
+        tu.set_client_memory(Some(Arc::new(client.clone())));
         let dev = tu.bind(bind).map_err(tu_err)?.dev_id;
         tu.channel().attach(dev, None, ioas).map_err(chan_err)?;
         Ok(Arc::new(Compat {
@@ -361,7 +427,12 @@ enum MapKind {
         key: FileKey,
         generation: u64,
     },
-    Msg,
+    /// Client memory (no fd): memory object `mem` of the compat session
+    /// of connection `generation`, mapped there.
+    Client {
+        mem: u32,
+        generation: u64,
+    },
 }
 
 struct ClientMap {
@@ -416,16 +487,13 @@ pub struct Dma {
     generations: AtomicU64,
     bound: RwLock<Option<Bound>>,
     table: Mutex<Table>,
-    client: RwLock<Option<Arc<dyn ClientDma>>>,
+    client: ClientSlot,
     caps: DeviceCaps,
     bind_args: BindArgs,
     policy: PasidPolicy,
     view: Arc<Mutex<View>>,
-    /// Held (read) by device DMA through client messages, for the whole
-    /// access; an unmap of such a region takes it (write).
-    msg_dma: RwLock<()>,
     /// Client regions without an fd.
-    msg_regions: AtomicUsize,
+    client_regions: AtomicUsize,
     /// DMA logging is on (the compat IOAS tracks dirty pages).
     logging: AtomicBool,
     /// Ranges `(first, last)` whose dirty state was lost with a core and
@@ -462,7 +530,8 @@ impl Dma {
             server: format!("vfio-user-server pid {} device {}", std::process::id(), bind.name),
             ..View::default()
         }));
-        let compat = Compat::open(core, bind.clone(), 1, None, &view)?;
+        let client = ClientSlot::default();
+        let compat = Compat::open(core, bind.clone(), 1, None, &view, &client)?;
         let wake = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(|e| Error::Core(format!("cannot make an eventfd: {e}"), e as i32))?;
         let dma = Arc::new(Dma {
@@ -471,13 +540,12 @@ impl Dma {
             generations: AtomicU64::new(1),
             bound: RwLock::new(None),
             table: Mutex::new(Table::default()),
-            client: RwLock::new(None),
+            client,
             caps,
             bind_args: bind,
             policy,
             view,
-            msg_dma: RwLock::new(()),
-            msg_regions: AtomicUsize::new(0),
+            client_regions: AtomicUsize::new(0),
             logging: AtomicBool::new(false),
             unreported: Mutex::new(Vec::new()),
             max_files: file_limit(),
@@ -566,9 +634,35 @@ impl Dma {
         true
     }
 
-    /// Sets (or clears) the connected client for message-based DMA.
+    /// Sets (or clears) the connected client, the way to client memory.
     pub fn set_client(&self, c: Option<Arc<dyn ClientDma>>) {
-        *sync::write(&self.client) = c;
+        *sync::write(&self.client.0) = c;
+    }
+
+    /// Fences the client's DMA (see the module docs) until the returned
+    /// guard is dropped: device DMA waiting for the client fails at once
+    /// with `ECANCELED`, and so does new DMA to client memory.
+    pub fn fence_client(&self) -> ClientFence {
+        let c = self.client.get();
+        if let Some(c) = &c {
+            c.fence();
+        }
+        ClientFence(c)
+    }
+
+    /// A fence if the client holds memory of the compat IOAS (the core's
+    /// invalidations wait for DMA in flight, which may wait for it).
+    fn fence_if_client_memory(&self) -> Option<ClientFence> {
+        (self.client_regions.load(Ordering::Acquire) > 0).then(|| self.fence_client())
+    }
+
+    /// Waits (at most `max`) until no fence is up on the client's DMA: a
+    /// device whose DMA was given up with `ECANCELED` calls this, holding
+    /// no lock, before it tries again.
+    pub fn wait_client(&self, max: Duration) {
+        if let Some(c) = self.client.get() {
+            c.wait_unfenced(max);
+        }
     }
 
     /// Handles DMA_MAP. `fd` is the passed file, if any.
@@ -595,13 +689,18 @@ impl Dma {
                 return Err(Error::Exists(m.address, m.size));
             }
         }
+        const PAGE: u64 = 4096;
         let Some(fd) = fd else {
-            t.regions
-                .insert(m.address, ClientMap { size: m.size, flags: m.flags, offset: m.offset, kind: MapKind::Msg });
-            self.msg_regions.fetch_add(1, Ordering::AcqRel);
+            if !m.address.is_multiple_of(PAGE) || !m.size.is_multiple_of(PAGE) {
+                return Err(Error::Invalid("a DMA region must be 4 KiB aligned".into()));
+            }
+            let Some(c) = self.compat() else { return Err(self.core_gone()) };
+            let mem = self.map_client_memory(&c, m.address, m.size, m.flags)?;
+            let kind = MapKind::Client { mem, generation: c.generation };
+            t.regions.insert(m.address, ClientMap { size: m.size, flags: m.flags, offset: m.offset, kind });
+            self.client_regions.fetch_add(1, Ordering::AcqRel);
             return Ok(());
         };
-        const PAGE: u64 = 4096;
         if !m.address.is_multiple_of(PAGE) || !m.size.is_multiple_of(PAGE) || !m.offset.is_multiple_of(PAGE) {
             return Err(Error::Invalid("a DMA region with an fd must be 4 KiB aligned".into()));
         }
@@ -671,6 +770,24 @@ impl Dma {
         Ok(())
     }
 
+    /// Registers `size` bytes of client memory at the client's `address` in
+    /// the compat session of `c` and maps them at IOVA `address` with the
+    /// rights of `flags`; returns the memory object.
+    fn map_client_memory(&self, c: &Arc<Compat>, address: u64, size: u64, flags: u32) -> Result<u32, Error> {
+        let perm = Perm { read: flags & proto::DMA_MAP_READ != 0, write: flags & proto::DMA_MAP_WRITE != 0 };
+        let mem = self.call(c, |s| s.register_client_memory(size, perm.write, address))?.id;
+        let args = MapArgs { ioas: c.ioas, mem, offset: 0, length: size, iova: Some(address), perm };
+        if let Err(e) = self.call(c, |s| s.map(args)) {
+            if !matches!(e, Error::CoreGone(_)) {
+                if let Err(d) = self.call(c, |s| s.destroy(mem)) {
+                    tracing::warn!("could not free client memory object {mem} of the compat session: {d}");
+                }
+            }
+            return Err(e);
+        }
+        Ok(mem)
+    }
+
     /// One region less of file `key`: the last one closes the file and
     /// frees its memory object in `c`.
     fn file_put(&self, t: &mut Table, key: FileKey, c: Option<&Arc<Compat>>) {
@@ -699,13 +816,10 @@ impl Dma {
                 _ => Err(Error::NotFound(address, size)),
             }
         };
-        let has_msg = {
-            let t = sync::lock(&self.table);
-            pick(&t.regions)?.iter().any(|a| t.regions.get(a).is_some_and(|r| matches!(r.kind, MapKind::Msg)))
-        };
-        // Device DMA through client messages holds the read side for the
-        // whole access (and takes the table lock inside): wait for it first.
-        let _quiet = if has_msg { Some(sync::write(&self.msg_dma)) } else { None };
+        // The core answers the unmap once DMA in flight has ended; DMA
+        // waiting for the client cannot end while the client waits for
+        // this reply.
+        let _fence = self.fence_if_client_memory();
         let mut t = sync::lock(&self.table);
         let victims = pick(&t.regions)?;
         // No new compat path appears while the table is locked (the watcher
@@ -714,17 +828,10 @@ impl Dma {
         let mut first_err = None;
         for a in victims {
             let Some(r) = t.regions.get(&a) else { continue };
-            let (rsize, kind) = (
-                r.size,
-                match r.kind {
-                    MapKind::Fd { key, generation } => Some((key, generation)),
-                    MapKind::Msg => None,
-                },
-            );
-            let Some((key, generation)) = kind else {
-                t.regions.remove(&a);
-                self.msg_regions.fetch_sub(1, Ordering::AcqRel);
-                continue;
+            let rsize = r.size;
+            let (file, generation) = match r.kind {
+                MapKind::Fd { key, generation } => (Some(key), generation),
+                MapKind::Client { generation, .. } => (None, generation),
             };
             // In the core only if mapped through the current connection;
             // otherwise it went with the core that held it.
@@ -746,8 +853,21 @@ impl Dma {
                     }
                 }
             }
-            t.regions.remove(&a);
-            self.file_put(&mut t, key, link.as_ref());
+            match t.regions.remove(&a).map(|r| r.kind) {
+                Some(MapKind::Client { mem, generation }) => {
+                    self.client_regions.fetch_sub(1, Ordering::AcqRel);
+                    if let Some(c) = link.as_ref().filter(|c| c.generation == generation) {
+                        if let Err(e) = self.call(c, |s| s.destroy(mem)) {
+                            tracing::warn!("could not free client memory object {mem} of the compat session: {e}");
+                        }
+                    }
+                }
+                _ => {
+                    if let Some(key) = file {
+                        self.file_put(&mut t, key, link.as_ref());
+                    }
+                }
+            }
         }
         match first_err {
             Some(e) => Err(e),
@@ -763,19 +883,6 @@ impl Dma {
     /// Number of files the DMA table keeps open.
     pub fn file_count(&self) -> usize {
         sync::lock(&self.table).files.len()
-    }
-
-    fn msg_region(&self, iova: u64, len: usize, write: bool) -> Option<bool> {
-        let t = sync::lock(&self.table);
-        let (&a, r) = t.regions.range(..=iova).next_back()?;
-        if !matches!(r.kind, MapKind::Msg) {
-            return None;
-        }
-        let end = iova.checked_add(len as u64)?;
-        let ok = iova - a < r.size
-            && end - a <= r.size
-            && r.flags & if write { proto::DMA_MAP_WRITE } else { proto::DMA_MAP_READ } != 0;
-        Some(ok)
     }
 
     /// Runs `f` with the translation unit, device id and pPASID DMA of
@@ -820,29 +927,6 @@ impl Dma {
         sync::read(&self.bound).is_some()
     }
 
-    fn client_path(
-        &self,
-        route: Route,
-        iova: u64,
-        len: usize,
-        write: bool,
-    ) -> Result<Option<Arc<dyn ClientDma>>, Error> {
-        // Most clients give fds for all their memory: skip the lookup.
-        if route != Route::Rid || self.msg_regions.load(Ordering::Acquire) == 0 || self.bound_now() {
-            return Ok(None);
-        }
-        match self.msg_region(iova, len, write) {
-            None => Ok(None),
-            Some(false) => {
-                Err(Error::Client(format!("{iova:#x}+{len:#x} is outside a permitted region"), libc::EFAULT))
-            }
-            Some(true) => {
-                let c = sync::read(&self.client).clone();
-                c.map(Some).ok_or_else(|| Error::Client("without a connected client".into(), libc::ENOTCONN))
-            }
-        }
-    }
-
     /// Whether the function may start DMA: the command register's Bus
     /// Master Enable is set and the function is in D0 (the framework sets
     /// this from config space; a function starts with it clear, as after
@@ -869,22 +953,12 @@ impl Dma {
     /// Device DMA read.
     pub fn read(&self, route: Route, iova: u64, buf: &mut [u8]) -> Result<(), Error> {
         self.master()?;
-        let guard = sync::read(&self.msg_dma);
-        if let Some(c) = self.client_path(route, iova, buf.len(), false)? {
-            return c.read(iova, buf);
-        }
-        drop(guard);
         self.translated(route, |tu, dev, pasid| tu.read(dev, pasid, iova, buf))
     }
 
     /// Device DMA write.
     pub fn write(&self, route: Route, iova: u64, data: &[u8]) -> Result<(), Error> {
         self.master()?;
-        let guard = sync::read(&self.msg_dma);
-        if let Some(c) = self.client_path(route, iova, data.len(), true)? {
-            return c.write(iova, data);
-        }
-        drop(guard);
         self.translated(route, |tu, dev, pasid| {
             // The whole range is checked first, so a write that would fault
             // part-way writes nothing (the faulting page is reported).
@@ -899,10 +973,6 @@ impl Dma {
     /// without writing (faults and page requests happen here).
     pub fn check_write(&self, route: Route, iova: u64, len: usize) -> Result<(), Error> {
         self.master()?;
-        let _guard = sync::read(&self.msg_dma);
-        if self.client_path(route, iova, len, true)?.is_some() {
-            return Ok(());
-        }
         self.translated(route, |tu, dev, pasid| tu.translate(dev, pasid, iova, len, Perm::W).map(|_| ()))
     }
 
@@ -1133,14 +1203,41 @@ impl Dma {
     fn reconnect(&self) -> Result<(Arc<Compat>, usize, usize), Error> {
         // Only this thread reconnects; the number is taken when it works.
         let generation = self.generations.load(Ordering::Acquire) + 1;
-        let c = Compat::open(&self.core, self.bind_args.clone(), generation, Some(REBUILD_CALL_TIMEOUT), &self.view)?;
+        let c = Compat::open(
+            &self.core,
+            self.bind_args.clone(),
+            generation,
+            Some(REBUILD_CALL_TIMEOUT),
+            &self.view,
+            &self.client,
+        )?;
         let mut t = sync::lock(&self.table);
         let Table { regions, files } = &mut *t;
         let (mut restored, mut refused) = (0, 0);
         let mut ranges = Vec::new();
         for (&iova, r) in regions.iter_mut() {
-            let MapKind::Fd { key, generation: g } = &mut r.kind else { continue };
             ranges.push((iova, iova + (r.size - 1)));
+            if let MapKind::Client { mem, generation: g } = &mut r.kind {
+                *g = 0;
+                match self.map_client_memory(&c, iova, r.size, r.flags) {
+                    Ok(id) => {
+                        *mem = id;
+                        *g = generation;
+                        restored += 1;
+                    }
+                    Err(e @ Error::CoreGone(_)) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(
+                            "the new core refuses client memory of DMA region {iova:#x}+{:#x}: {e}; it stays in the \
+                             table, unmapped (device DMA to it faults)",
+                            r.size
+                        );
+                        refused += 1;
+                    }
+                }
+                continue;
+            }
+            let MapKind::Fd { key, generation: g } = &mut r.kind else { continue };
             // Not in the new core until mapped there (an earlier attempt
             // may have marked it with this number).
             *g = 0;
@@ -1235,6 +1332,7 @@ impl Dma {
             sync::lock(&self.unreported).clear();
             return Ok(());
         };
+        let _fence = self.fence_if_client_memory();
         self.call(&c, |s| s.set_dirty_tracking(c.ioas, on))?;
         self.logging.store(on, Ordering::Release);
         sync::lock(&self.unreported).clear();

@@ -312,6 +312,9 @@ struct Shared {
     /// interrupt) and while work is voided: a descriptor either completed
     /// before a reset was accepted or never does.
     commit: Mutex<()>,
+    /// The device's DMA, once started: waiting for a step first fences the
+    /// client, so that no step waits for client memory meanwhile.
+    dma: std::sync::OnceLock<Arc<dma::Dma>>,
 }
 
 impl Shared {
@@ -345,6 +348,8 @@ impl Shared {
     /// queue thread is between steps. The returned guard keeps the engines
     /// out while the caller changes registers.
     fn void(&self, which: impl Iterator<Item = usize>) -> std::sync::RwLockWriteGuard<'_, bool> {
+        // A step or a record waiting for client memory gives up at once.
+        let _fence = self.fence_client();
         // Until the caller holds the gate, a queue thread that stopped for
         // this must not start over (it would see the new generation and run
         // its voided descriptor again): `voiding` keeps it out.
@@ -366,8 +371,17 @@ impl Shared {
     /// Waits until every queue thread is between steps (after a gate such
     /// as bus mastering closed, so that no DMA step is still running).
     fn quiesce(&self) {
+        let _fence = self.fence_client();
         self.wake();
         drop(sync::write(&self.gate));
+    }
+
+    /// Fences the client's DMA while the caller waits for queue threads:
+    /// the caller answers a client's command, and the client serves our
+    /// DMA only after that answer (see `dma::Dma::fence_client`). A step
+    /// given up this way stops with its progress and goes on later.
+    fn fence_client(&self) -> Option<dma::ClientFence> {
+        self.dma.get().map(|d| d.fence_client())
     }
 }
 
@@ -416,6 +430,7 @@ impl DmaEngine {
                 stop: Default::default(),
                 voids: Default::default(),
                 commit: Mutex::new(()),
+                dma: std::sync::OnceLock::new(),
             }),
             bar2: Arc::new(bar2),
             threads: Vec::new(),
@@ -427,6 +442,9 @@ impl DmaEngine {
     fn queue_loop(shared: Arc<Shared>, ctx: DeviceContext, q: usize) {
         let mut idle_rounds = 0u32;
         while !shared.stop.load(Ordering::Acquire) {
+            // After client DMA was given up for a fence: try again once it
+            // is down (holding nothing that the fencing thread waits for).
+            ctx.dma.wait_client(Duration::from_secs(1));
             let seen = *sync::lock(&shared.kick);
             let did = Self::drain(&shared, &ctx, q);
             if did {
@@ -500,8 +518,9 @@ impl DmaEngine {
                     let mut raw = [0u8; 64];
                     match ctx.dma.read(ring_route, at, &mut raw) {
                         Ok(()) => (Descriptor::parse(&raw), None),
-                        // Bus mastering went off: fetch it when it is back.
-                        Err(dma::Error::BusMasterOff) => return did,
+                        // Bus mastering went off, or the client's DMA was
+                        // fenced: fetch it again later.
+                        Err(e) if e.stops_step() => return did,
                         Err(e) => {
                             tracing::debug!("dma-engine queue {q}: cannot fetch descriptor at {at:#x}: {e}");
                             if let dma::Error::NoPasid(_) = e {
@@ -578,8 +597,11 @@ impl DmaEngine {
                 ctx.dma.write(ring_route, rest, &b[1..]).and_then(|_| ctx.dma.write(ring_route, d.completion, &b[..1]));
             match wrote {
                 Ok(()) => {}
-                Err(dma::Error::BusMasterOff) => {
-                    // Written when bus mastering is back; HEAD waits.
+                Err(e) if e.stops_step() || e.client_timed_out() => {
+                    // Written when bus mastering is back, the fence is
+                    // down, or the client answers; HEAD waits. (A record
+                    // that cannot be written for a fault halts the queue
+                    // below; a client that is slow to answer does not.)
                     let p = Progress { result: Some(c), ..Progress::default() };
                     sync::lock(&shared.regs).queues[q].inflight = Some((*d, p));
                     return false;
@@ -698,7 +720,7 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, from: Option<Progress>, step
             _ => status::FAULT_SRC,
         };
     };
-    let off = |e: &dma::Error| matches!(e, dma::Error::BusMasterOff);
+    let off = |e: &dma::Error| e.stops_step();
     let len = d.len as usize;
     let mut done = (start.done as usize).min(len);
     // One DMA of a step: bus mastering off stops the descriptor here (it
@@ -925,6 +947,7 @@ impl Device for DmaEngine {
 
     fn start(&mut self, ctx: DeviceContext) {
         self.irqs = Some(ctx.irqs.clone());
+        let _ = self.shared.dma.set(ctx.dma.clone());
         for q in 0..QUEUES {
             let (s, c) = (self.shared.clone(), ctx.clone());
             match std::thread::Builder::new().name(format!("dma-engine-q{q}")).spawn(move || Self::queue_loop(s, c, q))
@@ -1106,6 +1129,7 @@ impl Device for DmaEngine {
         // A stop takes effect at each descriptor's next step; its progress
         // is part of the saved state.
         self.shared.held.store(!running, Ordering::Release);
+        let _fence = if running { None } else { self.shared.fence_client() };
         *sync::write(&self.shared.gate) = running;
         self.shared.wake();
     }

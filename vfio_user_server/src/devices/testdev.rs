@@ -88,14 +88,24 @@ struct Shared {
     /// Bumped by reset and by a client leaving: queued copies of an older
     /// generation are dropped.
     generation: std::sync::atomic::AtomicU64,
+    /// The device's DMA, once started.
+    dma: std::sync::OnceLock<Arc<crate::dma::Dma>>,
 }
 
 impl Shared {
+    /// Waits for the copy in flight (it runs holding `running`). A copy
+    /// waiting for client memory is given up (it ends with an error): the
+    /// caller answers a client command, and the client serves our DMA only
+    /// after that answer.
+    fn wait_copy(&self) -> std::sync::MutexGuard<'_, bool> {
+        let _fence = self.dma.get().map(|d| d.fence_client());
+        sync::lock(&self.running)
+    }
+
     /// Drops queued copies and waits for the one in flight.
     fn cancel(&self) {
         self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        // A copy runs holding `running`: taking it waits for that copy.
-        drop(sync::lock(&self.running));
+        drop(self.wait_copy());
         let mut r = sync::lock(&self.regs);
         if r.status == regs::STATUS_BUSY {
             r.status = regs::STATUS_IDLE;
@@ -137,6 +147,7 @@ impl TestDevice {
                 running: Mutex::new(true),
                 resume: Condvar::new(),
                 generation: std::sync::atomic::AtomicU64::new(0),
+                dma: std::sync::OnceLock::new(),
             }),
             ram: Arc::new(ram),
             engine: None,
@@ -243,6 +254,7 @@ impl Device for TestDevice {
 
     fn start(&mut self, ctx: DeviceContext) {
         self.irqs = Some(ctx.irqs.clone());
+        let _ = self.shared.dma.set(ctx.dma.clone());
         let (tx, rx) = unbounded();
         let shared = self.shared.clone();
         let spawned = std::thread::Builder::new().name("test-device-engine".into()).spawn(move || {
@@ -388,12 +400,12 @@ impl Device for TestDevice {
             // Bus mastering may have gone off: a copy runs holding
             // `running`, so taking it waits for the one in flight, and no
             // DMA happens after the config write's reply.
-            drop(sync::lock(&self.shared.running));
+            drop(self.shared.wait_copy());
         }
     }
 
     fn set_running(&mut self, running: bool) {
-        *sync::lock(&self.shared.running) = running;
+        *self.shared.wait_copy() = running;
         self.shared.resume.notify_all();
     }
 
