@@ -3,7 +3,8 @@
 //!
 //! Client memory without an fd ("message memory") is kept in the client:
 //! DMA_READ/DMA_WRITE requests the server sends while the client waits for
-//! a reply are served from it.
+//! a reply are served from it, the way [`DmaMode`] says (tests play slow,
+//! silent and refusing clients with it).
 
 use std::collections::BTreeMap;
 use std::io::IoSlice;
@@ -71,6 +72,25 @@ pub struct Region {
     pub fd: Option<OwnedFd>,
 }
 
+/// How the client answers the server's DMA_READ/DMA_WRITE requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DmaMode {
+    /// At once, from message memory.
+    #[default]
+    Answer,
+    /// After sleeping this long (the client's thread sleeps: so does
+    /// everything it would do meanwhile).
+    Delay(Duration),
+    /// Not now: requests are kept and answered, in order, when the mode
+    /// goes back to `Answer` or `Delay` and a reply is awaited (as QEMU
+    /// answers only once its main loop runs again).
+    Defer,
+    /// Never: requests are dropped without a reply.
+    Ignore,
+    /// With an error reply carrying this errno.
+    Refuse(i32),
+}
+
 /// A vfio-user client connection.
 pub struct Client {
     sock: UnixStream,
@@ -80,6 +100,8 @@ pub struct Client {
     memory: BTreeMap<u64, Vec<u8>>,
     /// Server-to-client requests served.
     pub dma_requests: u64,
+    dma_mode: DmaMode,
+    deferred: Vec<Message>,
 }
 
 /// The capabilities this client proposes.
@@ -128,6 +150,8 @@ impl Client {
             server_version: (0, 0, serde_json::Value::Null),
             memory: BTreeMap::new(),
             dma_requests: 0,
+            dma_mode: DmaMode::Answer,
+            deferred: Vec::new(),
         }
     }
 
@@ -144,6 +168,11 @@ impl Client {
     /// Client memory added with [`Client::add_message_memory`].
     pub fn message_memory(&self, address: u64) -> Option<&[u8]> {
         self.memory.get(&address).map(|v| v.as_slice())
+    }
+
+    /// Message memory added at exactly `address`, to change in place.
+    pub fn message_memory_mut(&mut self, address: u64) -> Option<&mut [u8]> {
+        self.memory.get_mut(&address).map(|v| v.as_mut_slice())
     }
 
     /// Sends raw bytes with fds.
@@ -207,8 +236,23 @@ impl Client {
         Ok(id)
     }
 
+    /// Sets how DMA requests are answered from now on.
+    pub fn set_dma_mode(&mut self, mode: DmaMode) {
+        self.dma_mode = mode;
+    }
+
+    /// DMA requests received and not answered yet ([`DmaMode::Defer`]).
+    pub fn deferred_dma(&self) -> usize {
+        self.deferred.len()
+    }
+
     /// Waits for the reply to message `id`, serving DMA requests meanwhile.
     pub fn wait(&mut self, id: u16, command: u16) -> Result<Message> {
+        if !matches!(self.dma_mode, DmaMode::Defer) {
+            for m in std::mem::take(&mut self.deferred) {
+                self.serve(m)?;
+            }
+        }
         loop {
             let m = self.recv()?;
             if !m.hdr.is_reply() {
@@ -238,6 +282,19 @@ impl Client {
     }
 
     fn serve(&mut self, m: Message) -> Result<()> {
+        match self.dma_mode {
+            DmaMode::Answer => {}
+            DmaMode::Delay(d) => std::thread::sleep(d),
+            DmaMode::Defer => {
+                self.deferred.push(m);
+                return Ok(());
+            }
+            DmaMode::Ignore => return Ok(()),
+            DmaMode::Refuse(e) => {
+                self.dma_requests += 1;
+                return self.send_raw(m.hdr.error_reply(e).as_bytes(), &[]);
+            }
+        }
         self.dma_requests += 1;
         let rw: Option<proto::DmaRw> = proto::read(&m.payload);
         let res: std::result::Result<Vec<u8>, i32> = match (m.hdr.command, rw) {

@@ -315,8 +315,8 @@ struct Waiter {
 struct PortState {
     waiting: HashMap<u16, Waiter>,
     /// Requests given up (cancelled or timed out) whose replies may still
-    /// come, with the DMA_READ bytes each is owed.
-    abandoned: HashMap<u16, usize>,
+    /// come, with the DMA_READ bytes each is owed and when it was given up.
+    abandoned: HashMap<u16, (usize, Instant)>,
     /// DMA_READ reply bytes the client owes: waiting and abandoned reads.
     owed: usize,
     /// Fences up ([`Port::fence`]): accesses fail at once with
@@ -329,10 +329,24 @@ impl PortState {
     fn abandon(&mut self, id: u16, w: Waiter) {
         if self.abandoned.len() >= MAX_ABANDONED {
             // Replies this old will not come: forget what they owed.
-            let forgotten: usize = self.abandoned.drain().map(|(_, n)| n).sum();
+            let forgotten: usize = self.abandoned.drain().map(|(_, (n, _))| n).sum();
             self.owed -= forgotten;
         }
-        self.abandoned.insert(id, w.owed);
+        self.abandoned.insert(id, (w.owed, Instant::now()));
+    }
+
+    /// Forgets what requests given up longer than `after` ago were owed:
+    /// their replies are taken to be lost (a client that dropped them must
+    /// not hold later reads back for ever). A reply that still comes is
+    /// dropped.
+    fn expire(&mut self, after: Duration) {
+        let mut forgotten = 0;
+        for (n, at) in self.abandoned.values_mut() {
+            if at.elapsed() >= after {
+                forgotten += std::mem::take(n);
+            }
+        }
+        self.owed -= forgotten;
     }
 }
 
@@ -407,7 +421,7 @@ impl Port {
             let _ = w.tx.send(m);
             return true;
         }
-        if let Some(n) = st.abandoned.remove(&id) {
+        if let Some((n, _)) = st.abandoned.remove(&id) {
             st.owed -= n;
             drop(st);
             self.changed.notify_all();
@@ -483,6 +497,7 @@ impl Port {
                 if st.fences > 0 {
                     return Err(failure(libc::ECANCELED, "given up: the device is being quiesced".into()));
                 }
+                st.expire(self.timeout);
                 if st.owed + owed <= DMA_READ_CHUNK.max(owed) {
                     break;
                 }
@@ -493,7 +508,8 @@ impl Port {
                         format!("the client still owes {} bytes of DMA_READ replies after {:?}", st.owed, self.timeout),
                     ));
                 }
-                st = sync::wait_timeout(&self.changed, st, left);
+                // Woken by replies; every 50 ms, replies given up on expire.
+                st = sync::wait_timeout(&self.changed, st, left.min(Duration::from_millis(50)));
             }
             st.owed += owed;
             st.waiting.insert(id, Waiter { tx, owed });
@@ -515,9 +531,13 @@ impl Port {
             Err(RecvTimeoutError::Timeout) => {
                 let mut st = sync::lock(&self.state);
                 if let Some(w) = st.waiting.remove(&id) {
-                    st.abandon(id, w);
+                    // Waited for long enough: its reply is taken to be
+                    // lost, and later reads do not wait for it.
+                    st.owed -= w.owed;
+                    st.abandon(id, Waiter { owed: 0, ..w });
                 }
                 drop(st);
+                self.changed.notify_all();
                 tracing::warn!(
                     "{} (message {id:#x}) got no reply from the client in {:?}; the device sees a DMA error",
                     cmd::name(command),

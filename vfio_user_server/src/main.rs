@@ -58,6 +58,11 @@ struct Args {
     /// docs/vfio-user.md.
     #[arg(long)]
     no_msix: bool,
+    /// How long device DMA to client memory (guest RAM without an fd,
+    /// reached with DMA_READ/DMA_WRITE) waits for the client's reply before
+    /// the access fails (the descriptor faults).
+    #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    dma_timeout_ms: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -96,7 +101,14 @@ fn run() -> anyhow::Result<()> {
     };
     let core = args.core.unwrap_or_else(iommu_core::server::default_socket_path);
     let pasid_policy = if args.pasid_alloc == "per-rid" { PasidPolicy::PerRid } else { PasidPolicy::Global };
-    let opts = Options { listen, core, pci_address: args.pci_address, pasid_policy, allow_uids: args.allow_uid };
+    let opts = Options {
+        listen,
+        core,
+        pci_address: args.pci_address,
+        pasid_policy,
+        allow_uids: args.allow_uid,
+        dma_timeout: std::time::Duration::from_millis(args.dma_timeout_ms),
+    };
     let mut server = Server::new(device, opts)?;
     server.handle_signals()?;
     tracing::info!("serving {}", args.device);

@@ -81,6 +81,9 @@ pub struct Options {
     /// Users besides the server's own user and root whose processes may
     /// connect (for a VMM running as another user).
     pub allow_uids: Vec<u32>,
+    /// How long the device's DMA to client memory (DMA_READ/DMA_WRITE)
+    /// waits for the client's reply before it fails with `ETIMEDOUT`.
+    pub dma_timeout: std::time::Duration,
 }
 
 impl Options {
@@ -93,6 +96,7 @@ impl Options {
             pci_address: "0000:00:04.0".into(),
             pasid_policy: PasidPolicy::default(),
             allow_uids: Vec::new(),
+            dma_timeout: crate::conn::DMA_REPLY_TIMEOUT,
         }
     }
 }
@@ -131,6 +135,7 @@ pub struct Server {
     backlog: Arc<Backlog>,
     owner_uid: u32,
     allow_uids: Vec<u32>,
+    dma_timeout: std::time::Duration,
 }
 
 fn bind_path(path: &Path, mode: u32) -> Result<UnixListener, Error> {
@@ -220,6 +225,7 @@ impl Server {
             backlog,
             owner_uid: nix::unistd::geteuid().as_raw(),
             allow_uids: opts.allow_uids,
+            dma_timeout: opts.dma_timeout,
         })
     }
 
@@ -250,7 +256,7 @@ impl Server {
     fn connect(&mut self, stream: UnixStream) -> Result<(), Error> {
         let fd: OwnedFd = stream.as_fd().try_clone_to_owned().map_err(Error::Poll)?;
         let writer = Arc::new(Writer::new(fd));
-        let port = Port::new(writer.clone());
+        let port = Port::with_timeout(writer.clone(), self.dma_timeout);
         let mut stream = stream;
         self.poll.registry().register(&mut stream, CONN, Interest::READABLE).map_err(Error::Poll)?;
         // Fresh ioeventfds per client: a departed client keeps its copies,
