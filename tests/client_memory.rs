@@ -362,3 +362,42 @@ fn commands_are_answered_while_the_device_waits_for_the_client() {
     assert_eq!(e2.run(copy(S, D, len)).status, status::SUCCESS);
     assert!(e2.dest(len) == &want[..]);
 }
+
+/// A client that offers the twin socket gets one with the VERSION reply,
+/// and the server's DMA_READ/DMA_WRITE requests come there, never on the
+/// main socket; a client that does not offer it gets none.
+#[test]
+fn the_twin_socket_carries_the_servers_requests_when_the_client_offers_it() {
+    let mut st = Stack::new("client-mem-twin");
+    let sock = st.server("dma-engine", "twin");
+    let mut caps = vfio_user_server::client::default_caps();
+    caps["capabilities"]["twin_socket"] = serde_json::json!({ "supported": true });
+    let c = Client::connect_with(&sock, 0, &caps).unwrap();
+    assert!(c.has_twin());
+    assert_eq!(c.server_version.2["capabilities"]["twin_socket"]["fd_index"], 0);
+    drop(c);
+    let e = Eng::new(&sock, true);
+    assert!(!e.c.has_twin(), "a twin socket nobody asked for");
+    drop(e);
+
+    let c = Client::connect_with(&sock, 0, &caps).unwrap();
+    let mut e = Eng { c, ring: Ring::Client, tail: 0 };
+    e.c.add_message_memory(RING_AT, vec![0; RING_BYTES]);
+    e.c.dma_map(RW, 0, RING_AT, RING_BYTES as u64, None).unwrap();
+    for at in [S, D] {
+        e.c.add_message_memory(at, vec![0; BUF]);
+        e.c.dma_map(RW, 0, at, BUF as u64, None).unwrap();
+    }
+    e.c.enable_function().unwrap();
+    e.w32(regs::CTRL, 1);
+    e.c.region_write(0, regs::QUEUE + regs::Q_RING_BASE, &RING_AT.to_le_bytes()).unwrap();
+    e.w32(regs::QUEUE + regs::Q_RING_SIZE, RING);
+    e.enable_queue();
+    let len = (1 << 20) + 13;
+    let want = e.fill_source(len, 7);
+    let r = e.run(copy(S, D, len));
+    assert_eq!(r.status, status::SUCCESS, "{r:?}");
+    assert!(e.dest(len) == &want[..]);
+    assert!(e.c.twin_requests > 16);
+    assert_eq!(e.c.twin_requests, e.c.dma_requests, "a request came on the main socket");
+}

@@ -100,8 +100,14 @@ pub struct Client {
     memory: BTreeMap<u64, Vec<u8>>,
     /// Server-to-client requests served.
     pub dma_requests: u64,
+    /// Of those, the ones that came on the twin socket.
+    pub twin_requests: u64,
     dma_mode: DmaMode,
-    deferred: Vec<Message>,
+    /// Requests held back by [`DmaMode::Defer`], with whether they came on
+    /// the twin socket.
+    deferred: Vec<(Message, bool)>,
+    /// The twin socket, if the server gave one: its requests come there.
+    twin: Option<UnixStream>,
 }
 
 /// The capabilities this client proposes.
@@ -136,7 +142,15 @@ impl Client {
         let v: proto::Version = proto::read(&r.payload).ok_or_else(|| Error::Protocol("short VERSION".into()))?;
         let json = &r.payload[4..];
         let end = json.iter().position(|&b| b == 0).ok_or_else(|| Error::Protocol("JSON not NUL-terminated".into()))?;
-        let val = serde_json::from_slice(&json[..end]).map_err(|e| Error::Protocol(format!("VERSION JSON: {e}")))?;
+        let val: serde_json::Value =
+            serde_json::from_slice(&json[..end]).map_err(|e| Error::Protocol(format!("VERSION JSON: {e}")))?;
+        let twin = val["capabilities"]["twin_socket"]["fd_index"].as_u64();
+        let mut fds = r.fds;
+        if let Some(i) = twin {
+            let i = usize::try_from(i).ok().filter(|&i| i < fds.len());
+            let fd = i.map(|i| fds.swap_remove(i)).ok_or_else(|| Error::Protocol("twin_socket fd missing".into()))?;
+            c.twin = Some(UnixStream::from(fd));
+        }
         c.server_version = (v.major, v.minor, val);
         Ok(c)
     }
@@ -150,8 +164,10 @@ impl Client {
             server_version: (0, 0, serde_json::Value::Null),
             memory: BTreeMap::new(),
             dma_requests: 0,
+            twin_requests: 0,
             dma_mode: DmaMode::Answer,
             deferred: Vec::new(),
+            twin: None,
         }
     }
 
@@ -177,13 +193,30 @@ impl Client {
 
     /// Sends raw bytes with fds.
     pub fn send_raw(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
+        self.send_on(false, bytes, fds)
+    }
+
+    /// Whether the server gave a twin socket for its requests.
+    pub fn has_twin(&self) -> bool {
+        self.twin.is_some()
+    }
+
+    fn sock(&self, twin: bool) -> &UnixStream {
+        match (&self.twin, twin) {
+            (Some(t), true) => t,
+            _ => &self.sock,
+        }
+    }
+
+    fn send_on(&self, twin: bool, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
+        let sock = self.sock(twin);
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let mut off = 0;
         while off < bytes.len() {
             let iov = [IoSlice::new(&bytes[off..])];
             let cm = [ControlMessage::ScmRights(&raw)];
             let cms: &[ControlMessage] = if off == 0 && !raw.is_empty() { &cm } else { &[] };
-            off += sendmsg::<()>(self.sock.as_raw_fd(), &iov, cms, MsgFlags::MSG_NOSIGNAL, None)
+            off += sendmsg::<()>(sock.as_raw_fd(), &iov, cms, MsgFlags::MSG_NOSIGNAL, None)
                 .map_err(|e| Error::Io(e.into()))?;
         }
         Ok(())
@@ -192,10 +225,11 @@ impl Client {
     /// Most fds the client takes with one message.
     pub const MAX_FDS: usize = 32;
 
-    fn recv_exact(&mut self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<()> {
+    fn recv_exact(&self, twin: bool, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<()> {
+        let sock = self.sock(twin);
         let mut got = 0;
         while got < buf.len() {
-            let r = iommu_core::scm::recv(self.sock.as_fd(), &mut buf[got..], Self::MAX_FDS)?;
+            let r = iommu_core::scm::recv(sock.as_fd(), &mut buf[got..], Self::MAX_FDS)?;
             // Every fd that arrived is owned (and closed with `fds` on error).
             fds.extend(r.fds);
             if r.truncated || fds.len() > Self::MAX_FDS {
@@ -211,16 +245,20 @@ impl Client {
 
     /// Receives one message.
     pub fn recv(&mut self) -> Result<Message> {
+        self.recv_on(false)
+    }
+
+    fn recv_on(&self, twin: bool) -> Result<Message> {
         let mut fds = Vec::new();
         let mut h = [0u8; HEADER_SIZE];
-        self.recv_exact(&mut h, &mut fds)?;
+        self.recv_exact(twin, &mut h, &mut fds)?;
         let hdr: Header = proto::read(&h).ok_or_else(|| Error::Protocol("short header".into()))?;
         let size = hdr.msg_size as usize;
         if !(HEADER_SIZE..=(64 << 20)).contains(&size) {
             return Err(Error::Protocol(format!("message size {size}")));
         }
         let mut payload = vec![0u8; size - HEADER_SIZE];
-        self.recv_exact(&mut payload, &mut fds)?;
+        self.recv_exact(twin, &mut payload, &mut fds)?;
         Ok(Message { hdr, payload, fds })
     }
 
@@ -249,14 +287,23 @@ impl Client {
     /// Waits for the reply to message `id`, serving DMA requests meanwhile.
     pub fn wait(&mut self, id: u16, command: u16) -> Result<Message> {
         if !matches!(self.dma_mode, DmaMode::Defer) {
-            for m in std::mem::take(&mut self.deferred) {
-                self.serve(m)?;
+            for (m, twin) in std::mem::take(&mut self.deferred) {
+                self.serve(m, twin)?;
             }
         }
         loop {
+            if self.twin.is_some() && self.twin_first()? {
+                let m = self.recv_on(true)?;
+                if m.hdr.is_reply() {
+                    return Err(Error::Protocol("a reply on the twin socket".into()));
+                }
+                self.twin_requests += 1;
+                self.serve(m, true)?;
+                continue;
+            }
             let m = self.recv()?;
             if !m.hdr.is_reply() {
-                self.serve(m)?;
+                self.serve(m, false)?;
                 continue;
             }
             if m.hdr.msg_id != id {
@@ -281,18 +328,33 @@ impl Client {
         self.wait(id, command)
     }
 
-    fn serve(&mut self, m: Message) -> Result<()> {
+    /// Waits until the main or the twin socket has a message; true if
+    /// the twin socket has one.
+    fn twin_first(&self) -> Result<bool> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let Some(t) = &self.twin else { return Ok(false) };
+        let mut p = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN), PollFd::new(t.as_fd(), PollFlags::POLLIN)];
+        let n = poll(&mut p, PollTimeout::from(30_000u16)).map_err(|e| Error::Io(e.into()))?;
+        if n == 0 {
+            return Err(Error::Io(std::io::ErrorKind::TimedOut.into()));
+        }
+        // The main socket first: replies end the wait.
+        let main = p[0].revents().is_some_and(|r| !r.is_empty());
+        Ok(!main)
+    }
+
+    fn serve(&mut self, m: Message, twin: bool) -> Result<()> {
         match self.dma_mode {
             DmaMode::Answer => {}
             DmaMode::Delay(d) => std::thread::sleep(d),
             DmaMode::Defer => {
-                self.deferred.push(m);
+                self.deferred.push((m, twin));
                 return Ok(());
             }
             DmaMode::Ignore => return Ok(()),
             DmaMode::Refuse(e) => {
                 self.dma_requests += 1;
-                return self.send_raw(m.hdr.error_reply(e).as_bytes(), &[]);
+                return self.send_on(twin, m.hdr.error_reply(e).as_bytes(), &[]);
             }
         }
         self.dma_requests += 1;
@@ -323,7 +385,7 @@ impl Client {
             Ok(p) => [m.hdr.reply(p.len()).as_bytes(), &p].concat(),
             Err(e) => m.hdr.error_reply(e).as_bytes().to_vec(),
         };
-        self.send_raw(&bytes, &[])
+        self.send_on(twin, &bytes, &[])
     }
 
     fn mem_range(&self, addr: u64, count: u64) -> std::result::Result<(u64, usize, usize), i32> {

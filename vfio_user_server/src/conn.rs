@@ -371,8 +371,16 @@ impl PortState {
 /// waiting for a reply (`ECANCELED`; a reply that comes later is dropped)
 /// and fails new ones at once until [`Port::unfence`]. A DMA_WRITE already
 /// sent may still be applied by the client after the fence.
+///
+/// **Twin socket.** When the client offered the `twin_socket` capability,
+/// requests and their replies use a socket pair of their own
+/// ([`Port::use_twin`]), so they never queue behind the client's commands
+/// and our replies on the main socket.
 pub struct Port {
-    writer: Arc<Writer>,
+    /// The main socket's writer.
+    main: Arc<Writer>,
+    /// Where requests go: the main socket, or the twin socket.
+    out: std::sync::RwLock<Arc<Writer>>,
     state: Mutex<PortState>,
     changed: Condvar,
     next_id: AtomicU16,
@@ -394,7 +402,8 @@ impl Port {
     /// A port whose requests wait `timeout` for a reply.
     pub fn with_timeout(writer: Arc<Writer>, timeout: Duration) -> Arc<Port> {
         Arc::new(Port {
-            writer,
+            main: writer.clone(),
+            out: std::sync::RwLock::new(writer),
             state: Mutex::new(PortState::default()),
             changed: Condvar::new(),
             next_id: AtomicU16::new(0x8000),
@@ -442,7 +451,23 @@ impl Port {
             st.owed = 0;
         }
         self.changed.notify_all();
-        self.writer.kill();
+        self.main.kill();
+        // The twin socket's reader sees the end and stops.
+        sync::read(&self.out).kill();
+    }
+
+    /// Sends requests on `sock` (the server's end of the twin socket pair,
+    /// whose other end went to the client with the VERSION reply) and
+    /// receives their replies there, on a thread of its own.
+    pub fn use_twin(self: &Arc<Self>, sock: OwnedFd) -> std::io::Result<()> {
+        let flags = nix::fcntl::fcntl(sock.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(sock.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        let read_end = sock.try_clone()?;
+        let port = Arc::downgrade(self);
+        std::thread::Builder::new().name("vfio-user-twin".into()).spawn(move || twin_replies(&read_end, &port))?;
+        *sync::write(&self.out) = Arc::new(Writer::new(sock));
+        Ok(())
     }
 
     /// Gives up every access waiting for the client (`ECANCELED`) and
@@ -518,7 +543,8 @@ impl Port {
         let hdr = Header::command(id, command, len);
         let mut all: Vec<&[u8]> = vec![hdr.as_bytes()];
         all.extend_from_slice(parts);
-        if let Err(e) = self.writer.send(&all, &[]) {
+        let out = sync::read(&self.out).clone();
+        if let Err(e) = out.send(&all, &[]) {
             let mut st = sync::lock(&self.state);
             if let Some(w) = st.waiting.remove(&id) {
                 st.owed -= w.owed;
@@ -559,6 +585,54 @@ impl Port {
             return Err(failure(e, format!("{} refused by the client: errno {e}", cmd::name(command))));
         }
         Ok(m)
+    }
+}
+
+/// Replies on the twin socket, handed to `port` until the socket ends or
+/// the port goes away.
+fn twin_replies(sock: &OwnedFd, port: &std::sync::Weak<Port>) {
+    // A DMA_READ reply holds at most DMA_READ_CHUNK bytes of data.
+    let mut reader = MsgReader::new(DMA_READ_CHUNK + 64);
+    loop {
+        let mut p = [nix::poll::PollFd::new(sock.as_fd(), nix::poll::PollFlags::POLLIN)];
+        match nix::poll::poll(&mut p, nix::poll::PollTimeout::from(200u16)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                tracing::warn!("twin socket: {e}; no more replies are read from it");
+                return;
+            }
+        }
+        let Some(port) = port.upgrade() else { return };
+        match reader.fill(sock.as_fd()) {
+            Ok(Fill::Eof) => return,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("twin socket: {e}; closing the client connection");
+                port.close();
+                return;
+            }
+        }
+        loop {
+            match reader.next_msg() {
+                Ok(Some(m)) if m.hdr.is_reply() => {
+                    if !port.deliver(m) {
+                        tracing::debug!("a reply nobody waits for was dropped (twin socket)");
+                    }
+                }
+                Ok(Some(m)) => {
+                    tracing::warn!(
+                        "the client sent {} on the twin socket, which carries only our requests' replies; ignored",
+                        cmd::name(m.hdr.command)
+                    );
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("twin socket: {e}; closing the client connection");
+                    port.close();
+                    return;
+                }
+            }
+        }
     }
 }
 

@@ -451,6 +451,18 @@ impl Worker {
             // Tiny transfer sizes would turn one DMA into millions of messages.
             port.set_max_xfer(usize::try_from(client_xfer.clamp(4096, MAX_XFER as u64)).unwrap_or(MAX_XFER));
         }
+        // Twin socket: our requests and their replies get a socket pair of
+        // their own; the client's end goes with this reply.
+        let mut fds = Vec::new();
+        let twin = client_caps.get("twin_socket").and_then(|t| t.get("supported")).and_then(|v| v.as_bool());
+        if twin == Some(true) {
+            if let Some(port) = &self.port {
+                let pair = std::os::unix::net::UnixStream::pair().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+                port.use_twin(OwnedFd::from(pair.0)).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+                fds.push(Arc::new(std::fs::File::from(OwnedFd::from(pair.1))));
+                caps.insert("twin_socket".into(), serde_json::json!({ "supported": true, "fd_index": 0 }));
+            }
+        }
         tracing::info!(
             "client speaks vfio-user {}.{} (max_msg_fds {client_fds}, max_data_xfer_size {client_xfer}); replying 0.{}",
             v.major,
@@ -462,7 +474,7 @@ impl Worker {
         let mut out = proto::Version { major: 0, minor: v.minor.min(MINOR) }.as_bytes().to_vec();
         out.extend_from_slice(body.as_bytes());
         out.push(0);
-        Ok((out, Vec::new()))
+        Ok((out, fds))
     }
 
     fn dma_map(&mut self, p: &[u8], mut fds: Vec<OwnedFd>) -> Res {
