@@ -661,15 +661,7 @@ impl Core {
         self.insert_object(
             sid,
             id,
-            Object::Memory(MemObj {
-                backing: Backing::File(file),
-                size,
-                sealed,
-                writable,
-                sys_base,
-                sys_len,
-                refs: 0,
-            }),
+            Object::Memory(MemObj { backing: Backing::File(file), size, sealed, writable, sys_base, sys_len, refs: 0 }),
         )?;
         if !sealed {
             tracing::warn!(session = sid, id, "memory object cannot be sealed; devices must access it without mmap");

@@ -423,16 +423,10 @@ pub struct Bound {
 enum MapKind {
     /// Mapped in the compat IOAS of connection `generation` (if that
     /// connection is the current one, the core holds the mapping).
-    Fd {
-        key: FileKey,
-        generation: u64,
-    },
+    Fd { key: FileKey, generation: u64 },
     /// Client memory (no fd): memory object `mem` of the compat session
     /// of connection `generation`, mapped there.
-    Client {
-        mem: u32,
-        generation: u64,
-    },
+    Client { mem: u32, generation: u64 },
 }
 
 struct ClientMap {
