@@ -74,9 +74,9 @@
 #       /tmp/ioasid-qemu-e2e.*). IOASID_QEMU_KVM=1  use KVM.
 #   IOASID_E2E_RATE=N64K,N1M  the rate workload of `engine-test sizes`
 #       (default 4096,512 copies of 64 KiB and of 1 MiB).
-#   IOASID_E2E_BACKTRACES=1  when a copy of the default-RAM guest does not
-#       complete, gdb backtraces of the server's and QEMU's threads (and the
-#       server threads' wchan) go to the kept log directory.
+#   IOASID_E2E_BACKTRACES=1  each time (at most 3) the default-RAM guest's
+#       `sizes` prints nothing for 4 s, gdb backtraces of the server's and QEMU's threads
+#       (and the server threads' wchan) go to the kept log directory.
 #   IOASID_QEMU_DEVPROPS='"x-msg-timeout":12000'  more JSON properties of
 #       stage 2's vfio-user-pci devices. IOASID_QEMU_TRACE=PATTERN  enable
 #       QEMU trace events in stage 2 (on QEMU's stderr: the memfd guest's log,
@@ -536,11 +536,12 @@ sizes_problems() {
 # them); the server's compat IOAS must list the guest's RAM while the guest
 # runs. The guest powers off; QEMU must exit 0 and leave nothing mapped.
 # Every problem is gathered and the run fails at the end with all of them.
-# IOASID_E2E_BACKTRACES=1: on a guest copy that does not complete, gdb
-# backtraces of the server's and QEMU's threads go to the log directory
-# (kept).
+# IOASID_E2E_BACKTRACES=1: each time the guest prints nothing for 4 s
+# during `sizes` (a stall, or a slow workload), gdb backtraces of the
+# server's and QEMU's threads go to the log directory (kept), three times
+# at most.
 default_ram_run() {
-    local t_start t_pass="" t_sizes="" server5 qpid5 problems=() line outcome="" captured=""
+    local t_start t_pass="" t_sizes="" server5 qpid5 problems=() line outcome="" captured=0 size=0 quiet=0
     t_start=$(ms)
     build_initrd
     "$bin"/vfio-user-server dma-engine --socket-path "$work/dev5.sock" --core "$work/core.sock" 2>"$work/dev5.log" &
@@ -560,13 +561,14 @@ default_ram_run() {
     # `sizes`: at most 240 s (tens of seconds when all goes well).
     for _ in $(seq 2400); do
         if grep -aqE "ENGINE-TEST SIZE (PASS|FAIL)" "$work/guest5.log"; then outcome=done; break; fi
-        if [ "${IOASID_E2E_BACKTRACES:-0}" = 1 ] && [ -z "$captured" ] && grep -aq "NO COMPLETION" "$work/guest5.log"; then
-            captured=yes
+        if [ "$(stat -c %s "$work/guest5.log")" = "$size" ]; then quiet=$((quiet + 1)); else quiet=0; size=$(stat -c %s "$work/guest5.log"); fi
+        if [ "${IOASID_E2E_BACKTRACES:-0}" = 1 ] && [ "$quiet" = 40 ] && [ "$captured" -lt 3 ]; then
+            captured=$((captured + 1))
             IOASID_E2E_KEEP=1
-            gdb -p "$server5" -batch -ex 'thread apply all bt' >"$work/server-bt.txt" 2>&1 || true
-            for t in /proc/$server5/task/*; do echo "${t##*/} $(cat "$t/comm") wchan=$(cat "$t/wchan")"; done >"$work/server-wchan.txt"
-            gdb -p "$qpid5" -batch -ex 'thread apply all bt' >"$work/qemu-bt.txt" 2>&1 || true
-            say "default RAM: a guest copy did not complete; backtraces in $work/server-bt.txt and $work/qemu-bt.txt"
+            gdb -p "$server5" -batch -ex 'thread apply all bt' >"$work/server-bt-$captured.txt" 2>&1 || true
+            for t in /proc/$server5/task/*; do echo "${t##*/} $(cat "$t/comm") wchan=$(cat "$t/wchan")"; done >"$work/server-wchan-$captured.txt"
+            gdb -p "$qpid5" -batch -ex 'thread apply all bt' >"$work/qemu-bt-$captured.txt" 2>&1 || true
+            say "default RAM: the guest has printed nothing for 4 s after: $(tr -d '\r' <"$work/guest5.log" | grep -a "ENGINE-TEST" | tail -n 1 | sed 's/^.*ENGINE-TEST //'); backtraces in $work/{server,qemu}-bt-$captured.txt"
         fi
         kill -0 "$qpid5" 2>/dev/null || { outcome="QEMU exited"; break; }
         sleep 0.1
