@@ -5,14 +5,24 @@
 #      BARs, the core's compat IOAS holds QEMU's guest-RAM mappings, a
 #      system reset goes through, QEMU's exit leaves nothing mapped.
 #   2. A Linux guest (Debian's kernel, busybox, and scripts/guest/engine-test.c
-#      built static) finds the device in sysfs, maps its BARs, and runs
-#      copies, fills, compares and CRC-32C by RID DMA, checking each; then a
-#      reset (reboot) and the same again; then a boot that, after the same
+#      built static) on shared memfd RAM finds the device in sysfs, maps its
+#      BARs, and runs copies, fills, compares and CRC-32C by RID DMA,
+#      checking each; then `engine-test sizes`: single copies of 4 KiB up to
+#      the device's largest (16 MiB), copies per second of 64 KiB and 1 MiB
+#      ("ENGINE-TEST RATE"), 4 MiB on four queues at once, queue disables
+#      during copies and a copy after them; then a reset (reboot) and the
+#      first checks again; then a boot that, after the same
 #      checks, keeps copying while iommu-core is killed (SIGKILL) and a new
 #      one started on the same socket: the device server reconnects and
 #      rebuilds its compat IOAS from QEMU's DMA table, and the guest's
 #      copies work again with nothing done by QEMU (scripts/guest/engine-test.c
-#      says what the guest sees meanwhile); then poweroff.
+#      says what the guest sees meanwhile); then poweroff. Then the same
+#      checks and `sizes` on QEMU's default RAM (no memory backend: QEMU's
+#      DMA_MAPs carry no fd and the server reaches guest memory with
+#      DMA_READ/DMA_WRITE messages), with its own server on the same core;
+#      while that guest runs, ioasidctl status must list its RAM in the
+#      server's compat IOAS; it powers off. The final PASS line gives both
+#      runs' copies/s.
 #   3. Hot-plug: a guest on q35 with a PCIe root port, an emulated VT-d
 #      and a QMP socket. The VT-d gives the guest's vfio-pci an IOMMU group
 #      (Debian's kernel has no VFIO_NOIOMMU) and interrupt remapping (x86
@@ -58,14 +68,29 @@
 #       hot-plugs: the root port's native PCIe hot-plug (pciehp; the
 #       default, with its 5 s attention-button wait per removal) or QEMU's
 #       ACPI hot-plug (acpiphp; q35's own default).
-#   IOASID_E2E_ONLY=hotplug  run only stage 3. IOASID_E2E_KEEP=1  keep the
-#       logs (in /tmp/ioasid-qemu-e2e.*). IOASID_QEMU_KVM=1  use KVM.
+#   IOASID_E2E_ONLY=hotplug  run only stage 3; IOASID_E2E_ONLY=default-ram
+#       only stage 2's default-RAM run (a quick reproduction of the message
+#       DMA path). IOASID_E2E_KEEP=1  keep the logs (in
+#       /tmp/ioasid-qemu-e2e.*). IOASID_QEMU_KVM=1  use KVM.
+#   IOASID_E2E_RATE=N64K,N1M  the rate workload of `engine-test sizes`
+#       (default 4096,512 copies of 64 KiB and of 1 MiB).
+#   IOASID_E2E_BACKTRACES=1  each time (at most 3) the default-RAM guest's
+#       `sizes` prints nothing for 4 s, gdb backtraces of the server's and QEMU's threads
+#       (and the server threads' wchan) go to the kept log directory.
+#   IOASID_QEMU_DEVPROPS='"x-msg-timeout":12000'  more JSON properties of
+#       stage 2's vfio-user-pci devices. IOASID_QEMU_TRACE=PATTERN  enable
+#       QEMU trace events in stage 2 (on QEMU's stderr: the memfd guest's log,
+#       or qemu5.err for the default-RAM guest). RUST_LOG=debug  the
+#       servers' log level (their logs: dev*.log).
 #
 # Bookworm's QEMU (7.2) has no vfio-user client, so the script makes a
 # Debian trixie root with debootstrap and installs QEMU from trixie-backports
 # into it, all from Debian's archive, cached in $IOASID_QEMU_CACHE (default
 # /var/cache/ioasid-qemu) so that a second run skips the downloads. QEMU runs
 # from that root through the root's own loader, without a chroot.
+#
+# The binaries come from $CARGO_TARGET_DIR/release (target/release without
+# it), built by the script's own `cargo build --release`.
 #
 # Usage: scripts/qemu-e2e.sh            (as root; prints PASS or FAIL)
 set -euo pipefail
@@ -122,9 +147,10 @@ fi
 version=$( (qemu --version) | head -n 1)
 say "$version${IOASID_QEMU:+ ($IOASID_QEMU)}"
 only=${IOASID_E2E_ONLY:-}
-case "$only" in "" | hotplug) ;; *) fail "IOASID_E2E_ONLY=$only: the only stage that runs alone is hotplug" ;; esac
+case "$only" in "" | hotplug | default-ram) ;; *) fail "IOASID_E2E_ONLY=$only: the stages that run alone are hotplug and default-ram" ;; esac
 
 cargo build --release --locked --bins -p iommu_core -p vfio_user_server -p fuse_fs >/dev/null 2>&1 || fail "cargo build failed"
+bin=${CARGO_TARGET_DIR:-target}/release
 work=$(mktemp -d /tmp/ioasid-qemu-e2e.XXXXXX)
 pids=()
 cleanup() {
@@ -134,16 +160,35 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# After QEMU leaves, the server must unmap its guest RAM (within 5 s).
+# ioasidctl status, read whole before any grep: `status | grep -q` would
+# let grep end the pipe at its first match, ioasidctl fail writing the rest,
+# and pipefail count the check as failed.
+core_status() { "$bin"/ioasidctl --socket "$work/core.sock" status; }
+# Whether the compat IOAS of the server on socket $1 (its session in
+# ioasidctl status) holds a mapping ending at the top of a 512 MiB guest's
+# RAM (0x1fffffff).
+server_maps_guest_ram() {
+    local st
+    st=$(core_status) || return 1
+    awk -v sock="socket $1 " '
+        /^session / { if (s && m) found = 1; s = 0; m = 0 }
+        index($0, sock) { s = 1 }
+        /^ +0x[0-9a-f]+-0x1fffffff / { m = 1 }
+        END { if (s && m) found = 1; exit !found }' <<<"$st"
+}
+# After QEMU leaves, the server must unmap its guest RAM (within 5 s): no
+# session holds any mapping.
 no_guest_ram_left() {
+    local st
     for _ in $(seq 50); do
-        target/release/ioasidctl --socket "$work/core.sock" status | grep -q "0x100000-" || return 0
+        st=$(core_status)
+        grep -qE '^ +0x[0-9a-f]+-0x[0-9a-f]+ ' <<<"$st" || return 0
         sleep 0.1
     done
-    fail "guest RAM is still mapped after QEMU left"
+    fail "guest RAM is still mapped after QEMU left: $st"
 }
 
-target/release/iommu-core --socket "$work/core.sock" 2>"$work/core.log" &
+"$bin"/iommu-core --socket "$work/core.sock" 2>"$work/core.log" &
 core=$!
 pids+=($core)
 for _ in $(seq 100); do [ -S "$work/core.sock" ] && break; sleep 0.05; done
@@ -201,7 +246,11 @@ if grep -q ioasid_hotplug /proc/cmdline; then
     done
     echo "ENGINE-TEST MODULES: $(cat /modules/order | tr '\n' ' ')"
     /engine-test hotplug
-elif grep -q ioasid_restart /proc/cmdline; then /engine-test restart; else /engine-test; fi
+elif grep -q ioasid_restart /proc/cmdline; then /engine-test restart
+else
+    /engine-test
+    if grep -q ioasid_sizes /proc/cmdline; then /engine-test sizes; fi
+fi
 echo "ENGINE-TEST DONE"
 # Reboot (QEMU resets the machine and the device; the test runs again),
 # or power off when asked to.
@@ -323,7 +372,7 @@ hotplug_cycle() { # n, server socket, server log, cycles on this server so far, 
     # The guest's vfio-pci mapped its buffer at IOVA 0x1000000000 through
     # the emulated VT-d (QEMU passed the map on as DMA_MAP) and unmapped it
     # before reporting: the device must not reach it any more.
-    ioas=$(target/release/ioasidctl --socket "$work/core.sock" status)
+    ioas=$("$bin"/ioasidctl --socket "$work/core.sock" status)
     if grep -q -- " 0x1000000000-" <<<"$ioas"; then
         fail "hot-plug $n: the guest unmapped IOVA 0x1000000000 but the server's compat IOAS still maps it: $(grep -- " 0x1000000000-" <<<"$ioas")"
     fi
@@ -359,7 +408,7 @@ hotplug_stage() {
     local t_start server3 server4 msix_reason="" msix=${IOASID_QEMU_MSIX_UNPLUG:-}
     t_start=$(ms)
     build_initrd
-    target/release/vfio-user-server dma-engine --no-msix --socket-path "$work/dev3.sock" --core "$work/core.sock" 2>"$work/dev3.log" &
+    "$bin"/vfio-user-server dma-engine --no-msix --socket-path "$work/dev3.sock" --core "$work/core.sock" 2>"$work/dev3.log" &
     server3=$!
     pids+=($server3)
     for _ in $(seq 100); do [ -S "$work/dev3.sock" ] && break; sleep 0.05; done
@@ -376,7 +425,7 @@ hotplug_stage() {
         msix_reason="IOASID_QEMU_MSIX_UNPLUG=$msix"
     fi
     if [ "$msix" = 1 ]; then
-        target/release/vfio-user-server dma-engine --socket-path "$work/dev4.sock" --core "$work/core.sock" 2>"$work/dev4.log" &
+        "$bin"/vfio-user-server dma-engine --socket-path "$work/dev4.sock" --core "$work/core.sock" 2>"$work/dev4.log" &
         server4=$!
         pids+=($server4)
         for _ in $(seq 100); do [ -S "$work/dev4.sock" ] && break; sleep 0.05; done
@@ -439,13 +488,135 @@ hotplug_stage() {
     say "$hotplug_summary"
 }
 
+# Stage 2's QEMU: a 512 MiB guest on RAM $1 (memfd: a shared memfd, so
+# QEMU's DMA_MAPs carry fds; default: QEMU's own RAM, no fds, and the server
+# reaches it with DMA_READ/DMA_WRITE messages), the dma-engine on socket $2,
+# $3 added to the kernel command line. Runs in the foreground (exec).
+stage2_qemu() {
+    local ram=()
+    [ "$1" = memfd ] && ram=(-object memory-backend-memfd,id=mem,size=512M,share=on -machine memory-backend=mem)
+    qemu -machine q35,accel=$accel -m 512M "${ram[@]}" \
+        -device '{"driver":"vfio-user-pci"'"${IOASID_QEMU_DEVPROPS:+,$IOASID_QEMU_DEVPROPS}"',"socket":{"path":"'"$2"'","type":"unix"}}' \
+        ${IOASID_QEMU_TRACE:+-trace "$IOASID_QEMU_TRACE"} \
+        -kernel "$kernel" -initrd "$work/initrd.gz" -append "console=ttyS0 quiet panic=-1 $3" \
+        -nographic -monitor none
+}
+# `engine-test sizes` copies 4 KiB to 16 MiB (MAX_XFER) between two halves
+# of a run of 2 MiB huge pages (48 of them: 96 MiB), then the rate workload:
+# IOASID_E2E_RATE (N64K,N1M) copies of 64 KiB and of 1 MiB, 8 in flight.
+rate_counts=${IOASID_E2E_RATE:-4096,512}
+sizes_cmdline="ioasid_sizes hugepages=48 ioasid_rate=$rate_counts"
+# The guest's "ENGINE-TEST RATE <len> <copies/s> ..." figure for len $2 in log $1.
+rate_of() { tr -d '\r' <"$1" | awk -v len="$2" '$0 ~ "ENGINE-TEST RATE " len " [0-9]" { sub(/^.*ENGINE-TEST RATE /, ""); print $2; exit }'; }
+# Checks a `sizes` run in guest log $1 (what: $2): every size up to 16 MiB
+# copied with SUCCESS and matching contents, both rate figures, the four
+# queues, the queue disables and a copy after them, SIZE PASS. Prints the
+# problems, one a line; nothing when all is well.
+sizes_problems() {
+    local log=$1 len
+    for len in 4096 65536 262157 1048576 16777216; do
+        grep -aqE "ENGINE-TEST SIZE $len: status 1 in .* contents match" "$log" \
+            || echo "$2: no good copy of $len bytes: $(tr -d '\r' <"$log" | grep -a "ENGINE-TEST SIZE $len" | sed 's/^.*ENGINE-TEST //')"
+    done
+    for len in 65536 1048576; do
+        [ -n "$(rate_of "$log" $len)" ] || echo "$2: no copies/s figure for $len bytes: $(tr -d '\r' <"$log" | grep -a "ENGINE-TEST RATE $len" | sed 's/^.*ENGINE-TEST //')"
+    done
+    grep -aq "ENGINE-TEST SIZE PARALLEL:" "$log" || echo "$2: the copies on four queues at once did not finish"
+    grep -aq "ENGINE-TEST SIZE CTRL AFTER: a 4 KiB copy: status 1 " "$log" \
+        || echo "$2: the queue did not copy after the queue disables during copies"
+    grep -aq "ENGINE-TEST SIZE PASS" "$log" || echo "$2: no ENGINE-TEST SIZE PASS"
+}
+
+# Stage 2, default RAM: the same guest checks on QEMU's default RAM (no
+# memory backend: QEMU's DMA_MAPs carry no fd, and the server reaches the
+# guest's memory with DMA_READ and DMA_WRITE messages), on the core that is
+# running, with its own vfio-user-server: `engine-test` (copies, fill,
+# CRC-32C, compare), then `engine-test sizes` (4 KiB to 16 MiB, the rate
+# workload, four queues at once, queue disables during copies, a copy after
+# them); the server's compat IOAS must list the guest's RAM while the guest
+# runs. The guest powers off; QEMU must exit 0 and leave nothing mapped.
+# Every problem is gathered and the run fails at the end with all of them.
+# IOASID_E2E_BACKTRACES=1: each time the guest prints nothing for 4 s
+# during `sizes` (a stall, or a slow workload), gdb backtraces of the
+# server's and QEMU's threads go to the log directory (kept), three times
+# at most.
+default_ram_run() {
+    local t_start t_pass="" t_sizes="" server5 qpid5 problems=() line outcome="" captured=0 size=0 quiet=0
+    t_start=$(ms)
+    build_initrd
+    "$bin"/vfio-user-server dma-engine --socket-path "$work/dev5.sock" --core "$work/core.sock" 2>"$work/dev5.log" &
+    server5=$!
+    pids+=($server5)
+    for _ in $(seq 100); do [ -S "$work/dev5.sock" ] && break; sleep 0.05; done
+    [ -S "$work/dev5.sock" ] || fail "default RAM: vfio-user-server did not start: $(cat "$work/dev5.log")"
+    (stage2_qemu default "$work/dev5.sock" "$sizes_cmdline ioasid_poweroff" >"$work/guest5.log" 2>"$work/qemu5.err") &
+    qpid5=$!
+    pids+=($qpid5)
+    wait_guest "$work/guest5.log" "ENGINE-TEST PASS" 300 "$qpid5" \
+        || fail "default RAM: the guest's checks did not pass: $(tail -n 20 "$work/guest5.log"; tail -n 5 "$work/qemu5.err")"
+    t_pass=$(ms)
+    # While the guest runs: its RAM in the server's compat IOAS.
+    server_maps_guest_ram "$work/dev5.sock" \
+        || problems+=("ioasidctl status does not list the guest's RAM in the server's compat IOAS while the guest runs: $(core_status | tr '\n' '|')")
+    # `sizes`: at most 240 s (tens of seconds when all goes well).
+    for _ in $(seq 2400); do
+        if grep -aqE "ENGINE-TEST SIZE (PASS|FAIL)" "$work/guest5.log"; then outcome=done; break; fi
+        if [ "$(stat -c %s "$work/guest5.log")" = "$size" ]; then quiet=$((quiet + 1)); else quiet=0; size=$(stat -c %s "$work/guest5.log"); fi
+        if [ "${IOASID_E2E_BACKTRACES:-0}" = 1 ] && [ "$quiet" = 40 ] && [ "$captured" -lt 3 ]; then
+            captured=$((captured + 1))
+            IOASID_E2E_KEEP=1
+            gdb -p "$server5" -batch -ex 'thread apply all bt' >"$work/server-bt-$captured.txt" 2>&1 || true
+            for t in /proc/$server5/task/*; do echo "${t##*/} $(cat "$t/comm") wchan=$(cat "$t/wchan")"; done >"$work/server-wchan-$captured.txt"
+            gdb -p "$qpid5" -batch -ex 'thread apply all bt' >"$work/qemu-bt-$captured.txt" 2>&1 || true
+            say "default RAM: the guest has printed nothing for 4 s after: $(tr -d '\r' <"$work/guest5.log" | grep -a "ENGINE-TEST" | tail -n 1 | sed 's/^.*ENGINE-TEST //'); backtraces in $work/{server,qemu}-bt-$captured.txt"
+        fi
+        kill -0 "$qpid5" 2>/dev/null || { outcome="QEMU exited"; break; }
+        sleep 0.1
+    done
+    t_sizes=$(ms)
+    tr -d '\r' <"$work/guest5.log" | grep -a "ENGINE-TEST" | sed 's/^.*ENGINE-TEST/qemu-e2e: default RAM: guest: ENGINE-TEST/'
+    [ -n "$outcome" ] || problems+=("engine-test sizes did not finish within 240 s: $(tr -d '\r' <"$work/guest5.log" | grep -a "ENGINE-TEST" | tail -n 1)")
+    while IFS= read -r line; do [ -n "$line" ] && problems+=("$line"); done < <(sizes_problems "$work/guest5.log" "sizes")
+    # The guest powers off: QEMU exits by itself, with status 0.
+    if [ "$outcome" = done ]; then
+        for _ in $(seq 600); do kill -0 "$qpid5" 2>/dev/null || break; sleep 0.1; done
+    fi
+    if kill -0 "$qpid5" 2>/dev/null; then
+        problems+=("QEMU did not exit after the guest's run (killed)")
+        kill -TERM "$qpid5"
+        wait "$qpid5" || true
+    elif ! wait "$qpid5"; then
+        problems+=("QEMU exited with a failure status: $(tail -n 5 "$work/qemu5.err" | tr '\n' '|')")
+    fi
+    grep -aq "ENGINE-TEST FAIL" "$work/guest5.log" && problems+=("the guest: $(grep -a "ENGINE-TEST FAIL" "$work/guest5.log" | tr -d '\r')")
+    grep -aq "ENGINE-TEST DONE" "$work/guest5.log" || problems+=("the guest's init did not finish (no ENGINE-TEST DONE)")
+    no_guest_ram_left
+    kill -TERM "$server5"
+    wait "$server5" || problems+=("the default-RAM vfio-user-server did not exit cleanly")
+    [ -e "$work/dev5.sock" ] && problems+=("the default-RAM server left its socket behind")
+    grep -o "the client sent: .*" "$work/dev5.log" | head -n 1 | sed 's/^/qemu-e2e: default RAM: /'
+    if [ "${#problems[@]}" -gt 0 ]; then
+        say "default RAM: QEMU's stderr: $(tail -n 5 "$work/qemu5.err" | tr '\n' '|')"
+        for line in "${problems[@]}"; do say "default RAM: problem: $line"; done
+        fail "default RAM: ${#problems[@]} problems (above)"
+    fi
+    default_rates="64 KiB $(rate_of "$work/guest5.log" 65536) copies/s, 1 MiB $(rate_of "$work/guest5.log" 1048576) copies/s"
+    default_summary="default RAM (DMA by messages): checks passed $((t_pass - t_start)) ms after boot, sizes to 16 MiB, four queues and queue disables in $((t_sizes - t_pass)) ms, $default_rates"
+    say "$default_summary"
+}
+
+if [ "$only" = default-ram ]; then
+    default_ram_run
+    say "PASS ($version, accel $accel; only stage 2's default-RAM run; $default_summary)"
+    exit 0
+fi
 if [ "$only" = hotplug ]; then
     hotplug_stage
     say "PASS ($version, accel $accel; only the hot-plug stage; $hotplug_summary)"
     exit 0
 fi
 
-target/release/vfio-user-server dma-engine --socket-path "$work/dev.sock" --core "$work/core.sock" 2>"$work/dev.log" &
+"$bin"/vfio-user-server dma-engine --socket-path "$work/dev.sock" --core "$work/core.sock" 2>"$work/dev.log" &
 server=$!
 pids+=($server)
 for _ in $(seq 100); do [ -S "$work/dev.sock" ] && break; sleep 0.05; done
@@ -467,7 +638,7 @@ for _ in $(seq 60); do
     sleep 1
     echo "info pci" >&3
     sleep 0.3
-    if grep -A6 "PCI device 1b36:d3a0" "$work/qemu.out" | grep -q "BAR0: 32 bit memory at 0x"; then
+    if grep -A6 "PCI device 1b36:d3a0" "$work/qemu.out" | grep "BAR0: 32 bit memory at 0x" >/dev/null; then
         programmed=yes
         break
     fi
@@ -475,9 +646,9 @@ for _ in $(seq 60); do
 done
 grep -q "PCI device 1b36:d3a0" "$work/qemu.out" || fail "QEMU does not show the dma-engine: $(cat "$work/qemu.out")"
 [ -n "$programmed" ] || fail "the firmware did not program BAR0: $(grep -A6 1b36:d3a0 "$work/qemu.out" | tail -n 7)"
-status=$(target/release/ioasidctl --socket "$work/core.sock" status)
-echo "$status" | grep -q "0x100000-" || fail "the compat IOAS holds no guest RAM: $status"
-maps=$(echo "$status" | grep -cE '^ +0x[0-9a-f]+-0x[0-9a-f]+ ')
+status=$(core_status)
+grep -q "0x100000-" <<<"$status" || fail "the compat IOAS holds no guest RAM: $status"
+maps=$(grep -cE '^ +0x[0-9a-f]+-0x[0-9a-f]+ ' <<<"$status")
 say "compat IOAS holds $maps mappings of QEMU's guest RAM"
 echo "system_reset" >&3
 sleep 2
@@ -499,23 +670,19 @@ grep -o "the client sent: .*" "$work/dev.log" | tail -n 1 | sed 's/^/qemu-e2e: s
 # Stage 2: a Linux guest drives the device.
 build_initrd
 
-target/release/vfio-user-server dma-engine --socket-path "$work/dev2.sock" --core "$work/core.sock" 2>"$work/dev2.log" &
+"$bin"/vfio-user-server dma-engine --socket-path "$work/dev2.sock" --core "$work/core.sock" 2>"$work/dev2.log" &
 server2=$!
 pids+=($server2)
 for _ in $(seq 100); do [ -S "$work/dev2.sock" ] && break; sleep 0.05; done
 guest_boot() {
-    qemu -machine q35,accel=$accel -m 512M \
-        -object memory-backend-memfd,id=mem,size=512M,share=on -machine memory-backend=mem \
-        -device '{"driver":"vfio-user-pci","socket":{"path":"'"$work/dev2.sock"'","type":"unix"}}' \
-        -kernel "$kernel" -initrd "$work/initrd.gz" -append "console=ttyS0 quiet panic=-1 $1" \
-        -nographic -monitor none
+    stage2_qemu memfd "$work/dev2.sock" "$1"
 }
 mkdir -p "$work/mnt"
-target/release/ioasid-fs --core "$work/core.sock" "$work/mnt" 2>"$work/fs.log" &
+"$bin"/ioasid-fs --core "$work/core.sock" "$work/mnt" 2>"$work/fs.log" &
 fs=$!
 pids+=($fs)
 start=$(date +%s%N)
-(guest_boot "" >"$work/guest.log" 2>&1) &
+(guest_boot "$sizes_cmdline" >"$work/guest.log" 2>&1) &
 guest=$!
 pids+=($guest)
 t1=""
@@ -528,9 +695,9 @@ for _ in $(seq 1200); do
     if [ -z "$checked" ] && [ "$passes" -ge 1 ]; then
         # While the guest runs: its RAM in the compat IOAS, in ioasidctl and
         # in the file system.
-        target/release/ioasidctl --socket "$work/core.sock" status | grep -qE -- "-0x1fffffff +" \
-            || fail "ioasidctl status does not show the guest RAM in the compat IOAS: $(target/release/ioasidctl --socket "$work/core.sock" status)"
-        cat "$work"/mnt/ioas/*/mappings 2>/dev/null | grep -q -- "-0x1fffffff " \
+        server_maps_guest_ram "$work/dev2.sock" \
+            || fail "ioasidctl status does not show the guest RAM in the server's compat IOAS: $(core_status)"
+        grep -qs -- "-0x1fffffff " "$work"/mnt/ioas/*/mappings \
             || fail "ioasid-fs does not show the guest's RAM mappings"
         checked=yes
     fi
@@ -539,9 +706,13 @@ for _ in $(seq 1200); do
     kill -0 "$guest" 2>/dev/null || break
     sleep 0.1
 done
-grep -a "ENGINE-TEST" "$work/guest.log" | sed 's/^.*ENGINE-TEST/qemu-e2e: guest: ENGINE-TEST/'
+grep -a "ENGINE-TEST" "$work/guest.log" | tr -d '\r' | sed 's/^.*ENGINE-TEST/qemu-e2e: guest: ENGINE-TEST/'
 [ "$(grep -ac 'ENGINE-TEST PASS' "$work/guest.log")" -ge 2 ] \
     || fail "the guest test did not pass before and after a reboot: $(tail -n 20 "$work/guest.log")"
+problems=$(sizes_problems "$work/guest.log" "memfd RAM, sizes")
+[ -z "$problems" ] || fail "$problems"
+memfd_rates="64 KiB $(rate_of "$work/guest.log" 65536) copies/s, 1 MiB $(rate_of "$work/guest.log" 1048576) copies/s"
+say "memfd RAM: sizes to 16 MiB, four queues and queue disables passed; $memfd_rates"
 # QEMU exits on SIGTERM, closing the socket without unmapping.
 kill -TERM "$guest"
 wait "$guest" || true
@@ -568,11 +739,11 @@ for p in "${pids[@]}"; do [ "$p" = "$core" ] || alive+=("$p"); done
 pids=("${alive[@]}")
 t_kill=$(ms)
 sleep 1
-target/release/iommu-core --socket "$work/core.sock" 2>"$work/core2.log" &
+"$bin"/iommu-core --socket "$work/core.sock" 2>"$work/core2.log" &
 core=$!
 pids+=($core)
 for _ in $(seq 200); do
-    target/release/ioasidctl --socket "$work/core.sock" status >/dev/null 2>&1 && break
+    "$bin"/ioasidctl --socket "$work/core.sock" status >/dev/null 2>&1 && break
     sleep 0.01
 done
 t_new=$(ms)
@@ -585,8 +756,8 @@ for _ in $(seq 3000); do
 done
 [ -n "$t_back" ] || fail "the guest's DMA did not come back after the core restart: $(tail -n 20 "$work/guest2.log"; tail -n 5 "$work/dev2.log")"
 # The new core holds the guest's RAM in the server's rebuilt compat IOAS.
-target/release/ioasidctl --socket "$work/core.sock" status | grep -qE -- "-0x1fffffff +" \
-    || fail "the new core does not show the guest RAM in the compat IOAS: $(target/release/ioasidctl --socket "$work/core.sock" status)"
+server_maps_guest_ram "$work/dev2.sock" \
+    || fail "the new core does not show the guest RAM in the server's compat IOAS: $(core_status)"
 for _ in $(seq 1200); do kill -0 "$guest" 2>/dev/null || break; sleep 0.1; done
 kill -0 "$guest" 2>/dev/null && fail "QEMU did not exit after the guest powered off"
 wait "$guest" || fail "QEMU exited with status $? after the guest powered off: $(tail -n 5 "$work/guest2.log")"
@@ -606,5 +777,7 @@ wait "$server2" || fail "the second vfio-user-server did not exit cleanly"
 [ -e "$work/dev2.sock" ] && fail "the server left its socket behind"
 grep -o "the client sent: .*" "$work/dev2.log" | head -n 1 | sed 's/^/qemu-e2e: guest boot: /'
 
+default_ram_run
+
 hotplug_stage
-say "PASS ($version, accel $accel; boot to the first PASS in ${t1} ms; passed again after a guest reboot, and in a guest that copied across a core restart and powered off; $restart; $hotplug_summary)"
+say "PASS ($version, accel $accel; memfd RAM: boot to the first PASS in ${t1} ms, sizes to 16 MiB, $memfd_rates; passed again after a guest reboot, and in a guest that copied across a core restart and powered off; $restart; $default_summary; $hotplug_summary)"
