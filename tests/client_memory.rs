@@ -401,3 +401,32 @@ fn the_twin_socket_carries_the_servers_requests_when_the_client_offers_it() {
     assert!(e.c.twin_requests > 16);
     assert_eq!(e.c.twin_requests, e.c.dma_requests, "a request came on the main socket");
 }
+
+/// A region that does not start on a 2 MiB boundary (QEMU's RAM above
+/// 1 MiB) is still reached with one DMA_READ or DMA_WRITE per 64 KiB step
+/// of the device, not one per 4 KiB page it is mapped with.
+#[test]
+fn a_region_off_a_2m_boundary_is_reached_with_one_message_per_step() {
+    let mut st = Stack::new("client-mem-runs");
+    let sock = st.server("dma-engine", "runs");
+    let mut e = Eng::new(&sock, false);
+    const LOW: u64 = 0x5010_0000;
+    const LOW_BYTES: usize = 4 << 20;
+    e.c.add_message_memory(LOW, vec![0; LOW_BYTES]);
+    e.c.dma_map(RW, 0, LOW, LOW_BYTES as u64, None).unwrap();
+    let len = 1 << 20;
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    e.c.message_memory_mut(LOW).unwrap()[..len].copy_from_slice(&data);
+    let before = e.c.dma_requests;
+    // The first MiB lies below the region's first 2 MiB boundary.
+    let r = e.run(copy(LOW, D, len));
+    assert_eq!(r.status, status::SUCCESS, "{r:?}");
+    assert!(e.dest(len) == &data[..]);
+    // 16 steps of 64 KiB: a read of the source and a write of the
+    // destination each (the ring and its record are in a memfd).
+    assert_eq!(e.c.dma_requests - before, 32);
+    // Back the other way, at the region's far end (2 MiB leaves there).
+    let r = e.run(copy(D, LOW + (LOW_BYTES - len) as u64, len));
+    assert_eq!(r.status, status::SUCCESS, "{r:?}");
+    assert!(&e.c.message_memory(LOW).unwrap()[LOW_BYTES - len..] == &data[..]);
+}

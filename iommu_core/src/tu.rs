@@ -587,7 +587,7 @@ impl TranslationUnit {
                 return Ok(Outcome::Fault(cur, FaultReason::Permission, false));
             }
             // One translation covers the rest of its leaf.
-            let n = usize::try_from(e.iova_base + e.size - cur).unwrap_or(usize::MAX).min(len - done);
+            let mut n = usize::try_from(e.iova_base + e.size - cur).unwrap_or(usize::MAX).min(len - done);
             let sys = e.sys_base + (cur - e.iova_base);
             let m = match mem.take().filter(|m| sys >= m.base && sys + n as u64 <= m.base + m.size) {
                 Some(m) => m,
@@ -600,12 +600,28 @@ impl TranslationUnit {
                     }
                 }
             };
+            // In client memory, leaves that go on in the same object where
+            // this one ends join it: one message for the run instead of one
+            // per leaf. Whatever stops the run is met again as the next
+            // leaf.
+            let mut more_dirty = Vec::new();
+            while matches!(m.backing, Backing::Client { .. }) && done + n < len {
+                let next = cur + n as u64;
+                let Ok(f) = self.lookup(dev, st, pasid, next & !(PAGE_SIZE - 1)) else { break };
+                let k = usize::try_from(f.iova_base + f.size - next).unwrap_or(usize::MAX).min(len - done - n);
+                let at = f.sys_base + (next - f.iova_base);
+                if !f.perm.allows(want) || at != sys + n as u64 || at + k as u64 > m.base + m.size {
+                    break;
+                }
+                n += k;
+                more_dirty.extend(f.dirty);
+            }
             match op(&m, sys - m.base, done, n) {
                 Err(Error::Unreachable) => return Ok(Outcome::Fault(cur, FaultReason::NotPresent, false)),
                 r => r?,
             }
             if want.write {
-                if let Some((t, i)) = e.dirty {
+                for (t, i) in e.dirty.into_iter().chain(more_dirty) {
                     self.mark_dirty(t, i);
                 }
             }

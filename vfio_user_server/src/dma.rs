@@ -457,6 +457,10 @@ const CORE_BITMAP_BITS: u64 = 1 << 21;
 /// bitmaps).
 pub const MAX_REPORT_BLOCKS: u64 = 1 << 26;
 
+/// Client memory objects start on this boundary (see
+/// `Dma::map_client_memory`).
+const CLIENT_OBJECT_ALIGN: u64 = 2 << 20;
+
 /// Limits of the DMA table.
 pub const MAX_DMA_MAPS: usize = 65535;
 /// Most distinct files the DMA table keeps open (fewer if half the
@@ -769,8 +773,15 @@ impl Dma {
     /// rights of `flags`; returns the memory object.
     fn map_client_memory(&self, c: &Arc<Compat>, address: u64, size: u64, flags: u32) -> Result<u32, Error> {
         let perm = Perm { read: flags & proto::DMA_MAP_READ != 0, write: flags & proto::DMA_MAP_WRITE != 0 };
-        let mem = self.call(c, |s| s.register_client_memory(size, perm.write, address))?.id;
-        let args = MapArgs { ioas: c.ioas, mem, offset: 0, length: size, iova: Some(address), perm };
+        // The object starts at the 2 MiB boundary at or below the region,
+        // so that IOVA and system address agree modulo 2 MiB and the core
+        // maps the region with 2 MiB leaves where it can (one translation,
+        // and one message, per 64 KiB step instead of sixteen). The bytes
+        // before the region are never mapped.
+        let lead = address % CLIENT_OBJECT_ALIGN;
+        let total = size.checked_add(lead).ok_or_else(|| Error::Invalid("the DMA region overflows".into()))?;
+        let mem = self.call(c, |s| s.register_client_memory(total, perm.write, address - lead))?.id;
+        let args = MapArgs { ioas: c.ioas, mem, offset: lead, length: size, iova: Some(address), perm };
         if let Err(e) = self.call(c, |s| s.map(args)) {
             if !matches!(e, Error::CoreGone(_)) {
                 if let Err(d) = self.call(c, |s| s.destroy(mem)) {
