@@ -556,8 +556,15 @@ default_ram_run() {
         || fail "default RAM: the guest's checks did not pass: $(tail -n 20 "$work/guest5.log"; tail -n 5 "$work/qemu5.err")"
     t_pass=$(ms)
     # While the guest runs: its RAM in the server's compat IOAS.
-    server_maps_guest_ram "$work/dev5.sock" \
-        || problems+=("ioasidctl status does not list the guest's RAM in the server's compat IOAS while the guest runs: $(core_status | tr '\n' '|')")
+    if server_maps_guest_ram "$work/dev5.sock"; then
+        # What an observer sees: the server's client memory objects and its
+        # compat IOAS's mappings of them.
+        core_status | awk -v sock="socket $work/dev5.sock " '
+            /^session / { s = 0 } index($0, sock) { s = 1 }
+            s && (/^ +0x[0-9a-f]+-0x[0-9a-f]+ / || /MEMORY|IOAS|client/) { sub(/^ +/, ""); print "qemu-e2e: default RAM: ioasidctl status: " $0 }' | head -n 16
+    else
+        problems+=("ioasidctl status does not list the guest's RAM in the server's compat IOAS while the guest runs: $(core_status | tr '\n' '|')")
+    fi
     # `sizes`: at most 240 s (tens of seconds when all goes well).
     for _ in $(seq 2400); do
         if grep -aqE "ENGINE-TEST SIZE (PASS|FAIL)" "$work/guest5.log"; then outcome=done; break; fi

@@ -456,18 +456,23 @@ pub fn render_status_with(s: &Snapshot, drivers: &std::collections::BTreeMap<(u6
         if !ses.memory.is_empty() {
             let _ = writeln!(
                 o,
-                "  {:<6} {:>10} {:<12} {:>18} {:>8}",
-                "MEMORY", "SIZE", "SEALS", "SYSTEM ADDRESS", "MAPPINGS"
+                "  {:<6} {:>10} {:<12} {:>18} {:>8}  {}",
+                "MEMORY", "SIZE", "SEALS", "SYSTEM ADDRESS", "MAPPINGS", "BACKING"
             );
             for m in &ses.memory {
+                let backing = match m.client_address {
+                    None => "file".to_string(),
+                    Some(a) => format!("client at {a:#x}"),
+                };
                 let _ = writeln!(
                     o,
-                    "  {:<6} {:>10} {:<12} {:>#18x} {:>8}",
+                    "  {:<6} {:>10} {:<12} {:>#18x} {:>8}  {}",
                     m.id,
                     human(m.size),
                     m.seals,
                     m.system_address,
-                    m.mappings
+                    m.mappings,
+                    backing
                 );
             }
         }
