@@ -456,8 +456,8 @@ pub fn render_status_with(s: &Snapshot, drivers: &std::collections::BTreeMap<(u6
         if !ses.memory.is_empty() {
             let _ = writeln!(
                 o,
-                "  {:<6} {:>10} {:<12} {:>18} {:>8}  {}",
-                "MEMORY", "SIZE", "SEALS", "SYSTEM ADDRESS", "MAPPINGS", "BACKING"
+                "  {:<6} {:>10} {:<12} {:>18} {:>8}  BACKING",
+                "MEMORY", "SIZE", "SEALS", "SYSTEM ADDRESS", "MAPPINGS"
             );
             for m in &ses.memory {
                 let backing = match m.client_address {
