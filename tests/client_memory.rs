@@ -428,7 +428,7 @@ fn a_region_off_a_2m_boundary_is_reached_with_one_message_per_step() {
     // Back the other way, at the region's far end (2 MiB leaves there).
     let r = e.run(copy(D, LOW + (LOW_BYTES - len) as u64, len));
     assert_eq!(r.status, status::SUCCESS, "{r:?}");
-    assert!(&e.c.message_memory(LOW).unwrap()[LOW_BYTES - len..] == &data[..]);
+    assert!(e.c.message_memory(LOW).unwrap()[LOW_BYTES - len..] == data[..]);
 }
 
 /// DMA logging (migration's dirty tracking) covers client memory: the core
