@@ -560,8 +560,11 @@ default_ram_run() {
         # What an observer sees: the server's client memory objects and its
         # compat IOAS's mappings of them.
         core_status | awk -v sock="socket $work/dev5.sock " '
-            /^session / { s = 0 } index($0, sock) { s = 1 }
-            s && (/^ +0x[0-9a-f]+-0x[0-9a-f]+ / || /MEMORY|IOAS|client/) { sub(/^ +/, ""); print "qemu-e2e: default RAM: ioasidctl status: " $0 }' | head -n 16
+            function flush() { if (s) for (i = 1; i <= n; i++) print "qemu-e2e: default RAM: ioasidctl status: " b[i]; n = 0; s = 0 }
+            /^session / { flush() }
+            index($0, sock) { s = 1 }
+            /^ +0x[0-9a-f]+-0x[0-9a-f]+ / || /MEMORY|IOAS|client at/ { line = $0; sub(/^ +/, "", line); b[++n] = line }
+            END { flush() }' | head -n 16
     else
         problems+=("ioasidctl status does not list the guest's RAM in the server's compat IOAS while the guest runs: $(core_status | tr '\n' '|')")
     fi

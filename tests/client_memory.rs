@@ -279,9 +279,13 @@ fn a_client_that_refuses_faults_the_descriptor_and_the_queue_keeps_working() {
     let mut st = Stack::new("client-mem-refuse");
     let sock = st.server("dma-engine", "refuse");
     let mut e = Eng::new(&sock, false);
-    e.c.set_dma_mode(DmaMode::Refuse(libc::EFAULT));
-    let r = e.run(copy(S, D, 8192));
-    assert_eq!((r.status, r.fault_addr), (status::FAULT_SRC, S), "{r:?}");
+    // Any errno, including those that mean something inside the server
+    // (given up, timed out): each is a refusal like the others.
+    for errno in [libc::EFAULT, libc::ECANCELED, libc::EINPROGRESS, libc::ETIMEDOUT] {
+        e.c.set_dma_mode(DmaMode::Refuse(errno));
+        let r = e.run(copy(S, D, 8192));
+        assert_eq!((r.status, r.fault_addr), (status::FAULT_SRC, S), "errno {errno}: {r:?}");
+    }
     e.c.set_dma_mode(DmaMode::Answer);
     let want = e.fill_source(8192, 9);
     let r = e.run(copy(S, D, 8192));
@@ -459,4 +463,29 @@ fn dma_logging_reports_the_devices_writes_to_client_memory() {
     assert_eq!(report(&mut e.c), (0..512).collect::<Vec<u64>>());
     assert_eq!(report(&mut e.c), Vec::<u64>::new(), "a report clears what it showed");
     e.c.feature(proto::FEATURE_SET | proto::FEATURE_DMA_LOGGING_STOP, ctl.as_bytes(), 24).unwrap();
+}
+
+/// A ring in client memory whose client does not answer: the fetch is
+/// tried again after each timeout, the queue does not halt, and it runs the
+/// descriptor once the client answers.
+#[test]
+fn a_ring_in_client_memory_waits_for_a_silent_client() {
+    let mut st = Stack::new("client-mem-ring-silent");
+    let sock = st.server_with("dma-engine", "ring-silent", &["--dma-timeout-ms", "200"]);
+    let mut e = Eng::new(&sock, true);
+    let want = e.fill_source(4096, 11);
+    e.c.set_dma_mode(DmaMode::Ignore);
+    let comp = e.submit(copy(S, D, 4096));
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(e.r32(regs::QUEUE + regs::Q_STATUS) & 6, 0, "the queue halted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(e.ring_read(comp, 1)[0], status::NONE);
+    e.c.set_dma_mode(DmaMode::Answer);
+    match e.wait(comp) {
+        Ran::Done(r) => assert_eq!(r.status, status::SUCCESS, "{r:?}"),
+        Ran::Halted => panic!("the queue halted"),
+    }
+    assert!(e.dest(4096) == &want[..]);
 }

@@ -616,11 +616,19 @@ impl TranslationUnit {
                 n += k;
                 more_dirty.extend(f.dirty);
             }
+            // A write to client memory may land in part (or later, after a
+            // fence gave up waiting for it): its pages are dirty first.
+            let client = matches!(m.backing, Backing::Client { .. });
+            if want.write && client {
+                for &(t, i) in e.dirty.iter().chain(&more_dirty) {
+                    self.mark_dirty(t, i);
+                }
+            }
             match op(&m, sys - m.base, done, n) {
                 Err(Error::Unreachable) => return Ok(Outcome::Fault(cur, FaultReason::NotPresent, false)),
                 r => r?,
             }
-            if want.write {
+            if want.write && !client {
                 for (t, i) in e.dirty.into_iter().chain(more_dirty) {
                     self.mark_dirty(t, i);
                 }

@@ -332,7 +332,9 @@ impl PortState {
             let forgotten: usize = self.abandoned.drain().map(|(_, (n, _))| n).sum();
             self.owed -= forgotten;
         }
-        self.abandoned.insert(id, (w.owed, Instant::now()));
+        if let Some((n, _)) = self.abandoned.insert(id, (w.owed, Instant::now())) {
+            self.owed -= n;
+        }
     }
 
     /// Forgets what requests given up longer than `after` ago were owed:
@@ -341,11 +343,13 @@ impl PortState {
     /// dropped.
     fn expire(&mut self, after: Duration) {
         let mut forgotten = 0;
-        for (n, at) in self.abandoned.values_mut() {
-            if at.elapsed() >= after {
-                forgotten += std::mem::take(n);
+        self.abandoned.retain(|_, (n, at)| {
+            let keep = at.elapsed() < after;
+            if !keep {
+                forgotten += *n;
             }
-        }
+            keep
+        });
         self.owed -= forgotten;
     }
 }
@@ -377,6 +381,10 @@ impl PortState {
 /// ([`Port::use_twin`]), so they never queue behind the client's commands
 /// and our replies on the main socket.
 pub struct Port {
+    /// Read-held from a request's fence check until it was sent;
+    /// [`Port::fence`] takes it for writing, so nothing is sent once a
+    /// fence is up.
+    send_gate: std::sync::RwLock<()>,
     /// The main socket's writer.
     main: Arc<Writer>,
     /// Where requests go: the main socket, or the twin socket.
@@ -402,6 +410,7 @@ impl Port {
     /// A port whose requests wait `timeout` for a reply.
     pub fn with_timeout(writer: Arc<Writer>, timeout: Duration) -> Arc<Port> {
         Arc::new(Port {
+            send_gate: std::sync::RwLock::new(()),
             main: writer.clone(),
             out: std::sync::RwLock::new(writer),
             state: Mutex::new(PortState::default()),
@@ -470,8 +479,11 @@ impl Port {
         Ok(())
     }
 
-    /// Gives up every access waiting for the client (`ECANCELED`) and
-    /// fails new ones at once, until as many [`Port::unfence`] calls.
+    /// Gives up every access waiting for the client and fails new ones at
+    /// once, until as many [`Port::unfence`] calls: an access not sent yet
+    /// fails with `ECANCELED`, one already sent with `EINPROGRESS` (the
+    /// client may still carry out a DMA_WRITE). When this returns, nothing
+    /// more is sent until the last fence is down.
     pub fn fence(&self) {
         {
             let mut st = sync::lock(&self.state);
@@ -483,6 +495,8 @@ impl Port {
             }
         }
         self.changed.notify_all();
+        // A request that passed its fence check before is sent by now.
+        drop(sync::write(&self.send_gate));
     }
 
     /// Takes down one fence.
@@ -511,8 +525,9 @@ impl Port {
     /// its reply.
     fn request(&self, command: u16, parts: &[&[u8]], owed: usize) -> Result<Msg, ClientFailure> {
         let deadline = Instant::now() + self.timeout;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed) | 0x8000;
         let (tx, rx) = bounded(1);
+        let gate = sync::read(&self.send_gate);
+        let id;
         {
             let mut st = sync::lock(&self.state);
             loop {
@@ -536,6 +551,12 @@ impl Port {
                 // Woken by replies; every 50 ms, replies given up on expire.
                 st = sync::wait_timeout(&self.changed, st, left.min(Duration::from_millis(50)));
             }
+            // An id no reply is expected for (ids wrap after 32768).
+            let mut next = self.next_id.fetch_add(1, Ordering::Relaxed) | 0x8000;
+            while st.waiting.contains_key(&next) || st.abandoned.contains_key(&next) {
+                next = self.next_id.fetch_add(1, Ordering::Relaxed) | 0x8000;
+            }
+            id = next;
             st.owed += owed;
             st.waiting.insert(id, Waiter { tx, owed });
         }
@@ -544,14 +565,17 @@ impl Port {
         let mut all: Vec<&[u8]> = vec![hdr.as_bytes()];
         all.extend_from_slice(parts);
         let out = sync::read(&self.out).clone();
-        if let Err(e) = out.send(&all, &[]) {
+        let sent = out.send(&all, &[]);
+        drop(gate);
+        if let Err(e) = sent {
             let mut st = sync::lock(&self.state);
             if let Some(w) = st.waiting.remove(&id) {
                 st.owed -= w.owed;
             }
             return Err(failure(libc::ENOTCONN, format!("request not sent: {e}")));
         }
-        let r = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        // The reply gets the whole timeout, however long the send waited.
+        let r = rx.recv_timeout(self.timeout);
         let m = match r {
             Ok(m) => m,
             Err(RecvTimeoutError::Timeout) => {
@@ -576,12 +600,17 @@ impl Port {
                 return Err(if closed {
                     failure(libc::ENOTCONN, "the client left".into())
                 } else {
-                    failure(libc::ECANCELED, "given up: the device is being quiesced".into())
+                    failure(libc::EINPROGRESS, "given up after it was sent: the device is being quiesced".into())
                 });
             }
         };
         if m.hdr.flags & proto::flags::ERROR != 0 {
-            let e = if m.hdr.error == 0 { libc::EIO } else { m.hdr.error as i32 };
+            // The errnos that mean something inside the server are not the
+            // client's to give.
+            let e = match m.hdr.error as i32 {
+                0 | libc::ECANCELED | libc::EINPROGRESS | libc::ETIMEDOUT | libc::ENOTCONN => libc::EIO,
+                e => e,
+            };
             return Err(failure(e, format!("{} refused by the client: errno {e}", cmd::name(command))));
         }
         Ok(m)
@@ -593,6 +622,7 @@ impl Port {
 fn twin_replies(sock: &OwnedFd, port: &std::sync::Weak<Port>) {
     // A DMA_READ reply holds at most DMA_READ_CHUNK bytes of data.
     let mut reader = MsgReader::new(DMA_READ_CHUNK + 64);
+    let mut warned = false;
     loop {
         let mut p = [nix::poll::PollFd::new(sock.as_fd(), nix::poll::PollFlags::POLLIN)];
         match nix::poll::poll(&mut p, nix::poll::PollTimeout::from(200u16)) {
@@ -604,7 +634,11 @@ fn twin_replies(sock: &OwnedFd, port: &std::sync::Weak<Port>) {
         }
         let Some(port) = port.upgrade() else { return };
         match reader.fill(sock.as_fd()) {
-            Ok(Fill::Eof) => return,
+            Ok(Fill::Eof) => {
+                // The client closed its end: requests have nowhere to go.
+                port.close();
+                return;
+            }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!("twin socket: {e}; closing the client connection");
@@ -620,10 +654,14 @@ fn twin_replies(sock: &OwnedFd, port: &std::sync::Weak<Port>) {
                     }
                 }
                 Ok(Some(m)) => {
-                    tracing::warn!(
-                        "the client sent {} on the twin socket, which carries only our requests' replies; ignored",
-                        cmd::name(m.hdr.command)
-                    );
+                    if !warned {
+                        warned = true;
+                        tracing::warn!(
+                            "the client sent {} on the twin socket, which carries only our requests' replies; \
+                             ignored (and so is whatever else it sends there)",
+                            cmd::name(m.hdr.command)
+                        );
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -643,6 +681,10 @@ impl ClientMemory for Port {
             let a = address + (i * step) as u64;
             let req = proto::DmaRw { address: a, count: chunk.len() as u64 };
             let m = self.request(cmd::DMA_READ, &[req.as_bytes()], chunk.len())?;
+            let echo: Option<proto::DmaRw> = proto::read(&m.payload);
+            if echo.is_none_or(|e| e.address != a || e.count != chunk.len() as u64) {
+                return Err(failure(libc::EPROTO, format!("DMA_READ reply does not echo {a:#x}+{:#x}", chunk.len())));
+            }
             let data = m.payload.get(16..16 + chunk.len()).ok_or_else(|| {
                 failure(libc::EPROTO, format!("DMA_READ reply of {} bytes is short", m.payload.len()))
             })?;
@@ -652,7 +694,9 @@ impl ClientMemory for Port {
     }
 
     fn write(&self, address: u64, data: &[u8]) -> Result<(), ClientFailure> {
-        let step = self.max_xfer.load(Ordering::Relaxed);
+        // 64 KiB at most too: a send never waits long for room in the
+        // socket while the device holds its locks.
+        let step = self.max_xfer.load(Ordering::Relaxed).min(DMA_READ_CHUNK);
         for (i, chunk) in data.chunks(step).enumerate() {
             let a = address + (i * step) as u64;
             let req = proto::DmaRw { address: a, count: chunk.len() as u64 };

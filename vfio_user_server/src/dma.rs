@@ -111,7 +111,19 @@ impl Error {
     /// mastering is off, or the access to client memory was given up for
     /// a fence ([`Dma::fence_client`]).
     pub fn stops_step(&self) -> bool {
-        matches!(self, Error::BusMasterOff) || matches!(self, Error::Client(_, e) if *e == libc::ECANCELED)
+        matches!(self, Error::BusMasterOff) || self.cancelled()
+    }
+
+    /// True if an access to client memory was given up for a fence
+    /// (`ECANCELED` before it was sent, `EINPROGRESS` after).
+    pub fn cancelled(&self) -> bool {
+        matches!(self, Error::Client(_, e) if *e == libc::ECANCELED || *e == libc::EINPROGRESS)
+    }
+
+    /// True if a write given up for a fence had already been sent: the
+    /// client may still carry it out.
+    pub fn maybe_applied(&self) -> bool {
+        matches!(self, Error::Client(_, e) if *e == libc::EINPROGRESS)
     }
 
     /// True if the client holding the memory did not answer in time.
@@ -461,6 +473,9 @@ pub const MAX_REPORT_BLOCKS: u64 = 1 << 26;
 /// `Dma::map_client_memory`).
 const CLIENT_OBJECT_ALIGN: u64 = 2 << 20;
 
+/// Highest IOVA the core maps (48 bits).
+const MAX_IOVA: u64 = (1 << 48) - 1;
+
 /// Limits of the DMA table.
 pub const MAX_DMA_MAPS: usize = 65535;
 /// Most distinct files the DMA table keeps open (fewer if half the
@@ -614,6 +629,9 @@ impl Dma {
     /// Drops `c` if it is still the current compat path, once every DMA
     /// through it has ended. True if it was.
     fn lose(&self, c: &Arc<Compat>, why: &str) -> bool {
+        // DMA through `c` that waits for the client would hold the compat
+        // lock (and the device thread behind it) until it timed out.
+        let _fence = self.fence_client();
         let old = {
             let mut g = sync::write(&self.compat);
             match g.as_ref() {
@@ -692,6 +710,12 @@ impl Dma {
             if !m.address.is_multiple_of(PAGE) || !m.size.is_multiple_of(PAGE) {
                 return Err(Error::Invalid("a DMA region must be 4 KiB aligned".into()));
             }
+            if last > MAX_IOVA {
+                return Err(Error::Invalid(format!(
+                    "DMA region {:#x}+{:#x} is beyond 48-bit IOVAs",
+                    m.address, m.size
+                )));
+            }
             let Some(c) = self.compat() else { return Err(self.core_gone()) };
             let mem = self.map_client_memory(&c, m.address, m.size, m.flags)?;
             let kind = MapKind::Client { mem, generation: c.generation };
@@ -750,6 +774,8 @@ impl Dma {
             if fresh {
                 sync::lock(&c.mems).remove(&key);
                 if !matches!(e, Error::CoreGone(_)) {
+                    // Destroying an object has the core invalidate.
+                    let _fence = self.fence_if_client_memory();
                     if let Err(d) = self.call(&c, |s| s.destroy(mem)) {
                         tracing::warn!("could not free memory object {mem} of the compat session: {d}");
                     }
@@ -784,6 +810,8 @@ impl Dma {
         let args = MapArgs { ioas: c.ioas, mem, offset: lead, length: size, iova: Some(address), perm };
         if let Err(e) = self.call(c, |s| s.map(args)) {
             if !matches!(e, Error::CoreGone(_)) {
+                // Destroying an object has the core invalidate.
+                let _fence = self.fence_client();
                 if let Err(d) = self.call(c, |s| s.destroy(mem)) {
                     tracing::warn!("could not free client memory object {mem} of the compat session: {d}");
                 }
@@ -1329,6 +1357,8 @@ impl Dma {
     /// Dirty tracking of the compat IOAS. Turning it off without a core
     /// succeeds (nothing tracks).
     pub fn set_dirty_tracking(&self, on: bool) -> Result<(), Error> {
+        // The core's invalidation waits for DMA in flight.
+        let _fence = self.fence_if_client_memory();
         let Some(c) = self.compat() else {
             if on {
                 return Err(self.core_gone());
@@ -1337,7 +1367,6 @@ impl Dma {
             sync::lock(&self.unreported).clear();
             return Ok(());
         };
-        let _fence = self.fence_if_client_memory();
         self.call(&c, |s| s.set_dirty_tracking(c.ioas, on))?;
         self.logging.store(on, Ordering::Release);
         sync::lock(&self.unreported).clear();

@@ -518,9 +518,9 @@ impl DmaEngine {
                     let mut raw = [0u8; 64];
                     match ctx.dma.read(ring_route, at, &mut raw) {
                         Ok(()) => (Descriptor::parse(&raw), None),
-                        // Bus mastering went off, or the client's DMA was
-                        // fenced: fetch it again later.
-                        Err(e) if e.stops_step() => return did,
+                        // Bus mastering went off, the client's DMA was
+                        // fenced, or the client is slow: fetch it again.
+                        Err(e) if e.stops_step() || e.client_timed_out() => return did,
                         Err(e) => {
                             tracing::debug!("dma-engine queue {q}: cannot fetch descriptor at {at:#x}: {e}");
                             if let dma::Error::NoPasid(_) = e {
@@ -593,11 +593,19 @@ impl DmaEngine {
             // The record goes through the queue's address space; the
             // status byte lands last.
             let b = c.to_bytes();
-            let wrote =
-                ctx.dma.write(ring_route, rest, &b[1..]).and_then(|_| ctx.dma.write(ring_route, d.completion, &b[..1]));
+            let wrote = ctx
+                .dma
+                .write(ring_route, rest, &b[1..])
+                .map_err(|e| (e, false))
+                .and_then(|_| ctx.dma.write(ring_route, d.completion, &b[..1]).map_err(|e| (e, true)));
             match wrote {
                 Ok(()) => {}
-                Err(e) if e.stops_step() || e.client_timed_out() => {
+                // The status byte went to the client before a fence gave up
+                // waiting for its answer: the client may still write it, so
+                // the descriptor completes now (before the fencing reset or
+                // disable is accepted), as if the answer had come.
+                Err((e, true)) if e.maybe_applied() => {}
+                Err((e, _)) if e.stops_step() || e.client_timed_out() => {
                     // Written when bus mastering is back, the fence is
                     // down, or the client answers; HEAD waits. (A record
                     // that cannot be written for a fault halts the queue
@@ -606,7 +614,7 @@ impl DmaEngine {
                     sync::lock(&shared.regs).queues[q].inflight = Some((*d, p));
                     return false;
                 }
-                Err(e) => {
+                Err((e, _)) => {
                     tracing::debug!("dma-engine queue {q}: completion record at {:#x}: {e}", d.completion);
                     if let dma::Error::NoPasid(_) = e {
                         ctx.dma.report_fault(ring_route, d.completion, true, FaultReason::NotPresent);

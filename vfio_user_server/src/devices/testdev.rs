@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use crossbeam::channel::{unbounded, Sender};
 use iommu_core::sync;
@@ -167,7 +168,27 @@ impl TestDevice {
             }
             // The copy runs with `running` held, so a stop waits for it.
             let mut buf = vec![0u8; c.len as usize];
-            let res = ctx.dma.read(c.route, c.src, &mut buf).and_then(|_| ctx.dma.write(c.route, c.dst, &buf));
+            let mut res = ctx.dma.read(c.route, c.src, &mut buf).and_then(|_| ctx.dma.write(c.route, c.dst, &buf));
+            // Given up for a fence (client memory; see `Shared::wait_copy`):
+            // done again once the fence is down and the device runs, unless
+            // the copy was dropped meanwhile.
+            let mut dropped = false;
+            while res.as_ref().is_err_and(|e| e.cancelled()) {
+                drop(run);
+                ctx.dma.wait_client(Duration::from_secs(1));
+                run = sync::lock(&shared.running);
+                while !*run {
+                    run = super::wait(&shared.resume, &shared.running, run);
+                }
+                if c.generation != shared.generation.load(std::sync::atomic::Ordering::SeqCst) {
+                    dropped = true;
+                    break;
+                }
+                res = ctx.dma.read(c.route, c.src, &mut buf).and_then(|_| ctx.dma.write(c.route, c.dst, &buf));
+            }
+            if dropped {
+                continue;
+            }
             if let Err(e) = &res {
                 tracing::debug!("test-device copy failed: {e}");
                 if let crate::dma::Error::NoPasid(_) = e {
