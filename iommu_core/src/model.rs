@@ -642,27 +642,9 @@ impl Core {
         if size == 0 {
             return err(Errno::EINVAL, "the file is empty");
         }
-        if !size.is_multiple_of(PAGE_SIZE) {
-            return err(Errno::EINVAL, format!("size {size:#x} is not a multiple of 4 KiB"));
-        }
-        if size > pagetable::MAX_ADDRESS / 2 {
-            return err(Errno::E2BIG, format!("size {size:#x} does not fit the system address space"));
-        }
-        self.charge_memory(sid, size)?;
-        let id = self.new_id(sid)?;
-        self.step()?;
-        let (sys_base, sys_len) = self
-            .sys
-            .alloc(size)
-            .ok_or_else(|| Error { errno: Errno::ENOSPC, message: "the system address space is full".into() })?;
         let seals = memfd::seal_names(memfd::seals(file.as_fd()));
         let writable = memfd::check_writable(file.as_fd()).is_ok();
-        self.sys_owner.insert(sys_base, (sid, id));
-        self.insert_object(
-            sid,
-            id,
-            Object::Memory(MemObj { backing: Backing::File(file), size, sealed, writable, sys_base, sys_len, refs: 0 }),
-        )?;
+        let (id, sys_base) = self.add_memory(sid, size, sealed, writable, Backing::File(file))?;
         if !sealed {
             tracing::warn!(session = sid, id, "memory object cannot be sealed; devices must access it without mmap");
         }
@@ -678,6 +660,28 @@ impl Core {
         if size == 0 {
             return err(Errno::EINVAL, "client memory of size 0");
         }
+        let (id, sys_base) = self.add_memory(sid, size, true, writable, Backing::Client { address })?;
+        Ok(MemInfo {
+            id,
+            size,
+            sealed: true,
+            seals: "none".into(),
+            system_address: sys_base,
+            mappings: 0,
+            client_address: Some(address),
+        })
+    }
+
+    /// Places a memory object of `size` bytes (not 0) in the system
+    /// address space and gives it to the session: its id and base.
+    fn add_memory(
+        &mut self,
+        sid: u64,
+        size: u64,
+        sealed: bool,
+        writable: bool,
+        backing: Backing,
+    ) -> Result<(u32, u64)> {
         if !size.is_multiple_of(PAGE_SIZE) {
             return err(Errno::EINVAL, format!("size {size:#x} is not a multiple of 4 KiB"));
         }
@@ -692,28 +696,9 @@ impl Core {
             .alloc(size)
             .ok_or_else(|| Error { errno: Errno::ENOSPC, message: "the system address space is full".into() })?;
         self.sys_owner.insert(sys_base, (sid, id));
-        self.insert_object(
-            sid,
-            id,
-            Object::Memory(MemObj {
-                backing: Backing::Client { address },
-                size,
-                sealed: true,
-                writable,
-                sys_base,
-                sys_len,
-                refs: 0,
-            }),
-        )?;
-        Ok(MemInfo {
-            id,
-            size,
-            sealed: true,
-            seals: "none".into(),
-            system_address: sys_base,
-            mappings: 0,
-            client_address: Some(address),
-        })
+        let obj = MemObj { backing, size, sealed, writable, sys_base, sys_len, refs: 0 };
+        self.insert_object(sid, id, Object::Memory(obj))?;
+        Ok((id, sys_base))
     }
 
     /// Fails if the session would hold more than its memory limit with

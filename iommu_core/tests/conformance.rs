@@ -1923,3 +1923,61 @@ fn status_lists_a_page_of_mappings_and_the_rest_are_paged() {
     let mut other = env.session();
     assert_errno!(other.mappings(raw.sessions[0].id, ioas, 0, 10), ENOENT);
 }
+
+// ---------------------------------------------------------------------------
+// Client memory (no fd)
+// ---------------------------------------------------------------------------
+
+/// Client memory: registered without an fd, mapped like any object, shown
+/// with its client address, refused writable mappings when registered
+/// read-only, EBUSY while mapped; a channel of the session gets it as
+/// `ClientMemory` (no fd), another session's channel does not see it.
+#[test]
+fn client_memory_is_an_object_without_an_fd() {
+    let env = Env::new("client-memory");
+    let mut c = env.session();
+    assert_errno!(c.register_client_memory(0, true, 0), EINVAL);
+    assert_errno!(c.register_client_memory(PAGE + 1, true, 0), EINVAL);
+    assert_errno!(c.register_client_memory(1 << 62, true, 0), E2BIG);
+    let m = c.register_client_memory(4 * MIB, true, 0xc000_0000).unwrap();
+    assert_eq!((m.size, m.client_address, m.seals.as_str()), (4 * MIB, Some(0xc000_0000), "none"));
+    let ro = c.register_client_memory(2 * MIB, false, 0xd000_0000).unwrap();
+    let ioas = c.ioas_alloc().unwrap();
+    map_at(&mut c, ioas, m.id, 0, 4 * MIB, 0x4000_0000);
+    assert_errno!(c.map(margs(ioas, ro.id, 0, 2 * MIB, Some(0x8000_0000))), EACCES);
+    let r = MapArgs { perm: Perm::R, ..margs(ioas, ro.id, 0, 2 * MIB, Some(0x8000_0000)) };
+    assert_eq!(c.map(r).unwrap(), 0x8000_0000);
+    let t = c.translate(ioas, 0x4000_1234).unwrap();
+    assert_eq!(t.system_address, m.system_address + 0x1234);
+    assert_eq!(mem_info(&mut c, m.id).client_address, Some(0xc000_0000));
+    assert_errno!(c.destroy(m.id), EBUSY);
+
+    let (_, fd) = c.open_device_channel().unwrap();
+    let chan = iommu_core::device::Channel::new(fd).unwrap();
+    match chan.memory(m.system_address + 0x5000).unwrap() {
+        iommu_core::device::Memory::Client { base, size, address } => {
+            assert_eq!((base, size, address), (m.system_address, 4 * MIB, 0xc000_0000))
+        }
+        other => panic!("client memory came as {other:?}"),
+    }
+    let mut other = env.session();
+    let (_, ofd) = other.open_device_channel().unwrap();
+    let ochan = iommu_core::device::Channel::new(ofd).unwrap();
+    let e = ochan.memory(m.system_address).unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::ENOENT), "{e}");
+
+    c.unmap(ioas, 0x4000_0000, 4 * MIB).unwrap();
+    c.destroy(m.id).unwrap();
+    assert!(me(&mut c).memory.iter().all(|x| x.id != m.id));
+}
+
+/// Client memory counts against the session's memory limit.
+#[test]
+fn client_memory_counts_against_the_memory_limit() {
+    let env = Env::with("client-memory-limit", Limits { max_memory_bytes_per_session: 8 * MIB, ..Limits::default() });
+    let mut c = env.session();
+    c.register_client_memory(6 * MIB, true, 0).unwrap();
+    assert_errno!(c.register_client_memory(4 * MIB, true, 0), ENOSPC);
+    memory(&mut c, 2 * MIB);
+    assert_errno!(c.register_client_memory(PAGE, true, 0), ENOSPC);
+}

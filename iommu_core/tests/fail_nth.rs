@@ -236,6 +236,15 @@ fn sweep_register_memory() -> Sweep {
     sweep("register_memory", basic, |_| vec![], |core, sid, _| core.register_memory(sid, memfd(2 * MIB)))
 }
 
+fn sweep_register_client_memory() -> Sweep {
+    sweep(
+        "register_client_memory",
+        basic,
+        |_| vec![],
+        |core, sid, _| core.register_client_memory(sid, 2 * MIB, true, 0x10_0000),
+    )
+}
+
 fn sweep_ioas_alloc() -> Sweep {
     sweep("ioas_alloc", basic, |_| vec![], |core, sid, _| core.ioas_alloc(sid))
 }
@@ -373,6 +382,12 @@ fn sweep_ppasid_alloc() -> Sweep {
 #[test]
 fn register_memory_rolls_back() {
     let s = sweep_register_memory();
+    assert_eq!(s.steps, 2);
+}
+
+#[test]
+fn register_client_memory_rolls_back() {
+    let s = sweep_register_client_memory();
     assert_eq!(s.steps, 2);
 }
 
