@@ -3,7 +3,8 @@
 //! It maps the core's table pool read-only and the memory objects its
 //! devices reach, and translates `(device, pPASID, IOVA)` by walking the
 //! tables in shared memory, without asking the core. Results are cached in
-//! an IOTLB (4 KiB granules); a "not present" answer is never cached.
+//! an IOTLB keyed by 4 KiB page, each entry holding the translation of its
+//! whole leaf; a "not present" answer is never cached.
 //! Nested attachments are walked in two stages: the user's stage-1 table
 //! (whose addresses are parent IOVAs) and the parent's stage-2 table.
 //!
