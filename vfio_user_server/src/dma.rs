@@ -60,9 +60,68 @@ use crate::proto;
 /// Errors of DMA and of DMA mapping, each with the errno a client sees.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A bad request.
-    #[error("{0}")]
-    Invalid(String),
+    /// DMA_MAP flags other than READ and WRITE.
+    #[error("unknown DMA_MAP flags {0:#x}")]
+    UnknownFlags(u32),
+    /// DMA_MAP with neither READ nor WRITE.
+    #[error("DMA_MAP grants neither read nor write")]
+    NoAccess,
+    /// DMA_MAP of size 0.
+    #[error("DMA_MAP of size 0")]
+    EmptyRegion,
+    /// The region's last byte is past 2^64.
+    #[error("DMA region {0:#x}+{1:#x} overflows")]
+    Overflow(u64, u64),
+    /// The region (or its file offset) is not 4 KiB aligned.
+    #[error("DMA region {0:#x}+{1:#x} (file offset {2:#x}) is not 4 KiB aligned")]
+    Unaligned(u64, u64, u64),
+    /// The region reaches past the 48-bit IOVA space.
+    #[error("DMA region {0:#x}+{1:#x} is beyond 48-bit IOVAs")]
+    BeyondIova(u64, u64),
+    /// The DMA_MAP's fd cannot be asked its size.
+    #[error("cannot stat the DMA fd: {0}")]
+    Stat(std::io::Error),
+    /// The region reaches past the end of its file.
+    #[error("DMA region {address:#x}+{size:#x} at file offset {offset:#x} exceeds the file's {file_len} bytes")]
+    PastFileEnd {
+        /// IOVA.
+        address: u64,
+        /// Size.
+        size: u64,
+        /// Offset in the file.
+        offset: u64,
+        /// The file's size.
+        file_len: u64,
+    },
+    /// IOASID_BIND with an fd that is not a channel of this server's core.
+    #[error("the fd is not a device channel of this server's core")]
+    NotOurChannel,
+    /// IOASID_BIND with a socket of the core that does not work as a
+    /// channel.
+    #[error("the fd is not a working device channel: {0}")]
+    BadChannel(device::Error),
+    /// A vPASID attach on a device without PASID.
+    #[error("the device has no PASID capability")]
+    NoPasidCapability,
+    /// A vPASID of 0 or past the device's width.
+    #[error("vPASID {0:#x} is outside 1..2^{1}")]
+    VpasidRange(u32, u8),
+    /// Attach of a vPASID that is attached already.
+    #[error("vPASID {0:#x} is already attached")]
+    VpasidAttached(u32),
+    /// Replace of a vPASID that is not attached.
+    #[error("vPASID {0:#x} is not attached; nothing to replace")]
+    VpasidNotAttached(u32),
+    /// A DMA logging report that cannot be made.
+    #[error("DMA logging report of {iova:#x}+{length:#x}: {why}")]
+    BadReport {
+        /// First IOVA.
+        iova: u64,
+        /// Length.
+        length: u64,
+        /// What is wrong.
+        why: &'static str,
+    },
     /// Overlaps an existing map.
     #[error("DMA region {0:#x}+{1:#x} overlaps an existing one")]
     Exists(u64, u64),
@@ -134,7 +193,21 @@ impl Error {
     /// errno for the wire.
     pub fn errno(&self) -> i32 {
         match self {
-            Error::Invalid(_) => libc::EINVAL,
+            Error::UnknownFlags(_)
+            | Error::NoAccess
+            | Error::EmptyRegion
+            | Error::Overflow(..)
+            | Error::Unaligned(..)
+            | Error::BeyondIova(..)
+            | Error::Stat(_)
+            | Error::PastFileEnd { .. }
+            | Error::NotOurChannel
+            | Error::BadChannel(_)
+            | Error::NoPasidCapability
+            | Error::VpasidRange(..)
+            | Error::VpasidNotAttached(_)
+            | Error::BadReport { .. } => libc::EINVAL,
+            Error::VpasidAttached(_) => libc::EBUSY,
             Error::Exists(..) => libc::EEXIST,
             Error::NotFound(..) => libc::ENOENT,
             Error::Limit(_) => libc::ENOSPC,
@@ -684,18 +757,15 @@ impl Dma {
     /// Handles DMA_MAP. `fd` is the passed file, if any.
     pub fn map(&self, m: &proto::DmaMap, fd: Option<OwnedFd>) -> Result<(), Error> {
         if m.flags & !(proto::DMA_MAP_READ | proto::DMA_MAP_WRITE) != 0 {
-            return Err(Error::Invalid(format!("unknown DMA_MAP flags {:#x}", m.flags)));
+            return Err(Error::UnknownFlags(m.flags));
         }
         if m.flags == 0 {
-            return Err(Error::Invalid("DMA_MAP grants neither read nor write".into()));
+            return Err(Error::NoAccess);
         }
         if m.size == 0 {
-            return Err(Error::Invalid("DMA_MAP of size 0".into()));
+            return Err(Error::EmptyRegion);
         }
-        let last = m
-            .address
-            .checked_add(m.size - 1)
-            .ok_or_else(|| Error::Invalid(format!("DMA region {:#x}+{:#x} overflows", m.address, m.size)))?;
+        let last = m.address.checked_add(m.size - 1).ok_or(Error::Overflow(m.address, m.size))?;
         let mut t = sync::lock(&self.table);
         if t.regions.len() >= MAX_DMA_MAPS {
             return Err(Error::Limit(format!("at most {MAX_DMA_MAPS} DMA regions")));
@@ -708,13 +778,10 @@ impl Dma {
         const PAGE: u64 = 4096;
         let Some(fd) = fd else {
             if !m.address.is_multiple_of(PAGE) || !m.size.is_multiple_of(PAGE) {
-                return Err(Error::Invalid("a DMA region must be 4 KiB aligned".into()));
+                return Err(Error::Unaligned(m.address, m.size, m.offset));
             }
             if last > MAX_IOVA {
-                return Err(Error::Invalid(format!(
-                    "DMA region {:#x}+{:#x} is beyond 48-bit IOVAs",
-                    m.address, m.size
-                )));
+                return Err(Error::BeyondIova(m.address, m.size));
             }
             let Some(c) = self.compat() else { return Err(self.core_gone()) };
             let mem = self.map_client_memory(&c, m.address, m.size, m.flags)?;
@@ -724,7 +791,7 @@ impl Dma {
             return Ok(());
         };
         if !m.address.is_multiple_of(PAGE) || !m.size.is_multiple_of(PAGE) || !m.offset.is_multiple_of(PAGE) {
-            return Err(Error::Invalid("a DMA region with an fd must be 4 KiB aligned".into()));
+            return Err(Error::Unaligned(m.address, m.size, m.offset));
         }
         // Before anything asks the file's file system (stat included): a
         // file of a stalled FUSE server would stall the device thread.
@@ -742,15 +809,9 @@ impl Dma {
             return Err(Error::Refused(why));
         }
         let file = File::from(fd);
-        let md = file.metadata().map_err(|e| Error::Invalid(format!("cannot stat the DMA fd: {e}")))?;
+        let md = file.metadata().map_err(Error::Stat)?;
         if m.offset.checked_add(m.size).is_none_or(|end| end > md.len()) {
-            return Err(Error::Invalid(format!(
-                "DMA region {:#x}+{:#x} at file offset {:#x} exceeds the file's {} bytes",
-                m.address,
-                m.size,
-                m.offset,
-                md.len()
-            )));
+            return Err(Error::PastFileEnd { address: m.address, size: m.size, offset: m.offset, file_len: md.len() });
         }
         let key = (md.dev(), md.ino());
         let Some(c) = self.compat() else { return Err(self.core_gone()) };
@@ -805,7 +866,7 @@ impl Dma {
         // and one message, per 64 KiB step instead of sixteen). The bytes
         // before the region are never mapped.
         let lead = address % CLIENT_OBJECT_ALIGN;
-        let total = size.checked_add(lead).ok_or_else(|| Error::Invalid("the DMA region overflows".into()))?;
+        let total = size.checked_add(lead).ok_or(Error::Overflow(address, size))?;
         let mem = self.call(c, |s| s.register_client_memory(total, perm.write, address - lead))?.id;
         let args = MapArgs { ioas: c.ioas, mem, offset: lead, length: size, iova: Some(address), perm };
         if let Err(e) = self.call(c, |s| s.map(args)) {
@@ -1043,7 +1104,7 @@ impl Dma {
         let stream = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SockType)
             .is_ok_and(|t| t == nix::sys::socket::SockType::Stream);
         if !stream || peer.is_none() || peer != core_pid {
-            return Err(Error::Invalid("the fd is not a device channel of this server's core".into()));
+            return Err(Error::NotOurChannel);
         }
         let watch = fd.try_clone().map_err(|e| {
             Error::Core(
@@ -1051,9 +1112,7 @@ impl Dma {
                 e.raw_os_error().unwrap_or(libc::EIO),
             )
         })?;
-        let channel = Arc::new(
-            Channel::new(fd).map_err(|e| Error::Invalid(format!("the fd is not a working device channel: {e}")))?,
-        );
+        let channel = Arc::new(Channel::new(fd).map_err(Error::BadChannel)?);
         let provider = ViewProvider::new(self.view.clone(), false);
         channel.set_driver_state_provider(provider.clone());
         let session = channel.session();
@@ -1144,14 +1203,14 @@ impl Dma {
         };
         let width = self.caps.pasid_width;
         if width == 0 {
-            return Err(Error::Invalid("the device has no PASID capability".into()));
+            return Err(Error::NoPasidCapability);
         }
         if v == 0 || u64::from(v) >= 1u64 << width {
-            return Err(Error::Invalid(format!("vPASID {v:#x} is outside 1..2^{width}")));
+            return Err(Error::VpasidRange(v, width));
         }
         match (b.pasids.get(&v).copied(), replace) {
-            (Some(_), false) => Err(Error::Core(format!("vPASID {v:#x} is already attached"), libc::EBUSY)),
-            (None, true) => Err(Error::Invalid(format!("vPASID {v:#x} is not attached; nothing to replace"))),
+            (Some(_), false) => Err(Error::VpasidAttached(v)),
+            (None, true) => Err(Error::VpasidNotAttached(v)),
             (Some((p, _)), true) => {
                 ch.replace(b.dev, Some(p), pt_id).map_err(chan_err)?;
                 b.pasids.insert(v, (p, pt_id));
@@ -1384,7 +1443,7 @@ impl Dma {
     /// it (an unaligned `iova` or end) are reported but stay dirty, since
     /// their part outside the range has not been reported yet.
     pub fn dirty_report(&self, iova: u64, length: u64, page_size: u64) -> Result<Vec<u64>, Error> {
-        let bad = |why: &str| Error::Invalid(format!("DMA logging report of {iova:#x}+{length:#x}: {why}"));
+        let bad = |why: &'static str| Error::BadReport { iova, length, why };
         if length == 0 || !page_size.is_power_of_two() {
             return Err(bad("the length is 0 or the page size is not a power of two"));
         }
