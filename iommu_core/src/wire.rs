@@ -1,3 +1,4 @@
+#![deny(clippy::cast_possible_truncation)]
 //! The core's wire protocol.
 //!
 //! A connection is a Unix stream socket. Every message is a frame:

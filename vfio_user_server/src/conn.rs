@@ -1,3 +1,4 @@
+#![deny(clippy::cast_possible_truncation)]
 //! One client connection: splitting the byte stream into messages with
 //! their fds, writing messages, and server-to-client DMA_READ/DMA_WRITE
 //! requests matched to their replies.

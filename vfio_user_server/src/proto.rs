@@ -1,3 +1,4 @@
+#![deny(clippy::cast_possible_truncation)]
 //! The vfio-user wire format: the 16-byte header, command numbers, the
 //! fixed payload layouts of every command (as zerocopy structs with their
 //! sizes checked at compile time) and the ioasid extension's commands.
@@ -122,10 +123,18 @@ pub struct Header {
 }
 const _: () = assert!(size_of::<Header>() == HEADER_SIZE);
 
+/// `msg_size` of a message with `payload` bytes after the header. Every
+/// message this crate builds is far below 4 GiB (payloads are bounded by
+/// `max_data_xfer_size` and the reply caps); one that were not could not
+/// be framed at all, and would say `u32::MAX`.
+fn msg_size(payload: usize) -> u32 {
+    HEADER_SIZE.checked_add(payload).and_then(|n| u32::try_from(n).ok()).unwrap_or(u32::MAX)
+}
+
 impl Header {
     /// A command header.
     pub fn command(msg_id: u16, command: u16, payload: usize) -> Header {
-        Header { msg_id, command, msg_size: (HEADER_SIZE + payload) as u32, flags: flags::COMMAND, error: 0 }
+        Header { msg_id, command, msg_size: msg_size(payload), flags: flags::COMMAND, error: 0 }
     }
 
     /// The reply header to this command.
@@ -133,7 +142,7 @@ impl Header {
         Header {
             msg_id: self.msg_id,
             command: self.command,
-            msg_size: (HEADER_SIZE + payload) as u32,
+            msg_size: msg_size(payload),
             flags: flags::REPLY,
             error: 0,
         }
@@ -144,7 +153,7 @@ impl Header {
         Header {
             msg_id: self.msg_id,
             command: self.command,
-            msg_size: HEADER_SIZE as u32,
+            msg_size: msg_size(0),
             flags: flags::REPLY | flags::ERROR,
             error: errno as u32,
         }
