@@ -5,6 +5,9 @@
 //!
 //! `cargo bench -p ioasid-stack --bench engine`
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 

@@ -6,6 +6,9 @@
 //! runs; prints p50 and p99 of each and their ratio.
 //! `cargo bench --bench flood` (`IOASID_FLOOD_TRIPS` round trips a run).
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};

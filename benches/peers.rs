@@ -4,6 +4,9 @@
 //! large `Status` and never read it. Run with
 //! `cargo bench --bench peers` (N = 2000; `IOASID_PEERS` to change it).
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};

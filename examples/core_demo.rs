@@ -3,6 +3,9 @@
 //!
 //! `cargo run --release --example core_demo [-- --socket PATH]`
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 
 use iommu_core::types::Limits;

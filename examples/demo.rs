@@ -7,6 +7,9 @@
 //!
 //! `cargo run --release --example demo [-- --dir DIR] [--copies N] [--size BYTES] [--exit|--wait]`
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

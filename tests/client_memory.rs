@@ -7,6 +7,9 @@
 //! been answered (QEMU serves the server's requests on its main loop, which
 //! waits while a vCPU waits for a register access).
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::fd::AsFd;

@@ -9,6 +9,9 @@
 //! With `IOASID_TEST_LOG_DIR=DIR`, each server logs (at debug level) to
 //! `DIR/NAME.log`.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::fd::{AsFd, AsRawFd};

@@ -1,5 +1,8 @@
 //! The README's main command: the demo session, checked.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use iommu_core::types::Limits;
 use iommu_core::Errno;
 

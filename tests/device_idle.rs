@@ -2,6 +2,9 @@
 //! until something can run, with no client and with a client whose queues
 //! are disabled, and poll only while a queue is enabled.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::fd::AsFd;

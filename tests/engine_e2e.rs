@@ -2,6 +2,9 @@
 //! dma-engine`, and this test as the VMM (a core session plus a vfio-user
 //! client using the ioasid extension), over real sockets.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::fd::AsFd;

@@ -4,6 +4,9 @@
 //! and a new one started on its mount point; a second one refused on a live
 //! mount point.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::ffi::CString;

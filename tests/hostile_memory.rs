@@ -3,6 +3,9 @@
 //! under a DMA_MAP never cost the server a SIGBUS, and DMA past a file's
 //! end is a fault that never grows the file.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::fd::AsFd;

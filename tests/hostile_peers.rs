@@ -1,6 +1,9 @@
 //! Hostile peers of the real `iommu-core` binary over its real socket:
 //! files that block, and peers that cost the core memory or time.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::fd::AsFd;

@@ -8,6 +8,9 @@
 //! socket send buffer, since QEMU writes each reply with one non-blocking
 //! write and drops whatever did not fit.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::fd::AsFd;

@@ -6,6 +6,9 @@
 //! completion record that cannot be written is an error, and a device
 //! without MSI-X interrupts through MSI.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::fd::AsFd;

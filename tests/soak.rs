@@ -12,6 +12,9 @@
 //! `IOASID_SOAK_SECS` sets the duration (default 15), `IOASID_SOAK_SEED`
 //! the random seed (printed).
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::Write;

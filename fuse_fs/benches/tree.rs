@@ -3,6 +3,9 @@
 //!
 //! `cargo bench -p fuse_fs --bench tree` (needs root and /dev/fuse).
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::Command;

@@ -4,6 +4,9 @@
 //! answers, one where it is stopped, and one where another file system is
 //! mounted.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};

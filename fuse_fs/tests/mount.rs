@@ -4,6 +4,9 @@
 //! goes away gives errors, not hangs, and the next core on the socket is
 //! shown; unmounting leaves nothing behind.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -2,6 +2,9 @@
 //! over the socket, page-table walks, and the machine's raw Unix-socket
 //! round trip as the reference for the socket figures.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;

@@ -4,6 +4,9 @@
 //! separately). Run with `cargo bench -p iommu_core --bench scale`; set
 //! `IOASID_SCALE_MAPPINGS` to change the count.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::fd::OwnedFd;
 use std::time::Instant;
 

@@ -2,6 +2,9 @@
 //! throughput through translation against plain memcpy of the same sizes,
 //! and unmap latency with 1 and 4 device servers attached.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;

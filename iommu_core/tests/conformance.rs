@@ -3,6 +3,9 @@
 //! success paths with their values and every edge case with its exact errno,
 //! driven over the real Unix socket against an in-process server.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};

@@ -2,6 +2,9 @@
 //! session unmaps and reuses memory; kill -9 of a device server; a device
 //! server that stops answering is fenced.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

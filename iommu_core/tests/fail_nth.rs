@@ -24,6 +24,9 @@
 //! only move when an operation succeeds, and `copy` subtracts what its
 //! rollback added, so the whole snapshot, counters included, must be equal.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::fd::OwnedFd;
 
 use iommu_core::model::{Core, Result as CoreResult};

@@ -1,5 +1,8 @@
 //! `ioasidctl` as people use it: a core in a thread, the real CLI binary.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 

@@ -3,6 +3,9 @@
 //! floods the core with requests gets errors (or waits its turn), while
 //! another session keeps its service.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

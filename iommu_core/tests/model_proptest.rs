@@ -10,6 +10,9 @@
 //! of tables in the pool must equal the number the reference mappings need
 //! (so a leaked or missing table is caught at the step that causes it).
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::OwnedFd;

@@ -1,6 +1,9 @@
 //! Multi-process tests: the real `iommu-core` binary, clients in other
 //! processes, hostile peers on the real socket.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;

@@ -2,6 +2,9 @@
 //! channels, RID and PASID DMA, nested two-stage walks with stage-1
 //! invalidation, page requests, dirty tracking, unbinding and fencing.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;

@@ -6,6 +6,9 @@
 //! operation, the best of 3 runs in operations per second and its time as
 //! a multiple of the raw round trip.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;

@@ -1,6 +1,9 @@
 //! The `vfio-user-server` binary: help, the sentence when no core runs,
 //! serving on --socket-path and on an inherited --fd, SIGTERM.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::fd::AsRawFd;

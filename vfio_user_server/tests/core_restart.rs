@@ -4,6 +4,9 @@
 //! server keeps for the rebuild are released with their regions, and the
 //! server follows restart after restart.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::fd::AsFd;

@@ -2,6 +2,9 @@
 //! a core in this process): more fds than a message may carry, and a file
 //! of a FUSE mount whose server is stopped.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::fd::{AsFd, BorrowedFd};

@@ -3,6 +3,9 @@
 //! info (with sparse mmap and fds), region read/write, DMA map/unmap with
 //! memfds (through the compat IOAS), IRQ eventfds and reset.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::fd::AsRawFd;

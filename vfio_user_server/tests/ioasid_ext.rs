@@ -3,6 +3,9 @@
 //! device's tagged DMA lands in the right address space, the core sees
 //! only pPASIDs and the server's list shows the vPASID map.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::BTreeSet;

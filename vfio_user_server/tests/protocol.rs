@@ -1,6 +1,9 @@
 //! One test per vfio-user command against the test device, through the
 //! project's own client, with a real core behind the server.
 
+// Tests, benchmarks and examples may panic on what they set up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::fd::AsFd;

@@ -126,9 +126,10 @@ impl Server {
             let full = self.conns.len() >= self.core.limits().max_connections as usize
                 || memfd::closes_pending() > MAX_PENDING_CLOSES;
             let Some(token) = self.register(stream, pid, uid) else { continue };
+            // `register` has just put it there.
+            let Some(conn) = self.conns.get_mut(&token) else { continue };
             if full {
                 tracing::warn!(pid, uid, "turning a peer away: the connection limit is reached");
-                let conn = self.conns.get_mut(&token).expect("just registered");
                 let msg = if memfd::closes_pending() > MAX_PENDING_CLOSES {
                     "the core is waiting to close files of a stalled file system; try again later".to_string()
                 } else {
@@ -138,7 +139,6 @@ impl Server {
                 conn.closing = true;
             } else if uid != self.owner_uid && uid != 0 {
                 tracing::warn!(pid, uid, "refusing a peer of another user");
-                let conn = self.conns.get_mut(&token).expect("just registered");
                 queue(conn, 0, &Reply::error(Errno::EPERM, "only the core's owner or root may connect"), Vec::new());
                 conn.closing = true;
             }
