@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::errno::Errno;
 use crate::types::*;
-use crate::wire::{self, Envelope, FrameReader, Reply, Request, Role};
+use crate::wire::{self, Envelope, FrameReader, FromCore, Reply, Request, Role};
 
 /// Largest reply the client accepts (a status of a very large core).
 pub const MAX_REPLY_BYTES: usize = 1 << 30;
@@ -187,7 +187,12 @@ impl Client {
     pub fn read_reply(&mut self) -> Result<(Envelope<Reply>, Vec<OwnedFd>)> {
         loop {
             if let Some(frame) = self.reader.next_frame()? {
-                return Ok((wire::decode(&frame.payload)?, frame.fds));
+                let env: Envelope<FromCore> = wire::decode(&frame.payload)?;
+                return match env.body {
+                    FromCore::Reply(body) => Ok((Envelope { seq: env.seq, body }, frame.fds)),
+                    // Notices go to device channels only.
+                    FromCore::Notice(n) => Err(Error::Unexpected(format!("a notice on a session: {n:?}"))),
+                };
             }
             let mut buf = vec![0u8; 256 * 1024];
             let (n, fds) = match wire::recv_with_fds(self.stream.as_fd(), &mut buf, 16) {
@@ -264,7 +269,7 @@ impl Client {
 
     /// Invalidates stage-1 caches of a nested IOAS.
     pub fn invalidate(&mut self, nested: u32, scope: InvalidateScope) -> Result<()> {
-        expect!(self.call(&Request::Invalidate { nested, scope }, &[])?, Reply::Ok => ())
+        expect!(self.call(&Request::InvalidateStage1 { nested, scope }, &[])?, Reply::Ok => ())
     }
 
     /// Allocates a global pPASID.

@@ -20,7 +20,7 @@ use crossbeam::channel::{bounded, Sender};
 use crate::errno::Errno;
 use crate::sync;
 use crate::types::*;
-use crate::wire::{self, Envelope, FrameReader, Reply, Request, Role};
+use crate::wire::{self, Envelope, FrameReader, FromCore, Notice, Reply, Request, Role};
 
 /// Errors of the device channel.
 #[derive(Debug, thiserror::Error)]
@@ -321,41 +321,26 @@ fn read_loop(inner: &Inner, stream: UnixStream) {
                     break 'outer;
                 }
             };
-            let env: Envelope<Reply> = match wire::decode(&frame.payload) {
+            let env: Envelope<FromCore> = match wire::decode(&frame.payload) {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!(error = %e, "undecodable message from the core");
                     break 'outer;
                 }
             };
-            if let Reply::Invalidate { id, targets, forget } = env.body {
-                let h = sync::lock(&inner.handler).clone();
-                if let Some(h) = h {
-                    h.invalidate(&targets, &forget);
+            let reply = match env.body {
+                FromCore::Reply(r) => r,
+                FromCore::Notice(n) => {
+                    if !notice(inner, n) {
+                        break 'outer;
+                    }
+                    continue;
                 }
-                inner.invalidations.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = inner.send(0, &Request::InvalidateDone { id }) {
-                    tracing::warn!(error = %e, "cannot answer an invalidation");
-                    break 'outer;
-                }
-                continue;
-            }
-            if let Reply::DriverQuery { id, dev } = env.body {
-                let p = sync::lock(&inner.provider).clone();
-                let state = match p {
-                    Some(p) => p.driver_state(dev),
-                    None => DriverState { server: "a device server without driver state".into(), ..Default::default() },
-                };
-                if let Err(e) = inner.send(0, &Request::DriverStateDone { id, state }) {
-                    tracing::warn!(error = %e, "cannot answer a driver-state query");
-                    break 'outer;
-                }
-                continue;
-            }
+            };
             let waiter = sync::lock(&inner.pending).remove(&env.seq);
             match waiter {
                 Some(tx) => {
-                    let _ = tx.send((env.body, frame.fds));
+                    let _ = tx.send((reply, frame.fds));
                 }
                 None => tracing::debug!(seq = env.seq, "reply nobody waits for"),
             }
@@ -363,6 +348,36 @@ fn read_loop(inner: &Inner, stream: UnixStream) {
     }
     inner.closed.store(true, Ordering::SeqCst);
     sync::lock(&inner.pending).clear();
+}
+
+/// Carries out a notice of the core; false if the channel cannot answer
+/// any more.
+fn notice(inner: &Inner, n: Notice) -> bool {
+    match n {
+        Notice::Invalidate { id, targets, forget } => {
+            let h = sync::lock(&inner.handler).clone();
+            if let Some(h) = h {
+                h.invalidate(&targets, &forget);
+            }
+            inner.invalidations.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = inner.send(0, &Request::InvalidateDone { id }) {
+                tracing::warn!(error = %e, "cannot answer an invalidation");
+                return false;
+            }
+        }
+        Notice::DriverQuery { id, dev } => {
+            let p = sync::lock(&inner.provider).clone();
+            let state = match p {
+                Some(p) => p.driver_state(dev),
+                None => DriverState { server: "a device server without driver state".into(), ..Default::default() },
+            };
+            if let Err(e) = inner.send(0, &Request::DriverStateDone { id, state }) {
+                tracing::warn!(error = %e, "cannot answer a driver-state query");
+                return false;
+            }
+        }
+    }
+    true
 }
 
 #[cfg(test)]

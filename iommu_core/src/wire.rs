@@ -160,8 +160,10 @@ pub enum Request {
         /// Last IOVA (inclusive).
         last: u64,
     },
-    /// Invalidate stage-1 caches of a nested IOAS.
-    Invalidate {
+    /// Session: flush the stage-1 caches of a nested IOAS after the user
+    /// edited its stage-1 table (not to be confused with
+    /// [`Notice::Invalidate`], which the core sends to device servers).
+    InvalidateStage1 {
         /// Nested IOAS.
         nested: u32,
         /// What to invalidate.
@@ -273,7 +275,7 @@ pub enum Request {
     ReportFault(FaultRecord),
     /// Channel: a page request; answered when the session responds.
     PageRequest(FaultRecord),
-    /// Channel: the answer to a [`Reply::Invalidate`]; gets no reply.
+    /// Channel: the answer to a [`Notice::Invalidate`]; gets no reply.
     InvalidateDone {
         /// Id of the invalidation.
         id: u64,
@@ -296,7 +298,7 @@ pub enum Request {
         /// IOAS id.
         ioas: u32,
     },
-    /// Channel: the answer to a [`Reply::DriverQuery`]; gets no reply.
+    /// Channel: the answer to a [`Notice::DriverQuery`]; gets no reply.
     DriverStateDone {
         /// Id of the query.
         id: u64,
@@ -449,31 +451,12 @@ pub enum Reply {
         /// `page_response::SUCCESS` or `INVALID`.
         code: u32,
     },
-    /// Core -> device server, `seq` 0: drop these translations, finish DMA
-    /// that started before this message, then send
-    /// [`Request::InvalidateDone`] with `id`.
-    Invalidate {
-        /// Id to answer with.
-        id: u64,
-        /// What to drop.
-        targets: Vec<InvalidateTarget>,
-        /// System bases of memory objects that are gone: unmap them.
-        forget: Vec<u64>,
-    },
     /// The request failed.
     Error {
         /// Linux errno number.
         errno: i32,
         /// What went wrong.
         message: String,
-    },
-    /// Core -> device server, `seq` 0: report the driver state of `dev`
-    /// with [`Request::DriverStateDone`] and `id`.
-    DriverQuery {
-        /// Id to answer with.
-        id: u64,
-        /// Device.
-        dev: u32,
     },
     /// A device's driver state, as its server answered.
     DriverState(DriverState),
@@ -483,6 +466,58 @@ pub enum Reply {
     Generation(u64),
     /// Mappings of one IOAS, in IOVA order.
     Mappings(Vec<MappingInfo>),
+}
+
+/// A message the core starts itself, toward a device channel (sent with
+/// `seq` 0): not the reply to any request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Notice {
+    /// Drop these translations, finish DMA that started before this
+    /// message, then send [`Request::InvalidateDone`] with `id`.
+    Invalidate {
+        /// Id to answer with.
+        id: u64,
+        /// What to drop.
+        targets: Vec<InvalidateTarget>,
+        /// System bases of memory objects that are gone: unmap them.
+        forget: Vec<u64>,
+    },
+    /// Report the driver state of `dev` with [`Request::DriverStateDone`]
+    /// and `id`.
+    DriverQuery {
+        /// Id to answer with.
+        id: u64,
+        /// Device.
+        dev: u32,
+    },
+}
+
+/// What the core sends on a connection: the reply to a request (with its
+/// `seq`), or a notice of its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FromCore {
+    /// The reply to the request with the envelope's `seq`.
+    Reply(Reply),
+    /// A notice (`seq` 0).
+    Notice(Notice),
+}
+
+/// [`FromCore`] by reference, for encoding without a copy: the same
+/// variants in the same order, so it encodes exactly as [`FromCore`].
+#[derive(Serialize)]
+enum FromCoreRef<'a> {
+    Reply(&'a Reply),
+    Notice(&'a Notice),
+}
+
+/// Encodes the reply to request `seq`.
+pub fn encode_reply(seq: u64, reply: &Reply, nfds: usize) -> Result<Vec<u8>, Error> {
+    encode(seq, &FromCoreRef::Reply(reply), nfds)
+}
+
+/// Encodes a notice.
+pub fn encode_notice(notice: &Notice) -> Result<Vec<u8>, Error> {
+    encode(0, &FromCoreRef::Notice(notice), 0)
 }
 
 impl Reply {

@@ -269,8 +269,8 @@ fn a_peer_that_never_says_hello_is_turned_away() {
     let mut r = wire::FrameReader::new(1 << 20, 0);
     r.push(&buf, Vec::new());
     let f = r.next_frame().unwrap().expect("an answer before the close");
-    match wire::decode::<wire::Reply>(&f.payload).unwrap().body {
-        wire::Reply::Error { errno, .. } => assert_eq!(errno, Errno::ETIMEDOUT.code()),
+    match wire::decode::<wire::FromCore>(&f.payload).unwrap().body {
+        wire::FromCore::Reply(wire::Reply::Error { errno, .. }) => assert_eq!(errno, Errno::ETIMEDOUT.code()),
         other => panic!("unexpected {other:?}"),
     }
     // ...and once they are gone, a peer that says hello is served, past
@@ -308,7 +308,7 @@ fn raw_channel_with_device(s: &mut Client) -> (UnixStream, u32) {
         assert!(n > 0, "the channel closed");
         r.push(&buf[..n], Vec::new());
         while let Ok(Some(f)) = r.next_frame() {
-            if let wire::Reply::Device(b) = wire::decode::<wire::Reply>(&f.payload).unwrap().body {
+            if let wire::FromCore::Reply(wire::Reply::Device(b)) = wire::decode(&f.payload).unwrap().body {
                 return (chan, b.dev_id);
             }
         }

@@ -190,8 +190,8 @@ fn raw_answer(mut s: UnixStream) -> Option<i32> {
     let mut r = wire::FrameReader::new(1 << 20, 0);
     r.push(&buf, Vec::new());
     match r.next_frame() {
-        Ok(Some(f)) => match wire::decode::<Reply>(&f.payload).unwrap().body {
-            Reply::Error { errno, .. } => Some(errno),
+        Ok(Some(f)) => match wire::decode::<wire::FromCore>(&f.payload).unwrap().body {
+            wire::FromCore::Reply(Reply::Error { errno, .. }) => Some(errno),
             other => panic!("unexpected reply {other:?}"),
         },
         _ => None,
@@ -323,8 +323,8 @@ fn foreign_user_process() {
     let mut r = wire::FrameReader::new(1 << 20, 0);
     r.push(&buf[..n], Vec::new());
     match r.next_frame() {
-        Ok(Some(f)) => match wire::decode::<Reply>(&f.payload).map(|e| e.body) {
-            Ok(Reply::Error { errno, .. }) => println!("ERRNO {errno}"),
+        Ok(Some(f)) => match wire::decode::<wire::FromCore>(&f.payload).map(|e| e.body) {
+            Ok(wire::FromCore::Reply(Reply::Error { errno, .. })) => println!("ERRNO {errno}"),
             _ => println!("REPLY"),
         },
         _ => println!("CLOSED"),

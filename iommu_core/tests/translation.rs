@@ -730,10 +730,10 @@ fn driver_state_is_relayed_and_bounded() {
         s.write_all(&iommu_core::wire::encode(seq, req, 0).unwrap()).unwrap();
     };
     let mut reader = iommu_core::wire::FrameReader::new(1 << 20, 4);
-    let mut recv = |s: &mut UnixStream| -> iommu_core::wire::Reply {
+    let mut recv = |s: &mut UnixStream| -> iommu_core::wire::FromCore {
         loop {
             if let Some(f) = reader.next_frame().unwrap() {
-                return iommu_core::wire::decode::<iommu_core::wire::Reply>(&f.payload).unwrap().body;
+                return iommu_core::wire::decode::<iommu_core::wire::FromCore>(&f.payload).unwrap().body;
             }
             let mut b = [0u8; 4096];
             let n = s.read(&mut b).unwrap();
@@ -751,12 +751,14 @@ fn driver_state_is_relayed_and_bounded() {
     recv(&mut raw);
     let bind = BindArgs { name: "mute".into(), pci_address: "0000:00:05.0".into(), caps: caps(0, false, false) };
     send(&mut raw, 2, &iommu_core::wire::Request::BindDevice(bind));
-    let iommu_core::wire::Reply::Device(b) = recv(&mut raw) else { panic!("bind failed") };
+    let iommu_core::wire::FromCore::Reply(iommu_core::wire::Reply::Device(b)) = recv(&mut raw) else {
+        panic!("bind failed")
+    };
     let t0 = Instant::now();
     assert_eq!(obs.driver_state(sid, b.dev_id).unwrap_err().errno(), Some(Errno::ETIMEDOUT));
     assert!(t0.elapsed() >= Duration::from_secs(1));
     // The query did arrive; an answer for someone else's id is ignored.
-    assert!(matches!(recv(&mut raw), iommu_core::wire::Reply::DriverQuery { .. }));
+    assert!(matches!(recv(&mut raw), iommu_core::wire::FromCore::Notice(iommu_core::wire::Notice::DriverQuery { .. })));
     send(&mut raw, 0, &iommu_core::wire::Request::DriverStateDone { id: 9999, state: DriverState::default() });
     // Closing the channel while a query waits ends it with ENOENT.
     let path = r.path.clone();

@@ -15,7 +15,7 @@ use super::Server;
 use crate::errno::Errno;
 use crate::memfd;
 use crate::types::Limits;
-use crate::wire::{self, Envelope, FrameReader, Reply, Request, Role};
+use crate::wire::{self, Envelope, FrameReader, Notice, Reply, Request, Role};
 
 /// Requests served per connection per turn of the loop.
 pub const FRAMES_PER_TURN: usize = 32;
@@ -490,12 +490,20 @@ pub(super) fn is_refused_stand_in(fd: std::os::fd::BorrowedFd<'_>) -> bool {
 }
 
 fn encode_reply(seq: u64, reply: &Reply, nfds: usize) -> Option<Vec<u8>> {
-    match wire::encode(seq, reply, nfds) {
+    match wire::encode_reply(seq, reply, nfds) {
         Ok(b) => Some(b),
         Err(e) => {
             tracing::error!(error = %e, "cannot encode a reply");
-            wire::encode(seq, &Reply::error(Errno::E2BIG, e.to_string()), 0).ok()
+            wire::encode_reply(seq, &Reply::error(Errno::E2BIG, e.to_string()), 0).ok()
         }
+    }
+}
+
+/// Queues a notice of the core's own (`seq` 0) to a device channel.
+pub(super) fn queue_notice(conn: &mut Conn, notice: &Notice) {
+    match wire::encode_notice(notice) {
+        Ok(bytes) => push_frame(conn, bytes, Vec::new()),
+        Err(e) => tracing::error!(error = %e, "cannot encode a notice"),
     }
 }
 

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use mio::net::UnixStream;
 use mio::Token;
 
-use super::conn::{is_refused_stand_in, queue, STASH_LIMIT};
+use super::conn::{is_refused_stand_in, queue, queue_notice, STASH_LIMIT};
 use super::Server;
 use crate::errno::Errno;
 use crate::model;
-use crate::wire::{self, Envelope, Reply, Request, Role};
+use crate::wire::{self, Envelope, Notice, Reply, Request, Role};
 
 /// A driver-state query relayed to a device channel.
 pub(super) struct DriverWaiter {
@@ -183,7 +183,7 @@ impl Server {
             Request::IovaRanges { ioas } => core.iova_ranges(sid, ioas).map(Reply::Ranges),
             Request::AllowIovas { ioas, ranges } => core.allow_iovas(sid, ioas, ranges).map(|_| Reply::Ok),
             Request::AddReserved { ioas, start, last } => core.add_reserved(sid, ioas, start, last).map(|_| Reply::Ok),
-            Request::Invalidate { nested, scope } => core.invalidate(sid, nested, scope).map(|_| Reply::Ok),
+            Request::InvalidateStage1 { nested, scope } => core.invalidate(sid, nested, scope).map(|_| Reply::Ok),
             Request::PpasidAlloc => core.ppasid_alloc(sid).map(Reply::Pasid),
             Request::PpasidFree { pasid } => core.ppasid_free(sid, pasid).map(|_| Reply::Ok),
             Request::SetDirtyTracking { ioas, enable } => core.set_dirty_tracking(sid, ioas, enable).map(|_| Reply::Ok),
@@ -290,7 +290,7 @@ impl Server {
                 let id = self.next_query;
                 self.next_query += 1;
                 if let Some(c) = self.conns.get_mut(&t) {
-                    queue(c, 0, &Reply::DriverQuery { id, dev }, Vec::new());
+                    queue_notice(c, &Notice::DriverQuery { id, dev });
                     self.backlog.push_back(t);
                 }
                 let deadline = Instant::now() + DRIVER_QUERY_TIMEOUT;

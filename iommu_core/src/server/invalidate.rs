@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use mio::Token;
 
-use super::conn::queue;
+use super::conn::{queue, queue_notice};
 use super::Server;
 use crate::errno::Errno;
 use crate::model;
 use crate::types::InvalidateTarget;
-use crate::wire::Reply;
+use crate::wire::{Notice, Reply};
 
 /// An operation whose reply waits until every device channel that could
 /// hold a stale translation has answered (or has been fenced).
@@ -107,7 +107,7 @@ impl Server {
             let Some(c) = self.conns.get_mut(&t) else { continue };
             let id = self.next_inval;
             self.next_inval += 1;
-            queue(c, 0, &Reply::Invalidate { id, targets, forget }, Vec::new());
+            queue_notice(c, &Notice::Invalidate { id, targets, forget });
             self.backlog.push_back(t);
             waiting.insert(chan, id);
         }
