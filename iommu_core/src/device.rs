@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crossbeam::channel::{bounded, Sender};
+use crossbeam_channel::{bounded, Sender};
 
 use crate::errno::Errno;
 use crate::sync;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{bounded, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 use iommu_core::tu::{ClientFailure, ClientMemory};
 use iommu_core::{memfd, sync};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};

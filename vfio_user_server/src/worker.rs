@@ -229,7 +229,7 @@ impl Worker {
     }
 
     /// Runs jobs until [`Job::Stop`] or the sender goes away.
-    pub fn run(mut self, rx: crossbeam::channel::Receiver<Job>, backlog: Arc<Backlog>) {
+    pub fn run(mut self, rx: crossbeam_channel::Receiver<Job>, backlog: Arc<Backlog>) {
         while let Ok(job) = rx.recv() {
             match job {
                 Job::Connected(w, p, io) => {

@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use crossbeam::channel::{unbounded, Sender};
+use crossbeam_channel::{unbounded, Sender};
 use iommu_core::sync;
 use iommu_core::types::{DeviceCaps, FaultReason};
 use serde::{Deserialize, Serialize};
@@ -157,7 +157,7 @@ impl TestDevice {
         })
     }
 
-    fn engine(shared: Arc<Shared>, ctx: DeviceContext, rx: crossbeam::channel::Receiver<Copy>) {
+    fn engine(shared: Arc<Shared>, ctx: DeviceContext, rx: crossbeam_channel::Receiver<Copy>) {
         while let Ok(c) = rx.recv() {
             let mut run = sync::lock(&shared.running);
             while !*run {

@@ -1,0 +1,385 @@
+//! The queues: their register state, what the device and its queue
+//! threads share (the gate, the void generations, the commit lock, the
+//! doorbell page), and each queue's thread, which fetches descriptors,
+//! runs them with [`execute`], keeps the progress of a stopped one and
+//! commits a finished one (record, HEAD, interrupt) all or nothing with
+//! respect to a reset.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
+
+use iommu_core::sync;
+use iommu_core::types::FaultReason;
+use memmap2::MmapRaw;
+use serde::{Deserialize, Serialize};
+
+use crate::device::DeviceContext;
+use crate::dma::{self, Route};
+
+use super::abi::{flag, regs, status, Completion, Descriptor, DESC_SIZE, QUEUES};
+use super::execute::{execute, Outcome, Progress, Step};
+
+/// A queue's registers and the descriptor it stopped part-way.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub(super) struct QueueRegs {
+    pub(super) ring_base: u64,
+    pub(super) ring_size: u32,
+    pub(super) ring_pasid: u32,
+    pub(super) ctrl: u32,
+    pub(super) head: u32,
+    pub(super) tail: u32,
+    pub(super) halted: bool,
+    /// A completion record could not be written (Q_STATUS bit 2).
+    pub(super) cmpl_fault: bool,
+    pub(super) completed: u64,
+    pub(super) errors: u32,
+    /// The descriptor at HEAD, fetched and stopped part-way.
+    pub(super) inflight: Option<(Descriptor, Progress)>,
+}
+
+/// The device's registers (saved and loaded for migration).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub(super) struct Regs {
+    pub(super) enabled: bool,
+    pub(super) intx_status: u32,
+    pub(super) queues: [QueueRegs; QUEUES],
+}
+
+/// What the device and its queue threads share.
+pub(super) struct Shared {
+    pub(super) regs: Mutex<Regs>,
+    /// Read-held by a queue thread while it works on a descriptor; taking
+    /// it for writing waits until every queue is between steps.
+    pub(super) gate: RwLock<bool>,
+    /// Set while a migration stop is asked for: descriptors stop at their
+    /// next step and keep their progress.
+    pub(super) held: AtomicBool,
+    /// Set while work is being voided (see [`Shared::void`]).
+    voiding: AtomicBool,
+    kick: Mutex<u64>,
+    kicked: Condvar,
+    /// The doorbell page (swapped for a fresh one when a client leaves).
+    pub(super) doorbells: RwLock<MmapRaw>,
+    pub(super) stop: AtomicBool,
+    /// Per queue: bumped when the queue's work becomes void (reset, queue
+    /// or device disable, departed client). A step of older work stops.
+    voids: [AtomicU64; QUEUES],
+    /// Held while a queue commits a finished descriptor (record, HEAD,
+    /// interrupt) and while work is voided: a descriptor either completed
+    /// before a reset was accepted or never does.
+    commit: Mutex<()>,
+    /// The device's DMA, once started: waiting for a step first fences the
+    /// client, so that no step waits for client memory meanwhile.
+    pub(super) dma: std::sync::OnceLock<Arc<dma::Dma>>,
+}
+
+impl Shared {
+    /// Registers at reset, the gate open, doorbells in `doorbells`.
+    pub(super) fn new(doorbells: MmapRaw) -> Shared {
+        Shared {
+            regs: Mutex::new(Regs::default()),
+            gate: RwLock::new(true),
+            held: AtomicBool::new(false),
+            voiding: AtomicBool::new(false),
+            kick: Mutex::new(0),
+            kicked: Condvar::new(),
+            doorbells: RwLock::new(doorbells),
+            stop: Default::default(),
+            voids: Default::default(),
+            commit: Mutex::new(()),
+            dma: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub(super) fn doorbell(&self, q: usize) -> u32 {
+        let m = sync::read(&self.doorbells);
+        let p = m.as_mut_ptr();
+        // SAFETY: the mapping is 4 KiB of a memfd sealed against shrinking
+        // and lives while the read guard is held; slot q (q < QUEUES) is
+        // 8-byte aligned inside it. The client may write it at any time
+        // through its own mapping, so it is read atomically.
+        unsafe { (*(p.add(q * 8) as *const AtomicU32)).load(Ordering::Acquire) }
+    }
+
+    pub(super) fn set_doorbell(&self, q: usize, v: u32) {
+        let m = sync::read(&self.doorbells);
+        let p = m.as_mut_ptr();
+        // SAFETY: as in `doorbell`.
+        unsafe { (*(p.add(q * 8) as *const AtomicU32)).store(v, Ordering::Release) }
+    }
+
+    pub(super) fn wake(&self) {
+        {
+            let mut k = sync::lock(&self.kick);
+            *k = k.wrapping_add(1);
+        }
+        self.kicked.notify_all();
+    }
+
+    /// Voids the work of the queues in `which` (accepted at once: no
+    /// descriptor of theirs completes after this) and waits until every
+    /// queue thread is between steps. The returned guard keeps the engines
+    /// out while the caller changes registers.
+    pub(super) fn void(&self, which: impl Iterator<Item = usize>) -> std::sync::RwLockWriteGuard<'_, bool> {
+        // A step or a record waiting for client memory gives up at once.
+        let _fence = self.fence_client();
+        // Until the caller holds the gate, a queue thread that stopped for
+        // this must not start over (it would see the new generation and run
+        // its voided descriptor again): `voiding` keeps it out.
+        self.voiding.store(true, Ordering::SeqCst);
+        {
+            let _c = sync::lock(&self.commit);
+            for q in which {
+                self.voids[q].fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        self.wake();
+        let g = sync::write(&self.gate);
+        // The caller changes the registers before the engines can read
+        // them again (they need the gate).
+        self.voiding.store(false, Ordering::SeqCst);
+        g
+    }
+
+    /// Waits until every queue thread is between steps (after a gate such
+    /// as bus mastering closed, so that no DMA step is still running).
+    pub(super) fn quiesce(&self) {
+        let _fence = self.fence_client();
+        self.wake();
+        drop(sync::write(&self.gate));
+    }
+
+    /// Fences the client's DMA while the caller waits for queue threads:
+    /// the caller answers a client's command, and the client serves our
+    /// DMA only after that answer (see `dma::Dma::fence_client`). A step
+    /// given up this way stops with its progress and goes on later.
+    pub(super) fn fence_client(&self) -> Option<dma::ClientFence> {
+        self.dma.get().map(|d| d.fence_client())
+    }
+}
+
+/// A doorbell page: a memfd sealed against shrinking and growing (a client
+/// that maps it cannot truncate it under our mapping), mapped; with the
+/// contents of `from` if given.
+pub(super) fn doorbell_page(from: Option<&File>) -> std::io::Result<(File, MmapRaw)> {
+    let f = iommu_core::memfd::create_sealed("dma-engine-doorbells", 4096).map_err(std::io::Error::other)?;
+    if let Some(old) = from {
+        let mut b = [0u8; 4096];
+        old.read_exact_at(&mut b, 0)?;
+        f.write_all_at(&b, 0)?;
+    }
+    let m = memmap2::MmapOptions::new().len(4096).map_raw(&f)?;
+    Ok((f, m))
+}
+
+/// A queue's thread: runs what is submitted while the queue can run, and
+/// polls or sleeps in between, until the device stops.
+pub(super) fn queue_loop(shared: Arc<Shared>, ctx: DeviceContext, q: usize) {
+    let mut idle_rounds = 0u32;
+    while !shared.stop.load(Ordering::Acquire) {
+        // After client DMA was given up for a fence: try again once it
+        // is down (holding nothing that the fencing thread waits for).
+        ctx.dma.wait_client(Duration::from_secs(1));
+        let seen = *sync::lock(&shared.kick);
+        let did = drain(&shared, &ctx, q);
+        if did {
+            idle_rounds = 0;
+            continue;
+        }
+        // Doorbells written through an mmap are not trapped: while the
+        // queue can run, poll them, briefly often, then less often while
+        // idle. A queue that cannot run (device or queue disabled,
+        // halted, bus mastering off) waits for a kick alone: every
+        // register write, command register or power state change,
+        // reset, state load and stop kicks, so an idle device costs
+        // nothing.
+        let runnable = ctx.dma.bus_master() && *sync::read(&shared.gate) && {
+            let r = sync::lock(&shared.regs);
+            let qr = &r.queues[q];
+            r.enabled && qr.ctrl & regs::Q_CTRL_ENABLE != 0 && !qr.halted
+        };
+        idle_rounds = idle_rounds.saturating_add(1);
+        let wait = if idle_rounds < 100 { Duration::from_micros(50) } else { Duration::from_millis(2) };
+        let k = sync::lock(&shared.kick);
+        if *k == seen {
+            if runnable {
+                drop(crate::devices::wait_timeout(&shared.kicked, &shared.kick, k, wait));
+            } else {
+                idle_rounds = 0;
+                drop(crate::devices::wait(&shared.kicked, &shared.kick, k));
+            }
+        }
+    }
+}
+
+/// Runs the queue's pending descriptors; true if any ran.
+fn drain(shared: &Shared, ctx: &DeviceContext, q: usize) -> bool {
+    let mut did = false;
+    loop {
+        let gate = sync::read(&shared.gate);
+        if !*gate || shared.stop.load(Ordering::Acquire) || !ctx.dma.bus_master() {
+            return did;
+        }
+        let gen = shared.voids[q].load(Ordering::SeqCst);
+        if shared.voiding.load(Ordering::SeqCst) {
+            return did;
+        }
+        let tail = shared.doorbell(q);
+        let (qr, enabled) = {
+            let mut r = sync::lock(&shared.regs);
+            r.queues[q].tail = tail;
+            (r.queues[q], r.enabled)
+        };
+        let on = enabled && qr.ctrl & regs::Q_CTRL_ENABLE != 0 && !qr.halted;
+        if !on || qr.head == tail || qr.ring_size == 0 {
+            return did;
+        }
+        if tail.wrapping_sub(qr.head) > qr.ring_size {
+            // More submitted than the ring holds: a broken driver.
+            sync::lock(&shared.regs).queues[q].halted = true;
+            return did;
+        }
+        did = true;
+        let ring_route =
+            if qr.ring_pasid & regs::PASID_VALID != 0 { Route::Vpasid(qr.ring_pasid & 0xf_ffff) } else { Route::Rid };
+        let (d, from) = match qr.inflight {
+            Some((d, p)) => (d, Some(p)),
+            None => {
+                let slot = u64::from(qr.head % qr.ring_size);
+                let at = qr.ring_base.wrapping_add(slot * DESC_SIZE);
+                let mut raw = [0u8; 64];
+                match ctx.dma.read(ring_route, at, &mut raw) {
+                    Ok(()) => (Descriptor::parse(&raw), None),
+                    // Bus mastering went off, the client's DMA was
+                    // fenced, or the client is slow: fetch it again.
+                    Err(e) if e.stops_step() || e.client_timed_out() => return did,
+                    Err(e) => {
+                        tracing::debug!("dma-engine queue {q}: cannot fetch descriptor at {at:#x}: {e}");
+                        if let dma::Error::NoPasid(_) = e {
+                            ctx.dma.report_fault(ring_route, at, false, FaultReason::NotPresent);
+                        }
+                        let mut r = sync::lock(&shared.regs);
+                        if shared.voids[q].load(Ordering::Acquire) == gen {
+                            r.queues[q].halted = true;
+                        }
+                        return did;
+                    }
+                }
+            }
+        };
+        let step = || {
+            if shared.voids[q].load(Ordering::Acquire) != gen || shared.stop.load(Ordering::Acquire) {
+                Step::Void
+            } else if shared.held.load(Ordering::Acquire) || !ctx.dma.bus_master() {
+                Step::Stop
+            } else {
+                Step::Go
+            }
+        };
+        let c = match from.and_then(|p| p.result) {
+            Some(c) => c,
+            None => match execute(&*ctx.dma, &d, from, &step) {
+                Outcome::Done(c) => c,
+                Outcome::Stopped(p) => {
+                    keep(shared, q, gen, d, p);
+                    return did;
+                }
+                Outcome::Void => return did,
+            },
+        };
+        if !commit(shared, ctx, q, gen, ring_route, &d, c) {
+            return did;
+        }
+        drop(gate);
+    }
+}
+
+/// Keeps a stopped descriptor's progress (unless its work was voided
+/// meanwhile).
+fn keep(shared: &Shared, q: usize, gen: u64, d: Descriptor, p: Progress) {
+    let mut r = sync::lock(&shared.regs);
+    if shared.voids[q].load(Ordering::Acquire) == gen {
+        r.queues[q].inflight = Some((d, p));
+    }
+}
+
+/// Completes a finished descriptor: its record, HEAD, the counters and
+/// the interrupt, all or nothing with respect to a reset. Returns
+/// false if the queue must stop (voided, halted, or the record waits
+/// for bus mastering).
+fn commit(
+    shared: &Shared,
+    ctx: &DeviceContext,
+    q: usize,
+    gen: u64,
+    ring_route: Route,
+    d: &Descriptor,
+    c: Completion,
+) -> bool {
+    let _c = sync::lock(&shared.commit);
+    if shared.voids[q].load(Ordering::Acquire) != gen {
+        return false;
+    }
+    let mut record_fault = false;
+    if let Some(rest) = d.completion.checked_add(1).filter(|_| d.completion != 0) {
+        // The record goes through the queue's address space; the
+        // status byte lands last.
+        let b = c.to_bytes();
+        let wrote = ctx
+            .dma
+            .write(ring_route, rest, &b[1..])
+            .map_err(|e| (e, false))
+            .and_then(|_| ctx.dma.write(ring_route, d.completion, &b[..1]).map_err(|e| (e, true)));
+        match wrote {
+            Ok(()) => {}
+            // The status byte went to the client before a fence gave up
+            // waiting for its answer: the client may still write it, so
+            // the descriptor completes now (before the fencing reset or
+            // disable is accepted), as if the answer had come.
+            Err((e, true)) if e.maybe_applied() => {}
+            Err((e, _)) if e.stops_step() || e.client_timed_out() => {
+                // Written when bus mastering is back, the fence is
+                // down, or the client answers; HEAD waits. (A record
+                // that cannot be written for a fault halts the queue
+                // below; a client that is slow to answer does not.)
+                let p = Progress { result: Some(c), ..Progress::default() };
+                sync::lock(&shared.regs).queues[q].inflight = Some((*d, p));
+                return false;
+            }
+            Err((e, _)) => {
+                tracing::debug!("dma-engine queue {q}: completion record at {:#x}: {e}", d.completion);
+                if let dma::Error::NoPasid(_) = e {
+                    ctx.dma.report_fault(ring_route, d.completion, true, FaultReason::NotPresent);
+                }
+                record_fault = true;
+            }
+        }
+    }
+    let irq = d.flags & flag::INTERRUPT != 0;
+    let mut r = sync::lock(&shared.regs);
+    let qq = &mut r.queues[q];
+    qq.inflight = None;
+    qq.head = qq.head.wrapping_add(1);
+    qq.completed = qq.completed.wrapping_add(1);
+    if c.status != status::SUCCESS || record_fault {
+        qq.errors = qq.errors.wrapping_add(1);
+    }
+    if record_fault {
+        // The driver cannot learn how this descriptor ended: the queue
+        // halts, as for a ring fault, and says why.
+        qq.halted = true;
+        qq.cmpl_fault = true;
+    }
+    if irq && qq.ctrl & regs::Q_CTRL_IRQ != 0 {
+        if ctx.irqs.uses_intx() {
+            r.intx_status |= 1 << q;
+        }
+        // Raised under the register lock, so a concurrent INTX_STATUS
+        // clear cannot be overtaken.
+        ctx.irqs.notify(q as u32);
+    }
+    !record_fault
+}
