@@ -64,6 +64,12 @@ pub trait InvalidationHandler: Send + Sync {
     /// at the bases in `forget`, and returns only once every DMA that
     /// started before the call has finished.
     fn invalidate(&self, targets: &[InvalidateTarget], forget: &[u64]);
+
+    /// The channel is closed: every translation it gave is void (the
+    /// core tears the devices down with the session, and may not get to
+    /// say so before the socket goes). Drops them all, waiting for DMA in
+    /// flight as [`InvalidationHandler::invalidate`] does.
+    fn closed(&self) {}
 }
 
 /// Answers the core's driver-state queries (observers reading a device's
@@ -348,6 +354,10 @@ fn read_loop(inner: &Inner, stream: UnixStream) {
     }
     inner.closed.store(true, Ordering::SeqCst);
     sync::lock(&inner.pending).clear();
+    let h = sync::lock(&inner.handler).clone();
+    if let Some(h) = h {
+        h.closed();
+    }
 }
 
 /// Carries out a notice of the core; false if the channel cannot answer

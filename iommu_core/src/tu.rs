@@ -352,6 +352,12 @@ impl InvalidationHandler for Handler {
             tu.invalidate(targets, forget);
         }
     }
+
+    fn closed(&self) {
+        if let Some(tu) = self.0.upgrade() {
+            tu.forget_all();
+        }
+    }
 }
 
 /// Whether `file` is on hugetlbfs, whose pages are taken from a fixed pool
@@ -480,6 +486,16 @@ impl TranslationUnit {
             }
         }
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The channel closed: no device of this unit translates any more
+    /// (accesses fail with [`Error::NoDevice`]), and nothing cached or
+    /// mapped through it stays, once DMA in flight has ended.
+    fn forget_all(&self) {
+        let _all = sync::write(&self.dma);
+        sync::write(&self.devices).clear();
+        sync::lock(&self.iotlb).clear();
+        sync::write(&self.mems).clear();
     }
 
     fn mark_dirty(&self, table: u64, index: usize) {

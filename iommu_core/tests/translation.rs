@@ -946,3 +946,33 @@ fn writable_mappings_of_memory_the_session_cannot_write_are_refused() {
     r.s.map(MapArgs { ioas, mem: m.id, offset: 0, length: 0x2000, iova: Some(0x800_0000), perm: Perm::RW }).unwrap();
     std::fs::remove_file(path).unwrap();
 }
+
+/// A session that ends takes its device channels with it: whatever the
+/// translation unit had cached or mapped through the channel is void, so a
+/// DMA that hit the IOTLB a moment before fails once the channel is gone.
+#[test]
+fn a_closed_channel_leaves_no_cached_translation_behind() {
+    let mut r = rig("closed-channel", Limits::default());
+    let (tu, dev) = device(&mut r, caps(0, false, false));
+    let (_f, m) = mem(&mut r, 1 << 20);
+    let ioas = r.s.ioas_alloc().unwrap();
+    map(&mut r, ioas, m, 0, 1 << 20, 0x10_0000, Perm::RW);
+    tu.channel().attach(dev, None, ioas).unwrap();
+    let mut b = [0u8; 8];
+    tu.read(dev, 0, 0x10_0000, &mut b).unwrap();
+    // The session goes, and with it the channel.
+    let Rig { _srv: core, path: _, s } = r;
+    drop(s);
+    let t0 = Instant::now();
+    loop {
+        match tu.read(dev, 0, 0x10_0000, &mut b) {
+            Err(tu::Error::NoDevice(d)) => {
+                assert_eq!(d, dev);
+                break;
+            }
+            other => assert!(t0.elapsed() < Duration::from_secs(20), "DMA after the session closed: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    drop(core);
+}
