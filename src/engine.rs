@@ -9,10 +9,10 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use memmap2::MmapRaw;
+use iommu_core::shm::Words;
 use vfio_user_server::client::Client;
 use vfio_user_server::devices::dma_engine::{regs, status, Completion, Descriptor, COMPLETION_SIZE, DESC_SIZE};
 
@@ -106,7 +106,7 @@ pub struct Queue {
 pub struct Engine {
     /// The connection.
     pub client: Client,
-    bar2: Option<MmapRaw>,
+    bar2: Option<Words>,
 }
 
 impl Engine {
@@ -123,7 +123,7 @@ impl Engine {
         let bar2 = match r.fd {
             Some(fd) => {
                 let f = File::from(fd);
-                Some(memmap2::MmapOptions::new().offset(r.info.offset).len(4096).map_raw(&f)?)
+                Some(Words::map_at(&f, r.info.offset, 4096)?)
             }
             None => None,
         };
@@ -176,10 +176,10 @@ impl Engine {
     pub fn ring(&mut self, q: &Queue, how: Doorbell) -> Result<()> {
         match (how, &self.bar2) {
             (Doorbell::Mmap, Some(m)) => {
-                let p = m.as_mut_ptr();
-                // SAFETY: the mapping is 4 KiB; slot q (< 4) is 8-byte
-                // aligned in it; the device reads it atomically too.
-                unsafe { (*(p.add(q.index * 8) as *const AtomicU32)).store(q.tail, Ordering::Release) };
+                // The device reads the slot atomically too.
+                if let Some(w) = m.u32(q.index as u64 * 8) {
+                    w.store(q.tail, Ordering::Release);
+                }
                 Ok(())
             }
             (Doorbell::Register, _) => {

@@ -35,6 +35,7 @@ pub mod pagetable;
 pub mod scm;
 pub mod script;
 pub mod server;
+pub mod shm;
 pub mod sync;
 pub mod sysaddr;
 pub mod tu;

@@ -23,18 +23,16 @@
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
-
-use memmap2::{MmapOptions, MmapRaw};
-use vm_memory::VolatileSlice;
 
 use crate::device::{self, Channel, InvalidationHandler};
 use crate::pagetable::{
     pasid_lookup, walk, walk_nested, NestedError, Stage1, TableMemory, WalkError, DIRTY_BYTES_PER_TABLE, ENTRIES,
     PAGE_SIZE, PASID_DIRTY, PASID_IOPF, PASID_NESTED,
 };
+use crate::shm;
 use crate::sync;
 use crate::types::*;
 
@@ -167,125 +165,34 @@ struct MemObject {
 
 /// How a device reaches a memory object's bytes.
 enum Backing {
-    /// Through a mapping of its file.
-    Mapped {
-        map: MmapRaw,
-        /// Sealed against shrinking (and not hugetlbfs, whose pages can
-        /// run out): every page of the mapping is always there, so the
-        /// device copies with plain volatile accesses. Otherwise the file
-        /// may shrink (or its pages may be missing) under the mapping, and
-        /// every copy goes through the kernel ([`kernel_copy`]): a page
-        /// past the end is an error there, never SIGBUS, and writing
-        /// through a mapping never grows the file.
-        direct: bool,
-    },
+    /// Through a shared mapping of its file: with plain volatile copies if
+    /// the file is sealed against shrinking (and not on hugetlbfs, whose
+    /// pages can run out), else through the kernel, so that a page past
+    /// the end is an error, never SIGBUS, and a write never grows the file
+    /// (see [`shm::Bytes`]).
+    Mapped(shm::Bytes),
     /// Client memory: through the unit's [`ClientMemory`], at `address`
     /// plus the offset.
     Client { address: u64 },
 }
 
-/// A copy the kernel could not complete: the page is gone (the file
-/// shrank) or not writable. The access becomes a translation fault.
-#[derive(Debug)]
-struct Unreachable;
-
-/// Copies `n` bytes between `local` and the mapping at `mapped` with
-/// `process_vm_readv`/`process_vm_writev` on this very process: the kernel
-/// answers a missing page with a short count where a direct access would
-/// raise SIGBUS. True if every byte was copied.
-fn kernel_copy(local: *mut u8, mapped: *mut u8, n: usize, to_mapping: bool) -> bool {
-    use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
-    let pid = nix::unistd::getpid();
-    let remote = [RemoteIoVec { base: mapped as usize, len: n }];
-    // SAFETY: `local` points to `n` bytes the caller owns for the call (a
-    // device buffer borrowed mutably or immutably as the direction needs).
-    let done = unsafe {
-        if to_mapping {
-            let src = std::slice::from_raw_parts(local, n);
-            process_vm_writev(pid, &[std::io::IoSlice::new(src)], &remote)
-        } else {
-            let dst = std::slice::from_raw_parts_mut(local, n);
-            process_vm_readv(pid, &mut [std::io::IoSliceMut::new(dst)], &remote)
-        }
-    };
-    done.is_ok_and(|d| d == n)
-}
-
 impl MemObject {
-    /// The mapping and whether it may be accessed directly; `None` for
-    /// client memory.
-    fn mapped(&self) -> Option<(&MmapRaw, bool)> {
-        match &self.backing {
-            Backing::Mapped { map, direct } => Some((map, *direct)),
-            Backing::Client { .. } => None,
-        }
-    }
-
-    fn ptr(&self, off: u64, n: usize) -> Option<*mut u8> {
-        let (map, _) = self.mapped()?;
-        let off = usize::try_from(off).ok()?;
-        if off.checked_add(n)? > map.len() {
-            return None;
-        }
-        // SAFETY: `off` is inside the mapping (checked above).
-        Some(unsafe { map.as_mut_ptr().add(off) })
-    }
-
-    fn slice(&self, off: u64, n: usize) -> Option<VolatileSlice<'_>> {
-        let p = self.ptr(off, n)?;
-        // SAFETY: [off, off+n) lies inside the shared mapping (checked), the
-        // mapping lives as long as `self`, every page of it is backed (the
-        // file is sealed against shrinking), and the slice is only used for
-        // volatile copies.
-        Some(unsafe { VolatileSlice::new(p, n) })
-    }
-
-    /// Copies to `buf` from a mapped object.
-    fn read(&self, off: u64, buf: &mut [u8]) -> std::result::Result<(), Unreachable> {
-        let (_, direct) = self.mapped().ok_or(Unreachable)?;
-        if direct {
-            self.slice(off, buf.len()).ok_or(Unreachable)?.copy_to(buf);
-            return Ok(());
-        }
-        let p = self.ptr(off, buf.len()).ok_or(Unreachable)?;
-        kernel_copy(buf.as_mut_ptr(), p, buf.len(), false).then_some(()).ok_or(Unreachable)
-    }
-
-    /// Copies `data` into a mapped object.
-    fn write(&self, off: u64, data: &[u8]) -> std::result::Result<(), Unreachable> {
-        let (_, direct) = self.mapped().ok_or(Unreachable)?;
-        if direct {
-            self.slice(off, data.len()).ok_or(Unreachable)?.copy_from(data);
-            return Ok(());
-        }
-        let p = self.ptr(off, data.len()).ok_or(Unreachable)?;
-        // The kernel only reads `data` here.
-        kernel_copy(data.as_ptr().cast_mut(), p, data.len(), true).then_some(()).ok_or(Unreachable)
-    }
-
     /// One table entry of a stage-1 table; client memory holds none (the
     /// walk faults).
     fn load_u64(&self, off: u64) -> Option<u64> {
-        if !off.is_multiple_of(8) || off.checked_add(8)? > self.size {
+        if off.checked_add(8)? > self.size {
             return None;
         }
-        let (_, direct) = self.mapped()?;
-        let p = self.ptr(off, 8)?;
-        if direct {
-            // SAFETY: 8-byte aligned (the mapping is page aligned) and inside
-            // the shared mapping (checked), every page backed (sealed);
-            // shared memory is read only atomically.
-            let w = unsafe { AtomicU64::from_ptr(p.cast::<u64>()) };
-            return Some(w.load(Ordering::Acquire));
+        match &self.backing {
+            Backing::Mapped(b) => b.load_u64(off),
+            Backing::Client { .. } => None,
         }
-        let mut b = [0u8; 8];
-        kernel_copy(b.as_mut_ptr(), p, 8, false).then(|| u64::from_le_bytes(b))
     }
 }
 
 /// The table pool, mapped read-only.
 struct Pool {
-    map: MmapRaw,
+    words: shm::ReadOnlyWords,
 }
 
 impl TableMemory for Pool {
@@ -293,16 +200,7 @@ impl TableMemory for Pool {
         if table == 0 || !table.is_multiple_of(PAGE_SIZE) || index >= ENTRIES {
             return None;
         }
-        let off = usize::try_from(table.checked_add(index as u64 * 8)?).ok()?;
-        if off.checked_add(8)? > self.map.len() {
-            return None;
-        }
-        // SAFETY: in bounds and 8-byte aligned (checked); the pool is mapped
-        // read-only, so a volatile load followed by an acquire fence is the
-        // reader's half of the core's release stores.
-        let v = unsafe { std::ptr::read_volatile(self.map.as_ptr().add(off).cast::<u64>()) };
-        fence(Ordering::Acquire);
-        Some(v)
+        self.words.load(table.checked_add(index as u64 * 8)?)
     }
 }
 
@@ -331,7 +229,7 @@ enum Outcome {
 pub struct TranslationUnit {
     channel: Arc<Channel>,
     pool: Pool,
-    dirty: MmapRaw,
+    dirty: shm::Words,
     mems: RwLock<BTreeMap<u64, Arc<MemObject>>>,
     /// The way to client memory objects, if this unit's device server has
     /// a client that holds memory.
@@ -369,19 +267,13 @@ fn on_hugetlbfs(file: &File) -> bool {
     nix::sys::statfs::fstatfs(file).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::HUGETLBFS_MAGIC)
 }
 
-fn map_fd(fd: &File, len: u64, read_only: bool) -> Result<MmapRaw> {
-    let len = usize::try_from(len).map_err(|_| Error::Map(std::io::Error::other("size too large")))?;
-    let o = MmapOptions::new().len(len).to_owned();
-    if read_only { o.map_raw_read_only(fd) } else { o.map_raw(fd) }.map_err(Error::Map)
-}
-
 impl TranslationUnit {
     /// Fetches and maps the pools over `channel` and starts answering its
     /// invalidations.
     pub fn new(channel: Arc<Channel>, config: Config) -> Result<Arc<TranslationUnit>> {
         let (pool_fd, pool_len, dirty_fd, dirty_len) = channel.pools()?;
-        let pool = Pool { map: map_fd(&File::from(pool_fd), pool_len, true)? };
-        let dirty = map_fd(&File::from(dirty_fd), dirty_len, false)?;
+        let pool = Pool { words: shm::ReadOnlyWords::map(&File::from(pool_fd), pool_len).map_err(Error::Map)? };
+        let dirty = shm::Words::map(&File::from(dirty_fd), dirty_len).map_err(Error::Map)?;
         let tu = Arc::new(TranslationUnit {
             channel: channel.clone(),
             pool,
@@ -430,7 +322,7 @@ impl TranslationUnit {
     /// Reads `buf` from `off` of a memory object.
     fn mem_read(&self, m: &MemObject, off: u64, buf: &mut [u8]) -> Result<()> {
         match m.backing {
-            Backing::Mapped { .. } => m.read(off, buf).map_err(|_| Error::Unreachable),
+            Backing::Mapped(ref b) => b.read(off, buf).map_err(|_| Error::Unreachable),
             Backing::Client { address } => {
                 let at = address.wrapping_add(off);
                 self.client_copy(at, |c| c.read(at, buf))
@@ -441,7 +333,7 @@ impl TranslationUnit {
     /// Writes `data` at `off` of a memory object.
     fn mem_write(&self, m: &MemObject, off: u64, data: &[u8]) -> Result<()> {
         match m.backing {
-            Backing::Mapped { .. } => m.write(off, data).map_err(|_| Error::Unreachable),
+            Backing::Mapped(ref b) => b.write(off, data).map_err(|_| Error::Unreachable),
             Backing::Client { address } => {
                 let at = address.wrapping_add(off);
                 self.client_copy(at, |c| c.write(at, data))
@@ -500,15 +392,12 @@ impl TranslationUnit {
 
     fn mark_dirty(&self, table: u64, index: usize) {
         let bit = (table / PAGE_SIZE) * (ENTRIES as u64) + index as u64;
-        let off = (bit / 64) * 8;
-        let Ok(o) = usize::try_from(off) else { return };
-        if o + 8 > self.dirty.len() || table / PAGE_SIZE * DIRTY_BYTES_PER_TABLE >= self.dirty.len() as u64 {
+        if table / PAGE_SIZE * DIRTY_BYTES_PER_TABLE >= self.dirty.len() as u64 {
             return;
         }
-        // SAFETY: 8-byte aligned and inside the read-write dirty-pool
-        // mapping (checked); the pool is only touched atomically.
-        let w = unsafe { AtomicU64::from_ptr(self.dirty.as_mut_ptr().add(o).cast::<u64>()) };
-        w.fetch_or(1 << (bit % 64), Ordering::Relaxed);
+        if let Some(w) = self.dirty.u64((bit / 64) * 8) {
+            w.fetch_or(1 << (bit % 64), Ordering::Relaxed);
+        }
     }
 
     /// Walks the tables for one 4 KiB page.
@@ -662,12 +551,8 @@ impl TranslationUnit {
                 let file = File::from(fd);
                 // A file the session may only read maps read-only: writes
                 // to it fault (the core refuses writable mappings of it).
-                let map = match map_fd(&file, size, false) {
-                    Ok(m) => m,
-                    Err(_) => map_fd(&file, size, true)?,
-                };
                 let direct = sealed && !on_hugetlbfs(&file);
-                (base, size, Backing::Mapped { map, direct })
+                (base, size, Backing::Mapped(shm::Bytes::map(&file, size, direct).map_err(Error::Map)?))
             }
             device::Memory::Client { base, size, address } => (base, size, Backing::Client { address }),
         };

@@ -6,8 +6,8 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{
-    level_shift, Error, TablePool, Words, DIRTY_BYTES_PER_TABLE, ENTRIES, LEVELS, MAX_IOVA, PAGE_SIZE, PTE_ADDR_MASK,
-    PTE_LEAF, PTE_PRESENT,
+    level_shift, map_words, Error, TablePool, Words, DIRTY_BYTES_PER_TABLE, ENTRIES, LEVELS, MAX_IOVA, PAGE_SIZE,
+    PTE_ADDR_MASK, PTE_LEAF, PTE_PRESENT,
 };
 use crate::memfd;
 
@@ -27,7 +27,7 @@ impl DirtyPool {
     pub fn new(pages: u32) -> Result<DirtyPool, Error> {
         let size = (u64::from(pages) * DIRTY_BYTES_PER_TABLE).next_multiple_of(PAGE_SIZE);
         let file = memfd::create_sealed("ioasid-dirty", size).map_err(|e| Error::Create(e.to_string()))?;
-        let words = Words::map(&file, size)?;
+        let words = map_words(&file, size)?;
         Ok(DirtyPool { file, words, size })
     }
 
@@ -43,7 +43,7 @@ impl DirtyPool {
 
     fn word(&self, table: u64, index: usize) -> Option<(&AtomicU64, u64)> {
         let bit = (table / PAGE_SIZE) * (ENTRIES as u64) + index as u64;
-        Some((self.words.word((bit / 64) * 8)?, 1u64 << (bit % 64)))
+        Some((self.words.u64((bit / 64) * 8)?, 1u64 << (bit % 64)))
     }
 
     /// Marks the leaf at `(table, index)` dirty, as a device writing through

@@ -21,8 +21,8 @@
 //! Shared memory is touched only through `AtomicU64`: the core publishes
 //! entries with release stores and the walker reads them with acquire loads.
 
+use crate::shm::Words;
 use std::fs::File;
-use std::sync::atomic::AtomicU64;
 
 mod dirty;
 mod pasid;
@@ -135,27 +135,7 @@ pub const fn level_shift(level: u32) -> u32 {
     12 + 9 * (level - 1)
 }
 
-/// An atomic view of a mapped region of u64 words.
-#[derive(Debug)]
-struct Words {
-    map: memmap2::MmapRaw,
-}
-
-impl Words {
-    fn map(file: &File, len: u64) -> Result<Words, Error> {
-        let len = usize::try_from(len).map_err(|_| Error::Create("size too large".into()))?;
-        let map = memmap2::MmapOptions::new().len(len).map_raw(file).map_err(|e| Error::Create(e.to_string()))?;
-        Ok(Words { map })
-    }
-
-    fn word(&self, byte_offset: u64) -> Option<&AtomicU64> {
-        let off = usize::try_from(byte_offset).ok()?;
-        if off % 8 != 0 || off.checked_add(8)? > self.map.len() {
-            return None;
-        }
-        // SAFETY: the offset is 8-byte aligned and inside the mapping (checked
-        // above); the mapping is page aligned, lives as long as `self`, and
-        // every access to it anywhere goes through atomics.
-        Some(unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(off).cast::<u64>()) })
-    }
+/// Maps `len` bytes of `file` as atomic words.
+fn map_words(file: &File, len: u64) -> Result<Words, Error> {
+    Words::map(file, len).map_err(|e| Error::Create(e.to_string()))
 }

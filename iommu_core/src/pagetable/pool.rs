@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::{
-    level_shift, DirtyPool, Error, Perm, TableMemory, Words, ENTRIES, LEVELS, MAX_IOVA, PAGE_SIZE, PTE_ADDR_MASK,
-    PTE_LEAF, PTE_PRESENT,
+    level_shift, map_words, DirtyPool, Error, Perm, TableMemory, Words, ENTRIES, LEVELS, MAX_IOVA, PAGE_SIZE,
+    PTE_ADDR_MASK, PTE_LEAF, PTE_PRESENT,
 };
 use crate::failpoint::FailNth;
 use crate::memfd;
@@ -76,7 +76,7 @@ impl TablePool {
         let pages = tables.max(1).checked_add(1).ok_or_else(|| Error::Create("pool too large".into()))?;
         let size = u64::from(pages) * PAGE_SIZE;
         let file = memfd::create("ioasid-table-pool", size).map_err(|e| Error::Create(e.to_string()))?;
-        let tables = Words::map(&file, size)?;
+        let tables = map_words(&file, size)?;
         use nix::fcntl::{fcntl, FcntlArg, SealFlag};
         let seals =
             SealFlag::F_SEAL_FUTURE_WRITE | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
@@ -125,7 +125,7 @@ impl TablePool {
         if table == 0 || !table.is_multiple_of(PAGE_SIZE) || index >= ENTRIES {
             return None;
         }
-        self.tables.word(table.checked_add(index as u64 * 8)?)
+        self.tables.u64(table.checked_add(index as u64 * 8)?)
     }
 
     pub(super) fn store(&self, table: u64, index: usize, value: u64) {

@@ -7,13 +7,13 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
+use iommu_core::shm::Words;
 use iommu_core::sync;
 use iommu_core::types::FaultReason;
-use memmap2::MmapRaw;
 use serde::{Deserialize, Serialize};
 
 use crate::device::DeviceContext;
@@ -62,7 +62,7 @@ pub(super) struct Shared {
     kick: Mutex<u64>,
     kicked: Condvar,
     /// The doorbell page (swapped for a fresh one when a client leaves).
-    pub(super) doorbells: RwLock<MmapRaw>,
+    pub(super) doorbells: RwLock<Words>,
     pub(super) stop: AtomicBool,
     /// Per queue: bumped when the queue's work becomes void (reset, queue
     /// or device disable, departed client). A step of older work stops.
@@ -78,7 +78,7 @@ pub(super) struct Shared {
 
 impl Shared {
     /// Registers at reset, the gate open, doorbells in `doorbells`.
-    pub(super) fn new(doorbells: MmapRaw) -> Shared {
+    pub(super) fn new(doorbells: Words) -> Shared {
         Shared {
             regs: Mutex::new(Regs::default()),
             gate: RwLock::new(true),
@@ -94,21 +94,18 @@ impl Shared {
         }
     }
 
+    /// Queue `q`'s doorbell. The page is a memfd sealed against shrinking
+    /// that the client may write at any time through its own mapping.
     pub(super) fn doorbell(&self, q: usize) -> u32 {
         let m = sync::read(&self.doorbells);
-        let p = m.as_mut_ptr();
-        // SAFETY: the mapping is 4 KiB of a memfd sealed against shrinking
-        // and lives while the read guard is held; slot q (q < QUEUES) is
-        // 8-byte aligned inside it. The client may write it at any time
-        // through its own mapping, so it is read atomically.
-        unsafe { (*(p.add(q * 8) as *const AtomicU32)).load(Ordering::Acquire) }
+        m.u32(q as u64 * 8).map_or(0, |w| w.load(Ordering::Acquire))
     }
 
     pub(super) fn set_doorbell(&self, q: usize, v: u32) {
         let m = sync::read(&self.doorbells);
-        let p = m.as_mut_ptr();
-        // SAFETY: as in `doorbell`.
-        unsafe { (*(p.add(q * 8) as *const AtomicU32)).store(v, Ordering::Release) }
+        if let Some(w) = m.u32(q as u64 * 8) {
+            w.store(v, Ordering::Release);
+        }
     }
 
     pub(super) fn wake(&self) {
@@ -164,14 +161,14 @@ impl Shared {
 /// A doorbell page: a memfd sealed against shrinking and growing (a client
 /// that maps it cannot truncate it under our mapping), mapped; with the
 /// contents of `from` if given.
-pub(super) fn doorbell_page(from: Option<&File>) -> std::io::Result<(File, MmapRaw)> {
+pub(super) fn doorbell_page(from: Option<&File>) -> std::io::Result<(File, Words)> {
     let f = iommu_core::memfd::create_sealed("dma-engine-doorbells", 4096).map_err(std::io::Error::other)?;
     if let Some(old) = from {
         let mut b = [0u8; 4096];
         old.read_exact_at(&mut b, 0)?;
         f.write_all_at(&b, 0)?;
     }
-    let m = memmap2::MmapOptions::new().len(4096).map_raw(&f)?;
+    let m = Words::map(&f, 4096)?;
     Ok((f, m))
 }
 
