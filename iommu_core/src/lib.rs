@@ -8,9 +8,14 @@
 //! walk them without asking the core.
 //!
 //! Code map: [`model`] is the object model, [`pagetable`] the table format,
-//! pool and reference walker, [`wire`] the protocol, [`server`] the mio event
-//! loop, [`client`] the blocking client, [`script`] the `ioasidctl` command
-//! language.
+//! pool and reference walker, [`sysaddr`] the system address space,
+//! [`wire`] the protocol, [`server`] the mio event loop, [`client`] the
+//! blocking client, [`device`] the device end of a channel, [`tu`] the
+//! translation unit device servers link, [`shm`] every access to shared
+//! memory, [`scm`] the one fd receiver, [`memfd`] memory files and their
+//! seals, [`types`] the data shared by all of these, [`errno`] the errno
+//! vocabulary, [`sync`] lock helpers, [`failpoint`] fail-nth injection,
+//! [`script`] the `ioasidctl` command language.
 
 #![deny(missing_docs)]
 
