@@ -126,15 +126,9 @@ impl TablePool {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::failpoint::FailNth;
-    use crate::pagetable::{walk, Perm, TableBudget};
-
-    fn pool(tables: u32) -> TablePool {
-        TablePool::new(tables - 1, TableBudget::new(u32::MAX), Arc::new(FailNth::default())).unwrap()
-    }
+    use crate::pagetable::pool::tests::pool;
+    use crate::pagetable::{walk, Perm};
 
     #[test]
     fn dirty_bits_report_and_clear() {

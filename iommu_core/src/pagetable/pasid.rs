@@ -140,15 +140,8 @@ impl TablePool {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::failpoint::FailNth;
-    use crate::pagetable::TableBudget;
-
-    fn pool(tables: u32) -> TablePool {
-        TablePool::new(tables - 1, TableBudget::new(u32::MAX), Arc::new(FailNth::default())).unwrap()
-    }
+    use crate::pagetable::pool::tests::pool;
 
     #[test]
     fn pasid_tables_set_look_up_and_clear() {

@@ -397,11 +397,13 @@ impl TableMemory for TablePool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::pagetable::{walk, WalkError};
 
-    fn pool(tables: u32) -> TablePool {
+    /// A pool of `tables` tables (page 0 included) with no budget or
+    /// failure injection in the way; the other pagetable tests use it too.
+    pub(in crate::pagetable) fn pool(tables: u32) -> TablePool {
         TablePool::new(tables - 1, TableBudget::new(u32::MAX), Arc::new(FailNth::default())).unwrap()
     }
 
