@@ -3,7 +3,7 @@
 #![no_main]
 
 use ioasid_fuzz::Input;
-use iommu_core::wire::{self, FrameReader, Reply, Request};
+use iommu_core::wire::{self, FrameReader, FromCore, Request};
 use libfuzzer_sys::fuzz_target;
 
 const MAX_PAYLOAD: usize = 1 << 16;
@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
                     assert!(frame.payload.len() <= MAX_PAYLOAD, "a frame above the limit");
                     assert!(frame.fds.is_empty(), "fds out of nowhere");
                     check_request(&frame.payload);
-                    let _ = wire::decode::<Reply>(&frame.payload);
+                    let _ = wire::decode::<FromCore>(&frame.payload);
                 }
                 Ok(None) => break,
                 Err(e) => {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use ioasid_fuzz::{core_socket, send_all, Input};
 use iommu_core::client::Client;
 use iommu_core::types::{MapArgs, Perm};
-use iommu_core::wire::{self, FrameReader, Reply, Request, Role};
+use iommu_core::wire::{self, FrameReader, FromCore, Request, Role};
 use libfuzzer_sys::fuzz_target;
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -78,7 +78,9 @@ fn drain(sock: &UnixStream, want_last: bool) {
         reader.push(&chunk[..n], fds);
         while let Ok(Some(f)) = reader.next_frame() {
             drop::<Vec<OwnedFd>>(f.fds);
-            let env = wire::decode::<Reply>(&f.payload).expect("the core's replies decode");
+            let env = wire::decode::<FromCore>(&f.payload).expect("the core's messages decode");
+            // Notices go to device channels only.
+            assert!(matches!(env.body, FromCore::Reply(_)), "a notice on a session: {:?}", env.body);
             if env.seq == LAST && want_last {
                 return;
             }
