@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use iommu_core::client::Client;
-use iommu_core::model::Core;
+use iommu_core::model::{Core, Effects};
 use iommu_core::pagetable::walk;
 use iommu_core::types::{Limits, MapArgs, Perm};
 
@@ -33,8 +33,11 @@ fn inproc(c: &mut Criterion) {
         g.throughput(Throughput::Elements(1));
         g.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter(|| {
-                let iova = core.map(sid, args).unwrap();
-                black_box(core.unmap(sid, ioas, iova, size).unwrap());
+                // No device server: the unlinked tables are freed at once.
+                let mut fx = Effects::default();
+                let iova = core.map(sid, args, &mut fx).unwrap();
+                black_box(core.unmap(sid, ioas, iova, size, &mut fx).unwrap());
+                core.release_tables(fx.garbage);
             })
         });
     }
@@ -97,7 +100,9 @@ fn walks(c: &mut Criterion) {
     let mut g = c.benchmark_group("walk");
     for (size, name, iova) in [(4096u64, "4K", 0x1000u64), (2 << 20, "2M", 2 << 20), (1 << 30, "1G", 1 << 30)] {
         let args = MapArgs { ioas, mem: mem.id, offset: 0, length: size, iova: Some(iova), perm: Perm::RW };
-        core.map(sid, args).unwrap();
+        let mut fx = Effects::default();
+        core.map(sid, args, &mut fx).unwrap();
+        core.release_tables(fx.garbage);
         let root = core.ioas_root(sid, ioas).unwrap();
         g.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter(|| black_box(walk(core.pool(sid).unwrap(), root, black_box(iova + 0x123)).unwrap()))

@@ -10,7 +10,7 @@
 use std::os::fd::OwnedFd;
 use std::time::Instant;
 
-use iommu_core::model::Core;
+use iommu_core::model::{Core, Effects};
 use iommu_core::pagetable::walk;
 use iommu_core::types::{Limits, MapArgs, Perm};
 
@@ -32,11 +32,13 @@ fn main() {
     let mem = core.register_memory(sid, OwnedFd::from(iommu_core::memfd::create("scale", 1 << 20).unwrap())).unwrap();
     let ioas = core.ioas_alloc(sid).unwrap();
     let (rss0, shr0) = statm();
+    // No device server: unlinked tables are freed right after each call.
+    let mut fx = Effects::default();
     let t = Instant::now();
     for i in 0..n {
         // 4 KiB mappings of one page of a small memfd, automatic IOVA.
         let args = MapArgs { ioas, mem: mem.id, offset: (i % 256) * 4096, length: 4096, iova: None, perm: Perm::RW };
-        core.map(sid, args).unwrap();
+        core.map(sid, args, &mut fx).unwrap();
     }
     let map_time = t.elapsed();
     let (rss1, shr1) = statm();
@@ -50,7 +52,8 @@ fn main() {
         assert_eq!(leaf.address, mem.system_address + (i % 256) * 4096);
     }
     let t = Instant::now();
-    let bytes = core.unmap(sid, ioas, 0, u64::MAX).unwrap();
+    let bytes = core.unmap(sid, ioas, 0, u64::MAX, &mut fx).unwrap();
+    core.release_tables(fx.garbage);
     let unmap_time = t.elapsed();
     assert_eq!(bytes, n * 4096);
     println!("scale: {n} mappings of 4 KiB in one IOAS");

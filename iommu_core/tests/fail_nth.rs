@@ -29,7 +29,7 @@
 
 use std::os::fd::OwnedFd;
 
-use iommu_core::model::{Core, Result as CoreResult};
+use iommu_core::model::{Core, Effects, Result as CoreResult};
 use iommu_core::pagetable::{self, Leaf, WalkError, PAGE_SIZE};
 use iommu_core::types::*;
 use iommu_core::Errno;
@@ -56,8 +56,17 @@ fn fixed(ioas: u32, mem: u32, offset: u64, length: u64, iova: u64, perm: Perm) -
     MapArgs { ioas, mem, offset, length, iova: Some(iova), perm }
 }
 
+/// Runs a model call with no device server: the tables it unlinked are
+/// freed as soon as it returns.
+fn settled<T>(core: &mut Core, call: impl FnOnce(&mut Core, &mut Effects) -> T) -> T {
+    let mut fx = Effects::default();
+    let res = call(core, &mut fx);
+    core.release_tables(fx.garbage);
+    res
+}
+
 fn map_fixed(core: &mut Core, sid: u64, args: MapArgs) {
-    assert_eq!(core.map(sid, args), Ok(args.iova.expect("a fixed IOVA")));
+    assert_eq!(settled(core, |c, fx| c.map(sid, args, fx)), Ok(args.iova.expect("a fixed IOVA")));
 }
 
 /// Everything observable about a core, compared before and after a failure.
@@ -212,7 +221,7 @@ fn assert_state_eq(now: &State, want: &State, what: &str) {
 fn assert_teardown_frees_everything(mut core: Core, name: &str) {
     let sessions: Vec<u64> = core.snapshot(None).sessions.iter().map(|s| s.id).collect();
     for s in sessions {
-        core.close_session(s);
+        settled(&mut core, |c, fx| c.close_session(s, fx));
     }
     assert_eq!(core.session_count(), 0);
     assert_eq!(core.tables_in_use(), 0, "{name}: tables leaked");
@@ -287,17 +296,15 @@ fn sweep_map_fixed() -> Sweep {
             }]
         },
         |core, sid, d| {
-            core.map(
-                sid,
-                MapArgs {
-                    ioas: d.ioas,
-                    mem: d.big,
-                    offset: PAGE_SIZE,
-                    length: 2 * MIB,
-                    iova: Some(FIXED_IOVA),
-                    perm: Perm::RW,
-                },
-            )
+            let args = MapArgs {
+                ioas: d.ioas,
+                mem: d.big,
+                offset: PAGE_SIZE,
+                length: 2 * MIB,
+                iova: Some(FIXED_IOVA),
+                perm: Perm::RW,
+            };
+            settled(core, |c, fx| c.map(sid, args, fx))
         },
     )
 }
@@ -311,10 +318,9 @@ fn sweep_map_auto_large() -> Sweep {
         map_fixture,
         |fx| vec![Probe { session: fx.sid, ioas: fx.data.ioas, iova: GIB - 8 * MIB, length: 32 * MIB }],
         |core, sid, d| {
-            core.map(
-                sid,
-                MapArgs { ioas: d.ioas, mem: d.big, offset: PAGE_SIZE, length: 16 * MIB, iova: None, perm: Perm::R },
-            )
+            let args =
+                MapArgs { ioas: d.ioas, mem: d.big, offset: PAGE_SIZE, length: 16 * MIB, iova: None, perm: Perm::R };
+            settled(core, |c, fx| c.map(sid, args, fx))
         },
     )
 }
@@ -349,17 +355,15 @@ fn sweep_copy() -> Sweep {
         copy_fixture,
         |fx| vec![Probe { session: fx.sid, ioas: fx.data.dst, iova: GIB - 2 * MIB, length: 4 * MIB }],
         |core, sid, d| {
-            core.copy(
-                sid,
-                CopyArgs {
-                    dst: d.dst,
-                    src: d.src,
-                    src_iova: 3 * MIB,
-                    length: MIB + MIB / 2,
-                    dst_iova: None,
-                    perm: Perm::R,
-                },
-            )
+            let args = CopyArgs {
+                dst: d.dst,
+                src: d.src,
+                src_iova: 3 * MIB,
+                length: MIB + MIB / 2,
+                dst_iova: None,
+                perm: Perm::R,
+            };
+            settled(core, |c, fx| c.copy(sid, args, fx))
         },
     )
 }
@@ -462,34 +466,32 @@ fn script_op(core: &mut Core, sid: u64, st: &mut Script, i: usize) -> CoreResult
         3 => st.i2 = core.ioas_alloc(sid)?,
         // Two 2 MiB leaves, then 64 KiB right after them.
         4 => {
-            core.map(sid, map(st.i1, st.a, 0, 4 * MIB, Some(2 * MIB), Perm::RW))?;
+            settled(core, |c, fx| c.map(sid, map(st.i1, st.a, 0, 4 * MIB, Some(2 * MIB), Perm::RW), fx))?;
         }
         5 => {
-            core.map(sid, map(st.i1, st.b, 0, 64 << 10, Some(6 * MIB), Perm::RW))?;
+            settled(core, |c, fx| c.map(sid, map(st.i1, st.b, 0, 64 << 10, Some(6 * MIB), Perm::RW), fx))?;
         }
         // Automatic, 4 KiB leaves, right after the previous one.
         6 => {
-            core.map(sid, map(st.i1, st.a, PAGE_SIZE, 2 * MIB, None, Perm::R))?;
+            settled(core, |c, fx| c.map(sid, map(st.i1, st.a, PAGE_SIZE, 2 * MIB, None, Perm::R), fx))?;
         }
         // The second half of the first area, the 64 KiB one and 8 KiB of the
         // third: three pieces into the empty IOAS.
         7 => {
             let length = 2 * MIB + (64 << 10) + 2 * PAGE_SIZE;
-            core.copy(
-                sid,
-                CopyArgs { dst: st.i2, src: st.i1, src_iova: 4 * MIB, length, dst_iova: None, perm: Perm::R },
-            )?;
+            let args = CopyArgs { dst: st.i2, src: st.i1, src_iova: 4 * MIB, length, dst_iova: None, perm: Perm::R };
+            settled(core, |c, fx| c.copy(sid, args, fx))?;
         }
         8 | 13 => st.pasids.push(core.ppasid_alloc(sid)?),
         9 => st.nested = core.nested_alloc(sid, st.i2, 0x1000)?,
         10 => {
-            core.unmap(sid, st.i1, 2 * MIB, 4 * MIB)?;
+            settled(core, |c, fx| c.unmap(sid, st.i1, 2 * MIB, 4 * MIB, fx))?;
         }
         11 => {
-            core.map(sid, map(st.i1, st.a, 2 * MIB, 2 * MIB, Some(2 * MIB), Perm::W))?;
+            settled(core, |c, fx| c.map(sid, map(st.i1, st.a, 2 * MIB, 2 * MIB, Some(2 * MIB), Perm::W), fx))?;
         }
         12 => {
-            core.unmap(sid, st.i2, 0, u64::MAX)?;
+            settled(core, |c, fx| c.unmap(sid, st.i2, 0, u64::MAX, fx))?;
         }
         _ => unreachable!("the script has {SCRIPT_LEN} operations"),
     }
@@ -622,9 +624,9 @@ fn failed_copy_does_not_move_the_automatic_iova() {
     map_fixed(&mut core, sid, fixed(src, b, 0, 64 << 10, 4 * MIB, Perm::RW));
     let args = CopyArgs { dst, src, src_iova: 2 * MIB, length: 2 * MIB + (64 << 10), dst_iova: None, perm: Perm::R };
     core.fail_injector().arm(4);
-    assert_eq!(core.copy(sid, args).map_err(|e| e.errno), Err(Errno::ENOMEM));
+    assert_eq!(settled(&mut core, |c, fx| c.copy(sid, args, fx)).map_err(|e| e.errno), Err(Errno::ENOMEM));
     assert!(!core.fail_injector().disarm());
-    assert_eq!(core.copy(sid, args), Ok(4 * MIB));
+    assert_eq!(settled(&mut core, |c, fx| c.copy(sid, args, fx)), Ok(4 * MIB));
 
     assert_no_divergence("copy", &sweep_copy());
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{err, Core, Error, Object, Result};
+use super::{err, Core, Effects, Error, Object, Result};
 use crate::errno::Errno;
 use crate::pagetable::{self, DirtyPool, PasidEntry};
 use crate::types::*;
@@ -116,8 +116,9 @@ impl Core {
         Ok(PasidEntry { flags, s2_root: p.root, s1_root })
     }
 
-    /// Rewrites the PASID entries of `users` after an IOAS setting changed.
-    pub(super) fn rewrite_entries(&mut self, sid: u64, users: &[(u32, u32)]) -> Result<()> {
+    /// Rewrites the PASID entries of `users` after an IOAS setting changed;
+    /// their channels are told in `fx`.
+    pub(super) fn rewrite_entries(&mut self, sid: u64, users: &[(u32, u32)], fx: &mut Effects) -> Result<()> {
         for &(dev, pasid) in users {
             let (root, caps, pt) = match self.object(sid, dev)? {
                 Object::Device(d) => (d.root, d.caps, d.attach.get(&pasid).copied()),
@@ -129,8 +130,7 @@ impl Core {
             self.pool_mut(sid)?.pasid_set(root, pasid, e, &mut pages)?;
             debug_assert!(pages.is_empty(), "an attached PASID already has its directory pages");
         }
-        let targets = users.to_vec();
-        self.queue_invalidations(sid, targets, None);
+        self.queue_invalidations(sid, users.to_vec(), None, fx);
         Ok(())
     }
 
@@ -226,7 +226,17 @@ impl Core {
 
     /// Attaches (or with `replace`, re-attaches) a device's RID (`pasid`
     /// None) or a pPASID to an IOAS or nested IOAS, with iommufd's rules.
-    pub fn attach(&mut self, chan: u64, dev: u32, pasid: Option<u32>, pt_id: u32, replace: bool) -> Result<()> {
+    /// A replaced attachment is invalidated; PASID-table pages of a failed
+    /// attach go to `fx.garbage`.
+    pub fn attach(
+        &mut self,
+        chan: u64,
+        dev: u32,
+        pasid: Option<u32>,
+        pt_id: u32,
+        replace: bool,
+        fx: &mut Effects,
+    ) -> Result<()> {
         let (sid, d) = self.device(chan, dev)?;
         let (caps, root) = (d.caps, d.root);
         let key = match pasid {
@@ -258,7 +268,7 @@ impl Core {
         self.step()?;
         let mut pages = Vec::new();
         if let Err(e) = self.pool_mut(sid)?.pasid_set(root, key, e, &mut pages) {
-            self.release_tables(pages.into_iter().map(|t| (sid, t)).collect());
+            fx.garbage.extend(pages.into_iter().map(|t| (sid, t)));
             return Err(e.into());
         }
         if let Some(o) = old {
@@ -269,7 +279,7 @@ impl Core {
         d.attach.insert(key, pt_id);
         d.pages.extend(pages);
         if old.is_some() {
-            self.queue_invalidations(sid, vec![(dev, key)], None);
+            self.queue_invalidations(sid, vec![(dev, key)], None, fx);
         }
         Ok(())
     }
@@ -282,15 +292,16 @@ impl Core {
         }
     }
 
-    /// Detaches a RID or pPASID; detaching what is not attached is a no-op.
-    pub fn detach(&mut self, chan: u64, dev: u32, pasid: Option<u32>) -> Result<()> {
+    /// Detaches a RID or pPASID (the device is told in `fx`); detaching
+    /// what is not attached is a no-op.
+    pub fn detach(&mut self, chan: u64, dev: u32, pasid: Option<u32>, fx: &mut Effects) -> Result<()> {
         let (sid, d) = self.device(chan, dev)?;
         let key = pasid.unwrap_or(0);
         let root = d.root;
         let Some(pt) = d.attach.remove(&key) else { return Ok(()) };
         self.pool_mut(sid)?.pasid_clear(root, key);
         self.attached_set(sid, pt).map(|s| s.remove(&(dev, key)));
-        self.queue_invalidations(sid, vec![(dev, key)], None);
+        self.queue_invalidations(sid, vec![(dev, key)], None, fx);
         Ok(())
     }
 
@@ -319,13 +330,13 @@ impl Core {
         Ok(())
     }
 
-    /// Unbinds a device: detaches everything, frees its pPASIDs and its
-    /// PASID table (after the invalidation).
-    pub fn unbind_device(&mut self, chan: u64, dev: u32) -> Result<()> {
+    /// Unbinds a device: detaches everything, frees its pPASIDs, and hands
+    /// its PASID table to `fx.garbage` (freed after the invalidations).
+    pub fn unbind_device(&mut self, chan: u64, dev: u32, fx: &mut Effects) -> Result<()> {
         let (sid, d) = self.device(chan, dev)?;
         let keys: Vec<u32> = d.attach.keys().copied().collect();
         for k in keys {
-            self.detach(chan, dev, Some(k).filter(|k| *k != 0))?;
+            self.detach(chan, dev, Some(k).filter(|k| *k != 0), fx)?;
         }
         let Some(Object::Device(d)) = self.session(sid)?.objects.remove(&dev) else {
             return err(Errno::ENOENT, format!("no device {dev}"));
@@ -334,19 +345,15 @@ impl Core {
             self.pasids.free(p);
             self.pasid_owner.remove(&p);
         }
-        let pages: Vec<(u64, u64)> =
-            self.pool_mut(sid)?.pasid_table_pages(d.root).into_iter().map(|t| (sid, t)).collect();
-        if self.effects.invalidations.contains_key(&chan) {
-            self.effects.garbage.extend(pages);
-        } else {
-            self.release_tables(pages);
-        }
+        let pages = self.pool_mut(sid)?.pasid_table_pages(d.root);
+        fx.garbage.extend(pages.into_iter().map(|t| (sid, t)));
         Ok(())
     }
 
     /// A channel went away: unbind its devices. Its peer cannot answer
-    /// invalidations any more, so nothing waits on it.
-    pub fn close_channel(&mut self, chan: u64) {
+    /// invalidations any more, so nothing waits on it: what `fx` holds for
+    /// it is dropped.
+    pub fn close_channel(&mut self, chan: u64, fx: &mut Effects) {
         let Some(sid) = self.channels.get(&chan).copied() else { return };
         let devs: Vec<u32> = self
             .sessions
@@ -360,12 +367,12 @@ impl Core {
             })
             .unwrap_or_default();
         for d in devs {
-            if let Err(e) = self.unbind_device(chan, d) {
+            if let Err(e) = self.unbind_device(chan, d, fx) {
                 tracing::error!(chan, dev = d, error = %e, "cannot unbind a device of a closed channel");
             }
         }
-        self.effects.invalidations.remove(&chan);
-        self.effects.forget.remove(&chan);
+        fx.invalidations.remove(&chan);
+        fx.forget.remove(&chan);
         self.channels.remove(&chan);
     }
 

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use super::{check_aligned, err, range_last, Core, Error, Object, Result};
+use super::{check_aligned, err, range_last, Core, Effects, Error, Object, Result};
 use crate::errno::Errno;
 use crate::pagetable::{MAX_IOVA, PAGE_SIZE};
 use crate::types::*;
@@ -40,8 +40,9 @@ impl Core {
         Ok(id)
     }
 
-    /// Asks for stage-1 caches of a nested IOAS to be invalidated.
-    pub fn invalidate(&mut self, sid: u64, nested: u32, scope: InvalidateScope) -> Result<()> {
+    /// Asks for stage-1 caches of a nested IOAS to be invalidated: its
+    /// devices are told in `fx`.
+    pub fn invalidate(&mut self, sid: u64, nested: u32, scope: InvalidateScope, fx: &mut Effects) -> Result<()> {
         let n = match self.object(sid, nested)? {
             Object::Nested(n) => n,
             Object::Ioas(_) => return err(Errno::EINVAL, format!("object {nested} is a paging IOAS, not nested")),
@@ -61,13 +62,13 @@ impl Core {
             InvalidateScope::Range { iova, length } => Some(IovaRange { start: iova, last: iova + length - 1 }),
         };
         let targets: Vec<(u32, u32)> = n.attached.iter().copied().collect();
-        self.queue_invalidations(sid, targets, range);
+        self.queue_invalidations(sid, targets, range, fx);
         Ok(())
     }
 
     /// Turns dirty tracking of an IOAS on or off; turning it on clears the
-    /// dirty state.
-    pub fn set_dirty_tracking(&mut self, sid: u64, ioas: u32, enable: bool) -> Result<()> {
+    /// dirty state. The devices whose PASID entries change are told in `fx`.
+    pub fn set_dirty_tracking(&mut self, sid: u64, ioas: u32, enable: bool, fx: &mut Effects) -> Result<()> {
         let users = self.users_of(sid, ioas)?;
         if enable {
             for (dev, _) in &users {
@@ -91,19 +92,20 @@ impl Core {
             }
         }
         if was != enable {
-            self.rewrite_entries(sid, &users)?;
+            self.rewrite_entries(sid, &users, fx)?;
         }
         Ok(())
     }
 
     /// Turns page-fault handling (page requests from PRI-capable devices
     /// reach the session's fault queue and wait for an answer) on or off.
-    pub fn set_page_faults(&mut self, sid: u64, ioas: u32, enable: bool) -> Result<()> {
+    /// The devices whose PASID entries change are told in `fx`.
+    pub fn set_page_faults(&mut self, sid: u64, ioas: u32, enable: bool, fx: &mut Effects) -> Result<()> {
         let users = self.users_of(sid, ioas)?;
         let i = self.ioas(sid, ioas)?;
         if i.iopf != enable {
             i.iopf = enable;
-            self.rewrite_entries(sid, &users)?;
+            self.rewrite_entries(sid, &users, fx)?;
         }
         Ok(())
     }

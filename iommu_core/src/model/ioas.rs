@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{check_aligned, err, range_last, Core, Error, Object, Result};
+use super::{check_aligned, err, range_last, Core, Effects, Error, Object, Result};
 use crate::errno::Errno;
 use crate::pagetable::{self, MAX_IOVA, PAGE_SIZE};
 use crate::types::*;
@@ -234,17 +234,18 @@ impl Core {
     /// Maps part of a memory object into an IOAS; returns the IOVA. A map
     /// of many leaves is done here in one go: the event loop uses
     /// [`map_begin`](Self::map_begin) and [`job_step`](Self::job_step).
-    pub fn map(&mut self, sid: u64, a: MapArgs) -> Result<u64> {
+    /// Only a failed map of many leaves leaves effects (its rollback).
+    pub fn map(&mut self, sid: u64, a: MapArgs, fx: &mut Effects) -> Result<u64> {
         match self.map_begin(sid, a)? {
             Started::Done(iova) => Ok(iova),
-            Started::Job(job) => self.finish(job),
+            Started::Job(job) => self.finish(job, fx),
         }
     }
 
     /// Runs a job to its end.
-    fn finish(&mut self, mut job: Job) -> Result<u64> {
+    fn finish(&mut self, mut job: Job, fx: &mut Effects) -> Result<u64> {
         loop {
-            if let Some(r) = self.job_step(&mut job) {
+            if let Some(r) = self.job_step(&mut job, fx) {
                 return r;
             }
         }
@@ -253,6 +254,7 @@ impl Core {
     /// Starts a map: done at once when it writes at most [`SLICE_LEAVES`]
     /// leaves, else a [`Job`] to run slice by slice with
     /// [`job_step`](Self::job_step), all or nothing like a map done at once.
+    /// Starting leaves no effects: a map done at once unlinks nothing.
     pub fn map_begin(&mut self, sid: u64, a: MapArgs) -> Result<Started> {
         if a.perm.is_empty() {
             return err(Errno::EINVAL, "a mapping needs read or write permission");
@@ -306,9 +308,9 @@ impl Core {
     /// Does one slice of a job (at most [`SLICE_LEAVES`] leaves written or
     /// cleared). `None`: more is left. `Some`: the job is over, with the
     /// IOVA of a map or the bytes of an unmap, and its effects (the
-    /// invalidations of an unmap, or of a map rolled back) are queued as
-    /// any operation's.
-    pub fn job_step(&mut self, job: &mut Job) -> Option<Result<u64>> {
+    /// invalidations and unlinked tables of an unmap, or of a map rolled
+    /// back) are in `fx`, which the caller carries across the slices.
+    pub fn job_step(&mut self, job: &mut Job, fx: &mut Effects) -> Option<Result<u64>> {
         let (sid, ioas) = (job.sid, job.ioas);
         match &mut job.kind {
             JobKind::Map { iova, area, done, leaf } => {
@@ -339,7 +341,7 @@ impl Core {
                                 pool.unmap_range(root, iova, *done, &mut garbage);
                             }
                             let range = IovaRange { start: iova, last: iova + *done - 1 };
-                            self.retire(sid, ioas, Some(range), garbage);
+                            self.retire(sid, ioas, Some(range), garbage, fx);
                         }
                         Some(Err(e))
                     }
@@ -347,6 +349,9 @@ impl Core {
             }
             JobKind::Unmap { pieces, next, garbage, total, mems, range } => {
                 let Ok(root) = self.ioas(sid, ioas).map(|i| i.root) else {
+                    // Gone with its session: no device is left to walk what
+                    // earlier slices unlinked.
+                    fx.garbage.extend(garbage.drain(..).map(|t| (sid, t)));
                     return Some(err(Errno::ENOENT, format!("IOAS {ioas} went away during the unmap")));
                 };
                 let mut leaves = 0;
@@ -369,7 +374,7 @@ impl Core {
                     self.mem_unref(sid, m);
                 }
                 let garbage = std::mem::take(garbage);
-                self.retire(sid, ioas, *range, garbage);
+                self.retire(sid, ioas, *range, garbage, fx);
                 Some(Ok(*total))
             }
         }
@@ -400,16 +405,17 @@ impl Core {
         self.map_finished(sid, ioas_id, iova, area)
     }
 
-    fn remove_areas(&mut self, sid: u64, ioas_id: u32, starts: &[u64]) -> Result<u64> {
-        match self.remove_areas_begin(sid, ioas_id, starts)? {
+    fn remove_areas(&mut self, sid: u64, ioas_id: u32, starts: &[u64], fx: &mut Effects) -> Result<u64> {
+        match self.remove_areas_begin(sid, ioas_id, starts, fx)? {
             Started::Done(total) => Ok(total),
-            Started::Job(job) => self.finish(job),
+            Started::Job(job) => self.finish(job, fx),
         }
     }
 
     /// Takes the areas at `starts` out of the IOAS and clears their leaves:
-    /// at once when that is at most [`SLICE_LEAVES`] leaves, else as a job.
-    fn remove_areas_begin(&mut self, sid: u64, ioas_id: u32, starts: &[u64]) -> Result<Started> {
+    /// at once when that is at most [`SLICE_LEAVES`] leaves (its effects in
+    /// `fx`), else as a job.
+    fn remove_areas_begin(&mut self, sid: u64, ioas_id: u32, starts: &[u64], fx: &mut Effects) -> Result<Started> {
         let mut total = 0;
         let mut leaves = 0;
         let mut pieces = Vec::new();
@@ -445,21 +451,23 @@ impl Core {
         if leaves > SLICE_LEAVES {
             return Ok(Started::Job(job));
         }
-        self.finish(job).map(Started::Done)
+        self.finish(job, fx).map(Started::Done)
     }
 
-    /// Starts an unmap (see [`unmap`](Self::unmap)): done at once, or a job
-    /// to run with [`job_step`](Self::job_step) when it clears many leaves.
-    pub fn unmap_begin(&mut self, sid: u64, ioas_id: u32, iova: u64, length: u64) -> Result<Started> {
+    /// Starts an unmap (see [`unmap`](Self::unmap)): done at once, its
+    /// effects in `fx`, or a job to run with [`job_step`](Self::job_step)
+    /// when it clears many leaves.
+    pub fn unmap_begin(&mut self, sid: u64, ioas_id: u32, iova: u64, length: u64, fx: &mut Effects) -> Result<Started> {
         let starts = self.unmap_starts(sid, ioas_id, iova, length)?;
-        self.remove_areas_begin(sid, ioas_id, &starts)
+        self.remove_areas_begin(sid, ioas_id, &starts, fx)
     }
 
     /// Unmaps whole mappings inside `[iova, iova+length)`; `(0, u64::MAX)`
-    /// unmaps everything. Returns the bytes unmapped.
-    pub fn unmap(&mut self, sid: u64, ioas_id: u32, iova: u64, length: u64) -> Result<u64> {
+    /// unmaps everything. Returns the bytes unmapped; the invalidations and
+    /// the unlinked tables are in `fx`.
+    pub fn unmap(&mut self, sid: u64, ioas_id: u32, iova: u64, length: u64, fx: &mut Effects) -> Result<u64> {
         let starts = self.unmap_starts(sid, ioas_id, iova, length)?;
-        self.remove_areas(sid, ioas_id, &starts)
+        self.remove_areas(sid, ioas_id, &starts, fx)
     }
 
     /// The starts of the mappings an unmap of `[iova, iova+length)` takes.
@@ -496,8 +504,9 @@ impl Core {
     }
 
     /// Maps into `dst` the memory that `[src_iova, +length)` of `src` maps;
-    /// returns the destination IOVA.
-    pub fn copy(&mut self, sid: u64, a: CopyArgs) -> Result<u64> {
+    /// returns the destination IOVA. Only a failed copy leaves effects (its
+    /// rollback).
+    pub fn copy(&mut self, sid: u64, a: CopyArgs, fx: &mut Effects) -> Result<u64> {
         if a.perm.is_empty() {
             return err(Errno::EINVAL, "a mapping needs read or write permission");
         }
@@ -551,7 +560,7 @@ impl Core {
             let iova = dst_iova + rel;
             area.last += iova;
             if let Err(e) = self.insert_area(sid, a.dst, iova, area) {
-                self.remove_areas(sid, a.dst, &done)?;
+                self.remove_areas(sid, a.dst, &done, fx)?;
                 let d = self.ioas(sid, a.dst)?;
                 d.stats.maps -= done.len() as u64;
                 d.stats.unmaps -= done.len() as u64;
@@ -676,9 +685,10 @@ mod tests {
         let len = (SLICE_LEAVES * 3 + 5) * PAGE_SIZE;
         let args = MapArgs { ioas, mem: m.id, offset: PAGE_SIZE, length: len, iova: Some(1 << 30), perm: Perm::RW };
         let Started::Job(mut job) = c.map_begin(sid, args).unwrap() else { panic!("a long map must be a job") };
+        let mut fx = Effects::default();
         let mut slices = 1;
         let iova = loop {
-            if let Some(r) = c.job_step(&mut job) {
+            if let Some(r) = c.job_step(&mut job, &mut fx) {
                 break r.unwrap();
             }
             slices += 1;
@@ -697,10 +707,9 @@ mod tests {
         c.session(sid).unwrap().pool.map_range(root, 1 << 30, sys, len, Perm::RW, None).unwrap();
         assert_eq!(c.tables_in_use() - tables - 1, tables - 1, "same tables either way");
         // An unmap of it is a job too, and leaves nothing behind.
-        let Started::Job(job) = c.unmap_begin(sid, ioas, 0, u64::MAX).unwrap() else { panic!("a long unmap") };
-        assert_eq!(c.finish(job).unwrap(), len);
-        let garbage = c.take_effects().garbage;
-        c.release_tables(garbage);
+        let Started::Job(job) = c.unmap_begin(sid, ioas, 0, u64::MAX, &mut fx).unwrap() else { panic!("a long unmap") };
+        assert_eq!(c.finish(job, &mut fx).unwrap(), len);
+        c.release_tables(fx.garbage);
         assert_eq!(c.snapshot(Some(sid)).sessions[0].ioas[0].tables, 1, "only the root is left");
     }
 
@@ -714,12 +723,12 @@ mod tests {
         let len = SLICE_LEAVES * 4 * PAGE_SIZE;
         let args = MapArgs { ioas, mem: m.id, offset: PAGE_SIZE, length: len, iova: Some(1 << 30), perm: Perm::RW };
         let Started::Job(job) = c.map_begin(sid, args).unwrap() else { panic!("a long map must be a job") };
-        assert_eq!(c.finish(job).unwrap_err().errno, Errno::ENOSPC);
-        let garbage = c.take_effects().garbage;
-        c.release_tables(garbage);
+        let mut fx = Effects::default();
+        assert_eq!(c.finish(job, &mut fx).unwrap_err().errno, Errno::ENOSPC);
+        c.release_tables(std::mem::take(&mut fx.garbage));
         assert_eq!(c.tables_in_use(), before, "the slices mapped before the failure were undone");
         assert!(c.translate(sid, ioas, 1 << 30).is_err());
         assert_eq!(c.snapshot(Some(sid)).sessions[0].ioas[0].mappings.len(), 0);
-        c.destroy(sid, m.id).unwrap();
+        c.destroy(sid, m.id, &mut fx).unwrap();
     }
 }

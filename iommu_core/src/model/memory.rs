@@ -205,6 +205,7 @@ impl Core {
 mod tests {
     use super::*;
     use crate::model::tests::core_with;
+    use crate::model::Effects;
 
     #[test]
     fn an_unsealable_file_shrunk_under_a_mapping_hurts_nothing() {
@@ -217,12 +218,14 @@ mod tests {
         assert_eq!(m.seals, "unsupported");
         let ioas = c.ioas_alloc(sid).unwrap();
         let args = MapArgs { ioas, mem: m.id, offset: 0, length: 0x4000, iova: Some(0x10000), perm: Perm::RW };
-        c.map(sid, args).unwrap();
+        let mut fx = Effects::default();
+        c.map(sid, args, &mut fx).unwrap();
         f.set_len(0).unwrap();
         // The core never touches the file's pages; it keeps translating and serving.
         assert_eq!(c.translate(sid, ioas, 0x13000).unwrap().offset, 0x3000);
-        assert_eq!(c.unmap(sid, ioas, 0, u64::MAX).unwrap(), 0x4000);
-        c.destroy(sid, m.id).unwrap();
+        assert_eq!(c.unmap(sid, ioas, 0, u64::MAX, &mut fx).unwrap(), 0x4000);
+        c.destroy(sid, m.id, &mut fx).unwrap();
+        c.release_tables(fx.garbage);
         std::fs::remove_file(path).unwrap();
     }
 }

@@ -12,8 +12,15 @@
 //! `hwpt` (nested IOASes, dirty tracking, page faults), `device` (channels,
 //! devices, attachments, pPASIDs, fencing), `fault` (fault queues, the
 //! fault log, page requests) and `snapshot` (what observers see). This
-//! file holds the core, its sessions and objects, and the effects
+//! file holds the core, its sessions and objects, and the [`Effects`]
 //! operations leave for the event loop.
+//!
+//! The control path is explicit: a call that can change what a device
+//! may walk takes the [`Effects`] of the request it serves as its last
+//! parameter, `fx`, and adds to it the invalidations to send, the memory
+//! to forget and the table pages it unlinked. The model never frees an
+//! unlinked table page itself; whoever settles the effects frees them with
+//! [`Core::release_tables`] once no device can hold them.
 
 mod device;
 mod fault;
@@ -67,15 +74,30 @@ impl From<pagetable::Error> for Error {
     }
 }
 
-/// Work the event loop must do after a model operation: invalidations to
-/// send to device channels, and table pages to free once every channel
-/// has answered (or been fenced).
+/// Work left by the model operations of one request: invalidations to send
+/// to device channels, memory objects they must forget, and table pages to
+/// free once every channel told has answered (or been fenced).
+///
+/// Made by the caller: the event loop makes one for each request it serves
+/// (a long job carries its own across its slices, a closing connection one
+/// for its teardown) and passes it as `fx`, the last parameter, to every
+/// model call that can cause effects. Calls only add to it, so what a call
+/// did before failing part-way (the slices of a map it rolls back, the
+/// detaches of an unbind) is still settled.
+///
+/// Settled by the event loop, once, when the request is answered: it sends
+/// each channel its invalidations and forgets, and when all have answered
+/// (at once if none must) it frees `garbage` with [`Core::release_tables`]
+/// and queues the reply (`server::invalidate`). The model never frees an
+/// unlinked table page itself. Code that drives the model with no device
+/// server (tests, benches) frees the garbage itself.
 #[derive(Debug, Default, PartialEq, Eq)]
+#[must_use = "effects must be settled: invalidations sent, then the garbage freed with Core::release_tables"]
 pub struct Effects {
     /// Channel -> what its devices must drop.
     pub invalidations: BTreeMap<u64, Vec<InvalidateTarget>>,
-    /// Table pages (session, pool offset) no walker may reach once the
-    /// invalidations are done.
+    /// Table pages (session, pool offset) unlinked from every table: no
+    /// walker reaches them once the invalidations are done.
     pub garbage: Vec<(u64, u64)>,
     /// Channel -> system bases of destroyed memory objects to unmap.
     pub forget: BTreeMap<u64, Vec<u64>>,
@@ -147,7 +169,6 @@ pub struct Core {
     /// Open device channels -> owning session.
     channels: BTreeMap<u64, u64>,
     next_channel: u64,
-    effects: Effects,
 }
 
 fn range_last(start: u64, length: u64) -> Result<u64> {
@@ -189,7 +210,6 @@ impl Core {
             fail,
             channels: BTreeMap::new(),
             next_channel: 1,
-            effects: Effects::default(),
         })
     }
 
@@ -309,9 +329,9 @@ impl Core {
     }
 
     /// Closes a session, destroying everything it owns, leaf first.
-    pub fn close_session(&mut self, sid: u64) {
+    pub fn close_session(&mut self, sid: u64, fx: &mut Effects) {
         for chan in self.channels_of(sid) {
-            self.close_channel(chan);
+            self.close_channel(chan, fx);
         }
         let Some(s) = self.sessions.get_mut(&sid) else { return };
         s.closing = true;
@@ -322,7 +342,7 @@ impl Core {
         let mem: Vec<u32> =
             s.objects.iter().filter(|(_, o)| matches!(o, Object::Memory(_))).map(|(id, _)| *id).collect();
         for id in nested.into_iter().chain(ioas).chain(mem) {
-            if let Err(e) = self.destroy(sid, id) {
+            if let Err(e) = self.destroy(sid, id, fx) {
                 tracing::error!(session = sid, id, error = %e, "teardown could not destroy an object");
             }
         }
@@ -339,8 +359,10 @@ impl Core {
         self.sessions.get(&sid).map(|s| s.objects.len())
     }
 
-    /// Destroys an object; EBUSY while it is referenced.
-    pub fn destroy(&mut self, sid: u64, id: u32) -> Result<()> {
+    /// Destroys an object; EBUSY while it is referenced. The channels of
+    /// the session forget a memory object; an IOAS's tables go to
+    /// `fx.garbage`.
+    pub fn destroy(&mut self, sid: u64, id: u32, fx: &mut Effects) -> Result<()> {
         if id == 0 {
             return err(Errno::ENOENT, "object id 0 never exists");
         }
@@ -368,7 +390,7 @@ impl Core {
                 self.sys_owner.remove(&m.sys_base);
                 // Device servers may have it mapped; its address will be reused.
                 for chan in self.channels_of(sid) {
-                    self.effects.forget.entry(chan).or_default().push(m.sys_base);
+                    fx.forget.entry(chan).or_default().push(m.sys_base);
                 }
             }
             Object::Ioas(mut i) if self.session(sid)?.closing => {
@@ -387,9 +409,8 @@ impl Core {
                     self.mem_unref(sid, a.mem);
                 }
                 garbage.push(i.root);
-                let garbage = garbage.into_iter().map(|t| (sid, t)).collect();
-                // Nothing is attached (checked above), so no walker reaches them.
-                self.release_tables(garbage);
+                // Nothing is attached (checked above): nothing to wait for.
+                fx.garbage.extend(garbage.into_iter().map(|t| (sid, t)));
             }
             Object::Nested(n) => {
                 if let Ok(p) = self.ioas(sid, n.parent) {
@@ -401,22 +422,22 @@ impl Core {
         Ok(())
     }
 
-    /// Records that translations of `targets` changed: their channels must
-    /// be told before the operation completes.
-    fn queue_invalidations(&mut self, sid: u64, targets: Vec<(u32, u32)>, range: Option<IovaRange>) {
+    /// Records in `fx` that translations of `targets` changed: their
+    /// channels must be told before the operation completes.
+    fn queue_invalidations(&mut self, sid: u64, targets: Vec<(u32, u32)>, range: Option<IovaRange>, fx: &mut Effects) {
         for (dev, pasid) in targets {
             let chan = match self.object(sid, dev) {
                 Ok(Object::Device(d)) if !d.fenced => d.channel,
                 _ => continue,
             };
-            self.effects.invalidations.entry(chan).or_default().push(InvalidateTarget { dev_id: dev, pasid, range });
+            fx.invalidations.entry(chan).or_default().push(InvalidateTarget { dev_id: dev, pasid, range });
         }
     }
 
-    /// Frees unlinked table pages now if no device can hold them, else
-    /// defers them until the invalidations are answered.
-    fn retire(&mut self, sid: u64, ioas: u32, range: Option<IovaRange>, garbage: Vec<u64>) {
-        let garbage: Vec<(u64, u64)> = garbage.into_iter().map(|t| (sid, t)).collect();
+    /// Hands table pages unlinked from `ioas` to `fx.garbage`, and tells
+    /// the devices attached to it (or to a nested IOAS on it) to drop what
+    /// they may hold of `range`: the pages are freed once they have.
+    fn retire(&mut self, sid: u64, ioas: u32, range: Option<IovaRange>, garbage: Vec<u64>, fx: &mut Effects) {
         let mut direct = Vec::new();
         let mut nested = Vec::new();
         if let Some(s) = self.sessions.get(&sid) {
@@ -428,28 +449,15 @@ impl Core {
                 }
             }
         }
-        if direct.is_empty() && nested.is_empty() {
-            self.release_tables(garbage);
-            return;
-        }
-        self.queue_invalidations(sid, direct, range);
+        self.queue_invalidations(sid, direct, range, fx);
         // A stage-2 change can hit any stage-1 IOVA of a nested IOAS.
-        self.queue_invalidations(sid, nested, None);
-        self.effects.garbage.extend(garbage);
+        self.queue_invalidations(sid, nested, None, fx);
+        fx.garbage.extend(garbage.into_iter().map(|t| (sid, t)));
     }
 
-    /// Takes the effects of the operations since the last call.
-    pub fn take_effects(&mut self) -> Effects {
-        let mut e = std::mem::take(&mut self.effects);
-        if e.invalidations.is_empty() && e.forget.is_empty() && !e.garbage.is_empty() {
-            // Every target was fenced or gone: nobody can hold the pages.
-            self.release_tables(std::mem::take(&mut e.garbage));
-        }
-        e
-    }
-
-    /// Returns table pages to their sessions' pools once no walker can
-    /// reach them (a closed session's pool went with it).
+    /// Returns table pages to their sessions' pools (a closed session's
+    /// pool went with it): the only way an unlinked page is freed. Call it
+    /// with an [`Effects`]'s garbage once no walker can reach the pages.
     pub fn release_tables(&mut self, garbage: Vec<(u64, u64)>) {
         for (sid, t) in garbage {
             if let Some(s) = self.sessions.get_mut(&sid) {
@@ -483,13 +491,16 @@ mod tests {
         let m = c.register_memory(sid, OwnedFd::from(memfd::create("m", 2 << 20).unwrap())).unwrap();
         let a = c.ioas_alloc(sid).unwrap();
         let b = c.ioas_alloc(sid).unwrap();
-        c.map(sid, MapArgs { ioas: a, mem: m.id, offset: 0, length: 2 << 20, iova: None, perm: Perm::RW }).unwrap();
-        c.copy(sid, CopyArgs { dst: b, src: a, src_iova: 2 << 20, length: 4096, dst_iova: None, perm: Perm::R })
-            .unwrap();
+        let mut fx = Effects::default();
+        let args = MapArgs { ioas: a, mem: m.id, offset: 0, length: 2 << 20, iova: None, perm: Perm::RW };
+        c.map(sid, args, &mut fx).unwrap();
+        let args = CopyArgs { dst: b, src: a, src_iova: 2 << 20, length: 4096, dst_iova: None, perm: Perm::R };
+        c.copy(sid, args, &mut fx).unwrap();
         c.nested_alloc(sid, a, 0).unwrap();
         c.ppasid_alloc(sid).unwrap();
         assert!(c.tables_in_use() > 2);
-        c.close_session(sid);
+        c.close_session(sid, &mut fx);
+        c.release_tables(fx.garbage);
         assert_eq!(c.tables_in_use(), 0);
         assert_eq!(c.ppasids_in_use(), 0);
         assert_eq!(c.session_count(), 0);

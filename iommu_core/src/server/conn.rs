@@ -14,6 +14,7 @@ use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use super::Server;
 use crate::errno::Errno;
 use crate::memfd;
+use crate::model;
 use crate::types::Limits;
 use crate::wire::{self, Envelope, FrameReader, Notice, Reply, Request, Role};
 
@@ -298,10 +299,12 @@ impl Server {
                 op.conn = None;
             }
         }
+        // The effects of the teardown: settled with no reply.
+        let mut fx = model::Effects::default();
         if c.channel != 0 {
             tracing::info!(channel = c.channel, session = c.session, "device channel closed");
             self.chan_tokens.remove(&c.channel);
-            self.core.close_channel(c.channel);
+            self.core.close_channel(c.channel, &mut fx);
             self.channel_gone(c.channel);
         } else if c.role == Some(Role::Session) {
             tracing::info!(session = c.session, pid = c.pid, "session closed");
@@ -310,10 +313,9 @@ impl Server {
                     self.drop_conn(t);
                 }
             }
-            self.core.close_session(c.session);
+            self.core.close_session(c.session, &mut fx);
         }
-        let effects = self.core.take_effects();
-        self.apply_effects(None, 0, Reply::Ok, Vec::new(), effects);
+        self.apply_effects(None, 0, Reply::Ok, Vec::new(), fx);
     }
 
     /// Flushes, reads and serves one connection for one turn.

@@ -61,16 +61,32 @@ impl Server {
         if !env.body.read_only() || matches!(env.body, Request::Hello { .. }) {
             self.generation += 1;
         }
-        let answer = self.dispatch(token, seq, env.body, fds);
-        let Some((reply, out_fds)) = answer else { return };
+        // The request's effects: settled with its reply.
+        let mut fx = model::Effects::default();
+        let answer = self.dispatch(token, seq, env.body, fds, &mut fx);
+        let Some((reply, out_fds)) = answer else {
+            // Answered later (or a job that took its effects along): what
+            // it caused now is settled now, with no reply.
+            if !fx.is_empty() {
+                self.apply_effects(None, seq, Reply::Ok, Vec::new(), fx);
+            }
+            return;
+        };
         self.core.count_request(matches!(reply, Reply::Error { .. }));
-        let effects = self.core.take_effects();
-        self.apply_effects(Some(token), seq, reply, out_fds, effects);
+        self.apply_effects(Some(token), seq, reply, out_fds, fx);
     }
 
-    /// Serves one request. `None`: no reply now (an invalidation answer, or
-    /// a page request answered later).
-    fn dispatch(&mut self, token: Token, seq: u64, req: Request, fds: Vec<OwnedFd>) -> Option<(Reply, Vec<OwnedFd>)> {
+    /// Serves one request; what it causes goes into `fx`. `None`: no reply
+    /// now (an invalidation answer, a page request answered later, or a
+    /// job started, which takes `fx` along).
+    fn dispatch(
+        &mut self,
+        token: Token,
+        seq: u64,
+        req: Request,
+        fds: Vec<OwnedFd>,
+        fx: &mut model::Effects,
+    ) -> Option<(Reply, Vec<OwnedFd>)> {
         let conn = self.conns.get_mut(&token)?;
         let plain = |r: Reply| Some((r, Vec::new()));
         let stand_ins = fds.iter().filter(|f| is_refused_stand_in(f.as_fd())).count();
@@ -170,24 +186,26 @@ impl Server {
             }
             Request::IoasAlloc => core.ioas_alloc(sid).map(Reply::Id),
             Request::NestedAlloc { parent, s1_root } => core.nested_alloc(sid, parent, s1_root).map(Reply::Id),
-            Request::Destroy { id } => core.destroy(sid, id).map(|_| Reply::Ok),
+            Request::Destroy { id } => core.destroy(sid, id, fx).map(|_| Reply::Ok),
             Request::Map(a) => match core.map_begin(sid, a) {
-                Ok(model::Started::Job(job)) => return self.start_job(token, seq, job, Reply::Iova),
+                Ok(model::Started::Job(job)) => return self.start_job(token, seq, job, Reply::Iova, fx),
                 r => r.map(|s| Reply::Iova(s.done())),
             },
-            Request::Unmap { ioas, iova, length } => match core.unmap_begin(sid, ioas, iova, length) {
-                Ok(model::Started::Job(job)) => return self.start_job(token, seq, job, Reply::Bytes),
+            Request::Unmap { ioas, iova, length } => match core.unmap_begin(sid, ioas, iova, length, fx) {
+                Ok(model::Started::Job(job)) => return self.start_job(token, seq, job, Reply::Bytes, fx),
                 r => r.map(|s| Reply::Bytes(s.done())),
             },
-            Request::Copy(a) => core.copy(sid, a).map(Reply::Iova),
+            Request::Copy(a) => core.copy(sid, a, fx).map(Reply::Iova),
             Request::IovaRanges { ioas } => core.iova_ranges(sid, ioas).map(Reply::Ranges),
             Request::AllowIovas { ioas, ranges } => core.allow_iovas(sid, ioas, ranges).map(|_| Reply::Ok),
             Request::AddReserved { ioas, start, last } => core.add_reserved(sid, ioas, start, last).map(|_| Reply::Ok),
-            Request::InvalidateStage1 { nested, scope } => core.invalidate(sid, nested, scope).map(|_| Reply::Ok),
+            Request::InvalidateStage1 { nested, scope } => core.invalidate(sid, nested, scope, fx).map(|_| Reply::Ok),
             Request::PpasidAlloc => core.ppasid_alloc(sid).map(Reply::Pasid),
             Request::PpasidFree { pasid } => core.ppasid_free(sid, pasid).map(|_| Reply::Ok),
-            Request::SetDirtyTracking { ioas, enable } => core.set_dirty_tracking(sid, ioas, enable).map(|_| Reply::Ok),
-            Request::SetPageFaults { ioas, enable } => core.set_page_faults(sid, ioas, enable).map(|_| Reply::Ok),
+            Request::SetDirtyTracking { ioas, enable } => {
+                core.set_dirty_tracking(sid, ioas, enable, fx).map(|_| Reply::Ok)
+            }
+            Request::SetPageFaults { ioas, enable } => core.set_page_faults(sid, ioas, enable, fx).map(|_| Reply::Ok),
             Request::DirtyBitmap { ioas, iova, length, page_size, no_clear } => {
                 core.dirty_bitmap(sid, ioas, iova, length, page_size, no_clear).map(Reply::Bitmap)
             }
@@ -213,13 +231,13 @@ impl Server {
             Request::Mappings { session, ioas, from, max } => core
                 .mappings_page(only, session, ioas, from, max.min(wire::MAPPINGS_PAGE) as usize)
                 .map(Reply::Mappings),
-            Request::OpenDeviceChannel => return Some(self.open_channel(sid)),
+            Request::OpenDeviceChannel => return Some(self.open_channel(sid, fx)),
             Request::BindDevice(a) => core.bind_device(chan, a).map(Reply::Device),
-            Request::UnbindDevice { dev } => core.unbind_device(chan, dev).map(|_| Reply::Ok),
+            Request::UnbindDevice { dev } => core.unbind_device(chan, dev, fx).map(|_| Reply::Ok),
             Request::Attach { dev, pasid, pt_id, replace } => {
-                core.attach(chan, dev, pasid, pt_id, replace).map(|_| Reply::Ok)
+                core.attach(chan, dev, pasid, pt_id, replace, fx).map(|_| Reply::Ok)
             }
-            Request::Detach { dev, pasid } => core.detach(chan, dev, pasid).map(|_| Reply::Ok),
+            Request::Detach { dev, pasid } => core.detach(chan, dev, pasid, fx).map(|_| Reply::Ok),
             Request::DevicePasidAlloc { dev } => core.device_ppasid_alloc(chan, dev).map(Reply::Pasid),
             Request::DevicePasidFree { dev, pasid } => core.device_ppasid_free(chan, dev, pasid).map(|_| Reply::Ok),
             Request::GetPools => {
@@ -320,7 +338,7 @@ impl Server {
                         o.waiting.is_empty()
                     });
                     if done == Some(true) {
-                        self.complete(op);
+                        self.complete_held(op);
                     }
                 }
                 return None;
@@ -330,8 +348,9 @@ impl Server {
     }
 
     /// Makes a device channel for session `sid`: a socketpair whose one end
-    /// the loop serves and whose other end goes back in the reply.
-    fn open_channel(&mut self, sid: u64) -> (Reply, Vec<OwnedFd>) {
+    /// the loop serves and whose other end goes back in the reply. One that
+    /// cannot be made is closed again, with `fx`.
+    fn open_channel(&mut self, sid: u64, fx: &mut model::Effects) -> (Reply, Vec<OwnedFd>) {
         let fail = |e: String| (Reply::error(Errno::ENOMEM, e), Vec::new());
         let chan = match self.core.open_channel(sid) {
             Ok(c) => c,
@@ -341,14 +360,14 @@ impl Server {
         let (ours, theirs) = match pair {
             Ok(p) => p,
             Err(e) => {
-                self.core.close_channel(chan);
+                self.core.close_channel(chan, fx);
                 return fail(format!("cannot make a socketpair: {e}"));
             }
         };
         let (pid, uid) =
             self.conns.values().find(|c| c.session == sid && c.channel == 0).map_or((0, 0), |c| (c.pid, c.uid));
         let Some(token) = self.register(UnixStream::from_std(ours), pid, uid) else {
-            self.core.close_channel(chan);
+            self.core.close_channel(chan, fx);
             return fail("cannot register the channel".into());
         };
         if let Some(c) = self.conns.get_mut(&token) {

@@ -1,6 +1,13 @@
 //! The invalidation handshake: operations held until every device channel
 //! that could hold a stale translation has answered, their completion, and
 //! the fencing of channels that miss the deadline.
+//!
+//! Every request the loop serves settles its [`model::Effects`] here, once,
+//! through [`apply_effects`](Server::apply_effects): the invalidations and
+//! forgets are sent, and the operation completes, at once when no channel
+//! must answer, else when the last one has answered or been fenced.
+//! [`complete`](Server::complete) is the one place the loop frees table
+//! pages: the operation's garbage, before its reply is queued.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
@@ -22,10 +29,13 @@ pub(super) struct HeldOp {
     seq: u64,
     reply: Reply,
     fds: Vec<OwnedFd>,
+    /// Table pages freed when the operation completes.
     garbage: Vec<(u64, u64)>,
     /// Channel -> invalidation id it must answer.
     pub(super) waiting: HashMap<u64, u64>,
     pub(super) deadline: Instant,
+    /// Its connection is blocked until it completes (it waited on channels).
+    blocks: bool,
 }
 
 impl Server {
@@ -43,7 +53,7 @@ impl Server {
                     self.inval_owner.remove(&inval);
                 }
                 if op.waiting.is_empty() {
-                    self.complete(id);
+                    self.complete_held(id);
                 }
             }
         }
@@ -68,38 +78,52 @@ impl Server {
             if let Some(op) = self.held.get_mut(&id) {
                 op.waiting.clear();
             }
-            self.complete(id);
+            self.complete_held(id);
         }
     }
 
-    pub(super) fn complete(&mut self, id: u64) {
-        let Some(op) = self.held.remove(&id) else { return };
+    /// Completes the held operation `id` (nothing waits on it any more).
+    pub(super) fn complete_held(&mut self, id: u64) {
+        if let Some(op) = self.held.remove(&id) {
+            self.complete(op);
+        }
+    }
+
+    /// Completes an operation no channel has to answer any more: frees its
+    /// garbage, which no walker can reach now, then queues its reply. The
+    /// only place the loop frees table pages.
+    fn complete(&mut self, op: HeldOp) {
         self.core.release_tables(op.garbage);
-        if let Some(t) = op.conn {
-            if let Some(conn) = self.conns.get_mut(&t) {
-                queue(conn, op.seq, &op.reply, op.fds);
-                conn.blocked = false;
-                self.backlog.push_back(t);
-            }
+        let Some(t) = op.conn else { return };
+        if !op.blocks {
+            self.queue_reply(t, op.seq, &op.reply, op.fds);
+            return;
+        }
+        if let Some(conn) = self.conns.get_mut(&t) {
+            queue(conn, op.seq, &op.reply, op.fds);
+            conn.blocked = false;
+            self.backlog.push_back(t);
         }
     }
 
-    /// Sends the reply now, or holds it until every channel has answered the
-    /// invalidations the operation caused.
+    /// Settles the effects of a served request: sends each channel its
+    /// invalidations and forgets, and completes the operation (frees the
+    /// garbage, sends the reply) at once if no channel must answer, else
+    /// holds it until every one has answered or been fenced.
     pub(super) fn apply_effects(
         &mut self,
         conn: Option<Token>,
         seq: u64,
         reply: Reply,
         fds: Vec<OwnedFd>,
-        e: model::Effects,
+        fx: model::Effects,
     ) {
         let mut waiting = HashMap::new();
         let mut per_chan: BTreeMap<u64, (Vec<InvalidateTarget>, Vec<u64>)> = BTreeMap::new();
-        for (chan, t) in e.invalidations {
+        for (chan, t) in fx.invalidations {
             per_chan.entry(chan).or_default().0 = t;
         }
-        for (chan, f) in e.forget {
+        for (chan, f) in fx.forget {
             per_chan.entry(chan).or_default().1 = f;
         }
         for (chan, (targets, forget)) in per_chan {
@@ -111,25 +135,22 @@ impl Server {
             self.backlog.push_back(t);
             waiting.insert(chan, id);
         }
-        if waiting.is_empty() {
-            self.core.release_tables(e.garbage);
-            if let Some(t) = conn {
-                self.queue_reply(t, seq, &reply, fds);
-            }
+        let timeout = Duration::from_millis(u64::from(self.core.limits().invalidate_timeout_ms));
+        let blocks = !waiting.is_empty();
+        let op =
+            HeldOp { conn, seq, reply, fds, garbage: fx.garbage, waiting, deadline: Instant::now() + timeout, blocks };
+        if !blocks {
+            self.complete(op);
             return;
         }
-        let op = self.next_op;
+        let id = self.next_op;
         self.next_op += 1;
-        for id in waiting.values() {
-            self.inval_owner.insert(*id, op);
+        for inval in op.waiting.values() {
+            self.inval_owner.insert(*inval, id);
         }
         if let Some(c) = conn.and_then(|t| self.conns.get_mut(&t)) {
             c.blocked = true;
         }
-        let timeout = Duration::from_millis(u64::from(self.core.limits().invalidate_timeout_ms));
-        self.held.insert(
-            op,
-            HeldOp { conn, seq, reply, fds, garbage: e.garbage, waiting, deadline: Instant::now() + timeout },
-        );
+        self.held.insert(id, op);
     }
 }

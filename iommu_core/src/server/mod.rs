@@ -74,13 +74,15 @@ pub fn default_socket_path() -> PathBuf {
     }
 }
 
-/// A long operation in progress: its connection, request seq, the job and
-/// how to make its reply from the job's result.
+/// A long operation in progress: its connection, request seq, the job,
+/// how to make its reply from the job's result, and the effects of its
+/// request, carried across its slices and settled when it ends.
 struct RunningJob {
     conn: Token,
     seq: u64,
     job: model::Job,
     reply: fn(u64) -> Reply,
+    fx: model::Effects,
 }
 
 /// A handle that stops a running server from another thread.
@@ -285,40 +287,40 @@ impl Server {
         res
     }
 
-    /// Takes a long operation on: its connection is not read until it is
-    /// over, and the loop runs it one slice per turn between the other
-    /// connections' requests.
+    /// Takes a long operation on, with the effects its request caused so
+    /// far: its connection is not read until it is over, and the loop runs
+    /// it one slice per turn between the other connections' requests.
     fn start_job(
         &mut self,
         token: Token,
         seq: u64,
         job: model::Job,
         reply: fn(u64) -> Reply,
+        fx: &mut model::Effects,
     ) -> Option<(Reply, Vec<OwnedFd>)> {
         if let Some(c) = self.conns.get_mut(&token) {
             c.blocked = true;
         }
-        self.jobs.push_back(RunningJob { conn: token, seq, job, reply });
+        self.jobs.push_back(RunningJob { conn: token, seq, job, reply, fx: std::mem::take(fx) });
         None
     }
 
     /// One slice of the job whose turn it is.
     fn run_job(&mut self) {
         let Some(mut j) = self.jobs.pop_front() else { return };
-        let Some(res) = self.core.job_step(&mut j.job) else {
+        let Some(res) = self.core.job_step(&mut j.job, &mut j.fx) else {
             self.jobs.push_back(j);
             return;
         };
-        let RunningJob { conn: token, seq, reply: make, .. } = j;
+        let RunningJob { conn: token, seq, reply: make, fx, .. } = j;
         self.generation += 1;
         let reply = res.map(make).unwrap_or_else(|e| Reply::error(e.errno, e.message));
         self.core.count_request(matches!(reply, Reply::Error { .. }));
-        let effects = self.core.take_effects();
         if let Some(c) = self.conns.get_mut(&token) {
             c.blocked = false;
         }
         self.backlog.push_back(token);
-        self.apply_effects(Some(token), seq, reply, Vec::new(), effects);
+        self.apply_effects(Some(token), seq, reply, Vec::new(), fx);
     }
 }
 
