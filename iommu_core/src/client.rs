@@ -296,7 +296,7 @@ impl Client {
         page_size: u64,
         no_clear: bool,
     ) -> Result<Vec<u64>> {
-        let req = Request::DirtyBitmap { ioas, iova, length, page_size, no_clear };
+        let req = Request::DirtyBitmap(DirtyBitmapArgs { ioas, iova, length, page_size, no_clear });
         expect!(self.call(&req, &[])?, Reply::Bitmap(b) => b)
     }
 

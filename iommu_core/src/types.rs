@@ -133,6 +133,21 @@ pub struct CopyArgs {
     pub perm: Perm,
 }
 
+/// Arguments of a dirty-bitmap read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtyBitmapArgs {
+    /// IOAS.
+    pub ioas: u32,
+    /// First IOVA.
+    pub iova: u64,
+    /// Length.
+    pub length: u64,
+    /// Granularity of the bitmap.
+    pub page_size: u64,
+    /// Leave the dirty bits set.
+    pub no_clear: bool,
+}
+
 /// What a stage-1 invalidation covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum InvalidateScope {

@@ -184,18 +184,7 @@ pub enum Request {
         enable: bool,
     },
     /// Read the dirty bitmap of a range.
-    DirtyBitmap {
-        /// IOAS.
-        ioas: u32,
-        /// First IOVA.
-        iova: u64,
-        /// Length.
-        length: u64,
-        /// Granularity of the bitmap.
-        page_size: u64,
-        /// Leave the dirty bits set.
-        no_clear: bool,
-    },
+    DirtyBitmap(DirtyBitmapArgs),
     /// Take fault records from the session's queue.
     ReadFaults {
         /// At most this many.

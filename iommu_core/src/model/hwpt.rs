@@ -127,15 +127,8 @@ impl Core {
     }
 
     /// Reads (and unless `no_clear`, clears) the dirty bitmap of a range.
-    pub fn dirty_bitmap(
-        &mut self,
-        sid: u64,
-        ioas: u32,
-        iova: u64,
-        length: u64,
-        page_size: u64,
-        no_clear: bool,
-    ) -> Result<Vec<u64>> {
+    pub fn dirty_bitmap(&mut self, sid: u64, a: DirtyBitmapArgs) -> Result<Vec<u64>> {
+        let DirtyBitmapArgs { ioas, iova, length, page_size, no_clear } = a;
         let max_bytes = u64::from(self.limits.max_message_bytes) / 2;
         let i = self.ioas(sid, ioas)?;
         if !i.dirty {

@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{
-    level_shift, map_words, Error, TablePool, Words, DIRTY_BYTES_PER_TABLE, ENTRIES, LEVELS, MAX_IOVA, PAGE_SIZE,
+    map_words, slots, Error, TablePool, Words, DIRTY_BYTES_PER_TABLE, ENTRIES, LEVELS, MAX_IOVA, PAGE_SIZE,
     PTE_ADDR_MASK, PTE_LEAF, PTE_PRESENT,
 };
 use crate::memfd;
@@ -104,22 +104,16 @@ impl TablePool {
     }
 
     fn dirty_level(&self, table: u64, level: u32, iova: u64, end: u64, f: &mut dyn FnMut(u64, u64, u64, usize)) {
-        let shift = level_shift(level);
-        let size = 1u64 << shift;
-        let mut cur = iova;
-        while cur < end {
-            let index = ((cur >> shift) & (ENTRIES as u64 - 1)) as usize;
-            let slot_base = cur & !(size - 1);
-            let chunk_end = end.min(slot_base + size);
-            let e = self.entry(table, index).map_or(0, |w| w.load(Ordering::Relaxed));
-            if e & PTE_PRESENT != 0 {
-                if e & PTE_LEAF != 0 || level == 1 {
-                    f(slot_base, slot_base + size, table, index);
-                } else {
-                    self.dirty_level(e & PTE_ADDR_MASK, level - 1, cur, chunk_end, f);
-                }
+        for s in slots(level, iova, end) {
+            let e = self.entry(table, s.index).map_or(0, |w| w.load(Ordering::Relaxed));
+            if e & PTE_PRESENT == 0 {
+                continue;
             }
-            cur = chunk_end;
+            if e & PTE_LEAF != 0 || level == 1 {
+                f(s.base, s.base + s.size, table, s.index);
+            } else {
+                self.dirty_level(e & PTE_ADDR_MASK, level - 1, s.start, s.end, f);
+            }
         }
     }
 }

@@ -135,6 +135,47 @@ pub const fn level_shift(level: u32) -> u32 {
     12 + 9 * (level - 1)
 }
 
+/// The part of a range that one entry of a table translates.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    /// Index of the entry in its table.
+    index: usize,
+    /// First IOVA the entry translates.
+    base: u64,
+    /// Bytes the entry translates (a leaf there maps this much).
+    size: u64,
+    /// First IOVA of the range in the entry.
+    start: u64,
+    /// End (exclusive) of the range in the entry.
+    end: u64,
+}
+
+impl Slot {
+    /// True if the range covers everything the entry translates.
+    fn whole(&self) -> bool {
+        self.start == self.base && self.end - self.start == self.size
+    }
+}
+
+/// The entries of a table at `level` that `[start, end)` reaches, in
+/// order; the range lies within what the table translates. The core's
+/// walks over a range (map, unmap, dirty bits) go table by table with it.
+fn slots(level: u32, start: u64, end: u64) -> impl Iterator<Item = Slot> {
+    let shift = level_shift(level);
+    let size = 1u64 << shift;
+    let mut cur = start;
+    std::iter::from_fn(move || {
+        if cur >= end {
+            return None;
+        }
+        let base = cur & !(size - 1);
+        let index = ((cur >> shift) & (ENTRIES as u64 - 1)) as usize;
+        let slot = Slot { index, base, size, start: cur, end: end.min(base + size) };
+        cur = slot.end;
+        Some(slot)
+    })
+}
+
 /// Maps `len` bytes of `file` as atomic words.
 fn map_words(file: &File, len: u64) -> Result<Words, Error> {
     Words::map(file, len).map_err(|e| Error::Create(e.to_string()))

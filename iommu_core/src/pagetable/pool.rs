@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::{
-    level_shift, map_words, DirtyPool, Error, Perm, TableMemory, Words, ENTRIES, LEVELS, MAX_IOVA, PAGE_SIZE,
+    level_shift, map_words, slots, DirtyPool, Error, Perm, TableMemory, Words, ENTRIES, LEVELS, MAX_IOVA, PAGE_SIZE,
     PTE_ADDR_MASK, PTE_LEAF, PTE_PRESENT,
 };
 use crate::failpoint::FailNth;
@@ -44,6 +44,15 @@ impl TableBudget {
     fn give_back(&self, n: u32) {
         let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(n)));
     }
+}
+
+/// A map being written: `[iova, ..)` onto `[addr, ..)` with `perm`, every
+/// new leaf clean in `dirty`.
+struct MapRun<'a> {
+    iova: u64,
+    addr: u64,
+    perm: Perm,
+    dirty: Option<&'a DirtyPool>,
 }
 
 /// One session's table pool: a memfd of page tables that only the core can
@@ -221,7 +230,7 @@ impl TablePool {
         debug_assert!(
             iova.is_multiple_of(PAGE_SIZE) && addr.is_multiple_of(PAGE_SIZE) && len.is_multiple_of(PAGE_SIZE)
         );
-        let res = self.map_level(root, LEVELS, iova, addr, len, perm, dirty);
+        let res = self.map_level(root, LEVELS, iova, iova + len, &MapRun { iova, addr, perm, dirty });
         if res.is_err() {
             let mut garbage = Vec::new();
             self.unmap_range(root, iova, len, &mut garbage);
@@ -232,48 +241,30 @@ impl TablePool {
         res
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn map_level(
-        &mut self,
-        table: u64,
-        level: u32,
-        iova: u64,
-        addr: u64,
-        len: u64,
-        perm: Perm,
-        dirty: Option<&DirtyPool>,
-    ) -> Result<(), Error> {
-        let shift = level_shift(level);
-        let size = 1u64 << shift;
-        let end = iova + len;
-        let mut cur = iova;
-        while cur < end {
-            let index = ((cur >> shift) & (ENTRIES as u64 - 1)) as usize;
-            let slot_base = cur & !(size - 1);
-            let chunk_end = end.min(slot_base + size);
-            let a = addr + (cur - iova);
-            let e = self.entry(table, index).map_or(0, |w| w.load(Ordering::Relaxed));
-            let whole = cur == slot_base && chunk_end - cur == size && a & (size - 1) == 0;
-            if e & PTE_PRESENT == 0 && whole && level <= 3 {
-                if let Some(d) = dirty {
-                    d.clear(table, index);
+    /// Writes `[start, end)` of `run` into `table`, a table at `level`.
+    fn map_level(&mut self, table: u64, level: u32, start: u64, end: u64, run: &MapRun<'_>) -> Result<(), Error> {
+        for s in slots(level, start, end) {
+            let a = run.addr + (s.start - run.iova);
+            let e = self.entry(table, s.index).map_or(0, |w| w.load(Ordering::Relaxed));
+            if e & PTE_PRESENT == 0 && s.whole() && a & (s.size - 1) == 0 && level <= 3 {
+                if let Some(d) = run.dirty {
+                    d.clear(table, s.index);
                 }
-                self.store(table, index, a | perm.bits() | PTE_LEAF | PTE_PRESENT);
+                self.store(table, s.index, a | run.perm.bits() | PTE_LEAF | PTE_PRESENT);
                 self.add_used(table, 1);
             } else if e & PTE_PRESENT != 0 && (e & PTE_LEAF != 0 || level == 1) {
-                return Err(Error::Overlap(cur));
+                return Err(Error::Overlap(s.start));
             } else {
                 let child = if e & PTE_PRESENT != 0 {
                     e & PTE_ADDR_MASK
                 } else {
                     let t = self.alloc_table()?;
-                    self.store(table, index, t | PTE_PRESENT);
+                    self.store(table, s.index, t | PTE_PRESENT);
                     self.add_used(table, 1);
                     t
                 };
-                self.map_level(child, level - 1, cur, a, chunk_end - cur, perm, dirty)?;
+                self.map_level(child, level - 1, s.start, s.end, run)?;
             }
-            cur = chunk_end;
         }
         Ok(())
     }
@@ -289,29 +280,23 @@ impl TablePool {
     }
 
     fn unmap_level(&mut self, table: u64, level: u32, iova: u64, end: u64, garbage: &mut Vec<u64>) {
-        let shift = level_shift(level);
-        let size = 1u64 << shift;
-        let mut cur = iova;
-        while cur < end {
-            let index = ((cur >> shift) & (ENTRIES as u64 - 1)) as usize;
-            let slot_base = cur & !(size - 1);
-            let chunk_end = end.min(slot_base + size);
-            let e = self.entry(table, index).map_or(0, |w| w.load(Ordering::Relaxed));
-            if e & PTE_PRESENT != 0 {
-                if e & PTE_LEAF != 0 || level == 1 {
-                    self.store(table, index, 0);
-                    self.add_used(table, -1);
-                } else {
-                    let child = e & PTE_ADDR_MASK;
-                    self.unmap_level(child, level - 1, cur, chunk_end, garbage);
-                    if self.used_of(child) == 0 {
-                        self.store(table, index, 0);
-                        self.add_used(table, -1);
-                        garbage.push(child);
-                    }
-                }
+        for s in slots(level, iova, end) {
+            let e = self.entry(table, s.index).map_or(0, |w| w.load(Ordering::Relaxed));
+            if e & PTE_PRESENT == 0 {
+                continue;
             }
-            cur = chunk_end;
+            if e & PTE_LEAF != 0 || level == 1 {
+                self.store(table, s.index, 0);
+                self.add_used(table, -1);
+                continue;
+            }
+            let child = e & PTE_ADDR_MASK;
+            self.unmap_level(child, level - 1, s.start, s.end, garbage);
+            if self.used_of(child) == 0 {
+                self.store(table, s.index, 0);
+                self.add_used(table, -1);
+                garbage.push(child);
+            }
         }
     }
 

@@ -206,9 +206,7 @@ impl Server {
                 core.set_dirty_tracking(sid, ioas, enable, fx).map(|_| Reply::Ok)
             }
             Request::SetPageFaults { ioas, enable } => core.set_page_faults(sid, ioas, enable, fx).map(|_| Reply::Ok),
-            Request::DirtyBitmap { ioas, iova, length, page_size, no_clear } => {
-                core.dirty_bitmap(sid, ioas, iova, length, page_size, no_clear).map(Reply::Bitmap)
-            }
+            Request::DirtyBitmap(a) => core.dirty_bitmap(sid, a).map(Reply::Bitmap),
             Request::ReadFaults { max } => core.read_faults(sid, max).map(Reply::Faults),
             Request::RespondFault { cookie, code } => {
                 let r = core.respond_fault(sid, cookie, code);
