@@ -14,10 +14,8 @@ use std::cell::{Cell, RefCell};
 use ioasid_fuzz::Input;
 use iommu_core::types::FaultReason;
 use libfuzzer_sys::fuzz_target;
-use vfio_user_server::devices::dma_engine::{
-    execute, flag, op, status, Descriptor, EngineDma, Outcome, Step, MAX_XFER,
-};
-use vfio_user_server::dma::{self, Route};
+use vfio_user_server::devices::dma_engine::{execute, flag, op, status, Descriptor, Outcome, Step, MAX_XFER};
+use vfio_user_server::dma::{self, DeviceDma, DmaSpace, Route};
 
 const PAGE: u64 = 4096;
 const ATTACHED: u32 = 7;
@@ -54,11 +52,11 @@ struct Model {
 }
 
 fn fault(iova: u64) -> dma::Error {
-    dma::Error::Fault(iommu_core::tu::Error::Fault { dev: 1, pasid: 0, iova, reason: FaultReason::NotPresent })
+    dma::Error::Fault { iova, reason: FaultReason::NotPresent }
 }
 
 impl Model {
-    fn space(&self, route: Route) -> Result<&Space, dma::Error> {
+    fn area(&self, route: Route) -> Result<&Space, dma::Error> {
         match route {
             Route::Rid => Ok(&self.rid),
             Route::Vpasid(ATTACHED) => Ok(&self.pasid),
@@ -67,30 +65,44 @@ impl Model {
     }
 }
 
-impl EngineDma for Model {
-    fn read(&self, route: Route, iova: u64, buf: &mut [u8]) -> Result<(), dma::Error> {
-        let s = self.space(route)?;
+/// One route of the model, as the engine resolves it.
+struct Routed<'a> {
+    model: &'a Model,
+    route: Route,
+}
+
+impl DeviceDma for Model {
+    type Space<'a> = Routed<'a>;
+
+    fn space(&self, route: Route) -> Routed<'_> {
+        Routed { model: self, route }
+    }
+}
+
+impl DmaSpace for Routed<'_> {
+    fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), dma::Error> {
+        let s = self.model.area(self.route)?;
         s.check(iova, buf.len(), 1).map_err(fault)?;
         let o = (iova - s.base) as usize;
         buf.copy_from_slice(&s.mem.borrow()[o..o + buf.len()]);
         Ok(())
     }
 
-    fn write(&self, route: Route, iova: u64, data: &[u8]) -> Result<(), dma::Error> {
-        let s = self.space(route)?;
+    fn write(&self, iova: u64, data: &[u8]) -> Result<(), dma::Error> {
+        let s = self.model.area(self.route)?;
         s.check(iova, data.len(), 2).map_err(fault)?;
         let o = (iova - s.base) as usize;
         s.mem.borrow_mut()[o..o + data.len()].copy_from_slice(data);
-        self.writes.borrow_mut().push((route, iova, data.len()));
+        self.model.writes.borrow_mut().push((self.route, iova, data.len()));
         Ok(())
     }
 
-    fn check_write(&self, route: Route, iova: u64, len: usize) -> Result<(), dma::Error> {
-        self.space(route)?.check(iova, len, 2).map_err(fault)
+    fn check_write(&self, iova: u64, len: usize) -> Result<(), dma::Error> {
+        self.model.area(self.route)?.check(iova, len, 2).map_err(fault)
     }
 
-    fn report_fault(&self, _route: Route, _iova: u64, _write: bool, _reason: FaultReason) {
-        self.faults.set(self.faults.get() + 1);
+    fn report_fault(&self, _iova: u64, _write: bool, _reason: FaultReason) {
+        self.model.faults.set(self.model.faults.get() + 1);
     }
 }
 
@@ -160,7 +172,7 @@ fuzz_target!(|data: &[u8]| {
     let d = Descriptor::parse(&raw);
     assert_eq!(Descriptor::parse(&d.to_bytes()), d, "parse and to_bytes disagree");
     let route = if d.flags & flag::PASID != 0 { Route::Vpasid(d.pasid) } else { Route::Rid };
-    let src_before = model.space(route).ok().map(|s| s.mem.borrow().clone());
+    let src_before = model.area(route).ok().map(|s| s.mem.borrow().clone());
 
     // Steps are stopped (and resumed) every `stop_every + 2` steps (a
     // resumed COPY or FILL spends one on its destination check before it
@@ -219,7 +231,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(writes.is_empty());
         return;
     }
-    let Ok(space) = model.space(route) else {
+    let Ok(space) = model.area(route) else {
         assert_eq!(c.status, status::NO_PASID);
         assert!(model.faults.get() > 0, "the missing vPASID was not reported");
         return;

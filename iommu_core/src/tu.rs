@@ -209,6 +209,10 @@ fn find_mem(mems: &BTreeMap<u64, Arc<MemObject>>, sys: u64) -> Option<&Arc<MemOb
     (sys < m.base + m.size).then_some(m)
 }
 
+/// The copy of one run of an access: `(object, offset in it, offset in
+/// the access, bytes)`.
+type CopyOp<'a> = &'a mut dyn FnMut(&MemObject, u64, usize, usize) -> Result<()>;
+
 #[derive(Clone, Copy)]
 struct Access {
     dev: u32,
@@ -223,6 +227,46 @@ enum Outcome {
     Done,
     NeedMemory(u64),
     Fault(u64, FaultReason, bool),
+}
+
+/// How many translations the checking pass of an access keeps for its
+/// copying pass (a 64 KiB access in 4 KiB leaves needs 16).
+const LOOKED: usize = 16;
+
+/// The translations an access's checking pass found, in IOVA order, so
+/// that its copying pass does not look them up again (past [`LOOKED`] of
+/// them it does, hitting the IOTLB).
+#[derive(Default)]
+struct Looked {
+    entries: [Option<Iotlb>; LOOKED],
+    len: usize,
+    next: usize,
+    replaying: bool,
+}
+
+impl Looked {
+    fn record(&mut self, e: Iotlb) {
+        if !self.replaying && self.len < LOOKED {
+            self.entries[self.len] = Some(e);
+            self.len += 1;
+        }
+    }
+
+    /// Switches from recording to replaying.
+    fn rewind(&mut self) {
+        self.replaying = true;
+        self.next = 0;
+    }
+
+    /// The next recorded translation, if it covers `page`.
+    fn replay(&mut self, page: u64) -> Option<Iotlb> {
+        if !self.replaying || self.next >= self.len {
+            return None;
+        }
+        let e = self.entries[self.next].filter(|e| page >= e.iova_base && page - e.iova_base < e.size)?;
+        self.next += 1;
+        Some(e)
+    }
 }
 
 /// The translation unit of a device server.
@@ -470,10 +514,33 @@ impl TranslationUnit {
         Ok(e)
     }
 
+    /// The translation of `page`: from the IOTLB or a walk, or, in the
+    /// copying pass of an access, as its checking pass found it.
+    fn entry(
+        &self,
+        dev: u32,
+        st: &DeviceState,
+        pasid: u32,
+        page: u64,
+        looked: &mut Looked,
+    ) -> std::result::Result<Iotlb, (FaultReason, bool, Option<u64>)> {
+        if let Some(e) = looked.replay(page) {
+            return Ok(e);
+        }
+        let e = self.lookup(dev, st, pasid, page)?;
+        looked.record(e);
+        Ok(e)
+    }
+
+    /// One pass over an access: translates every leaf of it and, given
+    /// `op`, copies each run. Without `op` it only checks that every byte
+    /// translates with the rights asked (the checking pass of a write, or
+    /// [`TranslationUnit::check`]).
     fn try_access(
         &self,
         a: &Access,
-        op: &mut dyn FnMut(&MemObject, u64, usize, usize) -> Result<()>,
+        mut op: Option<CopyOp<'_>>,
+        looked: &mut Looked,
     ) -> Result<Outcome> {
         let Access { dev, st, pasid, iova, len, want } = *a;
         let st = &st;
@@ -484,7 +551,7 @@ impl TranslationUnit {
                 return Ok(Outcome::Fault(iova, FaultReason::NotPresent, false));
             };
             let page = cur & !(PAGE_SIZE - 1);
-            let e = match self.lookup(dev, st, pasid, page) {
+            let e = match self.entry(dev, st, pasid, page, looked) {
                 Ok(e) => e,
                 Err((_, _, Some(sys))) => return Ok(Outcome::NeedMemory(sys)),
                 Err((r, iopf, None)) => return Ok(Outcome::Fault(cur, r, iopf)),
@@ -506,6 +573,11 @@ impl TranslationUnit {
                     }
                 }
             };
+            let Some(op) = op.as_deref_mut() else {
+                mem = Some(m);
+                done += n;
+                continue;
+            };
             // In client memory, leaves that go on in the same object where
             // this one ends join it: one message for the run instead of one
             // per leaf. Whatever stops the run is met again as the next
@@ -513,7 +585,7 @@ impl TranslationUnit {
             let mut more_dirty = Vec::new();
             while matches!(m.backing, Backing::Client { .. }) && done + n < len {
                 let next = cur + n as u64;
-                let Ok(f) = self.lookup(dev, st, pasid, next & !(PAGE_SIZE - 1)) else { break };
+                let Ok(f) = self.entry(dev, st, pasid, next & !(PAGE_SIZE - 1), looked) else { break };
                 let k = usize::try_from(f.iova_base + f.size - next).unwrap_or(usize::MAX).min(len - done - n);
                 let at = f.sys_base + (next - f.iova_base);
                 if !f.perm.allows(want) || at != sys + n as u64 || at + k as u64 > m.base + m.size {
@@ -587,15 +659,27 @@ impl TranslationUnit {
         iova: u64,
         len: usize,
         want: Perm,
-        op: &mut dyn FnMut(&MemObject, u64, usize, usize) -> Result<()>,
+        mut op: Option<CopyOp<'_>>,
     ) -> Result<()> {
         let st = sync::read(&self.devices).get(&dev).copied().ok_or(Error::NoDevice(dev))?;
         let mut page_requests = 0;
         let mut fetches = 0;
         loop {
+            let a = Access { dev, st, pasid, iova, len, want };
+            let mut looked = Looked::default();
             let outcome = {
+                // Both passes of a write run under one guard: no
+                // invalidation completes between the check and the copy.
                 let _dma = sync::read(&self.dma);
-                self.try_access(&Access { dev, st, pasid, iova, len, want }, op)?
+                let checked =
+                    if op.is_none() || want.write { self.try_access(&a, None, &mut looked)? } else { Outcome::Done };
+                match (checked, op.as_deref_mut()) {
+                    (Outcome::Done, Some(op)) => {
+                        looked.rewind();
+                        self.try_access(&a, Some(op), &mut looked)?
+                    }
+                    (o, _) => o,
+                }
             };
             match outcome {
                 Outcome::Done => return Ok(()),
@@ -640,23 +724,46 @@ impl TranslationUnit {
     }
 
     /// DMA read: fills `buf` from `iova` of `(dev, pasid)` (pasid 0 = RID).
+    /// A read that faults part-way may have filled part of `buf`.
     pub fn read(&self, dev: u32, pasid: u32, iova: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len();
-        self.access(dev, pasid, iova, len, Perm::R, &mut |m, off, at, n| self.mem_read(m, off, &mut buf[at..at + n]))
+        self.access(
+            dev,
+            pasid,
+            iova,
+            len,
+            Perm::R,
+            Some(&mut |m, off, at, n| self.mem_read(m, off, &mut buf[at..at + n])),
+        )
     }
 
-    /// DMA write: copies `data` to `iova` of `(dev, pasid)`.
+    /// DMA write: copies `data` to `iova` of `(dev, pasid)`, all or
+    /// nothing: the whole range is translated (faults, page requests and
+    /// memory fetches happen then) before its first byte is written, and
+    /// no invalidation completes in between.
     pub fn write(&self, dev: u32, pasid: u32, iova: u64, data: &[u8]) -> Result<()> {
-        self.access(dev, pasid, iova, data.len(), Perm::W, &mut |m, off, at, n| {
-            self.mem_write(m, off, &data[at..at + n])
-        })
+        self.access(
+            dev,
+            pasid,
+            iova,
+            data.len(),
+            Perm::W,
+            Some(&mut |m, off, at, n| self.mem_write(m, off, &data[at..at + n])),
+        )
+    }
+
+    /// Checks that `[iova, iova+len)` of `(dev, pasid)` translates for
+    /// `access`, touching no byte (faults and page requests happen as for
+    /// an access).
+    pub fn check(&self, dev: u32, pasid: u32, iova: u64, len: usize, access: Perm) -> Result<()> {
+        self.access(dev, pasid, iova, len, access, None)
     }
 
     /// Translates `[iova, iova+len)` for `access` into system-address
     /// segments `(system address, length)`, merging contiguous pages.
     pub fn translate(&self, dev: u32, pasid: u32, iova: u64, len: usize, access: Perm) -> Result<Vec<(u64, usize)>> {
         let mut segs: Vec<(u64, usize)> = Vec::new();
-        self.access(dev, pasid, iova, len, access, &mut |m, off, at, n| {
+        let mut op = |m: &MemObject, off: u64, at: usize, n: usize| {
             if at == 0 {
                 // A retried access starts over.
                 segs.clear();
@@ -667,7 +774,8 @@ impl TranslationUnit {
                 _ => segs.push((sys, n)),
             }
             Ok(())
-        })?;
+        };
+        self.access(dev, pasid, iova, len, access, Some(&mut op))?;
         Ok(segs)
     }
 }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::device::{
     reg_merge, reg_read, Device, DeviceContext, DeviceDesc, Errno, IoFdDesc, MmapDesc, MsixDesc, RegionDesc,
 };
-use crate::dma::Route;
+use crate::dma::{DeviceDma, DmaSpace, Route};
 use crate::irq::IrqLayout;
 use crate::pci::{BarKind, PciConfig, PciIds};
 use crate::proto::SparseArea;
@@ -168,7 +168,11 @@ impl TestDevice {
             }
             // The copy runs with `running` held, so a stop waits for it.
             let mut buf = vec![0u8; c.len as usize];
-            let mut res = ctx.dma.read(c.route, c.src, &mut buf).and_then(|_| ctx.dma.write(c.route, c.dst, &buf));
+            let copy = |buf: &mut [u8]| {
+                let mem = ctx.dma.space(c.route);
+                mem.read(c.src, buf).and_then(|_| mem.write(c.dst, buf))
+            };
+            let mut res = copy(&mut buf);
             // Given up for a fence (client memory; see `Shared::wait_copy`):
             // done again once the fence is down and the device runs, unless
             // the copy was dropped meanwhile.
@@ -184,7 +188,7 @@ impl TestDevice {
                     dropped = true;
                     break;
                 }
-                res = ctx.dma.read(c.route, c.src, &mut buf).and_then(|_| ctx.dma.write(c.route, c.dst, &buf));
+                res = copy(&mut buf);
             }
             if dropped {
                 continue;
@@ -192,7 +196,7 @@ impl TestDevice {
             if let Err(e) = &res {
                 tracing::debug!("test-device copy failed: {e}");
                 if let crate::dma::Error::NoPasid(_) = e {
-                    ctx.dma.report_fault(c.route, c.src, false, FaultReason::NotPresent);
+                    ctx.dma.space(c.route).report_fault(c.src, false, FaultReason::NotPresent);
                 }
             }
             {

@@ -1,6 +1,7 @@
 //! DMA: the client's DMA_MAP table, its compat IOAS in the core, the
 //! binding made through the ioasid extension with its vPASID map, and the
-//! path a device's DMA takes.
+//! path a device's DMA takes: a device resolves a [`Route`] once into a
+//! [`DmaSpace`] ([`DeviceDma::space`]) and reads and writes through it.
 //!
 //! Every DMA goes through an IOAS of the core:
 //! - **compat**: the server has its own session and a compat IOAS; each
@@ -43,15 +44,16 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use iommu_core::device;
 use iommu_core::memfd;
-use iommu_core::sync;
-use iommu_core::tu::{self, TranslationUnit};
-use iommu_core::types::{BindArgs, DeviceCaps, FaultReason, FaultRecord, Perm};
+
+use iommu_core::tu;
+use iommu_core::types::{BindArgs, DeviceCaps, FaultReason};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 mod binding;
 mod client;
 mod compat;
 mod logging;
+mod space;
 mod table;
 mod watch;
 
@@ -59,6 +61,7 @@ pub use binding::{Bound, PasidPolicy};
 pub use client::{ClientDma, ClientFence};
 pub use compat::Compat;
 pub use logging::{DIRTY_GRANULE, MAX_REPORT_BLOCKS};
+pub use space::{DeviceDma, DmaSpace, RouteDma};
 pub use table::{MAX_DMA_FILES, MAX_DMA_MAPS};
 pub use watch::{RECONNECT_FIRST, RECONNECT_MAX};
 
@@ -150,9 +153,19 @@ pub enum Error {
     /// Already bound.
     #[error("the device is already bound to session {0}")]
     AlreadyBound(u64),
-    /// The access faulted in the IOAS.
+    /// The access faulted in the IOAS (the fault was reported to the
+    /// core, or a page request for it failed).
+    #[error("DMA fault at IOVA {iova:#x}: {reason:?}")]
+    Fault {
+        /// The first IOVA that did not translate.
+        iova: u64,
+        /// Why.
+        reason: FaultReason,
+    },
+    /// The translation unit could not do the access for another cause:
+    /// the device is not bound through it, or memory cannot be mapped.
     #[error(transparent)]
-    Fault(#[from] tu::Error),
+    Translation(tu::Error),
     /// The core refused or failed.
     #[error("{0}")]
     Core(String, i32),
@@ -224,7 +237,7 @@ impl Error {
             Error::NoPasid(_) => libc::ENOENT,
             Error::NotBound => libc::ENODEV,
             Error::AlreadyBound(_) => libc::EBUSY,
-            Error::Fault(_) => libc::EFAULT,
+            Error::Fault { .. } | Error::Translation(_) => libc::EFAULT,
             Error::Core(_, e) | Error::Client(_, e) => *e,
             Error::CoreGone(_) => libc::ENODEV,
             Error::Refused(r) => r.errno(),
@@ -256,7 +269,8 @@ fn tu_err(e: tu::Error) -> Error {
     match e {
         tu::Error::Channel(c) => chan_err(c),
         tu::Error::Client { address, errno, message } => Error::Client(format!("at {address:#x}: {message}"), errno),
-        other => Error::Fault(other),
+        tu::Error::Fault { iova, reason, .. } => Error::Fault { iova, reason },
+        other => Error::Translation(other),
     }
 }
 
@@ -352,44 +366,6 @@ impl Dma {
         Ok(dma)
     }
 
-    /// Runs `f` with the translation unit, device id and pPASID DMA of
-    /// `route` uses now. Through the compat path, `f` runs under the read
-    /// side of the compat lock: once the watcher has dropped a compat path,
-    /// no DMA runs through it any more.
-    fn translated<T>(
-        &self,
-        route: Route,
-        f: impl FnOnce(&TranslationUnit, u32, u32) -> tu::Result<T>,
-    ) -> Result<T, Error> {
-        let via_binding = {
-            let g = sync::read(&self.bound);
-            match (g.as_ref(), route) {
-                (Some(b), Route::Rid) => Some((b.tu.clone(), b.dev, 0)),
-                (Some(b), Route::Vpasid(v)) => match b.pasids.get(&v) {
-                    Some(&(p, _)) => Some((b.tu.clone(), b.dev, p)),
-                    None => return Err(Error::NoPasid(v)),
-                },
-                (None, Route::Vpasid(v)) => return Err(Error::NoPasid(v)),
-                (None, Route::Rid) => None,
-            }
-        };
-        if let Some((tu, dev, pasid)) = via_binding {
-            return f(&tu, dev, pasid).map_err(tu_err);
-        }
-        let g = sync::read(&self.compat);
-        let Some(c) = g.as_ref() else { return Err(self.core_gone()) };
-        match f(&c.tu, c.dev, 0) {
-            Ok(v) => Ok(v),
-            Err(tu::Error::Channel(e)) if channel_broken(&e) => {
-                if !c.broken.swap(true, Ordering::AcqRel) {
-                    self.kick();
-                }
-                Err(Error::CoreGone(e.to_string()))
-            }
-            Err(e) => Err(tu_err(e)),
-        }
-    }
-
     /// Whether the function may start DMA: the command register's Bus
     /// Master Enable is set and the function is in D0 (the framework sets
     /// this from config space; a function starts with it clear, as after
@@ -399,64 +375,10 @@ impl Dma {
     }
 
     /// Sets what [`Dma::bus_master`] says. While clear, every device DMA
-    /// ([`Dma::read`], [`Dma::write`], [`Dma::check_write`]) fails with
-    /// [`Error::BusMasterOff`] before touching memory.
+    /// (through a [`DmaSpace`]) fails with [`Error::BusMasterOff`] before
+    /// touching memory.
     pub fn set_bus_master(&self, on: bool) {
         self.bus_master.store(on, Ordering::Release);
-    }
-
-    fn master(&self) -> Result<(), Error> {
-        if self.bus_master() {
-            Ok(())
-        } else {
-            Err(Error::BusMasterOff)
-        }
-    }
-
-    /// Device DMA read.
-    pub fn read(&self, route: Route, iova: u64, buf: &mut [u8]) -> Result<(), Error> {
-        self.master()?;
-        self.translated(route, |tu, dev, pasid| tu.read(dev, pasid, iova, buf))
-    }
-
-    /// Device DMA write.
-    pub fn write(&self, route: Route, iova: u64, data: &[u8]) -> Result<(), Error> {
-        self.master()?;
-        self.translated(route, |tu, dev, pasid| {
-            // The whole range is checked first, so a write that would fault
-            // part-way writes nothing (the faulting page is reported).
-            if data.len() > 1 {
-                tu.translate(dev, pasid, iova, data.len(), Perm::W)?;
-            }
-            tu.write(dev, pasid, iova, data)
-        })
-    }
-
-    /// Checks that `[iova, iova+len)` can be written through `route`,
-    /// without writing (faults and page requests happen here).
-    pub fn check_write(&self, route: Route, iova: u64, len: usize) -> Result<(), Error> {
-        self.master()?;
-        self.translated(route, |tu, dev, pasid| tu.translate(dev, pasid, iova, len, Perm::W).map(|_| ()))
-    }
-
-    /// Reports an unrecoverable fault of `route` to the core (a vPASID
-    /// with no pPASID is reported on the RID: the core never learns
-    /// vPASIDs). Without a core there is nobody to tell.
-    pub fn report_fault(&self, route: Route, iova: u64, write: bool, reason: FaultReason) {
-        let target = match route {
-            Route::Vpasid(v) if !sync::read(&self.bound).as_ref().is_some_and(|b| b.pasids.contains_key(&v)) => {
-                Route::Rid
-            }
-            r => r,
-        };
-        let access = if write { Perm::W } else { Perm::R };
-        let sent = self.translated(target, |tu, dev, pasid| {
-            let rec = FaultRecord { dev_id: dev, pasid, iova, access, reason, group: 0, last: true, cookie: 0 };
-            tu.channel().report_fault(rec).map_err(tu::Error::Channel)
-        });
-        if let Err(e) = sent {
-            tracing::debug!("fault report not delivered: {e}");
-        }
     }
 
     /// Client disconnect: every DMA region goes, the extension binding

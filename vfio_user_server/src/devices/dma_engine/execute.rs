@@ -2,12 +2,12 @@
 //! bytes, each step asking whether to go on, stop with the progress kept
 //! (bus mastering off, a migration stop) or give the work up (a reset, a
 //! disable). Free of the device's state, so tests and fuzz targets run it
-//! against memory of their own through [`EngineDma`].
+//! against memory of their own through [`DeviceDma`].
 
 use iommu_core::types::FaultReason;
 use serde::{Deserialize, Serialize};
 
-use crate::dma::{self, Route};
+use crate::dma::{self, DeviceDma, DmaSpace};
 
 use super::abi::{op, status, Completion, Descriptor, MAX_XFER};
 
@@ -48,44 +48,22 @@ pub enum Outcome {
     Void,
 }
 
-/// The DMA a descriptor does, as [`execute`] needs it: implemented by the
-/// server's [`dma::Dma`], and by fakes in tests and fuzz targets.
-pub trait EngineDma {
-    /// Reads `buf.len()` bytes at `iova` through `route`.
-    fn read(&self, route: Route, iova: u64, buf: &mut [u8]) -> Result<(), dma::Error>;
-    /// Writes `data` at `iova` through `route`.
-    fn write(&self, route: Route, iova: u64, data: &[u8]) -> Result<(), dma::Error>;
-    /// Checks that `[iova, iova+len)` can be written, writing nothing.
-    fn check_write(&self, route: Route, iova: u64, len: usize) -> Result<(), dma::Error>;
-    /// Reports an unrecoverable fault.
-    fn report_fault(&self, route: Route, iova: u64, write: bool, reason: FaultReason);
-}
-
-impl EngineDma for dma::Dma {
-    fn read(&self, route: Route, iova: u64, buf: &mut [u8]) -> Result<(), dma::Error> {
-        dma::Dma::read(self, route, iova, buf)
-    }
-    fn write(&self, route: Route, iova: u64, data: &[u8]) -> Result<(), dma::Error> {
-        dma::Dma::write(self, route, iova, data)
-    }
-    fn check_write(&self, route: Route, iova: u64, len: usize) -> Result<(), dma::Error> {
-        dma::Dma::check_write(self, route, iova, len)
-    }
-    fn report_fault(&self, route: Route, iova: u64, write: bool, reason: FaultReason) {
-        dma::Dma::report_fault(self, route, iova, write, reason)
-    }
-}
-
 /// Bytes of one DMA step: a reset, a bus-master disable or a stop waits
 /// for at most one step of each queue.
 pub const STEP: usize = 64 * 1024;
 
-/// Executes one descriptor with the DMA of `mem`, from the start or from
-/// `from`: every field is the guest's and is checked here. Before each
-/// step (of at most [`STEP`] bytes) `step` says whether to go on. A step
-/// refused because bus mastering is off stops the descriptor as
-/// [`Step::Stop`] would.
-pub fn execute(mem: &dyn EngineDma, d: &Descriptor, from: Option<Progress>, step: &dyn Fn() -> Step) -> Outcome {
+/// Executes one descriptor with the DMA of `dma`, from the start or from
+/// `from`: every field is the guest's and is checked here. The
+/// descriptor's route is resolved once, and both buffers are reached
+/// through that space. Before each step (of at most [`STEP`] bytes) `step`
+/// says whether to go on. A step refused because bus mastering is off
+/// stops the descriptor as [`Step::Stop`] would.
+pub fn execute<D: DeviceDma + ?Sized>(
+    dma: &D,
+    d: &Descriptor,
+    from: Option<Progress>,
+    step: &dyn Fn() -> Step,
+) -> Outcome {
     let mut c = Completion::default();
     let route = match d.route() {
         Ok(r) => r,
@@ -98,6 +76,7 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, from: Option<Progress>, step
         c.status = status::INVALID;
         return Outcome::Done(c);
     }
+    let mem = dma.space(route);
     let start = from.unwrap_or(Progress { crc: d.pattern as u32, ..Progress::default() });
     let stopped = |done: usize, crc: u32| Outcome::Stopped(Progress { done: done as u32, crc, result: None });
     let gate = |done: usize, crc: u32| match step() {
@@ -111,10 +90,10 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, from: Option<Progress>, step
         c.fault_addr = at;
         c.status = match e {
             dma::Error::NoPasid(_) => {
-                mem.report_fault(route, at, write, FaultReason::NotPresent);
+                mem.report_fault(at, write, FaultReason::NotPresent);
                 status::NO_PASID
             }
-            dma::Error::Fault(iommu_core::tu::Error::Fault { iova, .. }) => {
+            dma::Error::Fault { iova, .. } => {
                 c.fault_addr = iova;
                 if second {
                     status::FAULT_DST
@@ -151,7 +130,7 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, from: Option<Progress>, step
         }
         let backward = d.opcode == op::COPY && d.dst > d.src && d.dst - d.src < len as u64;
         let rest = if backward { d.dst } else { d.dst.wrapping_add(done as u64) };
-        match mem.check_write(route, rest, len - done) {
+        match mem.check_write(rest, len - done) {
             Err(e) if off(&e) => return stopped(done, start.crc),
             Err(e) => {
                 fail(&mut c, e, rest, true, true);
@@ -177,8 +156,8 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, from: Option<Progress>, step
                 if let Some(o) = gate(done, 0) {
                     return o;
                 }
-                step_dma!(mem.read(route, s, &mut buf[..n]), s, false, false, 0);
-                step_dma!(mem.write(route, t, &buf[..n]), t, true, true, 0);
+                step_dma!(mem.read(s, &mut buf[..n]), s, false, false, 0);
+                step_dma!(mem.write(t, &buf[..n]), t, true, true, 0);
                 done += n;
             }
             c.bytes_done = done as u32;
@@ -196,7 +175,7 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, from: Option<Progress>, step
                 if let Some(o) = gate(done, 0) {
                     return o;
                 }
-                step_dma!(mem.write(route, t, &buf[..n]), t, true, true, 0);
+                step_dma!(mem.write(t, &buf[..n]), t, true, true, 0);
                 done += n;
             }
             c.bytes_done = done as u32;
@@ -214,8 +193,8 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, from: Option<Progress>, step
                 if let Some(o) = gate(done, 0) {
                     return o;
                 }
-                step_dma!(mem.read(route, s, &mut a[..n]), s, false, false, 0);
-                step_dma!(mem.read(route, t, &mut b[..n]), t, true, false, 0);
+                step_dma!(mem.read(s, &mut a[..n]), s, false, false, 0);
+                step_dma!(mem.read(t, &mut b[..n]), t, true, false, 0);
                 if let Some(i) = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y) {
                     c.status = status::MISMATCH;
                     c.result = (done + i) as u64;
@@ -235,7 +214,7 @@ pub fn execute(mem: &dyn EngineDma, d: &Descriptor, from: Option<Progress>, step
                 if let Some(o) = gate(done, crc) {
                     return o;
                 }
-                step_dma!(mem.read(route, s, &mut buf[..n]), s, false, false, crc);
+                step_dma!(mem.read(s, &mut buf[..n]), s, false, false, crc);
                 crc = crc32c::crc32c_append(crc, &buf[..n]);
                 done += n;
             }

@@ -36,7 +36,7 @@ use super::Options;
 use queue::{doorbell_page, QueueRegs, Regs, Shared};
 
 pub use abi::{flag, op, regs, status, Completion, Descriptor, COMPLETION_SIZE, DESC_SIZE, MAX_RING, MAX_XFER, QUEUES};
-pub use execute::{execute, EngineDma, Outcome, Progress, Step, STEP};
+pub use execute::{execute, Outcome, Progress, Step, STEP};
 
 /// The DMA engine.
 pub struct DmaEngine {

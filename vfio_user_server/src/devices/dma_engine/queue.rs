@@ -17,7 +17,7 @@ use iommu_core::types::FaultReason;
 use serde::{Deserialize, Serialize};
 
 use crate::device::DeviceContext;
-use crate::dma::{self, Route};
+use crate::dma::{self, DeviceDma, DmaSpace, Route};
 
 use super::abi::{flag, regs, status, Completion, Descriptor, DESC_SIZE, QUEUES};
 use super::execute::{execute, Outcome, Progress, Step};
@@ -242,13 +242,14 @@ fn drain(shared: &Shared, ctx: &DeviceContext, q: usize) -> bool {
         did = true;
         let ring_route =
             if qr.ring_pasid & regs::PASID_VALID != 0 { Route::Vpasid(qr.ring_pasid & 0xf_ffff) } else { Route::Rid };
+        let ring = ctx.dma.space(ring_route);
         let (d, from) = match qr.inflight {
             Some((d, p)) => (d, Some(p)),
             None => {
                 let slot = u64::from(qr.head % qr.ring_size);
                 let at = qr.ring_base.wrapping_add(slot * DESC_SIZE);
                 let mut raw = [0u8; 64];
-                match ctx.dma.read(ring_route, at, &mut raw) {
+                match ring.read(at, &mut raw) {
                     Ok(()) => (Descriptor::parse(&raw), None),
                     // Bus mastering went off, the client's DMA was
                     // fenced, or the client is slow: fetch it again.
@@ -256,7 +257,7 @@ fn drain(shared: &Shared, ctx: &DeviceContext, q: usize) -> bool {
                     Err(e) => {
                         tracing::debug!("dma-engine queue {q}: cannot fetch descriptor at {at:#x}: {e}");
                         if let dma::Error::NoPasid(_) = e {
-                            ctx.dma.report_fault(ring_route, at, false, FaultReason::NotPresent);
+                            ring.report_fault(at, false, FaultReason::NotPresent);
                         }
                         let mut r = sync::lock(&shared.regs);
                         if shared.voids[q].load(Ordering::Acquire) == gen {
@@ -287,7 +288,7 @@ fn drain(shared: &Shared, ctx: &DeviceContext, q: usize) -> bool {
                 Outcome::Void => return did,
             },
         };
-        if !commit(shared, ctx, q, gen, ring_route, &d, c) {
+        if !commit(shared, ctx, q, gen, &ring, &d, c) {
             return did;
         }
         drop(gate);
@@ -312,7 +313,7 @@ fn commit(
     ctx: &DeviceContext,
     q: usize,
     gen: u64,
-    ring_route: Route,
+    ring: &dyn DmaSpace,
     d: &Descriptor,
     c: Completion,
 ) -> bool {
@@ -325,11 +326,10 @@ fn commit(
         // The record goes through the queue's address space; the
         // status byte lands last.
         let b = c.to_bytes();
-        let wrote = ctx
-            .dma
-            .write(ring_route, rest, &b[1..])
+        let wrote = ring
+            .write(rest, &b[1..])
             .map_err(|e| (e, false))
-            .and_then(|_| ctx.dma.write(ring_route, d.completion, &b[..1]).map_err(|e| (e, true)));
+            .and_then(|_| ring.write(d.completion, &b[..1]).map_err(|e| (e, true)));
         match wrote {
             Ok(()) => {}
             // The status byte went to the client before a fence gave up
@@ -349,7 +349,7 @@ fn commit(
             Err((e, _)) => {
                 tracing::debug!("dma-engine queue {q}: completion record at {:#x}: {e}", d.completion);
                 if let dma::Error::NoPasid(_) = e {
-                    ctx.dma.report_fault(ring_route, d.completion, true, FaultReason::NotPresent);
+                    ring.report_fault(d.completion, true, FaultReason::NotPresent);
                 }
                 record_fault = true;
             }
