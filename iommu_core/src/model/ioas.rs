@@ -236,7 +236,7 @@ impl Core {
     /// [`map_begin`](Self::map_begin) and [`job_step`](Self::job_step).
     /// Only a failed map of many leaves leaves effects (its rollback).
     pub fn map(&mut self, sid: u64, a: MapArgs, fx: &mut Effects) -> Result<u64> {
-        match self.map_begin(sid, a)? {
+        match self.map_begin(sid, a, fx)? {
             Started::Done(iova) => Ok(iova),
             Started::Job(job) => self.finish(job, fx),
         }
@@ -254,8 +254,9 @@ impl Core {
     /// Starts a map: done at once when it writes at most [`SLICE_LEAVES`]
     /// leaves, else a [`Job`] to run slice by slice with
     /// [`job_step`](Self::job_step), all or nothing like a map done at once.
-    /// Starting leaves no effects: a map done at once unlinks nothing.
-    pub fn map_begin(&mut self, sid: u64, a: MapArgs) -> Result<Started> {
+    /// A map done at once that fails part-way leaves the tables it had
+    /// linked in `fx`.
+    pub fn map_begin(&mut self, sid: u64, a: MapArgs, fx: &mut Effects) -> Result<Started> {
         if a.perm.is_empty() {
             return err(Errno::EINVAL, "a mapping needs read or write permission");
         }
@@ -298,7 +299,7 @@ impl Core {
         let area = Area { last: iova + a.length - 1, mem: a.mem, offset: a.offset, perm: a.perm };
         let leaf = leaf_size(iova, base + a.offset);
         if a.length / leaf <= SLICE_LEAVES {
-            self.insert_area(sid, a.ioas, iova, area)?;
+            self.insert_area(sid, a.ioas, iova, area, fx)?;
             return Ok(Started::Done(iova));
         }
         self.step()?;
@@ -318,11 +319,12 @@ impl Core {
                 let len = area.last - iova + 1;
                 let cur = iova + *done;
                 let stop = slice_end(cur, area.last, leaf);
+                let mut garbage = Vec::new();
                 let res = self.mem_info(sid, area.mem).and_then(|(_, base)| {
                     let root = self.ioas(sid, ioas)?.root;
                     let s = self.session(sid)?;
                     let a = base + area.offset + (cur - iova);
-                    s.pool.map_range(root, cur, a, stop - cur, area.perm, Some(&s.dirty))?;
+                    s.pool.map_range(root, cur, a, stop - cur, area.perm, Some(&s.dirty), &mut garbage)?;
                     Ok(root)
                 });
                 match res {
@@ -332,17 +334,14 @@ impl Core {
                     }
                     Ok(_) => Some(self.map_finished(sid, ioas, iova, area).map(|()| iova)),
                     Err(e) => {
-                        // Roll back what earlier slices mapped; devices may
-                        // have walked it, so the tables go after the
-                        // invalidation.
-                        if *done > 0 {
-                            let mut garbage = Vec::new();
-                            if let (Ok(root), Ok(pool)) = (self.ioas(sid, ioas).map(|i| i.root), self.pool_mut(sid)) {
-                                pool.unmap_range(root, iova, *done, &mut garbage);
-                            }
-                            let range = IovaRange { start: iova, last: iova + *done - 1 };
-                            self.retire(sid, ioas, Some(range), garbage, fx);
+                        // Roll back what earlier slices mapped (this one's
+                        // tables are in `garbage` already); devices may have
+                        // walked it, so the tables go after the invalidation.
+                        if let (Ok(root), Ok(pool)) = (self.ioas(sid, ioas).map(|i| i.root), self.pool_mut(sid)) {
+                            pool.unmap_range(root, iova, *done, &mut garbage);
                         }
+                        let range = IovaRange { start: iova, last: stop - 1 };
+                        self.retire(sid, ioas, Some(range), garbage, fx);
                         Some(Err(e))
                     }
                 }
@@ -394,14 +393,19 @@ impl Core {
         Ok(())
     }
 
-    /// Writes one area into the tables and the IOAS; all or nothing.
-    fn insert_area(&mut self, sid: u64, ioas_id: u32, iova: u64, area: Area) -> Result<()> {
+    /// Writes one area into the tables and the IOAS; all or nothing (the
+    /// tables of a failed attempt are retired through `fx`).
+    fn insert_area(&mut self, sid: u64, ioas_id: u32, iova: u64, area: Area, fx: &mut Effects) -> Result<()> {
         self.step()?;
         let (_, base) = self.mem_info(sid, area.mem)?;
         let root = self.ioas(sid, ioas_id)?.root;
         let len = area.last - iova + 1;
         let s = self.session(sid)?;
-        s.pool.map_range(root, iova, base + area.offset, len, area.perm, Some(&s.dirty))?;
+        let mut garbage = Vec::new();
+        if let Err(e) = s.pool.map_range(root, iova, base + area.offset, len, area.perm, Some(&s.dirty), &mut garbage) {
+            self.retire(sid, ioas_id, Some(IovaRange { start: iova, last: area.last }), garbage, fx);
+            return Err(e.into());
+        }
         self.map_finished(sid, ioas_id, iova, area)
     }
 
@@ -559,7 +563,7 @@ impl Core {
         for (rel, mut area) in pieces {
             let iova = dst_iova + rel;
             area.last += iova;
-            if let Err(e) = self.insert_area(sid, a.dst, iova, area) {
+            if let Err(e) = self.insert_area(sid, a.dst, iova, area, fx) {
                 self.remove_areas(sid, a.dst, &done, fx)?;
                 let d = self.ioas(sid, a.dst)?;
                 d.stats.maps -= done.len() as u64;
@@ -684,7 +688,9 @@ mod tests {
         // Offset 4 KiB against a 2 MiB aligned IOVA: 4 KiB leaves only.
         let len = (SLICE_LEAVES * 3 + 5) * PAGE_SIZE;
         let args = MapArgs { ioas, mem: m.id, offset: PAGE_SIZE, length: len, iova: Some(1 << 30), perm: Perm::RW };
-        let Started::Job(mut job) = c.map_begin(sid, args).unwrap() else { panic!("a long map must be a job") };
+        let Started::Job(mut job) = c.map_begin(sid, args, &mut Effects::default()).unwrap() else {
+            panic!("a long map must be a job")
+        };
         let mut fx = Effects::default();
         let mut slices = 1;
         let iova = loop {
@@ -704,7 +710,7 @@ mod tests {
         let other = c.ioas_alloc(sid).unwrap();
         let root = c.ioas(sid, other).unwrap().root;
         let sys = m.system_address + PAGE_SIZE;
-        c.session(sid).unwrap().pool.map_range(root, 1 << 30, sys, len, Perm::RW, None).unwrap();
+        c.session(sid).unwrap().pool.map_range(root, 1 << 30, sys, len, Perm::RW, None, &mut Vec::new()).unwrap();
         assert_eq!(c.tables_in_use() - tables - 1, tables - 1, "same tables either way");
         // An unmap of it is a job too, and leaves nothing behind.
         let Started::Job(job) = c.unmap_begin(sid, ioas, 0, u64::MAX, &mut fx).unwrap() else { panic!("a long unmap") };
@@ -722,7 +728,9 @@ mod tests {
         let before = c.tables_in_use();
         let len = SLICE_LEAVES * 4 * PAGE_SIZE;
         let args = MapArgs { ioas, mem: m.id, offset: PAGE_SIZE, length: len, iova: Some(1 << 30), perm: Perm::RW };
-        let Started::Job(job) = c.map_begin(sid, args).unwrap() else { panic!("a long map must be a job") };
+        let Started::Job(job) = c.map_begin(sid, args, &mut Effects::default()).unwrap() else {
+            panic!("a long map must be a job")
+        };
         let mut fx = Effects::default();
         assert_eq!(c.finish(job, &mut fx).unwrap_err().errno, Errno::ENOSPC);
         c.release_tables(std::mem::take(&mut fx.garbage));
@@ -730,5 +738,24 @@ mod tests {
         assert!(c.translate(sid, ioas, 1 << 30).is_err());
         assert_eq!(c.snapshot(Some(sid)).sessions[0].ioas[0].mappings.len(), 0);
         c.destroy(sid, m.id, &mut fx).unwrap();
+    }
+
+    #[test]
+    fn a_map_that_fails_part_way_hands_its_tables_to_the_effects() {
+        // The root and two more tables: a 4 KiB leaf needs three more.
+        let (mut c, sid) = core_with(Limits { max_tables_per_session: 3, ..Limits::default() });
+        let m = c.register_memory(sid, OwnedFd::from(memfd::create("m", 1 << 21).unwrap())).unwrap();
+        let ioas = c.ioas_alloc(sid).unwrap();
+        let before = c.tables_in_use();
+        let args = MapArgs { ioas, mem: m.id, offset: 0, length: PAGE_SIZE, iova: Some(PAGE_SIZE), perm: Perm::RW };
+        let mut fx = Effects::default();
+        assert_eq!(c.map(sid, args, &mut fx).unwrap_err().errno, Errno::ENOSPC);
+        // A walker may have reached what the attempt linked: the tables are
+        // freed by whoever settles the effects, after the invalidation.
+        assert_eq!(fx.garbage.len(), 2, "the two tables the attempt linked");
+        assert_eq!(c.tables_in_use(), before + 2);
+        assert!(c.translate(sid, ioas, PAGE_SIZE).is_err(), "nothing of the failed map is mapped");
+        c.release_tables(std::mem::take(&mut fx.garbage));
+        assert_eq!(c.tables_in_use(), before);
     }
 }

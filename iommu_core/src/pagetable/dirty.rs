@@ -129,7 +129,7 @@ mod tests {
         let mut p = pool(64);
         let root = p.alloc_table().unwrap();
         let d = DirtyPool::new(p.pages()).unwrap();
-        p.map_range(root, 0x10_0000, 0x4000_0000, 0x4000, Perm::RW, Some(&d)).unwrap();
+        p.map_range(root, 0x10_0000, 0x4000_0000, 0x4000, Perm::RW, Some(&d), &mut Vec::new()).unwrap();
         let l = walk(&p, root, 0x10_2000).unwrap();
         d.mark(l.table, l.index);
         let bm = p.read_dirty(&d, root, 0x10_0000, 0x4000, 4096, true);
@@ -141,7 +141,7 @@ mod tests {
         d.mark(l.table, l.index);
         let mut g = Vec::new();
         p.unmap_range(root, 0x10_0000, 0x4000, &mut g);
-        p.map_range(root, 0x10_0000, 0x4000_0000, 0x4000, Perm::RW, Some(&d)).unwrap();
+        p.map_range(root, 0x10_0000, 0x4000_0000, 0x4000, Perm::RW, Some(&d), &mut Vec::new()).unwrap();
         assert_eq!(p.read_dirty(&d, root, 0x10_0000, 0x4000, 4096, true), vec![0]);
     }
 }

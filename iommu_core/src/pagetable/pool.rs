@@ -215,9 +215,12 @@ impl TablePool {
 
     /// Maps `[iova, iova+len)` onto `[addr, addr+len)` with `perm`, using the
     /// largest leaves alignment allows. All or nothing: on failure the range
-    /// is left unmapped and no table leaks.
+    /// is left unmapped, and the tables the attempt had linked are added to
+    /// `garbage` (a walker may have reached them: they are freed once the
+    /// invalidation of the range is done, like an unmap's).
     ///
     /// Every new leaf starts clean in `dirty` (the owning session's pool).
+    #[allow(clippy::too_many_arguments)]
     pub fn map_range(
         &mut self,
         root: u64,
@@ -226,17 +229,14 @@ impl TablePool {
         len: u64,
         perm: Perm,
         dirty: Option<&DirtyPool>,
+        garbage: &mut Vec<u64>,
     ) -> Result<(), Error> {
         debug_assert!(
             iova.is_multiple_of(PAGE_SIZE) && addr.is_multiple_of(PAGE_SIZE) && len.is_multiple_of(PAGE_SIZE)
         );
         let res = self.map_level(root, LEVELS, iova, iova + len, &MapRun { iova, addr, perm, dirty });
         if res.is_err() {
-            let mut garbage = Vec::new();
-            self.unmap_range(root, iova, len, &mut garbage);
-            for t in garbage {
-                self.free_table(t);
-            }
+            self.unmap_range(root, iova, len, garbage);
         }
         res
     }
@@ -399,7 +399,7 @@ pub(super) mod tests {
         let gib = 1u64 << 30;
         // 1 GiB + 2 MiB + 4 KiB, all aligned: one leaf of each size.
         let len = gib + (2 << 20) + 4096;
-        p.map_range(root, gib, 4 * gib, len, Perm::RW, None).unwrap();
+        p.map_range(root, gib, 4 * gib, len, Perm::RW, None, &mut Vec::new()).unwrap();
         let l = walk(&p, root, gib + 5).unwrap();
         assert_eq!((l.address, l.page_size), (4 * gib + 5, gib));
         let l = walk(&p, root, 2 * gib + 0x1234).unwrap();
@@ -424,7 +424,7 @@ pub(super) mod tests {
     fn misaligned_address_falls_back_to_small_leaves() {
         let mut p = pool(64);
         let root = p.alloc_table().unwrap();
-        p.map_range(root, 2 << 20, (2 << 20) + 4096, 2 << 20, Perm::R, None).unwrap();
+        p.map_range(root, 2 << 20, (2 << 20) + 4096, 2 << 20, Perm::R, None, &mut Vec::new()).unwrap();
         let l = walk(&p, root, (2 << 20) + 4096 * 3).unwrap();
         assert_eq!((l.page_size, l.perm), (4096, Perm::R));
         assert_eq!(l.address, (2 << 20) + 4096 * 4);
@@ -435,7 +435,13 @@ pub(super) mod tests {
         let mut p = pool(4);
         let root = p.alloc_table().unwrap();
         // Needs L3, L2, L1 tables = 3 more, but only 2 remain.
-        assert_eq!(p.map_range(root, 0x1000, 0x1000, 0x1000, Perm::RW, None), Err(Error::Quota(3)));
+        let mut garbage = Vec::new();
+        assert_eq!(p.map_range(root, 0x1000, 0x1000, 0x1000, Perm::RW, None, &mut garbage), Err(Error::Quota(3)));
+        // What the attempt linked is handed back, not freed behind a walker.
+        assert_eq!(garbage.len(), 2);
+        for t in garbage {
+            p.free_table(t);
+        }
         assert_eq!(p.tables_in_use(), 1);
         assert_eq!(walk(&p, root, 0x1000), Err(WalkError::NotPresent(4)));
     }

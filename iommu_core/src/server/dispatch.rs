@@ -187,7 +187,7 @@ impl Server {
             Request::IoasAlloc => core.ioas_alloc(sid).map(Reply::Id),
             Request::NestedAlloc { parent, s1_root } => core.nested_alloc(sid, parent, s1_root).map(Reply::Id),
             Request::Destroy { id } => core.destroy(sid, id, fx).map(|_| Reply::Ok),
-            Request::Map(a) => match core.map_begin(sid, a) {
+            Request::Map(a) => match core.map_begin(sid, a, fx) {
                 Ok(model::Started::Job(job)) => return self.start_job(token, seq, job, Reply::Iova, fx),
                 r => r.map(|s| Reply::Iova(s.done())),
             },
