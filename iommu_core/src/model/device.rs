@@ -268,6 +268,11 @@ impl Core {
         self.step()?;
         let mut pages = Vec::new();
         if let Err(e) = self.pool_mut(sid)?.pasid_set(root, key, e, &mut pages) {
+            // Directory pages linked and unlinked again: the device's walks
+            // in flight may hold them, so they wait for its answer.
+            if !pages.is_empty() {
+                self.queue_invalidations(sid, vec![(dev, key)], None, fx);
+            }
             fx.garbage.extend(pages.into_iter().map(|t| (sid, t)));
             return Err(e.into());
         }

@@ -320,10 +320,12 @@ impl Core {
                 let cur = iova + *done;
                 let stop = slice_end(cur, area.last, leaf);
                 let mut garbage = Vec::new();
+                let mut wrote = false;
                 let res = self.mem_info(sid, area.mem).and_then(|(_, base)| {
                     let root = self.ioas(sid, ioas)?.root;
                     let s = self.session(sid)?;
                     let a = base + area.offset + (cur - iova);
+                    wrote = true;
                     s.pool.map_range(root, cur, a, stop - cur, area.perm, Some(&s.dirty), &mut garbage)?;
                     Ok(root)
                 });
@@ -337,11 +339,17 @@ impl Core {
                         // Roll back what earlier slices mapped (this one's
                         // tables are in `garbage` already); devices may have
                         // walked it, so the tables go after the invalidation.
-                        if let (Ok(root), Ok(pool)) = (self.ioas(sid, ioas).map(|i| i.root), self.pool_mut(sid)) {
-                            pool.unmap_range(root, iova, *done, &mut garbage);
+                        // A slice that failed before writing anything, with
+                        // none before it, has nothing to retire.
+                        if *done > 0 {
+                            if let (Ok(root), Ok(pool)) = (self.ioas(sid, ioas).map(|i| i.root), self.pool_mut(sid)) {
+                                pool.unmap_range(root, iova, *done, &mut garbage);
+                            }
                         }
-                        let range = IovaRange { start: iova, last: stop - 1 };
-                        self.retire(sid, ioas, Some(range), garbage, fx);
+                        if *done > 0 || wrote {
+                            let range = IovaRange { start: iova, last: stop - 1 };
+                            self.retire(sid, ioas, Some(range), garbage, fx);
+                        }
                         Some(Err(e))
                     }
                 }

@@ -57,7 +57,9 @@ pub fn pasid_lookup(mem: &impl TableMemory, root: u64, pasid: u32) -> Option<Pas
 
 impl TablePool {
     /// Writes the PASID entry of `pasid` under the PASID root `root`,
-    /// allocating directory pages as needed (pushed on `pages`). Word 1 is
+    /// allocating directory pages as needed (pushed on `pages`; on failure
+    /// the pages this call linked are unlinked and pushed there too, for
+    /// the caller to free once no walker can hold them). Word 1 is
     /// published before word 0, so a reader never sees a valid entry with a
     /// stale stage-1 root.
     pub fn pasid_set(&mut self, root: u64, pasid: u32, e: PasidEntry, pages: &mut Vec<u64>) -> Result<(), Error> {
@@ -75,11 +77,13 @@ impl TablePool {
                         t
                     }
                     Err(err) => {
-                        // Unlink what this call linked before freeing it; the
-                        // new pages only ever held empty entries.
+                        // Unlink what this call linked; a walker may have
+                        // reached the (empty) pages meanwhile, so they go to
+                        // `pages` for the caller to free after the
+                        // invalidation.
                         for (parent, i, t) in linked.into_iter().rev() {
                             self.store(parent, i, 0);
-                            self.free_table(t);
+                            pages.push(t);
                         }
                         return Err(err);
                     }
@@ -162,5 +166,21 @@ mod tests {
         let all = p.pasid_table_pages(root);
         assert_eq!(all.len(), 5);
         assert_eq!(pasid_lookup(&p, root, 0), None);
+    }
+
+    #[test]
+    fn a_failed_pasid_set_unlinks_and_hands_back_its_pages() {
+        // The root and one more table: the second directory level fails.
+        let mut p = pool(3);
+        let root = p.alloc_table().unwrap();
+        let mut pages = Vec::new();
+        let e = PasidEntry { flags: 0, s2_root: 0x5000, s1_root: 0 };
+        assert!(p.pasid_set(root, 0x2_0000, e, &mut pages).is_err());
+        assert_eq!(pages.len(), 1, "the page it linked is handed back, not freed behind a walker");
+        assert_eq!(p.tables_in_use(), 2);
+        assert_eq!(p.entry(root, 1).map(|w| w.load(Ordering::Relaxed)), Some(0), "and unlinked");
+        assert_eq!(pasid_lookup(&p, root, 0x2_0000), None);
+        p.free_table(pages[0]);
+        assert_eq!(p.tables_in_use(), 1);
     }
 }

@@ -224,10 +224,13 @@ impl TranslationUnit {
         )
     }
 
-    /// DMA write: copies `data` to `iova` of `(dev, pasid)`, all or
-    /// nothing: the whole range is translated (faults, page requests and
-    /// memory fetches happen then) before its first byte is written, and
-    /// no invalidation completes in between.
+    /// DMA write: copies `data` to `iova` of `(dev, pasid)`. The whole
+    /// range is translated (faults, page requests and memory fetches happen
+    /// then) before its first byte is written, and copied with exactly
+    /// those translations, with no invalidation completing in between: a
+    /// write that would fault writes nothing. Only the memory itself can
+    /// stop a copy part-way (a file that shrank, a client that does not
+    /// serve its memory).
     pub fn write(&self, dev: u32, pasid: u32, iova: u64, data: &[u8]) -> Result<()> {
         self.access(
             dev,

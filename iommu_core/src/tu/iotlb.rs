@@ -43,16 +43,18 @@ impl TableMemory for Pool {
     }
 }
 
-/// How many translations the checking pass of an access keeps for its
-/// copying pass (a 64 KiB access in 4 KiB leaves needs 16).
-pub(super) const LOOKED: usize = 16;
+/// Translations an access keeps inline; more go to the heap (an access of
+/// 64 KiB in 4 KiB leaves that does not start on a page needs 17).
+const LOOKED_INLINE: usize = 32;
 
-/// The translations an access's checking pass found, in IOVA order, so
-/// that its copying pass does not look them up again (past [`LOOKED`] of
-/// them it does, hitting the IOTLB).
+/// Every translation an access's checking pass found, in IOVA order, so
+/// that its copying pass uses exactly those (and neither looks them up
+/// again nor meets a walk that an unmap in progress has changed: the
+/// invalidation waits for the access's DMA guard).
 #[derive(Default)]
 pub(super) struct Looked {
-    entries: [Option<Iotlb>; LOOKED],
+    inline: [Option<Iotlb>; LOOKED_INLINE],
+    more: Vec<Iotlb>,
     len: usize,
     next: usize,
     replaying: bool,
@@ -60,10 +62,14 @@ pub(super) struct Looked {
 
 impl Looked {
     pub(super) fn record(&mut self, e: Iotlb) {
-        if !self.replaying && self.len < LOOKED {
-            self.entries[self.len] = Some(e);
-            self.len += 1;
+        if self.replaying {
+            return;
         }
+        match self.inline.get_mut(self.len) {
+            Some(slot) => *slot = Some(e),
+            None => self.more.push(e),
+        }
+        self.len += 1;
     }
 
     /// Switches from recording to replaying.
@@ -72,14 +78,25 @@ impl Looked {
         self.next = 0;
     }
 
-    /// The next recorded translation, if it covers `page`.
+    fn get(&self, i: usize) -> Option<Iotlb> {
+        match self.inline.get(i) {
+            Some(e) => *e,
+            None => self.more.get(i - LOOKED_INLINE).copied(),
+        }
+    }
+
+    /// The recorded translation that covers `page`: looked for from the
+    /// last one used on (the copying pass goes in IOVA order, but may
+    /// look at a leaf twice, as the client-memory run does at its end).
     pub(super) fn replay(&mut self, page: u64) -> Option<Iotlb> {
-        if !self.replaying || self.next >= self.len {
+        if !self.replaying {
             return None;
         }
-        let e = self.entries[self.next].filter(|e| page >= e.iova_base && page - e.iova_base < e.size)?;
-        self.next += 1;
-        Some(e)
+        let covers = |e: &Iotlb| page >= e.iova_base && page - e.iova_base < e.size;
+        let start = self.next.saturating_sub(1);
+        let i = (start..self.len).chain(0..start).find(|&i| self.get(i).is_some_and(|e| covers(&e)))?;
+        self.next = i + 1;
+        self.get(i)
     }
 }
 
@@ -170,5 +187,40 @@ impl TranslationUnit {
         let e = self.lookup(dev, st, pasid, page)?;
         looked.record(e);
         Ok(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(i: u64) -> Iotlb {
+        Iotlb {
+            iova_base: i * PAGE_SIZE,
+            sys_base: (i + 100) * PAGE_SIZE,
+            size: PAGE_SIZE,
+            perm: Perm::RW,
+            dirty: None,
+        }
+    }
+
+    #[test]
+    fn the_copying_pass_gets_every_translation_the_check_found() {
+        let mut l = Looked::default();
+        // More leaves than are kept inline.
+        for i in 0..40 {
+            l.record(leaf(i));
+        }
+        assert!(l.replay(0).is_none(), "nothing is replayed while recording");
+        l.rewind();
+        for i in 0..40 {
+            assert_eq!(l.replay(i * PAGE_SIZE).map(|e| e.sys_base), Some((i + 100) * PAGE_SIZE));
+            // A leaf looked at twice (the end of a client-memory run) is
+            // found again.
+            assert_eq!(l.replay(i * PAGE_SIZE).map(|e| e.sys_base), Some((i + 100) * PAGE_SIZE));
+        }
+        assert!(l.replay(40 * PAGE_SIZE).is_none(), "a page the check never saw is looked up");
+        l.record(leaf(41));
+        assert!(l.replay(41 * PAGE_SIZE).is_none(), "nothing is recorded while replaying");
     }
 }

@@ -24,8 +24,9 @@ pub trait DmaSpace {
     /// part of `buf`.
     fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), Error>;
 
-    /// Writes `data` at `iova`, all or nothing: a write that would fault
-    /// part-way writes no byte.
+    /// Writes `data` at `iova`: a write that would fault anywhere writes
+    /// no byte (only the memory itself, a file that shrank or a client
+    /// that does not serve its memory, can stop a write part-way).
     fn write(&self, iova: u64, data: &[u8]) -> Result<(), Error>;
 
     /// Checks that `[iova, iova+len)` can be written, writing nothing
@@ -47,7 +48,7 @@ pub trait DmaSpace {
         Ok(v)
     }
 
-    /// Writes `v` at `iova`, all or nothing.
+    /// Writes `v` at `iova`, as [`DmaSpace::write`].
     fn write_obj<T: IntoBytes + Immutable>(&self, iova: u64, v: &T) -> Result<(), Error>
     where
         Self: Sized,

@@ -54,8 +54,8 @@ pub const STEP: usize = 64 * 1024;
 
 /// Executes one descriptor with the DMA of `dma`, from the start or from
 /// `from`: every field is the guest's and is checked here. The
-/// descriptor's route is resolved once, and both buffers are reached
-/// through that space. Before each step (of at most [`STEP`] bytes) `step`
+/// descriptor's route is resolved at each step (of at most [`STEP`]
+/// bytes), and both buffers are reached through that space. Before each step (of at most [`STEP`] bytes) `step`
 /// says whether to go on. A step refused because bus mastering is off
 /// stops the descriptor as [`Step::Stop`] would.
 pub fn execute<D: DeviceDma + ?Sized>(
@@ -76,7 +76,6 @@ pub fn execute<D: DeviceDma + ?Sized>(
         c.status = status::INVALID;
         return Outcome::Done(c);
     }
-    let mem = dma.space(route);
     let start = from.unwrap_or(Progress { crc: d.pattern as u32, ..Progress::default() });
     let stopped = |done: usize, crc: u32| Outcome::Stopped(Progress { done: done as u32, crc, result: None });
     let gate = |done: usize, crc: u32| match step() {
@@ -90,7 +89,7 @@ pub fn execute<D: DeviceDma + ?Sized>(
         c.fault_addr = at;
         c.status = match e {
             dma::Error::NoPasid(_) => {
-                mem.report_fault(at, write, FaultReason::NotPresent);
+                dma.space(route).report_fault(at, write, FaultReason::NotPresent);
                 status::NO_PASID
             }
             dma::Error::Fault { iova, .. } => {
@@ -128,6 +127,8 @@ pub fn execute<D: DeviceDma + ?Sized>(
         if let Some(o) = gate(done, start.crc) {
             return o;
         }
+        // Resolved per step: a vPASID detached or attached meanwhile is seen.
+        let mem = dma.space(route);
         let backward = d.opcode == op::COPY && d.dst > d.src && d.dst - d.src < len as u64;
         let rest = if backward { d.dst } else { d.dst.wrapping_add(done as u64) };
         match mem.check_write(rest, len - done) {
@@ -156,6 +157,8 @@ pub fn execute<D: DeviceDma + ?Sized>(
                 if let Some(o) = gate(done, 0) {
                     return o;
                 }
+                // Resolved per step: a vPASID detached or attached meanwhile is seen.
+                let mem = dma.space(route);
                 step_dma!(mem.read(s, &mut buf[..n]), s, false, false, 0);
                 step_dma!(mem.write(t, &buf[..n]), t, true, true, 0);
                 done += n;
@@ -175,6 +178,8 @@ pub fn execute<D: DeviceDma + ?Sized>(
                 if let Some(o) = gate(done, 0) {
                     return o;
                 }
+                // Resolved per step: a vPASID detached or attached meanwhile is seen.
+                let mem = dma.space(route);
                 step_dma!(mem.write(t, &buf[..n]), t, true, true, 0);
                 done += n;
             }
@@ -193,6 +198,8 @@ pub fn execute<D: DeviceDma + ?Sized>(
                 if let Some(o) = gate(done, 0) {
                     return o;
                 }
+                // Resolved per step: a vPASID detached or attached meanwhile is seen.
+                let mem = dma.space(route);
                 step_dma!(mem.read(s, &mut a[..n]), s, false, false, 0);
                 step_dma!(mem.read(t, &mut b[..n]), t, true, false, 0);
                 if let Some(i) = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y) {
@@ -214,6 +221,8 @@ pub fn execute<D: DeviceDma + ?Sized>(
                 if let Some(o) = gate(done, crc) {
                     return o;
                 }
+                // Resolved per step: a vPASID detached or attached meanwhile is seen.
+                let mem = dma.space(route);
                 step_dma!(mem.read(s, &mut buf[..n]), s, false, false, crc);
                 crc = crc32c::crc32c_append(crc, &buf[..n]);
                 done += n;

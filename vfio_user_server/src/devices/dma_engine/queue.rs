@@ -201,7 +201,10 @@ pub(super) fn queue_loop(shared: Arc<Shared>, ctx: DeviceContext, q: usize) {
         idle_rounds = idle_rounds.saturating_add(1);
         let wait = if idle_rounds < 100 { Duration::from_micros(50) } else { Duration::from_millis(2) };
         let k = sync::lock(&shared.kick);
-        if *k == seen {
+        // `stop` is read under the kick lock: a stop set after the loop's
+        // test but before `seen` was read has its kick counted in `seen`,
+        // and would otherwise leave this thread waiting for good.
+        if *k == seen && !shared.stop.load(Ordering::Acquire) {
             if runnable {
                 drop(crate::devices::wait_timeout(&shared.kicked, &shared.kick, k, wait));
             } else {
@@ -288,7 +291,7 @@ fn drain(shared: &Shared, ctx: &DeviceContext, q: usize) -> bool {
                 Outcome::Void => return did,
             },
         };
-        if !commit(shared, ctx, q, gen, &ring, &d, c) {
+        if !commit(shared, ctx, q, gen, ring_route, &d, c) {
             return did;
         }
         drop(gate);
@@ -313,7 +316,7 @@ fn commit(
     ctx: &DeviceContext,
     q: usize,
     gen: u64,
-    ring: &dyn DmaSpace,
+    ring_route: Route,
     d: &Descriptor,
     c: Completion,
 ) -> bool {
@@ -323,8 +326,10 @@ fn commit(
     }
     let mut record_fault = false;
     if let Some(rest) = d.completion.checked_add(1).filter(|_| d.completion != 0) {
-        // The record goes through the queue's address space; the
-        // status byte lands last.
+        // The record goes through the queue's address space (resolved
+        // now: the descriptor may have run long); the status byte lands
+        // last.
+        let ring = ctx.dma.space(ring_route);
         let b = c.to_bytes();
         let wrote = ring
             .write(rest, &b[1..])
