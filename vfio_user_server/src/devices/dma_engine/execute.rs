@@ -78,11 +78,21 @@ pub fn execute<D: DeviceDma + ?Sized>(
     }
     let start = from.unwrap_or(Progress { crc: d.pattern as u32, ..Progress::default() });
     let stopped = |done: usize, crc: u32| Outcome::Stopped(Progress { done: done as u32, crc, result: None });
+    // Before each step: go on through the route as it resolves now (a
+    // vPASID detached or attached meanwhile is seen), stop, or give up.
     let gate = |done: usize, crc: u32| match step() {
-        Step::Go => None,
-        Step::Stop => Some(stopped(done, crc)),
-        Step::Void => Some(Outcome::Void),
+        Step::Go => Ok(dma.space(route)),
+        Step::Stop => Err(stopped(done, crc)),
+        Step::Void => Err(Outcome::Void),
     };
+    macro_rules! next_step {
+        ($done:expr, $crc:expr) => {
+            match gate($done, $crc) {
+                Ok(mem) => mem,
+                Err(o) => return o,
+            }
+        };
+    }
     // `second`: the fault is on the destination buffer (written by COPY and
     // FILL, read by COMPARE).
     let fail = |c: &mut Completion, e: dma::Error, at: u64, second: bool, write: bool| {
@@ -124,11 +134,7 @@ pub fn execute<D: DeviceDma + ?Sized>(
     // A destination is checked whole before the first byte is written (on
     // a resume, what is left of it: a backward COPY works from the end).
     if matches!(d.opcode, op::COPY | op::FILL) && done < len {
-        if let Some(o) = gate(done, start.crc) {
-            return o;
-        }
-        // Resolved per step: a vPASID detached or attached meanwhile is seen.
-        let mem = dma.space(route);
+        let mem = next_step!(done, start.crc);
         let backward = d.opcode == op::COPY && d.dst > d.src && d.dst - d.src < len as u64;
         let rest = if backward { d.dst } else { d.dst.wrapping_add(done as u64) };
         match mem.check_write(rest, len - done) {
@@ -154,11 +160,7 @@ pub fn execute<D: DeviceDma + ?Sized>(
                 let n = (len - done).min(STEP);
                 let at = if backward { len - done - n } else { done } as u64;
                 let (s, t) = (d.src.wrapping_add(at), d.dst.wrapping_add(at));
-                if let Some(o) = gate(done, 0) {
-                    return o;
-                }
-                // Resolved per step: a vPASID detached or attached meanwhile is seen.
-                let mem = dma.space(route);
+                let mem = next_step!(done, 0);
                 step_dma!(mem.read(s, &mut buf[..n]), s, false, false, 0);
                 step_dma!(mem.write(t, &buf[..n]), t, true, true, 0);
                 done += n;
@@ -175,11 +177,7 @@ pub fn execute<D: DeviceDma + ?Sized>(
                 let n = (len - done).min(STEP);
                 let t = d.dst.wrapping_add(done as u64);
                 // Steps start at multiples of 8, so the pattern lines up.
-                if let Some(o) = gate(done, 0) {
-                    return o;
-                }
-                // Resolved per step: a vPASID detached or attached meanwhile is seen.
-                let mem = dma.space(route);
+                let mem = next_step!(done, 0);
                 step_dma!(mem.write(t, &buf[..n]), t, true, true, 0);
                 done += n;
             }
@@ -195,11 +193,7 @@ pub fn execute<D: DeviceDma + ?Sized>(
             while done < len {
                 let n = (len - done).min(STEP);
                 let (s, t) = (d.src.wrapping_add(done as u64), d.dst.wrapping_add(done as u64));
-                if let Some(o) = gate(done, 0) {
-                    return o;
-                }
-                // Resolved per step: a vPASID detached or attached meanwhile is seen.
-                let mem = dma.space(route);
+                let mem = next_step!(done, 0);
                 step_dma!(mem.read(s, &mut a[..n]), s, false, false, 0);
                 step_dma!(mem.read(t, &mut b[..n]), t, true, false, 0);
                 if let Some(i) = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y) {
@@ -218,11 +212,7 @@ pub fn execute<D: DeviceDma + ?Sized>(
             while done < len {
                 let n = (len - done).min(STEP);
                 let s = d.src.wrapping_add(done as u64);
-                if let Some(o) = gate(done, crc) {
-                    return o;
-                }
-                // Resolved per step: a vPASID detached or attached meanwhile is seen.
-                let mem = dma.space(route);
+                let mem = next_step!(done, crc);
                 step_dma!(mem.read(s, &mut buf[..n]), s, false, false, crc);
                 crc = crc32c::crc32c_append(crc, &buf[..n]);
                 done += n;
