@@ -3,16 +3,17 @@
 //! rings and completion records in that RAM, doorbells through the
 //! mmap-ed BAR 2 or through REGION_WRITE, interrupts on eventfds.
 //!
-//! The driver touches guest RAM only with `pread`/`pwrite` on the memfd,
-//! never through a Rust reference into memory the device writes.
+//! The driver maps guest RAM shared and touches it only with volatile
+//! copies and atomic loads (`iommu_core::shm::Bytes`), never through a
+//! Rust reference into memory the device writes: a descriptor costs the
+//! driver no system call.
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use iommu_core::shm::Words;
+use iommu_core::shm::{Bytes, Words};
 use vfio_user_server::client::Client;
 use vfio_user_server::devices::dma_engine::{regs, status, Completion, Descriptor, COMPLETION_SIZE, DESC_SIZE};
 
@@ -42,33 +43,56 @@ pub enum Error {
 /// Result of a driver call.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Guest RAM: a memfd the VMM shares with DMA_MAP or a core session.
+/// Guest RAM: a memfd the VMM shares with DMA_MAP or a core session,
+/// sealed against shrinking and mapped shared here.
 pub struct GuestRam {
     /// The memfd.
     pub file: File,
     /// Its size.
     pub size: u64,
+    bytes: Bytes,
 }
 
 impl GuestRam {
     /// A new zeroed memfd of `size` bytes.
     pub fn new(name: &str, size: u64) -> Result<GuestRam> {
         let file = iommu_core::memfd::create(name, size).map_err(std::io::Error::other)?;
-        Ok(GuestRam { file, size })
+        // Every page of the mapping stays there only if the file cannot
+        // shrink; without the seal every copy goes through the kernel.
+        let sealed = iommu_core::memfd::seal_shrink(file.as_fd());
+        let bytes = Bytes::map(&file, size, sealed)?;
+        Ok(GuestRam { file, size, bytes })
     }
 
     /// Reads `len` bytes at `off`.
     pub fn read(&self, off: u64, len: usize) -> Result<Vec<u8>> {
         let mut b = vec![0u8; len];
-        self.file.read_exact_at(&mut b, off)?;
+        self.read_into(off, &mut b)?;
         Ok(b)
+    }
+
+    /// Reads `buf.len()` bytes at `off` into `buf`.
+    pub fn read_into(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.bytes.read(off, buf).map_err(|_| outside(off, buf.len(), self.size))
     }
 
     /// Writes `data` at `off`.
     pub fn write(&self, off: u64, data: &[u8]) -> Result<()> {
-        self.file.write_all_at(data, off)?;
-        Ok(())
+        self.bytes.write(off, data).map_err(|_| outside(off, data.len(), self.size))
     }
+
+    /// The 64-bit word at `off` (8-byte aligned), loaded with acquire: the
+    /// reader's half of a device's ordered write.
+    pub fn load_u64(&self, off: u64) -> Result<u64> {
+        self.bytes.load_u64(off).ok_or_else(|| outside(off, 8, self.size))
+    }
+}
+
+fn outside(off: u64, len: usize, size: u64) -> Error {
+    Error::Ram(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("{len} bytes at {off:#x} are not inside guest RAM of {size:#x} bytes (or not aligned)"),
+    ))
 }
 
 /// How a doorbell is rung.
@@ -196,8 +220,11 @@ impl Engine {
         let t0 = Instant::now();
         let mut spins = 0u32;
         loop {
-            let b = ram.read(off, COMPLETION_SIZE)?;
-            if b[0] != status::NONE {
+            // The status byte is the record's first: the device writes it
+            // last, after the rest of the record.
+            if ram.load_u64(off)? as u8 != status::NONE {
+                let mut b = [0u8; COMPLETION_SIZE];
+                ram.read_into(off, &mut b)?;
                 q.done = q.done.wrapping_add(1);
                 return Ok(Completion::parse(&b).unwrap_or_default());
             }
