@@ -72,6 +72,9 @@ pub(super) struct Conn {
     /// Since when the reply at the head of `out` has waited to be read
     /// (reset each time one is read whole).
     output_since: Option<Instant>,
+    /// The socket may hold bytes the core has not read: set by a readable
+    /// event, cleared by a read that found the socket empty.
+    pub(super) may_read: bool,
     /// Messages received and replies written whole, to see progress.
     frames_in: u64,
     frames_out: u64,
@@ -100,6 +103,7 @@ impl Conn {
             refused: VecDeque::new(),
             input_since: None,
             output_since: None,
+            may_read: true,
             frames_in: 0,
             frames_out: 0,
         }
@@ -364,11 +368,12 @@ impl Server {
                 // stay in the socket until then.
                 break;
             }
-            match conn.reader.next_frame() {
-                Ok(Some(frame)) => {
+            // Decoded straight from the receive buffer.
+            match conn.reader.next_frame_with(|payload, fds| (wire::decode::<Request>(payload), fds)) {
+                Ok(Some((env, fds))) => {
                     served += 1;
                     conn.frames_in += 1;
-                    self.handle_frame(token, frame);
+                    self.handle_decoded(token, env, fds);
                     continue;
                 }
                 Ok(None) => {}
@@ -398,10 +403,15 @@ impl Server {
                 }
             }
             let Some(conn) = self.conns.get_mut(&token) else { return };
-            let mut buf = vec![0u8; room];
-            match wire::recv_with_fds(conn.stream.as_fd(), &mut buf, conn.reader.max_fds()) {
-                Ok((0, _)) => eof = true,
-                Ok((n, fds)) => {
+            if !conn.may_read {
+                // The last read emptied the socket and it has not been
+                // readable since: a read now would only say EAGAIN.
+                break;
+            }
+            match conn.reader.recv(conn.stream.as_fd(), room) {
+                Ok(wire::Received { bytes: 0, .. }) => eof = true,
+                Ok(wire::Received { fds, drained, .. }) => {
+                    conn.may_read = !drained;
                     // Files of FUSE or network file systems are never
                     // memory objects, and even closing one can block: each
                     // is closed on another thread and takes a stand-in's
@@ -430,14 +440,17 @@ impl Server {
                             }
                         }
                     }
-                    conn.reader.push(&buf[..n], kept);
+                    conn.reader.push_fds(kept);
                     if conn.closing {
                         let msg = "files on FUSE or network file systems cannot be memory objects";
                         queue(conn, 0, &Reply::error(Errno::EINVAL, msg), Vec::new());
                         break;
                     }
                 }
-                Err(wire::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(wire::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
+                    conn.may_read = false;
+                    break;
+                }
                 Err(wire::Error::Io(e)) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e @ wire::Error::Truncated) => {
                     tracing::warn!(pid = conn.pid, error = %e, "closing the connection");
