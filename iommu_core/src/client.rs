@@ -89,14 +89,7 @@ impl Client {
         let stream = UnixStream::connect(path.as_ref()).map_err(|error| Error::Io { path: path_s.clone(), error })?;
         let mut reader = FrameReader::new(MAX_REPLY_BYTES, 16);
         reader.set_retain(CLIENT_RETAIN);
-        let mut c = Client {
-            stream,
-            reader,
-            seq: 0,
-            session: 0,
-            limits: Limits::default(),
-            path: path_s,
-        };
+        let mut c = Client { stream, reader, seq: 0, session: 0, limits: Limits::default(), path: path_s };
         c.set_timeout(timeout)?;
         let hello = Request::Hello { magic: wire::MAGIC, major: wire::VERSION_MAJOR, minor: wire::VERSION_MINOR, role };
         let (session, limits) =
@@ -251,6 +244,27 @@ impl Client {
     /// Unmaps; returns bytes unmapped.
     pub fn unmap(&mut self, ioas: u32, iova: u64, length: u64) -> Result<u64> {
         expect!(self.call(&Request::Unmap { ioas, iova, length }, &[])?, Reply::Bytes(v) => v)
+    }
+
+    /// Maps every entry into `ioas` in one request, all or nothing
+    /// (at most [`BATCH_ENTRIES`](crate::model::BATCH_ENTRIES)); returns
+    /// their IOVAs in order.
+    pub fn map_batch(&mut self, ioas: u32, entries: &[MapEntry]) -> Result<Vec<u64>> {
+        let req = Request::MapBatch { ioas, entries: entries.to_vec() };
+        let iovas = expect!(self.call(&req, &[])?, Reply::Iovas(v) => v)?;
+        if iovas.len() != entries.len() {
+            return Err(Error::Unexpected(format!("{} IOVAs for {} entries", iovas.len(), entries.len())));
+        }
+        Ok(iovas)
+    }
+
+    /// Unmaps every range of `ioas` in one request, all or nothing (each
+    /// covers whole mappings; at most
+    /// [`BATCH_ENTRIES`](crate::model::BATCH_ENTRIES)); returns the bytes
+    /// unmapped.
+    pub fn unmap_batch(&mut self, ioas: u32, ranges: &[UnmapEntry]) -> Result<u64> {
+        let req = Request::UnmapBatch { ioas, ranges: ranges.to_vec() };
+        expect!(self.call(&req, &[])?, Reply::Bytes(v) => v)
     }
 
     /// Copies mappings; returns the destination IOVA.

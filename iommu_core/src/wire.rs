@@ -319,6 +319,25 @@ pub enum Request {
         /// observers, never interpreted by the core).
         address: u64,
     },
+    /// Session: map many ranges into one IOAS, in order, all or nothing
+    /// (at most [`BATCH_ENTRIES`](crate::model::BATCH_ENTRIES) entries);
+    /// answered with [`Reply::Iovas`], one IOVA per entry.
+    MapBatch {
+        /// IOAS.
+        ioas: u32,
+        /// The mappings.
+        entries: Vec<MapEntry>,
+    },
+    /// Session: unmap many ranges of one IOAS, all or nothing (each covers
+    /// whole mappings, no two the same one; at most
+    /// [`BATCH_ENTRIES`](crate::model::BATCH_ENTRIES)); answered with
+    /// [`Reply::Bytes`], the bytes unmapped in all.
+    UnmapBatch {
+        /// IOAS.
+        ioas: u32,
+        /// The ranges.
+        ranges: Vec<UnmapEntry>,
+    },
 }
 
 /// Most mappings one `Mappings` reply lists, and one `Status` reply lists
@@ -455,6 +474,8 @@ pub enum Reply {
     Generation(u64),
     /// Mappings of one IOAS, in IOVA order.
     Mappings(Vec<MappingInfo>),
+    /// The IOVAs of a batched map, one per entry in order.
+    Iovas(Vec<u64>),
 }
 
 /// A message the core starts itself, toward a device channel (sent with
@@ -803,6 +824,77 @@ mod tests {
         let f = r.next_frame().unwrap().unwrap();
         assert_eq!(decode::<Request>(&f.payload).unwrap().body, Request::Status);
         assert!(r.next_frame().unwrap().is_none());
+    }
+
+    #[test]
+    fn one_read_cuts_every_frame_it_holds_with_their_fds() {
+        use std::os::fd::AsFd;
+        use std::os::unix::net::UnixStream;
+        let (a, b) = UnixStream::pair().unwrap();
+        let m = crate::memfd::create("wire-fds", 4096).unwrap();
+        // Three frames without fds, then one with an fd, then one more.
+        let mut plain = Vec::new();
+        for seq in 1..=3 {
+            plain.extend(encode(seq, &Request::Status, 0).unwrap());
+        }
+        std::io::Write::write_all(&mut &a, &plain).unwrap();
+        let with = encode(4, &Request::RegisterMemory, 1).unwrap();
+        send_with_fds(a.as_fd(), &with, &[m.as_fd()]).unwrap();
+        std::io::Write::write_all(&mut &a, &encode(5, &Request::Status, 0).unwrap()).unwrap();
+        b.set_nonblocking(true).unwrap();
+        let mut r = FrameReader::new(1024, 4);
+        // The first read stops after the bytes the fd came with.
+        let got = r.recv(b.as_fd(), 1 << 16).unwrap();
+        assert_eq!((got.bytes, got.fds.len(), got.drained), (plain.len() + with.len(), 1, false));
+        r.push_fds(got.fds);
+        let mut seen = Vec::new();
+        while let Some((seq, nfds)) =
+            r.next_frame_with(|p, fds| (decode::<Request>(p).unwrap().seq, fds.len())).unwrap()
+        {
+            seen.push((seq, nfds));
+        }
+        assert_eq!(seen, [(1, 0), (2, 0), (3, 0), (4, 1)]);
+        let got = r.recv(b.as_fd(), 1 << 16).unwrap();
+        assert!(got.drained, "a short read without fds finds the socket empty");
+        assert_eq!(r.next_frame().unwrap().map(|f| decode::<Request>(&f.payload).unwrap().seq), Some(5));
+        let e = r.recv(b.as_fd(), 1 << 16).unwrap_err();
+        assert!(matches!(e, Error::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock));
+    }
+
+    #[test]
+    fn the_buffer_is_kept_between_messages_and_shrinks_after_a_large_one() {
+        use std::os::fd::AsFd;
+        use std::os::unix::net::UnixStream;
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut r = FrameReader::new(1 << 20, 0);
+        let small = encode(1, &Request::Status, 0).unwrap();
+        std::io::Write::write_all(&mut &a, &small).unwrap();
+        r.recv(b.as_fd(), 1 << 20).unwrap();
+        assert!(r.next_frame().unwrap().is_some());
+        let kept = r.capacity();
+        assert_eq!(kept, DEFAULT_RETAIN);
+        for _ in 0..100 {
+            std::io::Write::write_all(&mut &a, &small).unwrap();
+            r.recv(b.as_fd(), 1 << 20).unwrap();
+            assert!(r.next_frame().unwrap().is_some());
+            assert_eq!(r.capacity(), kept, "no new buffer per message");
+        }
+        // A frame larger than the retained buffer: read whole, then the
+        // buffer goes back to its retained size.
+        let ranges = vec![IovaRange { start: 1, last: 2 }; 20_000];
+        let big = encode(2, &Request::AllowIovas { ioas: 1, ranges }, 0).unwrap();
+        assert!(big.len() > 4 * DEFAULT_RETAIN);
+        let writer = std::thread::spawn(move || std::io::Write::write_all(&mut &a, &big).unwrap());
+        let frame = loop {
+            let got = r.recv(b.as_fd(), 1 << 20).unwrap();
+            assert!(got.bytes > 0);
+            if let Some(f) = r.next_frame().unwrap() {
+                break f;
+            }
+        };
+        writer.join().unwrap();
+        assert!(matches!(decode::<Request>(&frame.payload).unwrap().body, Request::AllowIovas { .. }));
+        assert_eq!((r.buffered(), r.capacity()), (0, DEFAULT_RETAIN));
     }
 
     #[test]

@@ -200,6 +200,11 @@ impl Server {
                 Ok(model::Started::Job(job)) => return self.start_job(token, seq, job, Reply::Bytes, fx),
                 r => r.map(|s| Reply::Bytes(s.done())),
             },
+            Request::MapBatch { ioas, entries } => core.map_batch(sid, ioas, &entries, fx).map(Reply::Iovas),
+            Request::UnmapBatch { ioas, ranges } => match core.unmap_batch_begin(sid, ioas, &ranges, fx) {
+                Ok(model::Started::Job(job)) => return self.start_job(token, seq, job, Reply::Bytes, fx),
+                r => r.map(|s| Reply::Bytes(s.done())),
+            },
             Request::Copy(a) => core.copy(sid, a, fx).map(Reply::Iova),
             Request::IovaRanges { ioas } => core.iova_ranges(sid, ioas).map(Reply::Ranges),
             Request::AllowIovas { ioas, ranges } => core.allow_iovas(sid, ioas, ranges).map(|_| Reply::Ok),
