@@ -75,6 +75,8 @@ pub(super) struct Conn {
     /// The socket may hold bytes the core has not read: set by a readable
     /// event, cleared by a read that found the socket empty.
     pub(super) may_read: bool,
+    /// Registered for writable events (while `out` holds bytes).
+    watch_writable: bool,
     /// Messages received and replies written whole, to see progress.
     frames_in: u64,
     frames_out: u64,
@@ -104,6 +106,7 @@ impl Conn {
             input_since: None,
             output_since: None,
             may_read: true,
+            watch_writable: false,
             frames_in: 0,
             frames_out: 0,
         }
@@ -284,7 +287,9 @@ impl Server {
     pub(super) fn register(&mut self, mut stream: UnixStream, pid: i32, uid: u32) -> Option<Token> {
         let token = Token(self.next_token);
         self.next_token += 1;
-        if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
+        // Writable only while a reply waits for room (see `watch_output`):
+        // else every reply the peer reads would wake the loop for nothing.
+        if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE) {
             tracing::warn!(error = %e, "cannot register a connection");
             return None;
         }
@@ -331,6 +336,19 @@ impl Server {
         self.note_stalls(token, frames_in, frames_out, starved);
     }
 
+    /// Watches a connection for room to write while output waits, and
+    /// only then.
+    fn watch_output(&mut self, token: Token) -> std::io::Result<()> {
+        let Some(conn) = self.conns.get_mut(&token) else { return Ok(()) };
+        let want = !conn.out.is_empty();
+        if want != conn.watch_writable {
+            let interest = if want { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            self.poll.registry().reregister(&mut conn.stream, token, interest)?;
+            conn.watch_writable = want;
+        }
+        Ok(())
+    }
+
     fn turn(&mut self, token: Token, starved: &mut bool) {
         let Some(conn) = self.conns.get_mut(&token) else { return };
         if flush(conn).is_err() {
@@ -338,7 +356,7 @@ impl Server {
             return;
         }
         if conn.closing {
-            if conn.out.is_empty() {
+            if conn.out.is_empty() || self.watch_output(token).is_err() {
                 self.drop_conn(token);
             }
             return;
@@ -462,10 +480,11 @@ impl Server {
             }
         }
         let Some(conn) = self.conns.get_mut(&token) else { return };
-        if flush(conn).is_err() {
+        if flush(conn).is_err() || self.watch_output(token).is_err() {
             self.drop_conn(token);
             return;
         }
+        let Some(conn) = self.conns.get_mut(&token) else { return };
         if yielded || conn.blocked {
             // Requests may still be waiting; the end of stream is seen again
             // on the next turn.
