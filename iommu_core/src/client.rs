@@ -23,6 +23,9 @@ use crate::wire::{self, Envelope, FrameReader, FromCore, Reply, Request, Role};
 /// Largest reply the client accepts (a status of a very large core).
 pub const MAX_REPLY_BYTES: usize = 1 << 30;
 
+/// Receive buffer a client keeps between replies.
+const CLIENT_RETAIN: usize = 64 << 10;
+
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -84,14 +87,9 @@ impl Client {
     pub fn connect_with_timeout(path: impl AsRef<Path>, role: Role, timeout: Option<Duration>) -> Result<Client> {
         let path_s = path.as_ref().display().to_string();
         let stream = UnixStream::connect(path.as_ref()).map_err(|error| Error::Io { path: path_s.clone(), error })?;
-        let mut c = Client {
-            stream,
-            reader: FrameReader::new(MAX_REPLY_BYTES, 16),
-            seq: 0,
-            session: 0,
-            limits: Limits::default(),
-            path: path_s,
-        };
+        let mut reader = FrameReader::new(MAX_REPLY_BYTES, 16);
+        reader.set_retain(CLIENT_RETAIN);
+        let mut c = Client { stream, reader, seq: 0, session: 0, limits: Limits::default(), path: path_s };
         c.set_timeout(timeout)?;
         let hello = Request::Hello { magic: wire::MAGIC, major: wire::VERSION_MAJOR, minor: wire::VERSION_MINOR, role };
         let (session, limits) =
@@ -194,17 +192,18 @@ impl Client {
                     FromCore::Notice(n) => Err(Error::Unexpected(format!("a notice on a session: {n:?}"))),
                 };
             }
-            let mut buf = vec![0u8; 256 * 1024];
-            let (n, fds) = match wire::recv_with_fds(self.stream.as_fd(), &mut buf, 16) {
+            // Straight into the reader's buffer, as much as the reply
+            // still lacks (the buffer is kept from one reply to the next).
+            let got = match self.reader.recv(self.stream.as_fd(), MAX_REPLY_BYTES) {
                 Ok(x) => x,
                 Err(wire::Error::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(wire::Error::Io(e)) => return Err(self.io(e)),
                 Err(e) => return Err(e.into()),
             };
-            if n == 0 {
+            if got.bytes == 0 {
                 return Err(Error::Closed);
             }
-            self.reader.push(&buf[..n], fds);
+            self.reader.push_fds(got.fds);
         }
     }
 
@@ -245,6 +244,27 @@ impl Client {
     /// Unmaps; returns bytes unmapped.
     pub fn unmap(&mut self, ioas: u32, iova: u64, length: u64) -> Result<u64> {
         expect!(self.call(&Request::Unmap { ioas, iova, length }, &[])?, Reply::Bytes(v) => v)
+    }
+
+    /// Maps every entry into `ioas` in one request, all or nothing
+    /// (at most [`BATCH_ENTRIES`](crate::model::BATCH_ENTRIES)); returns
+    /// their IOVAs in order.
+    pub fn map_batch(&mut self, ioas: u32, entries: &[MapEntry]) -> Result<Vec<u64>> {
+        let req = Request::MapBatch { ioas, entries: entries.to_vec() };
+        let iovas = expect!(self.call(&req, &[])?, Reply::Iovas(v) => v)?;
+        if iovas.len() != entries.len() {
+            return Err(Error::Unexpected(format!("{} IOVAs for {} entries", iovas.len(), entries.len())));
+        }
+        Ok(iovas)
+    }
+
+    /// Unmaps every range of `ioas` in one request, all or nothing (each
+    /// covers whole mappings; at most
+    /// [`BATCH_ENTRIES`](crate::model::BATCH_ENTRIES)); returns the bytes
+    /// unmapped.
+    pub fn unmap_batch(&mut self, ioas: u32, ranges: &[UnmapEntry]) -> Result<u64> {
+        let req = Request::UnmapBatch { ioas, ranges: ranges.to_vec() };
+        expect!(self.call(&req, &[])?, Reply::Bytes(v) => v)
     }
 
     /// Copies mappings; returns the destination IOVA.

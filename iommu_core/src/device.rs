@@ -303,11 +303,11 @@ impl Drop for Channel {
 
 fn read_loop(inner: &Inner, stream: UnixStream) {
     let mut reader = FrameReader::new(64 << 20, 16);
-    let mut buf = vec![0u8; 64 * 1024];
+    reader.set_retain(64 << 10);
     'outer: loop {
-        match wire::recv_with_fds(stream.as_fd(), &mut buf, 16) {
-            Ok((0, _)) => break,
-            Ok((n, fds)) => reader.push(&buf[..n], fds),
+        match reader.recv(stream.as_fd(), 64 << 20) {
+            Ok(wire::Received { bytes: 0, .. }) => break,
+            Ok(got) => reader.push_fds(got.fds),
             Err(wire::Error::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(wire::Error::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
                 tracing::debug!("the core closed the device channel");

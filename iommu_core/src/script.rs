@@ -11,6 +11,8 @@
 //! | `ioas NAME` | allocate a paging IOAS |
 //! | `nested NAME PARENT S1ROOT` | allocate a nested IOAS |
 //! | `map IOAS MEM OFFSET LENGTH [iova=X] [perm=r\|w\|rw]` | map (automatic IOVA unless `iova=`) |
+//! | `map-many IOAS MEM OFFSET LENGTH COUNT [iova=X] [stride=S] [mem-stride=S] [perm=..]` | COUNT maps of LENGTH bytes in batched requests, all or nothing: the i-th of MEM at OFFSET + i × mem-stride (default LENGTH), at IOVA X + i × stride (default LENGTH) or automatic |
+//! | `unmap-many IOAS IOVA LENGTH COUNT [stride=S]` | unmap COUNT ranges of LENGTH bytes at IOVA + i × stride (default LENGTH), in batched requests, each all or nothing |
 //! | `unmap IOAS IOVA LENGTH` | unmap whole mappings in the range |
 //! | `unmap-all IOAS` | unmap everything |
 //! | `copy DST SRC SRC_IOVA LENGTH [iova=X] [perm=..]` | copy mappings to another IOAS |
@@ -121,6 +123,30 @@ pub fn parse(text: &str) -> Result<Vec<Line>, Error> {
         out.push(Line { line, expect, words });
     }
     Ok(out)
+}
+
+/// Maps `entries` into `ioas` in batches of at most
+/// [`BATCH_ENTRIES`](crate::model::BATCH_ENTRIES), all or nothing: when a
+/// batch is refused, the batches mapped before it are unmapped again.
+pub fn map_many(client: &mut Client, ioas: u32, entries: &[MapEntry]) -> client::Result<Vec<u64>> {
+    let mut iovas: Vec<u64> = Vec::with_capacity(entries.len());
+    for chunk in entries.chunks(crate::model::BATCH_ENTRIES) {
+        match client.map_batch(ioas, chunk) {
+            Ok(v) => iovas.extend(v),
+            Err(e) => {
+                let done: Vec<UnmapEntry> =
+                    iovas.iter().zip(entries).map(|(&iova, m)| UnmapEntry { iova, length: m.length }).collect();
+                for undo in done.chunks(crate::model::BATCH_ENTRIES) {
+                    // Best effort: the connection may be what failed.
+                    if client.unmap_batch(ioas, undo).is_err() {
+                        break;
+                    }
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(iovas)
 }
 
 /// Runs parsed scripts against one session.
@@ -282,6 +308,52 @@ impl<'a> Runner<'a> {
                     perm: o.get("perm").map_or(Ok(Perm::RW), |p| perm_of(p))?,
                 };
                 call!(self.client.map(args), |iova| format!("mapped at IOVA {iova:#x}"))
+            }
+            "map-many" => {
+                let usage = "map-many IOAS MEM OFFSET LENGTH COUNT [iova=X] [stride=S] [mem-stride=S] [perm=rw]";
+                let w = need(w, 6, usage)?;
+                let o = options(&w[6..])?;
+                let (ioas, mem, offset, length, count) =
+                    (self.id(&w[1])?, self.id(&w[2])?, num(&w[3])?, num(&w[4])?, num(&w[5])?);
+                let iova = o.get("iova").map(|v| num(v)).transpose()?;
+                let stride = o.get("stride").map_or(Ok(length), |v| num(v))?;
+                let mem_stride = o.get("mem-stride").map_or(Ok(length), |v| num(v))?;
+                let perm = o.get("perm").map_or(Ok(Perm::RW), |p| perm_of(p))?;
+                let step = |base: u64, i: u64, by: u64| {
+                    i.checked_mul(by).and_then(|d| base.checked_add(d)).ok_or("an address overflows 64 bits")
+                };
+                let mut entries = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(1 << 20));
+                for i in 0..count {
+                    let iova = iova.map(|v| step(v, i, stride)).transpose()?;
+                    entries.push(MapEntry { mem, offset: step(offset, i, mem_stride)?, length, iova, perm });
+                }
+                call!(map_many(self.client, ioas, &entries), |iovas| match (iovas.first(), iovas.last()) {
+                    (Some(a), Some(b)) => format!("mapped {} ranges, IOVA {a:#x} to {b:#x}", iovas.len()),
+                    _ => "mapped 0 ranges".to_string(),
+                })
+            }
+            "unmap-many" => {
+                let w = need(w, 5, "unmap-many IOAS IOVA LENGTH COUNT [stride=S]")?;
+                let o = options(&w[5..])?;
+                let (ioas, iova, length, count) = (self.id(&w[1])?, num(&w[2])?, num(&w[3])?, num(&w[4])?);
+                let stride = o.get("stride").map_or(Ok(length), |v| num(v))?;
+                let mut ranges = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(1 << 20));
+                for i in 0..count {
+                    let at = i.checked_mul(stride).and_then(|d| iova.checked_add(d)).ok_or("an IOVA overflows")?;
+                    ranges.push(UnmapEntry { iova: at, length });
+                }
+                let mut total = 0u64;
+                let mut res = Ok(());
+                for chunk in ranges.chunks(crate::model::BATCH_ENTRIES) {
+                    match self.client.unmap_batch(ioas, chunk) {
+                        Ok(b) => total += b,
+                        Err(e) => {
+                            res = Err(e);
+                            break;
+                        }
+                    }
+                }
+                call!(res, |_v| format!("unmapped {total:#x} bytes"))
             }
             "unmap" => {
                 let w = need(w, 4, "unmap IOAS IOVA LENGTH")?;

@@ -508,3 +508,29 @@ impl DriverState {
             && self.lines.iter().all(|l| l.len() <= Self::MAX_STR)
     }
 }
+
+/// One mapping of a batched map ([`crate::wire::Request::MapBatch`]): a
+/// [`MapArgs`] without its IOAS, which the batch names once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapEntry {
+    /// Memory object.
+    pub mem: u32,
+    /// Offset in the memory object.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Fixed IOVA, or `None` to let the core choose.
+    pub iova: Option<u64>,
+    /// Rights.
+    pub perm: Perm,
+}
+
+/// One range of a batched unmap ([`crate::wire::Request::UnmapBatch`]):
+/// whole mappings inside `[iova, iova + length)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnmapEntry {
+    /// First IOVA.
+    pub iova: u64,
+    /// Length in bytes.
+    pub length: u64,
+}

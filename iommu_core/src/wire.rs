@@ -319,6 +319,25 @@ pub enum Request {
         /// observers, never interpreted by the core).
         address: u64,
     },
+    /// Session: map many ranges into one IOAS, in order, all or nothing
+    /// (at most [`BATCH_ENTRIES`](crate::model::BATCH_ENTRIES) entries);
+    /// answered with [`Reply::Iovas`], one IOVA per entry.
+    MapBatch {
+        /// IOAS.
+        ioas: u32,
+        /// The mappings.
+        entries: Vec<MapEntry>,
+    },
+    /// Session: unmap many ranges of one IOAS, all or nothing (each covers
+    /// whole mappings, no two the same one; at most
+    /// [`BATCH_ENTRIES`](crate::model::BATCH_ENTRIES)); answered with
+    /// [`Reply::Bytes`], the bytes unmapped in all.
+    UnmapBatch {
+        /// IOAS.
+        ioas: u32,
+        /// The ranges.
+        ranges: Vec<UnmapEntry>,
+    },
 }
 
 /// Most mappings one `Mappings` reply lists, and one `Status` reply lists
@@ -455,6 +474,8 @@ pub enum Reply {
     Generation(u64),
     /// Mappings of one IOAS, in IOVA order.
     Mappings(Vec<MappingInfo>),
+    /// The IOVAs of a batched map, one per entry in order.
+    Iovas(Vec<u64>),
 }
 
 /// A message the core starts itself, toward a device channel (sent with
@@ -564,10 +585,41 @@ pub struct Frame {
     pub fds: Vec<OwnedFd>,
 }
 
+/// Bytes of receive buffer a reader keeps between messages unless told
+/// otherwise ([`FrameReader::set_retain`]): most requests and replies are
+/// far smaller, so one `recvmsg` usually takes every frame waiting.
+pub const DEFAULT_RETAIN: usize = 8 << 10;
+
+/// What one [`FrameReader::recv`] brought.
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes added to the reader; 0 at the end of the stream.
+    pub bytes: usize,
+    /// The fds that came with them: the caller checks them and hands them
+    /// to [`FrameReader::push_fds`] before it takes the next frame.
+    pub fds: Vec<OwnedFd>,
+    /// The read took fewer bytes than it had room for and brought no fd:
+    /// the socket held nothing more at that moment, so another read would
+    /// only say `EAGAIN` until the socket is readable again.
+    pub drained: bool,
+}
+
 /// Reassembles frames from a byte stream with fds attached.
+///
+/// Bytes are received straight into one buffer the reader keeps (zeroed
+/// once when it grows, never per message; a buffer grown for a large frame
+/// shrinks back to its retained size once it is empty), and as many frames
+/// are cut from one read as it holds. Fds are matched to frames in order:
+/// the kernel hands a frame's fds over with its first byte and never
+/// past them in one read, so those of a read belong to the frames it
+/// starts.
 #[derive(Debug)]
 pub struct FrameReader {
+    /// Received bytes are `buf[start..end]`; `buf` past `end` is room.
     buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    retain: usize,
     fds: VecDeque<OwnedFd>,
     max_payload: usize,
     max_fds: usize,
@@ -576,12 +628,31 @@ pub struct FrameReader {
 impl FrameReader {
     /// A reader accepting payloads up to `max_payload` bytes and `max_fds` fds.
     pub fn new(max_payload: usize, max_fds: usize) -> FrameReader {
-        FrameReader { buf: Vec::new(), fds: VecDeque::new(), max_payload, max_fds: max_fds.min(MAX_FDS_CEILING) }
+        FrameReader {
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            retain: DEFAULT_RETAIN,
+            fds: VecDeque::new(),
+            max_payload,
+            max_fds: max_fds.min(MAX_FDS_CEILING),
+        }
+    }
+
+    /// Sets how many bytes of buffer the reader keeps while it holds no
+    /// unfinished frame (and so reads at once at least).
+    pub fn set_retain(&mut self, bytes: usize) {
+        self.retain = bytes.max(HEADER_LEN);
     }
 
     /// Bytes buffered and not yet consumed.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.end - self.start
+    }
+
+    /// Bytes of memory the buffer holds, consumed or not.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
     }
 
     /// Most bytes worth buffering before a frame must be complete.
@@ -596,27 +667,85 @@ impl FrameReader {
 
     /// Adds received bytes and fds.
     pub fn push(&mut self, bytes: &[u8], fds: Vec<OwnedFd>) {
-        self.buf.extend_from_slice(bytes);
+        self.room(bytes.len())[..bytes.len()].copy_from_slice(bytes);
+        self.end += bytes.len();
         self.fds.extend(fds);
+    }
+
+    /// Adds fds that came with bytes [`recv`](Self::recv) added.
+    pub fn push_fds(&mut self, fds: Vec<OwnedFd>) {
+        self.fds.extend(fds);
+    }
+
+    /// At least `n` bytes of room after the buffered bytes (moved to the
+    /// front first; the buffer zeroed only where it grows).
+    fn room(&mut self, n: usize) -> &mut [u8] {
+        if self.start > 0 && self.buf.len() - self.end < n {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() - self.end < n {
+            self.buf.resize(self.end + n, 0);
+        }
+        &mut self.buf[self.end..]
+    }
+
+    /// How many bytes the next read should ask for, at most `room`: what
+    /// the frame being received still lacks, and at least the retained
+    /// buffer's free part.
+    pub fn read_size(&self, room: usize) -> usize {
+        let have = self.buffered();
+        let head = &self.buf[self.start..self.end];
+        let frame = if head.len() >= HEADER_LEN {
+            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            HEADER_LEN.saturating_add(len.min(self.max_payload))
+        } else {
+            HEADER_LEN
+        };
+        frame.saturating_sub(have).max(self.retain.saturating_sub(have)).clamp(1, room.max(1))
+    }
+
+    /// One `recvmsg` of at most `room` bytes straight into the buffer
+    /// (see [`read_size`](Self::read_size)), with up to
+    /// [`max_fds`](Self::max_fds) fds. The fds are returned, not queued:
+    /// hand them (or their stand-ins) to [`push_fds`](Self::push_fds).
+    /// Errors as [`recv_with_fds`]: the fds of a truncated control buffer
+    /// are closed off this thread.
+    pub fn recv(&mut self, sock: BorrowedFd<'_>, room: usize) -> Result<Received, Error> {
+        let want = self.read_size(room);
+        let max_fds = self.max_fds;
+        let buf = &mut self.room(want)[..want];
+        let (bytes, fds) = recv_with_fds(sock, buf, max_fds)?;
+        self.end += bytes;
+        let drained = bytes < want && fds.is_empty();
+        Ok(Received { bytes, fds, drained })
     }
 
     /// Takes the next complete frame, if any. An error means the stream can
     /// no longer be trusted and the connection should be closed.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, Error> {
+        self.next_frame_with(|payload, fds| Frame { payload: payload.to_vec(), fds })
+    }
+
+    /// Like [`next_frame`](Self::next_frame), lending the payload to `f`
+    /// instead of copying it out.
+    pub fn next_frame_with<R>(&mut self, f: impl FnOnce(&[u8], Vec<OwnedFd>) -> R) -> Result<Option<R>, Error> {
         // Fds come with the first byte of their frame, so more than one
         // frame's worth can only be waiting if the peer is cheating.
         if self.fds.len() > self.max_fds {
             return Err(Error::TooManyFds(self.fds.len(), self.max_fds));
         }
-        if self.buf.len() < HEADER_LEN {
-            if self.buf.is_empty() && !self.fds.is_empty() {
+        let buf = &self.buf[self.start..self.end];
+        if buf.len() < HEADER_LEN {
+            if buf.is_empty() && !self.fds.is_empty() {
                 return Err(Error::FdMismatch(0, self.fds.len()));
             }
             return Ok(None);
         }
-        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-        let nfds = u16::from_le_bytes([self.buf[4], self.buf[5]]) as usize;
-        if self.buf[6] != 0 || self.buf[7] != 0 {
+        let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        let nfds = u16::from_le_bytes([buf[4], buf[5]]) as usize;
+        if buf[6] != 0 || buf[7] != 0 {
             return Err(Error::Reserved);
         }
         if len > self.max_payload {
@@ -629,16 +758,26 @@ impl FrameReader {
         if self.fds.len() < nfds {
             return Err(Error::FdMismatch(nfds, self.fds.len()));
         }
-        if self.buf.len() < HEADER_LEN + len {
+        if buf.len() < HEADER_LEN + len {
             return Ok(None);
         }
-        let payload = self.buf[HEADER_LEN..HEADER_LEN + len].to_vec();
-        self.buf.drain(..HEADER_LEN + len);
-        let fds: Vec<OwnedFd> = self.fds.drain(..nfds).collect();
-        if self.buf.is_empty() && !self.fds.is_empty() {
-            return Err(Error::FdMismatch(nfds, nfds + self.fds.len()));
+        let last = buf.len() == HEADER_LEN + len;
+        // Fds beyond this frame's with no byte left to start another frame.
+        if last && self.fds.len() > nfds {
+            return Err(Error::FdMismatch(nfds, self.fds.len()));
         }
-        Ok(Some(Frame { payload, fds }))
+        let fds: Vec<OwnedFd> = self.fds.drain(..nfds).collect();
+        let out = f(&buf[HEADER_LEN..HEADER_LEN + len], fds);
+        self.start += HEADER_LEN + len;
+        if last {
+            self.start = 0;
+            self.end = 0;
+            if self.buf.len() > self.retain {
+                self.buf.truncate(self.retain);
+                self.buf.shrink_to(self.retain);
+            }
+        }
+        Ok(Some(out))
     }
 }
 
@@ -685,6 +824,77 @@ mod tests {
         let f = r.next_frame().unwrap().unwrap();
         assert_eq!(decode::<Request>(&f.payload).unwrap().body, Request::Status);
         assert!(r.next_frame().unwrap().is_none());
+    }
+
+    #[test]
+    fn one_read_cuts_every_frame_it_holds_with_their_fds() {
+        use std::os::fd::AsFd;
+        use std::os::unix::net::UnixStream;
+        let (a, b) = UnixStream::pair().unwrap();
+        let m = crate::memfd::create("wire-fds", 4096).unwrap();
+        // Three frames without fds, then one with an fd, then one more.
+        let mut plain = Vec::new();
+        for seq in 1..=3 {
+            plain.extend(encode(seq, &Request::Status, 0).unwrap());
+        }
+        std::io::Write::write_all(&mut &a, &plain).unwrap();
+        let with = encode(4, &Request::RegisterMemory, 1).unwrap();
+        send_with_fds(a.as_fd(), &with, &[m.as_fd()]).unwrap();
+        std::io::Write::write_all(&mut &a, &encode(5, &Request::Status, 0).unwrap()).unwrap();
+        b.set_nonblocking(true).unwrap();
+        let mut r = FrameReader::new(1024, 4);
+        // The first read stops after the bytes the fd came with.
+        let got = r.recv(b.as_fd(), 1 << 16).unwrap();
+        assert_eq!((got.bytes, got.fds.len(), got.drained), (plain.len() + with.len(), 1, false));
+        r.push_fds(got.fds);
+        let mut seen = Vec::new();
+        while let Some((seq, nfds)) =
+            r.next_frame_with(|p, fds| (decode::<Request>(p).unwrap().seq, fds.len())).unwrap()
+        {
+            seen.push((seq, nfds));
+        }
+        assert_eq!(seen, [(1, 0), (2, 0), (3, 0), (4, 1)]);
+        let got = r.recv(b.as_fd(), 1 << 16).unwrap();
+        assert!(got.drained, "a short read without fds finds the socket empty");
+        assert_eq!(r.next_frame().unwrap().map(|f| decode::<Request>(&f.payload).unwrap().seq), Some(5));
+        let e = r.recv(b.as_fd(), 1 << 16).unwrap_err();
+        assert!(matches!(e, Error::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock));
+    }
+
+    #[test]
+    fn the_buffer_is_kept_between_messages_and_shrinks_after_a_large_one() {
+        use std::os::fd::AsFd;
+        use std::os::unix::net::UnixStream;
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut r = FrameReader::new(1 << 20, 0);
+        let small = encode(1, &Request::Status, 0).unwrap();
+        std::io::Write::write_all(&mut &a, &small).unwrap();
+        r.recv(b.as_fd(), 1 << 20).unwrap();
+        assert!(r.next_frame().unwrap().is_some());
+        let kept = r.capacity();
+        assert_eq!(kept, DEFAULT_RETAIN);
+        for _ in 0..100 {
+            std::io::Write::write_all(&mut &a, &small).unwrap();
+            r.recv(b.as_fd(), 1 << 20).unwrap();
+            assert!(r.next_frame().unwrap().is_some());
+            assert_eq!(r.capacity(), kept, "no new buffer per message");
+        }
+        // A frame larger than the retained buffer: read whole, then the
+        // buffer goes back to its retained size.
+        let ranges = vec![IovaRange { start: 1, last: 2 }; 20_000];
+        let big = encode(2, &Request::AllowIovas { ioas: 1, ranges }, 0).unwrap();
+        assert!(big.len() > 4 * DEFAULT_RETAIN);
+        let writer = std::thread::spawn(move || std::io::Write::write_all(&mut &a, &big).unwrap());
+        let frame = loop {
+            let got = r.recv(b.as_fd(), 1 << 20).unwrap();
+            assert!(got.bytes > 0);
+            if let Some(f) = r.next_frame().unwrap() {
+                break f;
+            }
+        };
+        writer.join().unwrap();
+        assert!(matches!(decode::<Request>(&frame.payload).unwrap().body, Request::AllowIovas { .. }));
+        assert_eq!((r.buffered(), r.capacity()), (0, DEFAULT_RETAIN));
     }
 
     #[test]

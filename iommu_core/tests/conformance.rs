@@ -1114,6 +1114,95 @@ fn unmap_superset_of_several_areas() {
     assert_eq!(ioas_info(&mut s, ioas).stats.unmaps, 3);
 }
 
+fn entry(mem: u32, offset: u64, length: u64, iova: Option<u64>) -> MapEntry {
+    MapEntry { mem, offset, length, iova, perm: Perm::RW }
+}
+
+#[test]
+fn map_batch_maps_every_entry_in_order() {
+    let (_env, mut s, m, ioas) = fixture("map_batch", MIB);
+    let entries: Vec<MapEntry> = (0..100).map(|i| entry(m.id, i * PAGE, PAGE, Some(0x100000 + i * PAGE))).collect();
+    let iovas = s.map_batch(ioas, &entries).unwrap();
+    assert_eq!(iovas, (0..100).map(|i| 0x100000 + i * PAGE).collect::<Vec<_>>());
+    // Automatic IOVAs are chosen after the entries before them.
+    let auto = s.map_batch(ioas, &[entry(m.id, 0, PAGE, None), entry(m.id, PAGE, PAGE, None)]).unwrap();
+    assert_ne!(auto[0], auto[1]);
+    for (i, iova) in iovas.iter().enumerate() {
+        assert_eq!(s.translate(ioas, iova + 5).unwrap().offset, i as u64 * PAGE + 5);
+    }
+    let st = ioas_info(&mut s, ioas).stats;
+    assert_eq!((st.maps, st.mapped_bytes), (102, 102 * PAGE));
+    assert_eq!(mem_info(&mut s, m.id).mappings, 102);
+    let ranges: Vec<UnmapEntry> = iovas.iter().map(|&iova| UnmapEntry { iova, length: PAGE }).collect();
+    assert_eq!(s.unmap_batch(ioas, &ranges).unwrap(), 100 * PAGE);
+    assert_eq!(mappings(&mut s, ioas).len(), 2);
+    assert_eq!(ioas_info(&mut s, ioas).stats.unmaps, 100);
+}
+
+#[test]
+fn map_batch_is_all_or_nothing() {
+    let (_env, mut s, m, ioas) = fixture("map_batch_atomic", MIB);
+    map_at(&mut s, ioas, m.id, 0, PAGE, 0x200000);
+    let before = ioas_info(&mut s, ioas);
+    // The third entry overlaps the existing mapping: nothing is mapped.
+    let entries = [
+        entry(m.id, 0, 0x10000, Some(0x100000)),
+        entry(m.id, 0, PAGE, None),
+        entry(m.id, 0, PAGE, Some(0x200000)),
+        entry(m.id, 0, PAGE, Some(0x300000)),
+    ];
+    let e = s.map_batch(ioas, &entries).unwrap_err();
+    assert_eq!(e.errno(), Some(Errno::EEXIST));
+    assert!(e.to_string().contains("entry 2"), "{e}");
+    assert_eq!(mappings(&mut s, ioas).iter().map(|a| a.iova).collect::<Vec<_>>(), vec![0x200000]);
+    let after = ioas_info(&mut s, ioas);
+    assert_eq!((after.stats, after.tables), (before.stats, before.tables));
+    assert_eq!(mem_info(&mut s, m.id).mappings, 1);
+    assert!(s.translate(ioas, 0x100000).is_err());
+    // An automatic IOVA goes where it would have gone before the failure.
+    let iova = s.map(margs(ioas, m.id, 0, PAGE, None)).unwrap();
+    assert_eq!(iova, 0x201000);
+    // A bad entry of any kind names itself.
+    assert_errno!(s.map_batch(ioas, &[entry(m.id, 0, PAGE, Some(0x400000)), entry(m.id, 0, 0, None)]), EINVAL);
+    assert_errno!(s.map_batch(ioas, &[entry(m.id, 0, PAGE, Some(0x400000)), entry(999, 0, PAGE, None)]), ENOENT);
+    assert_eq!(mappings(&mut s, ioas).len(), 2);
+}
+
+#[test]
+fn batches_have_a_hard_cap() {
+    let (_env, mut s, m, ioas) = fixture("batch_cap", 64 * MIB);
+    let n = iommu_core::model::BATCH_ENTRIES as u64;
+    let over: Vec<MapEntry> = (0..=n).map(|i| entry(m.id, 0, PAGE, Some((i + 1) * PAGE))).collect();
+    assert_errno!(s.map_batch(ioas, &over), E2BIG);
+    assert!(mappings(&mut s, ioas).is_empty());
+    // The cap itself is fine.
+    s.map_batch(ioas, &over[..n as usize]).unwrap();
+    let ranges: Vec<UnmapEntry> = (0..=n).map(|i| UnmapEntry { iova: (i + 1) * PAGE, length: PAGE }).collect();
+    assert_errno!(s.unmap_batch(ioas, &ranges), E2BIG);
+    // More leaves than a batch may write: 300 MiB in 4 KiB leaves.
+    let io2 = s.ioas_alloc().unwrap();
+    let big: Vec<MapEntry> = (1..=5).map(|i| entry(m.id, PAGE, 60 * MIB, Some(i << 30))).collect();
+    assert_errno!(s.map_batch(io2, &big), E2BIG);
+    assert!(mappings(&mut s, io2).is_empty());
+}
+
+#[test]
+fn unmap_batch_is_all_or_nothing() {
+    let (_env, mut s, m, ioas) = fixture("unmap_batch_atomic", MIB);
+    for i in 0..4 {
+        map_at(&mut s, ioas, m.id, 0, 0x2000, 0x100000 * (i + 1));
+    }
+    let r = |iova, length| UnmapEntry { iova, length };
+    // The third range covers half a mapping: nothing is unmapped.
+    assert_errno!(s.unmap_batch(ioas, &[r(0x100000, 0x2000), r(0x200000, 0x2000), r(0x300000, PAGE)]), ENOENT);
+    // Two ranges naming the same mapping.
+    assert_errno!(s.unmap_batch(ioas, &[r(0x100000, 0x2000), r(0xff000, 0x10000)]), EINVAL);
+    assert_eq!(mappings(&mut s, ioas).len(), 4);
+    assert_eq!(s.unmap_batch(ioas, &[r(0x400000, 0x2000), r(0x100000, 0x2000)]).unwrap(), 0x4000);
+    let left: Vec<u64> = mappings(&mut s, ioas).iter().map(|a| a.iova).collect();
+    assert_eq!(left, vec![0x200000, 0x300000]);
+}
+
 #[test]
 fn unmap_nothing_mapped_is_enoent() {
     let (_env, mut s, m, ioas) = fixture("unmap_nothing", MIB);

@@ -325,6 +325,31 @@ fn sweep_map_auto_large() -> Sweep {
     )
 }
 
+/// Three entries in one batched map: 2 MiB across the 1 GiB boundary with
+/// 4 KiB leaves (as `map fixed`), 64 KiB at the automatic IOVA after the
+/// fixture's mapping, and 2 MiB as one leaf at 3 GiB (a new L2): a failure
+/// at any step must leave none of the three mapped.
+fn sweep_map_batch() -> Sweep {
+    sweep(
+        "map batch (3 entries)",
+        map_fixture,
+        |fx| {
+            vec![
+                Probe { session: fx.sid, ioas: fx.data.ioas, iova: GIB - 8 * MIB, length: 10 * MIB },
+                Probe { session: fx.sid, ioas: fx.data.ioas, iova: 3 * GIB, length: 2 * MIB },
+            ]
+        },
+        |core, sid, d| {
+            let entries = [
+                MapEntry { mem: d.big, offset: PAGE_SIZE, length: 2 * MIB, iova: Some(FIXED_IOVA), perm: Perm::RW },
+                MapEntry { mem: d.big, offset: 0, length: 64 << 10, iova: None, perm: Perm::R },
+                MapEntry { mem: d.big, offset: 2 * MIB, length: 2 * MIB, iova: Some(3 * GIB), perm: Perm::RW },
+            ];
+            settled(core, |c, fx| c.map_batch(sid, d.ioas, &entries, fx))
+        },
+    )
+}
+
 struct CopyFixture {
     src: u32,
     dst: u32,
@@ -418,6 +443,15 @@ fn map_auto_large_rolls_back() {
     // The area step and 9 tables.
     assert_eq!(s.steps, 10);
     assert_no_divergence("map auto", &s);
+}
+
+#[test]
+fn map_batch_rolls_back() {
+    let s = sweep_map_batch();
+    // Per entry the area step and its new tables: L1, L2, L1 for the
+    // first, none for the second (its L1 exists), an L2 for the third.
+    assert_eq!(s.steps, 7);
+    assert_no_divergence("map batch", &s);
 }
 
 #[test]
@@ -646,6 +680,7 @@ fn steps_per_operation() {
         ("map fixed", sweep_map_fixed().steps),
         ("map auto large", sweep_map_auto_large().steps),
         ("copy", sweep_copy().steps),
+        ("map batch", sweep_map_batch().steps),
         ("nested_alloc", sweep_nested_alloc().steps),
         ("ppasid_alloc", sweep_ppasid_alloc().steps),
         ("script", sweep_script().steps),

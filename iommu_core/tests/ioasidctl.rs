@@ -75,6 +75,35 @@ unmap a 0x200000 2M
 }
 
 #[test]
+fn map_many_sends_batches_all_or_nothing() {
+    let (_srv, path) = core("many");
+    // 10,000 mappings: three batched requests.
+    let script = "mem ram 64M\nioas a\nmap-many a ram 0 4K 10000 iova=0x100000\ntranslate a 0x280f123\n\
+                  map-many a ram 0 4K 3 stride=8K mem-stride=0 perm=r\n\
+                  status\nunmap-many a 0x100000 4K 10000\nstatus\n";
+    let (ok, out, err) = run_script(&path, script, &[]);
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains(
+            "line 3: map-many a ram 0 4K 10000 iova=0x100000: mapped 10000 ranges, IOVA 0x100000 to 0x280f000"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("(memory object 1 offset 0x270f123)"), "{out}");
+    assert!(out.contains("unmapped 0x2710000 bytes"), "{out}");
+    assert!(out.contains("10003 mappings"), "{out}");
+    assert!(out.contains("paging, 3 mappings"), "{out}");
+    // A refused batch after accepted ones leaves nothing mapped: the
+    // 4097th range overlaps.
+    let script = "mem ram 64M\nioas a\nmap a ram 0 4K iova=0x2000000\n\
+                  expect EEXIST map-many a ram 0 4K 5000 iova=0x1000000\nstatus\n";
+    let (ok, out, err) = run_script(&path, script, &[]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("failed as expected: EEXIST: entry 0:"), "{out}");
+    assert!(out.contains("paging, 1 mappings"), "{out}");
+}
+
+#[test]
 fn a_failing_line_is_named_with_its_errno_and_stops_the_script() {
     let (_srv, path) = core("fail");
     let (ok, out, err) = run_script(&path, "ioas a\n\nunmap a 0x1000 4K\nioas b\n", &[]);

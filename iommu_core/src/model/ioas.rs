@@ -9,12 +9,37 @@ use crate::errno::Errno;
 use crate::pagetable::{self, MAX_IOVA, PAGE_SIZE};
 use crate::types::*;
 
+/// A mapping of an IOAS (keyed by its first IOVA): 20 bytes, so that an
+/// IOAS of a million 4 KiB mappings costs the core under 64 bytes each,
+/// its B-tree's nodes included. The memory object offset is 4 KiB
+/// aligned; its low bits hold the permission.
 #[derive(Debug, Clone, Copy)]
+#[repr(C, packed(4))]
 pub(super) struct Area {
     pub(super) last: u64,
     pub(super) mem: u32,
-    pub(super) offset: u64,
-    pub(super) perm: Perm,
+    offset_perm: u64,
+}
+
+const _: () = assert!(size_of::<Area>() == 20);
+
+impl Area {
+    pub(super) fn new(last: u64, mem: u32, offset: u64, perm: Perm) -> Area {
+        debug_assert!(offset.is_multiple_of(PAGE_SIZE));
+        let bits = u64::from(perm.read) | u64::from(perm.write) << 1;
+        Area { last, mem, offset_perm: offset | bits }
+    }
+
+    /// Offset in the memory object.
+    pub(super) fn offset(&self) -> u64 {
+        self.offset_perm & !(PAGE_SIZE - 1)
+    }
+
+    /// Rights.
+    pub(super) fn perm(&self) -> Perm {
+        let bits = self.offset_perm;
+        Perm { read: bits & 1 != 0, write: bits & 2 != 0 }
+    }
 }
 
 #[derive(Debug)]
@@ -36,6 +61,14 @@ pub(super) struct Ioas {
 /// that no session's request holds the event loop for long (about half a
 /// millisecond in a release build).
 pub const SLICE_LEAVES: u64 = 16_384;
+
+/// Most entries of a batched map or unmap.
+pub const BATCH_ENTRIES: usize = 4096;
+
+/// Most leaves one batched map writes in all (a few milliseconds of the
+/// event loop in a release build): a map larger than that goes alone and
+/// runs as a [`Job`].
+pub const BATCH_LEAVES: u64 = 4 * SLICE_LEAVES;
 
 /// How an operation that may be long began.
 #[derive(Debug)]
@@ -225,7 +258,7 @@ impl Core {
         if let Some((s, a)) = ioas.overlapping(iova, last) {
             return err(
                 Errno::EEXIST,
-                format!("[{iova:#x}, {last:#x}] overlaps the mapping at [{s:#x}, {:#x}]", a.last),
+                format!("[{iova:#x}, {last:#x}] overlaps the mapping at [{s:#x}, {:#x}]", { a.last }),
             );
         }
         Ok(())
@@ -257,6 +290,18 @@ impl Core {
     /// A map done at once that fails part-way leaves the tables it had
     /// linked in `fx`.
     pub fn map_begin(&mut self, sid: u64, a: MapArgs, fx: &mut Effects) -> Result<Started> {
+        let (iova, area, leaf) = self.prepare_map(sid, a)?;
+        if a.length / leaf <= SLICE_LEAVES {
+            self.insert_area(sid, a.ioas, iova, area, fx)?;
+            return Ok(Started::Done(iova));
+        }
+        self.step()?;
+        Ok(Started::Job(Job { sid, ioas: a.ioas, kind: JobKind::Map { iova, area, done: 0, leaf } }))
+    }
+
+    /// Checks a map and chooses its IOVA: the IOVA, the area to insert and
+    /// the leaf size its tables use. Changes nothing.
+    fn prepare_map(&mut self, sid: u64, a: MapArgs) -> Result<(u64, Area, u64)> {
         if a.perm.is_empty() {
             return err(Errno::EINVAL, "a mapping needs read or write permission");
         }
@@ -296,14 +341,91 @@ impl Core {
         if ioas.areas.len() as u64 >= u64::from(cap) {
             return err(Errno::ENOSPC, format!("the IOAS holds {cap} mappings, the configured limit"));
         }
-        let area = Area { last: iova + a.length - 1, mem: a.mem, offset: a.offset, perm: a.perm };
-        let leaf = leaf_size(iova, base + a.offset);
-        if a.length / leaf <= SLICE_LEAVES {
-            self.insert_area(sid, a.ioas, iova, area, fx)?;
-            return Ok(Started::Done(iova));
+        let area = Area::new(iova + a.length - 1, a.mem, a.offset, a.perm);
+        Ok((iova, area, leaf_size(iova, base + a.offset)))
+    }
+
+    /// Maps every entry of a batch into `ioas`, in order, all or nothing;
+    /// returns their IOVAs. An automatic IOVA is chosen after the entries
+    /// before it are mapped. At most [`BATCH_ENTRIES`] entries writing at
+    /// most [`BATCH_LEAVES`] leaves in all (a larger map goes alone, as a
+    /// job). On failure nothing of the batch stays mapped, the error names
+    /// the entry, and what the attempt linked or mapped is retired through
+    /// `fx` (devices may have walked it).
+    pub fn map_batch(&mut self, sid: u64, ioas: u32, entries: &[MapEntry], fx: &mut Effects) -> Result<Vec<u64>> {
+        if entries.len() > BATCH_ENTRIES {
+            return err(Errno::E2BIG, format!("{} entries in a batch, at most {BATCH_ENTRIES}", entries.len()));
         }
-        self.step()?;
-        Ok(Started::Job(Job { sid, ioas: a.ioas, kind: JobKind::Map { iova, area, done: 0, leaf } }))
+        let hint = self.ioas(sid, ioas)?.hint;
+        let mut done = Vec::with_capacity(entries.len());
+        let mut leaves = 0u64;
+        for (i, e) in entries.iter().enumerate() {
+            let a = MapArgs { ioas, mem: e.mem, offset: e.offset, length: e.length, iova: e.iova, perm: e.perm };
+            let res = self.prepare_map(sid, a).and_then(|(iova, area, leaf)| {
+                leaves = leaves.saturating_add(a.length / leaf);
+                if leaves > BATCH_LEAVES {
+                    return err(
+                        Errno::E2BIG,
+                        format!("the batch writes more than {BATCH_LEAVES} leaves: map the larger ranges alone"),
+                    );
+                }
+                self.insert_area(sid, ioas, iova, area, fx).map(|()| iova)
+            });
+            match res {
+                Ok(iova) => done.push(iova),
+                Err(e) => {
+                    // Undo the entries mapped before, as an unmap would
+                    // (their invalidations and tables go through `fx`),
+                    // and the counters and hint they moved.
+                    if !done.is_empty() {
+                        self.remove_areas(sid, ioas, &done, fx)?;
+                    }
+                    let io = self.ioas(sid, ioas)?;
+                    io.stats.maps -= done.len() as u64;
+                    io.stats.unmaps -= done.len() as u64;
+                    io.hint = hint;
+                    return Err(Error { errno: e.errno, message: format!("entry {i}: {}", e.message) });
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Unmaps every range of a batch from `ioas`, all or nothing: each
+    /// range must cover whole mappings, as [`unmap`](Self::unmap) demands,
+    /// and no two ranges the same mapping; nothing is unmapped unless every
+    /// range is. At most [`BATCH_ENTRIES`] ranges. Done at once or, when it
+    /// clears many leaves, as a job; returns the bytes unmapped.
+    pub fn unmap_batch_begin(
+        &mut self,
+        sid: u64,
+        ioas: u32,
+        ranges: &[UnmapEntry],
+        fx: &mut Effects,
+    ) -> Result<Started> {
+        if ranges.len() > BATCH_ENTRIES {
+            return err(Errno::E2BIG, format!("{} ranges in a batch, at most {BATCH_ENTRIES}", ranges.len()));
+        }
+        let mut starts = Vec::new();
+        for (i, r) in ranges.iter().enumerate() {
+            let s = self
+                .unmap_starts(sid, ioas, r.iova, r.length)
+                .map_err(|e| Error { errno: e.errno, message: format!("range {i}: {}", e.message) })?;
+            starts.extend(s);
+        }
+        starts.sort_unstable();
+        if let Some(w) = starts.windows(2).find(|w| w[0] == w[1]) {
+            return err(Errno::EINVAL, format!("two ranges of the batch cover the mapping at {:#x}", w[0]));
+        }
+        self.remove_areas_begin(sid, ioas, &starts, fx)
+    }
+
+    /// [`unmap_batch_begin`](Self::unmap_batch_begin) run to its end.
+    pub fn unmap_batch(&mut self, sid: u64, ioas: u32, ranges: &[UnmapEntry], fx: &mut Effects) -> Result<u64> {
+        match self.unmap_batch_begin(sid, ioas, ranges, fx)? {
+            Started::Done(total) => Ok(total),
+            Started::Job(job) => self.finish(job, fx),
+        }
     }
 
     /// Does one slice of a job (at most [`SLICE_LEAVES`] leaves written or
@@ -324,9 +446,9 @@ impl Core {
                 let res = self.mem_info(sid, area.mem).and_then(|(_, base)| {
                     let root = self.ioas(sid, ioas)?.root;
                     let s = self.session(sid)?;
-                    let a = base + area.offset + (cur - iova);
+                    let a = base + area.offset() + (cur - iova);
                     wrote = true;
-                    s.pool.map_range(root, cur, a, stop - cur, area.perm, Some(&s.dirty), &mut garbage)?;
+                    s.pool.map_range(root, cur, a, stop - cur, area.perm(), Some(&s.dirty), &mut garbage)?;
                     Ok(root)
                 });
                 match res {
@@ -410,7 +532,9 @@ impl Core {
         let len = area.last - iova + 1;
         let s = self.session(sid)?;
         let mut garbage = Vec::new();
-        if let Err(e) = s.pool.map_range(root, iova, base + area.offset, len, area.perm, Some(&s.dirty), &mut garbage) {
+        if let Err(e) =
+            s.pool.map_range(root, iova, base + area.offset(), len, area.perm(), Some(&s.dirty), &mut garbage)
+        {
             self.retire(sid, ioas_id, Some(IovaRange { start: iova, last: area.last }), garbage, fx);
             return Err(e.into());
         }
@@ -445,7 +569,7 @@ impl Core {
         };
         for (s, a) in removed {
             let len = a.last - s + 1;
-            let sys = self.mem_info(sid, a.mem).map_or(0, |(_, base)| base + a.offset);
+            let sys = self.mem_info(sid, a.mem).map_or(0, |(_, base)| base + a.offset());
             let leaf = leaf_size(s, sys);
             leaves += len / leaf;
             pieces.push((s, a.last, leaf));
@@ -494,7 +618,7 @@ impl Core {
                 if a.last >= iova {
                     return err(
                         Errno::ENOENT,
-                        format!("the mapping at [{s:#x}, {:#x}] is only partly covered", a.last),
+                        format!("the mapping at [{s:#x}, {:#x}] is only partly covered", { a.last }),
                     );
                 }
             }
@@ -502,7 +626,7 @@ impl Core {
                 if a.last > last {
                     return err(
                         Errno::ENOENT,
-                        format!("the mapping at [{s:#x}, {:#x}] is only partly covered", a.last),
+                        format!("the mapping at [{s:#x}, {:#x}] is only partly covered", { a.last }),
                     );
                 }
                 v.push(s);
@@ -533,14 +657,11 @@ impl Core {
             let Some((s, area)) = src.overlapping(cur, cur) else {
                 return err(Errno::ENOENT, format!("source IOVA {cur:#x} is not mapped"));
             };
-            if !area.perm.allows(a.perm) {
-                return err(Errno::EPERM, format!("the source mapping at {s:#x} is {}, not {}", area.perm, a.perm));
+            if !area.perm().allows(a.perm) {
+                return err(Errno::EPERM, format!("the source mapping at {s:#x} is {}, not {}", area.perm(), a.perm));
             }
             let piece_last = area.last.min(src_last);
-            pieces.push((
-                cur - a.src_iova,
-                Area { last: piece_last - cur, mem: area.mem, offset: area.offset + (cur - s), perm: a.perm },
-            ));
+            pieces.push((cur - a.src_iova, Area::new(piece_last - cur, area.mem, area.offset() + (cur - s), a.perm)));
             if piece_last == u64::MAX {
                 break;
             }
@@ -548,7 +669,7 @@ impl Core {
         }
         let first_sys = {
             let (_, base) = self.mem_info(sid, pieces[0].1.mem)?;
-            base + pieces[0].1.offset
+            base + pieces[0].1.offset()
         };
         let cap = self.limits.max_mappings_per_ioas;
         let dst = self.ioas(sid, a.dst)?;
@@ -638,7 +759,7 @@ impl Core {
         if let Some((s, a)) = i.overlapping(start, last) {
             return err(
                 Errno::EADDRINUSE,
-                format!("[{start:#x}, {last:#x}] hits the mapping at [{s:#x}, {:#x}]", a.last),
+                format!("[{start:#x}, {last:#x}] hits the mapping at [{s:#x}, {:#x}]", { a.last }),
             );
         }
         i.reserved.push(IovaRange { start, last });

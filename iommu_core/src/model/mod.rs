@@ -43,7 +43,7 @@ use hwpt::Nested;
 use ioas::Ioas;
 use memory::MemObj;
 
-pub use ioas::{Job, Started, SLICE_LEAVES};
+pub use ioas::{Job, Started, BATCH_ENTRIES, BATCH_LEAVES, SLICE_LEAVES};
 pub use memory::MemoryAt;
 
 /// A refused or failed operation: an errno and a sentence.

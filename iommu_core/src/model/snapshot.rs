@@ -13,7 +13,7 @@ use crate::pagetable::PAGE_SIZE;
 use crate::types::*;
 
 fn mapping_info((&iova, a): (&u64, &Area)) -> MappingInfo {
-    MappingInfo { iova, length: a.last - iova + 1, mem: a.mem, offset: a.offset, perm: a.perm }
+    MappingInfo { iova, length: a.last - iova + 1, mem: a.mem, offset: a.offset(), perm: a.perm() }
 }
 
 impl Core {

@@ -72,6 +72,11 @@ pub(super) struct Conn {
     /// Since when the reply at the head of `out` has waited to be read
     /// (reset each time one is read whole).
     output_since: Option<Instant>,
+    /// The socket may hold bytes the core has not read: set by a readable
+    /// event, cleared by a read that found the socket empty.
+    pub(super) may_read: bool,
+    /// Registered for writable events (while `out` holds bytes).
+    watch_writable: bool,
     /// Messages received and replies written whole, to see progress.
     frames_in: u64,
     frames_out: u64,
@@ -100,6 +105,8 @@ impl Conn {
             refused: VecDeque::new(),
             input_since: None,
             output_since: None,
+            may_read: true,
+            watch_writable: false,
             frames_in: 0,
             frames_out: 0,
         }
@@ -280,7 +287,9 @@ impl Server {
     pub(super) fn register(&mut self, mut stream: UnixStream, pid: i32, uid: u32) -> Option<Token> {
         let token = Token(self.next_token);
         self.next_token += 1;
-        if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
+        // Writable only while a reply waits for room (see `watch_output`):
+        // else every reply the peer reads would wake the loop for nothing.
+        if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE) {
             tracing::warn!(error = %e, "cannot register a connection");
             return None;
         }
@@ -327,6 +336,19 @@ impl Server {
         self.note_stalls(token, frames_in, frames_out, starved);
     }
 
+    /// Watches a connection for room to write while output waits, and
+    /// only then.
+    fn watch_output(&mut self, token: Token) -> std::io::Result<()> {
+        let Some(conn) = self.conns.get_mut(&token) else { return Ok(()) };
+        let want = !conn.out.is_empty();
+        if want != conn.watch_writable {
+            let interest = if want { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            self.poll.registry().reregister(&mut conn.stream, token, interest)?;
+            conn.watch_writable = want;
+        }
+        Ok(())
+    }
+
     fn turn(&mut self, token: Token, starved: &mut bool) {
         let Some(conn) = self.conns.get_mut(&token) else { return };
         if flush(conn).is_err() {
@@ -334,7 +356,7 @@ impl Server {
             return;
         }
         if conn.closing {
-            if conn.out.is_empty() {
+            if conn.out.is_empty() || self.watch_output(token).is_err() {
                 self.drop_conn(token);
             }
             return;
@@ -364,11 +386,12 @@ impl Server {
                 // stay in the socket until then.
                 break;
             }
-            match conn.reader.next_frame() {
-                Ok(Some(frame)) => {
+            // Decoded straight from the receive buffer.
+            match conn.reader.next_frame_with(|payload, fds| (wire::decode::<Request>(payload), fds)) {
+                Ok(Some((env, fds))) => {
                     served += 1;
                     conn.frames_in += 1;
-                    self.handle_frame(token, frame);
+                    self.handle_decoded(token, env, fds);
                     continue;
                 }
                 Ok(None) => {}
@@ -398,10 +421,15 @@ impl Server {
                 }
             }
             let Some(conn) = self.conns.get_mut(&token) else { return };
-            let mut buf = vec![0u8; room];
-            match wire::recv_with_fds(conn.stream.as_fd(), &mut buf, conn.reader.max_fds()) {
-                Ok((0, _)) => eof = true,
-                Ok((n, fds)) => {
+            if !conn.may_read {
+                // The last read emptied the socket and it has not been
+                // readable since: a read now would only say EAGAIN.
+                break;
+            }
+            match conn.reader.recv(conn.stream.as_fd(), room) {
+                Ok(wire::Received { bytes: 0, .. }) => eof = true,
+                Ok(wire::Received { fds, drained, .. }) => {
+                    conn.may_read = !drained;
                     // Files of FUSE or network file systems are never
                     // memory objects, and even closing one can block: each
                     // is closed on another thread and takes a stand-in's
@@ -430,14 +458,17 @@ impl Server {
                             }
                         }
                     }
-                    conn.reader.push(&buf[..n], kept);
+                    conn.reader.push_fds(kept);
                     if conn.closing {
                         let msg = "files on FUSE or network file systems cannot be memory objects";
                         queue(conn, 0, &Reply::error(Errno::EINVAL, msg), Vec::new());
                         break;
                     }
                 }
-                Err(wire::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(wire::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
+                    conn.may_read = false;
+                    break;
+                }
                 Err(wire::Error::Io(e)) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e @ wire::Error::Truncated) => {
                     tracing::warn!(pid = conn.pid, error = %e, "closing the connection");
@@ -449,10 +480,11 @@ impl Server {
             }
         }
         let Some(conn) = self.conns.get_mut(&token) else { return };
-        if flush(conn).is_err() {
+        if flush(conn).is_err() || self.watch_output(token).is_err() {
             self.drop_conn(token);
             return;
         }
+        let Some(conn) = self.conns.get_mut(&token) else { return };
         if yielded || conn.blocked {
             // Requests may still be waiting; the end of stream is seen again
             // on the next turn.

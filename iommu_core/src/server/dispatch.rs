@@ -34,10 +34,15 @@ const PAGE_TABLE_LINES: usize = 8192;
 const DRIVER_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Server {
-    pub(super) fn handle_frame(&mut self, token: Token, frame: wire::Frame) {
+    pub(super) fn handle_decoded(
+        &mut self,
+        token: Token,
+        env: Result<Envelope<Request>, wire::Error>,
+        fds: Vec<OwnedFd>,
+    ) {
         let Some(conn) = self.conns.get_mut(&token) else { return };
-        match wire::decode::<Request>(&frame.payload) {
-            Ok(env) => self.handle(token, env, frame.fds),
+        match env {
+            Ok(env) => self.handle(token, env, fds),
             Err(e) => {
                 tracing::warn!(pid = conn.pid, error = %e, "undecodable request; closing the connection");
                 queue(conn, 0, &Reply::error(Errno::EPROTO, e.to_string()), Vec::new());
@@ -192,6 +197,11 @@ impl Server {
                 r => r.map(|s| Reply::Iova(s.done())),
             },
             Request::Unmap { ioas, iova, length } => match core.unmap_begin(sid, ioas, iova, length, fx) {
+                Ok(model::Started::Job(job)) => return self.start_job(token, seq, job, Reply::Bytes, fx),
+                r => r.map(|s| Reply::Bytes(s.done())),
+            },
+            Request::MapBatch { ioas, entries } => core.map_batch(sid, ioas, &entries, fx).map(Reply::Iovas),
+            Request::UnmapBatch { ioas, ranges } => match core.unmap_batch_begin(sid, ioas, &ranges, fx) {
                 Ok(model::Started::Job(job)) => return self.start_job(token, seq, job, Reply::Bytes, fx),
                 r => r.map(|s| Reply::Bytes(s.done())),
             },

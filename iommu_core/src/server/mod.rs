@@ -265,7 +265,14 @@ impl Server {
                             }
                         }
                     }
-                    t => self.service(t),
+                    t => {
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            if let Some(c) = self.conns.get_mut(&t) {
+                                c.may_read = true;
+                            }
+                        }
+                        self.service(t)
+                    }
                 }
             }
             let turn: Vec<Token> = self.backlog.drain(..).collect();
