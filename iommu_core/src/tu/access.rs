@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::epoch::{InDma, ThreadUnit};
 use super::iotlb::{Iotlb, Looked, Miss};
-use super::memory::{Backing, MemObject};
+use super::memory::{Backing, MemObject, BOUNCE};
 use super::{DeviceState, Error, Result, TranslationUnit};
 use crate::pagetable::PAGE_SIZE;
 use crate::sync;
@@ -189,7 +189,7 @@ impl TranslationUnit {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub(super) fn access(
         &self,
         dev: u32,
@@ -197,13 +197,57 @@ impl TranslationUnit {
         iova: u64,
         len: usize,
         want: Perm,
-        op: Option<CopyOp<'_>>,
+        mut op: Option<CopyOp<'_>>,
     ) -> Result<()> {
+        let done = self.guard.with_thread(|t| self.fast_access(t, dev, pasid, iova, len, want, op.as_deref_mut()));
+        if done {
+            return Ok(());
+        }
         self.guard.with_thread(|t| self.access_on(t, dev, pasid, iova, len, want, op))
     }
 
+    /// The common case of an access: all of it within one cached leaf of a
+    /// mapped object, allowed. False if it is not (or the copy failed: the
+    /// general way meets that again and reports it).
     #[allow(clippy::too_many_arguments)]
-    #[inline]
+    #[inline(always)]
+    fn fast_access(
+        &self,
+        t: &ThreadUnit,
+        dev: u32,
+        pasid: u32,
+        iova: u64,
+        len: usize,
+        want: Perm,
+        op: Option<&mut RunOp<'_>>,
+    ) -> bool {
+        let d = t.enter(&self.guard);
+        let Some(e) = t.get(dev, pasid, iova & !(PAGE_SIZE - 1)) else { return false };
+        let off = iova - e.iova_base;
+        let sys = e.sys_base + off;
+        let m = e.mem.get(&d);
+        let fits = off.checked_add(len as u64).is_some_and(|end| end <= e.size)
+            && sys >= m.base
+            && sys.checked_add(len as u64).is_some_and(|end| end <= m.base + m.size);
+        if !fits || !e.perm.allows(want) || !matches!(m.backing, Backing::Mapped(_)) {
+            return false;
+        }
+        let Some(op) = op else { return true };
+        if op(m, sys - m.base, 0, len).is_err() {
+            return false;
+        }
+        if want.write {
+            if let Some((tb, i)) = e.dirty {
+                self.mark_dirty(tb, i);
+            }
+        }
+        true
+    }
+
+    /// An access the general way: translated leaf by leaf (walks, faults,
+    /// page requests, memory fetches), a write checked whole first.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(never)]
     fn access_on(
         &self,
         t: &ThreadUnit,
@@ -214,31 +258,6 @@ impl TranslationUnit {
         want: Perm,
         mut op: Option<CopyOp<'_>>,
     ) -> Result<()> {
-        // The common case first: the whole access within one cached leaf
-        // of a mapped object, allowed. Anything else (or a copy that
-        // fails) takes the general way, which meets it again.
-        {
-            let d = t.enter(&self.guard);
-            if let Some(e) = t.get(dev, pasid, iova & !(PAGE_SIZE - 1)) {
-                let off = iova - e.iova_base;
-                let sys = e.sys_base + off;
-                let m = e.mem.get(&d);
-                let fits = off.checked_add(len as u64).is_some_and(|end| end <= e.size)
-                    && sys >= m.base
-                    && sys.checked_add(len as u64).is_some_and(|end| end <= m.base + m.size);
-                if fits && e.perm.allows(want) && matches!(m.backing, Backing::Mapped(_)) {
-                    let Some(op) = op.as_deref_mut() else { return Ok(()) };
-                    if op(m, sys - m.base, 0, len).is_ok() {
-                        if want.write {
-                            if let Some((tb, i)) = e.dirty {
-                                self.mark_dirty(tb, i);
-                            }
-                        }
-                        return Ok(());
-                    }
-                }
-            }
-        }
         let mut st = None;
         let mut retries = Retries::default();
         let a = Access { dev, pasid, iova, len, want };
@@ -368,38 +387,46 @@ impl TranslationUnit {
     /// not serve its memory). Overlapping ranges of one address space copy
     /// as `memmove` does.
     pub fn copy(&self, src: At, dst: At, len: usize) -> std::result::Result<(), CopyError> {
+        if self.guard.with_thread(|t| self.fast_copy(t, src, dst, len)) {
+            return Ok(());
+        }
         self.guard.with_thread(|t| self.copy_on(t, src, dst, len))
     }
 
-    #[inline]
-    fn copy_on(&self, t: &ThreadUnit, src: At, dst: At, len: usize) -> std::result::Result<(), CopyError> {
-        // The common case first: each side within one cached leaf of a
-        // mapped object, allowed. Anything else (or a copy that fails)
-        // takes the general way, which meets it again.
-        {
-            let d = t.enter(&self.guard);
-            let leaf = |x: At, want: Perm| {
-                let e = t.get(x.dev, x.pasid, x.iova & !(PAGE_SIZE - 1))?;
-                let off = x.iova - e.iova_base;
-                let sys = e.sys_base + off;
-                let m = e.mem.get(&d);
-                let fits = off.checked_add(len as u64).is_some_and(|end| end <= e.size)
-                    && sys >= m.base
-                    && sys.checked_add(len as u64).is_some_and(|end| end <= m.base + m.size);
-                match &m.backing {
-                    Backing::Mapped(b) if fits && e.perm.allows(want) => Some((b, sys - m.base, e.dirty)),
-                    _ => None,
-                }
-            };
-            if let (Some((sb, so, _)), Some((db, doff, dirty))) = (leaf(src, Perm::R), leaf(dst, Perm::W)) {
-                if db.copy_from(doff, sb, so, len).is_ok() {
-                    if let Some((tb, i)) = dirty {
-                        self.mark_dirty(tb, i);
-                    }
-                    return Ok(());
-                }
+    /// The common case of a copy: each side within one cached leaf of a
+    /// mapped object, allowed. False if not (or the copy failed: the
+    /// general way meets that again and reports it).
+    #[inline(always)]
+    fn fast_copy(&self, t: &ThreadUnit, src: At, dst: At, len: usize) -> bool {
+        let d = t.enter(&self.guard);
+        let leaf = |x: At, want: Perm| {
+            let e = t.get(x.dev, x.pasid, x.iova & !(PAGE_SIZE - 1))?;
+            let off = x.iova - e.iova_base;
+            let sys = e.sys_base + off;
+            let m = e.mem.get(&d);
+            let fits = off.checked_add(len as u64).is_some_and(|end| end <= e.size)
+                && sys >= m.base
+                && sys.checked_add(len as u64).is_some_and(|end| end <= m.base + m.size);
+            match &m.backing {
+                Backing::Mapped(b) if fits && e.perm.allows(want) => Some((b, sys - m.base, e.dirty)),
+                _ => None,
             }
+        };
+        let (Some((sb, so, _)), Some((db, doff, dirty))) = (leaf(src, Perm::R), leaf(dst, Perm::W)) else {
+            return false;
+        };
+        if db.copy_from(doff, sb, so, len).is_err() {
+            return false;
         }
+        if let Some((tb, i)) = dirty {
+            self.mark_dirty(tb, i);
+        }
+        true
+    }
+
+    /// A copy the general way (see [`TranslationUnit::copy`]).
+    #[inline(never)]
+    fn copy_on(&self, t: &ThreadUnit, src: At, dst: At, len: usize) -> std::result::Result<(), CopyError> {
         let sa = Access { dev: src.dev, pasid: src.pasid, iova: src.iova, len, want: Perm::R };
         let da = Access { dev: dst.dev, pasid: dst.pasid, iova: dst.iova, len, want: Perm::W };
         let backward =
@@ -431,6 +458,15 @@ impl TranslationUnit {
                         }
                         ls.rewind();
                         ld.rewind();
+                        if ls.touches_client(&d) || ld.touches_client(&d) {
+                            return self.copy_bounced(
+                                t,
+                                &d,
+                                (&sa, &mut sst, &mut ls),
+                                (&da, &mut dst_st, &mut ld),
+                                backward,
+                            );
+                        }
                         self.copy_runs(
                             t,
                             &d,
@@ -454,6 +490,49 @@ impl TranslationUnit {
                 return Ok(());
             }
         }
+    }
+
+    /// The copying pass of a copy with client memory on a side: through a
+    /// buffer, [`BOUNCE`] bytes at a time (from the end if `backward`),
+    /// each side's part copied as a read or a write copies it (a run of
+    /// client-memory leaves in one message), with the checking passes'
+    /// translations.
+    #[allow(clippy::type_complexity)]
+    fn copy_bounced(
+        &self,
+        t: &ThreadUnit,
+        d: &InDma<'_>,
+        (sa, sst, ls): (&Access, &mut Option<DeviceState>, &mut Looked),
+        (da, dst_st, ld): (&Access, &mut Option<DeviceState>, &mut Looked),
+        backward: bool,
+    ) -> std::result::Result<(Side, Outcome), CopyError> {
+        let len = sa.len;
+        let mut buf = vec![0u8; len.min(BOUNCE)];
+        let mut done = 0usize;
+        while done < len {
+            let n = (len - done).min(BOUNCE);
+            let at = if backward { len - done - n } else { done };
+            let sc = Access { iova: sa.iova + at as u64, len: n, ..*sa };
+            let dc = Access { iova: da.iova + at as u64, len: n, ..*da };
+            let b = &mut buf[..n];
+            let mut read = |m: &MemObject, off: u64, pos: usize, k: usize| self.mem_read(m, off, &mut b[pos..pos + k]);
+            let o = self
+                .try_access(t, d, &sc, sst, Some(&mut read), Some(&mut *ls))
+                .map_err(|error| CopyError { side: Side::Source, error })?;
+            if !matches!(o, Outcome::Done) {
+                return Ok((Side::Source, o));
+            }
+            let b = &buf[..n];
+            let mut write = |m: &MemObject, off: u64, pos: usize, k: usize| self.mem_write(m, off, &b[pos..pos + k]);
+            let o = self
+                .try_access(t, d, &dc, dst_st, Some(&mut write), Some(&mut *ld))
+                .map_err(|error| CopyError { side: Side::Destination, error })?;
+            if !matches!(o, Outcome::Done) {
+                return Ok((Side::Destination, o));
+            }
+            done += n;
+        }
+        Ok((Side::Source, Outcome::Done))
     }
 
     /// The copying pass of [`TranslationUnit::copy`]: runs as long as both

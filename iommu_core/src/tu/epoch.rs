@@ -140,7 +140,7 @@ struct Tlb {
 }
 
 impl Tlb {
-    #[inline]
+    #[inline(always)]
     fn get(&mut self, dev: u32, pasid: u32, page: u64) -> Option<Iotlb> {
         fn hit(w: &Option<Way>, dev: u32, pasid: u32, page: u64) -> bool {
             w.as_ref().is_some_and(|w| w.dev == dev && w.pasid == pasid && page.wrapping_sub(w.e.iova_base) < w.e.size)
@@ -219,7 +219,7 @@ impl Guard {
 
     /// Runs `f` with this thread's state for the unit (made on its first
     /// DMA).
-    #[inline]
+    #[inline(always)]
     pub(super) fn with_thread<R>(&self, f: impl FnOnce(&ThreadUnit) -> R) -> R {
         let mut f = Some(f);
         let r = UNITS.try_with(|u| {
@@ -347,7 +347,7 @@ pub(super) struct InDma<'a> {
 
 impl ThreadUnit {
     /// Enters a DMA of the unit whose guard is `g`.
-    #[inline]
+    #[inline(always)]
     pub(super) fn enter<'a>(&'a self, g: &Guard) -> InDma<'a> {
         let d = self.depth.get();
         self.depth.set(d + 1);
@@ -416,7 +416,7 @@ impl ThreadUnit {
     }
 
     /// The cached leaf of `(dev, pasid)` covering `page`.
-    #[inline]
+    #[inline(always)]
     pub(super) fn get(&self, dev: u32, pasid: u32, page: u64) -> Option<Iotlb> {
         let e = self.tlb.borrow_mut().get(dev, pasid, page)?;
         self.hits.set(self.hits.get() + 1);
@@ -462,7 +462,7 @@ impl ThreadUnit {
 }
 
 impl Drop for InDma<'_> {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
         let d = self.t.depth.get() - 1;
         self.t.depth.set(d);

@@ -4,8 +4,8 @@
 
 use std::cell::Cell;
 
-use super::epoch::ThreadUnit;
-use super::memory::{find_mem, MemRef};
+use super::epoch::{InDma, ThreadUnit};
+use super::memory::{find_mem, Backing, MemRef};
 use super::{DeviceState, TranslationUnit};
 use crate::pagetable::{
     pasid_lookup, walk, walk_nested, NestedError, Stage1, TableMemory, WalkError, ENTRIES, PAGE_SIZE, PASID_DIRTY,
@@ -91,6 +91,11 @@ impl Looked {
         if !self.replaying {
             self.v.push(e);
         }
+    }
+
+    /// Whether a recorded translation leads to client memory.
+    pub(super) fn touches_client(&self, d: &InDma<'_>) -> bool {
+        self.v.iter().any(|e| matches!(e.mem.get(d).backing, Backing::Client { .. }))
     }
 
     /// Switches from recording to replaying.
