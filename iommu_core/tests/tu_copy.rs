@@ -304,3 +304,71 @@ fn a_translation_cached_on_one_thread_is_not_used_after_an_invalidation_another_
     drop(ask);
     reader.join().unwrap();
 }
+
+/// Client memory whose writes wait at a gate: a DMA held in flight for as
+/// long as the test wants.
+struct Gate {
+    entered: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    release: Mutex<std::sync::mpsc::Receiver<()>>,
+    written: std::sync::atomic::AtomicBool,
+}
+
+impl ClientMemory for Gate {
+    fn read(&self, _address: u64, buf: &mut [u8]) -> Result<(), ClientFailure> {
+        buf.fill(0);
+        Ok(())
+    }
+
+    fn write(&self, _address: u64, _data: &[u8]) -> Result<(), ClientFailure> {
+        if let Some(tx) = self.entered.lock().unwrap().take() {
+            tx.send(()).unwrap();
+        }
+        self.release.lock().unwrap().recv().unwrap();
+        self.written.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// The handshake itself, without timing luck: a DMA held in flight (a
+/// client-memory write waiting at a gate) holds the unmap of its page
+/// until it ends; the unmap returns after the write landed, never before.
+#[test]
+fn an_unmap_returns_only_after_the_dma_in_flight_has_ended() {
+    let mut r = rig("in-flight");
+    let base = 0x7e00_0000_0000u64;
+    let cm = r.s.register_client_memory(2 << 20, true, base).unwrap().id;
+    let ioas = r.s.ioas_alloc().unwrap();
+    map(&mut r, ioas, cm, 0, 0x1000, 0x10_0000, Perm::RW);
+    let tu = unit(&mut r);
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let gate = Arc::new(Gate {
+        entered: Mutex::new(Some(entered_tx)),
+        release: Mutex::new(release_rx),
+        written: std::sync::atomic::AtomicBool::new(false),
+    });
+    tu.set_client_memory(Some(gate.clone()));
+    let dev = bind(&tu, "0000:00:04.0", false);
+    tu.channel().attach(dev, None, ioas).unwrap();
+    let t = tu.clone();
+    let writer = std::thread::spawn(move || t.write(dev, 0, 0x10_0000, b"in flight"));
+    entered.recv().unwrap();
+    let returned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ret, g) = (returned.clone(), gate.clone());
+    let mut s = r.s;
+    let unmapper = std::thread::spawn(move || {
+        s.unmap(ioas, 0x10_0000, 0x1000).unwrap();
+        // Whatever was in flight when the unmap began has landed.
+        let landed = g.written.load(std::sync::atomic::Ordering::SeqCst);
+        ret.store(true, std::sync::atomic::Ordering::SeqCst);
+        (s, landed)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!returned.load(std::sync::atomic::Ordering::SeqCst), "the unmap returned while a DMA was in flight");
+    release.send(()).unwrap();
+    writer.join().unwrap().unwrap();
+    let (_s, landed) = unmapper.join().unwrap();
+    assert!(landed, "the unmap returned before the DMA in flight ended");
+    // After the unmap, the page faults.
+    assert!(matches!(tu.write(dev, 0, 0x10_0000, b"x"), Err(tu::Error::Fault { .. })));
+}
