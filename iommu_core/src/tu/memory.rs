@@ -6,10 +6,15 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::Arc;
 
+use super::epoch::InDma;
+use super::Side;
 use super::{ClientFailure, ClientMemory, Error, Result, TranslationUnit};
 use crate::device;
 use crate::shm;
 use crate::sync;
+
+/// Bytes a copy from or to client memory moves at a time.
+pub(super) const BOUNCE: usize = 64 * 1024;
 
 /// A memory object as a device sees it.
 pub(super) struct MemObject {
@@ -42,6 +47,39 @@ impl MemObject {
             Backing::Mapped(b) => b.load_u64(off),
             Backing::Client { .. } => None,
         }
+    }
+}
+
+/// A memory object as an IOTLB entry holds it: no reference count
+/// touched per access. It is read only inside a DMA ([`InDma`]), and only
+/// when taken from the unit's map in that DMA or in an earlier one under
+/// the same invalidation generation: a memory object leaves the map before
+/// the generation moves and is dropped only after every DMA that may hold
+/// it has ended (see `TranslationUnit::invalidate`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct MemRef(*const MemObject);
+
+impl MemRef {
+    pub(super) fn new(m: &Arc<MemObject>) -> MemRef {
+        MemRef(Arc::as_ptr(m))
+    }
+
+    /// A reference to no object (tests of what holds one, never read).
+    #[cfg(test)]
+    pub(super) fn none() -> MemRef {
+        MemRef(std::ptr::null())
+    }
+
+    /// The object, for as long as the DMA `_in` lasts.
+    pub(super) fn get<'a>(&self, _in: &'a InDma<'_>) -> &'a MemObject {
+        // SAFETY: the unit's map held an `Arc` of this object when the
+        // reference was taken, within the current invalidation generation
+        // (the thread's IOTLB is emptied when the generation moves, and
+        // the translations an access records live only as long as it).
+        // Removing the object from the map and dropping it are separated
+        // by a generation bump and a wait for every DMA in flight, this
+        // one included, so the object outlives `_in`.
+        unsafe { &*self.0 }
     }
 }
 
@@ -99,6 +137,35 @@ impl TranslationUnit {
         }
     }
 
+    /// Copies `n` bytes from `src_off` of `src` to `off` of `dst`: straight
+    /// between the mappings when both are mapped, else through a buffer
+    /// (client memory), at most [`BOUNCE`] bytes at a time, from the end
+    /// if `backward` (an overlapping pair, destination after source).
+    pub(super) fn mem_copy(
+        &self,
+        dst: &MemObject,
+        off: u64,
+        src: &MemObject,
+        src_off: u64,
+        n: usize,
+        backward: bool,
+    ) -> std::result::Result<(), (Side, Error)> {
+        if let (Backing::Mapped(d), Backing::Mapped(s)) = (&dst.backing, &src.backing) {
+            // A page either side cannot reach: said of the source.
+            return d.copy_from(off, s, src_off, n).map_err(|_| (Side::Source, Error::Unreachable));
+        }
+        let mut buf = vec![0u8; n.min(BOUNCE)];
+        let mut done = 0;
+        while done < n {
+            let k = (n - done).min(BOUNCE);
+            let at = if backward { n - done - k } else { done } as u64;
+            self.mem_read(src, src_off + at, &mut buf[..k]).map_err(|e| (Side::Source, e))?;
+            self.mem_write(dst, off + at, &buf[..k]).map_err(|e| (Side::Destination, e))?;
+            done += k;
+        }
+        Ok(())
+    }
+
     pub(super) fn map_memory(&self, sys: u64) -> Result<()> {
         let (base, size, backing) = match self.channel.memory(sys)? {
             device::Memory::File { fd, base, size, sealed } => {
@@ -110,7 +177,9 @@ impl TranslationUnit {
             }
             device::Memory::Client { base, size, address } => (base, size, Backing::Client { address }),
         };
-        sync::write(&self.mems).insert(base, Arc::new(MemObject { base, size, backing }));
+        // Another thread may have mapped it meanwhile: an object in the map
+        // is never replaced (IOTLB entries may point at it).
+        sync::write(&self.mems).entry(base).or_insert_with(|| Arc::new(MemObject { base, size, backing }));
         Ok(())
     }
 }

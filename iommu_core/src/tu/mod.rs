@@ -3,15 +3,16 @@
 //! It maps the core's table pool read-only and the memory objects its
 //! devices reach, and translates `(device, pPASID, IOVA)` by walking the
 //! tables in shared memory, without asking the core. Results are cached in
-//! an IOTLB keyed by 4 KiB page, each entry holding the translation of its
-//! whole leaf; a "not present" answer is never cached.
+//! per-thread IOTLBs (see [`epoch`]), one entry per leaf (a 2 MiB leaf is
+//! one entry), validated by the unit's invalidation generation; a "not
+//! present" answer is never cached.
 //! Nested attachments are walked in two stages: the user's stage-1 table
 //! (whose addresses are parent IOVAs) and the parent's stage-2 table.
 //!
-//! **The invalidation handshake.** Every DMA runs under a read guard; an
-//! invalidation from the core takes the write guard, so it waits until
-//! every DMA that started before it has finished, drops the IOTLB entries,
-//! and only then is answered. The core frees table pages and completes an
+//! **The invalidation handshake.** Every DMA marks itself in flight in its
+//! thread's slot; an invalidation from the core moves the generation every
+//! IOTLB entry is checked against, then waits until every DMA that was in
+//! flight has finished, and only then is answered. The core frees table pages and completes an
 //! unmap only after that answer, so no DMA touches memory after the unmap
 //! has returned.
 //!
@@ -33,10 +34,12 @@ use crate::sync;
 use crate::types::*;
 
 mod access;
+mod epoch;
 mod iotlb;
 mod memory;
 
-use iotlb::{Iotlb, Pool};
+pub use access::{At, CopyError, Side};
+use iotlb::Pool;
 use memory::MemObject;
 
 /// Errors of DMA through the translation unit.
@@ -109,7 +112,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Settings of a translation unit.
 #[derive(Debug, Clone, Copy)]
 pub struct Config {
-    /// IOTLB capacity in 4 KiB entries (emptied when full).
+    /// Leaves each thread's IOTLB holds (at most 32; the oldest is
+    /// replaced when full).
     pub iotlb_entries: usize,
     /// How long a DMA waits for the answer to a page request.
     pub page_request_timeout: Duration,
@@ -123,13 +127,10 @@ impl Default for Config {
     }
 }
 
-/// Counters of a translation unit.
+/// Counters of a translation unit (IOTLB hits and misses are counted per
+/// thread: [`TranslationUnit::iotlb_hits`], [`TranslationUnit::iotlb_misses`]).
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// IOTLB hits.
-    pub hits: AtomicU64,
-    /// IOTLB misses (walks).
-    pub misses: AtomicU64,
     /// Faults.
     pub faults: AtomicU64,
     /// Fault reports dropped by the rate limit.
@@ -154,8 +155,8 @@ pub struct TranslationUnit {
     /// The way to client memory objects, if this unit's device server has
     /// a client that holds memory.
     client: RwLock<Option<Arc<dyn ClientMemory>>>,
-    iotlb: Mutex<HashMap<(u32, u32, u64), Iotlb>>,
-    dma: RwLock<()>,
+    /// The DMA guard and the threads' IOTLBs.
+    guard: epoch::Guard,
     devices: RwLock<HashMap<u32, DeviceState>>,
     config: Config,
     stats: Stats,
@@ -190,8 +191,7 @@ impl TranslationUnit {
             dirty,
             mems: RwLock::new(BTreeMap::new()),
             client: RwLock::new(None),
-            iotlb: Mutex::new(HashMap::new()),
-            dma: RwLock::new(()),
+            guard: epoch::Guard::new(config.iotlb_entries),
             devices: RwLock::new(HashMap::new()),
             config,
             stats: Stats::default(),
@@ -217,6 +217,16 @@ impl TranslationUnit {
         &self.stats
     }
 
+    /// IOTLB hits of every thread.
+    pub fn iotlb_hits(&self) -> u64 {
+        self.guard.counts().0
+    }
+
+    /// IOTLB misses (walks) of every thread.
+    pub fn iotlb_misses(&self) -> u64 {
+        self.guard.counts().1
+    }
+
     /// Binds a device through the channel and starts translating for it.
     pub fn bind(&self, args: BindArgs) -> Result<BoundDevice> {
         let caps = args.caps;
@@ -229,25 +239,29 @@ impl TranslationUnit {
     pub fn unbind(&self, dev: u32) -> Result<()> {
         self.channel.unbind(dev)?;
         sync::write(&self.devices).remove(&dev);
+        // Its cached translations go (a DMA already in flight ends as it
+        // would have).
+        self.guard.invalidate(false);
         Ok(())
     }
 
-    fn invalidate(&self, targets: &[InvalidateTarget], forget: &[u64]) {
-        // Waits for every DMA in flight: they hold the read side.
-        let _all = sync::write(&self.dma);
-        sync::lock(&self.iotlb).retain(|&(dev, pasid, _), e| {
-            !targets.iter().any(|x| {
-                x.dev_id == dev
-                    && x.pasid == pasid
-                    && x.range.is_none_or(|r| e.iova_base <= r.last && e.iova_base + e.size > r.start)
-            })
-        });
-        if !forget.is_empty() {
+    /// Answers an invalidation: once this returns, no DMA uses a
+    /// translation cached before it, nor a memory object it forgets.
+    ///
+    /// Every thread's IOTLB is emptied (by the generation), whatever the
+    /// targets: an invalidation is rare next to the accesses that refill
+    /// them. Forgotten memory objects leave the map before the generation
+    /// moves (no walk finds them after) and are dropped only after the
+    /// wait (a DMA in flight may still copy through them).
+    fn invalidate(&self, _targets: &[InvalidateTarget], forget: &[u64]) {
+        let gone: Vec<Arc<MemObject>> = if forget.is_empty() {
+            Vec::new()
+        } else {
             let mut m = sync::write(&self.mems);
-            for b in forget {
-                m.remove(b);
-            }
-        }
+            forget.iter().filter_map(|b| m.remove(b)).collect()
+        };
+        self.guard.invalidate(true);
+        drop(gone);
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -255,10 +269,10 @@ impl TranslationUnit {
     /// (accesses fail with [`Error::NoDevice`]), and nothing cached or
     /// mapped through it stays, once DMA in flight has ended.
     fn forget_all(&self) {
-        let _all = sync::write(&self.dma);
         sync::write(&self.devices).clear();
-        sync::lock(&self.iotlb).clear();
-        sync::write(&self.mems).clear();
+        let gone = std::mem::take(&mut *sync::write(&self.mems));
+        self.guard.invalidate(true);
+        drop(gone);
     }
 
     pub(super) fn mark_dirty(&self, table: u64, index: usize) {
@@ -269,6 +283,12 @@ impl TranslationUnit {
         if let Some(w) = self.dirty.u64((bit / 64) * 8) {
             w.fetch_or(1 << (bit % 64), Ordering::Relaxed);
         }
+    }
+}
+
+impl Drop for TranslationUnit {
+    fn drop(&mut self) {
+        self.guard.retire();
     }
 }
 
@@ -318,7 +338,7 @@ pub(crate) mod tests {
         let mut b = [0u8; 8];
         tu.read(dev, 0, IOVA, &mut b).unwrap();
         assert_eq!(&b, MARKER);
-        assert_eq!(sync::lock(&tu.iotlb).len(), 1);
+        assert_eq!(tu.guard.with_thread(|t| t.cached()), 1);
         Rig { tu, s, dev, ioas, _mem: mem, _srv: srv }
     }
 
@@ -352,25 +372,23 @@ pub(crate) mod tests {
     }
 
     #[test]
-    #[ignore = "child process of an_invalidation_meeting_a_poisoned_iotlb_aborts; not a test by itself"]
-    fn poisoned_iotlb_child() {
+    #[ignore = "child process of an_invalidation_meeting_a_poisoned_slot_list_aborts; not a test by itself"]
+    fn poisoned_slots_child() {
         if std::env::var(CHILD).is_err() {
             return;
         }
         let mut r = rig();
         let tu = r.tu.clone();
-        let poisoner = std::thread::spawn(move || {
-            let _t = tu.iotlb.lock().unwrap();
-            panic!("panicking while holding the IOTLB, on purpose");
-        });
+        let poisoner = std::thread::spawn(move || tu.guard.poison_for_test());
         assert!(poisoner.join().is_err());
         r.unmap_and_read();
     }
 
-    /// An invalidation that cannot drop IOTLB entries (its lock is
-    /// poisoned) ends the process; it is never answered as done.
+    /// An invalidation that cannot see which DMA is in flight (the lock of
+    /// the unit's slot list is poisoned) ends the process; it is never
+    /// answered as done.
     #[test]
-    fn an_invalidation_meeting_a_poisoned_iotlb_aborts() {
-        assert_unmap_aborts("tu::tests::poisoned_iotlb_child");
+    fn an_invalidation_meeting_a_poisoned_slot_list_aborts() {
+        assert_unmap_aborts("tu::tests::poisoned_slots_child");
     }
 }

@@ -52,8 +52,8 @@ impl ViewProvider {
         let s = tu.stats();
         let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         vec![
-            format!("iotlb_hits {}", g(&s.hits)),
-            format!("iotlb_misses {}", g(&s.misses)),
+            format!("iotlb_hits {}", tu.iotlb_hits()),
+            format!("iotlb_misses {}", tu.iotlb_misses()),
             format!("iotlb_invalidations {}", g(&s.invalidations)),
             format!("fault_faults {}", g(&s.faults)),
             format!("fault_suppressed {}", g(&s.faults_suppressed)),

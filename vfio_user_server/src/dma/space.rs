@@ -9,11 +9,60 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use iommu_core::sync;
-use iommu_core::tu::{self, TranslationUnit};
+pub use iommu_core::tu::Side;
+use iommu_core::tu::{self, At, TranslationUnit};
 use iommu_core::types::{FaultReason, FaultRecord, Perm};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use super::{channel_broken, tu_err, Dma, Error, Route};
+
+/// A copy that failed: on which side (the source is read, the
+/// destination written), and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{side:?} of the copy: {error}")]
+pub struct CopyError {
+    /// The side that failed.
+    pub side: Side,
+    /// Why.
+    pub error: Error,
+}
+
+impl CopyError {
+    fn of(side: Side) -> impl Fn(Error) -> CopyError {
+        move |error| CopyError { side, error }
+    }
+}
+
+/// Bytes [`bounce_copy`] moves at a time.
+const BOUNCE: usize = 64 * 1024;
+
+/// A copy through a buffer, for spaces with no direct copy between them:
+/// the whole destination is checked writable first, then the bytes go
+/// [`BOUNCE`] at a time (from the end when `same` says both are one space
+/// and the destination starts inside the source, as `memmove` goes). A
+/// copy of at most [`BOUNCE`] bytes reads its whole source before writing:
+/// a fault anywhere writes nothing.
+fn bounce_copy<A: DmaSpace, B: DmaSpace>(
+    from: &A,
+    src: u64,
+    to: &B,
+    dst: u64,
+    len: usize,
+    same: bool,
+) -> Result<(), CopyError> {
+    to.check_write(dst, len).map_err(CopyError::of(Side::Destination))?;
+    let backward = same && dst > src && dst - src < len as u64;
+    let mut buf = vec![0u8; len.min(BOUNCE)];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(BOUNCE);
+        let at = if backward { len - done - n } else { done } as u64;
+        from.read(src.wrapping_add(at), &mut buf[..n]).map_err(CopyError::of(Side::Source))?;
+        to.write(dst.wrapping_add(at), &buf[..n]).map_err(CopyError::of(Side::Destination))?;
+        done += n;
+    }
+    Ok(())
+}
 
 /// DMA through one route. Every access is checked against the function's
 /// bus mastering first (it fails with [`Error::BusMasterOff`] while that
@@ -37,6 +86,22 @@ pub trait DmaSpace {
     /// whose vPASID has no pPASID is reported on the RID: the core never
     /// learns vPASIDs).
     fn report_fault(&self, iova: u64, write: bool, reason: FaultReason);
+
+    /// Copies `len` bytes from `src` of this space to `dst` of `to` (the
+    /// same space or another), with the guarantees of a read and a write:
+    /// both ranges are checked (the source readable, the destination
+    /// writable) before the first byte is written, so a copy that would
+    /// fault on either side writes nothing; faults are reported as for a
+    /// read or a write; overlapping ranges of one space copy as `memmove`
+    /// does. The server's spaces copy straight between the memory objects;
+    /// this default goes through a buffer (see `bounce_copy`), reading a
+    /// source of at most 64 KiB whole before writing.
+    fn copy_to(&self, src: u64, to: &Self, dst: u64, len: usize) -> Result<(), CopyError>
+    where
+        Self: Sized,
+    {
+        bounce_copy(self, src, to, dst, len, std::ptr::eq(self, to))
+    }
 
     /// Reads a `T` at `iova`.
     fn read_obj<T: FromBytes + IntoBytes>(&self, iova: u64) -> Result<T, Error>
@@ -68,6 +133,17 @@ pub trait DeviceDma {
     /// whose accesses fail with [`Error::NoPasid`]; a binding or vPASID
     /// map changed later is seen by the next resolution.
     fn space(&self, route: Route) -> Self::Space<'_>;
+
+    /// Copies `len` bytes from `src` (IOVA `src_iova` of route `src`) to
+    /// IOVA `dst_iova` of route `dst`, as [`DmaSpace::copy_to`].
+    fn copy(&self, src: Route, src_iova: u64, dst: Route, dst_iova: u64, len: usize) -> Result<(), CopyError> {
+        let (from, to) = (self.space(src), self.space(dst));
+        if src == dst {
+            from.copy_to(src_iova, &from, dst_iova, len)
+        } else {
+            from.copy_to(src_iova, &to, dst_iova, len)
+        }
+    }
 }
 
 /// Where a resolved route translates.
@@ -160,6 +236,33 @@ impl DmaSpace for RouteDma<'_> {
     fn check_write(&self, iova: u64, len: usize) -> Result<(), Error> {
         self.dma.master()?;
         self.dma.through(&self.target, |tu, dev, pasid| tu.check(dev, pasid, iova, len, Perm::W))
+    }
+
+    fn copy_to(&self, src: u64, to: &Self, dst: u64, len: usize) -> Result<(), CopyError> {
+        self.dma.master().map_err(CopyError::of(Side::Source))?;
+        let same = std::ptr::eq(self, to);
+        let at = |dev, pasid, iova| At { dev, pasid, iova };
+        match (&self.target, &to.target) {
+            (Target::Bound(a, ad, ap), Target::Bound(b, bd, bp)) if Arc::ptr_eq(a, b) => a
+                .copy(at(*ad, *ap, src), at(*bd, *bp, dst), len)
+                .map_err(|e| CopyError { side: e.side, error: tu_err(e.error) }),
+            (Target::Compat, Target::Compat) => {
+                let mut side = Side::Source;
+                self.dma
+                    .through(&self.target, |tu, dev, pasid| {
+                        tu.copy(at(dev, pasid, src), at(dev, pasid, dst), len).map_err(|e| {
+                            side = e.side;
+                            e.error
+                        })
+                    })
+                    .map_err(|error| CopyError { side, error })
+            }
+            (Target::Unrouted(v), _) => Err(CopyError { side: Side::Source, error: Error::NoPasid(*v) }),
+            (_, Target::Unrouted(v)) => Err(CopyError { side: Side::Destination, error: Error::NoPasid(*v) }),
+            // Two units (a binding replaced between two resolutions, the
+            // compat path and a binding): through a buffer.
+            _ => bounce_copy(self, src, to, dst, len, same),
+        }
     }
 
     fn report_fault(&self, iova: u64, write: bool, reason: FaultReason) {

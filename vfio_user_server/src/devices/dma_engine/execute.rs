@@ -4,10 +4,12 @@
 //! disable). Free of the device's state, so tests and fuzz targets run it
 //! against memory of their own through [`DeviceDma`].
 
+use std::cell::RefCell;
+
 use iommu_core::types::FaultReason;
 use serde::{Deserialize, Serialize};
 
-use crate::dma::{self, DeviceDma, DmaSpace};
+use crate::dma::{self, DeviceDma, DmaSpace, Side};
 
 use super::abi::{op, status, Completion, Descriptor, MAX_XFER};
 
@@ -153,16 +155,26 @@ pub fn execute<D: DeviceDma + ?Sized>(
             // Overlapping buffers (in the same address space) copy as
             // memmove does: backwards when the destination starts inside
             // the source, so every source byte is read before it is
-            // overwritten.
+            // overwritten (the copy of each step goes the same way).
             let backward = d.dst > d.src && d.dst - d.src < len as u64;
-            let mut buf = vec![0u8; len.min(STEP)];
             while done < len {
                 let n = (len - done).min(STEP);
                 let at = if backward { len - done - n } else { done } as u64;
                 let (s, t) = (d.src.wrapping_add(at), d.dst.wrapping_add(at));
                 let mem = next_step!(done, 0);
-                step_dma!(mem.read(s, &mut buf[..n]), s, false, false, 0);
-                step_dma!(mem.write(t, &buf[..n]), t, true, true, 0);
+                // Straight from one buffer to the other.
+                match mem.copy_to(s, &mem, t, n) {
+                    Ok(()) => {}
+                    Err(e) if off(&e.error) => return stopped(done, 0),
+                    Err(dma::CopyError { side: Side::Source, error }) => {
+                        fail(&mut c, error, s, false, false);
+                        break;
+                    }
+                    Err(dma::CopyError { side: Side::Destination, error }) => {
+                        fail(&mut c, error, t, true, true);
+                        break;
+                    }
+                }
                 done += n;
             }
             c.bytes_done = done as u32;
@@ -171,14 +183,13 @@ pub fn execute<D: DeviceDma + ?Sized>(
             }
         }
         op::FILL => {
-            let pat = d.pattern.to_le_bytes();
-            let buf: Vec<u8> = (0..len.min(STEP)).map(|i| pat[i % 8]).collect();
             while done < len {
                 let n = (len - done).min(STEP);
                 let t = d.dst.wrapping_add(done as u64);
                 // Steps start at multiples of 8, so the pattern lines up.
                 let mem = next_step!(done, 0);
-                step_dma!(mem.write(t, &buf[..n]), t, true, true, 0);
+                let r = with_pattern(d.pattern, n, |p| mem.write(t, p));
+                step_dma!(r, t, true, true, 0);
                 done += n;
             }
             c.bytes_done = done as u32;
@@ -187,34 +198,52 @@ pub fn execute<D: DeviceDma + ?Sized>(
             }
         }
         op::COMPARE => {
-            let mut a = vec![0u8; len.min(STEP)];
-            let mut b = vec![0u8; len.min(STEP)];
             c.status = status::SUCCESS;
             while done < len {
                 let n = (len - done).min(STEP);
                 let (s, t) = (d.src.wrapping_add(done as u64), d.dst.wrapping_add(done as u64));
                 let mem = next_step!(done, 0);
-                step_dma!(mem.read(s, &mut a[..n]), s, false, false, 0);
-                step_dma!(mem.read(t, &mut b[..n]), t, true, false, 0);
-                if let Some(i) = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y) {
-                    c.status = status::MISMATCH;
-                    c.result = (done + i) as u64;
-                    done += i;
-                    break;
+                let r = with_scratch(2 * n, |buf| {
+                    let (a, b) = buf.split_at_mut(n);
+                    mem.read(s, a).map_err(|e| (e, s, false))?;
+                    mem.read(t, b).map_err(|e| (e, t, true))?;
+                    Ok(a.iter().zip(b.iter()).position(|(x, y)| x != y))
+                });
+                match r {
+                    Ok(None) => done += n,
+                    Ok(Some(i)) => {
+                        c.status = status::MISMATCH;
+                        c.result = (done + i) as u64;
+                        done += i;
+                        break;
+                    }
+                    Err((e, _, _)) if off(&e) => return stopped(done, 0),
+                    Err((e, at, second)) => {
+                        fail(&mut c, e, at, second, false);
+                        break;
+                    }
                 }
-                done += n;
             }
             c.bytes_done = done as u32;
         }
         op::CRC32C => {
-            let mut buf = vec![0u8; len.min(STEP)];
             let mut crc = start.crc;
             while done < len {
                 let n = (len - done).min(STEP);
                 let s = d.src.wrapping_add(done as u64);
                 let mem = next_step!(done, crc);
-                step_dma!(mem.read(s, &mut buf[..n]), s, false, false, crc);
-                crc = crc32c::crc32c_append(crc, &buf[..n]);
+                let r = with_scratch(n, |buf| {
+                    mem.read(s, buf)?;
+                    Ok(crc32c::crc32c_append(crc, buf))
+                });
+                match r {
+                    Ok(v) => crc = v,
+                    Err(e) if off(&e) => return stopped(done, crc),
+                    Err(e) => {
+                        fail(&mut c, e, s, false, false);
+                        break;
+                    }
+                }
                 done += n;
             }
             c.bytes_done = done as u32;
@@ -226,6 +255,43 @@ pub fn execute<D: DeviceDma + ?Sized>(
         _ => c.status = status::INVALID,
     }
     Outcome::Done(c)
+}
+
+thread_local! {
+    /// A queue thread's buffer for the bytes COMPARE and CRC32C read
+    /// (at most two steps), kept from one descriptor to the next.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// A queue thread's FILL source: one step of a pattern, and which.
+    static PATTERN: RefCell<(u64, Vec<u8>)> = const { RefCell::new((0, Vec::new())) };
+}
+
+/// Runs `f` over `n` bytes of this thread's scratch buffer (grown once to
+/// the largest asked, at most two steps).
+fn with_scratch<T>(n: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+    // Taken out while in use: a nested use (none today) gets a buffer of
+    // its own instead of a borrow error.
+    let mut v = SCRATCH.take();
+    if v.len() < n {
+        v.resize(n, 0);
+    }
+    let r = f(&mut v[..n]);
+    SCRATCH.set(v);
+    r
+}
+
+/// Runs `f` over `n` bytes (at most a step) of `pattern` repeated from its
+/// first byte, made once per pattern on each thread.
+fn with_pattern<T>(pattern: u64, n: usize, f: impl FnOnce(&[u8]) -> T) -> T {
+    let (mut have, mut v) = PATTERN.take();
+    if have != pattern || v.len() < n {
+        let p = pattern.to_le_bytes();
+        v.clear();
+        v.extend((0..STEP.max(n)).map(|i| p[i % 8]));
+        have = pattern;
+    }
+    let r = f(&v[..n]);
+    PATTERN.set((have, v));
+    r
 }
 
 #[cfg(test)]
