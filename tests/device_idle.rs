@@ -33,6 +33,24 @@ fn queue_thread_switches(pid: i32) -> u64 {
     total
 }
 
+/// Voluntary context switches of each queue thread so far, by queue.
+fn switches_by_queue(pid: i32) -> [u64; 4] {
+    let mut out = [0; 4];
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let Some(q) = comm.trim_end().strip_prefix("dma-engine-q").and_then(|q| q.parse::<usize>().ok()) else {
+            continue;
+        };
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        out[q] = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    out
+}
+
 /// Switches of the queue threads during `d`.
 fn switches_during(pid: i32, d: Duration) -> u64 {
     let before = queue_thread_switches(pid);
@@ -62,6 +80,34 @@ fn queue_threads_sleep_while_no_queue_can_run() {
     let _q = eng.setup_queue(0, 64, 0x1000_0000, 0, 0x1001_0000, 0x10000, None, false).unwrap();
     let enabled = switches_during(pid, idle);
     assert!(enabled > 8, "an enabled queue was not polled ({enabled} wake-ups)");
+}
+
+/// A register write wakes only the queue thread it concerns: a queue's
+/// doorbell register its own thread, a register of no queue none.
+#[test]
+fn a_register_write_wakes_only_the_queue_it_concerns() {
+    use vfio_user_server::devices::dma_engine::regs;
+    let mut st = Stack::new("wake");
+    let sock = st.server("dma-engine", "eng");
+    let pid = st.servers[0].pid();
+    let mut c = Client::connect(&sock).unwrap();
+    c.enable_function().unwrap();
+    c.region_write(0, regs::CTRL, &1u32.to_le_bytes()).unwrap();
+    // Queue 2's doorbell register, its queue disabled (its thread sleeps
+    // until kicked): every write submits something new.
+    let tail2 = regs::QUEUE + 2 * regs::QUEUE_STRIDE + regs::Q_TAIL;
+    let before = switches_by_queue(pid);
+    for i in 1..=100u32 {
+        c.region_write(0, tail2, &i.to_le_bytes()).unwrap();
+        c.region_write(0, regs::INTX_STATUS, &0u32.to_le_bytes()).unwrap();
+        c.region_write(0, regs::QUEUE + regs::Q_RING_BASE, &i.to_le_bytes()).unwrap();
+    }
+    let after = switches_by_queue(pid);
+    let woke: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert!(woke[2] >= 10, "queue 2's doorbell did not wake its thread: {woke:?}");
+    for q in [0, 1, 3] {
+        assert!(woke[q] <= 2, "queue {q}'s thread woke for other registers: {woke:?}");
+    }
 }
 
 /// What a guest's PCI core reads first: a class that claims no legacy

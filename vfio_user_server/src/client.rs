@@ -16,7 +16,8 @@ use std::time::Duration;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use zerocopy::IntoBytes;
 
-use crate::proto::{self, cmd, Header, HEADER_SIZE};
+use crate::conn::{Fill, MsgReader, MsgView};
+use crate::proto::{self, cmd, Header};
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +109,14 @@ pub struct Client {
     deferred: Vec<(Message, bool)>,
     /// The twin socket, if the server gave one: its requests come there.
     twin: Option<UnixStream>,
+    /// Messages of the socket, from one reused buffer.
+    reader: MsgReader,
+    /// Messages of the twin socket.
+    twin_reader: MsgReader,
 }
+
+/// Largest message the client takes.
+const MAX_MESSAGE: usize = 64 << 20;
 
 /// The capabilities this client proposes.
 pub fn default_caps() -> serde_json::Value {
@@ -168,6 +176,8 @@ impl Client {
             dma_mode: DmaMode::Answer,
             deferred: Vec::new(),
             twin: None,
+            reader: MsgReader::new(MAX_MESSAGE),
+            twin_reader: MsgReader::new(MAX_MESSAGE),
         }
     }
 
@@ -209,38 +219,94 @@ impl Client {
     }
 
     fn send_on(&self, twin: bool, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
+        self.send_parts(twin, &[bytes], fds)
+    }
+
+    /// Sends a message made of `parts` (one `sendmsg` unless the socket
+    /// takes only part of it).
+    fn send_parts(&self, twin: bool, parts: &[&[u8]], fds: &[BorrowedFd<'_>]) -> Result<()> {
         let sock = self.sock(twin);
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        let mut off = 0;
-        while off < bytes.len() {
-            let iov = [IoSlice::new(&bytes[off..])];
-            let cm = [ControlMessage::ScmRights(&raw)];
-            let cms: &[ControlMessage] = if off == 0 && !raw.is_empty() { &cm } else { &[] };
-            off += sendmsg::<()>(sock.as_raw_fd(), &iov, cms, MsgFlags::MSG_NOSIGNAL, None)
-                .map_err(|e| Error::Io(e.into()))?;
+        let cm = [ControlMessage::ScmRights(&raw)];
+        let cms: &[ControlMessage] = if raw.is_empty() { &[] } else { &cm };
+        let iov: Vec<IoSlice<'_>>;
+        let mut small = [IoSlice::new(&[]); 4];
+        let slices: &[IoSlice<'_>] = if parts.len() <= small.len() {
+            for (s, p) in small.iter_mut().zip(parts) {
+                *s = IoSlice::new(p);
+            }
+            &small[..parts.len()]
+        } else {
+            iov = parts.iter().map(|p| IoSlice::new(p)).collect();
+            &iov
+        };
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let sent = sendmsg::<()>(sock.as_raw_fd(), slices, cms, MsgFlags::MSG_NOSIGNAL, None)
+            .map_err(|e| Error::Io(e.into()))?;
+        if sent < total {
+            // The socket took part of it: the rest goes in order, as bytes.
+            let all = parts.concat();
+            let mut off = sent;
+            while off < all.len() {
+                let iov = [IoSlice::new(&all[off..])];
+                off += sendmsg::<()>(sock.as_raw_fd(), &iov, &[], MsgFlags::MSG_NOSIGNAL, None)
+                    .map_err(|e| Error::Io(e.into()))?;
+            }
         }
         Ok(())
     }
 
     /// Most fds the client takes with one message.
-    pub const MAX_FDS: usize = 32;
+    pub const MAX_FDS: usize = crate::conn::MAX_MSG_FDS;
 
-    fn recv_exact(&self, twin: bool, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<()> {
-        let sock = self.sock(twin);
-        let mut got = 0;
-        while got < buf.len() {
-            let r = iommu_core::scm::recv(sock.as_fd(), &mut buf[got..], Self::MAX_FDS)?;
-            // Every fd that arrived is owned (and closed with `fds` on error).
-            fds.extend(r.fds);
-            if r.truncated || fds.len() > Self::MAX_FDS {
-                return Err(Error::Protocol(format!("the server sent more than {} fds with a message", Self::MAX_FDS)));
+    /// Whether a whole message has been received and not yet taken (a
+    /// caller that polls the socket must look here first).
+    pub fn buffered(&self) -> bool {
+        self.reader.has_msg()
+    }
+
+    /// Reads until a whole message of the socket (`twin` or the main
+    /// one) is buffered.
+    fn fill_until_msg(&mut self, twin: bool) -> Result<()> {
+        loop {
+            let (r, sock) = match (&self.twin, twin) {
+                (Some(t), true) => (&mut self.twin_reader, t),
+                _ => (&mut self.reader, &self.sock),
+            };
+            if r.has_msg() {
+                return Ok(());
             }
-            if r.bytes == 0 {
-                return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            match r.fill(sock.as_fd()).map_err(conn_error)? {
+                Fill::Data | Fill::Drained => {}
+                Fill::WouldBlock => return Err(Error::Io(std::io::ErrorKind::TimedOut.into())),
+                Fill::Eof => return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into())),
             }
-            got += r.bytes;
         }
-        Ok(())
+    }
+
+    /// The next message of the socket, its payload still in the buffer.
+    fn next_view(&mut self, twin: bool) -> Result<MsgView<'_>> {
+        loop {
+            self.fill_until_msg(twin)?;
+            let r = if twin && self.twin.is_some() { &mut self.twin_reader } else { &mut self.reader };
+            // A whole message is buffered: None only after an oversized
+            // one was skipped in part.
+            if r.has_msg() {
+                break;
+            }
+        }
+        let r = if twin && self.twin.is_some() { &mut self.twin_reader } else { &mut self.reader };
+        match r.next_view().map_err(conn_error)? {
+            Some(v) if v.fail == Some(libc::E2BIG) => {
+                Err(Error::Protocol(format!("message of more than {MAX_MESSAGE} bytes")))
+            }
+            Some(v) if v.fail.is_some() => Err(Error::Protocol(format!(
+                "the server sent more than {} fds, or fds that are not memory, sockets or event fds, with a message",
+                Self::MAX_FDS
+            ))),
+            Some(v) => Ok(v),
+            None => Err(Error::Protocol("a message ended early".into())),
+        }
     }
 
     /// Receives one message.
@@ -248,18 +314,9 @@ impl Client {
         self.recv_on(false)
     }
 
-    fn recv_on(&self, twin: bool) -> Result<Message> {
-        let mut fds = Vec::new();
-        let mut h = [0u8; HEADER_SIZE];
-        self.recv_exact(twin, &mut h, &mut fds)?;
-        let hdr: Header = proto::read(&h).ok_or_else(|| Error::Protocol("short header".into()))?;
-        let size = hdr.msg_size as usize;
-        if !(HEADER_SIZE..=(64 << 20)).contains(&size) {
-            return Err(Error::Protocol(format!("message size {size}")));
-        }
-        let mut payload = vec![0u8; size - HEADER_SIZE];
-        self.recv_exact(twin, &mut payload, &mut fds)?;
-        Ok(Message { hdr, payload, fds })
+    fn recv_on(&mut self, twin: bool) -> Result<Message> {
+        let v = self.next_view(twin)?;
+        Ok(Message { hdr: v.hdr, payload: v.payload.to_vec(), fds: v.fds })
     }
 
     /// Sends a command without waiting; returns its message id.
@@ -270,7 +327,24 @@ impl Client {
         if no_reply {
             h.flags |= proto::flags::NO_REPLY;
         }
-        self.send_raw(&[h.as_bytes(), payload].concat(), fds)?;
+        self.send_parts(false, &[h.as_bytes(), payload], fds)?;
+        Ok(id)
+    }
+
+    /// Sends a command made of `parts` without waiting; returns its id.
+    fn send_cmd(&mut self, command: u16, parts: &[&[u8]], no_reply: bool) -> Result<u16> {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1) & 0x7fff;
+        let len = parts.iter().map(|p| p.len()).sum();
+        let mut h = Header::command(id, command, len);
+        if no_reply {
+            h.flags |= proto::flags::NO_REPLY;
+        }
+        match parts {
+            [a] => self.send_parts(false, &[h.as_bytes(), a], &[])?,
+            [a, b] => self.send_parts(false, &[h.as_bytes(), a, b], &[])?,
+            _ => self.send_parts(false, &[h.as_bytes(), &parts.concat()], &[])?,
+        }
         Ok(id)
     }
 
@@ -286,7 +360,14 @@ impl Client {
 
     /// Waits for the reply to message `id`, serving DMA requests meanwhile.
     pub fn wait(&mut self, id: u16, command: u16) -> Result<Message> {
-        if !matches!(self.dma_mode, DmaMode::Defer) {
+        self.wait_with(id, command, |hdr, payload, fds| Message { hdr, payload: payload.to_vec(), fds })
+    }
+
+    /// Waits for the reply to message `id`, serving DMA requests
+    /// meanwhile, and hands it to `f` while its payload is still in the
+    /// receive buffer.
+    fn wait_with<R>(&mut self, id: u16, command: u16, f: impl FnOnce(Header, &[u8], Vec<OwnedFd>) -> R) -> Result<R> {
+        if !matches!(self.dma_mode, DmaMode::Defer) && !self.deferred.is_empty() {
             for (m, twin) in std::mem::take(&mut self.deferred) {
                 self.serve(m, twin)?;
             }
@@ -301,24 +382,26 @@ impl Client {
                 self.serve(m, true)?;
                 continue;
             }
-            let m = self.recv()?;
-            if !m.hdr.is_reply() {
+            let v = self.next_view(false)?;
+            let hdr = v.hdr;
+            if !hdr.is_reply() {
+                let m = Message { hdr, payload: v.payload.to_vec(), fds: v.fds };
                 self.serve(m, false)?;
                 continue;
             }
-            if m.hdr.msg_id != id {
-                return Err(Error::Protocol(format!("reply to {} while waiting for {id}", m.hdr.msg_id)));
+            if hdr.msg_id != id {
+                return Err(Error::Protocol(format!("reply to {} while waiting for {id}", hdr.msg_id)));
             }
-            if m.hdr.command != command {
-                return Err(Error::Protocol(format!("reply for command {} to command {command}", m.hdr.command)));
+            if hdr.command != command {
+                return Err(Error::Protocol(format!("reply for command {} to command {command}", hdr.command)));
             }
-            if m.hdr.flags & proto::flags::ERROR != 0 {
-                if m.payload.is_empty() {
-                    return Err(Error::Refused { command: cmd::name(command), errno: m.hdr.error as i32 });
+            if hdr.flags & proto::flags::ERROR != 0 {
+                if v.payload.is_empty() {
+                    return Err(Error::Refused { command: cmd::name(command), errno: hdr.error as i32 });
                 }
                 return Err(Error::Protocol("an error reply with a payload".into()));
             }
-            return Ok(m);
+            return Ok(f(hdr, v.payload, v.fds));
         }
     }
 
@@ -333,6 +416,13 @@ impl Client {
     fn twin_first(&self) -> Result<bool> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let Some(t) = &self.twin else { return Ok(false) };
+        // The main socket first: replies end the wait.
+        if self.reader.has_msg() {
+            return Ok(false);
+        }
+        if self.twin_reader.has_msg() {
+            return Ok(true);
+        }
         let mut p = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN), PollFd::new(t.as_fd(), PollFlags::POLLIN)];
         let n = poll(&mut p, PollTimeout::from(30_000u16)).map_err(|e| Error::Io(e.into()))?;
         if n == 0 {
@@ -506,24 +596,36 @@ impl Client {
 
     /// REGION_READ.
     pub fn region_read(&mut self, region: u32, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        self.region_read_into(region, offset, &mut out)?;
+        Ok(out)
+    }
+
+    /// REGION_READ of `buf.len()` bytes into `buf` (no allocation).
+    pub fn region_read_into(&mut self, region: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let len = buf.len();
         let q = proto::RegionAccess { offset, region, count: len as u32 };
-        let r = self.call(cmd::REGION_READ, q.as_bytes(), &[])?;
-        match r.payload.get(16..) {
-            Some(d) if d.len() == len => Ok(d.to_vec()),
-            _ => Err(Error::Protocol(format!("REGION_READ reply of {} bytes for {len}", r.payload.len()))),
-        }
+        let id = self.send_cmd(cmd::REGION_READ, &[q.as_bytes()], false)?;
+        self.wait_with(id, cmd::REGION_READ, |_, p, _| match p.get(16..) {
+            Some(d) if d.len() == len => {
+                buf.copy_from_slice(d);
+                Ok(())
+            }
+            _ => Err(Error::Protocol(format!("REGION_READ reply of {} bytes for {len}", p.len()))),
+        })?
     }
 
     /// REGION_WRITE (waits for the reply).
     pub fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<()> {
         let q = proto::RegionAccess { offset, region, count: data.len() as u32 };
-        self.call(cmd::REGION_WRITE, &[q.as_bytes(), data].concat(), &[]).map(|_| ())
+        let id = self.send_cmd(cmd::REGION_WRITE, &[q.as_bytes(), data], false)?;
+        self.wait_with(id, cmd::REGION_WRITE, |_, _, _| ())
     }
 
     /// REGION_WRITE with NO_REPLY (posted).
     pub fn region_write_posted(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<()> {
         let q = proto::RegionAccess { offset, region, count: data.len() as u32 };
-        self.send(cmd::REGION_WRITE, &[q.as_bytes(), data].concat(), &[], true).map(|_| ())
+        self.send_cmd(cmd::REGION_WRITE, &[q.as_bytes(), data], true).map(|_| ())
     }
 
     /// REGION_WRITE_MULTI: `(region, offset, data <= 8 bytes)` each.
@@ -643,5 +745,13 @@ impl Client {
     /// The socket as a borrowed fd.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.sock.as_fd()
+    }
+}
+
+/// A framing error of the server's stream, as the client reports it.
+fn conn_error(e: crate::conn::Error) -> Error {
+    match e {
+        crate::conn::Error::Io(e) => Error::Io(e),
+        e => Error::Protocol(e.to_string()),
     }
 }

@@ -132,6 +132,17 @@ pub trait Device: Send {
     /// Writes `data` at `offset` of region `index`.
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), Errno>;
 
+    /// Whether an access of `len` bytes at `offset` of region `index` (a
+    /// write of `data`, or a read if `data` is `None`) may be done on the
+    /// event loop's thread instead of the device thread: true only if it
+    /// never waits for another thread (for a queue to stop, for the
+    /// client, for the core). The event loop asks only while the device
+    /// thread is idle, and holds the device meanwhile. By default every
+    /// access goes to the device thread.
+    fn answers_inline(&self, _index: u32, _offset: u64, _len: usize, _data: Option<&[u8]>) -> bool {
+        false
+    }
+
     /// A config space write changed something the device may act on.
     fn config_event(&mut self, _ev: ConfigEvent) {}
 

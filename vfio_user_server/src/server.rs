@@ -124,6 +124,11 @@ pub struct Server {
     conn: Option<Conn>,
     jobs: Sender<Job>,
     worker: Option<std::thread::JoinHandle<()>>,
+    /// The device thread's state, taken by the loop to answer a register
+    /// access itself while the device thread is idle.
+    device: Arc<std::sync::Mutex<Worker>>,
+    /// Where those replies are built.
+    reply: Vec<u8>,
     io_fds: Vec<Arc<File>>,
     io_queued: Vec<Arc<AtomicBool>>,
     io_descs: usize,
@@ -202,9 +207,11 @@ impl Server {
         let (tx, rx) = unbounded();
         let backlog = Backlog::new(waker.clone());
         let b2 = backlog.clone();
+        let device = Arc::new(std::sync::Mutex::new(worker));
+        let d2 = device.clone();
         let handle = std::thread::Builder::new()
             .name("vfio-user-device".into())
-            .spawn(move || worker.run(rx, b2))
+            .spawn(move || Worker::run(d2, rx, b2))
             .map_err(Error::Poll)?;
         Ok(Server {
             poll,
@@ -214,6 +221,8 @@ impl Server {
             conn: None,
             jobs: tx,
             worker: Some(handle),
+            device,
+            reply: Vec::with_capacity(64),
             io_fds: Vec::new(),
             io_queued: Vec::new(),
             io_descs,
@@ -272,7 +281,7 @@ impl Server {
                 .map_err(Error::Poll)?;
             self.io_fds.push(f);
         }
-        let _ = self.jobs.send(Job::Connected(writer, port.clone(), self.io_fds.clone()));
+        self.send_job(Job::Connected(writer, port.clone(), self.io_fds.clone()));
         self.conn = Some(Conn { stream, reader: MsgReader::new(MAX_PAYLOAD), port });
         tracing::info!("client connected");
         Ok(())
@@ -285,42 +294,44 @@ impl Server {
         if let Some(mut c) = self.conn.take() {
             let _ = self.poll.registry().deregister(&mut c.stream);
             c.port.close();
-            let _ = self.jobs.send(Job::Disconnected);
+            self.send_job(Job::Disconnected);
             tracing::info!("client disconnected; its DMA regions and fds are released, the device keeps its state");
         }
+    }
+
+    /// Hands a job to the device thread.
+    fn send_job(&self, job: Job) -> bool {
+        self.backlog.job_sent();
+        self.jobs.send(job).is_ok()
     }
 
     fn read_conn(&mut self) {
         let Some(c) = self.conn.as_mut() else { return };
         let mut end = false;
+        let mut drained = false;
+        // Messages left in the buffer (the loop stopped reading while the
+        // device thread was behind) go first.
         loop {
-            if self.backlog.over() {
-                // Resumed by the device thread through the waker.
-                break;
-            }
-            match c.reader.fill(c.stream.as_fd()) {
-                Ok(Fill::Data) => {}
-                Ok(Fill::WouldBlock) => break,
-                Ok(Fill::Eof) => {
-                    end = true;
-                    break;
-                }
-                Err(e) => {
-                    tracing::info!("client connection failed: {e}");
-                    end = true;
-                    break;
-                }
-            }
             loop {
-                match c.reader.next_msg() {
+                match c.reader.next_view() {
                     Ok(Some(m)) if m.hdr.is_reply() => {
-                        if !c.port.deliver(m) {
+                        if !c.port.deliver(m.to_msg()) {
                             tracing::debug!("a reply nobody waits for was dropped");
                         }
                     }
                     Ok(Some(m)) => {
+                        // A register access is answered here when the
+                        // device thread is idle and the access cannot wait.
+                        if m.fail.is_none() && m.fds.is_empty() && m.payload.len() <= 24 && self.backlog.idle() {
+                            if let Ok(mut w) = self.device.try_lock() {
+                                if w.try_inline(&m.hdr, m.payload, &mut self.reply) {
+                                    continue;
+                                }
+                            }
+                        }
                         self.backlog.add(m.payload.len());
-                        if self.jobs.send(Job::Command(m)).is_err() {
+                        self.backlog.job_sent();
+                        if self.jobs.send(Job::Command(m.to_msg())).is_err() {
                             end = true;
                         }
                     }
@@ -332,9 +343,30 @@ impl Server {
                     }
                 }
             }
-            if end {
+            if end || drained {
                 break;
             }
+            if self.backlog.over() {
+                // Resumed by the device thread through the waker.
+                break;
+            }
+            drained = match c.reader.fill(c.stream.as_fd()) {
+                Ok(Fill::Data) => false,
+                // The socket was empty after this read: the next bytes
+                // bring a new event, so no read that would fail with
+                // EAGAIN is needed.
+                Ok(Fill::Drained) => true,
+                Ok(Fill::WouldBlock) => break,
+                Ok(Fill::Eof) => {
+                    end = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::info!("client connection failed: {e}");
+                    end = true;
+                    break;
+                }
+            };
         }
         if end {
             self.disconnect();
@@ -385,6 +417,7 @@ impl Server {
                             // Rings while a job is queued fold into it (a
                             // doorbell write of the same value).
                             if rang && !queued.swap(true, Ordering::AcqRel) {
+                                self.backlog.job_sent();
                                 let _ = self.jobs.send(Job::IoFd(i, queued.clone()));
                             }
                         }
@@ -449,7 +482,7 @@ impl Server {
     }
 
     fn shutdown(&mut self) {
-        let _ = self.jobs.send(Job::Stop);
+        self.send_job(Job::Stop);
         if let Some(h) = self.worker.take() {
             let _ = h.join();
         }

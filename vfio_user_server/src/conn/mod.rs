@@ -73,24 +73,40 @@ pub fn close_may_block(fd: BorrowedFd<'_>) -> Option<String> {
     }
 }
 
-/// Splits a stream into messages. It never reads past the end of the
-/// current message, so the fds that arrive belong to it: a sender attaches
-/// a message's fds to its first byte, and the kernel may merge bytes of
-/// several messages into one read.
+/// Splits a stream into messages, from one buffer that is kept and reused
+/// (never zeroed again once grown): each `recvmsg` reads as much as has
+/// arrived, so a readable event usually costs one system call whatever
+/// the number of messages it carries.
+///
+/// Fds belong to the message that starts in the read that brought them.
+/// A sender attaches a message's fds to its first byte, and the kernel
+/// ends a read at the end of the part of the stream that carried fds (it
+/// never joins what follows to it), so the last message that starts in
+/// such a read is the one they were sent with; a read that starts no
+/// message gives its fds to the message it continues.
 ///
 /// Every fd that arrives is looked at before anything else happens to it:
 /// one whose close could block (see [`close_may_block`]) is closed on
 /// another thread at once and fails its message with EINVAL, so neither
 /// the event loop nor the device thread ever holds such a file.
 pub struct MsgReader {
+    /// Received bytes live in `buf[start..end]`; `buf` is initialised once
+    /// and grows only for a message larger than it.
     buf: Vec<u8>,
-    fds: Vec<OwnedFd>,
-    truncated: bool,
-    /// Why fds of the current message were refused on arrival.
-    refused: Vec<String>,
+    start: usize,
+    end: usize,
+    /// Stream position of `buf[start]`.
+    pos: u64,
+    /// Fds received, each with the stream position of its message.
+    fds: Vec<(u64, OwnedFd)>,
+    /// Messages (by stream position) that came with more fds than accepted.
+    truncated: Vec<u64>,
+    /// Why fds of a message (by stream position) were refused on arrival.
+    refused: Vec<(u64, String)>,
     max_payload: usize,
-    /// Oversized message being skipped: (header, bytes still to drop).
-    skipping: Option<(Header, u64)>,
+    /// Oversized message being skipped: its header and where it starts
+    /// and ends in the stream.
+    skipping: Option<(Header, u64, u64)>,
 }
 
 /// What a read produced.
@@ -98,87 +114,210 @@ pub struct MsgReader {
 pub enum Fill {
     /// Some bytes arrived.
     Data,
+    /// Some bytes arrived, fewer than the buffer had room for and with no
+    /// fds: the socket was empty when the read returned, so an
+    /// edge-triggered loop need not read again before the next event.
+    Drained,
     /// Nothing more for now.
     WouldBlock,
     /// The peer closed.
     Eof,
 }
 
+/// A received message whose payload is still in the reader's buffer.
+#[derive(Debug)]
+pub struct MsgView<'a> {
+    /// Header.
+    pub hdr: Header,
+    /// Everything after the header.
+    pub payload: &'a [u8],
+    /// Fds that came with it.
+    pub fds: Vec<OwnedFd>,
+    /// As [`Msg::fail`].
+    pub fail: Option<i32>,
+}
+
+impl MsgView<'_> {
+    /// The message with its payload copied out of the reader.
+    pub fn to_msg(self) -> Msg {
+        Msg { hdr: self.hdr, payload: self.payload.to_vec(), fds: self.fds, fail: self.fail }
+    }
+}
+
+/// Bytes a read asks for at least (the buffer's first size).
+const READ_CHUNK: usize = 64 * 1024;
+
 impl MsgReader {
     /// A reader accepting payloads up to `max_payload` bytes; bigger ones
     /// are skipped and failed with E2BIG.
     pub fn new(max_payload: usize) -> MsgReader {
         MsgReader {
-            buf: Vec::new(),
+            buf: vec![0; READ_CHUNK.min(max_payload + HEADER_SIZE).max(HEADER_SIZE * 4)],
+            start: 0,
+            end: 0,
+            pos: 0,
             fds: Vec::new(),
-            truncated: false,
+            truncated: Vec::new(),
             refused: Vec::new(),
             max_payload,
             skipping: None,
         }
     }
 
-    fn want(&self) -> usize {
-        if let Some((_, left)) = self.skipping {
-            return usize::try_from(left).unwrap_or(usize::MAX).min(256 * 1024);
+    /// Whether a whole message (or the end of a skipped one) is buffered.
+    pub fn has_msg(&self) -> bool {
+        if let Some((_, _, stop)) = self.skipping {
+            return self.pos + (self.end - self.start) as u64 >= stop;
         }
-        match proto::read::<Header>(&self.buf) {
-            None => HEADER_SIZE - self.buf.len(),
-            Some(h) => (h.msg_size as usize).saturating_sub(self.buf.len()).min(256 * 1024),
+        match proto::read::<Header>(&self.buf[self.start..self.end]) {
+            None => false,
+            Some(h) => (h.msg_size as usize) < HEADER_SIZE || self.end - self.start >= h.msg_size as usize,
         }
     }
 
-    /// One non-blocking read from `sock`, never past the current message.
-    pub fn fill(&mut self, sock: BorrowedFd<'_>) -> Result<Fill, Error> {
-        let want = self.want();
-        if want == 0 {
-            return Ok(Fill::Data);
+    /// Stream position of the message after the one starting at `at`
+    /// (whose header is in the buffer up to `end`), if it can be told.
+    fn next_start(&self, at: u64, end: usize) -> Option<u64> {
+        if let Some((_, s, e)) = self.skipping {
+            if s == at {
+                return Some(e);
+            }
         }
-        let mut chunk = vec![0u8; want];
+        let i = self.start + usize::try_from(at.checked_sub(self.pos)?).ok()?;
+        let h = proto::read::<Header>(self.buf.get(i..end)?)?;
+        (h.msg_size as usize >= HEADER_SIZE).then(|| at + u64::from(h.msg_size))
+    }
+
+    /// Stream position of the last message that starts before `limit`
+    /// (the buffer ending at `end`).
+    fn owner(&self, limit: u64, end: usize) -> u64 {
+        let mut at = self.skipping.map_or(self.pos, |(_, s, _)| s);
+        while let Some(n) = self.next_start(at, end) {
+            if n >= limit {
+                break;
+            }
+            at = n;
+        }
+        at
+    }
+
+    /// Makes room for the next read: the current message whole if the
+    /// buffer can hold it (up to the largest accepted), and at least a
+    /// quarter of the buffer free.
+    fn make_room(&mut self) {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        let need = match (self.skipping, proto::read::<Header>(&self.buf[self.start..self.end])) {
+            (None, Some(h)) if h.msg_size as usize <= self.max_payload + HEADER_SIZE => h.msg_size as usize,
+            _ => 0,
+        }
+        .max(self.end - self.start + 1);
+        if self.buf.len() - self.end < self.buf.len() / 4 || self.buf.len() - self.start < need {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() < need {
+            self.buf.resize(need, 0);
+        }
+    }
+
+    /// One non-blocking read from `sock` of as much as has arrived.
+    pub fn fill(&mut self, sock: BorrowedFd<'_>) -> Result<Fill, Error> {
+        self.make_room();
+        let room = self.buf.len() - self.end;
         // Every fd the kernel installs is owned here, even when more were
         // sent than the buffer holds (the kernel closed those).
-        let got = match iommu_core::scm::recv(sock, &mut chunk, MAX_MSG_FDS) {
+        let got = match iommu_core::scm::recv(sock, &mut self.buf[self.end..], MAX_MSG_FDS) {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Fill::WouldBlock),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(Fill::Data),
             Err(e) => return Err(Error::Io(e)),
         };
-        self.truncated |= got.truncated;
-        for fd in got.fds {
-            if let Some(why) = close_may_block(fd.as_fd()) {
-                self.refused.push(why);
-                memfd::close_elsewhere(fd);
-            } else if self.fds.len() >= MAX_MSG_FDS {
-                // Closed at once: a message cannot hoard descriptors.
-                self.truncated = true;
-            } else {
-                self.fds.push(fd);
+        let n = got.bytes;
+        let had_fds = !got.fds.is_empty() || got.truncated;
+        if had_fds {
+            let new_end = self.end + n;
+            let limit = self.pos + (new_end - self.start) as u64;
+            // Fds that came with no byte (a peer closing) belong to the
+            // message being received.
+            let owner = self.owner(limit.max(self.pos + 1), new_end);
+            if got.truncated {
+                self.truncated.push(owner);
+            }
+            for fd in got.fds {
+                if let Some(why) = close_may_block(fd.as_fd()) {
+                    self.refused.push((owner, why));
+                    memfd::close_elsewhere(fd);
+                } else if self.fds.iter().filter(|(o, _)| *o == owner).count() >= MAX_MSG_FDS {
+                    // Closed at once: a message cannot hoard descriptors.
+                    self.truncated.push(owner);
+                } else {
+                    self.fds.push((owner, fd));
+                }
             }
         }
-        let n = got.bytes;
         if n == 0 {
             return Ok(Fill::Eof);
         }
-        match self.skipping.as_mut() {
-            Some((_, left)) => *left -= n as u64,
-            None => self.buf.extend_from_slice(&chunk[..n]),
-        }
-        Ok(Fill::Data)
+        self.end += n;
+        Ok(if n < room && !had_fds { Fill::Drained } else { Fill::Data })
     }
 
-    /// The next complete message, if any.
+    /// Takes what arrived with the message at stream position `at`, and
+    /// drops what belongs to messages before it (there are none unless a
+    /// peer attached fds in the middle of a message it sent in pieces).
+    fn take_fds(&mut self, at: u64) -> (Vec<OwnedFd>, bool, Vec<String>) {
+        let mut fds = Vec::new();
+        if !self.fds.is_empty() {
+            let all = std::mem::take(&mut self.fds);
+            for (o, fd) in all {
+                if o == at {
+                    fds.push(fd);
+                } else if o > at {
+                    self.fds.push((o, fd));
+                }
+            }
+        }
+        let trunc = !self.truncated.is_empty() && self.truncated.contains(&at);
+        if !self.truncated.is_empty() {
+            self.truncated.retain(|&o| o > at);
+        }
+        let mut refused = Vec::new();
+        if !self.refused.is_empty() {
+            for (o, why) in std::mem::take(&mut self.refused) {
+                if o == at {
+                    refused.push(why);
+                } else if o > at {
+                    self.refused.push((o, why));
+                }
+            }
+        }
+        (fds, trunc, refused)
+    }
+
+    /// The next complete message, if any, copied out of the buffer.
     pub fn next_msg(&mut self) -> Result<Option<Msg>, Error> {
-        if let Some((hdr, left)) = self.skipping {
-            if left > 0 {
+        Ok(self.next_view()?.map(MsgView::to_msg))
+    }
+
+    /// The next complete message, if any, its payload in the buffer.
+    pub fn next_view(&mut self) -> Result<Option<MsgView<'_>>, Error> {
+        if let Some((hdr, at, stop)) = self.skipping {
+            let skip = usize::try_from(stop - self.pos).unwrap_or(usize::MAX).min(self.end - self.start);
+            self.start += skip;
+            self.pos += skip as u64;
+            if self.pos < stop {
                 return Ok(None);
             }
             self.skipping = None;
-            self.fds.clear();
-            self.truncated = false;
-            self.refused.clear();
-            return Ok(Some(Msg { hdr, payload: Vec::new(), fds: Vec::new(), fail: Some(libc::E2BIG) }));
+            // Its fds are closed here.
+            drop(self.take_fds(at));
+            return Ok(Some(MsgView { hdr, payload: &[], fds: Vec::new(), fail: Some(libc::E2BIG) }));
         }
-        let Some(hdr) = proto::read::<Header>(&self.buf) else { return Ok(None) };
+        let Some(hdr) = proto::read::<Header>(&self.buf[self.start..self.end]) else { return Ok(None) };
         let size = hdr.msg_size as usize;
         if size < HEADER_SIZE {
             return Err(Error::BadSize { msg_id: hdr.msg_id, size: hdr.msg_size });
@@ -191,31 +330,33 @@ impl MsgReader {
                 size,
                 self.max_payload + HEADER_SIZE
             );
-            self.skipping = Some((hdr, (size - self.buf.len()) as u64));
-            self.buf.clear();
-            return self.next_msg();
+            self.skipping = Some((hdr, self.pos, self.pos + size as u64));
+            return self.next_view();
         }
-        if self.buf.len() < size {
+        if self.end - self.start < size {
             return Ok(None);
         }
-        let payload = self.buf[HEADER_SIZE..size].to_vec();
-        self.buf.clear();
-        let fds = std::mem::take(&mut self.fds);
-        let trunc = std::mem::replace(&mut self.truncated, false);
-        let refused = std::mem::take(&mut self.refused);
-        let what = format!("message {} ({})", hdr.msg_id, cmd::name(hdr.command));
+        let at = self.pos;
+        let (fds, trunc, refused) = self.take_fds(at);
+        let what = || format!("message {} ({})", hdr.msg_id, cmd::name(hdr.command));
         if trunc {
             tracing::warn!(
-                "{what} came with more than {MAX_MSG_FDS} fds (max_msg_fds); all were closed and it fails with EINVAL"
+                "{} came with more than {MAX_MSG_FDS} fds (max_msg_fds); all were closed and it fails with EINVAL",
+                what()
             );
         }
         for why in &refused {
             tracing::warn!(
-                "{what}: an fd was refused and closed on another thread: {why}; the command fails with EINVAL"
+                "{}: an fd was refused and closed on another thread: {why}; the command fails with EINVAL",
+                what()
             );
         }
         let fail = (trunc || !refused.is_empty()).then_some(libc::EINVAL);
-        Ok(Some(Msg { hdr, payload, fds, fail }))
+        let fds = if fail.is_some() { Vec::new() } else { fds };
+        let p = self.start + HEADER_SIZE..self.start + size;
+        self.start += size;
+        self.pos += size as u64;
+        Ok(Some(MsgView { hdr, payload: &self.buf[p], fds, fail }))
     }
 }
 
@@ -245,7 +386,7 @@ mod tests {
             match r.fill(b.as_fd()).unwrap() {
                 Fill::Eof => break,
                 Fill::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
-                Fill::Data => {}
+                Fill::Data | Fill::Drained => {}
             }
             while let Some(m) = r.next_msg().unwrap() {
                 got.push(m);
@@ -253,6 +394,48 @@ mod tests {
         }
         assert_eq!(got.iter().map(|m| (m.hdr.msg_id, m.fds.len())).collect::<Vec<_>>(), vec![(1, 0), (2, 1), (3, 0)]);
         assert_eq!(got[1].payload, vec![7; 32]);
+    }
+
+    #[test]
+    fn one_read_takes_many_messages_and_the_buffer_grows_for_a_large_one() {
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let w = Writer::new(OwnedFd::from(a));
+        for id in 0..50u8 {
+            w.send(&[&msg(u16::from(id), 9, &[id; 16])], &[]).unwrap();
+        }
+        let big: Vec<u8> = (0..300_000u32).map(|i| i.to_le_bytes()[0]).collect();
+        // More than a socket buffer holds: sent while the reader reads.
+        let w = std::sync::Arc::new(w);
+        let (w2, big2) = (w.clone(), big.clone());
+        let sender = std::thread::spawn(move || {
+            w2.send(&[&msg(50, 10, &big2)], &[]).unwrap();
+            w2.send(&[&msg(51, 13, &[])], &[]).unwrap();
+        });
+        // Let the small ones arrive before the first read.
+        std::thread::sleep(Duration::from_millis(20));
+        let mut r = MsgReader::new(1 << 20);
+        // The 50 small messages arrive whole in the first read.
+        assert!(matches!(r.fill(b.as_fd()).unwrap(), Fill::Data | Fill::Drained));
+        for id in 0..50u8 {
+            let m = r.next_view().unwrap().unwrap();
+            assert_eq!((m.hdr.msg_id, m.payload), (u16::from(id), &[id; 16][..]));
+        }
+        let mut got = vec![];
+        while got.len() < 2 {
+            match r.fill(b.as_fd()).unwrap() {
+                Fill::Eof => break,
+                Fill::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+                Fill::Data | Fill::Drained => {}
+            }
+            while let Some(m) = r.next_msg().unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!((got[0].hdr.msg_id, got[0].payload.len()), (50, big.len()));
+        assert!(got[0].payload == big);
+        assert_eq!((got[1].hdr.msg_id, got[1].payload.len()), (51, 0));
+        sender.join().unwrap();
     }
 
     #[test]
@@ -271,7 +454,7 @@ mod tests {
             match r.next_msg() {
                 Ok(Some(m)) => got.push((m.hdr.msg_id, m.fail)),
                 Ok(None) => {
-                    assert_eq!(r.fill(b.as_fd()).unwrap(), Fill::Data);
+                    assert!(matches!(r.fill(b.as_fd()).unwrap(), Fill::Data | Fill::Drained));
                 }
                 Err(e) => break e,
             }
@@ -303,7 +486,7 @@ mod tests {
         let mut r = MsgReader::new(1024);
         let mut got = vec![];
         while got.len() < 2 {
-            assert_eq!(r.fill(b.as_fd()).unwrap(), Fill::Data);
+            assert!(matches!(r.fill(b.as_fd()).unwrap(), Fill::Data | Fill::Drained));
             while let Some(m) = r.next_msg().unwrap() {
                 got.push(m);
             }
@@ -328,7 +511,7 @@ mod tests {
         let mut r = MsgReader::new(1024);
         let mut got = vec![];
         while got.len() < 3 {
-            assert_eq!(r.fill(b.as_fd()).unwrap(), Fill::Data);
+            assert!(matches!(r.fill(b.as_fd()).unwrap(), Fill::Data | Fill::Drained));
             while let Some(m) = r.next_msg().unwrap() {
                 got.push(m);
             }

@@ -11,6 +11,9 @@ use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 use super::Error;
 
+/// Most parts a message is sent from without copying them together.
+const MAX_PARTS: usize = 8;
+
 /// Writes whole messages to the socket from any thread.
 pub struct Writer {
     sock: OwnedFd,
@@ -25,29 +28,56 @@ impl Writer {
         Writer { sock, lock: Mutex::new(()), broken: AtomicBool::new(false), timeout: Duration::from_secs(10) }
     }
 
-    /// Sends one message made of `parts`, with `fds` attached to it.
+    /// Sends one message made of `parts`, with `fds` attached to it: one
+    /// `sendmsg` of the parts as they are (no copy) unless the socket
+    /// takes only part of it.
     pub fn send(&self, parts: &[&[u8]], fds: &[BorrowedFd<'_>]) -> Result<(), Error> {
         if self.broken.load(Ordering::Acquire) {
             return Err(Error::Io(std::io::Error::from(std::io::ErrorKind::BrokenPipe)));
         }
-        let bytes: Vec<u8> = parts.concat();
-        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        if parts.len() > MAX_PARTS {
+            return self.send(&[&parts.concat()], fds);
+        }
+        let mut small = [0 as RawFd; super::MAX_MSG_FDS];
+        let many: Vec<RawFd>;
+        let raw: &[RawFd] = if fds.len() <= small.len() {
+            for (r, f) in small.iter_mut().zip(fds) {
+                *r = f.as_raw_fd();
+            }
+            &small[..fds.len()]
+        } else {
+            many = fds.iter().map(|f| f.as_raw_fd()).collect();
+            &many
+        };
+        let total: usize = parts.iter().map(|p| p.len()).sum();
         let _g = sync::lock(&self.lock);
         let mut off = 0;
         let mut first = true;
-        // One deadline for the whole message: a client reading a byte now
-        // and then cannot hold the sender forever.
-        let deadline = std::time::Instant::now() + self.timeout;
-        while off < bytes.len() {
-            let iov = [std::io::IoSlice::new(&bytes[off..])];
-            let cmsgs = [ControlMessage::ScmRights(&raw)];
+        // One deadline for the whole message, set at the first wait: a
+        // client reading a byte now and then cannot hold the sender forever.
+        let mut deadline = None;
+        while off < total {
+            let mut iov = [std::io::IoSlice::new(&[]); MAX_PARTS];
+            let mut n_iov = 0;
+            let mut skip = off;
+            for p in parts {
+                if skip >= p.len() {
+                    skip -= p.len();
+                    continue;
+                }
+                iov[n_iov] = std::io::IoSlice::new(&p[skip..]);
+                skip = 0;
+                n_iov += 1;
+            }
+            let cmsgs = [ControlMessage::ScmRights(raw)];
             let cm: &[ControlMessage] = if first && !raw.is_empty() { &cmsgs } else { &[] };
-            match sendmsg::<()>(self.sock.as_raw_fd(), &iov, cm, MsgFlags::MSG_NOSIGNAL, None) {
+            match sendmsg::<()>(self.sock.as_raw_fd(), &iov[..n_iov], cm, MsgFlags::MSG_NOSIGNAL, None) {
                 Ok(n) => {
                     off += n;
                     first = false;
                 }
                 Err(nix::errno::Errno::EAGAIN) => {
+                    let deadline = *deadline.get_or_insert_with(|| std::time::Instant::now() + self.timeout);
                     let mut p = [nix::poll::PollFd::new(self.sock.as_fd(), nix::poll::PollFlags::POLLOUT)];
                     let left = deadline.saturating_duration_since(std::time::Instant::now());
                     let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);

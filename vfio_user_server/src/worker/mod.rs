@@ -24,7 +24,7 @@ use crate::device::{Device, DeviceContext, IoFdDesc, MsixDesc, RegionDesc};
 use crate::dma::Dma;
 use crate::irq::Irqs;
 use crate::pci::PciConfig;
-use crate::proto::{self, cmd, region, Header};
+use crate::proto::{self, cmd, region, Header, HEADER_SIZE};
 
 mod dma_cmds;
 mod ext;
@@ -52,6 +52,8 @@ pub const MAX_BITMAP_BYTES: u64 = 1 << 20;
 /// What is queued for the device thread; the event loop stops reading the
 /// client while it is over the limits, and the device thread wakes it.
 pub struct Backlog {
+    /// Jobs of any kind sent to the device thread and not finished.
+    queued: std::sync::atomic::AtomicUsize,
     bytes: std::sync::atomic::AtomicUsize,
     jobs: std::sync::atomic::AtomicUsize,
     paused: std::sync::atomic::AtomicBool,
@@ -66,7 +68,29 @@ impl Backlog {
 
     /// A backlog that wakes the loop through `waker`.
     pub fn new(waker: Arc<mio::Waker>) -> Arc<Backlog> {
-        Arc::new(Backlog { bytes: Default::default(), jobs: Default::default(), paused: Default::default(), waker })
+        Arc::new(Backlog {
+            queued: Default::default(),
+            bytes: Default::default(),
+            jobs: Default::default(),
+            paused: Default::default(),
+            waker,
+        })
+    }
+
+    /// A job (of any kind) is being sent to the device thread.
+    pub fn job_sent(&self) {
+        self.queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The device thread finished a job.
+    fn job_done(&self) {
+        self.queued.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the device thread has nothing queued or running: a command
+    /// answered now by another thread comes after every earlier one.
+    pub fn idle(&self) -> bool {
+        self.queued.load(std::sync::atomic::Ordering::SeqCst) == 0
     }
 
     /// A command of `n` payload bytes was queued.
@@ -218,33 +242,105 @@ impl Worker {
         self.stats.clone()
     }
 
-    /// Runs jobs until [`Job::Stop`] or the sender goes away.
-    pub fn run(mut self, rx: crossbeam_channel::Receiver<Job>, backlog: Arc<Backlog>) {
+    /// Runs jobs until [`Job::Stop`] or the sender goes away. The worker
+    /// is locked for each job only: between jobs the event loop may take
+    /// it to answer a register access itself (see [`Worker::try_inline`]).
+    pub fn run(worker: Arc<std::sync::Mutex<Worker>>, rx: crossbeam_channel::Receiver<Job>, backlog: Arc<Backlog>) {
         while let Ok(job) = rx.recv() {
-            match job {
-                Job::Connected(w, p, io) => {
-                    self.stats.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    self.io_fds = self.io_descs.iter().copied().zip(io).collect();
-                    self.writer = Some(w);
-                    self.dma.set_client(Some(p.clone()));
-                    self.port = Some(p);
-                    self.neg = Negotiated::default();
-                }
-                Job::Command(m) => {
-                    let n = m.payload.len();
-                    self.command(m);
-                    backlog.done(n);
-                }
-                Job::Disconnected => self.disconnect(),
-                Job::IoFd(i, queued) => {
-                    queued.store(false, std::sync::atomic::Ordering::Release);
-                    self.io_fd(i);
-                }
-                Job::Stop => break,
+            let mut w = sync::lock(&worker);
+            let stop = w.job(job, &backlog);
+            drop(w);
+            backlog.job_done();
+            if stop {
+                break;
             }
         }
-        self.disconnect();
-        self.device.set_running(false);
+        let mut w = sync::lock(&worker);
+        w.disconnect();
+        w.device.set_running(false);
+    }
+
+    /// Runs one job; true for [`Job::Stop`].
+    fn job(&mut self, job: Job, backlog: &Backlog) -> bool {
+        match job {
+            Job::Connected(w, p, io) => {
+                self.stats.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.io_fds = self.io_descs.iter().copied().zip(io).collect();
+                self.writer = Some(w);
+                self.dma.set_client(Some(p.clone()));
+                self.port = Some(p);
+                self.neg = Negotiated::default();
+            }
+            Job::Command(m) => {
+                let n = m.payload.len();
+                self.command(m);
+                backlog.done(n);
+            }
+            Job::Disconnected => self.disconnect(),
+            Job::IoFd(i, queued) => {
+                queued.store(false, std::sync::atomic::Ordering::Release);
+                self.io_fd(i);
+            }
+            Job::Stop => return true,
+        }
+        false
+    }
+
+    /// Answers a small REGION_READ or REGION_WRITE on the calling thread
+    /// (the event loop's) if nothing about it can wait: config space reads,
+    /// the MSI-X table and PBA, BARs that do not decode, and device
+    /// registers whose device says so ([`Device::answers_inline`]). The
+    /// caller guarantees that the device thread has no job queued or
+    /// running, so the command keeps its place in the order. `out` is a
+    /// buffer the reply is built in, kept by the caller. Returns false,
+    /// having done nothing, if the command must go to the device thread.
+    pub fn try_inline(&mut self, hdr: &Header, p: &[u8], out: &mut Vec<u8>) -> bool {
+        if !self.neg.done || hdr.is_reply() || hdr.flags & proto::flags::TYPE_MASK != proto::flags::COMMAND {
+            return false;
+        }
+        let write = match hdr.command {
+            cmd::REGION_READ => false,
+            cmd::REGION_WRITE => true,
+            _ => return false,
+        };
+        let Some(q) = proto::read::<proto::RegionAccess>(p) else { return false };
+        let n = q.count as usize;
+        if n == 0 || n > 8 || (write && p.len() != 16 + n) {
+            return false;
+        }
+        let data = if write { Some(&p[16..]) } else { None };
+        if !self.inline_ok(q.region, q.offset, n, data) {
+            return false;
+        }
+        let Some(w) = self.writer.clone() else { return false };
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.commands.fetch_add(1, Relaxed);
+        *sync::lock(&self.stats.by_command).entry(hdr.command).or_default() += 1;
+        out.clear();
+        let res = if let Some(d) = data {
+            out.extend_from_slice(hdr.reply(16).as_bytes());
+            out.extend_from_slice(q.as_bytes());
+            self.region_write(q.region, q.offset, d)
+        } else {
+            out.extend_from_slice(hdr.reply(16 + n).as_bytes());
+            out.extend_from_slice(q.as_bytes());
+            out.resize(HEADER_SIZE + 16 + n, 0);
+            self.region_read(q.region, q.offset, &mut out[HEADER_SIZE + 16..])
+        };
+        if hdr.no_reply() {
+            return true;
+        }
+        let sent = match res {
+            Ok(()) => w.send(&[out], &[]),
+            Err(errno) => {
+                self.stats.errors.fetch_add(1, Relaxed);
+                w.send(&[hdr.error_reply(errno).as_bytes()], &[])
+            }
+        };
+        if let Err(e) = sent {
+            tracing::info!("reply to {} not sent: {e}", cmd::name(hdr.command));
+        }
+        true
     }
 
     fn disconnect(&mut self) {

@@ -26,6 +26,26 @@ impl Worker {
         Ok(())
     }
 
+    /// Whether an access of `len` bytes at `offset` of region `index` (a
+    /// write of `data`, or a read) can be done on the event loop's thread:
+    /// nothing it does waits for another thread. Accesses that fail go to
+    /// the device thread, which answers them with their errno.
+    pub(super) fn inline_ok(&self, index: u32, offset: u64, len: usize, data: Option<&[u8]>) -> bool {
+        if self.check_range(index, offset, len).is_err() {
+            return false;
+        }
+        if index == region::CONFIG {
+            // A config write may reset the function or stop its DMA.
+            return data.is_none();
+        }
+        if !self.decodes(index) || self.msix.and_then(|m| m.locate(index, offset, len)).is_some() {
+            return true;
+        }
+        let allowed =
+            self.regions[index as usize].as_ref().is_some_and(|r| if data.is_some() { r.write } else { r.read });
+        allowed && self.device.answers_inline(index, offset, len, data)
+    }
+
     /// Reads a region: config space, the MSI-X table or PBA, or the device.
     pub fn region_read(&mut self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
         self.check_range(index, offset, buf.len())?;

@@ -192,6 +192,30 @@ impl Device for DmaEngine {
         }
     }
 
+    fn answers_inline(&self, index: u32, offset: u64, _len: usize, data: Option<&[u8]>) -> bool {
+        let Some(data) = data else { return true };
+        if index != 0 {
+            // Doorbells in BAR 2.
+            return true;
+        }
+        // What waits for the queue threads: disabling the device, and
+        // either edge of a queue's enable.
+        let base = offset & !7;
+        let off = offset - base;
+        let r = sync::lock(&self.shared.regs);
+        match base {
+            regs::CTRL => !(r.enabled && reg_merge(self.reg_word(&r, base), off, data) & 1 == 0),
+            _ => match queue_reg(base) {
+                Some((qi, regs::Q_CTRL)) if off < 4 => {
+                    let q = &r.queues[qi];
+                    let ctrl = reg_merge(u64::from(q.ctrl) | (u64::from(q.head) << 32), off, data) as u32;
+                    (ctrl ^ q.ctrl) & regs::Q_CTRL_ENABLE == 0
+                }
+                _ => true,
+            },
+        }
+    }
+
     fn region_read(&mut self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
         match index {
             0 => {
@@ -220,6 +244,8 @@ impl Device for DmaEngine {
                 let old = self.reg_word(&r, base);
                 let v = reg_merge(old, off, data);
                 let mut doorbell = None;
+                // Which queue threads the write concerns.
+                let mut wake = None;
                 match base {
                     regs::CTRL => {
                         let en = v & 1 != 0;
@@ -240,6 +266,9 @@ impl Device for DmaEngine {
                                 q.tail = q.head;
                             }
                             return Ok(());
+                        }
+                        if en != r.enabled {
+                            wake = Some(None);
                         }
                         r.enabled = en;
                     }
@@ -287,12 +316,19 @@ impl Device for DmaEngine {
                                         q.ctrl = ctrl;
                                         drop(r);
                                         drop(_gate);
-                                        self.shared.wake();
+                                        self.shared.wake_queue(qi);
                                         return Ok(());
                                     }
+                                    // Only Q_CTRL_IRQ changed: nothing to wake.
                                     q.ctrl = ctrl;
                                 }
-                                regs::Q_TAIL if off < 4 => doorbell = Some((qi, v as u32)),
+                                regs::Q_TAIL if off < 4 => {
+                                    doorbell = Some((qi, v as u32));
+                                    // A doorbell at HEAD submits nothing.
+                                    if v as u32 != q.head {
+                                        wake = Some(Some(qi));
+                                    }
+                                }
                                 _ => {}
                             }
                         }
@@ -302,12 +338,22 @@ impl Device for DmaEngine {
                 if let Some((q, t)) = doorbell {
                     self.shared.set_doorbell(q, t);
                 }
-                self.shared.wake();
+                match wake {
+                    Some(Some(q)) => self.shared.wake_queue(q),
+                    Some(None) => self.shared.wake(),
+                    None => {}
+                }
                 Ok(())
             }
             2 => {
                 self.bar2.write_all_at(data, offset).map_err(|_| libc::EIO)?;
-                self.shared.wake();
+                // Doorbells are 8 bytes apart: wake the queues whose
+                // doorbell the write touched.
+                let first = offset / 8;
+                let last = (offset + data.len().max(1) as u64 - 1) / 8;
+                for q in first..=last.min(QUEUES as u64 - 1) {
+                    self.shared.wake_queue(q as usize);
+                }
                 Ok(())
             }
             _ => Err(libc::EINVAL),

@@ -48,6 +48,29 @@ pub(super) struct Regs {
     pub(super) queues: [QueueRegs; QUEUES],
 }
 
+/// How a queue's thread is woken: a count of kicks, and a condition
+/// variable signalled only while the thread is parked on it (a kick while
+/// it runs or polls costs no system call).
+#[derive(Default)]
+struct Kick {
+    count: Mutex<u64>,
+    cv: Condvar,
+    /// Set, under `count`, while the thread waits on `cv`.
+    parked: AtomicBool,
+}
+
+impl Kick {
+    fn kick(&self) {
+        let mut c = sync::lock(&self.count);
+        *c = c.wrapping_add(1);
+        let parked = self.parked.load(Ordering::Relaxed);
+        drop(c);
+        if parked {
+            self.cv.notify_one();
+        }
+    }
+}
+
 /// What the device and its queue threads share.
 pub(super) struct Shared {
     pub(super) regs: Mutex<Regs>,
@@ -59,8 +82,8 @@ pub(super) struct Shared {
     pub(super) held: AtomicBool,
     /// Set while work is being voided (see [`Shared::void`]).
     voiding: AtomicBool,
-    kick: Mutex<u64>,
-    kicked: Condvar,
+    /// Per queue: what wakes its thread.
+    kicks: [Kick; QUEUES],
     /// The doorbell page (swapped for a fresh one when a client leaves).
     pub(super) doorbells: RwLock<Words>,
     pub(super) stop: AtomicBool,
@@ -84,8 +107,7 @@ impl Shared {
             gate: RwLock::new(true),
             held: AtomicBool::new(false),
             voiding: AtomicBool::new(false),
-            kick: Mutex::new(0),
-            kicked: Condvar::new(),
+            kicks: Default::default(),
             doorbells: RwLock::new(doorbells),
             stop: Default::default(),
             voids: Default::default(),
@@ -108,12 +130,18 @@ impl Shared {
         }
     }
 
+    /// Wakes every queue's thread (a change that concerns them all).
     pub(super) fn wake(&self) {
-        {
-            let mut k = sync::lock(&self.kick);
-            *k = k.wrapping_add(1);
+        for k in &self.kicks {
+            k.kick();
         }
-        self.kicked.notify_all();
+    }
+
+    /// Wakes queue `q`'s thread.
+    pub(super) fn wake_queue(&self, q: usize) {
+        if let Some(k) = self.kicks.get(q) {
+            k.kick();
+        }
     }
 
     /// Voids the work of the queues in `which` (accepted at once: no
@@ -172,52 +200,112 @@ pub(super) fn doorbell_page(from: Option<&File>) -> std::io::Result<(File, Words
     Ok((f, m))
 }
 
+/// Empty polls spent yielding the CPU after work, before the thread
+/// sleeps between polls (a driver that submits again within them is
+/// served without a wake-up).
+const SPIN_ROUNDS: u32 = 64;
+/// The shortest and the longest sleep between polls of an idle but
+/// runnable queue; the sleep doubles every [`BACKOFF_STEP`] empty polls.
+const POLL_MIN: Duration = Duration::from_micros(50);
+const POLL_MAX: Duration = Duration::from_millis(4);
+const BACKOFF_STEP: u32 = 8;
+
 /// A queue's thread: runs what is submitted while the queue can run, and
 /// polls or sleeps in between, until the device stops.
+///
+/// Doorbells written through an mmap are not trapped, so a queue that can
+/// run polls its doorbell: after work it yields the CPU between polls for
+/// a while ([`SPIN_ROUNDS`]), then sleeps between polls, longer and
+/// longer up to [`POLL_MAX`] (an idle queue costs a wake-up every few
+/// milliseconds). A queue that cannot run (device or queue disabled,
+/// halted, bus mastering off) sleeps until kicked: the register writes
+/// that concern it, command register or power state changes, resets,
+/// state loads and stop kick it.
 pub(super) fn queue_loop(shared: Arc<Shared>, ctx: DeviceContext, q: usize) {
+    let kick = &shared.kicks[q];
     let mut idle_rounds = 0u32;
     while !shared.stop.load(Ordering::Acquire) {
         // After client DMA was given up for a fence: try again once it
         // is down (holding nothing that the fencing thread waits for).
         ctx.dma.wait_client(Duration::from_secs(1));
-        let seen = *sync::lock(&shared.kick);
+        let seen = *sync::lock(&kick.count);
         let did = drain(&shared, &ctx, q);
         if did {
             idle_rounds = 0;
             continue;
         }
-        // Doorbells written through an mmap are not trapped: while the
-        // queue can run, poll them, briefly often, then less often while
-        // idle. A queue that cannot run (device or queue disabled,
-        // halted, bus mastering off) waits for a kick alone: every
-        // register write, command register or power state change,
-        // reset, state load and stop kicks, so an idle device costs
-        // nothing.
         let runnable = ctx.dma.bus_master() && *sync::read(&shared.gate) && {
             let r = sync::lock(&shared.regs);
             let qr = &r.queues[q];
             r.enabled && qr.ctrl & regs::Q_CTRL_ENABLE != 0 && !qr.halted
         };
         idle_rounds = idle_rounds.saturating_add(1);
-        let wait = if idle_rounds < 100 { Duration::from_micros(50) } else { Duration::from_millis(2) };
-        let k = sync::lock(&shared.kick);
+        if runnable && idle_rounds <= SPIN_ROUNDS {
+            std::thread::yield_now();
+            continue;
+        }
+        let k = sync::lock(&kick.count);
         // `stop` is read under the kick lock: a stop set after the loop's
         // test but before `seen` was read has its kick counted in `seen`,
         // and would otherwise leave this thread waiting for good.
         if *k == seen && !shared.stop.load(Ordering::Acquire) {
-            if runnable {
-                drop(crate::devices::wait_timeout(&shared.kicked, &shared.kick, k, wait));
+            kick.parked.store(true, Ordering::Relaxed);
+            let k = if runnable {
+                let doublings = ((idle_rounds - SPIN_ROUNDS) / BACKOFF_STEP).min(16);
+                let wait = POLL_MIN.saturating_mul(1 << doublings).min(POLL_MAX);
+                crate::devices::wait_timeout(&kick.cv, &kick.count, k, wait)
             } else {
                 idle_rounds = 0;
-                drop(crate::devices::wait(&shared.kicked, &shared.kick, k));
-            }
+                crate::devices::wait(&kick.cv, &kick.count, k)
+            };
+            kick.parked.store(false, Ordering::Relaxed);
+            drop(k);
         }
+    }
+}
+
+/// Most descriptors fetched with one read of the ring.
+const FETCH: usize = 16;
+
+/// Descriptors fetched ahead of HEAD (submitted ones, which the driver
+/// may no longer change), for one pass over the queue: they are dropped
+/// with it, and unused once the queue's work is voided.
+struct Fetched {
+    raw: [u8; FETCH * DESC_SIZE as usize],
+    /// Ring index of the first, how many, and the void generation they
+    /// were fetched in.
+    first: u32,
+    len: usize,
+    gen: u64,
+}
+
+impl Default for Fetched {
+    fn default() -> Fetched {
+        Fetched { raw: [0; FETCH * DESC_SIZE as usize], first: 0, len: 0, gen: u64::MAX }
+    }
+}
+
+impl Fetched {
+    fn fill(&mut self, first: u32, len: usize, gen: u64) {
+        (self.first, self.len, self.gen) = (first, len, gen);
+    }
+
+    /// The descriptor at ring index `head`, if fetched in generation `gen`.
+    fn get(&self, head: u32, gen: u64) -> Option<Descriptor> {
+        let i = head.wrapping_sub(self.first) as usize;
+        if self.gen != gen || i >= self.len {
+            return None;
+        }
+        let at = i * DESC_SIZE as usize;
+        let raw: &[u8; 64] = self.raw[at..at + 64].try_into().ok()?;
+        Some(Descriptor::parse(raw))
     }
 }
 
 /// Runs the queue's pending descriptors; true if any ran.
 fn drain(shared: &Shared, ctx: &DeviceContext, q: usize) -> bool {
     let mut did = false;
+    let mut fetched = Fetched::default();
     loop {
         let gate = sync::read(&shared.gate);
         if !*gate || shared.stop.load(Ordering::Acquire) || !ctx.dma.bus_master() {
@@ -245,31 +333,42 @@ fn drain(shared: &Shared, ctx: &DeviceContext, q: usize) -> bool {
         did = true;
         let ring_route =
             if qr.ring_pasid & regs::PASID_VALID != 0 { Route::Vpasid(qr.ring_pasid & 0xf_ffff) } else { Route::Rid };
-        let ring = ctx.dma.space(ring_route);
         let (d, from) = match qr.inflight {
             Some((d, p)) => (d, Some(p)),
-            None => {
-                let slot = u64::from(qr.head % qr.ring_size);
-                let at = qr.ring_base.wrapping_add(slot * DESC_SIZE);
-                let mut raw = [0u8; 64];
-                match ring.read(at, &mut raw) {
-                    Ok(()) => (Descriptor::parse(&raw), None),
-                    // Bus mastering went off, the client's DMA was
-                    // fenced, or the client is slow: fetch it again.
-                    Err(e) if e.stops_step() || e.client_timed_out() => return did,
-                    Err(e) => {
-                        tracing::debug!("dma-engine queue {q}: cannot fetch descriptor at {at:#x}: {e}");
-                        if let dma::Error::NoPasid(_) = e {
-                            ring.report_fault(at, false, FaultReason::NotPresent);
+            None => match fetched.get(qr.head, gen) {
+                Some(d) => (d, None),
+                None => {
+                    // Fetch what is submitted, up to FETCH descriptors and
+                    // the end of the ring, in one read.
+                    let slot = qr.head % qr.ring_size;
+                    let n = tail.wrapping_sub(qr.head).min(FETCH as u32).min(qr.ring_size - slot) as usize;
+                    let at = qr.ring_base.wrapping_add(u64::from(slot) * DESC_SIZE);
+                    let ring = ctx.dma.space(ring_route);
+                    match ring.read(at, &mut fetched.raw[..n * DESC_SIZE as usize]) {
+                        Ok(()) => {
+                            fetched.fill(qr.head, n, gen);
+                            match fetched.get(qr.head, gen) {
+                                Some(d) => (d, None),
+                                None => return did,
+                            }
                         }
-                        let mut r = sync::lock(&shared.regs);
-                        if shared.voids[q].load(Ordering::Acquire) == gen {
-                            r.queues[q].halted = true;
+                        // Bus mastering went off, the client's DMA was
+                        // fenced, or the client is slow: fetch it again.
+                        Err(e) if e.stops_step() || e.client_timed_out() => return did,
+                        Err(e) => {
+                            tracing::debug!("dma-engine queue {q}: cannot fetch descriptor at {at:#x}: {e}");
+                            if let dma::Error::NoPasid(_) = e {
+                                ring.report_fault(at, false, FaultReason::NotPresent);
+                            }
+                            let mut r = sync::lock(&shared.regs);
+                            if shared.voids[q].load(Ordering::Acquire) == gen {
+                                r.queues[q].halted = true;
+                            }
+                            return did;
                         }
-                        return did;
                     }
                 }
-            }
+            },
         };
         let step = || {
             if shared.voids[q].load(Ordering::Acquire) != gen || shared.stop.load(Ordering::Acquire) {
