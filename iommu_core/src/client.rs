@@ -399,6 +399,53 @@ impl Client {
     pub fn mappings(&mut self, session: u64, ioas: u32, from: u64, max: u32) -> Result<Vec<MappingInfo>> {
         expect!(self.call(&Request::Mappings { session, ioas, from, max }, &[])?, Reply::Mappings(m) => m)
     }
+
+    /// The generation page, mapped read-only: [`GenerationPage::load`]
+    /// is what [`Client::generation`] would answer, without asking.
+    pub fn generation_page(&mut self) -> Result<GenerationPage> {
+        let (r, mut fds) = self.call_fds(&Request::GenerationPage, &[])?;
+        let bytes = expect!(r, Reply::GenerationPage { bytes } => bytes)?;
+        let fd = fds.pop().ok_or_else(|| Error::Unexpected("the generation page reply carried no fd".into()))?;
+        if bytes < 8 {
+            return Err(Error::Unexpected(format!("a generation page of {bytes} bytes")));
+        }
+        let words = crate::shm::ReadOnlyWords::map(&std::fs::File::from(fd), bytes)
+            .map_err(|error| Error::Io { path: self.path.clone(), error })?;
+        Ok(GenerationPage { words })
+    }
+
+    /// A snapshot without mappings: each IOAS's `mappings` is empty and
+    /// `mappings_total` says how many it holds ([`Client::mappings_piece`]
+    /// reads them).
+    pub fn overview(&mut self) -> Result<Snapshot> {
+        expect!(self.call(&Request::Overview, &[])?, Reply::Status(s) => *s)
+    }
+
+    /// The core's counters.
+    pub fn counters(&mut self) -> Result<Counters> {
+        expect!(self.call(&Request::Counters, &[])?, Reply::Counters(c) => c)
+    }
+
+    /// Up to `max` mappings (at most [`wire::MAPPINGS_PAGE`]) of a paging
+    /// IOAS from the first at `from` or above, with the IOAS's change
+    /// count (pieces with equal counts are of the same mappings).
+    pub fn mappings_piece(&mut self, session: u64, ioas: u32, from: u64, max: u32) -> Result<MappingsPiece> {
+        let req = Request::MappingsPiece { session, ioas, from, max };
+        expect!(self.call(&req, &[])?, Reply::MappingsPiece(p) => p)
+    }
+}
+
+/// The core's generation page, mapped read-only ([`Client::generation_page`]).
+#[derive(Debug)]
+pub struct GenerationPage {
+    words: crate::shm::ReadOnlyWords,
+}
+
+impl GenerationPage {
+    /// The state generation now.
+    pub fn load(&self) -> u64 {
+        self.words.load(0).unwrap_or(0)
+    }
 }
 
 /// The connection's socket: poll it (e.g. for `POLLRDHUP`) to learn that

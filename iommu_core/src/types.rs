@@ -534,3 +534,28 @@ pub struct UnmapEntry {
     /// Length in bytes.
     pub length: u64,
 }
+
+/// The core's counters, as `Request::Counters` reports them to a
+/// connection (a session counts only itself).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Sessions open.
+    pub sessions: u64,
+    /// pPASIDs in use.
+    pub ppasids: u64,
+    /// The core-wide counters.
+    pub stats: CoreStats,
+}
+
+/// A piece of one IOAS's mappings (`Request::MappingsPiece`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappingsPiece {
+    /// How many times the IOAS's mappings have changed (successful maps,
+    /// copies and unmaps): two pieces with the same count are of the same
+    /// set of mappings.
+    pub changes: u64,
+    /// Mappings the IOAS holds now.
+    pub total: u64,
+    /// The mappings of the piece, in IOVA order.
+    pub mappings: Vec<MappingInfo>,
+}

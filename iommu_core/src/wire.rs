@@ -338,7 +338,36 @@ pub enum Request {
         /// The ranges.
         ranges: Vec<UnmapEntry>,
     },
+    /// Observer or session: a read-only fd of the generation page: word 0
+    /// (a native-endian `u64` at offset 0) is the state generation, stored
+    /// before any reply to what moved it is sent. Lets an observer check
+    /// for changes without a round trip.
+    GenerationPage,
+    /// Observer or session: `Status` without mappings (each IOAS's
+    /// `mappings` empty, `mappings_total` set); read them with
+    /// [`Request::MappingsPiece`].
+    Overview,
+    /// Observer or session: the core's counters (what changes with every
+    /// request, read-only ones too, without moving the generation).
+    Counters,
+    /// Observer or session: up to `max` mappings of a paging IOAS (at most
+    /// [`MAPPINGS_PAGE`]) from the first whose IOVA is `from` or above,
+    /// with the IOAS's change count: pieces with the same count are of the
+    /// same mappings.
+    MappingsPiece {
+        /// Session owning the IOAS.
+        session: u64,
+        /// IOAS id.
+        ioas: u32,
+        /// Lowest IOVA to list.
+        from: u64,
+        /// Most mappings to list.
+        max: u32,
+    },
 }
+
+/// Bytes of the generation page ([`Request::GenerationPage`]).
+pub const GENERATION_PAGE_BYTES: u64 = 4096;
 
 /// Most mappings one `Mappings` reply lists, and one `Status` reply lists
 /// in all (about 14 bytes each, so either stays under 1 MiB).
@@ -360,6 +389,10 @@ impl Request {
                 | Request::DriverState { .. }
                 | Request::PageTable { .. }
                 | Request::Generation
+                | Request::GenerationPage
+                | Request::Overview
+                | Request::Counters
+                | Request::MappingsPiece { .. }
         )
     }
 
@@ -476,6 +509,15 @@ pub enum Reply {
     Mappings(Vec<MappingInfo>),
     /// The IOVAs of a batched map, one per entry in order.
     Iovas(Vec<u64>),
+    /// The generation page: its fd (read-only) is attached.
+    GenerationPage {
+        /// Its size in bytes.
+        bytes: u64,
+    },
+    /// The core's counters.
+    Counters(Counters),
+    /// A piece of one IOAS's mappings.
+    MappingsPiece(MappingsPiece),
 }
 
 /// A message the core starts itself, toward a device channel (sent with

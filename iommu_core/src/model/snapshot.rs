@@ -126,6 +126,47 @@ impl Core {
         }
     }
 
+    /// A piece of the mappings of a paging IOAS of session `sid` (or of
+    /// any session when `only` is `None`): up to `max` from the first
+    /// whose IOVA is `after` or above, with the IOAS's change count (its
+    /// successful maps, copies and unmaps; a failed copy takes back what it
+    /// counted) and how many it holds. The count grows with every change
+    /// of the IOAS's mappings, so two pieces with the same count are of
+    /// the same set; ids are never reused within a session, so a count
+    /// names one IOAS's set for the core's lifetime.
+    pub fn mappings_piece(
+        &self,
+        only: Option<u64>,
+        sid: u64,
+        ioas: u32,
+        after: u64,
+        max: usize,
+    ) -> Result<MappingsPiece> {
+        let s = self
+            .sessions
+            .get(&sid)
+            .filter(|_| only.is_none_or(|o| o == sid))
+            .ok_or_else(|| Error { errno: Errno::ENOENT, message: format!("no session {sid}") })?;
+        match s.objects.get(&ioas) {
+            Some(Object::Ioas(i)) => Ok(MappingsPiece {
+                changes: i.stats.maps.wrapping_add(i.stats.unmaps),
+                total: i.areas.len() as u64,
+                mappings: i.areas.range(after..).take(max).map(mapping_info).collect(),
+            }),
+            _ => err(Errno::ENOENT, format!("no paging IOAS {ioas} in session {sid}")),
+        }
+    }
+
+    /// The counters a connection sees (a session: only its own sessions
+    /// and pPASIDs counted).
+    pub fn counters(&self, only: Option<u64>) -> Counters {
+        Counters {
+            sessions: self.sessions.keys().filter(|id| only.is_none_or(|o| o == **id)).count() as u64,
+            ppasids: self.pasid_owner.values().filter(|s| only.is_none_or(|o| o == **s)).count() as u64,
+            stats: self.stats,
+        }
+    }
+
     /// A snapshot that lists at most `inline` mappings in all, the first
     /// of each IOAS in session and IOAS order; `mappings_total` says how
     /// many each holds.

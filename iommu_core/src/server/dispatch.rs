@@ -285,7 +285,7 @@ impl Server {
                 }
                 Err(e) => Err(e),
             },
-            Request::Generation => Ok(Reply::Generation(self.generation)),
+            Request::Generation => Ok(Reply::Generation(self.generation.get())),
             Request::PageTable { session, ioas } => {
                 if role != Role::Observer && session != sid {
                     return plain(Reply::error(Errno::ENOENT, format!("no IOAS {ioas} in this session")));
@@ -351,8 +351,37 @@ impl Server {
                 }
                 return None;
             }
+            r @ (Request::GenerationPage | Request::Overview | Request::Counters | Request::MappingsPiece { .. }) => {
+                return Some(self.observe(only, r));
+            }
         };
         plain(res.unwrap_or_else(|e| Reply::error(e.errno, e.message)))
+    }
+
+    /// The requests that let an observer follow the state cheaply: the
+    /// generation page, a snapshot without mappings, the counters, and
+    /// mappings in bounded pieces. `only`: the session a non-observer may
+    /// see.
+    fn observe(&self, only: Option<u64>, req: Request) -> (Reply, Vec<OwnedFd>) {
+        let res = match req {
+            Request::GenerationPage => {
+                return match self.generation.page_fd() {
+                    Some(Ok(fd)) => (Reply::GenerationPage { bytes: wire::GENERATION_PAGE_BYTES }, vec![fd]),
+                    Some(Err(e)) => {
+                        (Reply::error(Errno::ENOMEM, format!("cannot open the generation page: {e}")), vec![])
+                    }
+                    None => (Reply::error(Errno::EOPNOTSUPP, "this core has no generation page"), vec![]),
+                };
+            }
+            Request::Overview => Ok(Reply::Status(Box::new(self.core.snapshot_limited(only, 0)))),
+            Request::Counters => Ok(Reply::Counters(self.core.counters(only))),
+            Request::MappingsPiece { session, ioas, from, max } => self
+                .core
+                .mappings_piece(only, session, ioas, from, max.min(wire::MAPPINGS_PAGE) as usize)
+                .map(Reply::MappingsPiece),
+            _ => Ok(Reply::error(Errno::EINVAL, "not an observer request")),
+        };
+        (res.unwrap_or_else(|e| Reply::error(e.errno, e.message)), Vec::new())
     }
 
     /// Makes a device channel for session `sid`: a socketpair whose one end
@@ -399,7 +428,7 @@ impl Server {
 
 /// Opens the file behind `fd` again, read-only, through `/proc/self/fd`:
 /// a new open file description whose holder cannot map it writable.
-fn reopen_read_only(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+pub(super) fn reopen_read_only(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
     Ok(OwnedFd::from(f))

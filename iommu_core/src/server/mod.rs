@@ -26,6 +26,7 @@ use crate::wire::Reply;
 
 mod conn;
 mod dispatch;
+mod generation;
 mod invalidate;
 
 use conn::Conn;
@@ -134,8 +135,9 @@ pub struct Server {
     /// Driver-state queries waiting for a device server: id -> waiter.
     driver_waiters: HashMap<u64, DriverWaiter>,
     next_query: u64,
-    /// Bumped by everything that may change what a snapshot shows.
-    generation: u64,
+    /// Bumped by everything that may change what a snapshot shows, and
+    /// published in the generation page.
+    generation: generation::Generation,
     /// Connections not read because the peers' buffers are full.
     starved: std::collections::BTreeSet<Token>,
     /// Long maps and unmaps, one slice per turn of the loop in turn, with
@@ -197,7 +199,7 @@ impl Server {
             page_waiters: HashMap::new(),
             driver_waiters: HashMap::new(),
             next_query: 1,
-            generation: 1,
+            generation: generation::Generation::new(),
         })
     }
 
