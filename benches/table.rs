@@ -487,6 +487,9 @@ fn translation(dir: &Path, quick: bool, rows: &mut Vec<Row>) {
     let mem = s.register_memory(&file).unwrap().id;
     let ioas = s.ioas_alloc().unwrap();
     s.map(MapArgs { ioas, mem, offset: 0, length: size, iova: Some(0x100_0000), perm: Perm::RW }).unwrap();
+    // 1 MiB in 4 KiB leaves (the object's offset is not 2 MiB aligned):
+    // a walk there reads all four levels.
+    s.map(MapArgs { ioas, mem, offset: 0x1000, length: 1 << 20, iova: Some(0x800_0000), perm: Perm::RW }).unwrap();
     let mut dev = |cfg: tu::Config| {
         let (_, fd) = s.open_device_channel().unwrap();
         let tu = TranslationUnit::new(Arc::new(Channel::new(fd).unwrap()), cfg).unwrap();
@@ -495,9 +498,6 @@ fn translation(dir: &Path, quick: bool, rows: &mut Vec<Row>) {
         tu.channel().attach(d, None, ioas).unwrap();
         (tu, d)
     };
-    // 1 MiB in 4 KiB leaves (the object's offset is not 2 MiB aligned):
-    // a walk there reads all four levels.
-    s.map(MapArgs { ioas, mem, offset: 0x1000, length: 1 << 20, iova: Some(0x800_0000), perm: Perm::RW }).unwrap();
     let (hot, d) = dev(tu::Config::default());
     let (cold, dc) = dev(tu::Config { iotlb_entries: 1, ..tu::Config::default() });
     let k = if quick { 100 } else { 1 };
