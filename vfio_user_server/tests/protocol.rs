@@ -146,6 +146,56 @@ fn dma_map_and_unmap_drive_the_compat_ioas() {
 }
 
 #[test]
+fn a_file_mapped_again_keeps_its_registration_until_it_changes_or_the_client_leaves() {
+    let s = Stack::new("dmacache");
+    let mut c = s.client();
+    let compat = s.server().dma().compat().expect("the server is connected to its core");
+    let objects = |s: &Stack| {
+        let snap = s.observer().status().unwrap();
+        let sess = snap.sessions.iter().find(|x| x.id == compat.session_id()).unwrap().clone();
+        sess.memory.iter().map(|m| (m.id, m.size)).collect::<Vec<_>>()
+    };
+    let mem = memfd("cached", 1 << 21);
+    c.dma_map(RW, 0, 0x20_0000, 1 << 21, Some(mem.as_fd())).unwrap();
+    let first = objects(&s);
+    assert_eq!(first.len(), 1);
+    for _ in 0..3 {
+        c.dma_unmap(0x20_0000, 1 << 21, 0).unwrap();
+        assert_eq!((s.server().dma().file_count(), s.server().dma().idle_file_count()), (0, 1));
+        c.dma_map(RW, 0, 0x20_0000, 1 << 21, Some(mem.as_fd())).unwrap();
+        assert_eq!(objects(&s), first, "the same registration is used again");
+    }
+    // The unmap still cuts the device off at once.
+    mem.write_all_at(b"cached", 0x100).unwrap();
+    assert_eq!(copy(&mut c, 0x20_0100, 0x20_2000, 6, None), regs::STATUS_DONE);
+    c.dma_unmap(0x20_0000, 1 << 21, 0).unwrap();
+    assert_eq!(copy(&mut c, 0x20_0100, 0x20_3000, 6, None), regs::STATUS_ERROR);
+    // A file that grew is registered anew (its old registration released).
+    mem.set_len(4 << 20).unwrap();
+    c.dma_map(RW, 2 << 20, 0x40_0000, 1 << 21, Some(mem.as_fd())).unwrap();
+    let grown = objects(&s);
+    assert_eq!(grown.len(), 1);
+    assert_ne!(grown, first);
+    assert_eq!(grown[0].1, 4 << 20);
+    assert_eq!(copy(&mut c, 0x40_0000, 0x40_1000, 16, None), regs::STATUS_DONE);
+    c.dma_unmap(0x40_0000, 1 << 21, 0).unwrap();
+    // At most IDLE_FILES files stay registered without a region.
+    let n = vfio_user_server::dma::IDLE_FILES + 3;
+    let files: Vec<_> = (0..n).map(|i| memfd(&format!("idle{i}"), 1 << 16)).collect();
+    for (i, f) in files.iter().enumerate() {
+        let iova = 0x100_0000 + (i as u64) * 0x10_0000;
+        c.dma_map(RW, 0, iova, 1 << 16, Some(f.as_fd())).unwrap();
+        c.dma_unmap(iova, 1 << 16, 0).unwrap();
+    }
+    assert_eq!(s.server().dma().idle_file_count(), vfio_user_server::dma::IDLE_FILES);
+    assert_eq!(objects(&s).len(), vfio_user_server::dma::IDLE_FILES);
+    // Unmap-all (as at a disconnect) releases every one.
+    c.dma_unmap(0, 0, proto::DMA_UNMAP_ALL).unwrap();
+    assert_eq!(s.server().dma().idle_file_count(), 0);
+    assert!(objects(&s).is_empty());
+}
+
+#[test]
 fn memory_without_fd_is_reached_with_dma_read_and_write() {
     let s = Stack::new("msgdma");
     let mut c = s.client();

@@ -62,7 +62,7 @@ pub use client::{ClientDma, ClientFence};
 pub use compat::Compat;
 pub use logging::{DIRTY_GRANULE, MAX_REPORT_BLOCKS};
 pub use space::{CopyError, DeviceDma, DmaSpace, RouteDma, Side};
-pub use table::{MAX_DMA_FILES, MAX_DMA_MAPS};
+pub use table::{IDLE_FILES, MAX_DMA_FILES, MAX_DMA_MAPS};
 pub use watch::{RECONNECT_FIRST, RECONNECT_MAX};
 
 use binding::View;

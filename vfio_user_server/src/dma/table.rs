@@ -1,7 +1,19 @@
 //! The client's DMA_MAP table: regions mapped and unmapped in the compat
 //! IOAS, the files they came from (held open), and client memory objects.
+//!
+//! A file's registration in the core outlives its last region for a while:
+//! a client that maps and unmaps the same file again and again (a guest's
+//! bounce buffers, a VMM's hot-plugged RAM) pays one round trip to the core
+//! per DMA_MAP, not two, and one per DMA_UNMAP, not two. Up to
+//! [`IDLE_FILES`] files without a region stay registered (and open), the
+//! oldest released first; all go with an unmap-all (the client's
+//! disconnect). A cached registration is used again only for the same file
+//! (device and inode) with the size and seals it had when registered (and,
+//! for a writable map, made through a writable fd), and only after the new
+//! fd passed every check a first DMA_MAP makes; otherwise it is released
+//! and the file registered anew.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
@@ -11,6 +23,7 @@ use std::sync::Arc;
 use iommu_core::memfd;
 use iommu_core::sync;
 use iommu_core::types::{MapArgs, Perm};
+use nix::fcntl::SealFlag;
 
 use super::{Compat, Dma, Error};
 use crate::proto;
@@ -38,6 +51,11 @@ pub(super) struct ClientMap {
 pub(super) struct HeldFile {
     pub(super) file: File,
     refs: u32,
+    /// Its size and seals when it was first held (its registration's).
+    size: u64,
+    seals: Option<SealFlag>,
+    /// Whether its fd may map the file writable.
+    writable: bool,
 }
 
 /// The client's DMA table.
@@ -45,7 +63,12 @@ pub(super) struct HeldFile {
 pub(super) struct Table {
     pub(super) regions: BTreeMap<u64, ClientMap>,
     pub(super) files: HashMap<FileKey, HeldFile>,
+    /// Files no region uses any more, kept registered, oldest first.
+    idle: VecDeque<FileKey>,
 }
+
+/// Most files the DMA table keeps registered without a region.
+pub const IDLE_FILES: usize = 8;
 
 /// Client memory objects start on this boundary (see
 /// `Dma::map_client_memory`).
@@ -127,6 +150,24 @@ impl Dma {
         }
         let key = (md.dev(), md.ino());
         let Some(c) = self.compat() else { return Err(self.core_gone()) };
+        let seals = memfd::seals(file.as_fd());
+        // A cached registration of a file that changed since (grown, more
+        // seals) is not used again.
+        // Nor one made through a read-only fd for a writable map.
+        let write = m.flags & proto::DMA_MAP_WRITE != 0;
+        let stale = t
+            .files
+            .get(&key)
+            .is_some_and(|h| h.refs == 0 && (h.size != md.len() || h.seals != seals || (write && !h.writable)));
+        if stale {
+            self.release_file(&mut t, key, Some(&c));
+        }
+        if !t.files.contains_key(&key) && t.files.len() >= self.max_files {
+            // Room for the new file first from the registrations kept idle.
+            if let Some(old) = t.idle.front().copied() {
+                self.release_file(&mut t, old, Some(&c));
+            }
+        }
         let held = t.files.contains_key(&key);
         if !held && t.files.len() >= self.max_files {
             return Err(Error::Limit(format!("at most {} distinct files in the DMA table", self.max_files)));
@@ -156,10 +197,20 @@ impl Dma {
             }
             return Err(e);
         }
+        let t = &mut *t;
         match t.files.get_mut(&key) {
-            Some(h) => h.refs += 1,
+            Some(h) => {
+                if h.refs == 0 {
+                    t.idle.retain(|k| *k != key);
+                }
+                h.refs += 1;
+            }
             None => {
-                t.files.insert(key, HeldFile { file, refs: 1 });
+                let writable = write || memfd::check_writable(file.as_fd()).is_ok();
+                // Its seals now: the core seals a file against shrinking
+                // when it registers it.
+                let seals = memfd::seals(file.as_fd());
+                t.files.insert(key, HeldFile { file, refs: 1, size: md.len(), seals, writable });
             }
         }
         let kind = MapKind::Fd { key, generation: c.generation };
@@ -194,12 +245,27 @@ impl Dma {
         Ok(mem)
     }
 
-    /// One region less of file `key`: the last one closes the file and
-    /// frees its memory object in `c`.
+    /// One region less of file `key`: after the last one the file stays
+    /// registered as idle (see the module doc), the oldest idle file
+    /// released past [`IDLE_FILES`].
     fn file_put(&self, t: &mut Table, key: FileKey, c: Option<&Arc<Compat>>) {
         let Some(h) = t.files.get_mut(&key) else { return };
         h.refs = h.refs.saturating_sub(1);
         if h.refs > 0 {
+            return;
+        }
+        t.idle.push_back(key);
+        while t.idle.len() > IDLE_FILES {
+            let Some(old) = t.idle.front().copied() else { break };
+            self.release_file(t, old, c);
+        }
+    }
+
+    /// Closes file `key`, which no region uses, and frees its memory
+    /// object in the core of `c`.
+    fn release_file(&self, t: &mut Table, key: FileKey, c: Option<&Arc<Compat>>) {
+        t.idle.retain(|k| *k != key);
+        if t.files.get(&key).is_none_or(|h| h.refs > 0) {
             return;
         }
         // A file that passed check_memory_fd: closing it cannot block.
@@ -275,6 +341,13 @@ impl Dma {
                 }
             }
         }
+        if all {
+            // The client is done with its files (an unmap-all, its
+            // disconnect): no registration is kept for it.
+            while let Some(key) = t.idle.front().copied() {
+                self.release_file(&mut t, key, link.as_ref());
+            }
+        }
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
@@ -286,8 +359,15 @@ impl Dma {
         sync::lock(&self.table).regions.len()
     }
 
-    /// Number of files the DMA table keeps open.
+    /// Number of files the DMA table's regions come from (each kept open).
     pub fn file_count(&self) -> usize {
-        sync::lock(&self.table).files.len()
+        let t = sync::lock(&self.table);
+        t.files.len() - t.idle.len()
+    }
+
+    /// Number of files kept open and registered with no region (at most
+    /// [`IDLE_FILES`]; none after an unmap-all).
+    pub fn idle_file_count(&self) -> usize {
+        sync::lock(&self.table).idle.len()
     }
 }

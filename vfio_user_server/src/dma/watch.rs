@@ -78,7 +78,7 @@ impl Dma {
             &self.client,
         )?;
         let mut t = sync::lock(&self.table);
-        let Table { regions, files } = &mut *t;
+        let Table { regions, files, .. } = &mut *t;
         let (mut restored, mut refused) = (0, 0);
         let mut ranges = Vec::new();
         for (&iova, r) in regions.iter_mut() {
