@@ -1,9 +1,21 @@
-//! The FUSE adapter: a thin layer over [`crate::model`]. Every open takes
-//! the tree of the present state and serves the file from that snapshot
-//! (direct I/O, so the size a reader gets is the snapshot's); every
-//! opendir lists the present state. "Present" is cheap: the core keeps a
-//! state generation, and the tree is rebuilt only when it has moved.
-//! Attributes and entries have a zero TTL.
+//! The FUSE adapter: a thin layer over [`crate::model`]. Every open makes
+//! the file's contents from the present state and serves them from that
+//! snapshot (direct I/O, so the size a reader gets is the snapshot's);
+//! every opendir lists the present state.
+//!
+//! "Present" is cheap. The core publishes its state generation in a page
+//! this file system maps read-only, so whether anything changed is one
+//! load (and a zero-timeout poll of the connection, to notice a core that
+//! went away). The tree (names, attributes, the small files) is kept for
+//! one generation and built again, from a snapshot without mappings, only
+//! when the generation moved; the texts of the large files are kept too:
+//! an IOAS's `mappings` while its change count stays the same (read from
+//! the core in bounded pieces, rendered as they arrive), a page-table dump
+//! for one generation. Lookups, `stat` and listings therefore ask the
+//! core nothing while the state stands still; attributes are never cached
+//! by the kernel (zero attribute TTL), names are (an entry TTL), which is
+//! exact because an inode number names one path and every operation on
+//! it checks that path against the present tree.
 //! Everything that would change something is refused with EROFS.
 //!
 //! The connection to the core outlives a core: when the core goes away the
@@ -12,8 +24,9 @@
 //! backoff, until a core answers on the socket; the tree is then the new
 //! core's.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
@@ -21,12 +34,12 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, Request,
 };
-use iommu_core::client::Client;
+use iommu_core::client::{Client, GenerationPage};
 use iommu_core::sync;
 
-use crate::model::{self, Node};
+use crate::model::{self, Live, Node};
 
 /// Errors of setting the file system up.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +69,6 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How often the keeper thread asks a connected core whether it answers.
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
 
-const TTL: Duration = Duration::ZERO;
 /// Most inodes remembered before the table starts over.
 const MAX_INODES: usize = 1 << 20;
 
@@ -90,8 +102,24 @@ impl Inodes {
     }
 }
 
+/// How long the kernel may keep a name it looked up without asking again.
+/// Exact whatever its length: an inode number stands for one path for
+/// the life of the mount, and every operation on it (stat, open, listing,
+/// readlink) checks that path against the present tree, so a name that
+/// went away fails at once; names that did not exist are never cached.
+const ENTRY_TTL: Duration = Duration::from_secs(1);
+/// Attributes are never kept by the kernel: a `stat` always asks.
+const ATTR_TTL: Duration = Duration::ZERO;
+/// Mappings asked of the core per piece (about 14 bytes each on the wire).
+pub const MAPPINGS_PIECE: u32 = 8192;
+/// Times a listing of an IOAS's mappings starts over because the IOAS
+/// changed between two of its pieces, before the open fails with EAGAIN.
+pub const PIECE_TRIES: usize = 8;
+/// Most bytes of texts kept across opens (mappings and page tables).
+const TEXT_CACHE_BYTES: usize = 64 << 20;
+
 enum Handle {
-    File(Vec<u8>),
+    File(Arc<[u8]>),
     Dir(Vec<(u64, FileType, String)>),
 }
 
@@ -99,6 +127,9 @@ enum Handle {
 /// share it.
 struct Link {
     client: Option<Client>,
+    /// The core's generation page, when it gave one: the generation
+    /// without a round trip.
+    page: Option<GenerationPage>,
     /// Counts connections: a tree built over one is never served over
     /// another (a new core's state generations start over).
     epoch: u64,
@@ -106,12 +137,56 @@ struct Link {
     why: String,
 }
 
+/// The tree of one state generation of one connection.
+struct TreeAt {
+    epoch: u64,
+    gen: u64,
+    root: Arc<Node>,
+}
+
+/// Texts of live files kept across opens, each under the key that says
+/// when it is still the present.
+#[derive(Default)]
+struct Texts {
+    /// `mappings` by (epoch, session, IOAS, change count).
+    mappings: HashMap<(u64, u64, u32, u64), Arc<[u8]>>,
+    /// `page_table` by (epoch, generation, session, IOAS).
+    tables: HashMap<(u64, u64, u64, u32), Arc<[u8]>>,
+    bytes: usize,
+}
+
+impl Texts {
+    /// Keeps only what a tree of (`epoch`, `gen`) can still show: its
+    /// generation's page tables and the mappings whose change count it
+    /// shows (a count only grows, so an older one never comes back).
+    fn prune(&mut self, epoch: u64, gen: u64, live: &HashSet<(u64, u32, u64)>) {
+        self.tables.retain(|k, _| (k.0, k.1) == (epoch, gen));
+        self.mappings.retain(|k, _| k.0 == epoch && live.contains(&(k.1, k.2, k.3)));
+        self.bytes = self.tables.values().chain(self.mappings.values()).map(|t| t.len()).sum();
+    }
+
+    /// Room for `len` more bytes: everything goes when there is not.
+    fn make_room(&mut self, len: usize) -> bool {
+        if self.bytes + len > TEXT_CACHE_BYTES {
+            self.tables.clear();
+            self.mappings.clear();
+            self.bytes = 0;
+        }
+        if len > TEXT_CACHE_BYTES {
+            return false;
+        }
+        self.bytes += len;
+        true
+    }
+}
+
 struct Shared {
     core: PathBuf,
     link: Mutex<Link>,
-    /// The last tree, the connection and the core's state generation it
-    /// was built at. Locked after `link`, never before.
-    cached: Mutex<Option<(u64, u64, Arc<Node>)>>,
+    /// The last tree. Locked after `link`, never before.
+    cached: Mutex<Option<Arc<TreeAt>>>,
+    /// Texts kept across opens. Locked after `link`, never before.
+    texts: Mutex<Texts>,
 }
 
 impl Shared {
@@ -125,6 +200,7 @@ impl Shared {
 
     /// Drops a connection that failed.
     fn lose(&self, link: &mut Link, e: &iommu_core::client::Error) {
+        link.page = None;
         if link.client.take().is_some() {
             tracing::warn!(
                 "the core at {} went away ({e}); the mount shows only {UNAVAILABLE} until a core answers there again",
@@ -134,12 +210,15 @@ impl Shared {
         link.why = e.to_string();
     }
 
-    /// Takes a new connection into use.
-    fn install(&self, link: &mut Link, c: Client) {
+    /// Takes a new connection into use, with the core's generation page if
+    /// it gives one.
+    fn install(&self, link: &mut Link, mut c: Client) {
+        link.page = c.generation_page().ok();
         link.client = Some(c);
         link.epoch += 1;
         link.why.clear();
         *sync::lock(&self.cached) = None;
+        *sync::lock(&self.texts) = Texts::default();
         tracing::info!("connected to the core at {}; the mount shows its state", self.core.display());
     }
 
@@ -163,6 +242,7 @@ impl Shared {
                 return Err(match e.errno() {
                     Some(iommu_core::Errno::ENOENT) => Errno::ENOENT,
                     Some(iommu_core::Errno::ETIMEDOUT) => Errno::ETIMEDOUT,
+                    Some(iommu_core::Errno::EAGAIN) => Errno::EAGAIN,
                     _ => Errno::EIO,
                 });
             }
@@ -180,6 +260,75 @@ impl Shared {
             }
         }
     }
+
+    /// The core's state generation now: read from its page while the
+    /// connection stands (a zero-timeout poll says whether the core hung
+    /// up), else asked (which notices a broken connection and connects
+    /// again).
+    fn generation(&self, link: &mut Link) -> Result<u64, Errno> {
+        if let (Some(c), Some(p)) = (&link.client, &link.page) {
+            if !hung_up(c) {
+                return Ok(p.load());
+            }
+        }
+        self.call(link, |c| c.generation())
+    }
+
+    /// Every IOAS's mappings, rendered, read in pieces of at most
+    /// [`MAPPINGS_PIECE`] over one connection; the pieces of one listing
+    /// all show the same change count (else it starts over, at most
+    /// [`PIECE_TRIES`] times: EAGAIN). Returns the count and the text.
+    fn fetch_mappings(&self, link: &mut Link, sid: u64, ioas: u32) -> Result<(u64, String), Errno> {
+        'attempt: for _ in 0..PIECE_TRIES {
+            let epoch = link.epoch;
+            let mut out = String::new();
+            let mut from = 0;
+            let mut changes = None;
+            loop {
+                let p = self.call(link, |c| c.mappings_piece(sid, ioas, from, MAPPINGS_PIECE))?;
+                if link.epoch != epoch || changes.is_some_and(|c| c != p.changes) {
+                    continue 'attempt;
+                }
+                changes = Some(p.changes);
+                if out.is_empty() {
+                    // About 57 bytes a line.
+                    out.reserve(usize::try_from(p.total).unwrap_or(0).saturating_mul(60).min(1 << 26));
+                }
+                model::mapping_lines(sid, &p.mappings, &mut out);
+                match p.mappings.last() {
+                    Some(m) if p.mappings.len() == MAPPINGS_PIECE as usize && m.iova < u64::MAX => from = m.iova + 1,
+                    _ => return Ok((p.changes, out)),
+                }
+            }
+        }
+        Err(Errno::EAGAIN)
+    }
+}
+
+/// Whether the core closed the connection (or it failed): a peek that
+/// does not wait (end of file: closed; nothing to read: open).
+fn hung_up(c: &Client) -> bool {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 1];
+    match recv(c.as_fd().as_raw_fd(), &mut b, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+        Ok(0) => true,
+        Ok(_) | Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => false,
+        Err(_) => true,
+    }
+}
+
+/// The (session, IOAS, change count) of every live `mappings` of a tree.
+fn live_mappings(root: &Node) -> HashSet<(u64, u32, u64)> {
+    let mut out = HashSet::new();
+    if let Some(Node::Dir(m)) = root.get("ioas") {
+        for d in m.values() {
+            if let Some(Node::Live(Live::Mappings { sid, ioas, changes })) = d.get("mappings") {
+                out.insert((*sid, *ioas, *changes));
+            }
+        }
+    }
+    out
 }
 
 /// `m` if it is free now, else None. A poisoned `m` is fatal:
@@ -251,14 +400,14 @@ fn keep(shared: Arc<Shared>, stop: Arc<AtomicBool>) {
 
 /// The tree as the file system shows it now.
 struct View {
-    tree: Arc<Node>,
+    tree: Arc<TreeAt>,
     /// The core is unreachable: `tree` is the root with [`UNAVAILABLE`].
     offline: bool,
 }
 
 impl View {
     fn get(&self, path: &str) -> Result<&Node, Errno> {
-        self.tree.get(path).ok_or(if self.offline { Errno::ENOTCONN } else { Errno::ENOENT })
+        self.tree.root.get(path).ok_or(if self.offline { Errno::ENOTCONN } else { Errno::ENOENT })
     }
 }
 
@@ -277,9 +426,15 @@ impl Fs {
     /// A file system showing the core at `core` (connects at once).
     pub fn new(core: &Path) -> Result<Fs, Error> {
         let c = Client::observer(core).map_err(|e| Error::Core(core.to_path_buf(), e.to_string()))?;
-        let link = Link { client: Some(c), epoch: 1, why: String::new() };
+        let shared = Arc::new(Shared {
+            core: core.to_path_buf(),
+            link: Mutex::new(Link { client: None, page: None, epoch: 0, why: String::new() }),
+            cached: Mutex::new(None),
+            texts: Mutex::new(Texts::default()),
+        });
+        shared.install(&mut shared.lock(), c);
         Ok(Fs {
-            shared: Arc::new(Shared { core: core.to_path_buf(), link: Mutex::new(link), cached: Mutex::new(None) }),
+            shared,
             inodes: Mutex::new(Inodes::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -289,63 +444,49 @@ impl Fs {
         })
     }
 
-    fn with_client<T>(&self, f: impl Fn(&mut Client) -> Result<T, iommu_core::client::Error>) -> Result<T, Errno> {
-        let mut link = self.shared.lock();
-        self.shared.call(&mut link, f)
-    }
-
     /// The tree of the present state: the last one if the core's state
-    /// generation has not moved since (one small request), else a new one.
+    /// generation has not moved since (read from the generation page: no
+    /// round trip), else one built from a new snapshot without mappings.
     pub fn current(&self) -> Result<Arc<Node>, Errno> {
-        self.tree(false)
+        self.tree().map(|t| t.root.clone())
     }
 
-    /// The tree of the present state; with `fresh`, built anew even if the
-    /// state generation has not moved. The core is asked for it (and each
-    /// device server for its driver state, through the core) under one
-    /// hold of the connection.
-    fn tree(&self, fresh: bool) -> Result<Arc<Node>, Errno> {
+    fn tree(&self) -> Result<Arc<TreeAt>, Errno> {
         let mut link = self.shared.lock();
-        let gen = self.shared.call(&mut link, |c| c.generation())?;
+        let gen = self.shared.generation(&mut link)?;
         let epoch = link.epoch;
-        if !fresh {
-            if let Some((e, g, t)) = sync::lock(&self.shared.cached).as_ref() {
-                if (*e, *g) == (epoch, gen) {
-                    return Ok(t.clone());
-                }
+        if let Some(t) = sync::lock(&self.shared.cached).as_ref() {
+            if (t.epoch, t.gen) == (epoch, gen) {
+                return Ok(t.clone());
             }
         }
-        let snap = self.shared.call(&mut link, |c| c.status())?;
-        let c = link.client.as_mut().ok_or(Errno::ENOTCONN)?;
-        let mut drivers: BTreeMap<(u64, u32), model::Driver> = BTreeMap::new();
-        for s in &snap.sessions {
-            for d in &s.devices {
-                drivers.insert((s.id, d.id), c.driver_state(s.id, d.id).map_err(|e| e.to_string()));
-            }
-        }
-        let t = Arc::new(model::build(&snap, &drivers));
+        let snap = self.shared.call(&mut link, |c| c.overview())?;
+        let root = Arc::new(model::build(&snap));
+        let t = Arc::new(TreeAt { epoch, gen, root });
         // `gen` is of the connection it was asked on.
         if link.epoch == epoch {
-            *sync::lock(&self.shared.cached) = Some((epoch, gen, t.clone()));
+            sync::lock(&self.shared.texts).prune(epoch, gen, &live_mappings(&t.root));
+            *sync::lock(&self.shared.cached) = Some(t.clone());
         }
         Ok(t)
     }
 
     /// The root while the core is unreachable: [`UNAVAILABLE`] alone.
-    fn offline_tree(&self) -> Arc<Node> {
+    fn offline_tree(&self) -> Arc<TreeAt> {
         let why = self.shared.lock().why.clone();
         let text = format!(
             "the core at {} is unreachable ({}); reconnecting\n",
             self.shared.core.display(),
             if why.is_empty() { "the connection failed" } else { why.as_str() }
         );
-        Arc::new(Node::Dir(BTreeMap::from([(UNAVAILABLE.to_string(), Node::File(text))])))
+        let root = Arc::new(Node::Dir(BTreeMap::from([(UNAVAILABLE.to_string(), Node::File(text))])));
+        Arc::new(TreeAt { epoch: 0, gen: 0, root })
     }
 
     /// What the file system shows now: the present tree, or the offline
     /// root if the core cannot be reached.
     fn view(&self) -> Result<View, Errno> {
-        match self.tree(false) {
+        match self.tree() {
             Ok(tree) => Ok(View { tree, offline: false }),
             Err(e) if e == Errno::ENOTCONN => Ok(View { tree: self.offline_tree(), offline: true }),
             Err(e) => Err(e),
@@ -358,8 +499,9 @@ impl Fs {
         let v = self.view()?;
         let n = v.get(path)?;
         let mut a = self.attr(ino, n);
-        if let Node::File(_) = n {
-            a.size = self.contents(path, n)?.len() as u64;
+        if let Node::Live(l) = n {
+            a.size = self.live(&v.tree, l)?.len() as u64;
+            a.blocks = a.size.div_ceil(512);
         }
         Ok(a)
     }
@@ -369,36 +511,61 @@ impl Fs {
         self.shared.connected()
     }
 
-    /// The bytes of the file at `path` now. Most come from the tree of the
-    /// present generation; what changes without the core's state moving is
-    /// asked for at this moment: the page-table dump, the core's counters,
-    /// and what a device server says (its vPASID map and counters).
-    fn contents(&self, path: &str, node: &Node) -> Result<Vec<u8>, Errno> {
-        let Node::File(text) = node else { return Err(Errno::EISDIR) };
-        let obj = |p: &str| -> Result<(u64, u32), Errno> {
-            let (sid, id) = p.split_once('.').ok_or(Errno::ENOENT)?;
-            Ok((sid.parse().map_err(|_| Errno::ENOENT)?, id.parse().map_err(|_| Errno::ENOENT)?))
-        };
-        if let Some(o) = path.strip_prefix("ioas/").and_then(|p| p.strip_suffix("/page_table")) {
-            let (sid, id) = obj(o)?;
-            let lines = self.with_client(|c| c.page_table(sid, id))?;
-            return Ok(model::file_text(lines.join("\n")).into_bytes());
+    /// The bytes of the file `node` of tree `at` now.
+    fn contents(&self, at: &TreeAt, node: &Node) -> Result<Arc<[u8]>, Errno> {
+        match node {
+            Node::File(t) => Ok(Arc::from(t.as_bytes())),
+            Node::Live(l) => self.live(at, l),
+            Node::Dir(_) => Err(Errno::EISDIR),
+            Node::Link(_) => Err(Errno::ELOOP),
         }
-        if path == "stats" {
-            if let Some(Node::File(t)) = self.tree(true)?.get("stats") {
-                return Ok(t.clone().into_bytes());
+    }
+
+    /// The bytes of a live file of tree `at` now: kept texts where they
+    /// are still the present, else asked of the core (or, through it, of
+    /// a device server).
+    fn live(&self, at: &TreeAt, l: &Live) -> Result<Arc<[u8]>, Errno> {
+        let sh = &self.shared;
+        let text = |s: String| Arc::from(s.into_bytes());
+        match *l {
+            Live::Stats => {
+                let c = sh.call(&mut sh.lock(), |c| c.counters())?;
+                Ok(text(model::stats_text(&c)))
+            }
+            Live::Driver { sid, dev, file } => {
+                let st = sh.call(&mut sh.lock(), |c| Ok(c.driver_state(sid, dev).map_err(|e| e.to_string())))?;
+                Ok(text(model::driver_text(sid, Some(&st), file)))
+            }
+            Live::PageTable { sid, ioas } => {
+                let key = (at.epoch, at.gen, sid, ioas);
+                if let Some(t) = sync::lock(&sh.texts).tables.get(&key) {
+                    return Ok(t.clone());
+                }
+                let mut link = sh.lock();
+                let lines = sh.call(&mut link, |c| c.page_table(sid, ioas))?;
+                let t: Arc<[u8]> = text(model::page_table_text(&lines));
+                let mut texts = sync::lock(&sh.texts);
+                // Kept only while it is the present: same connection,
+                // same generation.
+                if (link.epoch, sh.generation(&mut link).ok()) == (at.epoch, Some(at.gen)) && texts.make_room(t.len()) {
+                    texts.tables.insert(key, t.clone());
+                }
+                Ok(t)
+            }
+            Live::Mappings { sid, ioas, changes } => {
+                if let Some(t) = sync::lock(&sh.texts).mappings.get(&(at.epoch, sid, ioas, changes)) {
+                    return Ok(t.clone());
+                }
+                let mut link = sh.lock();
+                let (changes, s) = sh.fetch_mappings(&mut link, sid, ioas)?;
+                let t: Arc<[u8]> = text(s);
+                let mut texts = sync::lock(&sh.texts);
+                if link.epoch == at.epoch && texts.make_room(t.len()) {
+                    texts.mappings.insert((at.epoch, sid, ioas, changes), t.clone());
+                }
+                Ok(t)
             }
         }
-        if let Some((o, name)) = path.strip_prefix("devices/").and_then(|p| p.split_once('/')) {
-            if matches!(name, "server" | "vpasid_map" | "iotlb" | "dma_faults") {
-                let (sid, dev) = obj(o)?;
-                let st = self.with_client(|c| Ok(c.driver_state(sid, dev).map_err(|e| e.to_string())))?;
-                let files = model::driver_files(sid, Some(&st));
-                let text = files.into_iter().find(|(n, _)| *n == name).map(|(_, t)| t).unwrap_or_default();
-                return Ok(model::file_text(text).into_bytes());
-            }
-        }
-        Ok(text.clone().into_bytes())
     }
 
     fn path_of(&self, ino: INodeNo) -> Result<String, Errno> {
@@ -413,6 +580,7 @@ impl Fs {
         let (kind, size, perm, nlink) = match node {
             Node::Dir(m) => (FileType::Directory, 0, 0o555, 2 + m.len() as u32),
             Node::File(s) => (FileType::RegularFile, s.len() as u64, 0o444, 1),
+            Node::Live(_) => (FileType::RegularFile, 0, 0o444, 1),
             Node::Link(t) => (FileType::Symlink, t.len() as u64, 0o777, 1),
         };
         FileAttr {
@@ -444,7 +612,7 @@ impl Fs {
 fn kind(n: &Node) -> FileType {
     match n {
         Node::Dir(_) => FileType::Directory,
-        Node::File(_) => FileType::RegularFile,
+        Node::File(_) | Node::Live(_) => FileType::RegularFile,
         Node::Link(_) => FileType::Symlink,
     }
 }
@@ -466,7 +634,7 @@ impl Filesystem for Fs {
             self.attr_at(self.ino_of(&path), &path)
         })();
         match res {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Ok(a) => reply.entry_with_ttls(&ATTR_TTL, &ENTRY_TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -478,7 +646,8 @@ impl Filesystem for Fs {
             if let Some(Handle::File(b)) = h.get(&fh.0) {
                 let mut a = self.attr(ino.0, &Node::File(String::new()));
                 a.size = b.len() as u64;
-                return reply.attr(&TTL, &a);
+                a.blocks = a.size.div_ceil(512);
+                return reply.attr(&ATTR_TTL, &a);
             }
         }
         let res = (|| {
@@ -486,7 +655,7 @@ impl Filesystem for Fs {
             self.attr_at(ino.0, &p)
         })();
         match res {
-            Ok(a) => reply.attr(&TTL, &a),
+            Ok(a) => reply.attr(&ATTR_TTL, &a),
             Err(e) => reply.error(e),
         }
     }
@@ -513,11 +682,8 @@ impl Filesystem for Fs {
             let p = self.path_of(ino)?;
             // Contents are made now, from the present state.
             let v = self.view()?;
-            match v.get(&p)? {
-                n @ Node::File(_) => Ok(self.new_fh(Handle::File(self.contents(&p, n)?))),
-                Node::Dir(_) => Err(Errno::EISDIR),
-                Node::Link(_) => Err(Errno::ELOOP),
-            }
+            let n = v.get(&p)?;
+            Ok(self.new_fh(Handle::File(self.contents(&v.tree, n)?)))
         })();
         match res {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
@@ -536,15 +702,13 @@ impl Filesystem for Fs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let h = sync::lock(&self.handles);
-        match h.get(&fh.0) {
-            Some(Handle::File(b)) => {
-                let start = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
-                let end = start.saturating_add(size as usize).min(b.len());
-                reply.data(&b[start..end]);
-            }
-            _ => reply.error(Errno::EBADF),
-        }
+        let b = match sync::lock(&self.handles).get(&fh.0) {
+            Some(Handle::File(b)) => b.clone(),
+            _ => return reply.error(Errno::EBADF),
+        };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(b.len());
+        let end = start.saturating_add(size as usize).min(b.len());
+        reply.data(&b[start..end]);
     }
 
     fn release(
@@ -571,10 +735,20 @@ impl Filesystem for Fs {
                 Some((a, _)) => self.ino_of(a),
                 None => 1,
             };
-            let mut v = vec![(ino.0, FileType::Directory, ".".to_string()), (parent, FileType::Directory, "..".into())];
+            let mut v = Vec::with_capacity(m.len() + 2);
+            v.push((ino.0, FileType::Directory, ".".to_string()));
+            v.push((parent, FileType::Directory, "..".into()));
+            let mut inodes = sync::lock(&self.inodes);
+            let mut path = p.clone();
             for (name, n) in m {
-                v.push((self.ino_of(&join(&p, name)), kind(n), name.clone()));
+                path.truncate(p.len());
+                if !p.is_empty() {
+                    path.push('/');
+                }
+                path.push_str(name);
+                v.push((inodes.ino(&path), kind(n), name.clone()));
             }
+            drop(inodes);
             Ok(self.new_fh(Handle::Dir(v)))
         })();
         match res {
@@ -594,21 +768,15 @@ impl Filesystem for Fs {
         reply.ok();
     }
 
+    // Answered, though it has nothing to do: a close of a file of this
+    // mount then waits for this file system, as for any FUSE file system
+    // (the core's refusal of a stalled mount's files relies on it).
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         reply.ok();
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
-        reply.error(Errno::NO_XATTR);
-    }
-
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0);
-        } else {
-            reply.data(&[]);
-        }
-    }
+    // `getxattr` and `listxattr` are left to their defaults (ENOSYS): the
+    // kernel then stops asking (there are no extended attributes).
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         if mask.contains(AccessFlags::W_OK) {
@@ -684,7 +852,11 @@ pub fn mount(core: &Path, mountpoint: &Path) -> Result<Mount, Error> {
         fuser::MountOption::RO,
         fuser::MountOption::FSName("ioasid".into()),
         fuser::MountOption::Subtype("ioasid".into()),
-        fuser::MountOption::DefaultPermissions,
+        // No `default_permissions`: the kernel lets only the mounting user
+        // in (no `allow_other`) and the mount is read-only, so the mode
+        // bits decide nothing; with it, the kernel would ask for the
+        // attributes of every directory a path walk crosses (they are
+        // never kept).
     ];
     let session = fuser::spawn_mount(fs, mountpoint, &cfg).map_err(|e| Error::Mount(mountpoint.to_path_buf(), e))?;
     let stop = Arc::new(AtomicBool::new(false));

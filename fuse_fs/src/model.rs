@@ -1,6 +1,10 @@
 //! The tree the file system shows, built from one observer snapshot of the
-//! core and the driver state (vPASID maps) of each device, as its server
-//! answered. Pure data: tested without mounting anything.
+//! core. Pure data: tested without mounting anything.
+//!
+//! Most files hold their text. The others are [`Live`]: their contents
+//! are asked for when they are opened (the core's counters, an IOAS's
+//! mappings and page table, what a device server says), and this module
+//! only renders what was asked.
 //!
 //! Names: sessions by id; IOASes, memory objects and devices as
 //! `<session>.<id>` (ids are per session); pPASIDs in hex (`0x1f`); ids in
@@ -10,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use iommu_core::types::{DriverState, IoasKind, Snapshot};
+use iommu_core::types::{Counters, DriverState, IoasKind, MappingInfo, Snapshot};
 
 /// A node of the tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,8 +23,60 @@ pub enum Node {
     Dir(BTreeMap<String, Node>),
     /// A file and its contents.
     File(String),
+    /// A file whose contents are asked for when it is opened.
+    Live(Live),
     /// A symlink and its (relative) target.
     Link(String),
+}
+
+/// What a [`Node::Live`] file shows, and whom to ask for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Live {
+    /// The top-level `stats`: the core's counters ([`stats_text`]).
+    Stats,
+    /// An IOAS's `mappings`, read in pieces ([`mapping_lines`]).
+    /// `changes` is the IOAS's change count in the snapshot the tree was
+    /// built from (the mappings are the same while it is).
+    Mappings {
+        /// Session.
+        sid: u64,
+        /// IOAS.
+        ioas: u32,
+        /// Change count.
+        changes: u64,
+    },
+    /// A paging IOAS's `page_table` ([`page_table_text`]).
+    PageTable {
+        /// Session.
+        sid: u64,
+        /// IOAS.
+        ioas: u32,
+    },
+    /// A device file made from its server's driver state
+    /// ([`driver_text`]).
+    Driver {
+        /// Session.
+        sid: u64,
+        /// Device.
+        dev: u32,
+        /// Which file.
+        file: DriverFile,
+    },
+}
+
+/// The files made from a device server's driver state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DriverFile {
+    /// `server`.
+    Server,
+    /// `vpasid_map`.
+    VpasidMap,
+    /// `iotlb`.
+    Iotlb,
+    /// `dma_faults`.
+    DmaFaults,
+    /// `pasid/<ppasid>/vpasid`.
+    Vpasid(u32),
 }
 
 impl Node {
@@ -77,6 +133,10 @@ impl Node {
     fn link(&mut self, path: &str, target: impl Into<String>) {
         self.put(path, Node::Link(target.into()));
     }
+
+    fn live(&mut self, path: &str, live: Live) {
+        self.put(path, Node::Live(live));
+    }
 }
 
 /// File contents as the tree holds them: a non-empty text ends with a
@@ -95,54 +155,94 @@ fn hex(v: u64) -> String {
     format!("{v:#x}")
 }
 
-/// The files of a device directory that come from its server's driver
-/// state: `server`, `vpasid_map`, and (when it answered) `iotlb` and
-/// `dma_faults`. Made again at each open of one of them.
-pub fn driver_files(sid: u64, drv: Option<&Driver>) -> Vec<(&'static str, String)> {
-    match drv {
-        Some(Ok(st)) => {
-            let mut m = String::new();
-            for e in &st.vpasids {
-                let _ = writeln!(m, "{} {} {sid}.{}", hex(e.vpasid.into()), hex(e.ppasid.into()), e.pt_id);
-            }
-            let mut srv = st.server.clone();
-            let (mut iotlb, mut faults) = (String::new(), String::new());
+/// The text of a device file made from what its server said (`None`:
+/// the server was not asked). A server that did not answer: `server`
+/// says why, the others are empty (`vpasid`: `none`).
+pub fn driver_text(sid: u64, drv: Option<&Driver>, file: DriverFile) -> String {
+    let st = match drv {
+        Some(Ok(st)) => st,
+        Some(Err(e)) => {
+            return file_text(match file {
+                DriverFile::Server => format!("unavailable: {e}"),
+                DriverFile::Vpasid(_) => "none".into(),
+                _ => String::new(),
+            })
+        }
+        None => {
+            return file_text(match file {
+                DriverFile::Server => "not asked".into(),
+                DriverFile::Vpasid(_) => "none".into(),
+                _ => String::new(),
+            })
+        }
+    };
+    let mut out = String::new();
+    match file {
+        DriverFile::Server => {
+            out.push_str(&st.server);
             for l in &st.lines {
-                // Counters of the server's translation unit.
-                if let Some(c) = l.strip_prefix("iotlb_") {
-                    let _ = writeln!(iotlb, "{c}");
-                } else if let Some(c) = l.strip_prefix("fault_") {
-                    let _ = writeln!(faults, "{c}");
-                } else {
-                    srv.push('\n');
-                    srv.push_str(l);
+                if !l.starts_with("iotlb_") && !l.starts_with("fault_") {
+                    out.push('\n');
+                    out.push_str(l);
                 }
             }
-            vec![("server", srv), ("vpasid_map", m), ("iotlb", iotlb), ("dma_faults", faults)]
         }
-        Some(Err(e)) => vec![("server", format!("unavailable: {e}")), ("vpasid_map", String::new())],
-        None => vec![("server", "not asked".to_string()), ("vpasid_map", String::new())],
+        DriverFile::VpasidMap => {
+            for e in &st.vpasids {
+                let _ = writeln!(out, "{} {} {sid}.{}", hex(e.vpasid.into()), hex(e.ppasid.into()), e.pt_id);
+            }
+        }
+        // Counters of the server's translation unit.
+        DriverFile::Iotlb | DriverFile::DmaFaults => {
+            let prefix = if file == DriverFile::Iotlb { "iotlb_" } else { "fault_" };
+            for l in &st.lines {
+                if let Some(c) = l.strip_prefix(prefix) {
+                    let _ = writeln!(out, "{c}");
+                }
+            }
+        }
+        DriverFile::Vpasid(ppasid) => {
+            out = st.vpasids.iter().find(|e| e.ppasid == ppasid).map_or("none".into(), |e| hex(e.vpasid.into()));
+        }
+    }
+    file_text(out)
+}
+
+/// The top-level `stats` file.
+pub fn stats_text(c: &Counters) -> String {
+    format!(
+        "sessions {}\nsessions_opened {}\nrequests {}\nerrors {}\nfaults {}\nppasids_in_use {}\n",
+        c.sessions, c.stats.sessions_opened, c.stats.requests, c.stats.errors, c.stats.faults, c.ppasids
+    )
+}
+
+/// A page-table dump as the `page_table` file shows it.
+pub fn page_table_text(lines: &[String]) -> String {
+    file_text(lines.join("\n"))
+}
+
+/// Appends the lines of `mappings` (of session `sid`) to `out`, as the
+/// `mappings` file shows them.
+pub fn mapping_lines(sid: u64, mappings: &[MappingInfo], out: &mut String) {
+    for m in mappings {
+        let last = m.iova.saturating_add(m.length.saturating_sub(1));
+        let _ = writeln!(
+            out,
+            "{:#x}-{:#x} {:#x} memory {sid}.{} offset {:#x} {}",
+            m.iova, last, m.length, m.mem, m.offset, m.perm
+        );
     }
 }
 
-/// Builds the tree.
-pub fn build(s: &Snapshot, drivers: &BTreeMap<(u64, u32), Driver>) -> Node {
+/// Builds the tree. An IOAS whose mappings the snapshot lists whole
+/// (`mappings_total` of them) gets its `mappings` as text, any other a
+/// [`Live::Mappings`] (an overview lists none).
+pub fn build(s: &Snapshot) -> Node {
     let mut root = Node::dir();
     for d in ["sessions", "ioas", "devices", "memory", "pasids"] {
         root.put(d, Node::dir());
     }
-    root.file(
-        "stats",
-        format!(
-            "sessions {}\nsessions_opened {}\nrequests {}\nerrors {}\nfaults {}\nppasids_in_use {}",
-            s.sessions.len(),
-            s.stats.sessions_opened,
-            s.stats.requests,
-            s.stats.errors,
-            s.stats.faults,
-            s.ppasids.len()
-        ),
-    );
+    root.live("stats", Live::Stats);
     root.file(
         "pool",
         format!("bytes {}\ntables_in_use {}\ncapacity {}", s.pool.bytes, s.pool.tables_in_use, s.pool.capacity),
@@ -228,8 +328,7 @@ pub fn build(s: &Snapshot, drivers: &BTreeMap<(u64, u32), Driver>) -> Node {
             match i.kind {
                 IoasKind::Paging => {
                     root.file(&format!("{ip}/kind"), "paging");
-                    // Made when opened, by the core (see `fs`).
-                    root.put(&format!("{ip}/page_table"), Node::File(String::new()));
+                    root.live(&format!("{ip}/page_table"), Live::PageTable { sid, ioas: i.id });
                 }
                 IoasKind::Nested { parent, s1_root } => {
                     root.file(&format!("{ip}/kind"), "nested");
@@ -240,21 +339,14 @@ pub fn build(s: &Snapshot, drivers: &BTreeMap<(u64, u32), Driver>) -> Node {
             let ranges: Vec<String> =
                 i.iova_ranges.iter().map(|r| format!("{}-{}", hex(r.start), hex(r.last))).collect();
             root.file(&format!("{ip}/iova_ranges"), ranges.join("\n"));
-            let mut maps = String::new();
-            for m in &i.mappings {
-                let last = m.iova.saturating_add(m.length.saturating_sub(1));
-                let _ = writeln!(
-                    maps,
-                    "{}-{} {} memory {sid}.{} offset {} {}",
-                    hex(m.iova),
-                    hex(last),
-                    hex(m.length),
-                    m.mem,
-                    hex(m.offset),
-                    m.perm
-                );
+            if i.mappings.len() as u64 == i.mappings_total {
+                let mut maps = String::new();
+                mapping_lines(sid, &i.mappings, &mut maps);
+                root.file(&format!("{ip}/mappings"), maps);
+            } else {
+                let changes = i.stats.maps.wrapping_add(i.stats.unmaps);
+                root.live(&format!("{ip}/mappings"), Live::Mappings { sid, ioas: i.id, changes });
             }
-            root.file(&format!("{ip}/mappings"), maps);
             root.file(&format!("{ip}/dirty_tracking"), u8::from(i.dirty_tracking).to_string());
             root.file(&format!("{ip}/root"), hex(i.root));
             root.file(
@@ -294,11 +386,6 @@ pub fn build(s: &Snapshot, drivers: &BTreeMap<(u64, u32), Driver>) -> Node {
             root.link(&format!("{dp}/session"), format!("../../sessions/{sid}"));
             root.link(&format!("{sp}/devices/{}", d.id), format!("../../../devices/{sid}.{}", d.id));
 
-            let drv = drivers.get(&(sid, d.id));
-            let vp_of = |ppasid: u32| -> Option<u32> {
-                drv.and_then(|r| r.as_ref().ok())
-                    .and_then(|st| st.vpasids.iter().find(|e| e.ppasid == ppasid).map(|e| e.vpasid))
-            };
             for a in &d.attachments {
                 let target_ioas = format!("{sid}.{}", a.pt_id);
                 if a.pasid == 0 {
@@ -312,7 +399,8 @@ pub fn build(s: &Snapshot, drivers: &BTreeMap<(u64, u32), Driver>) -> Node {
                     let pp = format!("{dp}/pasid/{ph}");
                     root.put(&pp, Node::dir());
                     root.link(&format!("{pp}/ioas"), format!("../../../../ioas/{target_ioas}"));
-                    root.file(&format!("{pp}/vpasid"), vp_of(a.pasid).map_or("none".into(), |v| hex(v.into())));
+                    let file = DriverFile::Vpasid(a.pasid);
+                    root.live(&format!("{pp}/vpasid"), Live::Driver { sid, dev: d.id, file });
                     root.link(
                         &format!("ioas/{target_ioas}/devices/{}:{ph}", d.id),
                         format!("../../../devices/{sid}.{}/pasid/{ph}", d.id),
@@ -320,8 +408,13 @@ pub fn build(s: &Snapshot, drivers: &BTreeMap<(u64, u32), Driver>) -> Node {
                     ppasid_dev.insert(a.pasid, (sid, d.id));
                 }
             }
-            for (name, text) in driver_files(sid, drv) {
-                root.file(&format!("{dp}/{name}"), text);
+            for (name, file) in [
+                ("server", DriverFile::Server),
+                ("vpasid_map", DriverFile::VpasidMap),
+                ("iotlb", DriverFile::Iotlb),
+                ("dma_faults", DriverFile::DmaFaults),
+            ] {
+                root.live(&format!("{dp}/{name}"), Live::Driver { sid, dev: d.id, file });
             }
         }
     }
@@ -428,10 +521,42 @@ mod tests {
         }
     }
 
-    fn file<'a>(t: &'a Node, p: &str) -> &'a str {
-        match t.get(p) {
-            Some(Node::File(s)) => s,
-            other => panic!("{p}: {other:?}"),
+    /// A tree with what the file system would ask for its live files.
+    struct Shown {
+        tree: Node,
+        snap: Snapshot,
+        drivers: BTreeMap<(u64, u32), Driver>,
+    }
+
+    fn shown(snap: Snapshot, drivers: BTreeMap<(u64, u32), Driver>) -> Shown {
+        Shown { tree: build(&snap), snap, drivers }
+    }
+
+    impl Shown {
+        /// The contents of the file at `p`, live ones made as the file
+        /// system makes them (a page table is the core's: empty here).
+        fn file(&self, p: &str) -> String {
+            match self.tree.get(p) {
+                Some(Node::File(s)) => s.clone(),
+                Some(Node::Live(Live::Stats)) => stats_text(&Counters {
+                    sessions: self.snap.sessions.len() as u64,
+                    ppasids: self.snap.ppasids.len() as u64,
+                    stats: self.snap.stats,
+                }),
+                Some(Node::Live(Live::PageTable { .. })) => String::new(),
+                Some(Node::Live(Live::Mappings { sid, ioas, changes })) => {
+                    let s = self.snap.sessions.iter().find(|s| s.id == *sid).unwrap();
+                    let i = s.ioas.iter().find(|i| i.id == *ioas).unwrap();
+                    assert_eq!(*changes, i.stats.maps + i.stats.unmaps);
+                    let mut out = String::new();
+                    mapping_lines(*sid, &i.mappings, &mut out);
+                    out
+                }
+                Some(Node::Live(Live::Driver { sid, dev, file })) => {
+                    driver_text(*sid, self.drivers.get(&(*sid, *dev)), *file)
+                }
+                other => panic!("{p}: {other:?}"),
+            }
         }
     }
 
@@ -474,48 +599,51 @@ mod tests {
                 ],
             }),
         );
-        let t = build(&snapshot(), &drivers);
-        assert_eq!(file(&t, "sessions/7/pid"), "42\n");
-        assert_eq!(file(&t, "sessions/7/ppasids"), "0x20\n");
-        assert_eq!(file(&t, "memory/7.1/system_address"), "0x40000000\n");
-        assert_eq!(file(&t, "memory/7.1/seals"), "shrink\n");
-        assert_eq!(file(&t, "memory/7.1/backing"), "file\n");
-        assert_eq!(file(&t, "memory/7.5/backing"), "client\n");
-        assert_eq!(file(&t, "memory/7.5/client_address"), "0xc0000\n");
-        assert_eq!(file(&t, "memory/7.5/seals"), "none\n");
-        assert_eq!(file(&t, "ioas/7.2/kind"), "paging\n");
-        assert_eq!(file(&t, "ioas/7.2/mappings"), "0x10000000-0x101fffff 0x200000 memory 7.1 offset 0x0 rw\n");
-        assert_eq!(file(&t, "ioas/7.2/iova_ranges"), "0x0-0xfedfffff\n0xfef00000-0xffffffffffff\n");
-        assert_eq!(file(&t, "ioas/7.2/dirty_tracking"), "1\n");
-        assert!(file(&t, "ioas/7.2/stats").contains("mapped_bytes 2097152\n"));
-        assert_eq!(file(&t, "ioas/7.3/kind"), "nested\n");
-        assert_eq!(file(&t, "ioas/7.2/page_table"), "");
-        assert!(t.get("ioas/7.3/page_table").is_none(), "a nested IOAS's stage-1 table is the user's");
-        assert_eq!(link(&t, "ioas/7.3/parent"), "../7.2");
-        assert_eq!(file(&t, "ioas/7.3/s1_root"), "0x10001000\n");
-        assert_eq!(file(&t, "devices/7.4/pci_address"), "0000:00:04.0\n");
-        assert_eq!(file(&t, "devices/7.4/caps"), "pasid\npri\ndirty_tracking\n");
-        assert_eq!(file(&t, "devices/7.4/vpasid_map"), "0x5 0x1f 7.3\n");
-        assert_eq!(file(&t, "devices/7.4/pasid/0x1f/vpasid"), "0x5\n");
-        assert_eq!(file(&t, "devices/7.4/server"), "vfio-user-server pid 9\nrid_ioas 2\n");
-        assert_eq!(file(&t, "devices/7.4/iotlb"), "hits 10\nmisses 2\n");
-        assert_eq!(file(&t, "devices/7.4/dma_faults"), "faults 1\n");
-        assert_eq!(file(&t, "faults"), "1 session 7 device 4 pasid 0x1f iova 0x5000 w NotPresent\n");
-        assert!(file(&t, "stats").contains("ppasids_in_use 2\n"));
-        assert!(file(&t, "limits").contains("max_sessions 1024\n"));
+        let t = shown(snapshot(), drivers);
+        assert_eq!(t.file("sessions/7/pid"), "42\n");
+        assert_eq!(t.file("sessions/7/ppasids"), "0x20\n");
+        assert_eq!(t.file("memory/7.1/system_address"), "0x40000000\n");
+        assert_eq!(t.file("memory/7.1/seals"), "shrink\n");
+        assert_eq!(t.file("memory/7.1/backing"), "file\n");
+        assert_eq!(t.file("memory/7.5/backing"), "client\n");
+        assert_eq!(t.file("memory/7.5/client_address"), "0xc0000\n");
+        assert_eq!(t.file("memory/7.5/seals"), "none\n");
+        assert_eq!(t.file("ioas/7.2/kind"), "paging\n");
+        assert_eq!(t.file("ioas/7.2/mappings"), "0x10000000-0x101fffff 0x200000 memory 7.1 offset 0x0 rw\n");
+        assert_eq!(t.file("ioas/7.2/iova_ranges"), "0x0-0xfedfffff\n0xfef00000-0xffffffffffff\n");
+        assert_eq!(t.file("ioas/7.2/dirty_tracking"), "1\n");
+        assert!(t.file("ioas/7.2/stats").contains("mapped_bytes 2097152\n"));
+        assert_eq!(t.file("ioas/7.3/kind"), "nested\n");
+        assert_eq!(t.tree.get("ioas/7.2/page_table"), Some(&Node::Live(Live::PageTable { sid: 7, ioas: 2 })));
+        assert!(t.tree.get("ioas/7.3/page_table").is_none(), "a nested IOAS's stage-1 table is the user's");
+        assert_eq!(link(&t.tree, "ioas/7.3/parent"), "../7.2");
+        assert_eq!(t.file("ioas/7.3/s1_root"), "0x10001000\n");
+        assert_eq!(t.file("devices/7.4/pci_address"), "0000:00:04.0\n");
+        assert_eq!(t.file("devices/7.4/caps"), "pasid\npri\ndirty_tracking\n");
+        assert_eq!(t.file("devices/7.4/vpasid_map"), "0x5 0x1f 7.3\n");
+        assert_eq!(t.file("devices/7.4/pasid/0x1f/vpasid"), "0x5\n");
+        assert_eq!(t.file("devices/7.4/server"), "vfio-user-server pid 9\nrid_ioas 2\n");
+        assert_eq!(t.file("devices/7.4/iotlb"), "hits 10\nmisses 2\n");
+        assert_eq!(t.file("devices/7.4/dma_faults"), "faults 1\n");
+        assert_eq!(t.file("faults"), "1 session 7 device 4 pasid 0x1f iova 0x5000 w NotPresent\n");
+        assert!(t.file("stats").contains("ppasids_in_use 2\n"));
+        assert!(t.file("limits").contains("max_sessions 1024\n"));
         // Symlinks resolve to directories that exist, both ways.
-        for (p, n) in t.walk() {
+        for (p, n) in t.tree.walk() {
             if let Node::Link(target) = n {
                 let r = resolve(&p, target);
-                assert!(matches!(t.get(&r), Some(Node::Dir(_))), "{p} -> {target} -> {r} is not a directory");
+                assert!(matches!(t.tree.get(&r), Some(Node::Dir(_))), "{p} -> {target} -> {r} is not a directory");
             }
         }
-        assert_eq!(resolve("devices/7.4/ioas", link(&t, "devices/7.4/ioas")), "ioas/7.2");
-        assert_eq!(resolve("ioas/7.2/devices/4", link(&t, "ioas/7.2/devices/4")), "devices/7.4");
-        assert_eq!(resolve("ioas/7.3/devices/4:0x1f", link(&t, "ioas/7.3/devices/4:0x1f")), "devices/7.4/pasid/0x1f");
-        assert_eq!(resolve("pasids/0x1f", link(&t, "pasids/0x1f")), "devices/7.4/pasid/0x1f");
-        assert_eq!(resolve("pasids/0x20", link(&t, "pasids/0x20")), "sessions/7");
-        assert_eq!(resolve("sessions/7/devices/4", link(&t, "sessions/7/devices/4")), "devices/7.4");
+        assert_eq!(resolve("devices/7.4/ioas", link(&t.tree, "devices/7.4/ioas")), "ioas/7.2");
+        assert_eq!(resolve("ioas/7.2/devices/4", link(&t.tree, "ioas/7.2/devices/4")), "devices/7.4");
+        assert_eq!(
+            resolve("ioas/7.3/devices/4:0x1f", link(&t.tree, "ioas/7.3/devices/4:0x1f")),
+            "devices/7.4/pasid/0x1f"
+        );
+        assert_eq!(resolve("pasids/0x1f", link(&t.tree, "pasids/0x1f")), "devices/7.4/pasid/0x1f");
+        assert_eq!(resolve("pasids/0x20", link(&t.tree, "pasids/0x20")), "sessions/7");
+        assert_eq!(resolve("sessions/7/devices/4", link(&t.tree, "sessions/7/devices/4")), "devices/7.4");
     }
 
     #[test]
@@ -527,8 +655,8 @@ mod tests {
             lines: vec!["iotlb_hits 1".into(), "fault_faults 0".into()],
         };
         drivers.insert((7, 4), Ok(st));
-        let t = build(&snapshot(), &drivers);
-        let paths: Vec<String> = t.walk().into_iter().map(|(p, _)| p).collect();
+        let t = shown(snapshot(), drivers);
+        let paths: Vec<String> = t.tree.walk().into_iter().map(|(p, _)| p).collect();
         let want = "devices devices/7.4 devices/7.4/caps devices/7.4/channel devices/7.4/dma_faults \
             devices/7.4/fenced devices/7.4/ioas devices/7.4/iotlb devices/7.4/name devices/7.4/pasid \
             devices/7.4/pasid/0x1f devices/7.4/pasid/0x1f/ioas devices/7.4/pasid/0x1f/vpasid \
@@ -553,22 +681,49 @@ mod tests {
     fn a_server_that_did_not_answer_is_said_so() {
         let mut drivers = BTreeMap::new();
         drivers.insert((7, 4), Err("ETIMEDOUT: the device server did not answer in time".to_string()));
-        let t = build(&snapshot(), &drivers);
-        assert!(file(&t, "devices/7.4/server").starts_with("unavailable: ETIMEDOUT"));
-        assert_eq!(file(&t, "devices/7.4/vpasid_map"), "");
-        assert_eq!(file(&t, "devices/7.4/pasid/0x1f/vpasid"), "none\n");
+        let t = shown(snapshot(), drivers);
+        assert!(t.file("devices/7.4/server").starts_with("unavailable: ETIMEDOUT"));
+        assert_eq!(t.file("devices/7.4/vpasid_map"), "");
+        assert_eq!(t.file("devices/7.4/pasid/0x1f/vpasid"), "none\n");
     }
 
     #[test]
     fn objects_that_vanish_leave_the_tree() {
         let mut s = snapshot();
-        let t = build(&s, &BTreeMap::new());
+        let t = build(&s);
         assert!(t.get("devices/7.4").is_some());
         s.sessions.clear();
         s.ppasids.clear();
-        let t = build(&s, &BTreeMap::new());
+        let t = build(&s);
         for d in ["sessions", "ioas", "devices", "memory", "pasids"] {
             assert_eq!(t.get(d), Some(&Node::Dir(BTreeMap::new())), "{d}");
         }
+    }
+
+    #[test]
+    fn mappings_an_overview_does_not_list_are_live_and_driver_files_always_there() {
+        let mut s = snapshot();
+        let i = &mut s.sessions[0].ioas[0];
+        i.mappings.clear();
+        i.stats = IoasStats { maps: 5, unmaps: 4, ..i.stats };
+        let t = shown(s.clone(), BTreeMap::new());
+        assert_eq!(t.tree.get("ioas/7.2/mappings"), Some(&Node::Live(Live::Mappings { sid: 7, ioas: 2, changes: 9 })));
+        // An IOAS with no mappings lists them whole: nothing to ask.
+        assert_eq!(t.tree.get("ioas/7.3/mappings"), Some(&Node::File(String::new())));
+        // A server not asked: every driver file is there, empty or saying so.
+        assert_eq!(t.file("devices/7.4/server"), "not asked\n");
+        assert_eq!(t.file("devices/7.4/iotlb"), "");
+        assert_eq!(t.file("devices/7.4/dma_faults"), "");
+        assert_eq!(t.file("devices/7.4/pasid/0x1f/vpasid"), "none\n");
+        let mut out = String::new();
+        let m = MappingInfo { iova: 0x1000, length: 0x1000, mem: 3, offset: 0x2000, perm: Perm::R };
+        mapping_lines(7, &[m, m], &mut out);
+        assert_eq!(out, "0x1000-0x1fff 0x1000 memory 7.3 offset 0x2000 r\n".repeat(2));
+        let c = Counters {
+            sessions: 2,
+            ppasids: 1,
+            stats: CoreStats { sessions_opened: 3, requests: 4, errors: 5, faults: 6 },
+        };
+        assert_eq!(stats_text(&c), "sessions 2\nsessions_opened 3\nrequests 4\nerrors 5\nfaults 6\nppasids_in_use 1\n");
     }
 }

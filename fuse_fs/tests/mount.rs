@@ -218,3 +218,101 @@ fn a_killed_process_disappears_and_tools_read_files_whole() {
     core.stop().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every file under `p`, depth first (symlinks not followed).
+fn files(p: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(p).unwrap() {
+        let e = e.unwrap();
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            files(&e.path(), out);
+        } else if t.is_file() {
+            out.push(e.path());
+        }
+    }
+}
+
+/// What is kept between operations is never older than the last change:
+/// a change shows at once to lookups, stat, listings and reads, however
+/// recently the name was seen; an IOAS listed in several pieces reads
+/// whole and in order; and while nothing changes, looking, listing and
+/// reading ask the core nothing but what changes by itself (`stats`).
+#[test]
+fn changes_show_at_once_and_a_still_state_is_not_asked_again() {
+    let dir = std::env::temp_dir().join(format!("ioasid-fs-still-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let sock = dir.join("core.sock");
+    let core = iommu_core::server::spawn(&sock, Limits::default()).unwrap();
+    let fs = fuse_fs::fs::mount(&sock, &mnt).expect("mount (needs root and /dev/fuse)");
+    let mut s = iommu_core::client::Client::session(&sock).unwrap();
+    let sid = s.session_id();
+    let ram = iommu_core::memfd::create("ram", 1 << 20).unwrap();
+    let mem = s.register_memory(ram.as_fd()).unwrap().id;
+    let a = s.ioas_alloc().unwrap();
+    // More mappings than one piece holds.
+    let n = u64::from(fuse_fs::fs::MAPPINGS_PIECE) + 300;
+    let iova = |k: u64| 0x1000_0000 + k * 0x2000;
+    for k in 0..n {
+        s.map(MapArgs { ioas: a, mem, offset: 0, length: 0x1000, iova: Some(iova(k)), perm: Perm::RW }).unwrap();
+    }
+    let line = |k: u64| format!("{:#x}-{:#x} 0x1000 memory {sid}.{mem} offset 0x0 rw\n", iova(k), iova(k) + 0xfff);
+    let want: String = (0..n).map(line).collect();
+    let maps = mnt.join(format!("ioas/{sid}.{a}/mappings"));
+    assert_eq!(read(&maps), want);
+    assert_eq!(std::fs::metadata(&maps).unwrap().len() as usize, want.len());
+
+    // Still: everything seen once, then seen again without asking the
+    // core (but for `stats`, and the keeper's ping once a second).
+    let mut all = Vec::new();
+    files(&mnt, &mut all);
+    let mut o = iommu_core::client::Client::observer(&sock).unwrap();
+    for f in &all {
+        std::fs::read(f).unwrap();
+    }
+    let before = o.counters().unwrap().stats.requests;
+    let t0 = Instant::now();
+    for f in &all {
+        if !f.ends_with("stats") || f.parent() != Some(mnt.as_path()) {
+            std::fs::metadata(f).unwrap();
+            std::fs::read(f).unwrap();
+        }
+    }
+    assert!(Command::new("ls").arg("-lR").arg(&mnt).output().unwrap().status.success());
+    let asked = o.counters().unwrap().stats.requests - before;
+    let pings = t0.elapsed().as_secs() + 1;
+    // The first `counters` counts itself once answered, and `ls -l`
+    // stats `stats`, which asks.
+    assert!(asked <= 2 + pings, "{asked} requests while nothing changed ({} files)", all.len());
+
+    // A change shows at once: to a read, a stat of the size, a listing.
+    s.unmap(a, iova(0), 0x1000).unwrap();
+    let want: String = (1..n).map(line).collect();
+    assert_eq!(std::fs::metadata(&maps).unwrap().len() as usize, want.len());
+    assert_eq!(read(&maps), want);
+    // Another IOAS's change: shown, and this one's text unchanged.
+    let b = s.ioas_alloc().unwrap();
+    let ib = mnt.join(format!("ioas/{sid}.{b}"));
+    assert!(ib.join("mappings").exists(), "a new IOAS is not shown at once");
+    s.map(MapArgs { ioas: b, mem, offset: 0, length: 0x1000, iova: Some(0x1000), perm: Perm::R }).unwrap();
+    assert_eq!(read(&ib.join("mappings")), format!("0x1000-0x1fff 0x1000 memory {sid}.{mem} offset 0x0 r\n"));
+    assert_eq!(read(&maps), want);
+    // Names seen a moment ago that went away: gone at once, for stat,
+    // open, listing and readlink alike.
+    s.unmap(b, 0, u64::MAX).unwrap();
+    s.destroy(b).unwrap();
+    assert!(!ib.exists(), "a destroyed IOAS is still shown");
+    assert_eq!(std::fs::read(ib.join("mappings")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    assert_eq!(std::fs::read_dir(&ib).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    let link = mnt.join(format!("sessions/{sid}/ioas/{b}"));
+    assert_eq!(std::fs::read_link(&link).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    let names: Vec<String> =
+        std::fs::read_dir(mnt.join("ioas")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(names, [format!("{sid}.{a}")]);
+    drop(o);
+    drop(s);
+    fs.umount_and_join().unwrap();
+    core.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
