@@ -768,9 +768,15 @@ impl Filesystem for Fs {
         reply.ok();
     }
 
-    // `flush`, `getxattr` and `listxattr` are left to their defaults
-    // (ENOSYS): the kernel then stops sending them (a close needs nothing
-    // of this file system; there are no extended attributes).
+    // Answered, though it has nothing to do: a close of a file of this
+    // mount then waits for this file system, as for any FUSE file system
+    // (the core's refusal of a stalled mount's files relies on it).
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    // `getxattr` and `listxattr` are left to their defaults (ENOSYS): the
+    // kernel then stops asking (there are no extended attributes).
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         if mask.contains(AccessFlags::W_OK) {
@@ -846,7 +852,11 @@ pub fn mount(core: &Path, mountpoint: &Path) -> Result<Mount, Error> {
         fuser::MountOption::RO,
         fuser::MountOption::FSName("ioasid".into()),
         fuser::MountOption::Subtype("ioasid".into()),
-        fuser::MountOption::DefaultPermissions,
+        // No `default_permissions`: the kernel lets only the mounting user
+        // in (no `allow_other`) and the mount is read-only, so the mode
+        // bits decide nothing; with it, the kernel would ask for the
+        // attributes of every directory a path walk crosses (they are
+        // never kept).
     ];
     let session = fuser::spawn_mount(fs, mountpoint, &cfg).map_err(|e| Error::Mount(mountpoint.to_path_buf(), e))?;
     let stop = Arc::new(AtomicBool::new(false));
