@@ -110,8 +110,12 @@ impl Inodes {
 const ENTRY_TTL: Duration = Duration::from_secs(1);
 /// Attributes are never kept by the kernel: a `stat` always asks.
 const ATTR_TTL: Duration = Duration::ZERO;
-/// Mappings asked of the core per piece (about 14 bytes each on the wire).
-pub const MAPPINGS_PIECE: u32 = 8192;
+/// Mappings asked of the core per piece (about 14 bytes each on the
+/// wire): the most a reply holds, so that an IOAS of up to that many
+/// mappings is read in one request, which no other request can come
+/// between (a listing of several pieces starts over when the IOAS changed
+/// between two of them).
+pub const MAPPINGS_PIECE: u32 = iommu_core::wire::MAPPINGS_PAGE;
 /// Times a listing of an IOAS's mappings starts over because the IOAS
 /// changed between two of its pieces, before the open fails with EAGAIN.
 pub const PIECE_TRIES: usize = 8;

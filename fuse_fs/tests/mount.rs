@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use iommu_core::pagetable::Perm;
-use iommu_core::types::{Limits, MapArgs};
+use iommu_core::types::{Limits, MapArgs, MapEntry};
 use vfio_user_server::client::Client;
 use vfio_user_server::devices::dma_engine::DmaEngine;
 use vfio_user_server::server::{self, Options};
@@ -254,8 +254,10 @@ fn changes_show_at_once_and_a_still_state_is_not_asked_again() {
     // More mappings than one piece holds.
     let n = u64::from(fuse_fs::fs::MAPPINGS_PIECE) + 300;
     let iova = |k: u64| 0x1000_0000 + k * 0x2000;
-    for k in 0..n {
-        s.map(MapArgs { ioas: a, mem, offset: 0, length: 0x1000, iova: Some(iova(k)), perm: Perm::RW }).unwrap();
+    let entries: Vec<MapEntry> =
+        (0..n).map(|k| MapEntry { mem, offset: 0, length: 0x1000, iova: Some(iova(k)), perm: Perm::RW }).collect();
+    for chunk in entries.chunks(4096) {
+        s.map_batch(a, chunk).unwrap();
     }
     let line = |k: u64| format!("{:#x}-{:#x} 0x1000 memory {sid}.{mem} offset 0x0 rw\n", iova(k), iova(k) + 0xfff);
     let want: String = (0..n).map(line).collect();
