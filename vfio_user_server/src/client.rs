@@ -286,15 +286,7 @@ impl Client {
 
     /// The next message of the socket, its payload still in the buffer.
     fn next_view(&mut self, twin: bool) -> Result<MsgView<'_>> {
-        loop {
-            self.fill_until_msg(twin)?;
-            let r = if twin && self.twin.is_some() { &mut self.twin_reader } else { &mut self.reader };
-            // A whole message is buffered: None only after an oversized
-            // one was skipped in part.
-            if r.has_msg() {
-                break;
-            }
-        }
+        self.fill_until_msg(twin)?;
         let r = if twin && self.twin.is_some() { &mut self.twin_reader } else { &mut self.reader };
         match r.next_view().map_err(conn_error)? {
             Some(v) if v.fail == Some(libc::E2BIG) => {
@@ -305,7 +297,8 @@ impl Client {
                 Self::MAX_FDS
             ))),
             Some(v) => Ok(v),
-            None => Err(Error::Protocol("a message ended early".into())),
+            // The header declared a message too large to take.
+            None => Err(Error::Protocol(format!("a message of more than {MAX_MESSAGE} bytes"))),
         }
     }
 

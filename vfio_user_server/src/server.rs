@@ -305,7 +305,13 @@ impl Server {
         self.jobs.send(job).is_ok()
     }
 
-    fn read_conn(&mut self) {
+    /// Reads and dispatches what the client sent. `fresh`: called for a
+    /// readable event that did not report the end of the stream, so a
+    /// short read means the socket is empty (anything later brings a new
+    /// event); otherwise reading goes on until `EAGAIN` or the end (the
+    /// end may have come with the event that was taken, or while reading
+    /// was paused).
+    fn read_conn(&mut self, fresh: bool) {
         let Some(c) = self.conn.as_mut() else { return };
         let mut end = false;
         let mut drained = false;
@@ -355,7 +361,7 @@ impl Server {
                 // The socket was empty after this read: the next bytes
                 // bring a new event, so no read that would fail with
                 // EAGAIN is needed.
-                Ok(Fill::Drained) => true,
+                Ok(Fill::Drained) => fresh,
                 Ok(Fill::WouldBlock) => break,
                 Ok(Fill::Eof) => {
                     end = true;
@@ -396,7 +402,7 @@ impl Server {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
-                    CONN => self.read_conn(),
+                    CONN => self.read_conn(!ev.is_read_closed()),
                     SIGNALS => {
                         if let Some(s) = self.signals.as_mut() {
                             for sig in s.pending() {
@@ -405,7 +411,7 @@ impl Server {
                             }
                         }
                     }
-                    WAKER => self.read_conn(),
+                    WAKER => self.read_conn(false),
                     Token(t) if t >= IOFD_BASE => {
                         let i = t - IOFD_BASE;
                         if let (Some(f), Some(queued)) = (self.io_fds.get(i), self.io_queued.get(i)) {
@@ -439,7 +445,7 @@ impl Server {
                     if self.conn.is_some() {
                         // The current client may have just left: notice
                         // that before turning the new one away.
-                        self.read_conn();
+                        self.read_conn(false);
                     }
                     match nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials) {
                         // On an inherited listener, whoever made it decides

@@ -637,6 +637,30 @@ fn hostile_framing_is_survived() {
     assert_eq!(rd32(&mut c4, 0, regs::ID), regs::ID_VALUE);
 }
 
+/// A client that sends a command and the start of an oversized message
+/// and shuts its end at once (the end of the stream arrives with the
+/// bytes, in one readable event): the command is answered and the server
+/// closes the connection, as it sees the end behind the bytes.
+#[test]
+fn the_end_of_the_stream_behind_the_last_bytes_is_seen() {
+    let s = Stack::new("eof");
+    let mut c = s.client();
+    let q = proto::RegionAccess { offset: regs::ID, region: 0, count: 4 };
+    let read = [proto::Header::command(7, cmd::REGION_READ, 16).as_bytes(), q.as_bytes()].concat();
+    let mut big = proto::Header::command(8, cmd::REGION_WRITE, 0);
+    big.msg_size = 32 << 20;
+    c.send_raw(&[read.as_slice(), big.as_bytes()].concat(), &[]).unwrap();
+    c.socket().shutdown(std::net::Shutdown::Write).unwrap();
+    let r = c.wait(7, cmd::REGION_READ).unwrap();
+    assert_eq!(r.payload[16..], regs::ID_VALUE.to_le_bytes());
+    // Then the end: the server closed its side (not a read timing out).
+    c.socket().set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    match c.recv() {
+        Err(vfio_user_server::client::Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof),
+        other => panic!("the server did not close the connection: {other:?}"),
+    }
+}
+
 #[test]
 fn reconnect_releases_dma_and_keeps_device_state() {
     let s = Stack::new("reconnect");

@@ -164,14 +164,20 @@ impl MsgReader {
         }
     }
 
-    /// Whether a whole message (or the end of a skipped one) is buffered.
+    /// Whether [`MsgReader::next_view`] has something to say without
+    /// another read: a whole message, the end of a skipped one, or a
+    /// header that cannot be followed or starts a message to skip.
     pub fn has_msg(&self) -> bool {
         if let Some((_, _, stop)) = self.skipping {
             return self.pos + (self.end - self.start) as u64 >= stop;
         }
         match proto::read::<Header>(&self.buf[self.start..self.end]) {
             None => false,
-            Some(h) => (h.msg_size as usize) < HEADER_SIZE || self.end - self.start >= h.msg_size as usize,
+            // A size that cannot be followed, or one to skip, is news too.
+            Some(h) => {
+                let size = h.msg_size as usize;
+                size < HEADER_SIZE || size - HEADER_SIZE > self.max_payload || self.end - self.start >= size
+            }
         }
     }
 
