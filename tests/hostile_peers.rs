@@ -43,7 +43,10 @@ fn a_file_that_can_block_fails_its_request_and_the_session_goes_on() {
     assert!(msg.contains("fuse"), "the error does not say what the file is: {msg}");
     after.expect("the session was cut off after a refused file");
     ioas.expect("the session was cut off after a refused file");
-    drop(fs);
+    // SIGTERM unmounts (a SIGKILL would leave the mount behind).
+    drop(file);
+    assert!(fs.terminate(), "ioasid-fs did not stop cleanly after SIGCONT");
+    assert!(!mounted(&mnt), "ioasid-fs left its mount behind");
 }
 
 fn core_with(name: &str, args: &[&str]) -> (Stack, Proc) {
