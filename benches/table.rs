@@ -149,8 +149,23 @@ fn pin_process(pid: u32, cpus: &[usize]) {
     }
 }
 
+/// The CPUs this process could run on when it started (before any `pin`).
+static START_CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+
 fn all_cpus() -> Vec<usize> {
-    (0..std::thread::available_parallelism().map_or(1, |n| n.get()).max(1)).collect()
+    START_CPUS
+        .get_or_init(|| {
+            // SAFETY: a zeroed cpu_set_t is a valid empty set that
+            // sched_getaffinity fills; CPU_ISSET only reads it.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+                    return vec![0];
+                }
+                (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+            }
+        })
+        .clone()
 }
 
 /// A child process, stopped with SIGTERM when dropped.
@@ -900,6 +915,8 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("ioasid-bench-table-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    // Taken before any section pins this thread.
+    all_cpus();
     let mut rows = Vec::new();
     let sections: [(&str, Section); 5] =
         [("rt", round_trips), ("many", many_mappings), ("tu", translation), ("engine", engine), ("fs", file_system)];
