@@ -203,6 +203,39 @@ fn hello_bytes() -> Vec<u8> {
     wire::encode(1, &hello, 0).unwrap()
 }
 
+/// Requests and the end of the stream that arrive together, before the
+/// core looks (it is stopped meanwhile), are all seen: the core answers
+/// and closes, though no event follows the short read of the requests.
+#[test]
+fn requests_and_the_end_of_the_stream_seen_in_one_event_are_all_served() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let d = Daemon::start("eof-one-event", &[]);
+    let pid = Pid::from_raw(d.child.id() as i32);
+    let mut s = UnixStream::connect(&d.path).unwrap();
+    // Accepted and watched (an observer asks the core, which answers only
+    // once every earlier connection has been accepted).
+    let mut o = Client::observer(&d.path).unwrap();
+    o.generation().unwrap();
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let mut bytes = hello_bytes();
+    bytes.extend(wire::encode(2, &Request::Generation, 0).unwrap());
+    s.write_all(&bytes).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    kill(pid, Signal::SIGCONT).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = Vec::new();
+    let got = s.read_to_end(&mut buf);
+    assert!(got.is_ok(), "the core did not close a connection whose peer ended its stream: {got:?}");
+    let mut r = wire::FrameReader::new(1 << 20, 0);
+    r.push(&buf, Vec::new());
+    let mut seqs = Vec::new();
+    while let Ok(Some(f)) = r.next_frame() {
+        seqs.push(wire::decode::<wire::FromCore>(&f.payload).unwrap().seq);
+    }
+    assert_eq!(seqs, [1, 2], "both requests are answered before the close");
+}
+
 #[test]
 fn hostile_frames_get_errors_and_the_core_keeps_serving() {
     let mut d = Daemon::start("hostile", &["--max-message-bytes", "65536"]);

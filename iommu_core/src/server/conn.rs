@@ -75,6 +75,10 @@ pub(super) struct Conn {
     /// The socket may hold bytes the core has not read: set by a readable
     /// event, cleared by a read that found the socket empty.
     pub(super) may_read: bool,
+    /// An event reported the end of the peer's stream (or an error): a
+    /// short read is then no sign of an empty socket, and reads go on
+    /// until one returns the end (no further event would come for it).
+    pub(super) read_closed: bool,
     /// Registered for writable events (while `out` holds bytes).
     watch_writable: bool,
     /// Messages received and replies written whole, to see progress.
@@ -106,6 +110,7 @@ impl Conn {
             input_since: None,
             output_since: None,
             may_read: true,
+            read_closed: false,
             watch_writable: false,
             frames_in: 0,
             frames_out: 0,
@@ -429,7 +434,7 @@ impl Server {
             match conn.reader.recv(conn.stream.as_fd(), room) {
                 Ok(wire::Received { bytes: 0, .. }) => eof = true,
                 Ok(wire::Received { fds, drained, .. }) => {
-                    conn.may_read = !drained;
+                    conn.may_read = !drained || conn.read_closed;
                     // Files of FUSE or network file systems are never
                     // memory objects, and even closing one can block: each
                     // is closed on another thread and takes a stand-in's

@@ -271,6 +271,7 @@ impl Server {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                             if let Some(c) = self.conns.get_mut(&t) {
                                 c.may_read = true;
+                                c.read_closed |= ev.is_read_closed() || ev.is_error();
                             }
                         }
                         self.service(t)
