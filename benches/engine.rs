@@ -13,16 +13,12 @@
 // Tests, benchmarks and examples may panic on what they set up.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use std::sync::atomic::Ordering;
 
 use ioasid_stack::engine::{Doorbell, Engine, GuestRam};
-use iommu_core::pagetable::Perm;
 use iommu_core::shm::Words;
-use iommu_core::types::MapArgs;
-use vfio_user_server::client::Client;
 use vfio_user_server::devices::dma_engine::{
     flag, op, regs, status, Descriptor, DmaEngine, COMPLETION_SIZE, DESC_SIZE,
 };
@@ -113,23 +109,9 @@ fn main() {
     let opts = Options::new(&dev_sock, &core_sock);
     let srv = server::spawn(Box::new(DmaEngine::new().unwrap()), opts).unwrap();
 
-    let mut s = iommu_core::client::Client::session(&core_sock).unwrap();
     let gsize = 64u64 << 20;
-    let kram = GuestRam::new("k", 1 << 20).unwrap();
-    let g = GuestRam::new("g", gsize).unwrap();
-    let mk = s.register_memory(kram.file.as_fd()).unwrap().id;
-    let mg = s.register_memory(g.file.as_fd()).unwrap().id;
-    let (k, a) = (s.ioas_alloc().unwrap(), s.ioas_alloc().unwrap());
-    s.map(MapArgs { ioas: k, mem: mk, offset: 0, length: 1 << 20, iova: Some(KIOVA), perm: Perm::RW }).unwrap();
-    s.map(MapArgs { ioas: a, mem: mg, offset: 0, length: gsize, iova: Some(DIOVA), perm: Perm::RW }).unwrap();
-    // Touch guest RAM so page faults are not measured.
-    g.write(0, &vec![1u8; gsize as usize]).unwrap();
-    let (_, chan) = s.open_device_channel().unwrap();
-    let mut c = Client::connect(&dev_sock).unwrap();
-    c.ioasid_bind(chan.as_fd()).unwrap();
-    c.ioasid_attach(None, k, false).unwrap();
-    c.ioasid_attach(Some(5), a, false).unwrap();
-    let mut eng = Engine::new(c).unwrap();
+    let rig = ioasid_stack::engine::TwoSpaces::new(&core_sock, &dev_sock, gsize, KIOVA, DIOVA, 5).unwrap();
+    let (s, kram, mut eng) = (rig.session, rig.kram, rig.engine);
     let _q = eng.setup_queue(0, RING, KIOVA, 0, KIOVA + COMP_OFF, COMP_OFF, None, false).unwrap();
     let bar2 = {
         let r = eng.client.region_info(2).unwrap();

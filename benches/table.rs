@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ioasid_stack::engine::{Doorbell, Engine, GuestRam, Queue};
+use ioasid_stack::engine::{Doorbell, Engine, GuestRam, Queue, TwoSpaces};
 use iommu_core::client::Client as CoreClient;
 use iommu_core::pagetable::Perm;
 use iommu_core::types::{MapArgs, MapEntry};
@@ -643,22 +643,9 @@ fn cpu_ticks(pid: u32) -> u64 {
 fn engine(dir: &Path, quick: bool, rows: &mut Vec<Row>) {
     let (_core, core_sock) = core(dir, "core-eng");
     let (eng_p, eng_sock) = device(dir, "dma-engine", &core_sock);
-    let mut s = CoreClient::session(&core_sock).unwrap();
     let gsize = 64u64 << 20;
-    let kram = GuestRam::new("k", 1 << 20).unwrap();
-    let g = GuestRam::new("g", gsize).unwrap();
-    let mk = s.register_memory(kram.file.as_fd()).unwrap().id;
-    let mg = s.register_memory(g.file.as_fd()).unwrap().id;
-    let (k, a) = (s.ioas_alloc().unwrap(), s.ioas_alloc().unwrap());
-    s.map(MapArgs { ioas: k, mem: mk, offset: 0, length: 1 << 20, iova: Some(KIOVA), perm: Perm::RW }).unwrap();
-    s.map(MapArgs { ioas: a, mem: mg, offset: 0, length: gsize, iova: Some(DIOVA), perm: Perm::RW }).unwrap();
-    g.write(0, &vec![1u8; gsize as usize]).unwrap();
-    let (_, chan) = s.open_device_channel().unwrap();
-    let mut c = VfuClient::connect(&eng_sock).unwrap();
-    c.ioasid_bind(chan.as_fd()).unwrap();
-    c.ioasid_attach(None, k, false).unwrap();
-    c.ioasid_attach(Some(5), a, false).unwrap();
-    let mut eng = Engine::new(c).unwrap();
+    let rig = TwoSpaces::new(&core_sock, &eng_sock, gsize, KIOVA, DIOVA, 5).unwrap();
+    let (kram, mut eng) = (rig.kram, rig.engine);
     // Ring at the start of kram, completion records from 256 KiB.
     let mut q = eng.setup_queue(0, RING, KIOVA, 0, KIOVA + 0x4_0000, 0x4_0000, None, false).unwrap();
     let kq = if quick { 200 } else { 1 };

@@ -10,6 +10,7 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,9 @@ pub enum Error {
     /// A queue is full.
     #[error("queue {0} is full")]
     Full(usize),
+    /// The core refused (setting up a rig).
+    #[error("the core: {0}")]
+    Core(#[from] iommu_core::client::Error),
     /// The device refused the ring size.
     #[error("ring size {0} is not a power of two from 2 to 4096")]
     BadRing(u32),
@@ -272,4 +276,45 @@ pub fn write32(c: &mut Client, off: u64, v: u32) -> Result<()> {
 /// Writes a 64-bit BAR 0 register.
 pub fn write64(c: &mut Client, off: u64, v: u64) -> Result<()> {
     Ok(c.region_write(0, off, &v.to_le_bytes())?)
+}
+
+/// A dma-engine bound through the ioasid extension with two address
+/// spaces of one core session, as benches and load tests use it: `kram`
+/// (1 MiB, for rings and completion records) mapped at `kiova` in an IOAS
+/// attached to the RID, and `ram` (`size` bytes, every page touched once)
+/// mapped at `diova` in an IOAS attached to vPASID `vpasid`.
+pub struct TwoSpaces {
+    /// The session that owns both address spaces.
+    pub session: iommu_core::client::Client,
+    /// Ring memory, reached by the RID.
+    pub kram: GuestRam,
+    /// Data memory, reached by the vPASID.
+    pub ram: GuestRam,
+    /// The device, enabled.
+    pub engine: Engine,
+}
+
+impl TwoSpaces {
+    /// Sets it up on the core at `core` and the dma-engine server at `dev`.
+    pub fn new(core: &Path, dev: &Path, size: u64, kiova: u64, diova: u64, vpasid: u32) -> Result<TwoSpaces> {
+        use iommu_core::pagetable::Perm;
+        use iommu_core::types::MapArgs;
+        let mut s = iommu_core::client::Client::session(core)?;
+        let kram = GuestRam::new("kram", 1 << 20)?;
+        let ram = GuestRam::new("ram", size)?;
+        let mk = s.register_memory(kram.file.as_fd())?.id;
+        let mr = s.register_memory(ram.file.as_fd())?.id;
+        let (k, a) = (s.ioas_alloc()?, s.ioas_alloc()?);
+        s.map(MapArgs { ioas: k, mem: mk, offset: 0, length: 1 << 20, iova: Some(kiova), perm: Perm::RW })?;
+        s.map(MapArgs { ioas: a, mem: mr, offset: 0, length: size, iova: Some(diova), perm: Perm::RW })?;
+        // Every page there once, so no page fault is timed later.
+        ram.write(0, &vec![1u8; usize::try_from(size).unwrap_or(0)])?;
+        let (_, chan) = s.open_device_channel()?;
+        let mut c = Client::connect(dev)?;
+        c.ioasid_bind(chan.as_fd())?;
+        c.ioasid_attach(None, k, false)?;
+        c.ioasid_attach(Some(vpasid), a, false)?;
+        let engine = Engine::new(c)?;
+        Ok(TwoSpaces { session: s, kram, ram, engine })
+    }
 }

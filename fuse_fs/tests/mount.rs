@@ -18,6 +18,19 @@ use vfio_user_server::client::Client;
 use vfio_user_server::devices::dma_engine::DmaEngine;
 use vfio_user_server::server::{self, Options};
 
+/// A fresh directory named for `name`, a core on `core.sock` in it and
+/// ioasid-fs mounted on its `mnt`.
+fn core_and_mount(name: &str) -> (PathBuf, PathBuf, PathBuf, iommu_core::server::Running, fuse_fs::fs::Mount) {
+    let dir = std::env::temp_dir().join(format!("ioasid-fs-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let sock = dir.join("core.sock");
+    let core = iommu_core::server::spawn(&sock, Limits::default()).unwrap();
+    let fs = fuse_fs::fs::mount(&sock, &mnt).expect("mount (needs root and /dev/fuse)");
+    (dir, mnt, sock, core, fs)
+}
+
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
@@ -164,13 +177,7 @@ fn session_process() {
 #[test]
 fn a_killed_process_disappears_and_tools_read_files_whole() {
     use std::io::{BufRead, BufReader};
-    let dir = std::env::temp_dir().join(format!("ioasid-fs-kill-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mnt = dir.join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let sock = dir.join("core.sock");
-    let core = iommu_core::server::spawn(&sock, Limits::default()).unwrap();
-    let fs = fuse_fs::fs::mount(&sock, &mnt).expect("mount (needs root and /dev/fuse)");
+    let (dir, mnt, sock, core, fs) = core_and_mount("kill");
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--ignored", "--exact", "session_process", "--nocapture", "--test-threads=1"])
         .env("IOASID_FS_TEST_SOCKET", &sock)
@@ -239,13 +246,7 @@ fn files(p: &Path, out: &mut Vec<PathBuf>) {
 /// reading ask the core nothing but what changes by itself (`stats`).
 #[test]
 fn changes_show_at_once_and_a_still_state_is_not_asked_again() {
-    let dir = std::env::temp_dir().join(format!("ioasid-fs-still-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mnt = dir.join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let sock = dir.join("core.sock");
-    let core = iommu_core::server::spawn(&sock, Limits::default()).unwrap();
-    let fs = fuse_fs::fs::mount(&sock, &mnt).expect("mount (needs root and /dev/fuse)");
+    let (dir, mnt, sock, core, fs) = core_and_mount("still");
     let mut s = iommu_core::client::Client::session(&sock).unwrap();
     let sid = s.session_id();
     let ram = iommu_core::memfd::create("ram", 1 << 20).unwrap();

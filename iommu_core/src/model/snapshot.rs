@@ -115,15 +115,7 @@ impl Core {
         after: u64,
         max: usize,
     ) -> Result<Vec<MappingInfo>> {
-        let s = self
-            .sessions
-            .get(&sid)
-            .filter(|_| only.is_none_or(|o| o == sid))
-            .ok_or_else(|| Error { errno: Errno::ENOENT, message: format!("no session {sid}") })?;
-        match s.objects.get(&ioas) {
-            Some(Object::Ioas(i)) => Ok(i.areas.range(after..).take(max).map(mapping_info).collect()),
-            _ => err(Errno::ENOENT, format!("no paging IOAS {ioas} in session {sid}")),
-        }
+        self.mappings_piece(only, sid, ioas, after, max).map(|p| p.mappings)
     }
 
     /// A piece of the mappings of a paging IOAS of session `sid` (or of
