@@ -10,6 +10,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use iommu_core::client::Client;
 use iommu_core::device::Channel;
 use iommu_core::pagetable::{PTE_LEAF, PTE_PRESENT, PTE_READ, PTE_WRITE};
@@ -46,16 +48,6 @@ fn device(r: &mut Rig, c: DeviceCaps) -> (Arc<TranslationUnit>, u32) {
     (tu, b.dev_id)
 }
 
-fn mem(r: &mut Rig, size: u64) -> (File, u32) {
-    let f = iommu_core::memfd::create("ram", size).unwrap();
-    let m = r.s.register_memory(&f).unwrap();
-    (f, m.id)
-}
-
-fn map(r: &mut Rig, ioas: u32, mem: u32, offset: u64, length: u64, iova: u64, perm: Perm) {
-    r.s.map(MapArgs { ioas, mem, offset, length, iova: Some(iova), perm }).unwrap();
-}
-
 fn fault_of(e: tu::Error) -> (u64, FaultReason) {
     match e {
         tu::Error::Fault { iova, reason, .. } => (iova, reason),
@@ -66,10 +58,10 @@ fn fault_of(e: tu::Error) -> (u64, FaultReason) {
 #[test]
 fn rid_dma_reads_and_writes_the_mapped_memory_and_faults_elsewhere() {
     let mut r = rig("rid", Limits::default());
-    let (f, m) = mem(&mut r, 4 << 20);
+    let (f, m) = common::memory(&mut r.s, 4 << 20);
     let ioas = r.s.ioas_alloc().unwrap();
-    map(&mut r, ioas, m, 0x1000, 0x3000, 0x10_0000, Perm::RW);
-    map(&mut r, ioas, m, 0x8000, 0x1000, 0x20_0000, Perm::R);
+    common::map_at(&mut r.s, ioas, m, 0x1000, 0x3000, 0x10_0000, Perm::RW);
+    common::map_at(&mut r.s, ioas, m, 0x8000, 0x1000, 0x20_0000, Perm::R);
     let (tu, dev) = device(&mut r, caps(0, false, false));
     tu.channel().attach(dev, None, ioas).unwrap();
 
@@ -159,12 +151,12 @@ fn iommufd_attach_rules_hold_on_the_device_channel() {
 #[test]
 fn two_pasids_in_two_address_spaces_never_cross() {
     let mut r = rig("pasids", Limits::default());
-    let (fa, ma) = mem(&mut r, 1 << 20);
-    let (fb, mb) = mem(&mut r, 1 << 20);
+    let (fa, ma) = common::memory(&mut r.s, 1 << 20);
+    let (fb, mb) = common::memory(&mut r.s, 1 << 20);
     let a = r.s.ioas_alloc().unwrap();
     let b = r.s.ioas_alloc().unwrap();
-    map(&mut r, a, ma, 0, 1 << 20, 0x100_0000, Perm::RW);
-    map(&mut r, b, mb, 0, 1 << 20, 0x100_0000, Perm::RW);
+    common::map_at(&mut r.s, a, ma, 0, 1 << 20, 0x100_0000, Perm::RW);
+    common::map_at(&mut r.s, b, mb, 0, 1 << 20, 0x100_0000, Perm::RW);
     let (tu, dev) = device(&mut r, caps(20, false, false));
     tu.channel().attach(dev, Some(0x11), a).unwrap();
     tu.channel().attach(dev, Some(0x22), b).unwrap();
@@ -194,10 +186,10 @@ fn put(f: &File, off: u64, v: u64) {
 #[test]
 fn nested_two_stage_translation_follows_the_users_stage1_table_and_its_invalidation() {
     let mut r = rig("nested", Limits::default());
-    let (guest, m) = mem(&mut r, 16 << 20);
+    let (guest, m) = common::memory(&mut r.s, 16 << 20);
     let parent = r.s.ioas_alloc().unwrap();
     // Guest physical = parent IOVA: RAM at 0, stage-2 read-write.
-    map(&mut r, parent, m, 0, 16 << 20, 0, Perm::RW);
+    common::map_at(&mut r.s, parent, m, 0, 16 << 20, 0, Perm::RW);
     // A stage-1 table the guest builds in its RAM: root 0x1000, L3 0x2000,
     // L2 0x3000, L1 0x4000, mapping stage-1 IOVA 0x4000_0000 -> GPA 0x10_0000
     // (rw) and 0x4000_1000 -> GPA 0x20_0000 (read only); 0x4060_0000 is a
@@ -251,7 +243,7 @@ fn nested_two_stage_translation_follows_the_users_stage1_table_and_its_invalidat
 #[test]
 fn page_requests_are_served_by_the_session() {
     let mut r = rig("pri", Limits::default());
-    let (f, m) = mem(&mut r, 1 << 20);
+    let (f, m) = common::memory(&mut r.s, 1 << 20);
     let ioas = r.s.ioas_alloc().unwrap();
     r.s.set_page_faults(ioas, true).unwrap();
     let (tu, dev) = device(&mut r, caps(0, true, false));
@@ -273,7 +265,7 @@ fn page_requests_are_served_by_the_session() {
         (dev, 0x50_0000, Perm::W, FaultReason::NotPresent)
     );
     assert_ne!(fault.cookie, 0);
-    map(&mut r, ioas, m, 0x3000, 0x1000, 0x50_0000, Perm::RW);
+    common::map_at(&mut r.s, ioas, m, 0x3000, 0x1000, 0x50_0000, Perm::RW);
     r.s.respond_fault(fault.cookie, page_response::SUCCESS).unwrap();
     dma.join().unwrap().unwrap();
     let mut b = [0u8; 9];
@@ -298,10 +290,10 @@ fn page_requests_are_served_by_the_session() {
 #[test]
 fn dirty_bitmap_matches_exactly_the_pages_written() {
     let mut r = rig("dirty", Limits::default());
-    let (_f, m) = mem(&mut r, 8 << 20);
+    let (_f, m) = common::memory(&mut r.s, 8 << 20);
     let ioas = r.s.ioas_alloc().unwrap();
-    map(&mut r, ioas, m, 0, 64 << 10, 0x10_0000, Perm::RW); // 4 KiB leaves
-    map(&mut r, ioas, m, 2 << 20, 2 << 20, 0x40_0000, Perm::RW); // one 2 MiB leaf
+    common::map_at(&mut r.s, ioas, m, 0, 64 << 10, 0x10_0000, Perm::RW); // 4 KiB leaves
+    common::map_at(&mut r.s, ioas, m, 2 << 20, 2 << 20, 0x40_0000, Perm::RW); // one 2 MiB leaf
     let (tu, dev) = device(&mut r, caps(0, false, true));
     tu.channel().attach(dev, None, ioas).unwrap();
     r.s.set_dirty_tracking(ioas, true).unwrap();
@@ -338,7 +330,7 @@ fn dirty_bitmap_matches_exactly_the_pages_written() {
 #[test]
 fn unmap_waits_for_dma_in_flight_and_no_write_lands_after_it() {
     let mut r = rig("handshake", Limits::default());
-    let (f, m) = mem(&mut r, 1 << 20);
+    let (f, m) = common::memory(&mut r.s, 1 << 20);
     let ioas = r.s.ioas_alloc().unwrap();
     let (tu, dev) = device(&mut r, caps(0, false, false));
     tu.channel().attach(dev, None, ioas).unwrap();
@@ -360,7 +352,7 @@ fn unmap_waits_for_dma_in_flight_and_no_write_lands_after_it() {
     let mut buf = [0u8; 4096];
     for i in 0..300u64 {
         let off = (i % 16) * 4096;
-        map(&mut r, ioas, m, off, 4096, 0x10_0000, Perm::RW);
+        common::map_at(&mut r.s, ioas, m, off, 4096, 0x10_0000, Perm::RW);
         std::thread::sleep(Duration::from_micros(200));
         r.s.unmap(ioas, 0x10_0000, 4096).unwrap();
         // The memory is ours again: reuse it and check nobody writes it.
@@ -387,9 +379,9 @@ fn a_device_server_that_does_not_answer_is_fenced() {
         }
     }
     let mut r = rig("fence", Limits { invalidate_timeout_ms: 200, ..Limits::default() });
-    let (_f, m) = mem(&mut r, 1 << 20);
+    let (_f, m) = common::memory(&mut r.s, 1 << 20);
     let ioas = r.s.ioas_alloc().unwrap();
-    map(&mut r, ioas, m, 0, 0x1000, 0x1000, Perm::RW);
+    common::map_at(&mut r.s, ioas, m, 0, 0x1000, 0x1000, Perm::RW);
     let (_, fd) = r.s.open_device_channel().unwrap();
     let ch = Arc::new(Channel::new(fd).unwrap());
     let b = ch
@@ -409,9 +401,9 @@ fn a_device_server_that_does_not_answer_is_fenced() {
 #[test]
 fn closing_a_channel_unbinds_its_devices_and_others_keep_working() {
     let mut r = rig("close", Limits::default());
-    let (f, m) = mem(&mut r, 1 << 20);
+    let (f, m) = common::memory(&mut r.s, 1 << 20);
     let ioas = r.s.ioas_alloc().unwrap();
-    map(&mut r, ioas, m, 0, 1 << 20, 0x10_0000, Perm::RW);
+    common::map_at(&mut r.s, ioas, m, 0, 1 << 20, 0x10_0000, Perm::RW);
     let (tu1, d1) = device(&mut r, caps(20, false, false));
     let (tu2, d2) = device(&mut r, caps(20, false, false));
     tu1.channel().attach(d1, None, ioas).unwrap();
@@ -484,7 +476,7 @@ fn a_failed_attach_leaves_no_page_linked_and_others_unharmed() {
 #[test]
 fn map_with_an_offset_that_wraps_is_refused() {
     let mut r = rig("wrap", Limits::default());
-    let (_f, m) = mem(&mut r, 1 << 20);
+    let (_f, m) = common::memory(&mut r.s, 1 << 20);
     let ioas = r.s.ioas_alloc().unwrap();
     let args =
         MapArgs { ioas, mem: m, offset: 0u64.wrapping_sub(0x1000), length: 0x1000, iova: Some(0x1000), perm: Perm::RW };
@@ -535,10 +527,10 @@ fn nested_translation_matches_a_two_stage_reference_model() {
     use std::collections::BTreeMap;
     const MIB: u64 = 1 << 20;
     let mut r = rig("nested-model", Limits::default());
-    let (guest, m) = mem(&mut r, 8 * MIB);
+    let (guest, m) = common::memory(&mut r.s, 8 * MIB);
     let parent = r.s.ioas_alloc().unwrap();
-    map(&mut r, parent, m, 0, 4 * MIB, 0, Perm::RW);
-    map(&mut r, parent, m, 4 * MIB, 2 * MIB, 4 * MIB, Perm::R);
+    common::map_at(&mut r.s, parent, m, 0, 4 * MIB, 0, Perm::RW);
+    common::map_at(&mut r.s, parent, m, 4 * MIB, 2 * MIB, 4 * MIB, Perm::R);
     // [6, 8) MiB of guest memory is not mapped at stage 2.
     let s2 = |gpa: u64| -> Option<Perm> {
         match gpa {
@@ -639,9 +631,9 @@ fn nested_translation_matches_a_two_stage_reference_model() {
 #[test]
 fn a_channel_cannot_touch_another_sessions_dirty_bits() {
     let mut a = rig("dirty-iso", Limits::default());
-    let (_f, m) = mem(&mut a, 1 << 20);
+    let (_f, m) = common::memory(&mut a.s, 1 << 20);
     let ioas = a.s.ioas_alloc().unwrap();
-    map(&mut a, ioas, m, 0, 64 << 10, 0x10_0000, Perm::RW);
+    common::map_at(&mut a.s, ioas, m, 0, 64 << 10, 0x10_0000, Perm::RW);
     let (tu, dev) = device(&mut a, caps(0, false, true));
     tu.channel().attach(dev, None, ioas).unwrap();
     a.s.set_dirty_tracking(ioas, true).unwrap();
@@ -778,10 +770,10 @@ fn driver_state_is_relayed_and_bounded() {
 #[test]
 fn page_table_dumps_are_exact_and_bounded() {
     let mut r = rig("pt-dump", Limits::default());
-    let (_f, m) = mem(&mut r, 64 << 20);
+    let (_f, m) = common::memory(&mut r.s, 64 << 20);
     let a = r.s.ioas_alloc().unwrap();
-    map(&mut r, a, m, 0, 2 << 20, 0x4000_0000, Perm::RW);
-    map(&mut r, a, m, 2 << 20, 0x2000, 0x1000, Perm::R);
+    common::map_at(&mut r.s, a, m, 0, 2 << 20, 0x4000_0000, Perm::RW);
+    common::map_at(&mut r.s, a, m, 2 << 20, 0x2000, 0x1000, Perm::R);
     let sid = r.s.session_id();
     let mut obs = Client::observer(&r.path).unwrap();
     let lines = obs.page_table(sid, a).unwrap();
@@ -796,7 +788,7 @@ fn page_table_dumps_are_exact_and_bounded() {
     // 10,000 4 KiB leaves: the dump stops at 8192 lines and says so.
     let b = r.s.ioas_alloc().unwrap();
     for i in 0..10_000u64 {
-        map(&mut r, b, m, 0, 0x1000, 0x1000_0000 + i * 0x2000, Perm::RW);
+        common::map_at(&mut r.s, b, m, 0, 0x1000, 0x1000_0000 + i * 0x2000, Perm::RW);
     }
     let lines = obs.page_table(sid, b).unwrap();
     assert_eq!(lines.len(), 8193);
@@ -841,7 +833,7 @@ fn dma_past_the_end_of_a_shrunk_file_faults_and_never_grows_it() {
     let m = r.s.register_memory(&f).unwrap();
     assert!(!m.sealed);
     let ioas = r.s.ioas_alloc().unwrap();
-    map(&mut r, ioas, m.id, 0, 0x4000, 0x10_0000, Perm::RW);
+    common::map_at(&mut r.s, ioas, m.id, 0, 0x4000, 0x10_0000, Perm::RW);
     let (tu, dev) = device(&mut r, caps(0, false, false));
     tu.channel().attach(dev, None, ioas).unwrap();
     tu.write(dev, 0, 0x10_3000, b"before").unwrap();
@@ -910,7 +902,7 @@ fn a_memfd_resized_during_registration_is_never_recorded_larger_than_it_is() {
         let len = f.metadata().unwrap().len();
         assert!(m.size <= len, "round {round}: object of {:#x} bytes over a file of {len:#x}", m.size);
         assert!(m.sealed);
-        map(&mut r, ioas, m.id, 0, m.size, 0x100_0000, Perm::RW);
+        common::map_at(&mut r.s, ioas, m.id, 0, m.size, 0x100_0000, Perm::RW);
         // The last page of the recorded size.
         tu.write(dev, 0, 0x100_0000 + m.size - 8, &[0xa5; 8]).unwrap();
         r.s.unmap(ioas, 0x100_0000, m.size).unwrap();
@@ -954,9 +946,9 @@ fn writable_mappings_of_memory_the_session_cannot_write_are_refused() {
 fn a_closed_channel_leaves_no_cached_translation_behind() {
     let mut r = rig("closed-channel", Limits::default());
     let (tu, dev) = device(&mut r, caps(0, false, false));
-    let (_f, m) = mem(&mut r, 1 << 20);
+    let (_f, m) = common::memory(&mut r.s, 1 << 20);
     let ioas = r.s.ioas_alloc().unwrap();
-    map(&mut r, ioas, m, 0, 1 << 20, 0x10_0000, Perm::RW);
+    common::map_at(&mut r.s, ioas, m, 0, 1 << 20, 0x10_0000, Perm::RW);
     tu.channel().attach(dev, None, ioas).unwrap();
     let mut b = [0u8; 8];
     tu.read(dev, 0, 0x10_0000, &mut b).unwrap();

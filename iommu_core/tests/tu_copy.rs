@@ -11,6 +11,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
+mod common;
+
 use iommu_core::client::Client;
 use iommu_core::device::Channel;
 use iommu_core::server::Running;
@@ -41,16 +43,6 @@ fn bind(tu: &TranslationUnit, pci: &str, dirty: bool) -> u32 {
     tu.bind(BindArgs { name: "copy".into(), pci_address: pci.into(), caps }).unwrap().dev_id
 }
 
-fn mem(r: &mut Rig, size: u64) -> (File, u32) {
-    let f = iommu_core::memfd::create("ram", size).unwrap();
-    let m = r.s.register_memory(&f).unwrap();
-    (f, m.id)
-}
-
-fn map(r: &mut Rig, ioas: u32, mem: u32, offset: u64, length: u64, iova: u64, perm: Perm) {
-    r.s.map(MapArgs { ioas, mem, offset, length, iova: Some(iova), perm }).unwrap();
-}
-
 fn at(dev: u32, pasid: u32, iova: u64) -> At {
     At { dev, pasid, iova }
 }
@@ -75,11 +67,11 @@ fn file_bytes(f: &File, off: u64, n: usize) -> Vec<u8> {
 #[test]
 fn overlapping_copies_in_one_space_go_as_memmove_across_leaves() {
     let mut r = rig("overlap");
-    let (f, m) = mem(&mut r, 4 << 20);
+    let (f, m) = common::memory(&mut r.s, 4 << 20);
     let ioas = r.s.ioas_alloc().unwrap();
     // 4 KiB leaves (the offset is not 2 MiB aligned) and a 2 MiB leaf.
-    map(&mut r, ioas, m, 0x1000, 0x10_0000, 0x10_0000, Perm::RW);
-    map(&mut r, ioas, m, 2 << 20, 2 << 20, 0x40_0000, Perm::RW);
+    common::map_at(&mut r.s, ioas, m, 0x1000, 0x10_0000, 0x10_0000, Perm::RW);
+    common::map_at(&mut r.s, ioas, m, 2 << 20, 2 << 20, 0x40_0000, Perm::RW);
     let tu = unit(&mut r);
     let dev = bind(&tu, "0000:00:04.0", false);
     tu.channel().attach(dev, None, ioas).unwrap();
@@ -111,12 +103,12 @@ fn overlapping_copies_in_one_space_go_as_memmove_across_leaves() {
 #[test]
 fn a_copy_that_would_fault_on_either_side_writes_nothing_and_reports_it() {
     let mut r = rig("faults");
-    let (f, m) = mem(&mut r, 1 << 20);
+    let (f, m) = common::memory(&mut r.s, 1 << 20);
     let ioas = r.s.ioas_alloc().unwrap();
-    map(&mut r, ioas, m, 0, 0x4000, 0x10_0000, Perm::RW);
+    common::map_at(&mut r.s, ioas, m, 0, 0x4000, 0x10_0000, Perm::RW);
     // A hole at 0x10_4000, then a read-only page, then a write-only page.
-    map(&mut r, ioas, m, 0x5000, 0x1000, 0x10_5000, Perm::R);
-    map(&mut r, ioas, m, 0x6000, 0x1000, 0x10_6000, Perm { read: false, write: true });
+    common::map_at(&mut r.s, ioas, m, 0x5000, 0x1000, 0x10_5000, Perm::R);
+    common::map_at(&mut r.s, ioas, m, 0x6000, 0x1000, 0x10_6000, Perm { read: false, write: true });
     let tu = unit(&mut r);
     let dev = bind(&tu, "0000:00:04.0", false);
     tu.channel().attach(dev, None, ioas).unwrap();
@@ -158,10 +150,10 @@ fn a_copy_that_would_fault_on_either_side_writes_nothing_and_reports_it() {
 #[test]
 fn a_copy_dirties_exactly_the_destination_leaves() {
     let mut r = rig("dirty");
-    let (_f, m) = mem(&mut r, 4 << 20);
+    let (_f, m) = common::memory(&mut r.s, 4 << 20);
     let ioas = r.s.ioas_alloc().unwrap();
-    map(&mut r, ioas, m, 0, 64 << 10, 0x10_0000, Perm::RW);
-    map(&mut r, ioas, m, 2 << 20, 2 << 20, 0x40_0000, Perm::RW);
+    common::map_at(&mut r.s, ioas, m, 0, 64 << 10, 0x10_0000, Perm::RW);
+    common::map_at(&mut r.s, ioas, m, 2 << 20, 2 << 20, 0x40_0000, Perm::RW);
     let tu = unit(&mut r);
     let dev = bind(&tu, "0000:00:04.0", true);
     tu.channel().attach(dev, None, ioas).unwrap();
@@ -180,12 +172,12 @@ fn a_copy_dirties_exactly_the_destination_leaves() {
 #[test]
 fn copies_cross_pasids_devices_and_memory_objects() {
     let mut r = rig("cross");
-    let (fa, ma) = mem(&mut r, 1 << 20);
-    let (fb, mb) = mem(&mut r, 1 << 20);
+    let (fa, ma) = common::memory(&mut r.s, 1 << 20);
+    let (fb, mb) = common::memory(&mut r.s, 1 << 20);
     let a = r.s.ioas_alloc().unwrap();
     let b = r.s.ioas_alloc().unwrap();
-    map(&mut r, a, ma, 0, 1 << 20, 0x100_0000, Perm::RW);
-    map(&mut r, b, mb, 0, 1 << 20, 0x100_0000, Perm::RW);
+    common::map_at(&mut r.s, a, ma, 0, 1 << 20, 0x100_0000, Perm::RW);
+    common::map_at(&mut r.s, b, mb, 0, 1 << 20, 0x100_0000, Perm::RW);
     let tu = unit(&mut r);
     let d1 = bind(&tu, "0000:00:04.0", false);
     let d2 = bind(&tu, "0000:00:05.0", false);
@@ -229,12 +221,12 @@ impl ClientMemory for Held {
 #[test]
 fn copies_to_and_from_client_memory_go_through_the_client() {
     let mut r = rig("client");
-    let (f, m) = mem(&mut r, 1 << 20);
+    let (f, m) = common::memory(&mut r.s, 1 << 20);
     let base = 0x7f00_0000_0000u64;
     let cm = r.s.register_client_memory(4 << 20, true, base).unwrap().id;
     let ioas = r.s.ioas_alloc().unwrap();
-    map(&mut r, ioas, m, 0, 1 << 20, 0x10_0000, Perm::RW);
-    map(&mut r, ioas, cm, 0, 4 << 20, 0x80_0000, Perm::RW);
+    common::map_at(&mut r.s, ioas, m, 0, 1 << 20, 0x10_0000, Perm::RW);
+    common::map_at(&mut r.s, ioas, cm, 0, 4 << 20, 0x80_0000, Perm::RW);
     let tu = unit(&mut r);
     let held = Arc::new(Held { base, bytes: Mutex::new(pattern(4 << 20, 7)) });
     tu.set_client_memory(Some(held.clone()));
@@ -259,11 +251,11 @@ fn copies_to_and_from_client_memory_go_through_the_client() {
 #[test]
 fn a_translation_cached_on_one_thread_is_not_used_after_an_invalidation_another_thread_completed() {
     let mut r = rig("per-thread");
-    let (f, m) = mem(&mut r, 1 << 20);
+    let (f, m) = common::memory(&mut r.s, 1 << 20);
     let ioas = r.s.ioas_alloc().unwrap();
     f.write_all_at(b"old page", 0).unwrap();
     f.write_all_at(b"new page", 0x1000).unwrap();
-    map(&mut r, ioas, m, 0, 0x1000, 0x10_0000, Perm::RW);
+    common::map_at(&mut r.s, ioas, m, 0, 0x1000, 0x10_0000, Perm::RW);
     let tu = unit(&mut r);
     let dev = bind(&tu, "0000:00:04.0", false);
     tu.channel().attach(dev, None, ioas).unwrap();
@@ -294,12 +286,12 @@ fn a_translation_cached_on_one_thread_is_not_used_after_an_invalidation_another_
     r.s.unmap(ioas, 0x10_0000, 0x1000).unwrap();
     assert!(read().unwrap_err().contains("NotPresent"), "a DMA after the unmap faults");
     // Mapped again elsewhere: the reader sees the new translation.
-    map(&mut r, ioas, m, 0x1000, 0x1000, 0x10_0000, Perm::RW);
+    common::map_at(&mut r.s, ioas, m, 0x1000, 0x1000, 0x10_0000, Perm::RW);
     assert_eq!(&read().unwrap(), b"new page");
     // Twice more, and a replacement under a cached leaf.
     assert_eq!(&read().unwrap(), b"new page");
     r.s.unmap(ioas, 0x10_0000, 0x1000).unwrap();
-    map(&mut r, ioas, m, 0, 0x1000, 0x10_0000, Perm::RW);
+    common::map_at(&mut r.s, ioas, m, 0, 0x1000, 0x10_0000, Perm::RW);
     assert_eq!(&read().unwrap(), b"old page");
     drop(ask);
     reader.join().unwrap();
@@ -338,7 +330,7 @@ fn an_unmap_returns_only_after_the_dma_in_flight_has_ended() {
     let base = 0x7e00_0000_0000u64;
     let cm = r.s.register_client_memory(2 << 20, true, base).unwrap().id;
     let ioas = r.s.ioas_alloc().unwrap();
-    map(&mut r, ioas, cm, 0, 0x1000, 0x10_0000, Perm::RW);
+    common::map_at(&mut r.s, ioas, cm, 0, 0x1000, 0x10_0000, Perm::RW);
     let tu = unit(&mut r);
     let (entered_tx, entered) = std::sync::mpsc::channel();
     let (release, release_rx) = std::sync::mpsc::channel();

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use iommu_core::client::{self, Client};
 use iommu_core::server::{self, Running};
-use iommu_core::types::Limits;
+use iommu_core::types::{Limits, MapArgs, Perm};
 use iommu_core::Errno;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -58,4 +58,17 @@ pub fn errno<T: std::fmt::Debug>(r: client::Result<T>) -> Errno {
         Ok(v) => panic!("expected an error, got Ok({v:?})"),
         Err(e) => e.errno().unwrap_or_else(|| panic!("expected an errno, got {e}")),
     }
+}
+
+/// A memfd of `size` bytes registered with session `s`: the file and the
+/// memory object's id.
+pub fn memory(s: &mut Client, size: u64) -> (std::fs::File, u32) {
+    let f = iommu_core::memfd::create("ram", size).unwrap();
+    let m = s.register_memory(&f).unwrap();
+    (f, m.id)
+}
+
+/// Maps `length` bytes of `mem` from `offset` at the fixed `iova` of `ioas`.
+pub fn map_at(s: &mut Client, ioas: u32, mem: u32, offset: u64, length: u64, iova: u64, perm: Perm) {
+    s.map(MapArgs { ioas, mem, offset, length, iova: Some(iova), perm }).unwrap();
 }

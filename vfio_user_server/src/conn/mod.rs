@@ -372,6 +372,23 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use zerocopy::IntoBytes;
 
+    /// Reads from `fd` until `n` messages are whole (or the end of the
+    /// stream), waiting while nothing is there.
+    fn read_msgs(r: &mut MsgReader, fd: BorrowedFd<'_>, n: usize) -> Vec<Msg> {
+        let mut got = vec![];
+        while got.len() < n {
+            match r.fill(fd).unwrap() {
+                Fill::Eof => break,
+                Fill::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+                Fill::Data | Fill::Drained => {}
+            }
+            while let Some(m) = r.next_msg().unwrap() {
+                got.push(m);
+            }
+        }
+        got
+    }
+
     fn msg(id: u16, command: u16, payload: &[u8]) -> Vec<u8> {
         let h = Header::command(id, command, payload.len());
         [h.as_bytes(), payload].concat()
@@ -387,17 +404,7 @@ mod tests {
         w.send(&[&msg(2, 2, &[7; 32])], &[f.as_fd()]).unwrap();
         w.send(&[&msg(3, 13, &[])], &[]).unwrap();
         let mut r = MsgReader::new(1024);
-        let mut got = vec![];
-        while got.len() < 3 {
-            match r.fill(b.as_fd()).unwrap() {
-                Fill::Eof => break,
-                Fill::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
-                Fill::Data | Fill::Drained => {}
-            }
-            while let Some(m) = r.next_msg().unwrap() {
-                got.push(m);
-            }
-        }
+        let got = read_msgs(&mut r, b.as_fd(), 3);
         assert_eq!(got.iter().map(|m| (m.hdr.msg_id, m.fds.len())).collect::<Vec<_>>(), vec![(1, 0), (2, 1), (3, 0)]);
         assert_eq!(got[1].payload, vec![7; 32]);
     }
@@ -427,17 +434,7 @@ mod tests {
             let m = r.next_view().unwrap().unwrap();
             assert_eq!((m.hdr.msg_id, m.payload), (u16::from(id), &[id; 16][..]));
         }
-        let mut got = vec![];
-        while got.len() < 2 {
-            match r.fill(b.as_fd()).unwrap() {
-                Fill::Eof => break,
-                Fill::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
-                Fill::Data | Fill::Drained => {}
-            }
-            while let Some(m) = r.next_msg().unwrap() {
-                got.push(m);
-            }
-        }
+        let got = read_msgs(&mut r, b.as_fd(), 2);
         assert_eq!((got[0].hdr.msg_id, got[0].payload.len()), (50, big.len()));
         assert!(got[0].payload == big);
         assert_eq!((got[1].hdr.msg_id, got[1].payload.len()), (51, 0));
