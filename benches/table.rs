@@ -330,21 +330,48 @@ type Section = fn(&Path, bool, &mut Vec<Row>);
 /// Per register: (name, read samples, write samples).
 type RegSamples = Vec<(String, Vec<f64>, Vec<f64>)>;
 
-fn registers(c: &mut VfuClient, regs: &[(String, u64)], n: u64, out: &mut RegSamples) {
-    if out.is_empty() {
-        out.extend(regs.iter().map(|(name, _)| (name.clone(), Vec::new(), Vec::new())));
-    }
-    for (i, (_, off)) in regs.iter().enumerate() {
-        let read = per_op(n, || {
-            c.region_read(0, *off, 4).unwrap();
-        });
+/// One device's registers, the client that reaches them and their samples.
+struct RegBench<'a> {
+    client: &'a mut VfuClient,
+    regs: &'a [(String, u64)],
+    out: &'a mut RegSamples,
+}
+
+/// One sample of every register of every device and of the echo, taken
+/// interleaved: `reps` passes, each an echo block and then a block of `m`
+/// reads and `m` writes of each register in turn, so that whatever slows
+/// the machine for a while weighs on the echo and on every register alike.
+/// Returns the echo's mean round trip; each register gets its mean read
+/// and write round trip pushed to its samples.
+fn registers(echo: &mut UnixStream, devs: &mut [RegBench<'_>], reps: u64, m: u64) -> f64 {
+    let mut values = Vec::new();
+    for d in devs.iter_mut() {
+        if d.out.is_empty() {
+            d.out.extend(d.regs.iter().map(|(name, _)| (name.clone(), Vec::new(), Vec::new())));
+        }
         // Writing back the value read leaves the device as it was (a write
         // to a read-only register is dropped; W1C registers read 0 here).
-        let v = c.region_read(0, *off, 4).unwrap();
-        let write = per_op(n, || c.region_write(0, *off, &v).unwrap());
-        out[i].1.push(read);
-        out[i].2.push(write);
+        values.push(d.regs.iter().map(|(_, off)| d.client.region_read(0, *off, 4).unwrap()).collect::<Vec<_>>());
     }
+    let mut sums: Vec<Vec<(f64, f64)>> = devs.iter().map(|d| vec![(0.0, 0.0); d.regs.len()]).collect();
+    let mut echo_sum = 0.0;
+    for _ in 0..reps {
+        echo_sum += echo_rt(echo, 4 * m);
+        for ((d, vals), sum) in devs.iter_mut().zip(&values).zip(sums.iter_mut()) {
+            for (((_, off), v), s) in d.regs.iter().zip(vals).zip(sum.iter_mut()) {
+                let mut b = [0u8; 4];
+                s.0 += per_op(m, || d.client.region_read_into(0, *off, &mut b).unwrap());
+                s.1 += per_op(m, || d.client.region_write(0, *off, v).unwrap());
+            }
+        }
+    }
+    for (d, sum) in devs.iter_mut().zip(sums) {
+        for (o, (r, w)) in d.out.iter_mut().zip(sum) {
+            o.1.push(r / reps as f64);
+            o.2.push(w / reps as f64);
+        }
+    }
+    echo_sum / reps as f64
 }
 
 fn worst(rows: &mut Vec<Row>, dev: &str, samples: &RegSamples, echo: Fig, goal: f64) {
@@ -369,7 +396,8 @@ fn worst(rows: &mut Vec<Row>, dev: &str, samples: &RegSamples, echo: Fig, goal: 
     }
 }
 
-/// Round trips, all pinned to CPU 0: echo, registers of both devices,
+/// Round trips, all pinned to CPU 0: echo, registers of both devices
+/// (interleaved with echo blocks, see [`registers`]),
 /// DMA_MAP+DMA_UNMAP of 2 MiB, the core's map+unmap of 4 KiB.
 fn round_trips(dir: &Path, quick: bool, rows: &mut Vec<Row>) {
     pin(&[0]);
@@ -393,16 +421,18 @@ fn round_trips(dir: &Path, quick: bool, rows: &mut Vec<Row>) {
     let rw = proto::DMA_MAP_READ | proto::DMA_MAP_WRITE;
 
     let k = if quick { 100 } else { 1 };
-    let (n_echo, n_reg, n_map, n_core) = (20_000 / k, 2_000 / k, 2_000 / k, 5_000 / k);
+    let (n_echo, reps, n_map, n_core) = (20_000 / k, 20 / k.min(10), 2_000 / k, 5_000 / k);
     let (ereg, treg) = (engine_registers(), testdev_registers());
     let (mut e_echo, mut e_map, mut e_core) = (Vec::new(), Vec::new(), Vec::new());
     let (mut eng_s, mut tdev_s) = (RegSamples::new(), RegSamples::new());
     // Warm everything once.
     echo_rt(&mut echo, n_echo / 4);
     for _round in 0..3 {
-        e_echo.push(echo_rt(&mut echo, n_echo));
-        registers(&mut eng, &ereg, n_reg, &mut eng_s);
-        registers(&mut tdev, &treg, n_reg, &mut tdev_s);
+        let mut devs = [
+            RegBench { client: &mut eng, regs: &ereg, out: &mut eng_s },
+            RegBench { client: &mut tdev, regs: &treg, out: &mut tdev_s },
+        ];
+        e_echo.push(registers(&mut echo, &mut devs, reps, 100));
         e_map.push(per_op(n_map, || {
             eng.dma_map(rw, 0, 0x20_0000, 2 << 20, Some(dmem.as_fd())).unwrap();
             eng.dma_unmap(0x20_0000, 2 << 20, 0).unwrap();

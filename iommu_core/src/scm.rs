@@ -18,6 +18,10 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 /// The kernel's limit of fds in one `SCM_RIGHTS` message (`SCM_MAX_FD`).
 pub const SCM_MAX_FD: usize = 253;
 
+/// Words of the largest control buffer: CMSG_SPACE of [`SCM_MAX_FD`] ints
+/// (1,012 bytes of data and a 16-byte header, rounded up).
+const CONTROL_WORDS: usize = (SCM_MAX_FD * size_of::<libc::c_int>() + 16).div_ceil(size_of::<u64>()) + 1;
+
 /// What one `recvmsg` brought.
 #[derive(Debug)]
 pub struct Received {
@@ -40,15 +44,19 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], max_fds: usize) -> std::io::Re
     let room = max_fds.clamp(1, SCM_MAX_FD) * size_of::<libc::c_int>();
     // SAFETY: CMSG_SPACE is arithmetic on its argument (at most 1012).
     let space = unsafe { libc::CMSG_SPACE(room as libc::c_uint) } as usize;
-    // u64 words: the control buffer must be aligned for `cmsghdr`.
-    let mut control = vec![0u64; space.div_ceil(size_of::<u64>())];
+    debug_assert!(space <= CONTROL_WORDS * size_of::<u64>());
+    // u64 words: the control buffer must be aligned for `cmsghdr`. On the
+    // stack (at most 1,032 bytes: CMSG_SPACE of SCM_MAX_FD ints), so a
+    // receive allocates nothing.
+    let mut words = [0u64; CONTROL_WORDS];
+    let control = &mut words[..space.div_ceil(size_of::<u64>())];
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     // SAFETY: an all-zero msghdr is valid (null pointers, zero lengths).
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = (control.len() * size_of::<u64>()) as _;
+    msg.msg_controllen = std::mem::size_of_val(control) as _;
     // SAFETY: `msg` points at `iov` (which covers `buf`) and at `control`,
     // all alive and exclusively borrowed for the call; the kernel writes
     // within the lengths given.

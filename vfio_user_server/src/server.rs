@@ -1,15 +1,19 @@
 //! The event loop of one device's vfio-user socket: accepts a client (one
-//! at a time, as the protocol has one client per socket), splits its stream
-//! into messages, hands commands to the device thread, hands the client's
-//! replies to server-to-client requests, watches ioeventfds and stops on
-//! SIGTERM/SIGINT, removing its socket.
+//! at a time, as the protocol has one client per socket), watches
+//! ioeventfds and stops on SIGTERM/SIGINT, removing its socket. The
+//! client's stream is read by a thread of its own, blocked in `recvmsg`
+//! (a round trip costs the server one read and one write, as an echo
+//! server): it splits the stream into messages, answers register accesses
+//! that cannot wait, hands other commands to the device thread and the
+//! client's replies to server-to-client requests.
 
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Sender};
 use mio::net::{UnixListener, UnixStream};
@@ -102,15 +106,110 @@ impl Options {
 }
 
 const LISTENER: Token = Token(0);
-const CONN: Token = Token(1);
 const SIGNALS: Token = Token(2);
 const WAKER: Token = Token(3);
 const IOFD_BASE: usize = 16;
 
+/// How long the loop waits for the reader of a client that hung up to
+/// finish its last messages before a new client is taken or refused.
+const HANGUP_WAIT: Duration = Duration::from_millis(500);
+
+/// The connected client, as the loop holds it.
 struct Conn {
-    stream: UnixStream,
+    /// The socket (blocking reads belong to the reader thread; the loop
+    /// only shuts it down and looks for a hang-up).
+    stream: std::os::unix::net::UnixStream,
+    port: Arc<Port>,
+    /// Set by the reader when it is told to stop.
+    stop: Arc<AtomicBool>,
+    /// Set by the reader when it has stopped (the loop is woken then).
+    ended: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// The reader thread's side of the connection.
+struct ConnReader {
+    stream: std::os::unix::net::UnixStream,
     reader: MsgReader,
     port: Arc<Port>,
+    device: Arc<Mutex<Worker>>,
+    /// Where inline replies are built.
+    reply: Vec<u8>,
+    jobs: Sender<Job>,
+    backlog: Arc<Backlog>,
+    stop: Arc<AtomicBool>,
+    ended: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl ConnReader {
+    /// Reads and dispatches until the client leaves, the connection fails
+    /// or the loop says stop; then tells the loop.
+    fn run(mut self) {
+        loop {
+            if !self.dispatch_buffered() || self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            // Over the backlog's limits: resumed by the device thread.
+            while self.backlog.over() && !self.stop.load(Ordering::SeqCst) {
+                std::thread::park_timeout(Duration::from_millis(100));
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            match self.reader.fill(self.stream.as_fd()) {
+                Ok(Fill::Data | Fill::Drained) => {}
+                // The socket is blocking; a non-blocking description (a
+                // peer sharing it) only costs a wait here.
+                Ok(Fill::WouldBlock) => {
+                    let mut p = [nix::poll::PollFd::new(self.stream.as_fd(), nix::poll::PollFlags::POLLIN)];
+                    let _ = nix::poll::poll(&mut p, nix::poll::PollTimeout::from(100u16));
+                }
+                Ok(Fill::Eof) => break,
+                Err(e) => {
+                    tracing::info!("client connection failed: {e}");
+                    break;
+                }
+            }
+        }
+        self.ended.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+
+    /// Dispatches every whole message in the buffer; false when the
+    /// connection must end.
+    fn dispatch_buffered(&mut self) -> bool {
+        loop {
+            match self.reader.next_view() {
+                Ok(Some(m)) if m.hdr.is_reply() => {
+                    if !self.port.deliver(m.to_msg()) {
+                        tracing::debug!("a reply nobody waits for was dropped");
+                    }
+                }
+                Ok(Some(m)) => {
+                    // A register access is answered here when the device
+                    // thread is idle and the access cannot wait.
+                    if m.fail.is_none() && m.fds.is_empty() && m.payload.len() <= 24 && self.backlog.idle() {
+                        if let Ok(mut w) = self.device.try_lock() {
+                            if w.try_inline(&m.hdr, m.payload, &mut self.reply) {
+                                continue;
+                            }
+                        }
+                    }
+                    self.backlog.add(m.payload.len());
+                    self.backlog.job_sent();
+                    if self.jobs.send(Job::Command(m.to_msg())).is_err() {
+                        return false;
+                    }
+                }
+                Ok(None) => return true,
+                Err(e) => {
+                    tracing::warn!("closing the client connection: {e}");
+                    return false;
+                }
+            }
+        }
+    }
 }
 
 pub use iommu_core::server::StopHandle;
@@ -124,11 +223,9 @@ pub struct Server {
     conn: Option<Conn>,
     jobs: Sender<Job>,
     worker: Option<std::thread::JoinHandle<()>>,
-    /// The device thread's state, taken by the loop to answer a register
-    /// access itself while the device thread is idle.
-    device: Arc<std::sync::Mutex<Worker>>,
-    /// Where those replies are built.
-    reply: Vec<u8>,
+    /// The device thread's state, taken by the connection's reader to
+    /// answer a register access itself while the device thread is idle.
+    device: Arc<Mutex<Worker>>,
     io_fds: Vec<Arc<File>>,
     io_queued: Vec<Arc<AtomicBool>>,
     io_descs: usize,
@@ -205,9 +302,9 @@ impl Server {
         let io_descs = worker.io_fd_descs().len();
         let stats = worker.stats();
         let (tx, rx) = unbounded();
-        let backlog = Backlog::new(waker.clone());
+        let backlog = Backlog::new();
         let b2 = backlog.clone();
-        let device = Arc::new(std::sync::Mutex::new(worker));
+        let device = Arc::new(Mutex::new(worker));
         let d2 = device.clone();
         let handle = std::thread::Builder::new()
             .name("vfio-user-device".into())
@@ -222,7 +319,6 @@ impl Server {
             jobs: tx,
             worker: Some(handle),
             device,
-            reply: Vec::with_capacity(64),
             io_fds: Vec::new(),
             io_queued: Vec::new(),
             io_descs,
@@ -263,11 +359,14 @@ impl Server {
     }
 
     fn connect(&mut self, stream: UnixStream) -> Result<(), Error> {
+        // Reads block (on the reader thread); writes never do: the writer
+        // sends with MSG_DONTWAIT and waits in poll with a deadline.
+        let stream = std::os::unix::net::UnixStream::from(stream);
+        stream.set_nonblocking(false).map_err(Error::Poll)?;
         let fd: OwnedFd = stream.as_fd().try_clone_to_owned().map_err(Error::Poll)?;
+        let read_fd = stream.try_clone().map_err(Error::Poll)?;
         let writer = Arc::new(Writer::new(fd));
         let port = Port::with_timeout(writer.clone(), self.dma_timeout);
-        let mut stream = stream;
-        self.poll.registry().register(&mut stream, CONN, Interest::READABLE).map_err(Error::Poll)?;
         // Fresh ioeventfds per client: a departed client keeps its copies,
         // which must not reach the next client's device.
         self.io_fds.clear();
@@ -282,18 +381,64 @@ impl Server {
             self.io_fds.push(f);
         }
         self.send_job(Job::Connected(writer, port.clone(), self.io_fds.clone()));
-        self.conn = Some(Conn { stream, reader: MsgReader::new(MAX_PAYLOAD), port });
+        let (stop, ended) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let reader = ConnReader {
+            stream: read_fd,
+            reader: MsgReader::new(MAX_PAYLOAD),
+            port: port.clone(),
+            device: self.device.clone(),
+            reply: Vec::with_capacity(64),
+            jobs: self.jobs.clone(),
+            backlog: self.backlog.clone(),
+            stop: stop.clone(),
+            ended: ended.clone(),
+            waker: self.waker.clone(),
+        };
+        let thread = match std::thread::Builder::new().name("vfio-user-conn".into()).spawn(move || reader.run()) {
+            Ok(t) => t,
+            Err(e) => {
+                port.close();
+                self.send_job(Job::Disconnected);
+                return Err(Error::Poll(e));
+            }
+        };
+        self.backlog.set_reader(Some(thread.thread().clone()));
+        self.conn = Some(Conn { stream, port, stop, ended, thread });
         tracing::info!("client connected");
         Ok(())
+    }
+
+    /// Ends the connection if its reader has stopped, or if the client
+    /// hung up (then the reader gets [`HANGUP_WAIT`] to finish what the
+    /// client sent before it left).
+    fn reap_conn(&mut self, hung_up_too: bool) {
+        let Some(c) = self.conn.as_ref() else { return };
+        if !c.ended.load(Ordering::SeqCst) && hung_up_too && hung_up(c.stream.as_fd()) {
+            let deadline = Instant::now() + HANGUP_WAIT;
+            while !c.ended.load(Ordering::SeqCst) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        if c.ended.load(Ordering::SeqCst) || (hung_up_too && hung_up(c.stream.as_fd())) {
+            self.disconnect();
+        }
     }
 
     fn disconnect(&mut self) {
         for f in self.io_fds.drain(..) {
             let _ = self.poll.registry().deregister(&mut SourceFd(&f.as_raw_fd()));
         }
-        if let Some(mut c) = self.conn.take() {
-            let _ = self.poll.registry().deregister(&mut c.stream);
+        if let Some(c) = self.conn.take() {
+            // The reader wakes from its read (or its pause) and stops, so
+            // every command it queued comes before the disconnection. Only
+            // the reading side is shut: the device thread still answers
+            // the commands queued before.
+            c.stop.store(true, Ordering::SeqCst);
+            let _ = c.stream.shutdown(std::net::Shutdown::Read);
             c.port.close();
+            c.thread.thread().unpark();
+            let _ = c.thread.join();
+            self.backlog.set_reader(None);
             self.send_job(Job::Disconnected);
             tracing::info!("client disconnected; its DMA regions and fds are released, the device keeps its state");
         }
@@ -303,80 +448,6 @@ impl Server {
     fn send_job(&self, job: Job) -> bool {
         self.backlog.job_sent();
         self.jobs.send(job).is_ok()
-    }
-
-    /// Reads and dispatches what the client sent. `fresh`: called for a
-    /// readable event that did not report the end of the stream, so a
-    /// short read means the socket is empty (anything later brings a new
-    /// event); otherwise reading goes on until `EAGAIN` or the end (the
-    /// end may have come with the event that was taken, or while reading
-    /// was paused).
-    fn read_conn(&mut self, fresh: bool) {
-        let Some(c) = self.conn.as_mut() else { return };
-        let mut end = false;
-        let mut drained = false;
-        // Messages left in the buffer (the loop stopped reading while the
-        // device thread was behind) go first.
-        loop {
-            loop {
-                match c.reader.next_view() {
-                    Ok(Some(m)) if m.hdr.is_reply() => {
-                        if !c.port.deliver(m.to_msg()) {
-                            tracing::debug!("a reply nobody waits for was dropped");
-                        }
-                    }
-                    Ok(Some(m)) => {
-                        // A register access is answered here when the
-                        // device thread is idle and the access cannot wait.
-                        if m.fail.is_none() && m.fds.is_empty() && m.payload.len() <= 24 && self.backlog.idle() {
-                            if let Ok(mut w) = self.device.try_lock() {
-                                if w.try_inline(&m.hdr, m.payload, &mut self.reply) {
-                                    continue;
-                                }
-                            }
-                        }
-                        self.backlog.add(m.payload.len());
-                        self.backlog.job_sent();
-                        if self.jobs.send(Job::Command(m.to_msg())).is_err() {
-                            end = true;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!("closing the client connection: {e}");
-                        end = true;
-                        break;
-                    }
-                }
-            }
-            if end || drained {
-                break;
-            }
-            if self.backlog.over() {
-                // Resumed by the device thread through the waker.
-                break;
-            }
-            drained = match c.reader.fill(c.stream.as_fd()) {
-                Ok(Fill::Data) => false,
-                // The socket was empty after this read: the next bytes
-                // bring a new event, so no read that would fail with
-                // EAGAIN is needed.
-                Ok(Fill::Drained) => fresh,
-                Ok(Fill::WouldBlock) => break,
-                Ok(Fill::Eof) => {
-                    end = true;
-                    break;
-                }
-                Err(e) => {
-                    tracing::info!("client connection failed: {e}");
-                    end = true;
-                    break;
-                }
-            };
-        }
-        if end {
-            self.disconnect();
-        }
     }
 
     /// Runs until stopped (or, for a single handed-over connection, until
@@ -402,7 +473,6 @@ impl Server {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
-                    CONN => self.read_conn(!ev.is_read_closed()),
                     SIGNALS => {
                         if let Some(s) = self.signals.as_mut() {
                             for sig in s.pending() {
@@ -411,7 +481,7 @@ impl Server {
                             }
                         }
                     }
-                    WAKER => self.read_conn(false),
+                    WAKER => self.reap_conn(false),
                     Token(t) if t >= IOFD_BASE => {
                         let i = t - IOFD_BASE;
                         if let (Some(f), Some(queued)) = (self.io_fds.get(i), self.io_queued.get(i)) {
@@ -442,11 +512,9 @@ impl Server {
             let Some(l) = self.listener.as_ref() else { return };
             match l.accept() {
                 Ok((s, _)) => {
-                    if self.conn.is_some() {
-                        // The current client may have just left: notice
-                        // that before turning the new one away.
-                        self.read_conn(false);
-                    }
+                    // The current client may have just left: notice that
+                    // before turning the new one away.
+                    self.reap_conn(true);
                     match nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials) {
                         // On an inherited listener, whoever made it decides
                         // who may connect.
@@ -551,6 +619,17 @@ pub fn spawn(device: Box<dyn Device>, opts: Options) -> Result<Running, Error> {
     let thread =
         std::thread::Builder::new().name("vfio-user-loop".into()).spawn(move || server.run()).map_err(Error::Poll)?;
     Ok(Running { stop, thread: Some(thread), dma, stats })
+}
+
+/// Whether the peer of `sock` has closed its end (data it
+/// sent before may still be unread).
+fn hung_up(sock: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    // No events asked: poll still reports POLLHUP (the peer closed its
+    // end, so both directions are shut) and POLLERR.
+    let mut p = [PollFd::new(sock, PollFlags::empty())];
+    matches!(poll(&mut p, PollTimeout::ZERO), Ok(n) if n > 0)
+        && p[0].revents().is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
 }
 
 /// Takes ownership of an inherited fd number (`--fd`).

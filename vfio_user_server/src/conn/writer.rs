@@ -23,7 +23,8 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// A writer over a (non-blocking) duplicate of the connection.
+    /// A writer over a duplicate of the connection (sends never block,
+    /// whatever the socket's mode: they wait in `poll` with a deadline).
     pub fn new(sock: OwnedFd) -> Writer {
         Writer { sock, lock: Mutex::new(()), broken: AtomicBool::new(false), timeout: Duration::from_secs(10) }
     }
@@ -71,7 +72,13 @@ impl Writer {
             }
             let cmsgs = [ControlMessage::ScmRights(raw)];
             let cm: &[ControlMessage] = if first && !raw.is_empty() { &cmsgs } else { &[] };
-            match sendmsg::<()>(self.sock.as_raw_fd(), &iov[..n_iov], cm, MsgFlags::MSG_NOSIGNAL, None) {
+            match sendmsg::<()>(
+                self.sock.as_raw_fd(),
+                &iov[..n_iov],
+                cm,
+                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+                None,
+            ) {
                 Ok(n) => {
                     off += n;
                     first = false;

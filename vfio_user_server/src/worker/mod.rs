@@ -49,15 +49,17 @@ pub const MAX_LOGGING_RANGES: u32 = 1024;
 /// Largest DMA logging report bitmap.
 pub const MAX_BITMAP_BYTES: u64 = 1 << 20;
 
-/// What is queued for the device thread; the event loop stops reading the
-/// client while it is over the limits, and the device thread wakes it.
+/// What is queued for the device thread; the connection's reader stops
+/// reading the client while it is over the limits, and the device thread
+/// wakes it.
 pub struct Backlog {
     /// Jobs of any kind sent to the device thread and not finished.
     queued: std::sync::atomic::AtomicUsize,
     bytes: std::sync::atomic::AtomicUsize,
     jobs: std::sync::atomic::AtomicUsize,
     paused: std::sync::atomic::AtomicBool,
-    waker: Arc<mio::Waker>,
+    /// The thread reading the client, unparked when it may read again.
+    reader: std::sync::Mutex<Option<std::thread::Thread>>,
 }
 
 impl Backlog {
@@ -66,15 +68,21 @@ impl Backlog {
     /// Most commands queued.
     pub const MAX_JOBS: usize = 4096;
 
-    /// A backlog that wakes the loop through `waker`.
-    pub fn new(waker: Arc<mio::Waker>) -> Arc<Backlog> {
+    /// An empty backlog.
+    pub fn new() -> Arc<Backlog> {
         Arc::new(Backlog {
             queued: Default::default(),
             bytes: Default::default(),
             jobs: Default::default(),
             paused: Default::default(),
-            waker,
+            reader: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Names the thread that reads the client (woken when the backlog
+    /// falls below half its limits after [`Backlog::over`] said yes).
+    pub fn set_reader(&self, t: Option<std::thread::Thread>) {
+        *sync::lock(&self.reader) = t;
     }
 
     /// A job (of any kind) is being sent to the device thread.
@@ -106,11 +114,13 @@ impl Backlog {
         let b = self.bytes.fetch_sub(n + 64, SeqCst) - (n + 64);
         let j = self.jobs.fetch_sub(1, SeqCst) - 1;
         if b < Self::MAX_BYTES / 2 && j < Self::MAX_JOBS / 2 && self.paused.swap(false, SeqCst) {
-            let _ = self.waker.wake();
+            if let Some(t) = sync::lock(&self.reader).as_ref() {
+                t.unpark();
+            }
         }
     }
 
-    /// Whether the loop must stop reading; marks it paused if so.
+    /// Whether the reader must stop reading; marks it paused if so.
     pub fn over(&self) -> bool {
         use std::sync::atomic::Ordering::SeqCst;
         let over = self.bytes.load(SeqCst) >= Self::MAX_BYTES || self.jobs.load(SeqCst) >= Self::MAX_JOBS;
@@ -192,7 +202,56 @@ pub struct Stats {
     /// Clients served.
     pub connections: std::sync::atomic::AtomicU64,
     /// Commands of the current client, by command number.
-    pub by_command: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
+    pub by_command: CommandCounts,
+}
+
+/// Counters by command number, without a lock: the protocol's commands
+/// (below 32), the extension's (`EXT_BASE` and the 15 after it) and one
+/// for any other number.
+#[derive(Debug)]
+pub struct CommandCounts([std::sync::atomic::AtomicU64; CommandCounts::SLOTS]);
+
+impl Default for CommandCounts {
+    fn default() -> CommandCounts {
+        CommandCounts(std::array::from_fn(|_| Default::default()))
+    }
+}
+
+impl CommandCounts {
+    const SLOTS: usize = 49;
+
+    fn slot(command: u16) -> usize {
+        match command {
+            c if c < 32 => usize::from(c),
+            c if (cmd::EXT_BASE..cmd::EXT_BASE + 16).contains(&c) => 32 + usize::from(c - cmd::EXT_BASE),
+            _ => Self::SLOTS - 1,
+        }
+    }
+
+    fn command(slot: usize) -> Option<u16> {
+        match slot {
+            s if s < 32 => u16::try_from(s).ok(),
+            s if s < Self::SLOTS - 1 => u16::try_from(s - 32).ok().map(|d| cmd::EXT_BASE + d),
+            _ => None,
+        }
+    }
+
+    /// Counts one command.
+    pub fn add(&self, command: u16) {
+        self.0[Self::slot(command)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The counts that are not zero, by command name, and clears them.
+    pub fn take(&self) -> Vec<(&'static str, u64)> {
+        let mut out = Vec::new();
+        for (i, c) in self.0.iter().enumerate() {
+            let n = c.swap(0, std::sync::atomic::Ordering::Relaxed);
+            if n > 0 {
+                out.push((Self::command(i).map_or("other", cmd::name), n));
+            }
+        }
+        out
+    }
 }
 
 impl Worker {
@@ -315,7 +374,7 @@ impl Worker {
         let Some(w) = self.writer.clone() else { return false };
         use std::sync::atomic::Ordering::Relaxed;
         self.stats.commands.fetch_add(1, Relaxed);
-        *sync::lock(&self.stats.by_command).entry(hdr.command).or_default() += 1;
+        self.stats.by_command.add(hdr.command);
         out.clear();
         let res = if let Some(d) = data {
             out.extend_from_slice(hdr.reply(16).as_bytes());
@@ -345,12 +404,11 @@ impl Worker {
 
     fn disconnect(&mut self) {
         {
-            let mut b = sync::lock(&self.stats.by_command);
-            if !b.is_empty() {
-                let list: Vec<String> = b.iter().map(|(c, n)| format!("{} {n}", cmd::name(*c))).collect();
+            let counts = self.stats.by_command.take();
+            if !counts.is_empty() {
+                let list: Vec<String> = counts.iter().map(|(c, n)| format!("{c} {n}")).collect();
                 tracing::info!("the client sent: {}", list.join(", "));
             }
-            b.clear();
         }
         if let Some(p) = self.port.take() {
             p.close();
@@ -394,7 +452,7 @@ impl Worker {
         use std::sync::atomic::Ordering::Relaxed;
         self.stats.commands.fetch_add(1, Relaxed);
         let hdr = m.hdr;
-        *sync::lock(&self.stats.by_command).entry(hdr.command).or_default() += 1;
+        self.stats.by_command.add(hdr.command);
         let res = match m.fail {
             Some(e) => Err(e),
             None => self.dispatch(&hdr, &m.payload, m.fds),
