@@ -134,9 +134,9 @@ pub trait Device: Send {
 
     /// Whether an access of `len` bytes at `offset` of region `index` (a
     /// write of `data`, or a read if `data` is `None`) may be done on the
-    /// event loop's thread instead of the device thread: true only if it
+    /// thread reading the client's socket instead of the device thread: true only if it
     /// never waits for another thread (for a queue to stop, for the
-    /// client, for the core). The event loop asks only while the device
+    /// client, for the core). That thread asks only while the device
     /// thread is idle, and holds the device meanwhile. By default every
     /// access goes to the device thread.
     fn answers_inline(&self, _index: u32, _offset: u64, _len: usize, _data: Option<&[u8]>) -> bool {

@@ -1,8 +1,8 @@
 //! The device thread: executes a client's commands in order against the
 //! device, its config space, interrupts, DMA table and migration state,
-//! and writes the replies. The event loop feeds it through a crossbeam
-//! channel; server-to-client DMA requests are answered by the event loop,
-//! so a command never blocks on one.
+//! and writes the replies. The connection's reader thread feeds it
+//! through a crossbeam channel and delivers the client's replies to
+//! server-to-client DMA requests, so a command never blocks on one.
 //!
 //! This module has the thread's state, its job loop, connecting and
 //! disconnecting clients and the dispatch of commands; the commands live
@@ -302,7 +302,7 @@ impl Worker {
     }
 
     /// Runs jobs until [`Job::Stop`] or the sender goes away. The worker
-    /// is locked for each job only: between jobs the event loop may take
+    /// is locked for each job only: between jobs the reader thread may take
     /// it to answer a register access itself (see [`Worker::try_inline`]).
     pub fn run(worker: Arc<std::sync::Mutex<Worker>>, rx: crossbeam_channel::Receiver<Job>, backlog: Arc<Backlog>) {
         while let Ok(job) = rx.recv() {
@@ -346,7 +346,7 @@ impl Worker {
     }
 
     /// Answers a small REGION_READ or REGION_WRITE on the calling thread
-    /// (the event loop's) if nothing about it can wait: config space reads,
+    /// (the reader thread's) if nothing about it can wait: config space reads,
     /// the MSI-X table and PBA, BARs that do not decode, and device
     /// registers whose device says so ([`Device::answers_inline`]). The
     /// caller guarantees that the device thread has no job queued or

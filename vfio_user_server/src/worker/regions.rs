@@ -27,7 +27,7 @@ impl Worker {
     }
 
     /// Whether an access of `len` bytes at `offset` of region `index` (a
-    /// write of `data`, or a read) can be done on the event loop's thread:
+    /// write of `data`, or a read) can be done on the reader thread:
     /// nothing it does waits for another thread. Accesses that fail go to
     /// the device thread, which answers them with their errno.
     pub(super) fn inline_ok(&self, index: u32, offset: u64, len: usize, data: Option<&[u8]>) -> bool {
