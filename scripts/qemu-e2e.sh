@@ -83,11 +83,8 @@
 #       or qemu5.err for the default-RAM guest). RUST_LOG=debug  the
 #       servers' log level (their logs: dev*.log).
 #
-# Bookworm's QEMU (7.2) has no vfio-user client, so the script makes a
-# Debian trixie root with debootstrap and installs QEMU from trixie-backports
-# into it, all from Debian's archive, cached in $IOASID_QEMU_CACHE (default
-# /var/cache/ioasid-qemu) so that a second run skips the downloads. QEMU runs
-# from that root through the root's own loader, without a chroot.
+# The QEMU, the guest kernel and busybox: scripts/qemu-root.sh (a Debian
+# trixie root with QEMU from trixie-backports, cached in /var/cache/ioasid-qemu).
 #
 # The binaries come from $CARGO_TARGET_DIR/release (target/release without
 # it), built by the script's own `cargo build --release`.
@@ -96,56 +93,9 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-cache=${IOASID_QEMU_CACHE:-/var/cache/ioasid-qemu}
-root=$cache/trixie
-mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-
 say() { echo "qemu-e2e: $*"; }
 fail() { echo "qemu-e2e: FAIL: $*"; exit 1; }
-
-[ "$(id -u)" = 0 ] || fail "run as root (debootstrap and /dev/kvm checks need it)"
-
-if [ ! -x "$root/usr/bin/qemu-system-x86_64" ]; then
-    say "making a trixie root with QEMU from trixie-backports in $root (downloads, once)"
-    command -v debootstrap >/dev/null || { apt-get update -q && apt-get install -y -q debootstrap; }
-    mkdir -p "$cache"
-    rm -rf "$root.tmp"
-    ok=""
-    for attempt in 1 2 3; do
-        rm -rf "$root.tmp"
-        if debootstrap --variant=minbase trixie "$root.tmp" "$mirror" >"$cache/debootstrap.log" 2>&1; then
-            ok=yes
-            break
-        fi
-        say "debootstrap attempt $attempt failed; retrying"
-        sleep 5
-    done
-    [ -n "$ok" ] || fail "debootstrap failed three times; see $cache/debootstrap.log"
-    echo "deb $mirror trixie-backports main" >"$root.tmp/etc/apt/sources.list.d/backports.list"
-    chroot "$root.tmp" apt-get update -q >"$cache/apt.log" 2>&1 || fail "apt-get update in the root failed"
-    chroot "$root.tmp" apt-get install -y -q --no-install-recommends -t trixie-backports qemu-system-x86 \
-        >>"$cache/apt.log" 2>&1 || fail "installing qemu-system-x86 failed; see $cache/apt.log"
-    mv "$root.tmp" "$root"
-fi
-if ! ls "$root"/boot/vmlinuz-* >/dev/null 2>&1 || [ ! -x "$root/bin/busybox" ]; then
-    say "installing Debian's kernel and busybox into the root (once)"
-    chroot "$root" apt-get install -y -q --no-install-recommends linux-image-amd64 busybox-static \
-        >>"$cache/apt.log" 2>&1 || fail "installing the kernel and busybox failed; see $cache/apt.log"
-fi
-kernel=$(ls "$root"/boot/vmlinuz-* | head -n 1)
-# exec: run in the background, the job's pid is QEMU's own.
-qemu() {
-    if [ -n "${IOASID_QEMU:-}" ]; then
-        exec "$IOASID_QEMU" "$@"
-    fi
-    exec "$root/lib64/ld-linux-x86-64.so.2" --library-path "$root/usr/lib/x86_64-linux-gnu:$root/lib/x86_64-linux-gnu" \
-        "$root/usr/bin/qemu-system-x86_64" -L "$root/usr/share/qemu" -L "$root/usr/share/seabios" "$@"
-}
-if [ -n "${IOASID_QEMU:-}" ]; then
-    [ -x "$IOASID_QEMU" ] || fail "IOASID_QEMU=$IOASID_QEMU is not an executable"
-fi
-version=$( (qemu --version) | head -n 1)
-say "$version${IOASID_QEMU:+ ($IOASID_QEMU)}"
+. scripts/qemu-root.sh
 only=${IOASID_E2E_ONLY:-}
 case "$only" in "" | hotplug | default-ram) ;; *) fail "IOASID_E2E_ONLY=$only: the stages that run alone are hotplug and default-ram" ;; esac
 
@@ -208,32 +158,7 @@ build_initrd() {
     mkdir -p "$work/irfs/bin" "$work/irfs/proc" "$work/irfs/sys" "$work/irfs/dev" "$work/irfs/modules"
     cp "$root/bin/busybox" "$work/irfs/bin/busybox"
     cp "$work/engine-test" "$work/irfs/engine-test"
-    local kver moddir m
-    kver=${kernel##*/vmlinuz-}
-    moddir=$root/lib/modules/$kver
-    mods=()
-    add_mod() {
-        local d
-        for d in $(grep -m1 "^$1:" "$moddir/modules.dep" | cut -d: -f2); do add_mod "$d"; done
-        case " ${mods[*]} " in *" $1 "*) ;; *) mods+=("$1") ;; esac
-    }
-    for m in vfio_iommu_type1 vfio-pci; do
-        m=$(grep -oE "^[^:]*/$m\.ko(\.xz|\.zst|\.gz)?:" "$moddir/modules.dep" | tr -d :)
-        [ -n "$m" ] || fail "the guest kernel $kver has no module $m (modules.dep)"
-        add_mod "$m"
-    done
-    : >"$work/irfs/modules/order"
-    for m in "${mods[@]}"; do
-        local base=${m##*/}
-        base=${base%.xz}; base=${base%.zst}; base=${base%.gz}
-        case "$m" in
-        *.xz) xz -dc "$moddir/$m" ;;
-        *.zst) zstd -qdc "$moddir/$m" ;;
-        *.gz) gzip -dc "$moddir/$m" ;;
-        *) cat "$moddir/$m" ;;
-        esac >"$work/irfs/modules/$base" || fail "cannot decompress $m"
-        echo "$base" >>"$work/irfs/modules/order"
-    done
+    guest_modules "$work/irfs/modules" vfio_iommu_type1 vfio-pci
     cat >"$work/irfs/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -314,16 +239,7 @@ qmp() { python3 "$work/qmp.py" "$work/qmp.sock" "$@"; }
 
 # Waits (polling every 0.1 s, ceiling $3 seconds) for a line matching $2 in
 # the guest log $1; stops early when the guest fails or QEMU ($4) is gone.
-wait_guest() {
-    local i
-    for i in $(seq $(($3 * 10))); do
-        grep -aqE "$2" "$1" && return 0
-        grep -aq "ENGINE-TEST FAIL" "$1" && return 1
-        kill -0 "$4" 2>/dev/null || return 1
-        sleep 0.1
-    done
-    return 1
-}
+wait_guest() { wait_guest_for "$1" "$2" "$3" "$4" "ENGINE-TEST FAIL"; }
 # Waits until the server's log $1 counts $2 lines matching $3 (ceiling 30 s).
 wait_server_log() {
     local i
