@@ -118,15 +118,27 @@ impl Eng {
     /// Puts `d` on the ring with a fresh record and rings the doorbell;
     /// returns the record's offset in the ring memory.
     fn submit(&mut self, d: Descriptor) -> u64 {
+        let comp = self.push(d);
+        self.doorbell();
+        comp
+    }
+
+    /// Puts `d` on the ring with a fresh record, without ringing; returns
+    /// the record's offset in the ring memory.
+    fn push(&mut self, d: Descriptor) -> u64 {
         let slot = u64::from(self.tail % RING);
         let comp = RECORDS + slot * COMPLETION_SIZE as u64;
         self.ring_write(comp, &[0; COMPLETION_SIZE]);
         let d = Descriptor { completion: RING_AT + comp, ..d };
         self.ring_write(slot * 64, &d.to_bytes());
         self.tail = self.tail.wrapping_add(1);
+        comp
+    }
+
+    /// Rings the doorbell for what was pushed.
+    fn doorbell(&mut self) {
         let t = self.tail;
         self.w32(regs::QUEUE + regs::Q_TAIL, t);
-        comp
     }
 
     /// Waits for the record at `comp` (register reads let the client
@@ -491,4 +503,60 @@ fn a_ring_in_client_memory_waits_for_a_silent_client() {
         Ran::Halted => panic!("the queue halted"),
     }
     assert!(e.dest(4096) == &want[..]);
+}
+
+/// A queue thread keeps its translation handle (its own IOTLB) while it
+/// has work. Three descriptors are rung at once: the first copies from a
+/// file region (the queue caches its translation), the second waits for
+/// the client on a copy in client memory while the client unmaps the file
+/// region (the server answers the unmap at once) and writes new bytes to
+/// the file, and the third, run next by the same busy queue, copies from
+/// the unmapped region: it faults on its source instead of reading the
+/// file through the translation the queue cached.
+#[test]
+fn a_queue_that_cached_a_translation_faults_after_dma_unmap_instead_of_reading_the_old_memory() {
+    let mut st = Stack::new("client-mem-unmap-cached");
+    let sock = st.server_with("dma-engine", "unmap-cached", &["--dma-timeout-ms", "600000"]);
+    let mut e = Eng::new(&sock, false);
+    const FS: u64 = 0x6000_0000;
+    const FD: u64 = 0x7000_0000;
+    let src = GuestRam::new("unmap-src", 0x1_0000).unwrap();
+    let dst = GuestRam::new("unmap-dst", 0x1_0000).unwrap();
+    e.c.dma_map(RW, 0, FS, 0x1_0000, Some(src.file.as_fd())).unwrap();
+    e.c.dma_map(RW, 0, FD, 0x1_0000, Some(dst.file.as_fd())).unwrap();
+    src.write(0, b"before the unmap").unwrap();
+    dst.write(0x1000, &[0xee; 16]).unwrap();
+    let len = 256 * 1024;
+    let want = e.fill_source(len, 5);
+
+    e.c.set_dma_mode(DmaMode::Defer);
+    let first = e.push(copy(FS, FD, 16));
+    let held = e.push(copy(S, D, len));
+    let after = e.push(copy(FS, FD + 0x1000, 16));
+    e.doorbell();
+    e.until_device_waits_for_the_client();
+    match e.wait(first) {
+        Ran::Done(r) => assert_eq!(r.status, status::SUCCESS, "{r:?}"),
+        Ran::Halted => panic!("the queue halted"),
+    }
+    assert_eq!(dst.read(0, 16).unwrap(), b"before the unmap");
+    e.c.dma_unmap(FS, 0x1_0000, 0).unwrap();
+    // The file still holds bytes: a stale translation would copy them.
+    src.write(0, b"read after unmap").unwrap();
+    e.c.set_dma_mode(DmaMode::Answer);
+    match e.wait(held) {
+        Ran::Done(r) => assert_eq!(r.status, status::SUCCESS, "{r:?}"),
+        Ran::Halted => panic!("the queue halted"),
+    }
+    assert!(e.dest(len) == &want[..]);
+    match e.wait(after) {
+        Ran::Done(r) => assert_eq!((r.status, r.fault_addr), (status::FAULT_SRC, FS), "{r:?}"),
+        Ran::Halted => panic!("the queue halted"),
+    }
+    assert_eq!(dst.read(0x1000, 16).unwrap(), [0xee; 16], "the copy after the unmap wrote");
+    // The queue goes on: mapped again, the file is read as it is now.
+    e.c.dma_map(RW, 0, FS, 0x1_0000, Some(src.file.as_fd())).unwrap();
+    let r = e.run(copy(FS, FD + 0x2000, 16));
+    assert_eq!(r.status, status::SUCCESS, "{r:?}");
+    assert_eq!(dst.read(0x2000, 16).unwrap(), b"read after unmap");
 }

@@ -2,7 +2,8 @@
 //! per-thread IOTLBs, against a real core: overlapping ranges, rights,
 //! faults part-way (nothing written), dirty bits, copies between PASIDs,
 //! devices and memory objects, client memory, and a translation cached on
-//! one thread that an invalidation completed elsewhere voids.
+//! one thread that an invalidation completed elsewhere voids; the same
+//! for a queue's handle (`tu::Handle`), moved between threads or not.
 
 // Tests, benchmarks and examples may panic on what they set up.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -363,4 +364,178 @@ fn an_unmap_returns_only_after_the_dma_in_flight_has_ended() {
     assert!(landed, "the unmap returned before the DMA in flight ended");
     // After the unmap, the page faults.
     assert!(matches!(tu.write(dev, 0, 0x10_0000, b"x"), Err(tu::Error::Fault { .. })));
+}
+
+/// A queue's handle (`tu::Handle`): what it caches is voided by an
+/// invalidation answered on the channel's thread, before the unmap
+/// returns. A read after it faults, a write faults and writes nothing, and
+/// a write after the page is mapped again lands in the new mapping.
+#[test]
+fn a_handles_cached_translation_is_not_used_after_an_invalidation_answered_elsewhere() {
+    let mut r = rig("handle");
+    let (f, m) = common::memory(&mut r.s, 1 << 20);
+    let ioas = r.s.ioas_alloc().unwrap();
+    f.write_all_at(b"old page", 0).unwrap();
+    f.write_all_at(b"new page", 0x1000).unwrap();
+    common::map_at(&mut r.s, ioas, m, 0, 0x1000, 0x10_0000, Perm::RW);
+    let tu = unit(&mut r);
+    let dev = bind(&tu, "0000:00:04.0", false);
+    tu.channel().attach(dev, None, ioas).unwrap();
+    let mut h = tu.handle();
+    let mut b = [0u8; 8];
+    h.read(dev, 0, 0x10_0000, &mut b).unwrap();
+    assert_eq!(&b, b"old page");
+    // The second read hits the handle's IOTLB: no walk, one hit counted.
+    let (hits, misses) = (tu.iotlb_hits(), tu.iotlb_misses());
+    h.read(dev, 0, 0x10_0000, &mut b).unwrap();
+    assert_eq!(&b, b"old page");
+    assert_eq!((tu.iotlb_hits(), tu.iotlb_misses()), (hits + 1, misses));
+    r.s.unmap(ioas, 0x10_0000, 0x1000).unwrap();
+    assert!(matches!(h.read(dev, 0, 0x10_0000, &mut b), Err(tu::Error::Fault { reason: FaultReason::NotPresent, .. })));
+    assert!(matches!(h.write(dev, 0, 0x10_0000, b"STALE!!!"), Err(tu::Error::Fault { .. })));
+    assert!(matches!(
+        h.copy(at(dev, 0, 0x10_0000), at(dev, 0, 0x10_0100), 8),
+        Err(tu::CopyError { side: Side::Source, .. })
+    ));
+    assert_eq!(file_bytes(&f, 0, 8), b"old page", "nothing written through the voided translation");
+    // Mapped again at another offset: the handle's write lands there.
+    common::map_at(&mut r.s, ioas, m, 0x1000, 0x1000, 0x10_0000, Perm::RW);
+    h.write(dev, 0, 0x10_0000, b"written!").unwrap();
+    assert_eq!(file_bytes(&f, 0x1000, 8), b"written!");
+    assert_eq!(file_bytes(&f, 0, 8), b"old page");
+    // Now cached, and replaced under it: the next write goes to the
+    // replacement.
+    h.write(dev, 0, 0x10_0008, b"cached!!").unwrap();
+    r.s.unmap(ioas, 0x10_0000, 0x1000).unwrap();
+    common::map_at(&mut r.s, ioas, m, 0, 0x1000, 0x10_0000, Perm::RW);
+    h.write(dev, 0, 0x10_0008, b"replaced").unwrap();
+    assert_eq!(file_bytes(&f, 0, 16), b"old pagereplaced");
+    assert_eq!(file_bytes(&f, 0x1000, 16), b"written!cached!!");
+}
+
+/// A handle changes thread between accesses (it is `Send`): the thread
+/// it moves to never uses what was cached before an invalidation that
+/// completed while it moved, and its own caching is voided as well by the
+/// next one.
+#[test]
+fn a_handle_moved_between_threads_keeps_the_guarantee() {
+    fn send<T: Send>(t: T) -> T {
+        t
+    }
+    let mut r = rig("handle-moved");
+    let (f, m) = common::memory(&mut r.s, 1 << 20);
+    let ioas = r.s.ioas_alloc().unwrap();
+    f.write_all_at(b"old page", 0).unwrap();
+    f.write_all_at(b"new page", 0x1000).unwrap();
+    common::map_at(&mut r.s, ioas, m, 0, 0x1000, 0x10_0000, Perm::RW);
+    let tu = unit(&mut r);
+    let dev = bind(&tu, "0000:00:04.0", false);
+    tu.channel().attach(dev, None, ioas).unwrap();
+    let mut h = send(tu.handle());
+    let mut b = [0u8; 8];
+    h.read(dev, 0, 0x10_0000, &mut b).unwrap();
+    assert_eq!(&b, b"old page");
+    r.s.unmap(ioas, 0x10_0000, 0x1000).unwrap();
+    common::map_at(&mut r.s, ioas, m, 0x1000, 0x1000, 0x10_0000, Perm::RW);
+    let mut h = std::thread::spawn(move || {
+        let mut b = [0u8; 8];
+        h.read(dev, 0, 0x10_0000, &mut b).unwrap();
+        assert_eq!(&b, b"new page", "the moved handle translates afresh");
+        h
+    })
+    .join()
+    .unwrap();
+    // Cached on that thread; voided here by an unmap answered on a third.
+    r.s.unmap(ioas, 0x10_0000, 0x1000).unwrap();
+    assert!(matches!(h.write(dev, 0, 0x10_0000, b"STALE!!!"), Err(tu::Error::Fault { .. })));
+    assert_eq!(file_bytes(&f, 0x1000, 8), b"new page");
+    drop(h);
+    // A dropped handle leaves the unit's list: invalidations do not wait
+    // for it, and its hits stay counted.
+    let hits = tu.iotlb_hits();
+    common::map_at(&mut r.s, ioas, m, 0, 0x1000, 0x10_0000, Perm::RW);
+    r.s.unmap(ioas, 0x10_0000, 0x1000).unwrap();
+    assert_eq!(tu.iotlb_hits(), hits);
+}
+
+/// Rights are part of what a handle caches, and a change of them (an
+/// unmap and a map of the same IOVA with other rights) is seen at once:
+/// a write to a page made read-only faults and writes nothing; a page
+/// made writable again takes the write.
+#[test]
+fn a_handle_sees_rights_change() {
+    let mut r = rig("handle-rights");
+    let (f, m) = common::memory(&mut r.s, 1 << 20);
+    let ioas = r.s.ioas_alloc().unwrap();
+    common::map_at(&mut r.s, ioas, m, 0, 0x1000, 0x10_0000, Perm::RW);
+    let tu = unit(&mut r);
+    let dev = bind(&tu, "0000:00:04.0", false);
+    tu.channel().attach(dev, None, ioas).unwrap();
+    let mut h = tu.handle();
+    h.write(dev, 0, 0x10_0000, b"writable").unwrap();
+    h.check(dev, 0, 0x10_0000, 8, Perm::W).unwrap();
+    r.s.unmap(ioas, 0x10_0000, 0x1000).unwrap();
+    common::map_at(&mut r.s, ioas, m, 0, 0x1000, 0x10_0000, Perm::R);
+    assert!(matches!(
+        h.write(dev, 0, 0x10_0000, b"readonly"),
+        Err(tu::Error::Fault { reason: FaultReason::Permission, .. })
+    ));
+    assert!(matches!(
+        h.copy(at(dev, 0, 0x10_0000), at(dev, 0, 0x10_0008), 8),
+        Err(tu::CopyError { side: Side::Destination, .. })
+    ));
+    let mut b = [0u8; 8];
+    h.read(dev, 0, 0x10_0000, &mut b).unwrap();
+    assert_eq!(&b, b"writable");
+    assert_eq!(file_bytes(&f, 0, 16), b"writable\0\0\0\0\0\0\0\0");
+    r.s.unmap(ioas, 0x10_0000, 0x1000).unwrap();
+    common::map_at(&mut r.s, ioas, m, 0, 0x1000, 0x10_0000, Perm::RW);
+    h.copy(at(dev, 0, 0x10_0000), at(dev, 0, 0x10_0008), 8).unwrap();
+    assert_eq!(file_bytes(&f, 0, 16), b"writablewritable");
+    assert_eq!(h.translate(dev, 0, 0x10_0000, 16, Perm::W).unwrap().len(), 1);
+}
+
+/// The handshake through a handle: a DMA held in flight through a
+/// handle on another thread holds the unmap of its page until it ends.
+#[test]
+fn an_unmap_returns_only_after_a_handles_dma_in_flight_has_ended() {
+    let mut r = rig("handle-in-flight");
+    let base = 0x7e00_0000_0000u64;
+    let cm = r.s.register_client_memory(2 << 20, true, base).unwrap().id;
+    let ioas = r.s.ioas_alloc().unwrap();
+    common::map_at(&mut r.s, ioas, cm, 0, 0x1000, 0x10_0000, Perm::RW);
+    let tu = unit(&mut r);
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let gate = Arc::new(Gate {
+        entered: Mutex::new(Some(entered_tx)),
+        release: Mutex::new(release_rx),
+        written: std::sync::atomic::AtomicBool::new(false),
+    });
+    tu.set_client_memory(Some(gate.clone()));
+    let dev = bind(&tu, "0000:00:04.0", false);
+    tu.channel().attach(dev, None, ioas).unwrap();
+    let mut h = tu.handle();
+    let writer = std::thread::spawn(move || {
+        let r = h.write(dev, 0, 0x10_0000, b"in flight");
+        (h, r)
+    });
+    entered.recv().unwrap();
+    let returned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ret, g) = (returned.clone(), gate.clone());
+    let mut s = r.s;
+    let unmapper = std::thread::spawn(move || {
+        s.unmap(ioas, 0x10_0000, 0x1000).unwrap();
+        let landed = g.written.load(std::sync::atomic::Ordering::SeqCst);
+        ret.store(true, std::sync::atomic::Ordering::SeqCst);
+        (s, landed)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!returned.load(std::sync::atomic::Ordering::SeqCst), "the unmap returned while a DMA was in flight");
+    release.send(()).unwrap();
+    let (mut h, w) = writer.join().unwrap();
+    w.unwrap();
+    let (_s, landed) = unmapper.join().unwrap();
+    assert!(landed, "the unmap returned before the DMA in flight ended");
+    assert!(matches!(h.write(dev, 0, 0x10_0000, b"x"), Err(tu::Error::Fault { .. })));
 }

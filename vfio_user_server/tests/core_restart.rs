@@ -143,3 +143,39 @@ fn kept_files_go_with_their_regions_and_restarts_repeat() {
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+/// A queue's view of the DMA (`QueueDma`) holds a translation handle to
+/// the unit it reached last; when the core goes away it lets it go at its
+/// next poll, though no route leads to a unit then, and after the restart
+/// it reaches the new core's unit (and the memory as it is now).
+#[test]
+fn a_queue_view_lets_its_handle_go_with_the_core_and_reaches_the_new_one() {
+    use vfio_user_server::dma::{DeviceDma, DmaSpace, Route};
+    let mut s = Stack::new("restart-view");
+    let mut c = s.client();
+    let mem = memfd("v", 1 << 16);
+    mem.write_all_at(b"first core", 0).unwrap();
+    c.dma_map(RW, 0, BASE, 1 << 16, Some(mem.as_fd())).unwrap();
+    let dma = s.server().dma().clone();
+    let view = dma.queue();
+    assert!(!view.has_handle(), "a view starts without a handle");
+    let mut got = [0u8; 10];
+    view.space(Route::Rid).read(BASE, &mut got).unwrap();
+    assert_eq!(&got, b"first core");
+    assert!(view.has_handle());
+    // Polls change nothing while the units stay.
+    view.let_go_stale();
+    assert!(view.has_handle());
+
+    stop_core(&mut s);
+    view.let_go_stale();
+    assert!(!view.has_handle(), "the handle to the gone core's unit stays");
+    assert!(view.space(Route::Rid).read(BASE, &mut got).is_err());
+    assert!(!view.has_handle());
+
+    start_core(&mut s, 1);
+    mem.write_all_at(b"second one", 0).unwrap();
+    view.space(Route::Rid).read(BASE, &mut got).unwrap();
+    assert_eq!(&got, b"second one");
+    assert!(view.has_handle());
+}

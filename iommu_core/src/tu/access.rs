@@ -189,9 +189,13 @@ impl TranslationUnit {
         }
     }
 
+    /// An access by `own` (a [`super::Handle`]'s state), or by this
+    /// thread's state for the unit if `None`.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub(super) fn access(
         &self,
+        own: Option<&ThreadUnit>,
         dev: u32,
         pasid: u32,
         iova: u64,
@@ -199,6 +203,12 @@ impl TranslationUnit {
         want: Perm,
         mut op: Option<CopyOp<'_>>,
     ) -> Result<()> {
+        if let Some(t) = own {
+            if self.fast_access(t, dev, pasid, iova, len, want, op.as_deref_mut()) {
+                return Ok(());
+            }
+            return self.access_on(t, dev, pasid, iova, len, want, op);
+        }
         let done = self.guard.with_thread(|t| self.fast_access(t, dev, pasid, iova, len, want, op.as_deref_mut()));
         if done {
             return Ok(());
@@ -345,8 +355,21 @@ impl TranslationUnit {
     /// DMA read: fills `buf` from `iova` of `(dev, pasid)` (pasid 0 = RID).
     /// A read that faults part-way may have filled part of `buf`.
     pub fn read(&self, dev: u32, pasid: u32, iova: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_by(None, dev, pasid, iova, buf)
+    }
+
+    #[inline(always)]
+    pub(super) fn read_by(
+        &self,
+        own: Option<&ThreadUnit>,
+        dev: u32,
+        pasid: u32,
+        iova: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
         let len = buf.len();
         self.access(
+            own,
             dev,
             pasid,
             iova,
@@ -364,7 +387,20 @@ impl TranslationUnit {
     /// stop a copy part-way (a file that shrank, a client that does not
     /// serve its memory).
     pub fn write(&self, dev: u32, pasid: u32, iova: u64, data: &[u8]) -> Result<()> {
+        self.write_by(None, dev, pasid, iova, data)
+    }
+
+    #[inline(always)]
+    pub(super) fn write_by(
+        &self,
+        own: Option<&ThreadUnit>,
+        dev: u32,
+        pasid: u32,
+        iova: u64,
+        data: &[u8],
+    ) -> Result<()> {
         self.access(
+            own,
             dev,
             pasid,
             iova,
@@ -387,6 +423,23 @@ impl TranslationUnit {
     /// not serve its memory). Overlapping ranges of one address space copy
     /// as `memmove` does.
     pub fn copy(&self, src: At, dst: At, len: usize) -> std::result::Result<(), CopyError> {
+        self.copy_by(None, src, dst, len)
+    }
+
+    #[inline(always)]
+    pub(super) fn copy_by(
+        &self,
+        own: Option<&ThreadUnit>,
+        src: At,
+        dst: At,
+        len: usize,
+    ) -> std::result::Result<(), CopyError> {
+        if let Some(t) = own {
+            if self.fast_copy(t, src, dst, len) {
+                return Ok(());
+            }
+            return self.copy_on(t, src, dst, len);
+        }
         if self.guard.with_thread(|t| self.fast_copy(t, src, dst, len)) {
             return Ok(());
         }
@@ -619,12 +672,37 @@ impl TranslationUnit {
     /// `access`, touching no byte (faults and page requests happen as for
     /// an access).
     pub fn check(&self, dev: u32, pasid: u32, iova: u64, len: usize, access: Perm) -> Result<()> {
-        self.access(dev, pasid, iova, len, access, None)
+        self.access(None, dev, pasid, iova, len, access, None)
+    }
+
+    #[inline(always)]
+    pub(super) fn check_by(
+        &self,
+        own: Option<&ThreadUnit>,
+        dev: u32,
+        pasid: u32,
+        iova: u64,
+        len: usize,
+        access: Perm,
+    ) -> Result<()> {
+        self.access(own, dev, pasid, iova, len, access, None)
     }
 
     /// Translates `[iova, iova+len)` for `access` into system-address
     /// segments `(system address, length)`, merging contiguous pages.
     pub fn translate(&self, dev: u32, pasid: u32, iova: u64, len: usize, access: Perm) -> Result<Vec<(u64, usize)>> {
+        self.translate_by(None, dev, pasid, iova, len, access)
+    }
+
+    pub(super) fn translate_by(
+        &self,
+        own: Option<&ThreadUnit>,
+        dev: u32,
+        pasid: u32,
+        iova: u64,
+        len: usize,
+        access: Perm,
+    ) -> Result<Vec<(u64, usize)>> {
         let mut segs: Vec<(u64, usize)> = Vec::new();
         let mut op = |m: &MemObject, off: u64, at: usize, n: usize| {
             if at == 0 {
@@ -638,7 +716,7 @@ impl TranslationUnit {
             }
             Ok(())
         };
-        self.access(dev, pasid, iova, len, access, Some(&mut op))?;
+        self.access(own, dev, pasid, iova, len, access, Some(&mut op))?;
         Ok(segs)
     }
 }

@@ -3,8 +3,9 @@
 //! Each thread that does DMA through a unit has a [`ThreadUnit`] of its
 //! own (thread-local): its IOTLB, the buffers an access reuses, and a
 //! [`Slot`] the unit lists, whose sequence number is odd while the thread
-//! is in a DMA. An access touches no lock, shared map or shared counter
-//! when its translations are in the thread's IOTLB:
+//! is in a DMA. A [`super::Handle`] holds a `ThreadUnit` of its own too,
+//! reached without the thread-local lookup. An access touches no lock,
+//! shared map or shared counter when its translations are in its IOTLB:
 //!
 //! - entering: the slot's sequence is made odd, then the unit's
 //!   invalidation generation is loaded; if it moved since the thread's
@@ -243,15 +244,17 @@ impl Guard {
         }
     }
 
+    /// State of a new user of the unit (a thread, or a
+    /// [`super::Handle`]), with a slot of its own in the unit's list.
     #[cold]
-    fn register(&self) -> Rc<ThreadUnit> {
+    pub(super) fn new_user(&self) -> ThreadUnit {
         let slot = Arc::new(Slot::default());
         {
             let mut s = sync::lock(&self.slots);
             s.prune();
             s.live.push(slot.clone());
         }
-        let t = Rc::new(ThreadUnit {
+        ThreadUnit {
             unit: self.id,
             slot,
             // Never equal to a generation: the first DMA starts empty.
@@ -264,7 +267,12 @@ impl Guard {
             objects: RefCell::new(Vec::new()),
             ways: self.ways,
             looked: RefCell::new(Vec::new()),
-        });
+        }
+    }
+
+    #[cold]
+    fn register(&self) -> Rc<ThreadUnit> {
+        let t = Rc::new(self.new_user());
         // A thread whose locals are being torn down, or in an access that
         // holds its list, keeps no list entry: its state lives for this
         // access only.

@@ -35,10 +35,12 @@ use crate::types::*;
 
 mod access;
 mod epoch;
+mod handle;
 mod iotlb;
 mod memory;
 
 pub use access::{At, CopyError, Side};
+pub use handle::Handle;
 use iotlb::Pool;
 use memory::MemObject;
 

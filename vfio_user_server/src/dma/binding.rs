@@ -152,6 +152,7 @@ impl Dma {
             watch: Some(Arc::new(watch)),
             core_pid,
         });
+        self.units_changed();
         self.publish(g.as_ref());
         drop(g);
         // The watcher follows the new channel.
@@ -163,6 +164,7 @@ impl Dma {
     /// attachments and pPASIDs when the channel closes).
     pub fn unbind(&self) -> Result<(), Error> {
         let b = sync::write(&self.bound).take().ok_or(Error::NotBound)?;
+        self.units_changed();
         self.publish(None);
         self.kick();
         if let Err(e) = b.tu.unbind(b.dev) {
@@ -193,6 +195,7 @@ impl Dma {
             return;
         }
         let Some(b) = g.take() else { return };
+        self.units_changed();
         self.publish(None);
         drop(g);
         self.log_binding_dropped(&b);
@@ -306,6 +309,7 @@ impl Dma {
             return;
         }
         let Some(b) = sync::write(&self.bound).take() else { return };
+        self.units_changed();
         self.publish(None);
         self.log_binding_dropped(&b);
     }

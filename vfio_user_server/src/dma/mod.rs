@@ -61,7 +61,7 @@ pub use binding::{Bound, PasidPolicy};
 pub use client::{ClientDma, ClientFence};
 pub use compat::Compat;
 pub use logging::{DIRTY_GRANULE, MAX_REPORT_BLOCKS};
-pub use space::{CopyError, DeviceDma, DmaSpace, RouteDma, Side};
+pub use space::{CopyError, DeviceDma, DmaSpace, QueueDma, RouteDma, Side};
 pub use table::{IDLE_FILES, MAX_DMA_FILES, MAX_DMA_MAPS};
 pub use watch::{RECONNECT_FIRST, RECONNECT_MAX};
 
@@ -293,6 +293,10 @@ pub struct Dma {
     core: PathBuf,
     compat: RwLock<Option<Arc<Compat>>>,
     generations: AtomicU64,
+    /// Moves whenever a route may come to lead to another unit (or to
+    /// none): a binding made or dropped, a compat path lost or rebuilt.
+    /// A [`QueueDma`] lets its handle go when it sees it move.
+    units: AtomicU64,
     bound: RwLock<Option<Bound>>,
     table: Mutex<Table>,
     client: ClientSlot,
@@ -341,6 +345,7 @@ impl Dma {
             core: core.to_path_buf(),
             compat: RwLock::new(Some(compat)),
             generations: AtomicU64::new(1),
+            units: AtomicU64::new(0),
             bound: RwLock::new(None),
             table: Mutex::new(Table::default()),
             client,

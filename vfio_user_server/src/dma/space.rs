@@ -5,6 +5,7 @@
 //! and fuzz targets give devices memory of their own through the same two
 //! traits.
 
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -161,6 +162,146 @@ enum Target {
 pub struct RouteDma<'a> {
     dma: &'a Dma,
     target: Target,
+    /// The translation handles of the [`QueueDma`] it was resolved
+    /// through, if any.
+    handles: Option<&'a Handles>,
+}
+
+/// The handle a [`QueueDma`] keeps: to the unit its routes reached last
+/// (all of a device's routes lead to one unit at a time: the binding's,
+/// or the compat path's), replaced when they lead to another.
+type Handles = RefCell<Option<tu::Handle>>;
+
+/// One queue's (or thread's) view of a [`Dma`]: the same routes and the
+/// same checks, with DMA through translation handles of its own
+/// ([`tu::Handle`]: its own IOTLB and in-flight slot, no thread-local
+/// lookup on an IOTLB hit). Not shared between threads: each DMA-issuing
+/// queue thread makes its own, and drops it when it goes idle.
+///
+/// It keeps a unit that a binding change or a core restart replaced
+/// alive only until its next access or poll: a route resolved to another
+/// unit replaces the handle, and once the units the routes may lead to
+/// change (a binding made or dropped, a compat path lost or rebuilt) the
+/// next [`QueueDma::space`] or [`QueueDma::let_go_stale`] lets the handle
+/// go, even if no route leads to a unit any more. No DMA goes through a
+/// replaced unit meanwhile: an access resolves its route first.
+pub struct QueueDma<'a> {
+    dma: &'a Dma,
+    handles: Handles,
+    /// The value of [`Dma`]'s unit counter the handles were last checked
+    /// against.
+    units: Cell<u64>,
+}
+
+impl Dma {
+    /// A view of this DMA for one queue thread (see [`QueueDma`]).
+    pub fn queue(&self) -> QueueDma<'_> {
+        QueueDma { dma: self, handles: RefCell::new(None), units: Cell::new(self.units.load(Ordering::Acquire)) }
+    }
+
+    /// The units a route may lead to changed: queues let their handles
+    /// go (see [`QueueDma`]). Called by whoever changed them, after the
+    /// change.
+    pub(super) fn units_changed(&self) {
+        self.units.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+impl QueueDma<'_> {
+    /// The DMA it is a view of.
+    pub fn dma(&self) -> &Dma {
+        self.dma
+    }
+
+    /// Lets the handle go if the units a route may lead to changed since
+    /// it was last checked (a queue that polls without DMA calls this
+    /// between polls). One atomic load when they did not.
+    pub fn let_go_stale(&self) {
+        let now = self.dma.units.load(Ordering::Acquire);
+        if now == self.units.get() {
+            return;
+        }
+        // In use (an access of this queue runs): checked again next time.
+        if let Ok(mut h) = self.handles.try_borrow_mut() {
+            *h = None;
+            self.units.set(now);
+        }
+    }
+
+    /// Whether it holds a handle (to some unit).
+    pub fn has_handle(&self) -> bool {
+        self.handles.try_borrow().map_or(true, |h| h.is_some())
+    }
+}
+
+impl DeviceDma for QueueDma<'_> {
+    type Space<'a>
+        = RouteDma<'a>
+    where
+        Self: 'a;
+
+    fn space(&self, route: Route) -> RouteDma<'_> {
+        self.let_go_stale();
+        RouteDma { dma: self.dma, target: self.dma.resolve(route), handles: Some(&self.handles) }
+    }
+}
+
+/// The way an access reaches its unit: the unit itself (the thread's own
+/// IOTLB) or a queue's handle to it.
+enum Via<'h> {
+    Unit(&'h TranslationUnit),
+    Handle(&'h mut tu::Handle),
+}
+
+impl Via<'_> {
+    fn unit(&self) -> &TranslationUnit {
+        match self {
+            Via::Unit(u) => u,
+            Via::Handle(h) => h.unit(),
+        }
+    }
+
+    fn read(self, dev: u32, pasid: u32, iova: u64, buf: &mut [u8]) -> tu::Result<()> {
+        match self {
+            Via::Unit(u) => u.read(dev, pasid, iova, buf),
+            Via::Handle(h) => h.read(dev, pasid, iova, buf),
+        }
+    }
+
+    fn write(self, dev: u32, pasid: u32, iova: u64, data: &[u8]) -> tu::Result<()> {
+        match self {
+            Via::Unit(u) => u.write(dev, pasid, iova, data),
+            Via::Handle(h) => h.write(dev, pasid, iova, data),
+        }
+    }
+
+    fn check(self, dev: u32, pasid: u32, iova: u64, len: usize, access: Perm) -> tu::Result<()> {
+        match self {
+            Via::Unit(u) => u.check(dev, pasid, iova, len, access),
+            Via::Handle(h) => h.check(dev, pasid, iova, len, access),
+        }
+    }
+
+    fn copy(self, src: At, dst: At, len: usize) -> Result<(), tu::CopyError> {
+        match self {
+            Via::Unit(u) => u.copy(src, dst, len),
+            Via::Handle(h) => h.copy(src, dst, len),
+        }
+    }
+}
+
+/// Runs `f` through `handles`' handle to `unit` (made if it holds none,
+/// or one to another unit), or through the unit itself without handles
+/// (or if they are in use: an access made while another of the same
+/// queue runs).
+fn via<R>(unit: &Arc<TranslationUnit>, handles: Option<&Handles>, f: impl FnOnce(Via<'_>) -> R) -> R {
+    let Some(mut h) = handles.and_then(|h| h.try_borrow_mut().ok()) else {
+        return f(Via::Unit(unit));
+    };
+    match &mut *h {
+        Some(h) if Arc::ptr_eq(h.unit(), unit) => f(Via::Handle(h)),
+        other => f(Via::Handle(other.insert(unit.handle()))),
+    }
 }
 
 impl Dma {
@@ -180,18 +321,20 @@ impl Dma {
     /// Runs `f` with the unit, device id and pPASID of `target`. Through
     /// the compat path `f` runs under the read side of the compat lock:
     /// once the watcher has dropped a compat path, no DMA runs through it.
+    /// With `handles` (a [`QueueDma`]'s), through its handle to the unit.
     fn through<T>(
         &self,
         target: &Target,
-        f: impl FnOnce(&TranslationUnit, u32, u32) -> tu::Result<T>,
+        handles: Option<&Handles>,
+        f: impl FnOnce(Via<'_>, u32, u32) -> tu::Result<T>,
     ) -> Result<T, Error> {
         match target {
-            Target::Bound(tu, dev, pasid) => f(tu, *dev, *pasid).map_err(tu_err),
+            Target::Bound(tu, dev, pasid) => via(tu, handles, |v| f(v, *dev, *pasid)).map_err(tu_err),
             Target::Unrouted(v) => Err(Error::NoPasid(*v)),
             Target::Compat => {
                 let g = sync::read(&self.compat);
                 let Some(c) = g.as_ref() else { return Err(self.core_gone()) };
-                match f(&c.tu, c.dev, 0) {
+                match via(&c.tu, handles, |v| f(v, c.dev, 0)) {
                     Ok(v) => Ok(v),
                     Err(tu::Error::Channel(e)) if channel_broken(&e) => {
                         if !c.broken.swap(true, Ordering::AcqRel) {
@@ -218,24 +361,24 @@ impl DeviceDma for Dma {
     type Space<'a> = RouteDma<'a>;
 
     fn space(&self, route: Route) -> RouteDma<'_> {
-        RouteDma { dma: self, target: self.resolve(route) }
+        RouteDma { dma: self, target: self.resolve(route), handles: None }
     }
 }
 
 impl DmaSpace for RouteDma<'_> {
     fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), Error> {
         self.dma.master()?;
-        self.dma.through(&self.target, |tu, dev, pasid| tu.read(dev, pasid, iova, buf))
+        self.dma.through(&self.target, self.handles, |v, dev, pasid| v.read(dev, pasid, iova, buf))
     }
 
     fn write(&self, iova: u64, data: &[u8]) -> Result<(), Error> {
         self.dma.master()?;
-        self.dma.through(&self.target, |tu, dev, pasid| tu.write(dev, pasid, iova, data))
+        self.dma.through(&self.target, self.handles, |v, dev, pasid| v.write(dev, pasid, iova, data))
     }
 
     fn check_write(&self, iova: u64, len: usize) -> Result<(), Error> {
         self.dma.master()?;
-        self.dma.through(&self.target, |tu, dev, pasid| tu.check(dev, pasid, iova, len, Perm::W))
+        self.dma.through(&self.target, self.handles, |v, dev, pasid| v.check(dev, pasid, iova, len, Perm::W))
     }
 
     fn copy_to(&self, src: u64, to: &Self, dst: u64, len: usize) -> Result<(), CopyError> {
@@ -243,14 +386,15 @@ impl DmaSpace for RouteDma<'_> {
         let same = std::ptr::eq(self, to);
         let at = |dev, pasid, iova| At { dev, pasid, iova };
         match (&self.target, &to.target) {
-            (Target::Bound(a, ad, ap), Target::Bound(b, bd, bp)) if Arc::ptr_eq(a, b) => a
-                .copy(at(*ad, *ap, src), at(*bd, *bp, dst), len)
-                .map_err(|e| CopyError { side: e.side, error: tu_err(e.error) }),
+            (Target::Bound(a, ad, ap), Target::Bound(b, bd, bp)) if Arc::ptr_eq(a, b) => {
+                via(a, self.handles, |v| v.copy(at(*ad, *ap, src), at(*bd, *bp, dst), len))
+                    .map_err(|e| CopyError { side: e.side, error: tu_err(e.error) })
+            }
             (Target::Compat, Target::Compat) => {
                 let mut side = Side::Source;
                 self.dma
-                    .through(&self.target, |tu, dev, pasid| {
-                        tu.copy(at(dev, pasid, src), at(dev, pasid, dst), len).map_err(|e| {
+                    .through(&self.target, self.handles, |v, dev, pasid| {
+                        v.copy(at(dev, pasid, src), at(dev, pasid, dst), len).map_err(|e| {
                             side = e.side;
                             e.error
                         })
@@ -275,9 +419,9 @@ impl DmaSpace for RouteDma<'_> {
             t => t,
         };
         let access = if write { Perm::W } else { Perm::R };
-        let sent = self.dma.through(target, |tu, dev, pasid| {
+        let sent = self.dma.through(target, None, |v, dev, pasid| {
             let rec = FaultRecord { dev_id: dev, pasid, iova, access, reason, group: 0, last: true, cookie: 0 };
-            tu.channel().report_fault(rec).map_err(tu::Error::Channel)
+            v.unit().channel().report_fault(rec).map_err(tu::Error::Channel)
         });
         if let Err(e) = sent {
             tracing::debug!("fault report not delivered: {e}");

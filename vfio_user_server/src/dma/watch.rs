@@ -50,6 +50,9 @@ impl Dma {
                 _ => None,
             }
         };
+        if old.is_some() {
+            self.units_changed();
+        }
         let Some(old) = old else { return false };
         tracing::warn!(
             "lost the core at {} (compat session {}, {why}): DMA_MAP with an fd fails with ENODEV and device DMA \
@@ -154,6 +157,7 @@ impl Dma {
         }
         c.settle()?;
         *sync::write(&self.compat) = Some(c.clone());
+        self.units_changed();
         self.generations.store(generation, Ordering::Release);
         drop(t);
         self.reconnects.fetch_add(1, Ordering::Relaxed);

@@ -224,12 +224,20 @@ const BACKOFF_STEP: u32 = 8;
 pub(super) fn queue_loop(shared: Arc<Shared>, ctx: DeviceContext, q: usize) {
     let kick = &shared.kicks[q];
     let mut idle_rounds = 0u32;
+    // The queue's own view of the DMA (translation handles of its own),
+    // kept while the queue works or polls busily and dropped when it
+    // sleeps. While kept it holds no unit that a binding change or a core
+    // restart replaced past the next poll (see `dma::QueueDma`).
+    let mut view: Option<dma::QueueDma<'_>> = None;
     while !shared.stop.load(Ordering::Acquire) {
         // After client DMA was given up for a fence: try again once it
         // is down (holding nothing that the fencing thread waits for).
         ctx.dma.wait_client(Duration::from_secs(1));
+        if let Some(v) = &view {
+            v.let_go_stale();
+        }
         let seen = *sync::lock(&kick.count);
-        let did = drain(&shared, &ctx, q);
+        let did = drain(&shared, &ctx, view.get_or_insert_with(|| ctx.dma.queue()), q);
         if did {
             idle_rounds = 0;
             continue;
@@ -244,6 +252,11 @@ pub(super) fn queue_loop(shared: Arc<Shared>, ctx: DeviceContext, q: usize) {
             std::thread::yield_now();
             continue;
         }
+        // About to sleep: the view goes first (its handles are made again
+        // at the next DMA), before the kick lock is taken, as dropping a
+        // handle may drop the last reference to a replaced unit (which
+        // joins its channel's reader thread): kicks do not wait for that.
+        view = None;
         let k = sync::lock(&kick.count);
         // `stop` is read under the kick lock: a stop set after the loop's
         // test but before `seen` was read has its kick counted in `seen`,
@@ -303,7 +316,7 @@ impl Fetched {
 }
 
 /// Runs the queue's pending descriptors; true if any ran.
-fn drain(shared: &Shared, ctx: &DeviceContext, q: usize) -> bool {
+fn drain(shared: &Shared, ctx: &DeviceContext, qd: &dma::QueueDma<'_>, q: usize) -> bool {
     let mut did = false;
     let mut fetched = Fetched::default();
     loop {
@@ -343,7 +356,7 @@ fn drain(shared: &Shared, ctx: &DeviceContext, q: usize) -> bool {
                     let slot = qr.head % qr.ring_size;
                     let n = tail.wrapping_sub(qr.head).min(FETCH as u32).min(qr.ring_size - slot) as usize;
                     let at = qr.ring_base.wrapping_add(u64::from(slot) * DESC_SIZE);
-                    let ring = ctx.dma.space(ring_route);
+                    let ring = qd.space(ring_route);
                     match ring.read(at, &mut fetched.raw[..n * DESC_SIZE as usize]) {
                         Ok(()) => {
                             fetched.fill(qr.head, n, gen);
@@ -381,7 +394,7 @@ fn drain(shared: &Shared, ctx: &DeviceContext, q: usize) -> bool {
         };
         let c = match from.and_then(|p| p.result) {
             Some(c) => c,
-            None => match execute(&*ctx.dma, &d, from, &step) {
+            None => match execute(qd, &d, from, &step) {
                 Outcome::Done(c) => c,
                 Outcome::Stopped(p) => {
                     keep(shared, q, gen, d, p);
@@ -390,7 +403,7 @@ fn drain(shared: &Shared, ctx: &DeviceContext, q: usize) -> bool {
                 Outcome::Void => return did,
             },
         };
-        if !commit(shared, ctx, q, gen, ring_route, &d, c) {
+        if !commit(shared, ctx, qd, q, gen, ring_route, &d, c) {
             return did;
         }
         drop(gate);
@@ -410,9 +423,11 @@ fn keep(shared: &Shared, q: usize, gen: u64, d: Descriptor, p: Progress) {
 /// the interrupt, all or nothing with respect to a reset. Returns
 /// false if the queue must stop (voided, halted, or the record waits
 /// for bus mastering).
+#[allow(clippy::too_many_arguments)]
 fn commit(
     shared: &Shared,
     ctx: &DeviceContext,
+    qd: &dma::QueueDma<'_>,
     q: usize,
     gen: u64,
     ring_route: Route,
@@ -428,7 +443,7 @@ fn commit(
         // The record goes through the queue's address space (resolved
         // now: the descriptor may have run long); the status byte lands
         // last.
-        let ring = ctx.dma.space(ring_route);
+        let ring = qd.space(ring_route);
         let b = c.to_bytes();
         let wrote = ring
             .write(rest, &b[1..])
