@@ -50,11 +50,13 @@ cleanup() {
 trap cleanup EXIT
 
 # A program of the trixie root (e2fsprogs), run through the root's loader.
+# `in_root --list PROG` lists its libraries.
 in_root() {
     local prog=$1
     shift
+    [ "$prog" = --list ] || prog=$root/$prog
     "$root/lib64/ld-linux-x86-64.so.2" --library-path "$root/usr/lib/x86_64-linux-gnu:$root/lib/x86_64-linux-gnu" \
-        "$root/$prog" "$@"
+        "$prog" "$@"
 }
 wait_guest() { wait_guest_for "$1" "$2" "$3" "$4" "NVME-TEST FAIL"; }
 guest_lines() { tr -d '\r' <"$1" | grep -a "NVME-TEST" | sed 's/^.*NVME-TEST/NVME-TEST/'; }
@@ -73,7 +75,7 @@ build_initrd() {
     gcc -static -O2 -pthread -o "$irfs/nvme-test" scripts/guest/nvme-test.c || fail "cannot build the guest program"
     cp "$root/bin/busybox" "$irfs/bin/busybox"
     cp "$root/sbin/mke2fs" "$irfs/sbin/mke2fs"
-    for lib in $(in_root lib64/ld-linux-x86-64.so.2 --list "$root/sbin/mke2fs" | awk '$2 == "=>" { print $3 }'); do
+    for lib in $(in_root --list "$root/sbin/mke2fs" | awk '$2 == "=>" { print $3 }'); do
         cp "$lib" "$irfs/lib/"
     done
     cp "$root/lib64/ld-linux-x86-64.so.2" "$irfs/lib64/"
@@ -120,9 +122,12 @@ if grep -q nvme_perf /proc/cmdline; then
     for d in "$dev" "$qemu_dev"; do
         /nvme-test rate "$d" randread 4096 $((n4k / 4)) 1 >/dev/null || failed "warm-up of $d"
     done
-    for run in "randread 4096 $n4k 1" "randread 4096 $((n4k * 4)) 32" "seqread 1048576 64 1" "seqwrite 1048576 64 1"; do
-        for d in "$dev" "$qemu_dev"; do
-            /nvme-test rate "$d" $run || failed "rate $run on $d"
+    # Three rounds, the two controllers in turn within each.
+    for round in 1 2 3; do
+        for run in "randread 4096 $n4k 1" "randread 4096 $((n4k * 4)) 32" "seqread 1048576 256 1" "seqwrite 1048576 256 1"; do
+            for d in "$dev" "$qemu_dev"; do
+                /nvme-test rate "$d" $run || failed "rate $run on $d"
+            done
         done
     done
     echo "NVME-TEST PERF DONE"
@@ -142,8 +147,8 @@ half=$((PATTERN_LEN / 2))
 taskset 1 /nvme-test write "$dev" PATTERN_OFF $half 7 || failed "pattern on CPU 0"
 taskset 2 /nvme-test write "$dev" $((PATTERN_OFF + half)) $half 7 || failed "pattern on CPU 1"
 taskset 2 /nvme-test check "$dev" PATTERN_OFF PATTERN_LEN 7 || failed "pattern read back"
-/sbin/mke2fs -t ext4 -F -q "$dev" FS_MIBM || failed "mke2fs"
-mount -t ext4 "$dev" /mnt || failed "mount"
+/sbin/mke2fs -t ext4 -F -q "$dev" FS_MIBM 2>/mke2fs.err || failed "mke2fs: $(cat /mke2fs.err)"
+mount -t ext4 "$dev" /mnt 2>/mount.err || failed "mount: $(cat /mount.err)"
 cp /bin/busybox /mnt/busybox
 mkdir -p /mnt/dir/sub
 dd if=/dev/urandom of=/mnt/dir/sub/random bs=1M count=8 2>/dev/null || failed "writing random"
@@ -274,24 +279,33 @@ if [ "${IOASID_NVME_PERF:-1}" != 0 ]; then
     kill -TERM "$perf_server"
     wait "$perf_server" || true
     python3 - "$work/perf.log.guest" "$work/perf.log" "$(( (cpu1 - cpu0) * 1000 / $(getconf CLK_TCK) ))" <<'PY' || fail "no performance table"
-import re, sys
-rows, devs = [], []
+import re, statistics, sys
+runs = {}  # (mode, size, depth) -> {"ours": [...], "qemu": [...]}
+ours_dev, ios = None, 0
 for line in open(sys.argv[1], errors="replace"):
     m = re.search(r"NVME-TEST RATE (\S+) (\S+) (\d+) x(\d+): (\d+) in [\d.]+ s, (\d+) IOPS, ([\d.]+) MB/s", line)
-    if m:
-        rows.append(m.groups())
-ios = sum(int(r[4]) for i, r in enumerate(rows) if i % 2 == 0)
-print("| workload (O_DIRECT, in the guest) | ours | QEMU's nvme | ours ÷ QEMU's |")
+    if not m:
+        continue
+    dev, mode, size, depth, count, iops, mbs = m.groups()
+    ours_dev = ours_dev or dev  # the guest runs ours first
+    who = "ours" if dev == ours_dev else "qemu"
+    if who == "ours":
+        ios += int(count)
+    runs.setdefault((mode, size, depth), {"ours": [], "qemu": []})[who].append(float(iops if mode == "randread" else mbs))
+print("| workload (O_DIRECT, in the guest; 3 rounds, the two in turn) | ours: median (min-max) | QEMU's nvme: median (min-max) | ours ÷ QEMU's, median |")
 print("|---|---|---|---|")
-for ours, ref in zip(rows[0::2], rows[1::2]):
-    unit, i = ("IOPS", 5) if ours[1] == "randread" else ("MB/s", 6)
-    print("| %s %s B, queue depth %s | %s %s | %s %s | %.2f |" % (ours[1], ours[2], ours[3], ours[i], unit, ref[i], unit, float(ours[i]) / float(ref[i])))
+for (mode, size, depth), r in runs.items():
+    unit = "IOPS" if mode == "randread" else "MB/s"
+    o, q = r["ours"], r["qemu"]
+    print("| %s %s B, queue depth %s | %.0f %s (%.0f-%.0f) | %.0f %s (%.0f-%.0f) | %.2f |" % (
+        mode, size, depth, statistics.median(o), unit, min(o), max(o), statistics.median(q), unit, min(q), max(q),
+        statistics.median(o) / statistics.median(q)))
 msgs = 0
 for line in open(sys.argv[2], errors="replace"):
     m = re.search(r"the client sent: (.*)", line)
     if m:
         msgs = sum(int(n) for n in re.findall(r"(\d+)", m.group(1)))
-print("server CPU: %s ms for %d I/Os of ours (%.1f µs each, warm-up included); vfio-user messages from QEMU: %d (%.2f per I/O)"
+print("server CPU: %s ms for %d I/Os of ours (%.1f µs each, warm-up included); vfio-user messages from QEMU: %d (%.3f per I/O)"
       % (sys.argv[3], ios, int(sys.argv[3]) * 1000.0 / max(ios, 1), msgs, msgs / max(ios, 1)))
 PY
 fi
