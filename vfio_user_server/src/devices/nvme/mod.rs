@@ -1,0 +1,631 @@
+//! `nvme`: an NVMe controller (NVM command set, one namespace backed by a
+//! file or block device) that an unmodified host driver initialises and
+//! uses. What it supports is in `docs/devices/nvme.md`.
+//!
+//! One job per file: `abi` is the register, command and status ABI of the
+//! base specification, `prp` walks PRP entries and lists, `backing` is the
+//! namespace's storage, `queue` holds the submission and completion queues
+//! and the queue threads, `admin` and `io` run admin and NVM commands,
+//! `regs` is the BAR 0 register file with the CC/CSTS state machine, and
+//! this module is the PCI function (description, BAR decoding, resets,
+//! config events).
+//!
+//! Every submission queue, the admin queue included, has its own thread;
+//! a completion queue has its own lock. Nothing on the I/O path takes a
+//! lock of the whole controller: the register lock is taken by register
+//! accesses, queue creation and deletion, and resets.
+
+pub mod abi;
+mod admin;
+mod backing;
+mod io;
+pub mod prp;
+mod queue;
+mod regs;
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use iommu_core::shm::Words;
+use iommu_core::sync;
+use iommu_core::types::DeviceCaps;
+
+use crate::device::{Device, DeviceContext, DeviceDesc, Errno, MmapDesc, MsixDesc, RegionDesc};
+use crate::dma::Dma;
+use crate::irq::{IrqLayout, Irqs};
+use crate::pci::{BarKind, ConfigEvent, PciConfig, PciIds};
+use crate::proto::SparseArea;
+
+use abi::{Command, Status, MAX_IO_QUEUES, VECTORS};
+pub use backing::Backing;
+use queue::{Cq, Sq};
+
+/// Size of BAR 0: registers, then the doorbells from 0x1000.
+pub const BAR0_SIZE: u64 = 0x4000;
+/// Bytes of the doorbell file: the register page (unused) and the
+/// doorbell page, so that the file offset of a doorbell is its BAR offset.
+const BELL_FILE: u64 = 0x2000;
+
+/// What an `nvme` device is made from.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// The backing file or block device.
+    pub backing: PathBuf,
+    /// Namespace size in bytes (default: the file's).
+    pub size: Option<u64>,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Offer MSI-X.
+    pub msix: bool,
+}
+
+/// Queue threads and their queues, by queue id.
+#[derive(Default)]
+struct Threads {
+    /// Set while the controller is being reset: no queue may be added.
+    closed: bool,
+    sqs: Vec<Option<(Arc<Sq>, JoinHandle<()>)>>,
+}
+
+/// Asynchronous events.
+#[derive(Default)]
+struct Events {
+    /// Command ids of outstanding Asynchronous Event Requests.
+    outstanding: Vec<u16>,
+    /// Events waiting for a request (completion dword 0).
+    pending: VecDeque<u32>,
+    /// Event types reported and not yet cleared by reading their log page.
+    masked: u8,
+}
+
+/// Settable features (their current values).
+#[derive(Debug, Clone, Copy)]
+struct Features {
+    arbitration: u32,
+    power: u32,
+    temp_over: u16,
+    temp_under: u16,
+    error_recovery: u32,
+    coalescing: u32,
+    /// Interrupt Vector Configuration: coalescing disabled per vector.
+    iv_cd: u32,
+    write_atomicity: u32,
+    async_config: u32,
+}
+
+impl Default for Features {
+    fn default() -> Features {
+        Features {
+            arbitration: 0,
+            power: 0,
+            temp_over: regs::TEMP_OVER_DEFAULT,
+            temp_under: 0,
+            error_recovery: 0,
+            coalescing: 0,
+            iv_cd: 0,
+            write_atomicity: 0,
+            async_config: 0,
+        }
+    }
+}
+
+/// One Error Information log entry.
+#[derive(Debug, Clone, Copy, Default)]
+struct ErrorEntry {
+    count: u64,
+    sqid: u16,
+    cid: u16,
+    status: u16,
+    lba: u64,
+    nsid: u32,
+}
+
+/// The Error Information log (newest first) and the error count.
+#[derive(Default)]
+struct ErrorLog {
+    count: u64,
+    entries: VecDeque<ErrorEntry>,
+}
+
+/// Counters of the SMART / Health log.
+#[derive(Default)]
+struct Stats {
+    read_bytes: AtomicU64,
+    written_bytes: AtomicU64,
+    reads: AtomicU64,
+    writes: AtomicU64,
+    media_errors: AtomicU64,
+}
+
+/// The controller: registers and everything the queue threads share.
+pub(crate) struct Ctrl {
+    regs: Mutex<regs::Regs>,
+    bells: RwLock<Words>,
+    backing: Backing,
+    /// Completion queues by id.
+    cqs: RwLock<Vec<Option<Arc<Cq>>>>,
+    threads: Mutex<Threads>,
+    features: Mutex<Features>,
+    /// Volatile Write Cache Enable: without it every write is made
+    /// durable before it completes.
+    wce: AtomicBool,
+    events: Mutex<Events>,
+    errors: Mutex<ErrorLog>,
+    /// Per doorbell: the last bad value reported (an event per change).
+    bad_bells: Vec<AtomicU32>,
+    /// Read-held by a queue thread while it runs a command: taking it for
+    /// writing waits until every command in flight has ended. False while
+    /// stopped for migration.
+    gate: RwLock<bool>,
+    /// Set while the gate is being taken for writing: a queue thread
+    /// waiting for room in a full completion queue stops instead.
+    quiescing: AtomicBool,
+    /// CSTS.CFS: a queue could not be read or written.
+    fatal: AtomicBool,
+    /// The memory page size (CC.MPS) the controller was enabled with.
+    page: AtomicU64,
+    /// Whether INTx was raised by this controller.
+    intx: AtomicBool,
+    /// MSI vectors held back by INTMS.
+    msi_pending: AtomicU32,
+    stats: Stats,
+    started: Instant,
+    dma: OnceLock<Arc<Dma>>,
+    irqs: OnceLock<Arc<Irqs>>,
+}
+
+impl Ctrl {
+    /// The doorbell of queue `qid` (its CQ head doorbell if `cq`, else its
+    /// SQ tail doorbell).
+    fn doorbell(&self, qid: u16, cq: bool) -> u32 {
+        let m = sync::read(&self.bells);
+        m.u32(bell_offset(qid, cq)).map_or(0, |w| w.load(Ordering::Acquire))
+    }
+
+    fn set_doorbell(&self, qid: u16, cq: bool, v: u32) {
+        let m = sync::read(&self.bells);
+        if let Some(w) = m.u32(bell_offset(qid, cq)) {
+            w.store(v, Ordering::Release);
+        }
+    }
+
+    /// A doorbell was written with `v`, past its queue's size: an
+    /// asynchronous event (once per value), the write ignored.
+    fn bad_doorbell(&self, qid: u16, cq: bool, v: u32) {
+        let i = usize::from(qid) * 2 + usize::from(cq);
+        if let Some(last) = self.bad_bells.get(i) {
+            if last.swap(v, Ordering::AcqRel) != v {
+                tracing::debug!(
+                    "nvme: doorbell of {} {qid} written with {v}, past the queue",
+                    if cq { "CQ" } else { "SQ" }
+                );
+                self.event(queue::doorbell_event());
+            }
+        }
+    }
+
+    /// Queues an asynchronous event and wakes the admin queue's thread.
+    fn event(&self, dw0: u32) {
+        {
+            let mut e = sync::lock(&self.events);
+            if e.pending.len() < 16 && !e.pending.contains(&dw0) {
+                e.pending.push_back(dw0);
+            }
+        }
+        self.kick_sq(0);
+    }
+
+    fn kick_sq(&self, qid: u16) {
+        let t = sync::lock(&self.threads);
+        if let Some(Some((sq, _))) = t.sqs.get(usize::from(qid)) {
+            sq.kick.kick();
+        }
+    }
+
+    fn kick_all(&self) {
+        let t = sync::lock(&self.threads);
+        for (sq, _) in t.sqs.iter().flatten() {
+            sq.kick.kick();
+        }
+    }
+
+    /// A queue cannot be used: CSTS.CFS, and every queue stops.
+    fn set_fatal(&self) {
+        self.fatal.store(true, Ordering::Release);
+    }
+
+    /// Signals the completion interrupt of vector `iv`.
+    fn interrupt(&self, iv: u16) {
+        let Some(irqs) = self.irqs.get() else { return };
+        if irqs.uses_intx() {
+            let masked = sync::lock(&self.regs).intms & 1 != 0;
+            if !masked && !self.intx.swap(true, Ordering::AcqRel) {
+                irqs.set_intx(true);
+            }
+        } else if !irqs.wired(crate::proto::irq_index::MSIX) {
+            let bit = 1u32 << (iv % 32);
+            let masked = sync::lock(&self.regs).intms & bit != 0;
+            if masked {
+                self.msi_pending.fetch_or(bit, Ordering::AcqRel);
+            } else {
+                irqs.notify(u32::from(iv));
+            }
+        } else {
+            irqs.notify(u32::from(iv));
+        }
+    }
+
+    fn intx_asserted(&self) -> bool {
+        self.intx.load(Ordering::Acquire)
+    }
+
+    /// Lowers INTx once no completion queue with interrupts enabled holds
+    /// an entry the host has not consumed (or INTMS masks it), and raises
+    /// it again if one does and it is unmasked.
+    fn recheck_intx(&self) {
+        let Some(irqs) = self.irqs.get() else { return };
+        let masked = sync::lock(&self.regs).intms & 1 != 0;
+        let cqs: Vec<Arc<Cq>> = sync::read(&self.cqs).iter().flatten().cloned().collect();
+        let level = !masked && irqs.uses_intx() && cqs.iter().any(|c| c.ien && c.pending(self));
+        if self.intx.swap(level, Ordering::AcqRel) != level {
+            irqs.set_intx(level);
+        }
+    }
+
+    /// Signals the MSI vectors that INTMC unmasked while they were held.
+    fn release_msi(&self, cleared: u32) {
+        let due = self.msi_pending.fetch_and(!cleared, Ordering::AcqRel) & cleared;
+        if let Some(irqs) = self.irqs.get() {
+            for v in 0..32 {
+                if due & (1 << v) != 0 {
+                    irqs.notify(v);
+                }
+            }
+        }
+    }
+
+    /// Records a failed command in the Error Information log.
+    fn log_error(&self, sqid: u16, cmd: &Command, status: Status) {
+        let mut l = sync::lock(&self.errors);
+        l.count += 1;
+        let e = ErrorEntry {
+            count: l.count,
+            sqid,
+            cid: cmd.cid,
+            status: status.0,
+            lba: u64::from(cmd.cdw[0]) | (u64::from(cmd.cdw[1]) << 32),
+            nsid: cmd.nsid,
+        };
+        l.entries.push_front(e);
+        l.entries.truncate(abi::ERROR_LOG_ENTRIES);
+    }
+
+    /// Starts a thread for `sq`, unless the controller is being reset.
+    fn spawn_sq(self: &Arc<Ctrl>, ctx: &DeviceContext, sq: Arc<Sq>) -> bool {
+        let mut t = sync::lock(&self.threads);
+        if t.closed {
+            return false;
+        }
+        let (c, x, s) = (self.clone(), ctx.clone(), sq.clone());
+        let h = match std::thread::Builder::new()
+            .name(format!("nvme-sq{}", sq.id))
+            .spawn(move || queue::sq_loop(c, x, s))
+        {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!("nvme: cannot start the thread of SQ {}: {e}", sq.id);
+                return false;
+            }
+        };
+        let i = usize::from(sq.id);
+        if t.sqs.len() <= i {
+            t.sqs.resize_with(i + 1, || None);
+        }
+        t.sqs[i] = Some((sq, h));
+        true
+    }
+
+    /// Stops the thread of SQ `qid` and removes the queue; returns it.
+    /// The command it runs ends first.
+    fn stop_sq(&self, qid: u16) -> Option<Arc<Sq>> {
+        let taken = {
+            let mut t = sync::lock(&self.threads);
+            t.sqs.get_mut(usize::from(qid)).and_then(Option::take)
+        };
+        let (sq, h) = taken?;
+        sq.stop.store(true, Ordering::Release);
+        sq.kick.kick();
+        let _ = h.join();
+        Some(sq)
+    }
+
+    /// Stops every queue thread and deletes every queue (controller reset
+    /// and shutdown): the command each thread runs ends first, and nothing
+    /// is completed after this returns. Commands fetched and stopped
+    /// part-way are dropped.
+    fn stop_all(&self) {
+        // A thread waiting for client memory gives up at once.
+        let _fence = self.dma.get().map(|d| d.fence_client());
+        let all: Vec<_> = {
+            let mut t = sync::lock(&self.threads);
+            t.closed = true;
+            t.sqs.iter_mut().filter_map(Option::take).collect()
+        };
+        for (sq, _) in &all {
+            sq.stop.store(true, Ordering::Release);
+            sq.kick.kick();
+        }
+        for (_, h) in all {
+            let _ = h.join();
+        }
+        // The admin thread may have started one while we took them.
+        let late: Vec<_> = sync::lock(&self.threads).sqs.iter_mut().filter_map(Option::take).collect();
+        for (sq, h) in late {
+            sq.stop.store(true, Ordering::Release);
+            sq.kick.kick();
+            let _ = h.join();
+        }
+        sync::write(&self.cqs).iter_mut().for_each(|c| *c = None);
+        sync::lock(&self.threads).closed = false;
+    }
+
+    /// Waits until no queue thread runs a command (fencing the client's
+    /// DMA, so none waits for it, and stopping any that waits for room in
+    /// a completion queue), then runs `f` on the gate.
+    fn quiesce(&self, f: impl FnOnce(&mut bool)) {
+        self.quiescing.store(true, Ordering::Release);
+        let fence = self.dma.get().map(|d| d.fence_client());
+        f(&mut sync::write(&self.gate));
+        drop(fence);
+        self.quiescing.store(false, Ordering::Release);
+    }
+
+    /// Back to the state after a controller reset: queues gone, features,
+    /// events and interrupt masks at their defaults.
+    fn reset_state(&self) {
+        self.stop_all();
+        *sync::lock(&self.features) = Features::default();
+        self.wce.store(true, Ordering::Release);
+        *sync::lock(&self.events) = Events::default();
+        self.fatal.store(false, Ordering::Release);
+        self.msi_pending.store(0, Ordering::Release);
+        for b in &self.bad_bells {
+            b.store(0, Ordering::Release);
+        }
+        let m = sync::read(&self.bells);
+        for q in 0..=MAX_IO_QUEUES {
+            for cq in [false, true] {
+                if let Some(w) = m.u32(bell_offset(q, cq)) {
+                    w.store(0, Ordering::Release);
+                }
+            }
+        }
+        drop(m);
+        if self.intx.swap(false, Ordering::AcqRel) {
+            if let Some(i) = self.irqs.get() {
+                i.set_intx(false);
+            }
+        }
+    }
+}
+
+/// Offset of a doorbell in BAR 0 (and in the doorbell file).
+fn bell_offset(qid: u16, cq: bool) -> u64 {
+    abi::reg::DOORBELL + u64::from(qid) * 8 + if cq { 4 } else { 0 }
+}
+
+/// The doorbell file (sealed against resizing, so a client that maps it
+/// cannot truncate it under our mapping), mapped; with the contents of
+/// `from` if given.
+fn bell_file(from: Option<&File>) -> std::io::Result<(File, Words)> {
+    let f = iommu_core::memfd::create_sealed("nvme-doorbells", BELL_FILE).map_err(std::io::Error::other)?;
+    if let Some(old) = from {
+        let mut b = vec![0u8; BELL_FILE as usize];
+        old.read_exact_at(&mut b, 0)?;
+        f.write_all_at(&b, 0)?;
+    }
+    let m = Words::map(&f, BELL_FILE)?;
+    Ok((f, m))
+}
+
+/// The NVMe controller.
+pub struct Nvme {
+    ctrl: Arc<Ctrl>,
+    bells: Arc<File>,
+    ctx: Option<DeviceContext>,
+    msix: bool,
+}
+
+impl Nvme {
+    /// A controller whose namespace is `cfg.backing`.
+    pub fn new(cfg: &Config) -> std::io::Result<Nvme> {
+        let backing = Backing::open(&cfg.backing, cfg.size, cfg.read_only)?;
+        Nvme::with_backing(backing, cfg.msix)
+    }
+
+    /// A controller over an opened backing store.
+    pub fn with_backing(backing: Backing, msix: bool) -> std::io::Result<Nvme> {
+        let (f, words) = bell_file(None)?;
+        let ctrl = Ctrl {
+            regs: Mutex::new(regs::Regs::default()),
+            bells: RwLock::new(words),
+            backing,
+            cqs: RwLock::new(vec![None; usize::from(MAX_IO_QUEUES) + 1]),
+            threads: Mutex::new(Threads::default()),
+            features: Mutex::new(Features::default()),
+            wce: AtomicBool::new(true),
+            events: Mutex::new(Events::default()),
+            errors: Mutex::new(ErrorLog::default()),
+            bad_bells: (0..(usize::from(MAX_IO_QUEUES) + 1) * 2).map(|_| AtomicU32::new(0)).collect(),
+            gate: RwLock::new(true),
+            quiescing: AtomicBool::new(false),
+            fatal: AtomicBool::new(false),
+            page: AtomicU64::new(4096),
+            intx: AtomicBool::new(false),
+            msi_pending: AtomicU32::new(0),
+            stats: Stats::default(),
+            started: Instant::now(),
+            dma: OnceLock::new(),
+            irqs: OnceLock::new(),
+        };
+        Ok(Nvme { ctrl: Arc::new(ctrl), bells: Arc::new(f), ctx: None, msix })
+    }
+}
+
+impl Drop for Nvme {
+    fn drop(&mut self) {
+        self.ctrl.stop_all();
+    }
+}
+
+impl Device for Nvme {
+    fn describe(&self) -> DeviceDesc {
+        let ids = PciIds {
+            vendor: 0x1b36,
+            device: 0xd3a1,
+            subsystem_vendor: 0x1b36,
+            subsystem: 0x0001,
+            // Mass storage, non-volatile memory, NVM Express.
+            class: 0x01_0802,
+            revision: 1,
+        };
+        let mut c = PciConfig::new(ids, true);
+        c.set_bar(0, BarKind::Mem64, BAR0_SIZE, false);
+        c.set_interrupt_pin(1);
+        c.add_pm();
+        c.add_msi(8);
+        if self.msix {
+            c.set_bar(4, BarKind::Mem32, 0x1000, false);
+            c.add_msix(VECTORS, 4, 0, 4, 0x800);
+        }
+        c.add_pcie();
+        let bar0 = RegionDesc {
+            index: 0,
+            size: BAR0_SIZE,
+            read: true,
+            write: true,
+            mmap: Some(MmapDesc {
+                file: self.bells.clone(),
+                file_offset: 0,
+                areas: vec![SparseArea { offset: abi::reg::DOORBELL, size: 0x1000 }],
+            }),
+        };
+        let mut regions = vec![bar0];
+        if self.msix {
+            regions.push(RegionDesc { index: 4, size: 0x1000, read: true, write: true, mmap: None });
+        }
+        DeviceDesc {
+            name: "nvme",
+            config: c,
+            regions,
+            irqs: IrqLayout { intx: true, msi: 8, msix: if self.msix { u32::from(VECTORS) } else { 0 } },
+            msix: self.msix.then_some(MsixDesc {
+                table_bar: 4,
+                table_offset: 0,
+                pba_bar: 4,
+                pba_offset: 0x800,
+                vectors: u32::from(VECTORS),
+            }),
+            caps: DeviceCaps { pasid_width: 0, pri: false, dirty_tracking: true },
+            io_fds: Vec::new(),
+        }
+    }
+
+    fn start(&mut self, ctx: DeviceContext) {
+        let _ = self.ctrl.irqs.set(ctx.irqs.clone());
+        let _ = self.ctrl.dma.set(ctx.dma.clone());
+        self.ctx = Some(ctx);
+    }
+
+    fn answers_inline(&self, index: u32, offset: u64, _len: usize, data: Option<&[u8]>) -> bool {
+        // Reads, doorbells and register writes other than CC never wait
+        // for a queue thread.
+        index == 0 && (data.is_none() || offset >= abi::reg::DOORBELL || offset & !7 != abi::reg::INTMC)
+    }
+
+    fn region_read(&mut self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        if index != 0 {
+            return Err(libc::EINVAL);
+        }
+        regs::read(&self.ctrl, offset, buf)
+    }
+
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        if index != 0 {
+            return Err(libc::EINVAL);
+        }
+        let Some(ctx) = self.ctx.clone() else { return Err(libc::EIO) };
+        regs::write(&self.ctrl, &ctx, offset, data)
+    }
+
+    fn config_event(&mut self, ev: ConfigEvent) {
+        if ev == ConfigEvent::BusMaster(false) {
+            // DMA is already refused: wait until no command is running, so
+            // none does DMA after the config write's reply.
+            self.ctrl.quiesce(|_| {});
+        }
+        self.ctrl.kick_all();
+    }
+
+    fn reset(&mut self) {
+        self.ctrl.reset_state();
+        *sync::lock(&self.ctrl.regs) = regs::Regs::default();
+    }
+
+    fn client_gone(&mut self) {
+        // Queues address the departed client's memory: the controller is
+        // reset (a driver enables it again), and the next client gets a
+        // new doorbell file.
+        self.reset();
+        match bell_file(Some(&self.bells)) {
+            Ok((f, m)) => {
+                *sync::write(&self.ctrl.bells) = m;
+                self.bells = Arc::new(f);
+            }
+            Err(e) => tracing::warn!("nvme keeps sharing its doorbell file with the departed client: {e}"),
+        }
+    }
+
+    fn set_running(&mut self, running: bool) {
+        if running {
+            *sync::write(&self.ctrl.gate) = true;
+        } else {
+            self.ctrl.quiesce(|g| *g = false);
+        }
+        self.ctrl.kick_all();
+    }
+
+    fn save(&mut self) -> Result<Vec<u8>, Errno> {
+        // Queue state is not carried yet: a controller with queues cannot
+        // migrate (see docs/devices/nvme.md).
+        if sync::lock(&self.ctrl.regs).cc & abi::cc::EN != 0 {
+            return Err(libc::EOPNOTSUPP);
+        }
+        Ok(Vec::new())
+    }
+
+    fn status(&self) -> Vec<String> {
+        let r = sync::lock(&self.ctrl.regs);
+        let mut out = vec![format!(
+            "cc {:#x} csts {:#x} namespace {} blocks of {} bytes{}",
+            r.cc,
+            regs::csts(&self.ctrl, &r),
+            self.ctrl.backing.blocks(),
+            abi::LBA_SIZE,
+            if self.ctrl.backing.read_only() { " read-only" } else { "" }
+        )];
+        drop(r);
+        let t = sync::lock(&self.ctrl.threads);
+        for (sq, _) in t.sqs.iter().flatten() {
+            let st = *sync::lock(&sq.state);
+            out.push(format!("sq {} (cq {}): {} entries, head {}", sq.id, sq.cq.id, sq.size, st.head));
+        }
+        out
+    }
+}
