@@ -384,3 +384,63 @@ impl Completion {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_fields_come_from_their_dwords() {
+        let mut b = [0u8; 64];
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = i as u8 ^ 0xa5;
+        }
+        let c = Command::parse(&b);
+        let d = |i: usize| u32::from_le_bytes(b[i * 4..i * 4 + 4].try_into().unwrap_or_default());
+        assert_eq!(c.opcode, b[0]);
+        assert_eq!(c.fuse, (d(0) >> 8) as u8 & 3);
+        assert_eq!(c.psdt, (d(0) >> 14) as u8 & 3);
+        assert_eq!(c.cid, (d(0) >> 16) as u16);
+        assert_eq!(c.nsid, d(1));
+        assert_eq!(c.mptr, u64::from(d(4)) | u64::from(d(5)) << 32);
+        assert_eq!(c.prp1, u64::from(d(6)) | u64::from(d(7)) << 32);
+        assert_eq!(c.prp2, u64::from(d(8)) | u64::from(d(9)) << 32);
+        assert_eq!(c.cdw, [d(10), d(11), d(12), d(13), d(14), d(15)]);
+        assert_eq!((c.dw(10), c.dw(15), c.dw(9), c.dw(16), c.dw(usize::MAX)), (d(10), d(15), 0, 0, 0));
+        // Re-encoding keeps every decoded field; reserved bits (dword 0
+        // bits 13:10, dwords 2 and 3) read as zero.
+        let again = Command::parse(&c.to_bytes());
+        assert_eq!(again, c);
+        let e = c.to_bytes();
+        assert_eq!(&e[8..16], &[0u8; 8]);
+    }
+
+    #[test]
+    fn completions_carry_the_phase_tag_apart_from_the_status() {
+        for status in [sc::SUCCESS, sc::LBA_RANGE, sc::INVALID_QSIZE, sc::WRITE_FAULT, Status(0x7fff)] {
+            for phase in [false, true] {
+                let c = Completion { dw0: 0xdead_beef, sq_head: 7, sq_id: 3, cid: 0xffff, status, phase };
+                let b = c.to_bytes();
+                assert_eq!(b[14] & 1, u8::from(phase));
+                assert_eq!(Completion::parse(&b), c);
+            }
+        }
+        assert_eq!((sc::INVALID_QID.sct(), sc::INVALID_QID.sc()), (1, 0x01));
+        assert_eq!((sc::LBA_RANGE.sct(), sc::LBA_RANGE.sc()), (0, 0x80));
+        assert_eq!((sc::READ_ERROR.sct(), sc::READ_ERROR.sc()), (2, 0x81));
+        assert_ne!(sc::INVALID_FIELD.0 & (1 << 14), 0, "errors say Do Not Retry");
+    }
+
+    #[test]
+    fn cap_says_what_the_controller_does() {
+        let cap = cap_value();
+        assert_eq!(cap & 0xffff, u64::from(MAX_QUEUE_ENTRIES) - 1);
+        assert_eq!((cap >> 16) & 1, 1, "CQR");
+        assert_eq!((cap >> 24) & 0xff, CAP_TO);
+        assert_eq!((cap >> 32) & 0xf, 0, "DSTRD");
+        assert_eq!((cap >> 36) & 1, 0, "NSSRS");
+        assert_eq!((cap >> 37) & 0xff, 1, "CSS: NVM only");
+        assert_eq!((cap >> 48) & 0xf, 0, "MPSMIN 4 KiB");
+        assert_eq!((cap >> 52) & 0xf, 4, "MPSMAX 64 KiB");
+    }
+}

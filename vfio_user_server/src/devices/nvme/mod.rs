@@ -18,7 +18,7 @@
 pub mod abi;
 mod admin;
 mod backing;
-mod io;
+pub mod io;
 pub mod prp;
 mod queue;
 mod regs;

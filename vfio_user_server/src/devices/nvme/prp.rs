@@ -121,12 +121,13 @@ pub fn walk<S: DmaSpace>(
 }
 
 /// Appends `(iova, len)`, merged with the last range if it continues it.
+/// A range may end at the top of the address space, never wrap past it.
 fn push(out: &mut Vec<(u64, usize)>, iova: u64, len: usize) -> Result<(), Fail> {
-    if iova.checked_add(len as u64).is_none() {
+    if iova.checked_add((len as u64).saturating_sub(1)).is_none() {
         return Err(sc::DATA_TRANSFER.into());
     }
     if let Some(last) = out.last_mut() {
-        if last.0.wrapping_add(last.1 as u64) == iova {
+        if last.0.checked_add(last.1 as u64) == Some(iova) {
             last.1 += len;
             return Ok(());
         }
@@ -204,5 +205,99 @@ mod tests {
         // A list that points to itself.
         let m = mem_with(&[(0x11ff8, 0x11ff8)]);
         assert_eq!(walk(&m, 0x6000_0000, 0x11ff8, 3 * 4096, 4096, &mut out), Err(sc::PRP_OFFSET_INVALID.into()));
+    }
+
+    #[test]
+    fn hostile_pointers_end_in_a_status() {
+        let m = mem_with(&[]);
+        let mut out = vec![(1, 1)];
+        // Nothing to move: nothing read, nothing listed.
+        walk(&m, 0xdead_beef, 0xdead_beef, 0, 4096, &mut out).unwrap();
+        assert!(out.is_empty());
+        // Ranges may end at the top of the address space; the next one
+        // at 0 is not merged with it (no range wraps).
+        assert_eq!(walk(&m, u64::MAX - 0xfff, 0, 0x1000, 4096, &mut out), Ok(()));
+        assert_eq!(walk(&m, u64::MAX - 0x7, 0, 0x10, 4096, &mut out), Ok(()));
+        assert_eq!(out, vec![(u64::MAX - 7, 8), (0, 8)]);
+        assert_eq!(walk(&m, 0x1000, !0xfff, 0x2000, 4096, &mut out), Ok(()));
+        assert_eq!(out, vec![(0x1000, 0x1000), (!0xfff, 0x1000)]);
+        assert_eq!(push(&mut out, u64::MAX, 2), Err(sc::DATA_TRANSFER.into()));
+        // Two list pages pointing at each other: the walk ends once the
+        // transfer is described, whatever the cycle.
+        let mut entries = Vec::new();
+        for k in 0..511u64 {
+            entries.push((0x11000 + k * 8, 0x4000_0000 + k * 0x1000));
+            entries.push((0x12000 + k * 8, 0x5000_0000 + k * 0x1000));
+        }
+        entries.push((0x11000 + 511 * 8, 0x12000));
+        entries.push((0x12000 + 511 * 8, 0x11000));
+        let m = mem_with(&entries);
+        let len = 2048 * 4096;
+        walk(&m, 0x3000_0000, 0x11000, len, 4096, &mut out).unwrap();
+        assert_eq!(out.iter().map(|r| r.1).sum::<usize>(), len);
+        // A chain of pointers alone (each list page's only entry is the
+        // pointer to the next, two pages apart) ends with an error, not a
+        // spin.
+        let m = mem_with(&[(0x11ff8, 0x12ff8), (0x12ff8, 0x11ff8)]);
+        assert_eq!(walk(&m, 0x3000_0000, 0x11ff8, 3 * 4096, 4096, &mut out), Err(sc::PRP_OFFSET_INVALID.into()));
+    }
+
+    #[test]
+    fn larger_memory_pages_move_the_offsets_with_them() {
+        let page = 0x1_0000;
+        let m = mem_with(&[(0x10000, 0x7001_0000), (0x10008, 0x7002_0000)]);
+        let mut out = Vec::new();
+        walk(&m, 0x6000_f000, 0, 0x1000, page, &mut out).unwrap();
+        assert_eq!(out, vec![(0x6000_f000, 0x1000)]);
+        walk(&m, 0x6000_f000, 0x7000_0000, 0x2000, page, &mut out).unwrap();
+        assert_eq!(out, vec![(0x6000_f000, 0x1000), (0x7000_0000, 0x1000)]);
+        // 4 KiB-aligned is not 64 KiB-aligned.
+        assert_eq!(walk(&m, 0x6000_f000, 0x7000_1000, 0x2000, page, &mut out), Err(sc::PRP_OFFSET_INVALID.into()));
+        walk(&m, 0x6000_0000, 0x10000, 3 * page as usize, page, &mut out).unwrap();
+        assert_eq!(out, vec![(0x6000_0000, page as usize), (0x7001_0000, 2 * page as usize)]);
+    }
+
+    /// A xorshift generator: the same hostile inputs on every run.
+    fn next(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
+    #[test]
+    fn random_lists_never_panic_and_always_describe_the_whole_transfer() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut out = Vec::new();
+        for _ in 0..20_000 {
+            // Memory full of entries that are mostly page-aligned, some
+            // pointing back into the list memory itself.
+            let mut entries = Vec::new();
+            for _ in 0..64 {
+                let r = next(&mut x);
+                let v = match r % 5 {
+                    0 => 0x10000 + (r >> 8) % 0x10000,
+                    1 => r,
+                    _ => (r >> 12) << 12,
+                };
+                entries.push((0x10000 + ((next(&mut x) % 0x2000) & !7), v));
+            }
+            let m = mem_with(&entries);
+            let page = 4096u64 << (next(&mut x) % 2 * 4);
+            let r = next(&mut x);
+            let prp1 = if r.is_multiple_of(3) { r } else { r & !3 };
+            let r = next(&mut x);
+            let prp2 = if r.is_multiple_of(2) { 0x10000 + (r >> 4) % 0x10000 } else { r };
+            let len = (next(&mut x) % (1 << 20)) as usize;
+            if let Ok(()) = walk(&m, prp1, prp2, len, page, &mut out) {
+                assert_eq!(out.iter().map(|r| r.1).sum::<usize>(), len);
+                if len > 0 {
+                    assert_eq!(out[0].0, prp1);
+                }
+                for &(iova, n) in &out {
+                    assert!(n > 0 && iova.checked_add(n as u64 - 1).is_some());
+                }
+            }
+        }
     }
 }
