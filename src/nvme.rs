@@ -57,6 +57,9 @@ pub enum Bell {
     Register,
     /// A store into the mmap-ed doorbell page (no message).
     Mmap,
+    /// The shadow doorbell in guest RAM (Doorbell Buffer Config), and the
+    /// register only when the EventIdx asks for it, as Linux's driver does.
+    Shadow,
 }
 
 /// One queue pair as the driver sees it: an SQ of `size` entries at
@@ -73,6 +76,9 @@ pub struct QueuePair {
     /// CQ offset in guest RAM.
     pub cq_off: u64,
     tail: u32,
+    /// The tail and head last written to a doorbell (shadow or register).
+    rung_tail: u32,
+    rung_head: u32,
     /// SQ head as the last completion reported it.
     sq_head: u32,
     head: u32,
@@ -83,7 +89,19 @@ pub struct QueuePair {
 impl QueuePair {
     /// A pair with nothing submitted yet.
     pub fn new(qid: u16, size: u32, sq_off: u64, cq_off: u64) -> QueuePair {
-        QueuePair { qid, size, sq_off, cq_off, tail: 0, sq_head: 0, head: 0, phase: true, next_cid: 0 }
+        QueuePair {
+            qid,
+            size,
+            sq_off,
+            cq_off,
+            tail: 0,
+            rung_tail: 0,
+            rung_head: 0,
+            sq_head: 0,
+            head: 0,
+            phase: true,
+            next_cid: 0,
+        }
     }
 }
 
@@ -98,6 +116,11 @@ pub struct Nvme {
     bells: Option<Words>,
     /// The admin queue pair, once enabled.
     pub admin: Option<QueuePair>,
+    /// Offsets in guest RAM of the shadow doorbell and EventIdx buffers,
+    /// once the driver configured them.
+    pub dbbuf: Option<(u64, u64)>,
+    /// Doorbell register writes made (REGION_WRITE or mapped page).
+    pub register_rings: u64,
 }
 
 impl Nvme {
@@ -114,7 +137,7 @@ impl Nvme {
             }
             _ => None,
         };
-        Ok(Nvme { client, ram, iova, bells, admin: None })
+        Ok(Nvme { client, ram, iova, bells, admin: None, dbbuf: None, register_rings: 0 })
     }
 
     /// Whether the doorbell page is mapped.
@@ -188,8 +211,11 @@ impl Nvme {
         reg::DOORBELL + u64::from(qid) * 8 + if cq { 4 } else { 0 }
     }
 
-    /// Writes doorbell `off` with `v`.
+    /// Writes doorbell `off` with `v` (the register, by REGION_WRITE or
+    /// through the mapped page; [`Bell::Shadow`] is taken as
+    /// [`Bell::Register`] here).
     pub fn ring_at(&mut self, off: u64, v: u32, how: Bell) -> Result<()> {
+        self.register_rings += 1;
         match (how, &self.bells) {
             (Bell::Mmap, Some(m)) => {
                 if let Some(w) = m.u32(off - reg::DOORBELL) {
@@ -199,6 +225,28 @@ impl Nvme {
             }
             _ => self.write32(off, v),
         }
+    }
+
+    /// Moves the doorbell of queue `qid` (its CQ head if `cq`) from `old`
+    /// to `new`: with [`Bell::Shadow`] and a configured buffer (I/O queues
+    /// only), the shadow doorbell is written and the register only if the
+    /// EventIdx lies in `[old, new)`.
+    fn doorbell(&mut self, qid: u16, cq: bool, old: u32, new: u32, how: Bell) -> Result<()> {
+        let off = Nvme::bell_offset(qid, cq);
+        let Some((db, ei)) = self.dbbuf.filter(|_| how == Bell::Shadow && qid != 0) else {
+            return self.ring_at(off, new, how);
+        };
+        let at = off - reg::DOORBELL;
+        self.ram.write(db + at, &new.to_le_bytes())?;
+        // The shadow store before the EventIdx load (the device does the
+        // opposite: EventIdx store, then shadow load).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let mut b = [0u8; 4];
+        self.ram.read_into(ei + at, &mut b)?;
+        if need_event(u32::from_le_bytes(b), new, old) {
+            self.ring_at(off, new, Bell::Register)?;
+        }
+        Ok(())
     }
 
     /// Writes `cmd` (its CID chosen here) into the next slot of `q`'s SQ
@@ -215,8 +263,10 @@ impl Nvme {
     }
 
     /// Rings `q`'s SQ tail doorbell.
-    pub fn ring(&mut self, q: &QueuePair, how: Bell) -> Result<()> {
-        self.ring_at(Nvme::bell_offset(q.qid, false), q.tail, how)
+    pub fn ring(&mut self, q: &mut QueuePair, how: Bell) -> Result<()> {
+        self.doorbell(q.qid, false, q.rung_tail, q.tail, how)?;
+        q.rung_tail = q.tail;
+        Ok(())
     }
 
     /// Waits for the next completion of `q`'s CQ, consumes it and rings
@@ -230,7 +280,8 @@ impl Nvme {
         if q.head == 0 {
             q.phase = !q.phase;
         }
-        self.ring_at(Nvme::bell_offset(q.qid, true), q.head, how)?;
+        self.doorbell(q.qid, true, q.rung_head, q.head, how)?;
+        q.rung_head = q.head;
         Ok(c)
     }
 
@@ -274,4 +325,10 @@ impl Nvme {
         self.admin = Some(q);
         r
     }
+}
+
+/// Whether a doorbell moved from `old` to `new` passes the EventIdx `ei`
+/// (16-bit arithmetic, as the queue indexes are).
+pub fn need_event(ei: u32, new: u32, old: u32) -> bool {
+    (new.wrapping_sub(ei).wrapping_sub(1) as u16) < (new.wrapping_sub(old) as u16)
 }

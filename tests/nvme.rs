@@ -441,7 +441,7 @@ fn reset_deletes_every_queue_and_a_new_enable_starts_afresh() {
     // A command left in SQ 1 before the reset never runs: the queue is gone.
     d.ram.write(DATA, &pattern(4096, 4)).unwrap();
     d.push(&mut q1, rw(iop::WRITE, 8, 8, IOVA + DATA, 0)).unwrap();
-    d.ring(&q1, Bell::Register).unwrap();
+    d.ring(&mut q1, Bell::Register).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     assert!(!d.has_entry(&q1).unwrap(), "a queue deleted by the reset completed a command");
     assert!(file_bytes(&backing, 8 * 512, 4096) == pattern(4096, 3));
@@ -489,7 +489,7 @@ fn without_msix_completions_interrupt_through_intx_until_consumed() {
     d.enable(64, ASQ, ACQ).unwrap();
     let mut admin = d.admin.take().unwrap();
     d.push(&mut admin, identify(1, 0)).unwrap();
-    d.ring(&admin, Bell::Register).unwrap();
+    d.ring(&mut admin, Bell::Register).unwrap();
     d.wait_entry(&admin, Duration::from_secs(5)).unwrap();
     assert_eq!(vfio_user_server::irq::wait_eventfd(&intx, Duration::from_secs(5)), 1);
     let status_bit = |c: &mut Client| {
@@ -503,7 +503,7 @@ fn without_msix_completions_interrupt_through_intx_until_consumed() {
     // INTMS masks it: a completion with the mask set leaves the line low.
     d.write32(reg::INTMS, 1).unwrap();
     d.push(&mut admin, identify(1, 0)).unwrap();
-    d.ring(&admin, Bell::Register).unwrap();
+    d.ring(&mut admin, Bell::Register).unwrap();
     d.wait_entry(&admin, Duration::from_secs(5)).unwrap();
     assert!(!status_bit(&mut d.client), "INTx asserted while INTMS masks it");
     // INTMC unmasks: the entry still unconsumed raises it.
@@ -549,7 +549,7 @@ fn asynchronous_events_features_abort_and_a_full_completion_queue() {
     // An Asynchronous Event Request stays outstanding until an event: an
     // SQ doorbell written past its queue (Invalid Doorbell Write Value).
     let aer_cid = d.push(&mut admin, cmd(aop::ASYNC_EVENT, 0)).unwrap();
-    d.ring(&admin, Bell::Register).unwrap();
+    d.ring(&mut admin, Bell::Register).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     assert!(!d.has_entry(&admin).unwrap(), "an Asynchronous Event Request completed without an event");
     d.write32(Nvme::bell_offset(1, false), 64).unwrap();
@@ -565,7 +565,7 @@ fn asynchronous_events_features_abort_and_a_full_completion_queue() {
     for _ in 0..=abi::AERL {
         d.push(&mut admin, cmd(aop::ASYNC_EVENT, 0)).unwrap();
     }
-    d.ring(&admin, Bell::Register).unwrap();
+    d.ring(&mut admin, Bell::Register).unwrap();
     assert_eq!(status_of(&mut d, &mut admin, cmd(aop::ASYNC_EVENT, 0)), sc::AER_LIMIT);
 
     // A completion queue of two entries holds one completion: the second
@@ -579,7 +579,7 @@ fn asynchronous_events_features_abort_and_a_full_completion_queue() {
     for _ in 0..3 {
         d.push(&mut q3s, cmd(iop::FLUSH, 1)).unwrap();
     }
-    d.ring(&q3s, Bell::Mmap).unwrap();
+    d.ring(&mut q3s, Bell::Mmap).unwrap();
     let first = d.wait_entry(&q3, Duration::from_secs(5)).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let again = d.wait_entry(&q3, Duration::from_secs(5)).unwrap();
@@ -589,4 +589,90 @@ fn asynchronous_events_features_abort_and_a_full_completion_queue() {
         assert_eq!((c.cid, c.status, c.sq_id), (k, sc::SUCCESS, 3));
     }
     assert!(!d.has_entry(&q3).unwrap());
+}
+
+#[test]
+fn shadow_doorbells_carry_submissions_without_register_writes() {
+    const SHADOW: u64 = 0x8000;
+    const EVENTIDX: u64 = 0x9000;
+    let mut st = Stack::new("nvme-dbbuf");
+    let Dev { mut d, backing } = dev(&mut st, "dbbuf", &[]);
+    // MSI-X, as Linux uses it: completion queue heads need no register
+    // write (with INTx they do, to lower the line).
+    let fds: Vec<_> = (0..3).map(|_| vfio_user_server::irq::eventfd().unwrap()).collect();
+    let trig = proto::IRQ_SET_DATA_EVENTFD | proto::IRQ_SET_ACTION_TRIGGER;
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    d.client.set_irqs(irq_index::MSIX, trig, 0, 3, &[], &borrowed).unwrap();
+    d.enable(64, ASQ, ACQ).unwrap();
+    ok(&d.admin(identify(1, 0)).unwrap());
+    let id = d.ram.read(IDBUF + 256, 2).unwrap();
+    assert_ne!(u16::from_le_bytes([id[0], id[1]]) & (1 << 8), 0, "OACS: Doorbell Buffer Config");
+    ok(&d.admin(set_queues(2)).unwrap());
+    // Buffers not page aligned: Invalid Field in Command.
+    let dbbuf = |db: u64, ei: u64| {
+        let mut c = cmd(aop::DBBUF_CONFIG, 0);
+        c.prp1 = IOVA + db;
+        c.prp2 = IOVA + ei;
+        c
+    };
+    assert_eq!(d.admin(dbbuf(SHADOW + 8, EVENTIDX)).unwrap().status, sc::INVALID_FIELD);
+    assert_eq!(d.admin(dbbuf(SHADOW, EVENTIDX + 0x800)).unwrap().status, sc::INVALID_FIELD);
+    d.ram.write(SHADOW, &[0u8; 4096]).unwrap();
+    d.ram.write(EVENTIDX, &[0u8; 4096]).unwrap();
+    ok(&d.admin(dbbuf(SHADOW, EVENTIDX)).unwrap());
+    d.dbbuf = Some((SHADOW, EVENTIDX));
+    let mut pairs = Vec::new();
+    for q in 1..=2u16 {
+        let i = usize::from(q);
+        d.ram.write(CQ[i], &[0u8; 64 * 16]).unwrap();
+        ok(&d.admin(create_cq(q, 64, CQ[i], q)).unwrap());
+        ok(&d.admin(create_sq(q, 64, SQ[i], q)).unwrap());
+        pairs.push(QueuePair::new(q, 64, SQ[i], CQ[i]));
+    }
+    let mut q2 = pairs.pop().unwrap();
+    let mut q1 = pairs.pop().unwrap();
+
+    // 100 writes and reads (the queues wrap) rung as Linux rings them.
+    for k in 0..100u64 {
+        let data = pattern(4096, k as u32);
+        d.ram.write(DATA, &data).unwrap();
+        ok(&d.run(&mut q1, rw(iop::WRITE, k * 8, 8, IOVA + DATA, 0), Bell::Shadow).unwrap());
+        ok(&d.run(&mut q2, rw(iop::READ, k * 8, 8, IOVA + BACK, 0), Bell::Shadow).unwrap());
+        assert!(d.ram.read(BACK, 4096).unwrap() == data, "round {k}");
+    }
+    assert!(file_bytes(&backing, 99 * 4096, 4096) == pattern(4096, 99));
+
+    // Once the queue's thread is idle it sets SQ 1's EventIdx to the tail
+    // it consumed: the next submission rings the register, once.
+    let ei_of = |d: &Nvme, q: u16| {
+        let b = d.ram.read(EVENTIDX + u64::from(q) * 8, 4).unwrap();
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    };
+    let t0 = std::time::Instant::now();
+    while ei_of(&d, 1) != 100 % 64 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "SQ 1's EventIdx stays {}", ei_of(&d, 1));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let before = d.register_rings;
+    ok(&d.run(&mut q1, cmd(iop::FLUSH, 1), Bell::Shadow).unwrap());
+    assert_eq!(d.register_rings - before, 1, "one register write for the SQ, none for the CQ head");
+
+    // A submission written only to the shadow doorbell runs too (the
+    // thread reads the shadow doorbell whenever it polls).
+    d.ram.write(DATA, &pattern(4096, 500)).unwrap();
+    d.push(&mut q1, rw(iop::WRITE, 0, 8, IOVA + DATA, 0)).unwrap();
+    let tail = (100 + 2) % 64;
+    d.ram.write(SHADOW + 8, &(tail as u32).to_le_bytes()).unwrap();
+    let c = d.wait_entry(&q1, Duration::from_secs(10)).unwrap();
+    ok(&c);
+    assert!(file_bytes(&backing, 0, 4096) == pattern(4096, 500));
+
+    // A reset forgets the buffers: queues created afterwards use their
+    // registers.
+    d.write32(reg::CC, 0).unwrap();
+    d.wait_csts(csts::RDY, 0, "RDY 0").unwrap();
+    d.dbbuf = None;
+    let (mut q1, _) = bring_up(&mut d);
+    d.ram.write(SHADOW + 8, &[0xff; 4]).unwrap();
+    ok(&d.run(&mut q1, cmd(iop::FLUSH, 1), Bell::Register).unwrap());
 }

@@ -117,6 +117,8 @@ pub mod admin {
     pub const GET_FEATURES: u8 = 0x0a;
     /// Asynchronous Event Request.
     pub const ASYNC_EVENT: u8 = 0x0c;
+    /// Doorbell Buffer Config (shadow doorbells and EventIdx).
+    pub const DBBUF_CONFIG: u8 = 0x7c;
 }
 
 /// NVM command set opcodes.

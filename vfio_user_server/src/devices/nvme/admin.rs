@@ -8,6 +8,7 @@ use std::sync::Arc;
 use iommu_core::sync;
 
 use crate::device::DeviceContext;
+use crate::dma::{DeviceDma, DmaSpace, Route};
 
 use super::abi::{self, admin as op, cc, feat, log, sc, Command, Completion, Status};
 use super::io::transfer;
@@ -51,6 +52,7 @@ pub(super) fn execute(ctrl: &Arc<Ctrl>, ctx: &DeviceContext, sq: &Sq, cmd: &Comm
         // Commands run to the end once fetched: nothing is ever aborted
         // (dword 0 bit 0 says so).
         op::ABORT => ok(1),
+        op::DBBUF_CONFIG => dbbuf_config(ctrl, ctx, cmd),
         _ => done(sc::INVALID_OPCODE),
     }
 }
@@ -214,7 +216,8 @@ fn identify_ctrl(ctrl: &Ctrl, b: &mut [u8]) {
     put32(b, 80, abi::VERSION);
     // CNTRLTYPE: I/O controller.
     b[111] = 1;
-    // OACS 0: none of the optional admin commands.
+    // OACS: Doorbell Buffer Config.
+    put16(b, 256, 1 << 8);
     b[258] = abi::ACL;
     b[259] = abi::AERL;
     // FRMW: one slot, read-only.
@@ -493,7 +496,12 @@ fn create_cq(ctrl: &Ctrl, cmd: &Command) -> Outcome {
         return done(s);
     }
     ctrl.set_doorbell(qid, true, 0);
-    sync::write(&ctrl.cqs)[usize::from(qid)] = Some(Arc::new(Cq::new(qid, cmd.prp1, size, iv, ien)));
+    let cq = Arc::new(Cq::new(qid, cmd.prp1, size, iv, ien));
+    if let Some((db, ei)) = sync::lock(&ctrl.threads).dbbuf {
+        let at = shadow_offset(qid, true);
+        cq.shadow.set(db.wrapping_add(at), ei.wrapping_add(at));
+    }
+    sync::write(&ctrl.cqs)[usize::from(qid)] = Some(cq);
     ok(0)
 }
 
@@ -513,7 +521,12 @@ fn create_sq(ctrl: &Arc<Ctrl>, ctx: &DeviceContext, cmd: &Command) -> Outcome {
         return done(s);
     }
     ctrl.set_doorbell(qid, false, 0);
-    if !ctrl.spawn_sq(ctx, Arc::new(Sq::new(qid, cmd.prp1, size, cq))) {
+    let sq = Arc::new(Sq::new(qid, cmd.prp1, size, cq));
+    if let Some((db, ei)) = sync::lock(&ctrl.threads).dbbuf {
+        let at = shadow_offset(qid, false);
+        sq.shadow.set(db.wrapping_add(at), ei.wrapping_add(at));
+    }
+    if !ctrl.spawn_sq(ctx, sq) {
         return done(sc::INTERNAL);
     }
     ok(0)
@@ -553,6 +566,43 @@ fn delete_cq(ctrl: &Ctrl, cmd: &Command) -> Outcome {
     sync::write(&ctrl.cqs)[usize::from(qid)] = None;
     if ctrl.intx_asserted() {
         ctrl.recheck_intx();
+    }
+    ok(0)
+}
+
+/// Offset of a queue's entry in the shadow doorbell and EventIdx buffers:
+/// the doorbell's offset in the doorbell area (CAP.DSTRD 0).
+fn shadow_offset(qid: u16, cq: bool) -> u64 {
+    u64::from(qid) * 8 + if cq { 4 } else { 0 }
+}
+
+/// Doorbell Buffer Config: PRP1 is the shadow doorbell buffer and PRP2 the
+/// EventIdx buffer, each one memory page, page aligned (else Invalid Field
+/// in Command). Every I/O queue, existing or created later, then takes its
+/// tail or head from its shadow doorbell (the admin queues keep their
+/// registers); an existing queue's shadow doorbell is first written with
+/// the value its register holds.
+fn dbbuf_config(ctrl: &Ctrl, ctx: &DeviceContext, cmd: &Command) -> Outcome {
+    let page = ctrl.page.load(Ordering::Acquire);
+    if cmd.prp1 & (page - 1) != 0 || cmd.prp2 & (page - 1) != 0 {
+        return done(sc::INVALID_FIELD);
+    }
+    let (db, ei) = (cmd.prp1, cmd.prp2);
+    let space = ctx.dma.space(Route::Rid);
+    let mut t = sync::lock(&ctrl.threads);
+    t.dbbuf = Some((db, ei));
+    let sqs: Vec<Arc<Sq>> = t.sqs.iter().flatten().map(|(sq, _)| sq.clone()).filter(|sq| sq.id != 0).collect();
+    drop(t);
+    let cqs: Vec<Arc<Cq>> = sync::read(&ctrl.cqs).iter().flatten().filter(|c| c.id != 0).cloned().collect();
+    let queues = sqs.iter().map(|q| (q.id, false, &q.shadow)).chain(cqs.iter().map(|q| (q.id, true, &q.shadow)));
+    for (qid, cq, shadow) in queues {
+        let at = shadow_offset(qid, cq);
+        let now = ctrl.doorbell(qid, cq);
+        if let Err(e) = space.write(db.wrapping_add(at), &now.to_le_bytes()) {
+            tracing::debug!("nvme: shadow doorbell of queue {qid} at {:#x}: {e}", db.wrapping_add(at));
+            return Err(super::prp::dma_fail(&e));
+        }
+        shadow.set(db.wrapping_add(at), ei.wrapping_add(at));
     }
     ok(0)
 }

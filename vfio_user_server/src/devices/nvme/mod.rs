@@ -71,6 +71,9 @@ struct Threads {
     /// Set while the controller is being reset: no queue may be added.
     closed: bool,
     sqs: Vec<Option<(Arc<Sq>, JoinHandle<()>)>>,
+    /// The shadow doorbell and EventIdx buffers (Doorbell Buffer Config),
+    /// which I/O queues created later use too.
+    dbbuf: Option<(u64, u64)>,
 }
 
 /// Asynchronous events.
@@ -172,6 +175,8 @@ pub(crate) struct Ctrl {
     page: AtomicU64,
     /// Whether INTx was raised by this controller.
     intx: AtomicBool,
+    /// Taken while the INTx level is computed and set.
+    intx_lock: Mutex<()>,
     /// MSI vectors held back by INTMS.
     msi_pending: AtomicU32,
     stats: Stats,
@@ -244,10 +249,10 @@ impl Ctrl {
     fn interrupt(&self, iv: u16) {
         let Some(irqs) = self.irqs.get() else { return };
         if irqs.uses_intx() {
-            let masked = sync::lock(&self.regs).intms & 1 != 0;
-            if !masked && !self.intx.swap(true, Ordering::AcqRel) {
-                irqs.set_intx(true);
-            }
+            // The level is computed from the queues' state, as every
+            // other change of it is: a completion consumed before this
+            // call leaves the line low.
+            self.recheck_intx();
         } else if !irqs.wired(crate::proto::irq_index::MSIX) {
             let bit = 1u32 << (iv % 32);
             let masked = sync::lock(&self.regs).intms & bit != 0;
@@ -265,11 +270,23 @@ impl Ctrl {
         self.intx.load(Ordering::Acquire)
     }
 
+    /// Whether completions interrupt through INTx (nothing else wired).
+    fn intx_wired(&self) -> bool {
+        self.irqs.get().is_some_and(|i| i.uses_intx())
+    }
+
     /// Lowers INTx once no completion queue with interrupts enabled holds
     /// an entry the host has not consumed (or INTMS masks it), and raises
     /// it again if one does and it is unmasked.
+    ///
+    /// Serialised by `intx_lock`: each change of the state (a completion
+    /// posted, a head doorbell written, INTMS or INTMC) is followed by a
+    /// recheck, so the last one to run sees the last change. Nothing here
+    /// waits for a queue thread (the event loop calls it for doorbell and
+    /// INTMS writes).
     fn recheck_intx(&self) {
         let Some(irqs) = self.irqs.get() else { return };
+        let _serial = sync::lock(&self.intx_lock);
         let masked = sync::lock(&self.regs).intms & 1 != 0;
         let cqs: Vec<Arc<Cq>> = sync::read(&self.cqs).iter().flatten().cloned().collect();
         let level = !masked && irqs.uses_intx() && cqs.iter().any(|c| c.ien && c.pending(self));
@@ -372,7 +389,9 @@ impl Ctrl {
             let _ = h.join();
         }
         sync::write(&self.cqs).iter_mut().for_each(|c| *c = None);
-        sync::lock(&self.threads).closed = false;
+        let mut t = sync::lock(&self.threads);
+        t.closed = false;
+        t.dbbuf = None;
     }
 
     /// Waits until no queue thread runs a command (fencing the client's
@@ -468,6 +487,7 @@ impl Nvme {
             fatal: AtomicBool::new(false),
             page: AtomicU64::new(4096),
             intx: AtomicBool::new(false),
+            intx_lock: Mutex::new(()),
             msi_pending: AtomicU32::new(0),
             stats: Stats::default(),
             started: Instant::now(),

@@ -6,7 +6,7 @@
 //! map: the thread polls its tail doorbell adaptively (as the dma-engine's
 //! queues do) and is kicked by trapped doorbell writes.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -60,6 +60,36 @@ impl Kick {
     }
 }
 
+/// A queue's shadow doorbell and EventIdx (Doorbell Buffer Config): the
+/// guest addresses of its entries in the two buffers, once configured.
+#[derive(Default)]
+pub(super) struct Shadow {
+    /// Shadow doorbell address with bit 0 set, or 0 while none.
+    db: AtomicU64,
+    /// EventIdx address.
+    ei: AtomicU64,
+}
+
+impl Shadow {
+    pub(super) fn set(&self, db: u64, ei: u64) {
+        self.ei.store(ei, Ordering::Relaxed);
+        self.db.store(db | 1, Ordering::Release);
+    }
+
+    /// `(shadow doorbell, EventIdx)` addresses, if configured.
+    pub(super) fn get(&self) -> Option<(u64, u64)> {
+        let db = self.db.load(Ordering::Acquire);
+        (db & 1 != 0).then(|| (db & !1, self.ei.load(Ordering::Relaxed)))
+    }
+}
+
+/// Reads the 32-bit value at `iova` (a shadow doorbell).
+fn read_u32<S: DmaSpace>(space: &S, iova: u64) -> Result<u32, crate::dma::Error> {
+    let mut b = [0u8; 4];
+    space.read(iova, &mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
 /// A completion queue.
 pub(super) struct Cq {
     pub(super) id: u16,
@@ -70,6 +100,11 @@ pub(super) struct Cq {
     pub(super) iv: u16,
     pub(super) ien: bool,
     pub(super) state: Mutex<CqState>,
+    /// Its shadow head doorbell, once configured.
+    pub(super) shadow: Shadow,
+    /// The tail after the last entry posted (what INTx compares the head
+    /// doorbell with).
+    posted: AtomicU32,
 }
 
 /// Where a completion queue's next entry goes.
@@ -83,31 +118,51 @@ pub(super) struct CqState {
 
 impl Cq {
     pub(super) fn new(id: u16, base: u64, size: u32, iv: u16, ien: bool) -> Cq {
-        Cq { id, base, size, iv, ien, state: Mutex::new(CqState { tail: 0, phase: true, head: 0 }) }
+        Cq {
+            id,
+            base,
+            size,
+            iv,
+            ien,
+            state: Mutex::new(CqState { tail: 0, phase: true, head: 0 }),
+            shadow: Shadow::default(),
+            posted: AtomicU32::new(0),
+        }
     }
 
-    /// Entries posted that the host has not consumed (for INTx).
-    /// A queue whose entry is being posted right now counts as pending
-    /// (its poster raises the line anyway): this never waits for a queue
-    /// thread, whose post may wait for the client.
+    /// Whether the queue holds entries the host has not consumed, by its
+    /// head doorbell register (for INTx). Takes no lock: the event loop
+    /// asks while a queue thread may be posting. A head past the queue
+    /// counts as pending.
     pub(super) fn pending(&self, ctrl: &Ctrl) -> bool {
-        let mut s = match self.state.try_lock() {
-            Ok(s) => s,
-            Err(std::sync::TryLockError::WouldBlock) => return true,
-            Err(std::sync::TryLockError::Poisoned(_)) => return true,
-        };
-        self.read_head(ctrl, &mut s);
-        s.head != s.tail
+        let h = ctrl.doorbell(self.id, true);
+        h >= self.size || h != self.posted.load(Ordering::Acquire)
     }
 
-    /// Updates `s.head` from the doorbell; a value past the queue raises
-    /// an asynchronous event and is ignored.
+    /// Updates `s.head` from the doorbell register; a value past the
+    /// queue raises an asynchronous event and is ignored.
     fn read_head(&self, ctrl: &Ctrl, s: &mut CqState) {
         let h = ctrl.doorbell(self.id, true);
+        self.take_head(ctrl, s, h);
+    }
+
+    fn take_head(&self, ctrl: &Ctrl, s: &mut CqState, h: u32) {
         if h < self.size {
             s.head = h;
         } else {
             ctrl.bad_doorbell(self.id, true, h);
+        }
+    }
+
+    /// Updates `s.head` from the shadow doorbell if one is configured
+    /// (a queue thread's DMA), else from the register.
+    fn refresh_head<S: DmaSpace>(&self, ctrl: &Ctrl, space: &S, s: &mut CqState) {
+        match self.shadow.get() {
+            Some((db, _)) => match read_u32(space, db) {
+                Ok(h) => self.take_head(ctrl, s, h),
+                Err(e) => tracing::debug!("nvme: shadow head of CQ {} at {db:#x}: {e}", self.id),
+            },
+            None => self.read_head(ctrl, s),
         }
     }
 }
@@ -130,6 +185,8 @@ pub(super) struct Sq {
     pub(super) state: Mutex<SqState>,
     pub(super) kick: Kick,
     pub(super) stop: AtomicBool,
+    /// Its shadow tail doorbell and EventIdx, once configured.
+    pub(super) shadow: Shadow,
 }
 
 impl Sq {
@@ -142,6 +199,7 @@ impl Sq {
             state: Mutex::new(SqState::default()),
             kick: Kick::default(),
             stop: AtomicBool::new(false),
+            shadow: Shadow::default(),
         }
     }
 }
@@ -195,6 +253,11 @@ pub(super) fn sq_loop(ctrl: Arc<Ctrl>, ctx: DeviceContext, sq: Arc<Sq>) {
             std::thread::yield_now();
             continue;
         }
+        if runnable && arm_eventidx(&ctx, &sq) {
+            // A submission came in while the EventIdx was set.
+            idle = 0;
+            continue;
+        }
         let wait = runnable.then(|| {
             let doublings = (idle.saturating_sub(SPIN_ROUNDS) / BACKOFF_STEP).min(16);
             POLL_MIN.saturating_mul(1 << doublings).min(POLL_MAX)
@@ -203,6 +266,25 @@ pub(super) fn sq_loop(ctrl: Arc<Ctrl>, ctx: DeviceContext, sq: Arc<Sq>) {
         // events are looked at, and a lost kick costs at most this.
         sq.kick.wait(seen, Some(wait.unwrap_or(Duration::from_millis(100))), &sq.stop);
     }
+}
+
+/// Before a queue thread with a shadow doorbell sleeps: sets its EventIdx
+/// to the tail it has consumed, so that the host's next submission rings
+/// the doorbell register (and wakes the thread); while the thread polls,
+/// the EventIdx stays behind and submissions cost the host no trap. True
+/// if the shadow tail moved meanwhile (do not sleep).
+fn arm_eventidx(ctx: &DeviceContext, sq: &Sq) -> bool {
+    let Some((db, ei)) = sq.shadow.get() else { return false };
+    let st = *sync::lock(&sq.state);
+    if st.pending.is_some() {
+        return false;
+    }
+    let space = ctx.dma.space(Route::Rid);
+    if let Err(e) = space.write(ei, &st.head.to_le_bytes()) {
+        tracing::debug!("nvme: EventIdx of SQ {} at {ei:#x}: {e}", sq.id);
+        return false;
+    }
+    read_u32(&space, db).is_ok_and(|t| t != st.head)
 }
 
 /// What one [`step`] did.
@@ -222,7 +304,17 @@ fn step(ctrl: &Arc<Ctrl>, ctx: &DeviceContext, sq: &Sq, scratch: &mut Scratch) -
     let (cmd, result) = match st.pending {
         Some(p) => p,
         None => {
-            let tail = ctrl.doorbell(sq.id, false);
+            let tail = match sq.shadow.get() {
+                Some((db, _)) => match read_u32(&ctx.dma.space(Route::Rid), db) {
+                    Ok(t) => t,
+                    Err(e) if e.stops_step() => return Step::Stopped,
+                    Err(e) => {
+                        tracing::debug!("nvme: shadow tail of SQ {} at {db:#x}: {e}", sq.id);
+                        return Step::Idle;
+                    }
+                },
+                None => ctrl.doorbell(sq.id, false),
+            };
             if tail >= sq.size {
                 ctrl.bad_doorbell(sq.id, false, tail);
                 return Step::Idle;
@@ -298,9 +390,13 @@ pub(super) fn post(
     mut c: Completion,
     stop: &AtomicBool,
 ) -> Result<(), Fail> {
+    let space = ctx.dma.space(Route::Rid);
     let mut s = sync::lock(&cq.state);
     loop {
-        cq.read_head(ctrl, &mut s);
+        if (s.tail + 1) % cq.size != s.head {
+            break;
+        }
+        cq.refresh_head(ctrl, &space, &mut s);
         if (s.tail + 1) % cq.size != s.head {
             break;
         }
@@ -314,7 +410,6 @@ pub(super) fn post(
     c.phase = s.phase;
     let b = c.to_bytes();
     let at = cq.base.wrapping_add(u64::from(s.tail) * CQE_SIZE);
-    let space = ctx.dma.space(Route::Rid);
     // The status field with the phase tag lands last: a host that sees
     // the new phase sees the whole entry.
     let wrote = space.write(at, &b[..14]).and_then(|()| space.write(at + 14, &b[14..]));
@@ -329,11 +424,20 @@ pub(super) fn post(
             return Err(Fail::Status(sc::DATA_TRANSFER));
         }
     }
+    let posted = s.tail;
     s.tail = (s.tail + 1) % cq.size;
     if s.tail == 0 {
         s.phase = !s.phase;
     }
+    cq.posted.store(s.tail, Ordering::Release);
     drop(s);
+    if let Some((_, ei)) = cq.shadow.get().filter(|_| cq.ien && ctrl.intx_wired()) {
+        // INTx follows the register head: the host rings it once it has
+        // consumed this entry.
+        if let Err(e) = space.write(ei, &posted.to_le_bytes()) {
+            tracing::debug!("nvme: EventIdx of CQ {} at {ei:#x}: {e}", cq.id);
+        }
+    }
     if cq.ien {
         ctrl.interrupt(cq.iv);
     }
