@@ -121,6 +121,10 @@ pub struct Nvme {
     pub dbbuf: Option<(u64, u64)>,
     /// Doorbell register writes made (REGION_WRITE or mapped page).
     pub register_rings: u64,
+    /// Read CSTS while waiting for a completion: the client serves the
+    /// device's DMA to client memory (memory without an fd) only while it
+    /// talks to the server.
+    pub pump: bool,
 }
 
 impl Nvme {
@@ -137,7 +141,7 @@ impl Nvme {
             }
             _ => None,
         };
-        Ok(Nvme { client, ram, iova, bells, admin: None, dbbuf: None, register_rings: 0 })
+        Ok(Nvme { client, ram, iova, bells, admin: None, dbbuf: None, register_rings: 0, pump: false })
     }
 
     /// Whether the doorbell page is mapped.
@@ -300,6 +304,9 @@ impl Nvme {
             }
             if t0.elapsed() > timeout {
                 return Err(Error::Timeout(q.qid, timeout));
+            }
+            if self.pump {
+                self.read32(reg::CSTS)?;
             }
             std::thread::sleep(Duration::from_micros(50));
         }

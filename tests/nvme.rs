@@ -676,3 +676,64 @@ fn shadow_doorbells_carry_submissions_without_register_writes() {
     d.ram.write(SHADOW + 8, &[0xff; 4]).unwrap();
     ok(&d.run(&mut q1, cmd(iop::FLUSH, 1), Bell::Register).unwrap());
 }
+
+#[test]
+fn data_in_client_memory_moves_and_a_reset_never_waits_for_the_client() {
+    use vfio_user_server::client::DmaMode;
+    // Guest RAM without an fd (QEMU's default RAM): the data buffers and
+    // a PRP list are reached through the client; the queues stay in the
+    // memfd.
+    const CMEM: u64 = 0x4000_0000;
+    const CLEN: usize = 1 << 20;
+    let mut st = Stack::new("nvme-cmem");
+    let Dev { mut d, backing } = dev(&mut st, "cmem", &[]);
+    d.client.add_message_memory(CMEM, vec![0; CLEN]);
+    d.client.dma_map(DMA_MAP_READ | DMA_MAP_WRITE, 0, CMEM, CLEN as u64, None).unwrap();
+    d.pump = true;
+    let (mut q1, mut q2) = bring_up(&mut d);
+
+    // 40 KiB from ten pages of client memory, the list there too.
+    let len = 40 * 1024usize;
+    let data = pattern(len, 77);
+    let pages: Vec<u64> = (0..10u64).map(|k| CMEM + 0x1_0000 + ((k * 3) % 10) * PAGE).collect();
+    {
+        let m = d.client.message_memory_mut(CMEM).unwrap();
+        for (k, p) in pages.iter().enumerate() {
+            let o = (p - CMEM) as usize;
+            m[o..o + PAGE as usize].copy_from_slice(&data[k * PAGE as usize..(k + 1) * PAGE as usize]);
+        }
+        for (k, p) in pages[1..].iter().enumerate() {
+            m[k * 8..k * 8 + 8].copy_from_slice(&p.to_le_bytes());
+        }
+    }
+    let mut w = rw(iop::WRITE, 64, (len / 512) as u32, pages[0], CMEM);
+    ok(&d.run(&mut q1, w, Bell::Register).unwrap());
+    assert!(file_bytes(&backing, 64 * 512, len) == data, "the file does not hold the client's data");
+    // Read it back into one contiguous run of client memory.
+    let back = CMEM + 0x8_0000;
+    {
+        let m = d.client.message_memory_mut(CMEM).unwrap();
+        for k in 0..9u64 {
+            m[(0x1000 + k * 8) as usize..(0x1008 + k * 8) as usize]
+                .copy_from_slice(&(back + (k + 1) * PAGE).to_le_bytes());
+        }
+    }
+    ok(&d.run(&mut q2, rw(iop::READ, 64, (len / 512) as u32, back, CMEM + 0x1000), Bell::Register).unwrap());
+    let m = d.client.message_memory(CMEM).unwrap();
+    let o = (back - CMEM) as usize;
+    assert!(m[o..o + len] == data[..], "the data read back into client memory differs");
+
+    // The client stops answering: a write waits for its data. A controller
+    // reset is answered anyway, and the write never lands.
+    d.client.set_dma_mode(DmaMode::Defer);
+    w.cdw[0] = 512;
+    d.push(&mut q1, w).unwrap();
+    d.ring(&mut q1, Bell::Register).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    d.write32(reg::CC, Nvme::cc_enable() & !cc::EN).unwrap();
+    d.wait_csts(csts::RDY, 0, "RDY 0").unwrap();
+    d.client.set_dma_mode(DmaMode::Answer);
+    let (mut q1, _) = bring_up(&mut d);
+    ok(&d.run(&mut q1, cmd(iop::FLUSH, 1), Bell::Register).unwrap());
+    assert!(file_bytes(&backing, 512 * 512, len).iter().all(|b| *b == 0), "a write cancelled by the reset landed");
+}
