@@ -737,3 +737,64 @@ fn data_in_client_memory_moves_and_a_reset_never_waits_for_the_client() {
     ok(&d.run(&mut q1, cmd(iop::FLUSH, 1), Bell::Register).unwrap());
     assert!(file_bytes(&backing, 512 * 512, len).iter().all(|b| *b == 0), "a write cancelled by the reset landed");
 }
+
+#[test]
+fn bus_mastering_off_holds_commands_and_an_unmapped_buffer_is_a_data_transfer_error() {
+    use vfio_user_server::pci::command;
+    let mut st = Stack::new("nvme-bme");
+    let Dev { mut d, backing } = dev(&mut st, "bme", &[]);
+    let (mut q1, _) = bring_up(&mut d);
+    // Bus mastering off: a submitted write neither moves nor completes.
+    d.client.set_command(0, command::BUS_MASTER).unwrap();
+    d.ram.write(DATA, &pattern(4096, 9)).unwrap();
+    d.push(&mut q1, rw(iop::WRITE, 16, 8, IOVA + DATA, 0)).unwrap();
+    d.ring(&mut q1, Bell::Register).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!d.has_entry(&q1).unwrap(), "a command completed with bus mastering off");
+    assert!(file_bytes(&backing, 16 * 512, 4096).iter().all(|b| *b == 0), "data moved with bus mastering off");
+    // On again: it runs.
+    d.client.set_command(command::BUS_MASTER, 0).unwrap();
+    ok(&d.reap(&mut q1, Duration::from_secs(10), Bell::Register).unwrap());
+    assert!(file_bytes(&backing, 16 * 512, 4096) == pattern(4096, 9));
+
+    // A second memfd mapped, used, then unmapped: the next command that
+    // names it ends with Data Transfer Error, and the controller goes on.
+    let extra = GuestRam::new("extra", 1 << 20).unwrap();
+    let at = 0x3000_0000u64;
+    d.client.dma_map(DMA_MAP_READ | DMA_MAP_WRITE, 0, at, 1 << 20, Some(extra.file.as_fd())).unwrap();
+    extra.write(0, &pattern(4096, 10)).unwrap();
+    ok(&d.run(&mut q1, rw(iop::WRITE, 24, 8, at, 0), Bell::Register).unwrap());
+    d.client.dma_unmap(at, 1 << 20, 0).unwrap();
+    assert_eq!(status_of(&mut d, &mut q1, rw(iop::WRITE, 32, 8, at, 0)), sc::DATA_TRANSFER);
+    assert_eq!(status_of(&mut d, &mut q1, rw(iop::READ, 24, 8, at, 0)), sc::DATA_TRANSFER);
+    assert!(file_bytes(&backing, 32 * 512, 4096).iter().all(|b| *b == 0));
+    ok(&d.run(&mut q1, rw(iop::READ, 24, 8, IOVA + BACK, 0), Bell::Register).unwrap());
+    assert!(d.ram.read(BACK, 4096).unwrap() == pattern(4096, 10));
+    assert_eq!(d.read32(reg::CSTS).unwrap() & csts::CFS, 0);
+}
+
+#[test]
+fn without_msix_each_completion_queue_interrupts_through_its_msi_vector_and_intms_holds_it() {
+    let mut st = Stack::new("nvme-msi");
+    let Dev { mut d, .. } = dev(&mut st, "msi", &["--no-msix"]);
+    let fds: Vec<_> = (0..4).map(|_| vfio_user_server::irq::eventfd().unwrap()).collect();
+    let trig = proto::IRQ_SET_DATA_EVENTFD | proto::IRQ_SET_ACTION_TRIGGER;
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    d.client.set_irqs(irq_index::MSI, trig, 0, 4, &[], &borrowed).unwrap();
+    let (mut q1, mut q2) = bring_up(&mut d);
+    let count = |f: &std::fs::File, ms: u64| vfio_user_server::irq::wait_eventfd(f, Duration::from_millis(ms));
+    // Drain what bring-up raised on vector 0.
+    count(&fds[0], 100);
+    ok(&d.run(&mut q1, cmd(iop::FLUSH, 1), Bell::Register).unwrap());
+    assert_eq!(count(&fds[1], 5000), 1, "CQ 1 did not interrupt on MSI vector 1");
+    ok(&d.run(&mut q2, cmd(iop::FLUSH, 1), Bell::Register).unwrap());
+    assert_eq!(count(&fds[2], 5000), 1, "CQ 2 did not interrupt on MSI vector 2");
+    // INTMS bit 2 holds vector 2; INTMC releases it.
+    d.write32(reg::INTMS, 1 << 2).unwrap();
+    assert_eq!(d.read32(reg::INTMS).unwrap(), 1 << 2);
+    ok(&d.run(&mut q2, cmd(iop::FLUSH, 1), Bell::Register).unwrap());
+    assert_eq!(count(&fds[2], 100), 0, "a masked vector fired");
+    d.write32(reg::INTMC, 1 << 2).unwrap();
+    assert_eq!(count(&fds[2], 5000), 1, "the held interrupt was lost");
+    assert_eq!(d.read32(reg::INTMC).unwrap(), 0);
+}
