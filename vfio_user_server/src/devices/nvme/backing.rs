@@ -104,8 +104,11 @@ impl Backing {
     }
 
     /// Zeroes `len` bytes at `off`; `deallocate` lets the blocks go (a hole)
-    /// where the file system can, else they are written as zeroes.
-    pub fn zero(&self, off: u64, len: u64, deallocate: bool) -> std::io::Result<()> {
+    /// where the file system can, else they are written as zeroes, 64 KiB
+    /// at a time: `cancel` is asked before each piece, and a true answer
+    /// ends the call with `ErrorKind::Interrupted` (a guest may ask for a
+    /// whole namespace; a reset must not wait for it).
+    pub fn zero(&self, off: u64, len: u64, deallocate: bool, cancel: &dyn Fn() -> bool) -> std::io::Result<()> {
         let mode = if deallocate {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         } else {
@@ -123,6 +126,9 @@ impl Backing {
         let mut at = off;
         let end = off + len;
         while at < end {
+            if cancel() {
+                return Err(std::io::Error::from(std::io::ErrorKind::Interrupted));
+            }
             let n = (end - at).min(ZEROES.len() as u64) as usize;
             self.file.write_all_at(&ZEROES[..n], at)?;
             at += n as u64;
@@ -143,4 +149,47 @@ fn block_device_size(f: &File) -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(len: u64) -> (std::path::PathBuf, Backing) {
+        let p = std::env::temp_dir().join(format!("nvme-backing-{}-{len}", std::process::id()));
+        std::fs::File::create(&p).unwrap().set_len(len).unwrap();
+        let b = Backing::open(&p, None, false).unwrap();
+        (p, b)
+    }
+
+    #[test]
+    fn sizes_round_down_to_blocks_and_tiny_files_are_refused() {
+        let (p, b) = file(4096 + 100);
+        assert_eq!((b.size(), b.blocks()), (4096, 8));
+        drop(b);
+        // --size extends a shorter file.
+        let b = Backing::open(&p, Some(1 << 20), false).unwrap();
+        assert_eq!(b.blocks(), 2048);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
+        drop(b);
+        assert!(Backing::open(&p, Some(2 << 20), true).is_err(), "a read-only file cannot be extended");
+        assert!(Backing::open(&p, Some(100), false).is_err(), "less than one block");
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn zeroes_and_holes_read_back_as_zeroes() {
+        let (p, b) = file(1 << 20);
+        b.write(0, &[0xab; 65536]).unwrap();
+        b.zero(4096, 8192, false, &|| false).unwrap();
+        b.zero(32768, 4096, true, &|| false).unwrap();
+        let mut buf = vec![0u8; 65536];
+        b.read(0, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|x| *x == 0xab));
+        assert!(buf[4096..12288].iter().all(|x| *x == 0));
+        assert!(buf[12288..32768].iter().all(|x| *x == 0xab));
+        assert!(buf[32768..36864].iter().all(|x| *x == 0));
+        assert!(buf[36864..].iter().all(|x| *x == 0xab));
+        std::fs::remove_file(&p).unwrap();
+    }
 }

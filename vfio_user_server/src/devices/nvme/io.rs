@@ -193,9 +193,15 @@ fn run(ctrl: &Ctrl, ctx: &DeviceContext, cmd: &Command, o: IoOp, s: &mut Scratch
             Ok(durable(ctrl, fua))
         }
         IoOp::WriteZeroes { slba, nlb, deallocate, fua } => {
-            if let Err(e) = b.zero(slba << LBA_SHIFT, nlb << LBA_SHIFT, deallocate) {
-                tracing::debug!("nvme: write zeroes of {nlb} blocks at {slba}: {e}");
-                return Ok(sc::WRITE_FAULT);
+            match b.zero(slba << LBA_SHIFT, nlb << LBA_SHIFT, deallocate, &|| ctrl.stopping()) {
+                Ok(()) => {}
+                // Stopped by a reset or a migration stop: run again later
+                // (zeroing twice is zeroing once), or dropped.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Err(Fail::Stop),
+                Err(e) => {
+                    tracing::debug!("nvme: write zeroes of {nlb} blocks at {slba}: {e}");
+                    return Ok(sc::WRITE_FAULT);
+                }
             }
             Ok(durable(ctrl, fua))
         }
@@ -227,10 +233,14 @@ fn deallocate(ctrl: &Ctrl, ctx: &DeviceContext, cmd: &Command, nr: usize, s: &mu
         Err(e) => st = e,
         Ok(()) => {
             for &(slba, nlb) in ranges.iter().filter(|r| r.1 != 0) {
-                if let Err(e) = ctrl.backing.zero(slba << LBA_SHIFT, nlb << LBA_SHIFT, true) {
-                    tracing::debug!("nvme: deallocate of {nlb} blocks at {slba}: {e}");
-                    st = sc::WRITE_FAULT;
-                    break;
+                match ctrl.backing.zero(slba << LBA_SHIFT, nlb << LBA_SHIFT, true, &|| ctrl.stopping()) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Err(Fail::Stop),
+                    Err(e) => {
+                        tracing::debug!("nvme: deallocate of {nlb} blocks at {slba}: {e}");
+                        st = sc::WRITE_FAULT;
+                        break;
+                    }
                 }
             }
         }

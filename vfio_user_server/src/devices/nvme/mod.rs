@@ -169,6 +169,8 @@ pub(crate) struct Ctrl {
     /// Set while the gate is being taken for writing: a queue thread
     /// waiting for room in a full completion queue stops instead.
     quiescing: AtomicBool,
+    /// Set while every queue is being stopped (reset, shutdown).
+    stopping: AtomicBool,
     /// CSTS.CFS: a queue could not be read or written.
     fatal: AtomicBool,
     /// The memory page size (CC.MPS) the controller was enabled with.
@@ -367,6 +369,18 @@ impl Ctrl {
     /// is completed after this returns. Commands fetched and stopped
     /// part-way are dropped.
     fn stop_all(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stop_all_queues();
+        self.stopping.store(false, Ordering::Release);
+    }
+
+    /// Whether a long command should stop where it is: every queue is
+    /// being stopped, or the controller quiesced.
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire) || self.quiescing.load(Ordering::Acquire)
+    }
+
+    fn stop_all_queues(&self) {
         // A thread waiting for client memory gives up at once.
         let _fence = self.dma.get().map(|d| d.fence_client());
         let all: Vec<_> = {
@@ -484,6 +498,7 @@ impl Nvme {
             bad_bells: (0..(usize::from(MAX_IO_QUEUES) + 1) * 2).map(|_| AtomicU32::new(0)).collect(),
             gate: RwLock::new(true),
             quiescing: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             fatal: AtomicBool::new(false),
             page: AtomicU64::new(4096),
             intx: AtomicBool::new(false),
