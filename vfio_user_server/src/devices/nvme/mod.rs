@@ -11,8 +11,11 @@
 //! config events).
 //!
 //! Every submission queue, the admin queue included, has its own thread;
-//! a completion queue has its own lock. Nothing on the I/O path takes a
-//! lock of the whole controller: the register lock is taken by register
+//! a completion queue has its own lock. With MSI-X, the I/O path takes no
+//! lock of the whole controller but the read side of the gate (which
+//! quiescing takes for writing); with MSI or INTx a completion also reads
+//! INTMS under the register lock (and INTx computes its level under a
+//! lock of its own). The register lock is otherwise taken by register
 //! accesses, queue creation and deletion, and resets.
 
 pub mod abi;
