@@ -87,6 +87,11 @@ pub struct QueuePair {
 }
 
 impl QueuePair {
+    /// The SQ tail the driver has reached.
+    pub fn tail(&self) -> u32 {
+        self.tail
+    }
+
     /// A pair with nothing submitted yet.
     pub fn new(qid: u16, size: u32, sq_off: u64, cq_off: u64) -> QueuePair {
         QueuePair {
@@ -142,6 +147,23 @@ impl Nvme {
             _ => None,
         };
         Ok(Nvme { client, ram, iova, bells, admin: None, dbbuf: None, register_rings: 0, pump: false })
+    }
+
+    /// Goes on with `client` (a device that took over this one's state, as
+    /// after a migration): enables its PCI function and maps its doorbell
+    /// page. Queues and guest RAM stay as they are.
+    pub fn reconnect(&mut self, mut client: Client) -> Result<()> {
+        client.enable_function()?;
+        let r = client.region_info(0)?;
+        self.bells = match (r.fd, r.areas.iter().find(|a| a.offset == reg::DOORBELL)) {
+            (Some(fd), Some(a)) => {
+                let f = File::from(fd);
+                Some(Words::map_at(&f, r.info.offset + a.offset, a.size)?)
+            }
+            _ => None,
+        };
+        self.client = client;
+        Ok(())
     }
 
     /// Whether the doorbell page is mapped.

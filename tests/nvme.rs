@@ -798,3 +798,68 @@ fn without_msix_each_completion_queue_interrupts_through_its_msi_vector_and_intm
     assert_eq!(count(&fds[2], 5000), 1, "the held interrupt was lost");
     assert_eq!(d.read32(reg::INTMC).unwrap(), 0);
 }
+
+#[test]
+fn an_enabled_controller_migrates_with_its_queues_and_outstanding_requests() {
+    use vfio_user_server::worker::mig;
+    let mut st = Stack::new("nvme-mig");
+    let Dev { mut d, backing } = dev(&mut st, "src", &[]);
+    let (mut q1, mut q2) = bring_up(&mut d);
+    let mut admin = d.admin.take().unwrap();
+    let aer = d.push(&mut admin, cmd(aop::ASYNC_EVENT, 0)).unwrap();
+    d.ring(&mut admin, Bell::Register).unwrap();
+    d.ram.write(DATA, &pattern(4096, 20)).unwrap();
+    ok(&d.run(&mut q1, rw(iop::WRITE, 0, 8, IOVA + DATA, 0), Bell::Register).unwrap());
+    // Three writes queued, not rung, when the source stops.
+    for k in 0..3u64 {
+        d.ram.write(DATA + (k + 1) * PAGE, &pattern(4096, 21 + k as u32)).unwrap();
+        d.push(&mut q1, rw(iop::WRITE, 8 * (k + 1), 8, IOVA + DATA + (k + 1) * PAGE, 0)).unwrap();
+    }
+    assert_eq!(d.client.set_mig_state(mig::STOP_COPY).unwrap(), mig::STOP_COPY);
+    let mut blob = Vec::new();
+    loop {
+        let c = d.client.mig_data_read(1 << 16).unwrap();
+        let end = c.len() < 1 << 16;
+        blob.extend(c);
+        if end {
+            break;
+        }
+    }
+    // The destination: the same backing file and guest RAM.
+    let sock = st.server_with("nvme", "dst", &["--backing", backing.to_str().unwrap()]);
+    let mut dst = Client::connect(&sock).unwrap();
+    dst.dma_map(DMA_MAP_READ | DMA_MAP_WRITE, 0, IOVA, RAM, Some(d.ram.file.as_fd())).unwrap();
+    assert_eq!(dst.set_mig_state(mig::RESUMING).unwrap(), mig::RESUMING);
+    dst.mig_data_write(&blob).unwrap();
+    assert_eq!(dst.set_mig_state(mig::RUNNING).unwrap(), mig::RUNNING);
+    st.servers.remove(0);
+    d.reconnect(dst).unwrap();
+    assert_eq!(d.read32(reg::CSTS).unwrap() & csts::RDY, csts::RDY);
+    // The queued writes run once rung; the queues go on where they were.
+    d.ring(&mut q1, Bell::Register).unwrap();
+    for _ in 0..3 {
+        ok(&d.reap(&mut q1, Duration::from_secs(10), Bell::Register).unwrap());
+    }
+    for k in 0..4u64 {
+        assert!(file_bytes(&backing, k * 4096, 4096) == pattern(4096, 20 + k as u32), "block run {k}");
+    }
+    ok(&d.run(&mut q2, rw(iop::READ, 8, 8, IOVA + BACK, 0), Bell::Register).unwrap());
+    assert!(d.ram.read(BACK, 4096).unwrap() == pattern(4096, 21));
+    // The Asynchronous Event Request outstanding on the source completes
+    // on the destination.
+    d.write32(Nvme::bell_offset(2, false), 999).unwrap();
+    let c = d.reap(&mut admin, Duration::from_secs(10), Bell::Register).unwrap();
+    assert_eq!((c.cid, c.status), (aer, sc::SUCCESS));
+    d.write32(Nvme::bell_offset(2, false), q2.tail()).unwrap();
+    ok(&d.run(&mut admin, identify(1, 0), Bell::Register).unwrap());
+
+    // A state a client made up is refused.
+    let sock = st.server_with("nvme", "bad", &["--backing", backing.to_str().unwrap()]);
+    let mut bad = Client::connect(&sock).unwrap();
+    assert_eq!(bad.set_mig_state(mig::RESUMING).unwrap(), mig::RESUMING);
+    let mut broken = blob.clone();
+    let n = broken.len();
+    broken[n / 2] ^= 0xff;
+    broken.truncate(n - 3);
+    assert!(bad.mig_data_write(&broken).is_err() || bad.set_mig_state(mig::RUNNING).is_err());
+}

@@ -91,7 +91,7 @@ struct Events {
 }
 
 /// Settable features (their current values).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Features {
     arbitration: u32,
     power: u32,
@@ -451,6 +451,104 @@ impl Ctrl {
     }
 }
 
+/// A completion queue as migration carries it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedCq {
+    id: u16,
+    base: u64,
+    size: u32,
+    iv: u16,
+    ien: bool,
+    state: queue::CqState,
+    shadow: Option<(u64, u64)>,
+}
+
+/// A submission queue as migration carries it (a command stopped
+/// part-way included: it runs again on the destination).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedSq {
+    id: u16,
+    base: u64,
+    size: u32,
+    cq: u16,
+    state: queue::SqState,
+    shadow: Option<(u64, u64)>,
+}
+
+/// The controller's state for migration.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Saved {
+    regs: regs::Regs,
+    page: u64,
+    fatal: bool,
+    wce: bool,
+    features: Features,
+    aer_outstanding: Vec<u16>,
+    aer_pending: Vec<u32>,
+    aer_masked: u8,
+    dbbuf: Option<(u64, u64)>,
+    cqs: Vec<SavedCq>,
+    sqs: Vec<SavedSq>,
+    /// Doorbell registers, SQ tail then CQ head, queue by queue.
+    bells: Vec<u32>,
+    msi_pending: u32,
+}
+
+impl Saved {
+    /// Everything a client could have made up: ids, sizes, indexes,
+    /// vectors, the page size, register bits, which CQ each SQ posts to.
+    fn check(&self) -> Result<(), Errno> {
+        let bad = Err(libc::EINVAL);
+        let entries = 2..=abi::MAX_QUEUE_ENTRIES;
+        if !self.page.is_power_of_two() || !(4096..=65536).contains(&self.page) {
+            return bad;
+        }
+        let r = &self.regs;
+        if r.cc & !abi::cc::WRITABLE != 0
+            || r.csts & !(abi::csts::RDY | (3 << abi::csts::SHST_SHIFT)) != 0
+            || r.aqa & !0x0fff_0fff != 0
+            || r.asq & 0xfff != 0
+            || r.acq & 0xfff != 0
+        {
+            return bad;
+        }
+        if self.aer_outstanding.len() > usize::from(abi::AERL) + 1
+            || self.aer_pending.len() > 16
+            || self.bells.len() != (usize::from(MAX_IO_QUEUES) + 1) * 2
+        {
+            return bad;
+        }
+        let mut seen_cq = [false; MAX_IO_QUEUES as usize + 1];
+        for q in &self.cqs {
+            let i = usize::from(q.id);
+            if i >= seen_cq.len()
+                || seen_cq[i]
+                || !entries.contains(&q.size)
+                || q.iv >= abi::VECTORS
+                || q.state.tail >= q.size
+                || q.state.head >= q.size
+            {
+                return bad;
+            }
+            seen_cq[i] = true;
+        }
+        let mut seen_sq = [false; MAX_IO_QUEUES as usize + 1];
+        for q in &self.sqs {
+            let i = usize::from(q.id);
+            let cq_ok = seen_cq.get(usize::from(q.cq)).copied().unwrap_or(false) && ((q.id == 0) == (q.cq == 0));
+            if i >= seen_sq.len() || seen_sq[i] || !entries.contains(&q.size) || q.state.head >= q.size || !cq_ok {
+                return bad;
+            }
+            seen_sq[i] = true;
+        }
+        // A ready controller has its admin queues.
+        if r.csts & abi::csts::RDY != 0 && r.csts & (3 << abi::csts::SHST_SHIFT) == 0 && !(seen_sq[0] && seen_cq[0]) {
+            return bad;
+        }
+        Ok(())
+    }
+}
+
 /// Offset of a doorbell in BAR 0 (and in the doorbell file).
 fn bell_offset(qid: u16, cq: bool) -> u64 {
     abi::reg::DOORBELL + u64::from(qid) * 8 + if cq { 4 } else { 0 }
@@ -640,12 +738,110 @@ impl Device for Nvme {
     }
 
     fn save(&mut self) -> Result<Vec<u8>, Errno> {
-        // Queue state is not carried yet: a controller with queues cannot
-        // migrate (see docs/devices/nvme.md).
-        if sync::lock(&self.ctrl.regs).cc & abi::cc::EN != 0 {
-            return Err(libc::EOPNOTSUPP);
+        // Called while stopped: no queue thread runs a command, and a
+        // command stopped part-way is in its queue's `pending`.
+        let c = &self.ctrl;
+        let t = sync::lock(&c.threads);
+        let shadow = |sh: &queue::Shadow| sh.get();
+        let sqs = t
+            .sqs
+            .iter()
+            .flatten()
+            .map(|(sq, _)| SavedSq {
+                id: sq.id,
+                base: sq.base,
+                size: sq.size,
+                cq: sq.cq.id,
+                state: *sync::lock(&sq.state),
+                shadow: shadow(&sq.shadow),
+            })
+            .collect();
+        let dbbuf = t.dbbuf;
+        drop(t);
+        let cqs = sync::read(&c.cqs)
+            .iter()
+            .flatten()
+            .map(|cq| SavedCq {
+                id: cq.id,
+                base: cq.base,
+                size: cq.size,
+                iv: cq.iv,
+                ien: cq.ien,
+                state: *sync::lock(&cq.state),
+                shadow: shadow(&cq.shadow),
+            })
+            .collect();
+        let e = sync::lock(&c.events);
+        let saved = Saved {
+            regs: *sync::lock(&c.regs),
+            page: c.page.load(Ordering::Acquire),
+            fatal: c.fatal.load(Ordering::Acquire),
+            wce: c.wce.load(Ordering::Acquire),
+            features: *sync::lock(&c.features),
+            aer_outstanding: e.outstanding.clone(),
+            aer_pending: e.pending.iter().copied().collect(),
+            aer_masked: e.masked,
+            dbbuf,
+            cqs,
+            sqs,
+            bells: (0..=MAX_IO_QUEUES).flat_map(|q| [c.doorbell(q, false), c.doorbell(q, true)]).collect(),
+            msi_pending: c.msi_pending.load(Ordering::Acquire),
+        };
+        drop(e);
+        postcard::to_allocvec(&saved).map_err(|_| libc::ENOMEM)
+    }
+
+    fn load(&mut self, data: &[u8]) -> Result<(), Errno> {
+        if data.is_empty() {
+            // A disabled controller saved before queue state was carried.
+            self.reset();
+            return Ok(());
         }
-        Ok(Vec::new())
+        let s: Saved = postcard::from_bytes(data).map_err(|_| libc::EINVAL)?;
+        s.check()?;
+        let Some(ctx) = self.ctx.clone() else { return Err(libc::EIO) };
+        let c = &self.ctrl;
+        c.stop_all();
+        *sync::lock(&c.regs) = s.regs;
+        c.page.store(s.page, Ordering::Release);
+        c.fatal.store(s.fatal, Ordering::Release);
+        c.wce.store(s.wce, Ordering::Release);
+        *sync::lock(&c.features) = s.features;
+        *sync::lock(&c.events) = Events {
+            outstanding: s.aer_outstanding.clone(),
+            pending: s.aer_pending.iter().copied().collect(),
+            masked: s.aer_masked,
+        };
+        c.msi_pending.store(s.msi_pending, Ordering::Release);
+        for (i, v) in s.bells.iter().enumerate() {
+            c.set_doorbell((i / 2) as u16, i % 2 == 1, *v);
+        }
+        let mut cqs: Vec<Option<Arc<Cq>>> = vec![None; usize::from(MAX_IO_QUEUES) + 1];
+        for q in &s.cqs {
+            let cq = Cq::new(q.id, q.base, q.size, q.iv, q.ien);
+            *sync::lock(&cq.state) = q.state;
+            cq.posted.store(q.state.tail, Ordering::Release);
+            if let Some((db, ei)) = q.shadow {
+                cq.shadow.set(db, ei);
+            }
+            cqs[usize::from(q.id)] = Some(Arc::new(cq));
+        }
+        *sync::write(&c.cqs) = cqs.clone();
+        sync::lock(&c.threads).dbbuf = s.dbbuf;
+        for q in &s.sqs {
+            let Some(cq) = cqs.get(usize::from(q.cq)).cloned().flatten() else { return Err(libc::EINVAL) };
+            let sq = Sq::new(q.id, q.base, q.size, cq);
+            *sync::lock(&sq.state) = q.state;
+            if let Some((db, ei)) = q.shadow {
+                sq.shadow.set(db, ei);
+            }
+            if !c.spawn_sq(&ctx, Arc::new(sq)) {
+                c.stop_all();
+                return Err(libc::ENOMEM);
+            }
+        }
+        c.recheck_intx();
+        Ok(())
     }
 
     fn status(&self) -> Vec<String> {

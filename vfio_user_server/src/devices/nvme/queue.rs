@@ -104,7 +104,7 @@ pub(super) struct Cq {
     pub(super) shadow: Shadow,
     /// The tail after the last entry posted (what INTx compares the head
     /// doorbell with).
-    posted: AtomicU32,
+    pub(super) posted: AtomicU32,
 }
 
 /// Where a completion queue's next entry goes.

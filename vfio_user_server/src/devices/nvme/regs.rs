@@ -16,7 +16,7 @@ use super::{bell_offset, Ctrl};
 pub(super) const TEMP_OVER_DEFAULT: u16 = 343;
 
 /// The registers a host writes.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub(super) struct Regs {
     pub(super) cc: u32,
     /// RDY and SHST (CFS comes from the controller's fatal flag).
