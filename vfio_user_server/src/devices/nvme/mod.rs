@@ -863,3 +863,96 @@ impl Device for Nvme {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use queue::{CqState, SqState};
+
+    fn valid() -> Saved {
+        let cq = |id: u16| SavedCq {
+            id,
+            base: 0x10_0000 * u64::from(id + 1),
+            size: 64,
+            iv: id,
+            ien: true,
+            state: CqState { tail: 5, phase: true, head: 3 },
+            shadow: None,
+        };
+        let sq = |id: u16| SavedSq {
+            id,
+            base: 0x20_0000 * u64::from(id + 1),
+            size: 64,
+            cq: id,
+            state: SqState { head: 7, pending: None },
+            shadow: Some((0x9000 + u64::from(id) * 8, 0xa000 + u64::from(id) * 8)),
+        };
+        Saved {
+            regs: regs::Regs {
+                cc: 0x0046_0001,
+                csts: abi::csts::RDY,
+                intms: 0,
+                aqa: 0x003f_003f,
+                asq: 0x1000,
+                acq: 0x2000,
+            },
+            page: 4096,
+            fatal: false,
+            wce: true,
+            features: Features::default(),
+            aer_outstanding: vec![3],
+            aer_pending: vec![],
+            aer_masked: 0,
+            dbbuf: Some((0x9000, 0xa000)),
+            cqs: vec![cq(0), cq(1)],
+            sqs: vec![sq(0), sq(1)],
+            bells: vec![0; 18],
+            msi_pending: 0,
+        }
+    }
+
+    #[test]
+    fn migration_state_a_client_made_up_is_refused() {
+        assert_eq!(valid().check(), Ok(()));
+        type Change = Box<dyn Fn(&mut Saved)>;
+        let cases: Vec<(&str, Change)> = vec![
+            ("page not a power of two", Box::new(|s| s.page = 5000)),
+            ("page above 64 KiB", Box::new(|s| s.page = 1 << 17)),
+            ("CC reserved bits", Box::new(|s| s.regs.cc |= 1 << 30)),
+            ("CSTS.CFS carried as a register bit", Box::new(|s| s.regs.csts |= abi::csts::CFS)),
+            ("ASQ unaligned", Box::new(|s| s.regs.asq |= 8)),
+            ("too many AERs", Box::new(|s| s.aer_outstanding = vec![0; 9])),
+            ("too many events", Box::new(|s| s.aer_pending = vec![0; 17])),
+            ("doorbells", Box::new(|s| s.bells.push(0))),
+            ("CQ id past the last", Box::new(|s| s.cqs[1].id = MAX_IO_QUEUES + 1)),
+            ("CQ twice", Box::new(|s| s.cqs[1].id = 0)),
+            ("CQ of one entry", Box::new(|s| s.cqs[1].size = 1)),
+            ("CQ too big", Box::new(|s| s.cqs[1].size = abi::MAX_QUEUE_ENTRIES + 1)),
+            ("CQ vector", Box::new(|s| s.cqs[1].iv = abi::VECTORS)),
+            ("CQ tail outside", Box::new(|s| s.cqs[1].state.tail = 64)),
+            ("CQ head outside", Box::new(|s| s.cqs[1].state.head = u32::MAX)),
+            ("SQ head outside", Box::new(|s| s.sqs[1].state.head = 64)),
+            ("SQ on a missing CQ", Box::new(|s| s.sqs[1].cq = 2)),
+            ("I/O SQ on the admin CQ", Box::new(|s| s.sqs[1].cq = 0)),
+            ("admin SQ on an I/O CQ", Box::new(|s| s.sqs[0].cq = 1)),
+            ("SQ twice", Box::new(|s| s.sqs[1].id = 0)),
+            (
+                "ready without admin queues",
+                Box::new(|s| {
+                    s.sqs.remove(0);
+                }),
+            ),
+        ];
+        for (what, f) in cases {
+            let mut s = valid();
+            f(&mut s);
+            assert_eq!(s.check(), Err(libc::EINVAL), "{what}");
+        }
+        // Shut down: no queues is fine.
+        let mut s = valid();
+        s.regs.csts |= abi::csts::SHST_COMPLETE;
+        s.sqs.clear();
+        s.cqs.clear();
+        assert_eq!(s.check(), Ok(()));
+    }
+}
