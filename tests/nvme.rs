@@ -863,3 +863,52 @@ fn an_enabled_controller_migrates_with_its_queues_and_outstanding_requests() {
     broken.truncate(n - 3);
     assert!(bad.mig_data_write(&broken).is_err() || bad.set_mig_state(mig::RUNNING).is_err());
 }
+
+/// Offset of the capability `id` in the standard list.
+fn cap(c: &mut Client, id: u8) -> Option<u64> {
+    let mut at = u64::from(c.region_read(region::CONFIG, 0x34, 1).unwrap()[0]);
+    for _ in 0..48 {
+        if at == 0 {
+            return None;
+        }
+        let h = c.region_read(region::CONFIG, at, 2).unwrap();
+        if h[0] == id {
+            return Some(at);
+        }
+        at = u64::from(h[1]);
+    }
+    None
+}
+
+#[test]
+fn a_function_level_reset_while_io_is_queued_leaves_a_fresh_controller() {
+    use vfio_user_server::pci::cap_id;
+    let mut st = Stack::new("nvme-flr");
+    let Dev { mut d, backing } = dev(&mut st, "flr", &[]);
+    let (mut q1, _) = bring_up(&mut d);
+    // Sixteen writes submitted at once, then an FLR from config space.
+    for k in 0..16u64 {
+        d.ram.write(DATA + k * PAGE, &pattern(4096, 40 + k as u32)).unwrap();
+        d.push(&mut q1, rw(iop::WRITE, k * 8, 8, IOVA + DATA + k * PAGE, 0)).unwrap();
+    }
+    d.ring(&mut q1, Bell::Register).unwrap();
+    let pcie = cap(&mut d.client, cap_id::PCIE).expect("a PCI Express capability");
+    d.client.region_write(region::CONFIG, pcie + 8, &0x8000u16.to_le_bytes()).unwrap();
+    d.client.enable_function().unwrap();
+    // Everything is back at power-on values, and no completion comes
+    // after the reset was answered.
+    assert_eq!(d.read32(reg::CSTS).unwrap(), 0);
+    assert_eq!(d.read32(reg::CC).unwrap(), 0);
+    assert_eq!(d.read32(reg::AQA).unwrap(), 0);
+    assert_eq!(d.read64(reg::ASQ).unwrap(), 0);
+    let entries = d.ram.read(CQ[1], 64 * 16).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(d.ram.read(CQ[1], 64 * 16).unwrap() == entries, "a completion was posted after the FLR");
+    // Each write either landed whole or not at all.
+    for k in 0..16u64 {
+        let f = file_bytes(&backing, k * 4096, 4096);
+        assert!(f == pattern(4096, 40 + k as u32) || f.iter().all(|b| *b == 0), "block run {k} half written");
+    }
+    let (mut q1, _) = bring_up(&mut d);
+    ok(&d.run(&mut q1, cmd(iop::FLUSH, 1), Bell::Register).unwrap());
+}
