@@ -855,10 +855,46 @@ impl Device for Nvme {
             if self.ctrl.backing.read_only() { " read-only" } else { "" }
         )];
         drop(r);
+        let st = &self.ctrl.stats;
+        out.push(format!(
+            "reads {} ({} bytes) writes {} ({} bytes) media errors {} errors logged {}",
+            st.reads.load(Ordering::Relaxed),
+            st.read_bytes.load(Ordering::Relaxed),
+            st.writes.load(Ordering::Relaxed),
+            st.written_bytes.load(Ordering::Relaxed),
+            st.media_errors.load(Ordering::Relaxed),
+            sync::lock(&self.ctrl.errors).count
+        ));
         let t = sync::lock(&self.ctrl.threads);
+        if let Some((db, ei)) = t.dbbuf {
+            out.push(format!("shadow doorbells at {db:#x}, EventIdx at {ei:#x}"));
+        }
         for (sq, _) in t.sqs.iter().flatten() {
             let st = *sync::lock(&sq.state);
-            out.push(format!("sq {} (cq {}): {} entries, head {}", sq.id, sq.cq.id, sq.size, st.head));
+            out.push(format!(
+                "sq {} (cq {}): {} entries at {:#x}, head {}{}",
+                sq.id,
+                sq.cq.id,
+                sq.size,
+                sq.base,
+                st.head,
+                if st.pending.is_some() { ", a command stopped part-way" } else { "" }
+            ));
+        }
+        drop(t);
+        for cq in sync::read(&self.ctrl.cqs).iter().flatten() {
+            let s = *sync::lock(&cq.state);
+            out.push(format!(
+                "cq {}: {} entries at {:#x}, tail {} head {} phase {} vector {}{}",
+                cq.id,
+                cq.size,
+                cq.base,
+                s.tail,
+                s.head,
+                u8::from(s.phase),
+                cq.iv,
+                if cq.ien { "" } else { " (interrupts off)" }
+            ));
         }
         out
     }
@@ -909,6 +945,25 @@ mod tests {
             bells: vec![0; 18],
             msi_pending: 0,
         }
+    }
+
+    #[test]
+    fn a_device_not_yet_started_describes_itself_and_reports_its_state() {
+        let p = std::env::temp_dir().join(format!("nvme-status-{}", std::process::id()));
+        std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+        let cfg = Config { backing: p.clone(), size: None, read_only: true, msix: false };
+        let d = Nvme::new(&cfg).unwrap();
+        let desc = d.describe();
+        assert_eq!(desc.name, "nvme");
+        assert!(desc.msix.is_none() && desc.irqs.msix == 0, "--no-msix");
+        let bar0 = desc.regions.iter().find(|r| r.index == 0).unwrap();
+        let areas = &bar0.mmap.as_ref().unwrap().areas;
+        assert_eq!((areas[0].offset, areas[0].size), (abi::reg::DOORBELL, 0x1000));
+        let s = d.status();
+        assert!(s[0].contains("namespace 2048 blocks of 512 bytes read-only"), "{s:?}");
+        assert_eq!(s.len(), 2, "no queues yet: {s:?}");
+        drop(d);
+        std::fs::remove_file(&p).unwrap();
     }
 
     #[test]
