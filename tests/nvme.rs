@@ -912,3 +912,30 @@ fn a_function_level_reset_while_io_is_queued_leaves_a_fresh_controller() {
     let (mut q1, _) = bring_up(&mut d);
     ok(&d.run(&mut q1, cmd(iop::FLUSH, 1), Bell::Register).unwrap());
 }
+
+/// Threads of process `pid` whose name starts with `prefix`.
+fn threads_named(pid: i32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().starts_with(prefix))
+        .count()
+}
+
+#[test]
+fn queue_threads_exist_only_while_their_queues_do() {
+    let mut st = Stack::new("nvme-idle");
+    let Dev { mut d, .. } = dev(&mut st, "idle", &[]);
+    let pid = st.servers[0].pid();
+    assert_eq!(threads_named(pid, "nvme-sq"), 0, "a disabled controller has no queue threads");
+    let (_q1, _q2) = bring_up(&mut d);
+    assert_eq!(threads_named(pid, "nvme-sq"), 3, "the admin queue and two I/O queues");
+    let mut admin = d.admin.take().unwrap();
+    let mut del = cmd(aop::DELETE_SQ, 0);
+    del.cdw[0] = 2;
+    assert_eq!(status_of(&mut d, &mut admin, del), sc::SUCCESS);
+    assert_eq!(threads_named(pid, "nvme-sq"), 2, "a deleted SQ's thread ended");
+    d.write32(reg::CC, 0).unwrap();
+    d.wait_csts(csts::RDY, 0, "RDY 0").unwrap();
+    assert_eq!(threads_named(pid, "nvme-sq"), 0, "a reset controller keeps queue threads");
+}
