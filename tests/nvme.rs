@@ -939,3 +939,20 @@ fn queue_threads_exist_only_while_their_queues_do() {
     d.wait_csts(csts::RDY, 0, "RDY 0").unwrap();
     assert_eq!(threads_named(pid, "nvme-sq"), 0, "a reset controller keeps queue threads");
 }
+
+#[test]
+fn with_trapped_doorbells_the_page_is_not_offered_and_io_goes_on() {
+    let mut st = Stack::new("nvme-trap");
+    let Dev { mut d, backing } = dev(&mut st, "trap", &["--trap-doorbells"]);
+    assert!(!d.has_mmap_bells(), "--trap-doorbells still offers the doorbell page");
+    let r = d.client.region_info(0).unwrap();
+    assert!(r.fd.is_none() && r.areas.is_empty());
+    let (mut q1, mut q2) = bring_up(&mut d);
+    for k in 0..20u64 {
+        d.ram.write(DATA, &pattern(4096, 300 + k as u32)).unwrap();
+        ok(&d.run(&mut q1, rw(iop::WRITE, k * 8, 8, IOVA + DATA, 0), Bell::Register).unwrap());
+        ok(&d.run(&mut q2, rw(iop::READ, k * 8, 8, IOVA + BACK, 0), Bell::Register).unwrap());
+        assert!(d.ram.read(BACK, 4096).unwrap() == pattern(4096, 300 + k as u32));
+    }
+    assert!(file_bytes(&backing, 19 * 4096, 4096) == pattern(4096, 319));
+}

@@ -73,6 +73,11 @@ struct Args {
     /// nvme: refuse writes (the namespace is write protected).
     #[arg(long)]
     read_only: bool,
+    /// nvme: do not offer the doorbell page for mmap, so that every
+    /// doorbell write traps and wakes its queue at once (the queues then
+    /// need not poll a mapped page; shadow doorbells save the traps).
+    #[arg(long)]
+    trap_doorbells: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -100,6 +105,7 @@ fn run() -> anyhow::Result<()> {
             backing: args.backing.clone(),
             size: args.size,
             read_only: args.read_only,
+            trap_doorbells: args.trap_doorbells,
         },
     ) else {
         bail!("there is no device called {:?}; run with --help for the list", args.device);

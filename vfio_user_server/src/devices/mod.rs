@@ -37,11 +37,13 @@ pub struct Options {
     pub size: Option<u64>,
     /// Refuse writes to that storage.
     pub read_only: bool,
+    /// Offer no mmap of doorbells (`nvme`): every doorbell write traps.
+    pub trap_doorbells: bool,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { msix: true, backing: None, size: None, read_only: false }
+        Options { msix: true, backing: None, size: None, read_only: false, trap_doorbells: false }
     }
 }
 
@@ -56,8 +58,13 @@ pub fn make_with(name: &str, opts: Options) -> Option<std::io::Result<Box<dyn De
         "dma-engine" => Some(dma_engine::DmaEngine::with_options(opts).map(|d| Box::new(d) as Box<dyn Device>)),
         "nvme" => Some(match &opts.backing {
             Some(b) => {
-                let cfg =
-                    nvme::Config { backing: b.clone(), size: opts.size, read_only: opts.read_only, msix: opts.msix };
+                let cfg = nvme::Config {
+                    backing: b.clone(),
+                    size: opts.size,
+                    read_only: opts.read_only,
+                    msix: opts.msix,
+                    trap_doorbells: opts.trap_doorbells,
+                };
                 nvme::Nvme::new(&cfg).map(|d| Box::new(d) as Box<dyn Device>)
             }
             None => Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "nvme needs --backing FILE")),

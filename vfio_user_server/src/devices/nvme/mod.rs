@@ -66,6 +66,9 @@ pub struct Config {
     pub read_only: bool,
     /// Offer MSI-X.
     pub msix: bool,
+    /// Do not offer the doorbell page for mmap: every doorbell write
+    /// traps (a REGION_WRITE) and wakes its queue at once.
+    pub trap_doorbells: bool,
 }
 
 /// Queue threads and their queues, by queue id.
@@ -574,13 +577,22 @@ pub struct Nvme {
     bells: Arc<File>,
     ctx: Option<DeviceContext>,
     msix: bool,
+    /// The doorbell page is offered for mmap.
+    mmap_bells: bool,
 }
 
 impl Nvme {
     /// A controller whose namespace is `cfg.backing`.
     pub fn new(cfg: &Config) -> std::io::Result<Nvme> {
         let backing = Backing::open(&cfg.backing, cfg.size, cfg.read_only)?;
-        Nvme::with_backing(backing, cfg.msix)
+        Ok(Nvme::with_backing(backing, cfg.msix)?.trap_doorbells(cfg.trap_doorbells))
+    }
+
+    /// The same controller with its doorbell page offered for mmap
+    /// (`trap` false, the default) or not (every doorbell write traps).
+    pub fn trap_doorbells(mut self, trap: bool) -> Nvme {
+        self.mmap_bells = !trap;
+        self
     }
 
     /// A controller over an opened backing store.
@@ -610,7 +622,7 @@ impl Nvme {
             dma: OnceLock::new(),
             irqs: OnceLock::new(),
         };
-        Ok(Nvme { ctrl: Arc::new(ctrl), bells: Arc::new(f), ctx: None, msix })
+        Ok(Nvme { ctrl: Arc::new(ctrl), bells: Arc::new(f), ctx: None, msix, mmap_bells: true })
     }
 }
 
@@ -646,7 +658,7 @@ impl Device for Nvme {
             size: BAR0_SIZE,
             read: true,
             write: true,
-            mmap: Some(MmapDesc {
+            mmap: self.mmap_bells.then(|| MmapDesc {
                 file: self.bells.clone(),
                 file_offset: 0,
                 areas: vec![SparseArea { offset: abi::reg::DOORBELL, size: 0x1000 }],
@@ -951,7 +963,7 @@ mod tests {
     fn a_device_not_yet_started_describes_itself_and_reports_its_state() {
         let p = std::env::temp_dir().join(format!("nvme-status-{}", std::process::id()));
         std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
-        let cfg = Config { backing: p.clone(), size: None, read_only: true, msix: false };
+        let cfg = Config { backing: p.clone(), size: None, read_only: true, msix: false, trap_doorbells: false };
         let d = Nvme::new(&cfg).unwrap();
         let desc = d.describe();
         assert_eq!(desc.name, "nvme");
@@ -962,6 +974,9 @@ mod tests {
         let s = d.status();
         assert!(s[0].contains("namespace 2048 blocks of 512 bytes read-only"), "{s:?}");
         assert_eq!(s.len(), 2, "no queues yet: {s:?}");
+        let d = d.trap_doorbells(true);
+        let bar0 = d.describe().regions.into_iter().find(|r| r.index == 0).unwrap();
+        assert!(bar0.mmap.is_none(), "--trap-doorbells offers no mmap");
         drop(d);
         std::fs::remove_file(&p).unwrap();
     }
