@@ -4,7 +4,9 @@
 //! them and posts their completions with the phase tag, the SQ head and an
 //! interrupt on the CQ's vector. Doorbells live in a page the client may
 //! map: the thread polls its tail doorbell adaptively (as the dma-engine's
-//! queues do) and is kicked by trapped doorbell writes.
+//! queues do) and is kicked by trapped doorbell writes. After Doorbell
+//! Buffer Config an I/O queue reads its shadow doorbell in guest memory
+//! instead, and sets its EventIdx before its thread sleeps.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -43,8 +45,8 @@ impl Kick {
         *sync::lock(&self.count)
     }
 
-    /// Waits for a kick after `seen`, for at most `d` if given; false if
-    /// `stop` was set.
+    /// Waits for a kick after `seen`, for at most `d` if given; returns at
+    /// once if `stop` is set.
     fn wait(&self, seen: u64, d: Option<Duration>, stop: &AtomicBool) {
         let k = sync::lock(&self.count);
         if *k != seen || stop.load(Ordering::Acquire) {
