@@ -233,6 +233,10 @@ fn a_driver_enables_identifies_and_moves_data_through_prp_lists() {
     ok(&d.admin(identify(3, 1)).unwrap());
     let desc = d.ram.read(IDBUF, 4).unwrap();
     assert_eq!((desc[0], desc[1]), (1, 8));
+    // Command set independent namespace data: ready.
+    ok(&d.admin(identify(8, 1)).unwrap());
+    assert_eq!(d.ram.read(IDBUF + 14, 1).unwrap()[0] & 1, 1, "NSTAT: ready");
+    assert_eq!(d.admin(identify(8, 3)).unwrap().status, sc::INVALID_NAMESPACE);
     // Unknown CNS and namespaces.
     assert_eq!(d.admin(identify(0x55, 0)).unwrap().status, sc::INVALID_FIELD);
     assert_eq!(d.admin(identify(0, 2)).unwrap().status, sc::INVALID_NAMESPACE);

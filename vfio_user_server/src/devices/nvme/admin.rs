@@ -194,6 +194,16 @@ fn identify(ctrl: &Ctrl, ctx: &DeviceContext, cmd: &Command, s: &mut Scratch) ->
                 at += 4 + id.len();
             }
         }
+        // I/O Command Set Independent Identify Namespace (defined by
+        // 2.0; Linux asks for it and falls back to CNS 00h when refused):
+        // NSATTR and NSTAT (namespace ready).
+        0x08 => {
+            if cmd.nsid != abi::NSID {
+                return done(sc::INVALID_NAMESPACE);
+            }
+            b[8] = u8::from(ctrl.backing.read_only());
+            b[14] = 1;
+        }
         // I/O command set specific controller data of the NVM command
         // set: no limits beyond MDTS (all zero).
         0x06 if (cmd.cdw[1] >> 24) == 0 => {}
