@@ -394,6 +394,8 @@ pub(super) fn post(
 ) -> Result<(), Fail> {
     let space = ctx.dma.space(Route::Rid);
     let mut s = sync::lock(&cq.state);
+    // A host that never consumes costs a poll every millisecond at most.
+    let mut nap = Duration::from_micros(20);
     loop {
         if (s.tail + 1) % cq.size != s.head {
             break;
@@ -406,7 +408,8 @@ pub(super) fn post(
             return Err(Fail::Stop);
         }
         drop(s);
-        std::thread::sleep(Duration::from_micros(50));
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(1));
         s = sync::lock(&cq.state);
     }
     c.phase = s.phase;
