@@ -1,11 +1,13 @@
 //! The stack's end-to-end pieces, shared by examples and tests: the
 //! DMA-engine demo that the README's first command runs, the core demo,
-//! and a driver for the `dma-engine` device (`engine`).
+//! a driver for the `dma-engine` device (`engine`) and one for the `nvme`
+//! device (`nvme`).
 
 #![deny(missing_docs)]
 
 pub mod engine;
 mod engine_demo;
+pub mod nvme;
 
 pub use engine_demo::{run_engine_demo, EngineDemo, EngineDemoSummary};
 

@@ -113,7 +113,7 @@ pub fn core_socket() -> &'static Path {
 }
 
 /// The devices the vfio-user target talks to.
-pub const DEVICES: [&str; 2] = ["dma-engine", "test-device"];
+pub const DEVICES: [&str; 3] = ["dma-engine", "test-device", "nvme"];
 
 struct Servers {
     _dir: tempfile::TempDir,
@@ -131,7 +131,19 @@ pub fn device_sockets() -> &'static [PathBuf] {
         let mut running = Vec::new();
         for name in DEVICES {
             let sock = dir.path().join(format!("{name}.sock"));
-            let device = vfio_user_server::devices::make(name).expect("a known device").expect("make the device");
+            let device = if name == "nvme" {
+                // A 1 MiB namespace in the directory.
+                let backing = dir.path().join("nvme.img");
+                std::fs::File::create(&backing).and_then(|f| f.set_len(1 << 20)).expect("the nvme backing file");
+                let opts = vfio_user_server::devices::Options {
+                    backing: Some(backing),
+                    ..vfio_user_server::devices::Options::default()
+                };
+                vfio_user_server::devices::make_with(name, opts)
+            } else {
+                vfio_user_server::devices::make(name)
+            };
+            let device = device.expect("a known device").expect("make the device");
             let opts = vfio_user_server::server::Options::new(&sock, core_socket());
             running.push(vfio_user_server::server::spawn(device, opts).expect("start the server"));
             sockets.push(sock);

@@ -63,6 +63,21 @@ struct Args {
     /// the access fails (the descriptor faults).
     #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     dma_timeout_ms: u64,
+    /// nvme: the file or block device holding the namespace.
+    #[arg(long, value_name = "FILE")]
+    backing: Option<PathBuf>,
+    /// nvme: namespace size in bytes (a shorter regular file is extended);
+    /// default: the file's size. Rounded down to 512-byte blocks.
+    #[arg(long, value_name = "BYTES")]
+    size: Option<u64>,
+    /// nvme: refuse writes (the namespace is write protected).
+    #[arg(long)]
+    read_only: bool,
+    /// nvme: do not offer the doorbell page for mmap, so that every
+    /// doorbell write traps and wakes its queue at once (the queues then
+    /// need not poll a mapped page; shadow doorbells save the traps).
+    #[arg(long)]
+    trap_doorbells: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -83,7 +98,16 @@ fn run() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     raise_file_limit();
-    let Some(device) = devices::make_with(&args.device, devices::Options { msix: !args.no_msix }) else {
+    let Some(device) = devices::make_with(
+        &args.device,
+        devices::Options {
+            msix: !args.no_msix,
+            backing: args.backing.clone(),
+            size: args.size,
+            read_only: args.read_only,
+            trap_doorbells: args.trap_doorbells,
+        },
+    ) else {
         bail!("there is no device called {:?}; run with --help for the list", args.device);
     };
     let device = device.with_context(|| format!("cannot create the {} device", args.device))?;

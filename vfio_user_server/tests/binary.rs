@@ -22,12 +22,34 @@ fn help_lists_devices_and_flags() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for want in ["test-device", "--socket-path", "--fd", "--core", "--pasid-alloc"] {
+    for want in [
+        "test-device",
+        "nvme",
+        "--socket-path",
+        "--fd",
+        "--core",
+        "--pasid-alloc",
+        "--backing",
+        "--size",
+        "--read-only",
+        "--trap-doorbells",
+    ] {
         assert!(text.contains(want), "--help lacks {want}:\n{text}");
     }
     let out = Command::new(BIN).args(["no-such-device", "--socket-path", "/tmp/x"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no device called"));
+    // The nvme device needs its storage, and storage it can use.
+    let out = Command::new(BIN).args(["nvme", "--socket-path", "/tmp/x"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nvme needs --backing FILE"));
+    let tiny = std::env::temp_dir().join(format!("vus-bin-tiny-{}", std::process::id()));
+    std::fs::write(&tiny, [0u8; 100]).unwrap();
+    let out = Command::new(BIN).arg("nvme").arg("--backing").arg(&tiny).args(["--socket-path", "/tmp/x"]).output();
+    let out = out.unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("smaller than one 512-byte block"));
+    let _ = std::fs::remove_file(&tiny);
 }
 
 #[test]
