@@ -27,8 +27,12 @@ scripts/fuzz.sh
 # QEMU end to end: a Linux guest drives the dma-engine through QEMU's
 # vfio-user-pci. The script fetches QEMU, a kernel and busybox from Debian's
 # archive into /var/cache/ioasid-qemu (once) and needs root.
+# The NVMe controller under the same QEMU: a Linux guest's own nvme driver,
+# a file system made, checked across a reboot and on the host, and the
+# controller beside QEMU's built-in NVMe.
 if [ "$(id -u)" = 0 ]; then
   scripts/qemu-e2e.sh
+  scripts/qemu-nvme-e2e.sh
 else
-  echo "test.sh: scripts/qemu-e2e.sh needs root; not run." >&2
+  echo "test.sh: scripts/qemu-e2e.sh and scripts/qemu-nvme-e2e.sh need root; not run." >&2
 fi
