@@ -63,6 +63,12 @@ struct Args {
     /// the access fails (the descriptor faults).
     #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     dma_timeout_ms: u64,
+    /// Also listen on a control socket at PATH, where an orchestrator (one
+    /// at a time, same users as the vfio-user socket) binds the device to
+    /// its session and attaches the RID and vPASIDs with the ioasid
+    /// extension's commands, whether or not a vfio-user client is connected.
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -108,6 +114,7 @@ fn run() -> anyhow::Result<()> {
         pasid_policy,
         allow_uids: args.allow_uid,
         dma_timeout: std::time::Duration::from_millis(args.dma_timeout_ms),
+        control: args.control_socket,
     };
     let mut server = Server::new(device, opts)?;
     server.handle_signals()?;

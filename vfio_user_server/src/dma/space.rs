@@ -15,7 +15,7 @@ use iommu_core::tu::{self, At, TranslationUnit};
 use iommu_core::types::{FaultReason, FaultRecord, Perm};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
-use super::{channel_broken, tu_err, Dma, Error, Route};
+use super::{channel_broken, tu_err, Dma, Error, Owner, Route};
 
 /// A copy that failed: on which side (the source is read, the
 /// destination written), and why.
@@ -168,8 +168,10 @@ pub struct RouteDma<'a> {
 }
 
 /// The handle a [`QueueDma`] keeps: to the unit its routes reached last
-/// (all of a device's routes lead to one unit at a time: the binding's,
-/// or the compat path's), replaced when they lead to another.
+/// (a device's routes lead to one unit at a time, the binding's or the
+/// compat path's, except while a control-socket binding leaves the RID on
+/// the compat path: then RID and vPASID routes lead to two), replaced when
+/// a route leads to another.
 type Handles = RefCell<Option<tu::Handle>>;
 
 /// One queue's (or thread's) view of a [`Dma`]: the same routes and the
@@ -308,6 +310,9 @@ impl Dma {
     fn resolve(&self, route: Route) -> Target {
         let g = sync::read(&self.bound);
         match (g.as_ref(), route) {
+            // The orchestrator's binding leaves the RID on the compat IOAS
+            // until it attaches the RID itself.
+            (Some(b), Route::Rid) if b.rid.is_none() && b.owner == Owner::Control => Target::Compat,
             (Some(b), Route::Rid) => Target::Bound(b.tu.clone(), b.dev, 0),
             (Some(b), Route::Vpasid(v)) => match b.pasids.get(&v) {
                 Some(&(p, _)) => Target::Bound(b.tu.clone(), b.dev, p),
