@@ -1,6 +1,6 @@
 //! `ioasidctl`: inspect a running core and drive a session from a script.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -29,16 +29,24 @@ enum Cmd {
         json: bool,
     },
     /// Run a script (FILE, or - for stdin) as one session; the session and
-    /// everything it made end when the script does. Commands: mem, ioas,
-    /// nested, map, unmap, unmap-all, copy, destroy, ranges, allow, reserve,
-    /// invalidate, pasid, pasid-free, dirty, dirty-read, translate, faults,
-    /// status, and `expect ERRNO COMMAND` (see docs/ioasidctl.md).
+    /// everything it made (device bindings included) end when the script
+    /// does, or with --hold at SIGTERM/SIGINT. Commands: mem, file, ioas,
+    /// nested, map, map-many, unmap, unmap-many, unmap-all, copy, destroy,
+    /// ranges, allow, reserve, invalidate, pasid, pasid-free, dirty,
+    /// dirty-read, translate, faults, status, bind, attach, replace, detach,
+    /// vpasids, unbind, and `expect ERRNO[|ERRNO..] COMMAND` (see
+    /// docs/ioasidctl.md).
     Run {
         /// Script file, or - for standard input.
         file: String,
         /// Run every line even after a failure.
         #[arg(long)]
         keep_going: bool,
+        /// After the script succeeded, stay in the foreground holding the
+        /// session (its objects, pPASIDs and device bindings) until SIGTERM
+        /// or SIGINT, printing what it holds.
+        #[arg(long)]
+        hold: bool,
     },
 }
 
@@ -82,7 +90,7 @@ fn run() -> anyhow::Result<()> {
                 print!("{}", script::render_status_with(&s, &drivers));
             }
         }
-        Cmd::Run { file, keep_going } => {
+        Cmd::Run { file, keep_going, hold } => {
             let text = if file == "-" {
                 let mut t = String::new();
                 std::io::stdin().read_to_string(&mut t).context("cannot read the script from stdin")?;
@@ -91,14 +99,31 @@ fn run() -> anyhow::Result<()> {
                 std::fs::read_to_string(&file).with_context(|| format!("cannot read the script {file}"))?
             };
             let lines = script::parse(&text)?;
+            // Before anything is held: a signal from now on ends the hold.
+            let mut signals = if hold {
+                Some(
+                    signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
+                        .context("cannot catch SIGTERM and SIGINT")?,
+                )
+            } else {
+                None
+            };
             let mut c = Client::session(&socket).with_context(hint)?;
-            println!("session {}", c.session_id());
-            let errors = Runner::new(&mut c).run(&lines, keep_going, &mut std::io::stdout());
-            for e in &errors {
-                eprintln!("ioasidctl: {e}");
-            }
+            let session = c.session_id();
+            println!("session {session}");
+            let mut runner = Runner::new(&mut c);
+            let errors = runner.run_to(&lines, keep_going, &mut std::io::stdout(), &mut std::io::stderr());
             if !errors.is_empty() {
                 bail!("{} command(s) failed", errors.len());
+            }
+            if let Some(signals) = signals.as_mut() {
+                let mut out = std::io::stdout();
+                writeln!(out, "holding session {session} until SIGTERM or SIGINT")?;
+                write!(out, "{}", runner.holdings())?;
+                out.flush()?;
+                if let Some(sig) = signals.forever().next() {
+                    writeln!(out, "signal {sig}: releasing session {session}")?;
+                }
             }
         }
     }
