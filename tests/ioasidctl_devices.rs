@@ -233,3 +233,90 @@ fn a_script_without_hold_releases_its_binding_at_the_end() {
     assert!(!ok);
     assert!(err.contains("line 1: vpasids nothing: no device called \"nothing\" was bound"), "{err}");
 }
+
+/// An `ioasidctl run - --hold` fed through a pipe: each command's answer
+/// line.
+struct Live {
+    p: Proc,
+    stdin: Option<std::process::ChildStdin>,
+    out: BufReader<std::process::ChildStdout>,
+    n: usize,
+}
+
+impl Live {
+    fn start(core: &Path) -> Live {
+        let mut child = ioasidctl(core)
+            .args(["run", "-", "--hold"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        assert!(first.starts_with("session "), "{first}");
+        Live { p: Proc(child), stdin, out, n: 0 }
+    }
+
+    /// Sends one command and returns its result line.
+    fn cmd(&mut self, c: &str) -> String {
+        use std::io::Write;
+        self.n += 1;
+        writeln!(self.stdin.as_mut().unwrap(), "{c}").unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        // The echo leaves an `expect ERRNO` prefix out.
+        let echo = c.strip_prefix("expect ").and_then(|r| r.split_once(' ')).map_or(c, |(_, rest)| rest);
+        let prefix = format!("line {}: {echo}: ", self.n);
+        assert!(line.starts_with(&prefix), "{line:?} does not answer {prefix:?}");
+        line[prefix.len()..].trim_end().to_string()
+    }
+}
+
+#[test]
+fn an_orchestrator_detaches_and_reattaches_while_the_device_runs() {
+    let mut r = rig("ctl-live");
+    let mut o = Live::start(&r.s.core_sock);
+    o.cmd(&format!("file ram {}", r.ram_path.display()));
+    o.cmd("ioas a");
+    o.cmd(&format!("map a ram 0 2M iova={A:#x}"));
+    let chan = o.cmd("channel c");
+    assert!(chan.starts_with("device channel "), "{chan}");
+    let bound = o.cmd(&format!("bind dev {} channel=c", r.ctl.display()));
+    assert!(bound.starts_with("device "), "{bound}");
+    let p5 = o.cmd("attach dev 5 a");
+    assert!(p5.starts_with("vPASID 0x5 -> pPASID"), "{p5}");
+    assert_eq!(copy(&mut r.c, A, A + 0x1000, 5, Some(5)), regs::STATUS_DONE);
+    assert_eq!(&at(&r.ram, 0x1000), b"hello");
+
+    // A DMA fault through vPASID 5 reaches the orchestrator's session as a
+    // record with the pPASID (never the vPASID).
+    assert_eq!(copy(&mut r.c, A, A + (4 << 20), 5, Some(5)), regs::STATUS_ERROR);
+    let faults = o.cmd("faults");
+    let ppasid = p5.split("pPASID ").nth(1).unwrap().split(' ').next().unwrap().to_string();
+    assert!(faults.starts_with("1 fault records: dev "), "{faults}");
+    assert!(faults.contains(&format!("pPASID {ppasid} IOVA {:#x}", A + (4 << 20))), "{faults}");
+
+    // Detach while the device runs: the next DMA on 5 fails and writes
+    // nothing; attach again and it works.
+    assert_eq!(o.cmd("detach dev 5"), "vPASID 0x5 detached");
+    assert_eq!(copy(&mut r.c, A, A + 0x2000, 5, Some(5)), regs::STATUS_ERROR);
+    assert_eq!(at(&r.ram, 0x2000), [0; 5]);
+    assert!(o.cmd("attach dev 5 a").starts_with("vPASID 0x5 -> pPASID"));
+    assert_eq!(copy(&mut r.c, A, A + 0x3000, 5, Some(5)), regs::STATUS_DONE);
+    assert_eq!(&at(&r.ram, 0x3000), b"hello");
+    // A refused command is reported and the pipe goes on (one failure
+    // would stop a script without --keep-going: here it is the last).
+    assert!(o.cmd("expect EBUSY attach dev 5 a").starts_with("failed as expected"));
+
+    // End of input: the holder holds; SIGTERM releases.
+    drop(o.stdin.take());
+    let mut line = String::new();
+    o.out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("holding session"), "{line}");
+    assert_eq!(copy(&mut r.c, A, A + 0x4000, 5, Some(5)), regs::STATUS_DONE);
+    assert!(o.p.terminate(), "SIGTERM ends the hold with status 0");
+    wait_until("the binding to go", || copy(&mut r.c, A, A + 0x5000, 5, Some(5)) == regs::STATUS_ERROR);
+}

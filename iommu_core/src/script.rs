@@ -29,8 +29,12 @@
 //! | `dirty-read IOAS IOVA LENGTH [page=SIZE] [no-clear]` | print the dirty pages |
 //! | `translate IOAS IOVA` | walk the page table for one IOVA |
 //! | `faults [MAX]` | take fault records |
+//! | `page-faults IOAS on\|off` | page-fault handling (page requests) of an IOAS |
+//! | `respond COOKIE success\|invalid` | answer a page request |
+//! | `page-table IOAS` | dump the IOAS's page-table entries |
+//! | `channel NAME` / `channel-close NAME` | open a device channel of the session (for `bind ... channel=NAME`) / close it |
 //! | `status` | print this session's objects |
-//! | `bind DEV SOCKET` | bind the device served at control socket SOCKET to this session through a new device channel |
+//! | `bind DEV SOCKET [channel=NAME]` | bind the device served at control socket SOCKET to this session through a new device channel (or one opened by `channel`) |
 //! | `attach DEV rid\|VPASID IOAS` / `replace DEV rid\|VPASID IOAS` | attach (or move) the device's RID or a vPASID to an IOAS or nested IOAS |
 //! | `detach DEV rid\|VPASID` | detach the RID or a vPASID |
 //! | `vpasids DEV` | print the device server's vPASID map |
@@ -133,31 +137,35 @@ pub fn parse_number(s: &str) -> Option<u64> {
 pub fn parse(text: &str) -> Result<Vec<Line>, Error> {
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
-        let code = raw.split('#').next().unwrap_or("");
-        let mut words: Vec<String> = code.split_whitespace().map(str::to_string).collect();
-        if words.is_empty() {
-            continue;
-        }
-        let mut expect = None;
-        if words[0] == "expect" {
-            let names = words.get(1).ok_or_else(|| Error::Parse { line, message: "expect needs an errno".into() })?;
-            let mut codes = Vec::new();
-            for name in names.split('|') {
-                codes.push(
-                    errno_code(name)
-                        .ok_or_else(|| Error::Parse { line, message: format!("unknown errno {name:?}") })?,
-                );
-            }
-            expect = Some(codes);
-            words.drain(..2);
-            if words.is_empty() {
-                return Err(Error::Parse { line, message: "expect needs a command".into() });
-            }
-        }
-        out.push(Line { line, expect, words });
+        out.extend(parse_line(raw, i + 1)?);
     }
     Ok(out)
+}
+
+/// Parses line number `line` of a script: `None` for a blank line or a
+/// comment.
+pub fn parse_line(raw: &str, line: usize) -> Result<Option<Line>, Error> {
+    let code = raw.split('#').next().unwrap_or("");
+    let mut words: Vec<String> = code.split_whitespace().map(str::to_string).collect();
+    if words.is_empty() {
+        return Ok(None);
+    }
+    let mut expect = None;
+    if words[0] == "expect" {
+        let names = words.get(1).ok_or_else(|| Error::Parse { line, message: "expect needs an errno".into() })?;
+        let mut codes = Vec::new();
+        for name in names.split('|') {
+            codes.push(
+                errno_code(name).ok_or_else(|| Error::Parse { line, message: format!("unknown errno {name:?}") })?,
+            );
+        }
+        expect = Some(codes);
+        words.drain(..2);
+        if words.is_empty() {
+            return Err(Error::Parse { line, message: "expect needs a command".into() });
+        }
+    }
+    Ok(Some(Line { line, expect, words }))
 }
 
 /// Maps `entries` into `ioas` in batches of at most
@@ -193,6 +201,8 @@ pub struct Runner<'a> {
     pasids: HashMap<String, u32>,
     /// Devices bound through control sockets, by name.
     devices: std::collections::BTreeMap<String, BoundDevice>,
+    /// Device channels opened by `channel`, by name: (id, fd).
+    channels: HashMap<String, (u64, std::os::fd::OwnedFd)>,
     mems: Vec<std::fs::File>,
 }
 
@@ -272,6 +282,14 @@ fn target(s: &str) -> Result<Option<u32>, String> {
     u32::try_from(v).map(Some).map_err(|_| format!("vPASID {s} is not 32 bits"))
 }
 
+fn render_fault(f: &FaultRecord) -> String {
+    let mut s = format!("dev {} pPASID {:#x} IOVA {:#x} {} {:?}", f.dev_id, f.pasid, f.iova, f.access, f.reason);
+    if f.cookie != 0 {
+        let _ = write!(s, " page request cookie {} group {}{}", f.cookie, f.group, if f.last { " last" } else { "" });
+    }
+    s
+}
+
 fn target_name(t: Option<u32>) -> String {
     t.map_or("RID".to_string(), |v| format!("vPASID {v:#x}"))
 }
@@ -295,6 +313,7 @@ impl<'a> Runner<'a> {
             names: HashMap::new(),
             pasids: HashMap::new(),
             devices: std::collections::BTreeMap::new(),
+            channels: HashMap::new(),
             mems: Vec::new(),
         }
     }
@@ -334,6 +353,13 @@ impl<'a> Runner<'a> {
     fn name(&mut self, name: &str, id: u32) {
         self.pasids.remove(name);
         self.names.insert(name.to_string(), id);
+    }
+
+    /// Runs one line, writing its result to `out` or its error to `err`
+    /// (after flushing `out`); returns the error, if any.
+    pub fn run_line(&mut self, l: &Line, out: &mut dyn std::io::Write, err: &mut dyn std::io::Write) -> Option<Error> {
+        let mut errors = self.run_to(std::slice::from_ref(l), false, out, err);
+        errors.pop()
     }
 
     /// Runs every line, writing one result line per command to `out`.
@@ -673,17 +699,70 @@ impl<'a> Runner<'a> {
                     Some(v) => u32::try_from(num(v)?).map_err(|_| "MAX is too large".to_string())?,
                     None => 64,
                 };
-                call!(self.client.read_faults(max), |f| format!("{} fault records {f:?}", f.len()))
+                call!(self.client.read_faults(max), |f| {
+                    let list: Vec<String> = f.iter().map(render_fault).collect();
+                    format!("{} fault records{}{}", f.len(), if f.is_empty() { "" } else { ": " }, list.join("; "))
+                })
+            }
+            "page-faults" => {
+                let w = need(w, 3, "page-faults IOAS on|off")?;
+                let ioas = self.id(&w[1])?;
+                let on = match w[2].as_str() {
+                    "on" => true,
+                    "off" => false,
+                    x => return Err(format!("{x:?} is not on or off")),
+                };
+                call!(self.client.set_page_faults(ioas, on), |_v| format!("page faults {}", w[2]))
+            }
+            "respond" => {
+                let w = need(w, 3, "respond COOKIE success|invalid")?;
+                let cookie = num(&w[1])?;
+                let code = match w[2].as_str() {
+                    "success" => page_response::SUCCESS,
+                    "invalid" => page_response::INVALID,
+                    x => u32::try_from(num(x)?).map_err(|_| format!("{x} is not a response code"))?,
+                };
+                call!(self.client.respond_fault(cookie, code), |f| format!("answered {}", render_fault(&f)))
+            }
+            "page-table" => {
+                let w = need(w, 2, "page-table IOAS")?;
+                let ioas = self.id(&w[1])?;
+                let session = self.client.session_id();
+                call!(self.client.page_table(session, ioas), |l| format!("{} lines\n{}", l.len(), l.join("\n")))
+            }
+            "channel" => {
+                let w = need(w, 2, "channel NAME")?;
+                if self.channels.contains_key(&w[1]) {
+                    return Err(format!("channel {:?} is open already", w[1]));
+                }
+                match self.client.open_device_channel() {
+                    Ok((id, fd)) => {
+                        self.channels.insert(w[1].clone(), (id, fd));
+                        Ok(Outcome::Print(format!("device channel {id}")))
+                    }
+                    Err(e) => Ok(Outcome::Refused(e.into())),
+                }
+            }
+            "channel-close" => {
+                let w = need(w, 2, "channel-close NAME")?;
+                let (id, _fd) = self.channels.remove(&w[1]).ok_or_else(|| format!("no channel called {:?}", w[1]))?;
+                Ok(Outcome::Print(format!("closed device channel {id}")))
             }
             "status" => call!(self.client.status(), |s| format!("\n{}", render_status(&s))),
             "bind" => {
-                let w = need(w, 3, "bind DEV SOCKET")?;
+                let w = need(w, 3, "bind DEV SOCKET [channel=NAME]")?;
                 if self.devices.contains_key(&w[1]) {
                     return Err(format!("{:?} is bound already; unbind it first", w[1]));
                 }
-                let (_, chan) = match self.client.open_device_channel() {
-                    Ok(c) => c,
-                    Err(e) => return Ok(Outcome::Refused(e.into())),
+                let o = options(&w[3..])?;
+                let chan = match o.get("channel") {
+                    // The channel's fd goes to the device server; ours
+                    // closes once it has it.
+                    Some(n) => self.channels.remove(n).ok_or_else(|| format!("no channel called {n:?}"))?.1,
+                    None => match self.client.open_device_channel() {
+                        Ok((_, fd)) => fd,
+                        Err(e) => return Ok(Outcome::Refused(e.into())),
+                    },
                 };
                 let mut control = match Control::connect(std::path::Path::new(&w[2])) {
                     Ok(c) => c,

@@ -270,3 +270,71 @@ fn file_registers_an_existing_file_by_path() {
     assert!(out.contains("line 6: map a ro 0 4K iova=0x800000 perm=r: mapped at IOVA 0x800000"), "{out}");
     assert!(out.contains("line 7: file x") && out.contains("failed as expected: cannot open"), "{out}");
 }
+
+#[test]
+fn page_faults_responses_page_tables_and_channels() {
+    let (_srv, path) = core("session-cmds");
+    let script = "\
+mem ram 2M
+ioas a
+map a ram 0 2M iova=0x200000
+page-faults a on
+expect EINVAL respond 12345 success
+expect EINVAL respond 1 7
+faults
+page-table a
+page-faults a off
+channel c
+channel-close c
+channel c
+";
+    let (ok, out, err) = run_script(&path, script, &[]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("line 4: page-faults a on: page faults on"), "{out}");
+    assert!(out.contains("line 5: respond 12345 success: failed as expected: EINVAL"), "{out}");
+    assert!(out.contains("line 7: faults: 0 fault records\n"), "{out}");
+    assert!(out.contains("line 8: page-table a: "), "{out}");
+    let dump: Vec<&str> =
+        out.lines().skip_while(|l| !l.starts_with("line 8:")).skip(1).take_while(|l| !l.starts_with("line ")).collect();
+    assert!(!dump.is_empty() && dump.iter().any(|l| l.contains("0x200000")), "{out}");
+    assert!(out.contains("line 10: channel c: device channel"), "{out}");
+    assert!(out.contains("line 11: channel-close c: closed device channel"), "{out}");
+    assert!(out.contains("line 12: channel c: device channel"), "{out}");
+    let (ok, _, err) = run_script(&path, "channel-close nothing\n", &[]);
+    assert!(!ok);
+    assert!(err.contains("no channel called \"nothing\""), "{err}");
+}
+
+#[test]
+fn standard_input_runs_each_line_as_it_arrives() {
+    use std::io::{BufRead, BufReader};
+    let (_srv, path) = core("stream");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ioasidctl"))
+        .arg("--socket")
+        .arg(&path)
+        .args(["run", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("session "), "{line}");
+    // Each answer comes before the next command is sent.
+    for (n, cmd, want) in
+        [(1, "ioas a", "IOAS"), (2, "# a comment", ""), (3, "ioas b", "IOAS"), (4, "destroy a", "destroyed")]
+    {
+        writeln!(stdin, "{cmd}").unwrap();
+        if want.is_empty() {
+            continue;
+        }
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        assert!(line.starts_with(&format!("line {n}: {cmd}: {want}")), "{line}");
+    }
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+}

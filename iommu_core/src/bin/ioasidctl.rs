@@ -1,6 +1,6 @@
 //! `ioasidctl`: inspect a running core and drive a session from a script.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -37,7 +37,9 @@ enum Cmd {
     /// vpasids, unbind, and `expect ERRNO[|ERRNO..] COMMAND` (see
     /// docs/ioasidctl.md).
     Run {
-        /// Script file, or - for standard input.
+        /// Script file, or - for standard input (each line runs as soon as
+        /// it is read, so an orchestrator can keep a pipe open and send
+        /// commands while a guest runs).
         file: String,
         /// Run every line even after a failure.
         #[arg(long)]
@@ -91,14 +93,14 @@ fn run() -> anyhow::Result<()> {
             }
         }
         Cmd::Run { file, keep_going, hold } => {
-            let text = if file == "-" {
-                let mut t = String::new();
-                std::io::stdin().read_to_string(&mut t).context("cannot read the script from stdin")?;
-                t
+            // A file is parsed whole first (an error in it runs nothing);
+            // standard input runs line by line as it comes.
+            let lines = if file == "-" {
+                None
             } else {
-                std::fs::read_to_string(&file).with_context(|| format!("cannot read the script {file}"))?
+                let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read the script {file}"))?;
+                Some(script::parse(&text)?)
             };
-            let lines = script::parse(&text)?;
             // Before anything is held: a signal from now on ends the hold.
             let mut signals = if hold {
                 Some(
@@ -112,9 +114,34 @@ fn run() -> anyhow::Result<()> {
             let session = c.session_id();
             println!("session {session}");
             let mut runner = Runner::new(&mut c);
-            let errors = runner.run_to(&lines, keep_going, &mut std::io::stdout(), &mut std::io::stderr());
-            if !errors.is_empty() {
-                bail!("{} command(s) failed", errors.len());
+            let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+            let failed = match lines {
+                Some(lines) => runner.run_to(&lines, keep_going, &mut out, &mut err).len(),
+                None => {
+                    let mut failed = 0;
+                    for (i, text) in std::io::stdin().lock().lines().enumerate() {
+                        let text = text.context("cannot read the script from stdin")?;
+                        let e = match script::parse_line(&text, i + 1) {
+                            Ok(None) => None,
+                            Ok(Some(l)) => runner.run_line(&l, &mut out, &mut err),
+                            Err(e) => {
+                                out.flush()?;
+                                writeln!(err, "ioasidctl: {e}")?;
+                                Some(e)
+                            }
+                        };
+                        if e.is_some() {
+                            failed += 1;
+                            if !keep_going {
+                                break;
+                            }
+                        }
+                    }
+                    failed
+                }
+            };
+            if failed > 0 {
+                bail!("{failed} command(s) failed");
             }
             if let Some(signals) = signals.as_mut() {
                 let mut out = std::io::stdout();
