@@ -141,6 +141,13 @@ fn orchestrator_owns_the_binding_while_clients_come_and_go() {
         ]
     );
 
+    // A vPASID can go to a nested IOAS too.
+    let nested = sp.sess.nested_alloc(sp.ioas_a, IOVA + 0x10_0000).unwrap();
+    let p11 = o.attach(Some(11), nested, false).unwrap();
+    assert!(o.list().unwrap().entries.contains(&ctl::PasidEntry { vpasid: 11, ppasid: p11, pt_id: nested }));
+    o.detach(Some(11)).unwrap();
+    assert_eq!(o.list().unwrap().entries.len(), 2);
+
     // The client's own extension commands cannot change the binding; it
     // may read the map.
     let (_, chan2) = sp.sess.open_device_channel().unwrap();
