@@ -398,9 +398,20 @@ impl Server {
         let control = match &opts.control {
             Some(p) => {
                 let mode = if opts.allow_uids.is_empty() { 0o600 } else { 0o666 };
-                let mut l = bind_path(p, mode)?;
-                poll.registry().register(&mut l, CONTROL_LISTENER, Interest::READABLE).map_err(Error::Poll)?;
-                Some(l)
+                let bound = bind_path(p, mode).and_then(|mut l| {
+                    poll.registry().register(&mut l, CONTROL_LISTENER, Interest::READABLE).map_err(Error::Poll)?;
+                    Ok(l)
+                });
+                match bound {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        // The vfio-user socket bound above goes too.
+                        if let Some(main) = &path {
+                            let _ = std::fs::remove_file(main);
+                        }
+                        return Err(e);
+                    }
+                }
             }
             None => None,
         };
@@ -622,9 +633,9 @@ impl Server {
         res
     }
 
-    /// Whether a peer of user `uid` may connect to the socket at `path`
-    /// (on an inherited listener, `path` is `None`: whoever made it
-    /// decides).
+    /// Whether the peer of `s`, accepted on the socket at `path`, may stay:
+    /// its user is this server's, root or an `--allow-uid` one (on an
+    /// inherited listener, `path` is `None`: whoever made it decides).
     fn admit(&self, s: &UnixStream, path: Option<&PathBuf>, what: &str) -> bool {
         if path.is_none() {
             return true;

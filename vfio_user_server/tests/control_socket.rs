@@ -419,4 +419,9 @@ fn the_control_socket_admits_the_same_users_and_goes_with_the_server() {
     assert_eq!(mode, 0o600);
     s.server.take().unwrap().stop().unwrap();
     assert!(!control.exists(), "the control socket is removed at stop");
+    // A control socket that cannot be bound fails the setup and leaves no
+    // vfio-user socket behind.
+    let opts = Options { control: Some(s.dir.join("missing").join("ctl.sock")), ..Options::new(&s.sock, &s.core_path) };
+    assert!(server::spawn(Box::new(TestDevice::new().unwrap()), opts).is_err());
+    assert!(!s.sock.exists());
 }
