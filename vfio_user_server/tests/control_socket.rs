@@ -22,7 +22,7 @@ use iommu_core::ctl::{self, Control};
 use iommu_core::pagetable::Perm;
 use iommu_core::types::MapArgs;
 use vfio_user_server::devices::testdev::{regs, TestDevice};
-use vfio_user_server::dma::{Owner, PasidPolicy};
+use vfio_user_server::dma::{DeviceDma, DmaSpace, Owner, PasidPolicy, Route};
 use vfio_user_server::proto::{self, cmd};
 use vfio_user_server::server::{self, Options};
 
@@ -131,6 +131,20 @@ fn orchestrator_owns_the_binding_while_clients_come_and_go() {
     assert_eq!(copy(&mut c, IOVA, IOVA + 0x3000, 6, None), regs::STATUS_DONE);
     assert_eq!((&at(&ram, 0x3000), at(&sp.a, 0x3000)), (b"guest!", [0; 6]));
     assert_eq!(copy(&mut c, IOVA, IOVA + 0x4000, 6, Some(7)), regs::STATUS_ERROR);
+    // A queue alternating RID and vPASID DMA keeps a handle to each unit
+    // (the compat path's and the binding's).
+    {
+        let dma = s.server().dma().clone();
+        let q = dma.queue();
+        let mut b = [0u8; 6];
+        for _ in 0..3 {
+            q.space(Route::Rid).read(IOVA, &mut b).unwrap();
+            assert_eq!(&b, b"guest!");
+            q.space(Route::Vpasid(5)).read(IOVA, &mut b).unwrap();
+            assert_eq!(&b, b"from A");
+        }
+        assert_eq!(q.handles(), 2);
+    }
     let map = o.list().unwrap();
     assert_eq!(map.rid, None);
     assert_eq!(
