@@ -338,3 +338,51 @@ fn standard_input_runs_each_line_as_it_arrives() {
     drop(stdin);
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn run_hold_holds_until_sigterm_and_says_when_the_core_goes() {
+    use std::io::{BufRead, BufReader};
+    let (srv, path) = core("hold");
+    let dir = path.parent().unwrap().to_path_buf();
+    let script = dir.join("hold.script");
+    std::fs::write(&script, "mem ram 2M\nioas a\nmap a ram 0 2M iova=0x200000\npasid p\n").unwrap();
+    let start = || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ioasidctl"))
+            .arg("--socket")
+            .arg(&path)
+            .arg("run")
+            .arg(&script)
+            .arg("--hold")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut text = String::new();
+        while !text.contains("pPASIDs:") {
+            assert!(out.read_line(&mut text).unwrap() > 0, "{text}");
+        }
+        (child, out, text)
+    };
+    let (child, mut out, text) = start();
+    assert!(text.contains("holding session"), "{text}");
+    assert!(text.contains("objects: ram=1 a=2"), "{text}");
+    assert!(text.contains("pPASIDs: p=0x1"), "{text}");
+    // The session is still there while held.
+    let mut obs = iommu_core::client::Client::observer(&path).unwrap();
+    let snap = obs.status().unwrap();
+    assert!(snap.sessions.iter().any(|s| s.ioas.len() == 1 && s.ppasids == vec![1]), "held: {snap:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out2 = child.wait_with_output().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(out2.status.success());
+    assert!(rest.contains("releasing session"), "{rest}");
+    // A core that goes away ends the hold with an error.
+    let (child, _out, _) = start();
+    srv.stop().unwrap();
+    let done = child.wait_with_output().unwrap();
+    assert!(!done.status.success());
+    let err = String::from_utf8(done.stderr).unwrap();
+    assert!(err.contains("nothing is held any more"), "{err}");
+}

@@ -1,6 +1,7 @@
 //! `ioasidctl`: inspect a running core and drive a session from a script.
 
 use std::io::{BufRead, Write};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -112,6 +113,9 @@ fn run() -> anyhow::Result<()> {
             };
             let mut c = Client::session(&socket).with_context(hint)?;
             let session = c.session_id();
+            // The session's socket, watched while holding (the runner
+            // keeps the client).
+            let watch = c.socket().try_clone_to_owned().context("cannot duplicate the session's socket")?;
             println!("session {session}");
             let mut runner = Runner::new(&mut c);
             let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
@@ -148,11 +152,27 @@ fn run() -> anyhow::Result<()> {
                 writeln!(out, "holding session {session} until SIGTERM or SIGINT")?;
                 write!(out, "{}", runner.holdings())?;
                 out.flush()?;
-                if let Some(sig) = signals.forever().next() {
-                    writeln!(out, "signal {sig}: releasing session {session}")?;
+                loop {
+                    if let Some(sig) = signals.pending().next() {
+                        writeln!(out, "signal {sig}: releasing session {session}")?;
+                        break;
+                    }
+                    if core_hung_up(watch.as_fd()) {
+                        bail!("the core closed session {session} (it stopped or went away): nothing is held any more");
+                    }
                 }
             }
         }
     }
     Ok(())
+}
+
+/// Waits up to 250 ms for the core to hang up the session's socket; true
+/// if it did.
+fn core_hung_up(sock: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    // No events asked: poll still reports a hang-up or an error.
+    let mut p = [PollFd::new(sock, PollFlags::empty())];
+    matches!(poll(&mut p, PollTimeout::from(250u16)), Ok(n) if n > 0)
+        && p[0].revents().is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
 }
