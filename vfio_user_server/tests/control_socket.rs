@@ -439,3 +439,32 @@ fn the_control_socket_admits_the_same_users_and_goes_with_the_server() {
     assert!(server::spawn(Box::new(TestDevice::new().unwrap()), opts).is_err());
     assert!(!s.sock.exists());
 }
+
+#[test]
+fn the_orchestrators_session_ending_leaves_rid_dma_on_the_compat_ioas() {
+    let (s, control) = stack("ctl-session-ends");
+    let mut sp = spaces(&s);
+    let mut c = s.client();
+    let ram = guest_ram(&mut c);
+    let mut o = Control::connect(&control).unwrap();
+    let (_, chan) = sp.sess.open_device_channel().unwrap();
+    o.bind(chan.as_fd()).unwrap();
+    drop(chan);
+    o.attach(Some(5), sp.ioas_a, false).unwrap();
+    assert_eq!(copy(&mut c, IOVA, IOVA + 0x1000, 6, Some(5)), regs::STATUS_DONE);
+    // The session ends (the core frees the device) while the control
+    // connection stays: vPASID DMA fails, RID DMA stays on the compat IOAS,
+    // the binding stays until the orchestrator unbinds.
+    let Spaces { sess, a, .. } = sp;
+    drop(sess);
+    wait_until("vPASID DMA to fail", || copy(&mut c, IOVA, IOVA + 0x2000, 6, Some(5)) == regs::STATUS_ERROR);
+    a.write_all_at(&[0; 6], 0x2000).unwrap();
+    assert_eq!(copy(&mut c, IOVA, IOVA + 0x2000, 6, Some(5)), regs::STATUS_ERROR);
+    assert_eq!(at(&a, 0x2000), [0; 6]);
+    assert_eq!(copy(&mut c, IOVA, IOVA + 0x3000, 6, None), regs::STATUS_DONE);
+    assert_eq!(at(&ram, 0x3000), *b"guest!");
+    assert_eq!(s.server().dma().binding_owner(), Some(Owner::Control));
+    o.unbind().unwrap();
+    assert_eq!(s.server().dma().binding(), None);
+    assert_eq!(copy(&mut c, IOVA, IOVA + 0x4000, 6, None), regs::STATUS_DONE);
+}
