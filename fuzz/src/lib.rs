@@ -118,27 +118,43 @@ pub const DEVICES: [&str; 2] = ["dma-engine", "test-device"];
 struct Servers {
     _dir: tempfile::TempDir,
     sockets: Vec<PathBuf>,
+    controls: Vec<PathBuf>,
     _running: Vec<vfio_user_server::server::Running>,
+}
+
+fn servers() -> &'static Servers {
+    static S: OnceLock<Servers> = OnceLock::new();
+    S.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut sockets = Vec::new();
+        let mut controls = Vec::new();
+        let mut running = Vec::new();
+        for name in DEVICES {
+            let sock = dir.path().join(format!("{name}.sock"));
+            let control = dir.path().join(format!("{name}.ctl"));
+            let device = vfio_user_server::devices::make(name).expect("a known device").expect("make the device");
+            let opts = vfio_user_server::server::Options {
+                control: Some(control.clone()),
+                ..vfio_user_server::server::Options::new(&sock, core_socket())
+            };
+            running.push(vfio_user_server::server::spawn(device, opts).expect("start the server"));
+            sockets.push(sock);
+            controls.push(control);
+        }
+        Servers { _dir: dir, sockets, controls, _running: running }
+    })
 }
 
 /// Sockets of one vfio-user server per entry of [`DEVICES`], started once
 /// per fuzzing process against [`core_socket`].
 pub fn device_sockets() -> &'static [PathBuf] {
-    static S: OnceLock<Servers> = OnceLock::new();
-    &S.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let mut sockets = Vec::new();
-        let mut running = Vec::new();
-        for name in DEVICES {
-            let sock = dir.path().join(format!("{name}.sock"));
-            let device = vfio_user_server::devices::make(name).expect("a known device").expect("make the device");
-            let opts = vfio_user_server::server::Options::new(&sock, core_socket());
-            running.push(vfio_user_server::server::spawn(device, opts).expect("start the server"));
-            sockets.push(sock);
-        }
-        Servers { _dir: dir, sockets, _running: running }
-    })
-    .sockets
+    &servers().sockets
+}
+
+/// The control sockets of the same servers (an orchestrator's, speaking
+/// the ioasid extension only).
+pub fn control_sockets() -> &'static [PathBuf] {
+    &servers().controls
 }
 
 /// Sends all of `bytes` on `sock`, `fds` with the first byte; false if the
