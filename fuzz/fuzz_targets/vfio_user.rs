@@ -5,6 +5,9 @@
 //! DMA_READ/DMA_WRITE with fuzzer bytes, so descriptors the engine fetches
 //! are hostile too. Each input is one connection; the server must answer
 //! a final DEVICE_GET_INFO (or close) within 10 s, and serve the next one.
+//! Some inputs go to the servers' control sockets instead (an
+//! orchestrator's: no VERSION, the extension's commands, the same
+//! checks).
 #![no_main]
 
 use std::io::Write;
@@ -12,7 +15,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use ioasid_fuzz::{device_sockets, send_all, Input};
+use ioasid_fuzz::{control_sockets, device_sockets, send_all, Input};
 use iommu_core::wire;
 use libfuzzer_sys::fuzz_target;
 use vfio_user_server::proto::{cmd, flags, DmaRw, Header, HEADER_SIZE};
@@ -118,12 +121,41 @@ fn drain(mut sock: &UnixStream, pattern: &[u8], want_sentinel: bool) {
     }
 }
 
+/// Connects to `path`; for a control socket, until the server keeps the
+/// connection (it answers the extension's list with a reply).
+fn connect_served(path: &std::path::Path, control: bool) -> UnixStream {
+    let start = Instant::now();
+    loop {
+        let sock = UnixStream::connect(path).expect("the server listens");
+        sock.set_read_timeout(Some(DEADLINE)).expect("a timeout");
+        if !control {
+            return sock;
+        }
+        let list = [16u32, 0, 0, 0];
+        if send(&sock, Header::command(SENTINEL - 1, cmd::EXT_LIST_PASIDS, 16), list.as_bytes(), &[]) {
+            let mut h = [0u8; HEADER_SIZE];
+            if std::io::Read::read_exact(&mut &sock, &mut h).is_ok() {
+                let hdr = Header::read_from_bytes(&h).expect("16 bytes");
+                let mut rest = vec![0u8; (hdr.msg_size as usize).saturating_sub(HEADER_SIZE)];
+                if std::io::Read::read_exact(&mut &sock, &mut rest).is_ok() {
+                    return sock;
+                }
+            }
+        }
+        assert!(start.elapsed() < DEADLINE, "the control socket did not take a new orchestrator within {DEADLINE:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);
-    let sockets = device_sockets();
-    let which = usize::from(input.u8()) % sockets.len();
-    let sock = UnixStream::connect(&sockets[which]).expect("the server listens");
-    sock.set_read_timeout(Some(DEADLINE)).expect("a timeout");
+    let pick = input.u8();
+    let control = pick & 0x80 != 0;
+    let sockets = if control { control_sockets() } else { device_sockets() };
+    let which = usize::from(pick & 0x7f) % sockets.len();
+    // A control socket serves one orchestrator at a time: the previous
+    // input's may not be reaped yet (it is once its hang-up is seen).
+    let sock = connect_served(&sockets[which], control);
     let memfd = iommu_core::memfd::create("fuzz", 1 << 16).expect("a memfd");
     let eventfd =
         nix::sys::eventfd::EventFd::from_flags(nix::sys::eventfd::EfdFlags::EFD_NONBLOCK).expect("an eventfd");
@@ -135,7 +167,7 @@ fuzz_target!(|data: &[u8]| {
         let n = usize::from(input.u8());
         input.bytes(n).to_vec()
     };
-    let mut ok = send(&sock, Header::command(0, cmd::VERSION, v.len()), &v, &[]);
+    let mut ok = control || send(&sock, Header::command(0, cmd::VERSION, v.len()), &v, &[]);
     let mut desync = false;
     let mut id = 1u16;
     while ok && !input.is_empty() && id < 64 {

@@ -118,19 +118,20 @@ pub const DEVICES: [&str; 3] = ["dma-engine", "test-device", "nvme"];
 struct Servers {
     _dir: tempfile::TempDir,
     sockets: Vec<PathBuf>,
+    controls: Vec<PathBuf>,
     _running: Vec<vfio_user_server::server::Running>,
 }
 
-/// Sockets of one vfio-user server per entry of [`DEVICES`], started once
-/// per fuzzing process against [`core_socket`].
-pub fn device_sockets() -> &'static [PathBuf] {
+fn servers() -> &'static Servers {
     static S: OnceLock<Servers> = OnceLock::new();
-    &S.get_or_init(|| {
+    S.get_or_init(|| {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let mut sockets = Vec::new();
+        let mut controls = Vec::new();
         let mut running = Vec::new();
         for name in DEVICES {
             let sock = dir.path().join(format!("{name}.sock"));
+            let control = dir.path().join(format!("{name}.ctl"));
             let device = if name == "nvme" {
                 // A 1 MiB namespace in the directory.
                 let backing = dir.path().join("nvme.img");
@@ -144,13 +145,28 @@ pub fn device_sockets() -> &'static [PathBuf] {
                 vfio_user_server::devices::make(name)
             };
             let device = device.expect("a known device").expect("make the device");
-            let opts = vfio_user_server::server::Options::new(&sock, core_socket());
+            let opts = vfio_user_server::server::Options {
+                control: Some(control.clone()),
+                ..vfio_user_server::server::Options::new(&sock, core_socket())
+            };
             running.push(vfio_user_server::server::spawn(device, opts).expect("start the server"));
             sockets.push(sock);
+            controls.push(control);
         }
-        Servers { _dir: dir, sockets, _running: running }
+        Servers { _dir: dir, sockets, controls, _running: running }
     })
-    .sockets
+}
+
+/// Sockets of one vfio-user server per entry of [`DEVICES`], started once
+/// per fuzzing process against [`core_socket`].
+pub fn device_sockets() -> &'static [PathBuf] {
+    &servers().sockets
+}
+
+/// The control sockets of the same servers (an orchestrator's, speaking
+/// the ioasid extension only).
+pub fn control_sockets() -> &'static [PathBuf] {
+    &servers().controls
 }
 
 /// Sends all of `bytes` on `sock`, `fds` with the first byte; false if the

@@ -347,6 +347,12 @@ impl Client {
         expect!(self.call(&Request::PageTable { session, ioas }, &[])?, Reply::Lines(l) => l)
     }
 
+    /// The connection's socket, to watch it (for a hang-up of the core)
+    /// without reading from it.
+    pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.stream)
+    }
+
     /// The pid of the core at the other end (from `SO_PEERCRED`).
     pub fn core_pid(&self) -> Option<i32> {
         nix::sys::socket::getsockopt(&self.stream, nix::sys::socket::sockopt::PeerCredentials).ok().map(|c| c.pid())

@@ -10,7 +10,8 @@
 //! Code map: [`model`] is the object model, [`pagetable`] the table format,
 //! pool and reference walker, [`sysaddr`] the system address space,
 //! [`wire`] the protocol, [`server`] the mio event loop, [`client`] the
-//! blocking client, [`device`] the device end of a channel, [`tu`] the
+//! blocking client, [`ctl`] the client of a device server's control
+//! socket, [`device`] the device end of a channel, [`tu`] the
 //! translation unit device servers link, [`shm`] every access to shared
 //! memory, [`scm`] the one fd receiver, [`memfd`] memory files and their
 //! seals, [`types`] the data shared by all of these, [`errno`] the errno
@@ -31,6 +32,7 @@ macro_rules! expect {
 }
 
 pub mod client;
+pub mod ctl;
 pub mod device;
 pub mod errno;
 pub mod failpoint;

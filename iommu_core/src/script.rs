@@ -2,12 +2,15 @@
 //!
 //! A script drives one session, one command per line (`#` starts a
 //! comment). Objects created by a command are bound to the name given to
-//! it and referred to by that name later (or by numeric id). Numbers take
-//! `0x` hex and `K`/`M`/`G` suffixes (powers of 1024).
+//! it and referred to by that name later (or by numeric id); a name keeps
+//! its id after the object is destroyed. pPASIDs and devices have names of
+//! their own kind: a pPASID's name is not an object id, and the reverse.
+//! Numbers take `0x` hex and `K`/`M`/`G` suffixes (powers of 1024).
 //!
 //! | command | effect |
 //! |---------|--------|
 //! | `mem NAME SIZE` | create a memfd of SIZE bytes and register it |
+//! | `file NAME PATH [ro]` | register an existing file (guest RAM on /dev/shm or hugetlbfs, a disk image), opened read-write (read-only with `ro`) |
 //! | `ioas NAME` | allocate a paging IOAS |
 //! | `nested NAME PARENT S1ROOT` | allocate a nested IOAS |
 //! | `map IOAS MEM OFFSET LENGTH [iova=X] [perm=r\|w\|rw]` | map (automatic IOVA unless `iova=`) |
@@ -26,15 +29,44 @@
 //! | `dirty-read IOAS IOVA LENGTH [page=SIZE] [no-clear]` | print the dirty pages |
 //! | `translate IOAS IOVA` | walk the page table for one IOVA |
 //! | `faults [MAX]` | take fault records |
+//! | `page-faults IOAS on\|off` | page-fault handling (page requests) of an IOAS |
+//! | `respond COOKIE success\|invalid` | answer a page request |
+//! | `page-table IOAS` | dump the IOAS's page-table entries |
+//! | `channel NAME` / `channel-close NAME` | open a device channel of the session (for `bind ... channel=NAME`) / close it |
 //! | `status` | print this session's objects |
-//! | `expect ERRNO COMMAND...` | run COMMAND, which must fail with ERRNO |
+//! | `bind DEV SOCKET [channel=NAME]` | bind the device served at control socket SOCKET to this session through a new device channel (or one opened by `channel`) |
+//! | `attach DEV rid\|VPASID IOAS` / `replace DEV rid\|VPASID IOAS` | attach (or move) the device's RID or a vPASID to an IOAS or nested IOAS |
+//! | `detach DEV rid\|VPASID` | detach the RID or a vPASID |
+//! | `vpasids DEV` | print the device server's vPASID map |
+//! | `unbind DEV` | drop the binding |
+//! | `expect ERRNO[\|ERRNO...] COMMAND...` | run COMMAND, which must fail with one of the ERRNOs |
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use crate::client::{self, Client};
+use crate::ctl::{self, Control};
 use crate::errno::Errno;
 use crate::types::*;
+
+/// The code of an errno name a script may expect: the core's vocabulary
+/// and the device server's extra ones (`ENODEV`, `ENOSYS`, `EIO`, `EFAULT`).
+pub fn errno_code(name: &str) -> Option<i32> {
+    if let Some(e) = Errno::from_name(name) {
+        return Some(e.code());
+    }
+    match name {
+        "ENODEV" => Some(libc::ENODEV),
+        "ENOSYS" => Some(libc::ENOSYS),
+        "EIO" => Some(libc::EIO),
+        "EFAULT" => Some(libc::EFAULT),
+        _ => None,
+    }
+}
+
+fn errno_names(codes: &[i32]) -> String {
+    codes.iter().map(|&c| ctl::errno_name(c)).collect::<Vec<_>>().join("|")
+}
 
 /// Errors of parsing or running a script.
 #[derive(Debug, thiserror::Error)]
@@ -47,25 +79,28 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
-    /// The core refused a command, or the connection failed.
-    #[error("line {line}: {command}: {source}")]
+    /// The core or a device server refused a command, or a connection
+    /// failed.
+    #[error("line {line}: {command}: {message}")]
     Command {
         /// 1-based line number.
         line: usize,
         /// The command text.
         command: String,
         /// The failure.
-        source: client::Error,
+        message: String,
+        /// Its errno, for a refusal.
+        errno: Option<i32>,
     },
     /// An `expect` line did not fail as expected.
-    #[error("line {line}: {command}: expected {expected}, got {got}")]
+    #[error("line {line}: {command}: expected {}, got {got}", errno_names(expected))]
     Expectation {
         /// 1-based line number.
         line: usize,
         /// The command text.
         command: String,
-        /// The errno expected.
-        expected: Errno,
+        /// The errnos expected (any one of them).
+        expected: Vec<i32>,
         /// What happened instead.
         got: String,
     },
@@ -76,8 +111,8 @@ pub enum Error {
 pub struct Line {
     /// 1-based line number.
     pub line: usize,
-    /// The errno an `expect` prefix demands.
-    pub expect: Option<Errno>,
+    /// The errnos an `expect` prefix accepts (`expect EOVERFLOW|EINVAL`).
+    pub expect: Option<Vec<i32>>,
     /// The words of the command.
     pub words: Vec<String>,
 }
@@ -102,27 +137,35 @@ pub fn parse_number(s: &str) -> Option<u64> {
 pub fn parse(text: &str) -> Result<Vec<Line>, Error> {
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
-        let code = raw.split('#').next().unwrap_or("");
-        let mut words: Vec<String> = code.split_whitespace().map(str::to_string).collect();
-        if words.is_empty() {
-            continue;
-        }
-        let mut expect = None;
-        if words[0] == "expect" {
-            let name = words.get(1).ok_or_else(|| Error::Parse { line, message: "expect needs an errno".into() })?;
-            expect = Some(
-                Errno::from_name(name)
-                    .ok_or_else(|| Error::Parse { line, message: format!("unknown errno {name:?}") })?,
-            );
-            words.drain(..2);
-            if words.is_empty() {
-                return Err(Error::Parse { line, message: "expect needs a command".into() });
-            }
-        }
-        out.push(Line { line, expect, words });
+        out.extend(parse_line(raw, i + 1)?);
     }
     Ok(out)
+}
+
+/// Parses line number `line` of a script: `None` for a blank line or a
+/// comment.
+pub fn parse_line(raw: &str, line: usize) -> Result<Option<Line>, Error> {
+    let code = raw.split('#').next().unwrap_or("");
+    let mut words: Vec<String> = code.split_whitespace().map(str::to_string).collect();
+    if words.is_empty() {
+        return Ok(None);
+    }
+    let mut expect = None;
+    if words[0] == "expect" {
+        let names = words.get(1).ok_or_else(|| Error::Parse { line, message: "expect needs an errno".into() })?;
+        let mut codes = Vec::new();
+        for name in names.split('|') {
+            codes.push(
+                errno_code(name).ok_or_else(|| Error::Parse { line, message: format!("unknown errno {name:?}") })?,
+            );
+        }
+        expect = Some(codes);
+        words.drain(..2);
+        if words.is_empty() {
+            return Err(Error::Parse { line, message: "expect needs a command".into() });
+        }
+    }
+    Ok(Some(Line { line, expect, words }))
 }
 
 /// Maps `entries` into `ioas` in batches of at most
@@ -152,8 +195,41 @@ pub fn map_many(client: &mut Client, ioas: u32, entries: &[MapEntry]) -> client:
 /// Runs parsed scripts against one session.
 pub struct Runner<'a> {
     client: &'a mut Client,
+    /// Object names (memory objects, IOASes), kept after a destroy.
     names: HashMap<String, u32>,
+    /// pPASID names.
+    pasids: HashMap<String, u32>,
+    /// Devices bound through control sockets, by name.
+    devices: std::collections::BTreeMap<String, BoundDevice>,
+    /// Device channels opened by `channel`, by name: (id, fd).
+    channels: HashMap<String, (u64, std::os::fd::OwnedFd)>,
     mems: Vec<std::fs::File>,
+}
+
+/// A device bound through its server's control socket; the binding lasts
+/// while the connection does.
+struct BoundDevice {
+    control: Control,
+    socket: String,
+    bound: ctl::Bound,
+}
+
+/// What failed: the message and, for a refusal, its errno.
+struct Refusal {
+    message: String,
+    errno: Option<i32>,
+}
+
+impl From<client::Error> for Refusal {
+    fn from(e: client::Error) -> Refusal {
+        Refusal { errno: e.errno().map(Errno::code), message: e.to_string() }
+    }
+}
+
+impl From<ctl::Error> for Refusal {
+    fn from(e: ctl::Error) -> Refusal {
+        Refusal { errno: e.errno(), message: e.to_string() }
+    }
 }
 
 fn need<'w>(words: &'w [String], n: usize, usage: &str) -> Result<&'w [String], String> {
@@ -194,49 +270,138 @@ fn options(words: &[String]) -> Result<HashMap<String, String>, String> {
 
 enum Outcome {
     Print(String),
-    Refused(client::Error),
+    Refused(Refusal),
+}
+
+/// The RID (`rid`) or a vPASID.
+fn target(s: &str) -> Result<Option<u32>, String> {
+    if s == "rid" {
+        return Ok(None);
+    }
+    let v = num(s).map_err(|_| format!("{s:?} is neither rid nor a vPASID"))?;
+    u32::try_from(v).map(Some).map_err(|_| format!("vPASID {s} is not 32 bits"))
+}
+
+fn render_fault(f: &FaultRecord) -> String {
+    let mut s = format!("dev {} pPASID {:#x} IOVA {:#x} {} {:?}", f.dev_id, f.pasid, f.iova, f.access, f.reason);
+    if f.cookie != 0 {
+        let _ = write!(s, " page request cookie {} group {}{}", f.cookie, f.group, if f.last { " last" } else { "" });
+    }
+    s
+}
+
+fn target_name(t: Option<u32>) -> String {
+    t.map_or("RID".to_string(), |v| format!("vPASID {v:#x}"))
+}
+
+fn render_map(m: &ctl::PasidMap) -> String {
+    let mut parts = vec![match m.rid {
+        Some(r) => format!("RID -> IOAS {r}"),
+        None => "RID on the device server's compat IOAS".to_string(),
+    }];
+    for e in &m.entries {
+        parts.push(format!("vPASID {:#x} -> pPASID {:#x} -> IOAS {}", e.vpasid, e.ppasid, e.pt_id));
+    }
+    parts.join("; ")
 }
 
 impl<'a> Runner<'a> {
     /// A runner over an open session.
     pub fn new(client: &'a mut Client) -> Runner<'a> {
-        Runner { client, names: HashMap::new(), mems: Vec::new() }
+        Runner {
+            client,
+            names: HashMap::new(),
+            pasids: HashMap::new(),
+            devices: std::collections::BTreeMap::new(),
+            channels: HashMap::new(),
+            mems: Vec::new(),
+        }
     }
 
+    /// An object id: a name bound earlier (destroyed or not) or a number.
     fn id(&self, s: &str) -> Result<u32, String> {
         if let Some(id) = self.names.get(s) {
             return Ok(*id);
+        }
+        if self.pasids.contains_key(s) {
+            return Err(format!("{s:?} names a pPASID, not an object"));
+        }
+        if self.devices.contains_key(s) {
+            return Err(format!("{s:?} names a device, not an object"));
         }
         let v = num(s).map_err(|_| format!("{s:?} is neither a name bound earlier nor an id"))?;
         u32::try_from(v).map_err(|_| format!("{s} is not a 32-bit id"))
     }
 
+    /// A pPASID: a name bound by `pasid` or a number.
+    fn pasid(&self, s: &str) -> Result<u32, String> {
+        if let Some(p) = self.pasids.get(s) {
+            return Ok(*p);
+        }
+        if self.names.contains_key(s) {
+            return Err(format!("{s:?} names an object, not a pPASID"));
+        }
+        let v = num(s).map_err(|_| format!("{s:?} is neither a pPASID name nor a number"))?;
+        u32::try_from(v).map_err(|_| format!("{s} is not a 32-bit pPASID"))
+    }
+
+    fn device(&mut self, s: &str) -> Result<&mut BoundDevice, String> {
+        self.devices.get_mut(s).ok_or_else(|| format!("no device called {s:?} was bound"))
+    }
+
+    /// Binds a name, in one kind only.
+    fn name(&mut self, name: &str, id: u32) {
+        self.pasids.remove(name);
+        self.names.insert(name.to_string(), id);
+    }
+
+    /// Runs one line, writing its result to `out` or its error to `err`
+    /// (after flushing `out`); returns the error, if any.
+    pub fn run_line(&mut self, l: &Line, out: &mut dyn std::io::Write, err: &mut dyn std::io::Write) -> Option<Error> {
+        let mut errors = self.run_to(std::slice::from_ref(l), false, out, err);
+        errors.pop()
+    }
+
     /// Runs every line, writing one result line per command to `out`.
     /// Stops at the first failure unless `keep_going`; returns the errors.
     pub fn run(&mut self, lines: &[Line], keep_going: bool, out: &mut dyn std::io::Write) -> Vec<Error> {
+        self.run_to(lines, keep_going, out, &mut std::io::sink())
+    }
+
+    /// As [`Runner::run`], also writing each error to `err` as it happens
+    /// (after flushing `out`), so results and errors come in script order.
+    pub fn run_to(
+        &mut self,
+        lines: &[Line],
+        keep_going: bool,
+        out: &mut dyn std::io::Write,
+        err: &mut dyn std::io::Write,
+    ) -> Vec<Error> {
         let mut errors = Vec::new();
         for l in lines {
             let command = l.words.join(" ");
             let res = match self.exec(&l.words) {
                 Err(message) => Err(Error::Parse { line: l.line, message: format!("{command}: {message}") }),
-                Ok(Outcome::Print(text)) => match l.expect {
+                Ok(Outcome::Print(text)) => match &l.expect {
                     None => Ok(text),
                     Some(e) => Err(Error::Expectation {
                         line: l.line,
                         command: command.clone(),
-                        expected: e,
+                        expected: e.clone(),
                         got: "success".into(),
                     }),
                 },
-                Ok(Outcome::Refused(err)) => match (l.expect, err.errno()) {
-                    (Some(want), Some(got)) if want == got => Ok(format!("failed as expected: {err}")),
+                Ok(Outcome::Refused(r)) => match (&l.expect, r.errno) {
+                    (Some(want), Some(got)) if want.contains(&got) => Ok(format!("failed as expected: {}", r.message)),
                     (Some(want), _) => Err(Error::Expectation {
                         line: l.line,
                         command: command.clone(),
-                        expected: want,
-                        got: err.to_string(),
+                        expected: want.clone(),
+                        got: r.message,
                     }),
-                    (None, _) => Err(Error::Command { line: l.line, command: command.clone(), source: err }),
+                    (None, errno) => {
+                        Err(Error::Command { line: l.line, command: command.clone(), message: r.message, errno })
+                    }
                 },
             };
             match res {
@@ -244,6 +409,9 @@ impl<'a> Runner<'a> {
                     let _ = writeln!(out, "line {}: {command}: {text}", l.line);
                 }
                 Err(e) => {
+                    let _ = out.flush();
+                    let _ = writeln!(err, "ioasidctl: {e}");
+                    let _ = err.flush();
                     errors.push(e);
                     if !keep_going {
                         break;
@@ -251,7 +419,32 @@ impl<'a> Runner<'a> {
                 }
             }
         }
+        let _ = out.flush();
         errors
+    }
+
+    /// What the session holds: named objects, pPASIDs and bound devices
+    /// with their vPASID maps (asked of each device server now).
+    pub fn holdings(&mut self) -> String {
+        let mut o = String::new();
+        let mut names: Vec<(&String, &u32)> = self.names.iter().collect();
+        names.sort_by_key(|(n, id)| (**id, (*n).clone()));
+        let objects: Vec<String> = names.iter().map(|(n, id)| format!("{n}={id}")).collect();
+        let _ = writeln!(o, "objects: {}", if objects.is_empty() { "none".into() } else { objects.join(" ") });
+        let mut pasids: Vec<(&String, &u32)> = self.pasids.iter().collect();
+        pasids.sort_by_key(|(n, p)| (**p, (*n).clone()));
+        if !pasids.is_empty() {
+            let list: Vec<String> = pasids.iter().map(|(n, p)| format!("{n}={p:#x}")).collect();
+            let _ = writeln!(o, "pPASIDs: {}", list.join(" "));
+        }
+        for (name, d) in self.devices.iter_mut() {
+            let map = match d.control.list() {
+                Ok(m) => render_map(&m),
+                Err(e) => format!("vPASID map unavailable: {e}"),
+            };
+            let _ = writeln!(o, "device {name} (device {} at {}): {map}", d.bound.dev_id, d.socket);
+        }
+        o
     }
 
     fn exec(&mut self, w: &[String]) -> Result<Outcome, String> {
@@ -260,7 +453,7 @@ impl<'a> Runner<'a> {
             ($e:expr, |$v:ident| $fmt:expr) => {
                 match $e {
                     Ok($v) => Ok(Outcome::Print($fmt)),
-                    Err(err) => Ok(Outcome::Refused(err)),
+                    Err(err) => Ok(Outcome::Refused(Refusal::from(err))),
                 }
             };
         }
@@ -271,7 +464,7 @@ impl<'a> Runner<'a> {
                 let file = crate::memfd::create(&w[1], size).map_err(|e| e.to_string())?;
                 let r = c.register_memory(&file);
                 if let Ok(m) = &r {
-                    self.names.insert(w[1].clone(), m.id);
+                    self.name(&w[1], m.id);
                     self.mems.push(file);
                 }
                 call!(r, |m| format!(
@@ -279,11 +472,40 @@ impl<'a> Runner<'a> {
                     m.id, m.size, m.seals, m.system_address
                 ))
             }
+            "file" => {
+                let w = need(w, 3, "file NAME PATH [ro]")?;
+                let ro = match w.get(3).map(String::as_str) {
+                    None => false,
+                    Some("ro") => true,
+                    Some(x) => return Err(format!("{x:?} is not ro")),
+                };
+                let file = match std::fs::OpenOptions::new().read(true).write(!ro).open(&w[2]) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let message = format!("cannot open {}: {e}", w[2]);
+                        return Ok(Outcome::Refused(Refusal { message, errno: e.raw_os_error() }));
+                    }
+                };
+                let r = c.register_memory(&file);
+                if let Ok(m) = &r {
+                    self.name(&w[1], m.id);
+                    self.mems.push(file);
+                }
+                call!(r, |m| format!(
+                    "memory object {} ({:#x} bytes of {}, {}, seals {}, system address {:#x})",
+                    m.id,
+                    m.size,
+                    w[2],
+                    if ro { "read-only" } else { "read-write" },
+                    m.seals,
+                    m.system_address
+                ))
+            }
             "ioas" => {
                 let w = need(w, 2, "ioas NAME")?;
                 let r = c.ioas_alloc();
                 if let Ok(id) = r {
-                    self.names.insert(w[1].clone(), id);
+                    self.name(&w[1], id);
                 }
                 call!(r, |id| format!("IOAS {id}"))
             }
@@ -292,7 +514,7 @@ impl<'a> Runner<'a> {
                 let (parent, root) = (self.id(&w[2])?, num(&w[3])?);
                 let r = self.client.nested_alloc(parent, root);
                 if let Ok(id) = r {
-                    self.names.insert(w[1].clone(), id);
+                    self.name(&w[1], id);
                 }
                 call!(r, |id| format!("nested IOAS {id} on {parent}, stage-1 root {root:#x}"))
             }
@@ -381,11 +603,8 @@ impl<'a> Runner<'a> {
             "destroy" => {
                 let w = need(w, 2, "destroy NAME")?;
                 let id = self.id(&w[1])?;
-                let r = self.client.destroy(id);
-                if r.is_ok() {
-                    self.names.retain(|_, v| *v != id);
-                }
-                call!(r, |_v| format!("destroyed {id}"))
+                // The name keeps its id: `expect ENOENT destroy NAME` works.
+                call!(self.client.destroy(id), |_v| format!("destroyed {id}"))
             }
             "ranges" => {
                 let w = need(w, 2, "ranges IOAS")?;
@@ -426,13 +645,14 @@ impl<'a> Runner<'a> {
                 let w = need(w, 2, "pasid NAME")?;
                 let r = self.client.ppasid_alloc();
                 if let Ok(p) = r {
-                    self.names.insert(w[1].clone(), p);
+                    self.names.remove(&w[1]);
+                    self.pasids.insert(w[1].clone(), p);
                 }
                 call!(r, |p| format!("pPASID {p:#x}"))
             }
             "pasid-free" => {
                 let w = need(w, 2, "pasid-free NAME")?;
-                let p = self.id(&w[1])?;
+                let p = self.pasid(&w[1])?;
                 call!(self.client.ppasid_free(p), |_v| format!("freed pPASID {p:#x}"))
             }
             "dirty" => {
@@ -479,9 +699,117 @@ impl<'a> Runner<'a> {
                     Some(v) => u32::try_from(num(v)?).map_err(|_| "MAX is too large".to_string())?,
                     None => 64,
                 };
-                call!(self.client.read_faults(max), |f| format!("{} fault records {f:?}", f.len()))
+                call!(self.client.read_faults(max), |f| {
+                    let list: Vec<String> = f.iter().map(render_fault).collect();
+                    format!("{} fault records{}{}", f.len(), if f.is_empty() { "" } else { ": " }, list.join("; "))
+                })
+            }
+            "page-faults" => {
+                let w = need(w, 3, "page-faults IOAS on|off")?;
+                let ioas = self.id(&w[1])?;
+                let on = match w[2].as_str() {
+                    "on" => true,
+                    "off" => false,
+                    x => return Err(format!("{x:?} is not on or off")),
+                };
+                call!(self.client.set_page_faults(ioas, on), |_v| format!("page faults {}", w[2]))
+            }
+            "respond" => {
+                let w = need(w, 3, "respond COOKIE success|invalid")?;
+                let cookie = num(&w[1])?;
+                let code = match w[2].as_str() {
+                    "success" => page_response::SUCCESS,
+                    "invalid" => page_response::INVALID,
+                    x => u32::try_from(num(x)?).map_err(|_| format!("{x} is not a response code"))?,
+                };
+                call!(self.client.respond_fault(cookie, code), |f| format!("answered {}", render_fault(&f)))
+            }
+            "page-table" => {
+                let w = need(w, 2, "page-table IOAS")?;
+                let ioas = self.id(&w[1])?;
+                let session = self.client.session_id();
+                call!(self.client.page_table(session, ioas), |l| format!("{} lines\n{}", l.len(), l.join("\n")))
+            }
+            "channel" => {
+                let w = need(w, 2, "channel NAME")?;
+                if self.channels.contains_key(&w[1]) {
+                    return Err(format!("channel {:?} is open already", w[1]));
+                }
+                match self.client.open_device_channel() {
+                    Ok((id, fd)) => {
+                        self.channels.insert(w[1].clone(), (id, fd));
+                        Ok(Outcome::Print(format!("device channel {id}")))
+                    }
+                    Err(e) => Ok(Outcome::Refused(e.into())),
+                }
+            }
+            "channel-close" => {
+                let w = need(w, 2, "channel-close NAME")?;
+                let (id, _fd) = self.channels.remove(&w[1]).ok_or_else(|| format!("no channel called {:?}", w[1]))?;
+                Ok(Outcome::Print(format!("closed device channel {id}")))
             }
             "status" => call!(self.client.status(), |s| format!("\n{}", render_status(&s))),
+            "bind" => {
+                let w = need(w, 3, "bind DEV SOCKET [channel=NAME]")?;
+                if self.devices.contains_key(&w[1]) {
+                    return Err(format!("{:?} is bound already; unbind it first", w[1]));
+                }
+                let o = options(&w[3..])?;
+                let chan = match o.get("channel") {
+                    // The channel's fd goes to the device server; ours
+                    // closes once it has it.
+                    Some(n) => self.channels.remove(n).ok_or_else(|| format!("no channel called {n:?}"))?.1,
+                    None => match self.client.open_device_channel() {
+                        Ok((_, fd)) => fd,
+                        Err(e) => return Ok(Outcome::Refused(e.into())),
+                    },
+                };
+                let mut control = match Control::connect(std::path::Path::new(&w[2])) {
+                    Ok(c) => c,
+                    Err(e) => return Ok(Outcome::Refused(e.into())),
+                };
+                match control.bind(std::os::fd::AsFd::as_fd(&chan)) {
+                    Ok(bound) => {
+                        let text = format!(
+                            "device {} of session {} (PASID width {}) through {}",
+                            bound.dev_id, bound.session, bound.pasid_width, w[2]
+                        );
+                        self.devices.insert(w[1].clone(), BoundDevice { control, socket: w[2].clone(), bound });
+                        Ok(Outcome::Print(text))
+                    }
+                    Err(e) => Ok(Outcome::Refused(e.into())),
+                }
+            }
+            "attach" | "replace" => {
+                let replace = w[0] == "replace";
+                let w = need(w, 4, "attach|replace DEV rid|VPASID IOAS")?;
+                let (t, ioas) = (target(&w[2])?, self.id(&w[3])?);
+                let d = self.device(&w[1])?;
+                call!(d.control.attach(t, ioas, replace), |p| match t {
+                    None => format!("RID -> IOAS {ioas}"),
+                    Some(v) => format!("vPASID {v:#x} -> pPASID {p:#x} -> IOAS {ioas}"),
+                })
+            }
+            "detach" => {
+                let w = need(w, 3, "detach DEV rid|VPASID")?;
+                let t = target(&w[2])?;
+                let d = self.device(&w[1])?;
+                call!(d.control.detach(t), |_v| format!("{} detached", target_name(t)))
+            }
+            "vpasids" => {
+                let w = need(w, 2, "vpasids DEV")?;
+                let d = self.device(&w[1])?;
+                call!(d.control.list(), |m| render_map(&m))
+            }
+            "unbind" => {
+                let w = need(w, 2, "unbind DEV")?;
+                let d = self.device(&w[1])?;
+                let r = d.control.unbind();
+                if r.is_ok() {
+                    self.devices.remove(&w[1]);
+                }
+                call!(r, |_v| "unbound".to_string())
+            }
             other => Err(format!("unknown command {other:?}")),
         }
     }
@@ -661,8 +989,11 @@ mod tests {
         let l = parse("# c\n\nmem ram 2M # ram\nexpect EBUSY destroy ram\n").unwrap();
         assert_eq!(l.len(), 2);
         assert_eq!((l[0].line, l[0].words.join(" ")), (3, "mem ram 2M".into()));
-        assert_eq!((l[1].expect, l[1].words.len()), (Some(Errno::EBUSY), 2));
+        assert_eq!((l[1].expect.clone(), l[1].words.len()), (Some(vec![libc::EBUSY]), 2));
+        let l = parse("expect EOVERFLOW|EINVAL|ENODEV map a b 0 4K").unwrap();
+        assert_eq!(l[0].expect, Some(vec![libc::EOVERFLOW, libc::EINVAL, libc::ENODEV]));
         assert!(matches!(parse("expect EWHAT x"), Err(Error::Parse { line: 1, .. })));
+        assert!(matches!(parse("expect EINVAL|EWHAT x"), Err(Error::Parse { line: 1, .. })));
         assert!(matches!(parse("\nexpect EBUSY"), Err(Error::Parse { line: 2, .. })));
     }
 

@@ -167,3 +167,222 @@ fn no_core_is_one_clear_sentence() {
     assert!(err.starts_with("ioasidctl: cannot reach the core at /nonexistent/ioasid.sock; start one with"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// Runs a script with stdout and stderr on one pipe, as a terminal shows them.
+fn run_merged(path: &std::path::Path, script: &str, extra: &[&str]) -> (bool, String) {
+    use std::io::Read;
+    let (mut r, w) = std::io::pipe().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ioasidctl"))
+        .arg("--socket")
+        .arg(path)
+        .arg("run")
+        .arg("-")
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(w.try_clone().unwrap())
+        .stderr(w)
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let mut text = String::new();
+    r.read_to_string(&mut text).unwrap();
+    (child.wait().unwrap().success(), text)
+}
+
+#[test]
+fn names_outlive_destroy_and_ppasid_names_are_not_object_ids() {
+    let (_srv, path) = core("names");
+    let script = "\
+mem ram 2M
+ioas a
+destroy a
+expect ENOENT destroy a
+expect ENOENT map a ram 0 4K
+pasid p
+pasid-free p
+expect ENOENT pasid-free p
+";
+    let (ok, out, err) = run_script(&path, script, &[]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("line 4: destroy a: failed as expected: ENOENT"), "{out}");
+    assert!(out.contains("line 8: pasid-free p: failed as expected: ENOENT"), "{out}");
+    // A pPASID's name never stands for an object (it once destroyed
+    // memory object 1), nor an object's name for a pPASID.
+    let (ok, out, err) = run_script(&path, "mem ram 2M\npasid p\ndestroy p\n", &[]);
+    assert!(!ok);
+    assert!(err.contains("line 3: destroy p: \"p\" names a pPASID, not an object"), "{err}");
+    assert!(!out.contains("destroyed"), "{out}");
+    let (ok, _, err) = run_script(&path, "mem ram 2M\npasid-free ram\n", &[]);
+    assert!(!ok);
+    assert!(err.contains("\"ram\" names an object, not a pPASID"), "{err}");
+    // Reusing a name for a pPASID moves it to that kind.
+    let (ok, out, err) = run_script(&path, "ioas x\npasid x\npasid-free x\n", &[]);
+    assert!(ok, "{out}\n{err}");
+}
+
+#[test]
+fn expect_takes_a_set_of_errnos_and_errors_come_in_order() {
+    let (_srv, path) = core("expect-set");
+    let script = "\
+mem ram 2M
+ioas a
+expect EOVERFLOW|EINVAL map a ram 0 0
+expect EEXIST|ENOENT unmap a 0x1000 4K
+";
+    let (ok, out, err) = run_script(&path, script, &[]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("line 3: map a ram 0 0: failed as expected: EINVAL"), "{out}");
+    assert!(out.contains("line 4: unmap a 0x1000 4K: failed as expected: ENOENT"), "{out}");
+    let (ok, _, err) = run_script(&path, "ioas a\nexpect EEXIST|EBUSY unmap a 0x1000 4K\n", &[]);
+    assert!(!ok);
+    assert!(err.contains("line 2: unmap a 0x1000 4K: expected EEXIST|EBUSY, got ENOENT"), "{err}");
+    // Results and errors on one stream, in the script's order.
+    let (ok, text) = run_merged(&path, "ioas a\nunmap a 0x1000 4K\nioas b\nunmap b 0 4K\nioas c\n", &["--keep-going"]);
+    assert!(!ok);
+    let lines: Vec<usize> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("ioasidctl: ").unwrap_or(l).strip_prefix("line "))
+        .filter_map(|l| l.split(':').next()?.parse().ok())
+        .collect();
+    assert_eq!(lines, vec![1, 2, 3, 4, 5], "{text}");
+}
+
+#[test]
+fn file_registers_an_existing_file_by_path() {
+    use std::os::unix::fs::FileExt;
+    let (_srv, path) = core("file");
+    let dir = path.parent().unwrap();
+    let img = dir.join("disk.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(1 << 21).unwrap();
+    f.write_all_at(b"image", 0x3000).unwrap();
+    let script = format!(
+        "file img {p}\nioas a\nmap a img 0 2M iova=0x400000\ntranslate a 0x403000\nfile ro {p} ro\nmap a ro 0 4K iova=0x800000 perm=r\nexpect ENOENT file x {d}/missing\n",
+        p = img.display(),
+        d = dir.display()
+    );
+    let (ok, out, err) = run_script(&path, &script, &[]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains(&format!("line 1: file img {}: memory object 1 (0x200000 bytes of", img.display())), "{out}");
+    assert!(out.contains("read-write"), "{out}");
+    assert!(out.contains("line 4: translate a 0x403000: system address"), "{out}");
+    assert!(out.contains("(memory object 1 offset 0x3000), rw"), "{out}");
+    assert!(out.contains("line 6: map a ro 0 4K iova=0x800000 perm=r: mapped at IOVA 0x800000"), "{out}");
+    assert!(out.contains("line 7: file x") && out.contains("failed as expected: cannot open"), "{out}");
+}
+
+#[test]
+fn page_faults_responses_page_tables_and_channels() {
+    let (_srv, path) = core("session-cmds");
+    let script = "\
+mem ram 2M
+ioas a
+map a ram 0 2M iova=0x200000
+page-faults a on
+expect EINVAL respond 12345 success
+expect EINVAL respond 1 7
+faults
+page-table a
+page-faults a off
+channel c
+channel-close c
+channel c
+";
+    let (ok, out, err) = run_script(&path, script, &[]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("line 4: page-faults a on: page faults on"), "{out}");
+    assert!(out.contains("line 5: respond 12345 success: failed as expected: EINVAL"), "{out}");
+    assert!(out.contains("line 7: faults: 0 fault records\n"), "{out}");
+    assert!(out.contains("line 8: page-table a: "), "{out}");
+    let dump: Vec<&str> =
+        out.lines().skip_while(|l| !l.starts_with("line 8:")).skip(1).take_while(|l| !l.starts_with("line ")).collect();
+    assert!(!dump.is_empty() && dump.iter().any(|l| l.contains("0x200000")), "{out}");
+    assert!(out.contains("line 10: channel c: device channel"), "{out}");
+    assert!(out.contains("line 11: channel-close c: closed device channel"), "{out}");
+    assert!(out.contains("line 12: channel c: device channel"), "{out}");
+    let (ok, _, err) = run_script(&path, "channel-close nothing\n", &[]);
+    assert!(!ok);
+    assert!(err.contains("no channel called \"nothing\""), "{err}");
+}
+
+#[test]
+fn standard_input_runs_each_line_as_it_arrives() {
+    use std::io::{BufRead, BufReader};
+    let (_srv, path) = core("stream");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ioasidctl"))
+        .arg("--socket")
+        .arg(&path)
+        .args(["run", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("session "), "{line}");
+    // Each answer comes before the next command is sent.
+    for (n, cmd, want) in
+        [(1, "ioas a", "IOAS"), (2, "# a comment", ""), (3, "ioas b", "IOAS"), (4, "destroy a", "destroyed")]
+    {
+        writeln!(stdin, "{cmd}").unwrap();
+        if want.is_empty() {
+            continue;
+        }
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        assert!(line.starts_with(&format!("line {n}: {cmd}: {want}")), "{line}");
+    }
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn run_hold_holds_until_sigterm_and_says_when_the_core_goes() {
+    use std::io::{BufRead, BufReader};
+    let (srv, path) = core("hold");
+    let dir = path.parent().unwrap().to_path_buf();
+    let script = dir.join("hold.script");
+    std::fs::write(&script, "mem ram 2M\nioas a\nmap a ram 0 2M iova=0x200000\npasid p\n").unwrap();
+    let start = || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ioasidctl"))
+            .arg("--socket")
+            .arg(&path)
+            .arg("run")
+            .arg(&script)
+            .arg("--hold")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut text = String::new();
+        while !text.contains("pPASIDs:") {
+            assert!(out.read_line(&mut text).unwrap() > 0, "{text}");
+        }
+        (child, out, text)
+    };
+    let (child, mut out, text) = start();
+    assert!(text.contains("holding session"), "{text}");
+    assert!(text.contains("objects: ram=1 a=2"), "{text}");
+    assert!(text.contains("pPASIDs: p=0x1"), "{text}");
+    // The session is still there while held.
+    let mut obs = iommu_core::client::Client::observer(&path).unwrap();
+    let snap = obs.status().unwrap();
+    assert!(snap.sessions.iter().any(|s| s.ioas.len() == 1 && s.ppasids == vec![1]), "held: {snap:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out2 = child.wait_with_output().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(out2.status.success());
+    assert!(rest.contains("releasing session"), "{rest}");
+    // A core that goes away ends the hold with an error.
+    let (child, _out, _) = start();
+    srv.stop().unwrap();
+    let done = child.wait_with_output().unwrap();
+    assert!(!done.status.success());
+    let err = String::from_utf8(done.stderr).unwrap();
+    assert!(err.contains("nothing is held any more"), "{err}");
+}

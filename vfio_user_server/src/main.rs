@@ -78,6 +78,12 @@ struct Args {
     /// need not poll a mapped page; shadow doorbells save the traps).
     #[arg(long)]
     trap_doorbells: bool,
+    /// Also listen on a control socket at PATH, where an orchestrator (one
+    /// at a time, same users as the vfio-user socket) binds the device to
+    /// its session and attaches the RID and vPASIDs with the ioasid
+    /// extension's commands, whether or not a vfio-user client is connected.
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -132,6 +138,7 @@ fn run() -> anyhow::Result<()> {
         pasid_policy,
         allow_uids: args.allow_uid,
         dma_timeout: std::time::Duration::from_millis(args.dma_timeout_ms),
+        control: args.control_socket,
     };
     let mut server = Server::new(device, opts)?;
     server.handle_signals()?;

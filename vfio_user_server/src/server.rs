@@ -6,6 +6,13 @@
 //! server): it splits the stream into messages, answers register accesses
 //! that cannot wait, hands other commands to the device thread and the
 //! client's replies to server-to-client requests.
+//!
+//! With a control socket (`Options::control`), an orchestrator (one at a
+//! time, same credential rules) sends the ioasid extension's commands on
+//! a second socket, read by a thread of its own ([`CtlReader`]); each
+//! command runs on the device thread in order with the device's other
+//! work, and the binding it makes outlives vfio-user clients and ends
+//! with the control connection.
 
 use std::fs::File;
 use std::io::Read;
@@ -88,6 +95,9 @@ pub struct Options {
     /// How long the device's DMA to client memory (DMA_READ/DMA_WRITE)
     /// waits for the client's reply before it fails with `ETIMEDOUT`.
     pub dma_timeout: std::time::Duration,
+    /// A second socket where an orchestrator binds the device and attaches
+    /// its RID and vPASIDs (the ioasid extension's commands).
+    pub control: Option<PathBuf>,
 }
 
 impl Options {
@@ -101,11 +111,13 @@ impl Options {
             pasid_policy: PasidPolicy::default(),
             allow_uids: Vec::new(),
             dma_timeout: crate::conn::DMA_REPLY_TIMEOUT,
+            control: None,
         }
     }
 }
 
 const LISTENER: Token = Token(0);
+const CONTROL_LISTENER: Token = Token(1);
 const SIGNALS: Token = Token(2);
 const WAKER: Token = Token(3);
 const IOFD_BASE: usize = 16;
@@ -212,6 +224,89 @@ impl ConnReader {
     }
 }
 
+/// Largest payload of a control-socket message: the extension's commands
+/// are small (a larger one is skipped and fails with `E2BIG`).
+const CONTROL_MAX_PAYLOAD: usize = 4096;
+
+/// The orchestrator's control connection, as the loop holds it.
+struct CtlConn {
+    stream: std::os::unix::net::UnixStream,
+    stop: Arc<AtomicBool>,
+    ended: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// The thread reading the orchestrator's control socket: one command at a
+/// time goes to the device thread (so it runs in order with the device's
+/// work, and the orchestrator has at most one command queued), and its
+/// reply is written before the next message is looked at.
+struct CtlReader {
+    stream: std::os::unix::net::UnixStream,
+    reader: MsgReader,
+    writer: Writer,
+    jobs: Sender<Job>,
+    backlog: Arc<Backlog>,
+    stop: Arc<AtomicBool>,
+    ended: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl CtlReader {
+    fn run(mut self) {
+        'conn: loop {
+            loop {
+                if self.stop.load(Ordering::SeqCst) {
+                    break 'conn;
+                }
+                match self.reader.next_msg() {
+                    Ok(Some(m)) if m.hdr.is_reply() => {
+                        tracing::debug!("the orchestrator sent a reply nobody asked for; dropped");
+                    }
+                    Ok(Some(m)) => {
+                        let (tx, rx) = crossbeam_channel::bounded(1);
+                        self.backlog.job_sent();
+                        if self.jobs.send(Job::Control(m, tx)).is_err() {
+                            break 'conn;
+                        }
+                        match rx.recv() {
+                            Ok(Some(reply)) => {
+                                if let Err(e) = self.writer.send(&[&reply], &[]) {
+                                    tracing::info!("control connection: reply not sent: {e}");
+                                    break 'conn;
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(_) => break 'conn,
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!("closing the control connection: {e}");
+                        break 'conn;
+                    }
+                }
+            }
+            match self.reader.fill(self.stream.as_fd()) {
+                Ok(Fill::Data | Fill::Drained) => {}
+                Ok(Fill::WouldBlock) => {
+                    let mut p = [nix::poll::PollFd::new(self.stream.as_fd(), nix::poll::PollFlags::POLLIN)];
+                    let _ = nix::poll::poll(&mut p, nix::poll::PollTimeout::from(100u16));
+                }
+                Ok(Fill::Eof) => break,
+                Err(e) => {
+                    tracing::info!("control connection failed: {e}");
+                    break;
+                }
+            }
+        }
+        // The binding the orchestrator made ends with its connection.
+        self.backlog.job_sent();
+        let _ = self.jobs.send(Job::ControlGone);
+        self.ended.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+}
+
 pub use iommu_core::server::StopHandle;
 
 /// A vfio-user server for one device.
@@ -221,6 +316,9 @@ pub struct Server {
     single: Option<UnixStream>,
     path: Option<PathBuf>,
     conn: Option<Conn>,
+    control: Option<UnixListener>,
+    control_path: Option<PathBuf>,
+    ctl: Option<CtlConn>,
     jobs: Sender<Job>,
     worker: Option<std::thread::JoinHandle<()>>,
     /// The device thread's state, taken by the connection's reader to
@@ -297,6 +395,26 @@ impl Server {
                 }
             }
         };
+        let control = match &opts.control {
+            Some(p) => {
+                let mode = if opts.allow_uids.is_empty() { 0o600 } else { 0o666 };
+                let bound = bind_path(p, mode).and_then(|mut l| {
+                    poll.registry().register(&mut l, CONTROL_LISTENER, Interest::READABLE).map_err(Error::Poll)?;
+                    Ok(l)
+                });
+                match bound {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        // The vfio-user socket bound above goes too.
+                        if let Some(main) = &path {
+                            let _ = std::fs::remove_file(main);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(Error::Poll)?);
         let worker = Worker::new(device, dma.clone()).map_err(Error::Poll)?;
         let io_descs = worker.io_fd_descs().len();
@@ -316,6 +434,9 @@ impl Server {
             single,
             path,
             conn: None,
+            control,
+            control_path: opts.control,
+            ctl: None,
             jobs: tx,
             worker: Some(handle),
             device,
@@ -481,7 +602,11 @@ impl Server {
                             }
                         }
                     }
-                    WAKER => self.reap_conn(false),
+                    CONTROL_LISTENER => self.accept_control(),
+                    WAKER => {
+                        self.reap_conn(false);
+                        self.reap_ctl(false);
+                    }
                     Token(t) if t >= IOFD_BASE => {
                         let i = t - IOFD_BASE;
                         if let (Some(f), Some(queued)) = (self.io_fds.get(i), self.io_queued.get(i)) {
@@ -503,8 +628,111 @@ impl Server {
             }
         };
         self.disconnect();
+        self.end_ctl();
         self.shutdown();
         res
+    }
+
+    /// Whether the peer of `s`, accepted on the socket at `path`, may stay:
+    /// its user is this server's, root or an `--allow-uid` one (on an
+    /// inherited listener, `path` is `None`: whoever made it decides).
+    fn admit(&self, s: &UnixStream, path: Option<&PathBuf>, what: &str) -> bool {
+        if path.is_none() {
+            return true;
+        }
+        match nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::PeerCredentials) {
+            Ok(c) if self.allowed(c.uid()) => true,
+            Ok(c) => {
+                tracing::warn!(
+                    "refusing {what} pid {} of user {}: only this server's user, root and --allow-uid users may connect",
+                    c.pid(),
+                    c.uid()
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!("refusing {what} whose credentials cannot be read: {e}");
+                false
+            }
+        }
+    }
+
+    fn accept_control(&mut self) {
+        loop {
+            let Some(l) = self.control.as_ref() else { return };
+            match l.accept() {
+                Ok((s, _)) => {
+                    // The current orchestrator may have just left.
+                    self.reap_ctl(true);
+                    if !self.admit(&s, self.control_path.as_ref(), "an orchestrator") {
+                        continue;
+                    }
+                    if self.ctl.is_some() {
+                        tracing::warn!("refusing a second orchestrator: the control socket serves one at a time");
+                        continue;
+                    }
+                    if let Err(e) = self.connect_ctl(s) {
+                        tracing::warn!("cannot take the orchestrator: {e}");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!("accept on the control socket failed: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn connect_ctl(&mut self, stream: UnixStream) -> Result<(), Error> {
+        let stream = std::os::unix::net::UnixStream::from(stream);
+        stream.set_nonblocking(false).map_err(Error::Poll)?;
+        let fd: OwnedFd = stream.as_fd().try_clone_to_owned().map_err(Error::Poll)?;
+        let read_fd = stream.try_clone().map_err(Error::Poll)?;
+        let (stop, ended) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let reader = CtlReader {
+            stream: read_fd,
+            reader: MsgReader::new(CONTROL_MAX_PAYLOAD),
+            writer: Writer::new(fd),
+            jobs: self.jobs.clone(),
+            backlog: self.backlog.clone(),
+            stop: stop.clone(),
+            ended: ended.clone(),
+            waker: self.waker.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("vfio-user-ctl".into())
+            .spawn(move || reader.run())
+            .map_err(Error::Poll)?;
+        self.ctl = Some(CtlConn { stream, stop, ended, thread });
+        tracing::info!("orchestrator connected on the control socket");
+        Ok(())
+    }
+
+    /// Forgets the control connection if its reader has stopped (it told
+    /// the device thread already), or if the orchestrator hung up (its
+    /// reader then gets [`HANGUP_WAIT`] to finish what it sent before).
+    fn reap_ctl(&mut self, hung_up_too: bool) {
+        let Some(c) = self.ctl.as_ref() else { return };
+        if !c.ended.load(Ordering::SeqCst) && hung_up_too && hung_up(c.stream.as_fd()) {
+            let deadline = Instant::now() + HANGUP_WAIT;
+            while !c.ended.load(Ordering::SeqCst) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        if c.ended.load(Ordering::SeqCst) || (hung_up_too && hung_up(c.stream.as_fd())) {
+            self.end_ctl();
+        }
+    }
+
+    /// Stops the control connection's reader and waits for it.
+    fn end_ctl(&mut self) {
+        if let Some(c) = self.ctl.take() {
+            c.stop.store(true, Ordering::SeqCst);
+            let _ = c.stream.shutdown(std::net::Shutdown::Read);
+            let _ = c.thread.join();
+            tracing::info!("orchestrator disconnected");
+        }
     }
 
     fn accept(&mut self) {
@@ -515,23 +743,10 @@ impl Server {
                     // The current client may have just left: notice that
                     // before turning the new one away.
                     self.reap_conn(true);
-                    match nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials) {
-                        // On an inherited listener, whoever made it decides
-                        // who may connect.
-                        _ if self.path.is_none() => {}
-                        Ok(c) if self.allowed(c.uid()) => {}
-                        Ok(c) => {
-                            tracing::warn!(
-                                "refusing pid {} of user {}: only this server's user, root and --allow-uid users may connect",
-                                c.pid(),
-                                c.uid()
-                            );
-                            continue;
-                        }
-                        Err(e) => {
-                            tracing::warn!("refusing a client whose credentials cannot be read: {e}");
-                            continue;
-                        }
+                    // On an inherited listener, whoever made it decides who
+                    // may connect.
+                    if !self.admit(&s, self.path.as_ref(), "a client") {
+                        continue;
                     }
                     if self.conn.is_some() {
                         tracing::warn!("refusing a second client: this socket serves one client at a time");
@@ -561,6 +776,9 @@ impl Server {
             let _ = h.join();
         }
         if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(&p);
+        }
+        if let Some(p) = self.control_path.take() {
             let _ = std::fs::remove_file(&p);
         }
     }

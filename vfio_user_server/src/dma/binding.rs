@@ -23,6 +23,29 @@ pub enum PasidPolicy {
     PerRid,
 }
 
+/// Who made the extension binding, and so who may change it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// The vfio-user client (IOASID_BIND on the vfio-user socket): the
+    /// binding ends when the client leaves, and while it lacks a RID
+    /// attachment the RID's DMA goes nowhere.
+    Client,
+    /// The orchestrator on the control socket: the binding outlives
+    /// vfio-user clients and ends with the control connection, and while
+    /// the orchestrator has not attached the RID, RID DMA stays on the
+    /// compat IOAS built from the client's DMA_MAPs.
+    Control,
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Owner::Client => "the vfio-user client",
+            Owner::Control => "the orchestrator on the control socket",
+        })
+    }
+}
+
 /// What observers see of the driver state: kept apart from the binding so
 /// a query (answered on the channel's reader thread) never waits for a
 /// lock held across a channel call.
@@ -85,7 +108,8 @@ pub struct Bound {
     pub(super) tu: Arc<TranslationUnit>,
     pub(super) dev: u32,
     session: u64,
-    rid: Option<u32>,
+    pub(super) rid: Option<u32>,
+    pub(super) owner: Owner,
     /// vPASID -> (pPASID, pt_id).
     pub(super) pasids: BTreeMap<u32, (u32, u32)>,
     /// A duplicate of the channel, watched for hang-up; `None` once it hung
@@ -109,12 +133,23 @@ impl Dma {
             .unwrap_or_default();
     }
 
-    pub(super) fn bound_now(&self) -> bool {
-        sync::read(&self.bound).is_some()
+    /// Who made the extension binding, if the device is bound.
+    pub fn binding_owner(&self) -> Option<Owner> {
+        sync::read(&self.bound).as_ref().map(|b| b.owner)
     }
 
-    /// Extension: binds the device through a session's device channel.
-    pub fn bind(&self, fd: OwnedFd) -> Result<(u32, u64), Error> {
+    /// Fails unless the binding exists and `by` made it.
+    fn owned_by(b: Option<&Bound>, by: Owner) -> Result<(), Error> {
+        match b {
+            None => Err(Error::NotBound),
+            Some(b) if b.owner != by => Err(Error::NotOwner(b.owner)),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Extension: binds the device through a session's device channel, on
+    /// behalf of `owner`.
+    pub fn bind(&self, fd: OwnedFd, owner: Owner) -> Result<(u32, u64), Error> {
         if let Some(b) = sync::read(&self.bound).as_ref() {
             return Err(Error::AlreadyBound(b.session));
         }
@@ -148,6 +183,7 @@ impl Dma {
             dev,
             session,
             rid: None,
+            owner,
             pasids: BTreeMap::new(),
             watch: Some(Arc::new(watch)),
             core_pid,
@@ -160,10 +196,13 @@ impl Dma {
         Ok((dev, session))
     }
 
-    /// Extension: drops the binding (the core frees the device, its
-    /// attachments and pPASIDs when the channel closes).
-    pub fn unbind(&self) -> Result<(), Error> {
-        let b = sync::write(&self.bound).take().ok_or(Error::NotBound)?;
+    /// Extension: drops the binding `by` made (the core frees the device,
+    /// its attachments and pPASIDs when the channel closes).
+    pub fn unbind(&self, by: Owner) -> Result<(), Error> {
+        let mut g = sync::write(&self.bound);
+        Self::owned_by(g.as_ref(), by)?;
+        let b = g.take().ok_or(Error::NotBound)?;
+        drop(g);
         self.units_changed();
         self.publish(None);
         self.kick();
@@ -201,10 +240,10 @@ impl Dma {
         self.log_binding_dropped(&b);
     }
 
-    /// Extension: attaches (or replaces) the RID or a vPASID to `pt_id`.
-    /// Returns the pPASID (0 for the RID).
-    pub fn attach(&self, vpasid: Option<u32>, pt_id: u32, replace: bool) -> Result<u32, Error> {
-        let r = self.attach_inner(vpasid, pt_id, replace);
+    /// Extension: attaches (or replaces) the RID or a vPASID to `pt_id`,
+    /// for the binding's owner `by`. Returns the pPASID (0 for the RID).
+    pub fn attach(&self, by: Owner, vpasid: Option<u32>, pt_id: u32, replace: bool) -> Result<u32, Error> {
+        let r = self.attach_inner(by, vpasid, pt_id, replace);
         self.republish();
         r
     }
@@ -214,8 +253,9 @@ impl Dma {
         self.publish(g.as_ref());
     }
 
-    fn attach_inner(&self, vpasid: Option<u32>, pt_id: u32, replace: bool) -> Result<u32, Error> {
+    fn attach_inner(&self, by: Owner, vpasid: Option<u32>, pt_id: u32, replace: bool) -> Result<u32, Error> {
         let mut g = sync::write(&self.bound);
+        Self::owned_by(g.as_ref(), by)?;
         let b = g.as_mut().ok_or(Error::NotBound)?;
         let ch = b.tu.channel().clone();
         let Some(v) = vpasid else {
@@ -225,6 +265,8 @@ impl Dma {
                 ch.attach(b.dev, None, pt_id).map_err(chan_err)?;
             }
             b.rid = Some(pt_id);
+            // A control-socket binding's RID leaves the compat path.
+            self.units_changed();
             return Ok(0);
         };
         let width = self.caps.pasid_width;
@@ -259,21 +301,25 @@ impl Dma {
         }
     }
 
-    /// Extension: detaches the RID or a vPASID (a no-op if not attached).
-    pub fn detach(&self, vpasid: Option<u32>) -> Result<(), Error> {
-        let r = self.detach_inner(vpasid);
+    /// Extension: detaches the RID or a vPASID (a no-op if not attached),
+    /// for the binding's owner `by`.
+    pub fn detach(&self, by: Owner, vpasid: Option<u32>) -> Result<(), Error> {
+        let r = self.detach_inner(by, vpasid);
         self.republish();
         r
     }
 
-    fn detach_inner(&self, vpasid: Option<u32>) -> Result<(), Error> {
+    fn detach_inner(&self, by: Owner, vpasid: Option<u32>) -> Result<(), Error> {
         let mut g = sync::write(&self.bound);
+        Self::owned_by(g.as_ref(), by)?;
         let b = g.as_mut().ok_or(Error::NotBound)?;
         let ch = b.tu.channel().clone();
         match vpasid {
             None => {
                 ch.detach(b.dev, None).map_err(chan_err)?;
                 b.rid = None;
+                // A control-socket binding's RID goes back to the compat path.
+                self.units_changed();
             }
             Some(v) => {
                 if let Some((p, _)) = b.pasids.get(&v).copied() {

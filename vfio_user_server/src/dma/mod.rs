@@ -57,7 +57,7 @@ mod space;
 mod table;
 mod watch;
 
-pub use binding::{Bound, PasidPolicy};
+pub use binding::{Bound, Owner, PasidPolicy};
 pub use client::{ClientDma, ClientFence};
 pub use compat::Compat;
 pub use logging::{DIRTY_GRANULE, MAX_REPORT_BLOCKS};
@@ -153,6 +153,10 @@ pub enum Error {
     /// Already bound.
     #[error("the device is already bound to session {0}")]
     AlreadyBound(u64),
+    /// The binding was made by the other owner (the orchestrator's control
+    /// socket, or the vfio-user client): only its owner changes it.
+    #[error("the binding belongs to {0}")]
+    NotOwner(Owner),
     /// The access faulted in the IOAS (the fault was reported to the
     /// core, or a page request for it failed).
     #[error("DMA fault at IOVA {iova:#x}: {reason:?}")]
@@ -237,6 +241,7 @@ impl Error {
             Error::NoPasid(_) => libc::ENOENT,
             Error::NotBound => libc::ENODEV,
             Error::AlreadyBound(_) => libc::EBUSY,
+            Error::NotOwner(_) => libc::EPERM,
             Error::Fault { .. } | Error::Translation(_) => libc::EFAULT,
             Error::Core(_, e) | Error::Client(_, e) => *e,
             Error::CoreGone(_) => libc::ENODEV,
@@ -387,13 +392,14 @@ impl Dma {
     }
 
     /// Client disconnect: every DMA region goes, the extension binding
-    /// (an fd of that client) is dropped.
+    /// the client made (an fd of that client) is dropped; a binding made
+    /// through the control socket stays.
     pub fn disconnect(&self) {
         if let Err(e) = self.unmap(0, 0, true) {
             tracing::warn!("unmapping the departed client's DMA failed: {e}");
         }
-        if self.bound_now() {
-            let _ = self.unbind();
+        if self.binding_owner() == Some(Owner::Client) {
+            let _ = self.unbind(Owner::Client);
         }
         self.set_client(None);
     }

@@ -15,7 +15,7 @@ use iommu_core::tu::{self, At, TranslationUnit};
 use iommu_core::types::{FaultReason, FaultRecord, Perm};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
-use super::{channel_broken, tu_err, Dma, Error, Route};
+use super::{channel_broken, tu_err, Dma, Error, Owner, Route};
 
 /// A copy that failed: on which side (the source is read, the
 /// destination written), and why.
@@ -167,10 +167,44 @@ pub struct RouteDma<'a> {
     handles: Option<&'a Handles>,
 }
 
-/// The handle a [`QueueDma`] keeps: to the unit its routes reached last
-/// (all of a device's routes lead to one unit at a time: the binding's,
-/// or the compat path's), replaced when they lead to another.
-type Handles = RefCell<Option<tu::Handle>>;
+/// The handles a [`QueueDma`] keeps: one per unit its routes reached
+/// lately, at most two. A device's routes lead to one unit at a time (the
+/// binding's or the compat path's), except while a control-socket binding
+/// leaves the RID on the compat path: then RID and vPASID routes lead to
+/// two, and a queue whose ring is RID DMA and whose data moves through
+/// vPASIDs uses both for every descriptor. A route leading to a third
+/// unit replaces the handle used less recently.
+type Handles = RefCell<HandleCache>;
+
+/// See [`Handles`].
+#[derive(Default)]
+struct HandleCache {
+    slots: [Option<tu::Handle>; 2],
+    /// The slot used last.
+    last: usize,
+}
+
+impl HandleCache {
+    /// The handle to `unit`, made in the slot used less recently (or an
+    /// empty one) if none is held.
+    fn to(&mut self, unit: &Arc<TranslationUnit>) -> &mut tu::Handle {
+        let held = self.slots.iter().position(|s| s.as_ref().is_some_and(|h| Arc::ptr_eq(h.unit(), unit)));
+        let i = match held {
+            Some(i) => i,
+            None => {
+                let i = self.slots.iter().position(Option::is_none).unwrap_or(1 - self.last);
+                self.slots[i] = None;
+                i
+            }
+        };
+        self.last = i;
+        self.slots[i].get_or_insert_with(|| unit.handle())
+    }
+
+    fn held(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+}
 
 /// One queue's (or thread's) view of a [`Dma`]: the same routes and the
 /// same checks, with DMA through translation handles of its own
@@ -179,11 +213,11 @@ type Handles = RefCell<Option<tu::Handle>>;
 /// queue thread makes its own, and drops it when it goes idle.
 ///
 /// It keeps a unit that a binding change or a core restart replaced
-/// alive only until its next access or poll: a route resolved to another
-/// unit replaces the handle, and once the units the routes may lead to
-/// change (a binding made or dropped, a compat path lost or rebuilt) the
-/// next [`QueueDma::space`] or [`QueueDma::let_go_stale`] lets the handle
-/// go, even if no route leads to a unit any more. No DMA goes through a
+/// alive only until its next access or poll: once the units the routes
+/// may lead to change (a binding made or dropped, the RID of a
+/// control-socket binding attached or detached, a compat path lost or
+/// rebuilt) the next [`QueueDma::space`] or [`QueueDma::let_go_stale`]
+/// lets its handles go, even if no route leads to a unit any more. No DMA goes through a
 /// replaced unit meanwhile: an access resolves its route first.
 pub struct QueueDma<'a> {
     dma: &'a Dma,
@@ -196,7 +230,11 @@ pub struct QueueDma<'a> {
 impl Dma {
     /// A view of this DMA for one queue thread (see [`QueueDma`]).
     pub fn queue(&self) -> QueueDma<'_> {
-        QueueDma { dma: self, handles: RefCell::new(None), units: Cell::new(self.units.load(Ordering::Acquire)) }
+        QueueDma {
+            dma: self,
+            handles: RefCell::new(HandleCache::default()),
+            units: Cell::new(self.units.load(Ordering::Acquire)),
+        }
     }
 
     /// The units a route may lead to changed: queues let their handles
@@ -223,14 +261,19 @@ impl QueueDma<'_> {
         }
         // In use (an access of this queue runs): checked again next time.
         if let Ok(mut h) = self.handles.try_borrow_mut() {
-            *h = None;
+            *h = HandleCache::default();
             self.units.set(now);
         }
     }
 
     /// Whether it holds a handle (to some unit).
     pub fn has_handle(&self) -> bool {
-        self.handles.try_borrow().map_or(true, |h| h.is_some())
+        self.handles() > 0
+    }
+
+    /// How many handles it holds (one per unit, at most two).
+    pub fn handles(&self) -> usize {
+        self.handles.try_borrow().map_or(1, |h| h.held())
     }
 }
 
@@ -290,24 +333,23 @@ impl Via<'_> {
     }
 }
 
-/// Runs `f` through `handles`' handle to `unit` (made if it holds none,
-/// or one to another unit), or through the unit itself without handles
-/// (or if they are in use: an access made while another of the same
-/// queue runs).
+/// Runs `f` through `handles`' handle to `unit` (made if it holds none
+/// to it), or through the unit itself without handles (or if they are in
+/// use: an access made while another of the same queue runs).
 fn via<R>(unit: &Arc<TranslationUnit>, handles: Option<&Handles>, f: impl FnOnce(Via<'_>) -> R) -> R {
     let Some(mut h) = handles.and_then(|h| h.try_borrow_mut().ok()) else {
         return f(Via::Unit(unit));
     };
-    match &mut *h {
-        Some(h) if Arc::ptr_eq(h.unit(), unit) => f(Via::Handle(h)),
-        other => f(Via::Handle(other.insert(unit.handle()))),
-    }
+    f(Via::Handle(h.to(unit)))
 }
 
 impl Dma {
     fn resolve(&self, route: Route) -> Target {
         let g = sync::read(&self.bound);
         match (g.as_ref(), route) {
+            // The orchestrator's binding leaves the RID on the compat IOAS
+            // until it attaches the RID itself.
+            (Some(b), Route::Rid) if b.rid.is_none() && b.owner == Owner::Control => Target::Compat,
             (Some(b), Route::Rid) => Target::Bound(b.tu.clone(), b.dev, 0),
             (Some(b), Route::Vpasid(v)) => match b.pasids.get(&v) {
                 Some(&(p, _)) => Target::Bound(b.tu.clone(), b.dev, p),

@@ -148,6 +148,11 @@ pub enum Job {
     /// set while this job is queued, so a ringing client queues at most one
     /// job per ioeventfd however busy the device thread is.
     IoFd(usize, Arc<std::sync::atomic::AtomicBool>),
+    /// A command from the orchestrator's control socket; the whole reply
+    /// (none for `NO_REPLY`) goes back on the channel.
+    Control(Msg, crossbeam_channel::Sender<Option<Vec<u8>>>),
+    /// The orchestrator's control connection ended.
+    ControlGone,
     /// Stop the thread.
     Stop,
 }
@@ -340,6 +345,11 @@ impl Worker {
                 queued.store(false, std::sync::atomic::Ordering::Release);
                 self.io_fd(i);
             }
+            Job::Control(m, reply) => {
+                self.stats.commands.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = reply.send(self.control_command(m));
+            }
+            Job::ControlGone => self.control_gone(),
             Job::Stop => return true,
         }
         false
@@ -521,7 +531,7 @@ impl Worker {
                 if !self.neg.ioasid {
                     return Err(libc::EOPNOTSUPP);
                 }
-                self.ext(c, p, fds)
+                self.ext(crate::dma::Owner::Client, c, p, fds)
             }
             _ => Err(libc::ENOSYS),
         }
