@@ -556,7 +556,9 @@ impl Server {
             // the commands queued before.
             c.stop.store(true, Ordering::SeqCst);
             let _ = c.stream.shutdown(std::net::Shutdown::Read);
-            c.port.close();
+            // DMA requests waiting for the client fail now; the device
+            // thread answers what was queued and then closes the socket.
+            c.port.stop_requests();
             c.thread.thread().unpark();
             let _ = c.thread.join();
             self.backlog.set_reader(None);

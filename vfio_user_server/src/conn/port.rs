@@ -176,9 +176,10 @@ impl Port {
         false
     }
 
-    /// Fails every waiting request and every later one (the client went
-    /// away), and shuts the socket so that nothing more is sent on it.
-    pub fn close(&self) {
+    /// Fails the requests waiting for the client's replies and every
+    /// later one, but leaves the socket open: the device thread still
+    /// answers the commands queued before (then [`Port::close`]).
+    pub fn stop_requests(&self) {
         {
             let mut st = sync::lock(&self.state);
             st.closed = true;
@@ -187,6 +188,12 @@ impl Port {
             st.owed = 0;
         }
         self.changed.notify_all();
+    }
+
+    /// Fails every waiting request and every later one (the client went
+    /// away), and shuts the socket so that nothing more is sent on it.
+    pub fn close(&self) {
+        self.stop_requests();
         self.main.kill();
         // The twin socket's reader sees the end and stops.
         sync::read(&self.out).kill();
