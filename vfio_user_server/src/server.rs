@@ -533,14 +533,7 @@ impl Server {
     /// hung up (then the reader gets [`HANGUP_WAIT`] to finish what the
     /// client sent before it left).
     fn reap_conn(&mut self, hung_up_too: bool) {
-        let Some(c) = self.conn.as_ref() else { return };
-        if !c.ended.load(Ordering::SeqCst) && hung_up_too && hung_up(c.stream.as_fd()) {
-            let deadline = Instant::now() + HANGUP_WAIT;
-            while !c.ended.load(Ordering::SeqCst) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-        if c.ended.load(Ordering::SeqCst) || (hung_up_too && hung_up(c.stream.as_fd())) {
+        if self.conn.as_ref().is_some_and(|c| reader_done(&c.stream, &c.ended, hung_up_too)) {
             self.disconnect();
         }
     }
@@ -715,14 +708,7 @@ impl Server {
     /// the device thread already), or if the orchestrator hung up (its
     /// reader then gets [`HANGUP_WAIT`] to finish what it sent before).
     fn reap_ctl(&mut self, hung_up_too: bool) {
-        let Some(c) = self.ctl.as_ref() else { return };
-        if !c.ended.load(Ordering::SeqCst) && hung_up_too && hung_up(c.stream.as_fd()) {
-            let deadline = Instant::now() + HANGUP_WAIT;
-            while !c.ended.load(Ordering::SeqCst) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-        if c.ended.load(Ordering::SeqCst) || (hung_up_too && hung_up(c.stream.as_fd())) {
+        if self.ctl.as_ref().is_some_and(|c| reader_done(&c.stream, &c.ended, hung_up_too)) {
             self.end_ctl();
         }
     }
@@ -839,6 +825,20 @@ pub fn spawn(device: Box<dyn Device>, opts: Options) -> Result<Running, Error> {
     let thread =
         std::thread::Builder::new().name("vfio-user-loop".into()).spawn(move || server.run()).map_err(Error::Poll)?;
     Ok(Running { stop, thread: Some(thread), dma, stats })
+}
+
+/// Whether a connection whose reader sets `ended` when it stops is over:
+/// its reader stopped, or (with `hung_up_too`) the peer closed its end,
+/// in which case the reader first gets [`HANGUP_WAIT`] to finish what the
+/// peer sent before it left.
+fn reader_done(stream: &std::os::unix::net::UnixStream, ended: &AtomicBool, hung_up_too: bool) -> bool {
+    if !ended.load(Ordering::SeqCst) && hung_up_too && hung_up(stream.as_fd()) {
+        let deadline = Instant::now() + HANGUP_WAIT;
+        while !ended.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    ended.load(Ordering::SeqCst) || (hung_up_too && hung_up(stream.as_fd()))
 }
 
 /// Whether the peer of `sock` has closed its end (data it
