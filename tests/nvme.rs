@@ -960,3 +960,55 @@ fn with_trapped_doorbells_the_page_is_not_offered_and_io_goes_on() {
     }
     assert!(file_bytes(&backing, 19 * 4096, 4096) == pattern(4096, 319));
 }
+
+/// A client that left keeps its mapping of the doorbell page; what it
+/// writes there afterwards must not reach the next client's controller
+/// (which gets a new, zeroed doorbell page): here an admin SQ tail of 5
+/// written after the departure would make the next controller run five
+/// commands its driver never wrote.
+#[test]
+fn a_departed_client_writing_its_old_doorbell_page_does_not_reach_the_next_client() {
+    use iommu_core::shm::Words;
+    let mut st = Stack::new("nvme-bells");
+    let Dev { mut d, .. } = dev(&mut st, "bells", &[]);
+    let _ = bring_up(&mut d);
+    let r = d.client.region_info(0).unwrap();
+    let a = r.areas.iter().find(|a| a.offset == reg::DOORBELL).copied().expect("the doorbell page is offered");
+    let old = Words::map_at(&std::fs::File::from(r.fd.unwrap()), r.info.offset + a.offset, a.size).unwrap();
+    // It rings without pause through its mapping while it leaves and
+    // after, as a departed client may.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ringer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                old.u32(0).unwrap().store(5, std::sync::atomic::Ordering::Release);
+                std::hint::spin_loop();
+            }
+        })
+    };
+    drop(d);
+    let sock = st.dir.join("bells.sock");
+    // The server takes the next client once it has seen this one leave.
+    let t0 = std::time::Instant::now();
+    let mut c = loop {
+        match Client::connect(&sock) {
+            Ok(c) => break c,
+            Err(e) => assert!(t0.elapsed() < Duration::from_secs(20), "no client accepted: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let ram = GuestRam::new("bells-2", RAM).unwrap();
+    c.dma_map(DMA_MAP_READ | DMA_MAP_WRITE, 0, IOVA, RAM, Some(ram.file.as_fd())).unwrap();
+    // Run, the five entries (zeroes: Delete I/O SQ 0) would complete with
+    // errors in the admin CQ.
+    let mut d = Nvme::new(c, ram, IOVA).unwrap();
+    d.enable(64, ASQ, ACQ).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let admin = d.admin.clone().unwrap();
+    let ran = d.has_entry(&admin).unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    ringer.join().unwrap();
+    assert!(!ran, "the controller ran commands the departed client rang");
+    ok(&d.admin(identify(1, 0)).unwrap());
+}

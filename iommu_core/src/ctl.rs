@@ -67,6 +67,16 @@ pub enum Error {
     /// The server answered something that is not a reply to the command.
     #[error("control socket: {0}")]
     Protocol(String),
+    /// The socket is served by a process of another user (not root): a
+    /// device channel, which reaches the session's IOASes, is not handed
+    /// to it.
+    #[error(
+        "the control socket is served by user {uid}, neither this user nor root: not trusted with a device channel"
+    )]
+    Untrusted {
+        /// The serving process's user.
+        uid: u32,
+    },
 }
 
 impl Error {
@@ -154,6 +164,14 @@ impl Control {
     /// Connects to the control socket at `path`.
     pub fn connect(path: &Path) -> Result<Control, Error> {
         let sock = UnixStream::connect(path)?;
+        // Whoever bound the path first gets what is sent there: only a
+        // server of this user or root is trusted.
+        let uid = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
+            .map_err(std::io::Error::from)?
+            .uid();
+        if uid != 0 && uid != nix::unistd::getuid().as_raw() {
+            return Err(Error::Untrusted { uid });
+        }
         sock.set_read_timeout(Some(REPLY_TIMEOUT))?;
         sock.set_write_timeout(Some(REPLY_TIMEOUT))?;
         Ok(Control { sock, next_id: 1 })

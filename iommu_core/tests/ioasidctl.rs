@@ -386,3 +386,38 @@ fn run_hold_holds_until_sigterm_and_says_when_the_core_goes() {
     let err = String::from_utf8(done.stderr).unwrap();
     assert!(err.contains("nothing is held any more"), "{err}");
 }
+
+/// The orchestrator hands a device channel only to a control socket served
+/// by its own user or root: a socket another user bound first at the path
+/// is refused before anything is sent (run as root: the listener is made
+/// by a process of user 65534).
+#[test]
+fn a_control_socket_of_another_user_is_not_trusted() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: needs root to start a listener as another user");
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let dir = std::env::temp_dir().join(format!("ctl-untrusted-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let path = dir.join("ctl.sock");
+    let listen = format!(
+        "import socket,sys,time\ns=socket.socket(socket.AF_UNIX)\ns.bind({:?})\ns.listen(1)\nprint('up',flush=True)\ntime.sleep(30)",
+        path.to_str().unwrap()
+    );
+    let mut child =
+        Command::new("python3").arg("-c").arg(listen).uid(65534).gid(65534).stdout(Stdio::piped()).spawn().unwrap();
+    let mut up = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut up).unwrap();
+    assert_eq!(up.trim(), "up");
+    let r = iommu_core::ctl::Control::connect(&path);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    match r {
+        Err(iommu_core::ctl::Error::Untrusted { uid }) => assert_eq!(uid, 65534),
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("a control socket of user 65534 was trusted"),
+    }
+}

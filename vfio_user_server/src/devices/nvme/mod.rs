@@ -28,7 +28,6 @@ mod regs;
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -557,16 +556,10 @@ fn bell_offset(qid: u16, cq: bool) -> u64 {
     abi::reg::DOORBELL + u64::from(qid) * 8 + if cq { 4 } else { 0 }
 }
 
-/// The doorbell file (sealed against resizing, so a client that maps it
-/// cannot truncate it under our mapping), mapped; with the contents of
-/// `from` if given.
-fn bell_file(from: Option<&File>) -> std::io::Result<(File, Words)> {
+/// A new doorbell file, all zeroes (sealed against resizing, so a client
+/// that maps it cannot truncate it under our mapping), mapped.
+fn bell_file() -> std::io::Result<(File, Words)> {
     let f = iommu_core::memfd::create_sealed("nvme-doorbells", BELL_FILE).map_err(std::io::Error::other)?;
-    if let Some(old) = from {
-        let mut b = vec![0u8; BELL_FILE as usize];
-        old.read_exact_at(&mut b, 0)?;
-        f.write_all_at(&b, 0)?;
-    }
     let m = Words::map(&f, BELL_FILE)?;
     Ok((f, m))
 }
@@ -597,7 +590,7 @@ impl Nvme {
 
     /// A controller over an opened backing store.
     pub fn with_backing(backing: Backing, msix: bool) -> std::io::Result<Nvme> {
-        let (f, words) = bell_file(None)?;
+        let (f, words) = bell_file()?;
         let ctrl = Ctrl {
             regs: Mutex::new(regs::Regs::default()),
             bells: RwLock::new(words),
@@ -729,9 +722,10 @@ impl Device for Nvme {
     fn client_gone(&mut self) {
         // Queues address the departed client's memory: the controller is
         // reset (a driver enables it again), and the next client gets a
-        // new doorbell file.
+        // new doorbell file, all zeroes: nothing the departed client writes
+        // through its mapping of the old one reaches it.
         self.reset();
-        match bell_file(Some(&self.bells)) {
+        match bell_file() {
             Ok((f, m)) => {
                 *sync::write(&self.ctrl.bells) = m;
                 self.bells = Arc::new(f);

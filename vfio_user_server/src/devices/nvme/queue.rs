@@ -417,7 +417,14 @@ pub(super) fn post(
     let at = cq.base.wrapping_add(u64::from(s.tail) * CQE_SIZE);
     // The status field with the phase tag lands last: a host that sees
     // the new phase sees the whole entry.
-    let wrote = space.write(at, &b[..14]).and_then(|()| space.write(at + 14, &b[14..]));
+    let wrote = match space.write(at, &b[..14]) {
+        Ok(()) => space.write(at + 14, &b[14..]),
+        // Part of the entry may have landed, its phase tag has not: it is
+        // not posted (the host would stop at this slot); it is posted
+        // again, whole, when the queue goes on.
+        Err(e) if e.maybe_applied() => return Err(Fail::Stop),
+        Err(e) => Err(e),
+    };
     match wrote {
         Ok(()) => {}
         Err(e) if e.maybe_applied() => {}
